@@ -1,0 +1,1 @@
+"""labelstream: label large CSV files with an OpenAI-compatible chat model."""
