@@ -1,0 +1,316 @@
+"""One row → one label: the API call, its timeout, retry classification and backoff.
+
+`LabelClient.label(row)` returns `Labeled` or `Failed` and never raises for a row's own trouble; it
+raises `FatalApiError` only when every other row would fail the same way (bad key, unknown model,
+no quota), so the run stops early instead of dead-lettering everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any, cast
+
+import openai
+import orjson
+
+from pipeline.clock import now_iso
+from pipeline.errors import FatalApiError, redact
+from pipeline.limits import Limiter, Sleep
+from pipeline.prompt import Prompt, ReplyError
+from pipeline.source import Row
+from pipeline.tokens import TokenEstimator
+
+# Consecutive 400s, with no success at all, after which we call the request itself broken.
+_BAD_REQUEST_BREAKER = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Labeled:
+    """A row the model labeled; becomes one sink record."""
+
+    row: Row
+    label: str | list[str]
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    attempts: int
+    labeled_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A row that could not be labeled; becomes one dead letter (and is retried by the next run)."""
+
+    row: Row
+    kind: str
+    message: str
+    attempts: int
+    status: int | None
+    failed_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Capped exponential backoff with full jitter; `max_attempts` counts the first try."""
+
+    max_attempts: int = 6
+    base_wait: float = 0.5
+    max_wait: float = 20.0
+    timeout: float = 60.0
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait before attempt `attempt + 1`."""
+        return rng.uniform(0, min(self.max_wait, self.base_wait * 2 ** (attempt - 1)))
+
+
+@dataclass(slots=True)
+class CallStats:
+    """Counters the client updates and the progress reporter reads."""
+
+    attempts: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    successes: int = 0
+    bad_requests_in_a_row: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class _Attempt(Exception):  # noqa: N818 - internal signal, never leaves this module
+    def __init__(self, kind: str, message: str, *, status: int | None = None, retry: bool = True) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.status, self.retry = kind, message, status, retry
+        self.retry_after: float | None = None
+
+
+class LabelClient:
+    """Labels rows with one `AsyncOpenAI` client shared by all workers."""
+
+    def __init__(
+        self,
+        *,
+        prompt: Prompt,
+        limiter: Limiter,
+        model: str,
+        api_key: str,
+        base_url: str | None,
+        retry: RetryPolicy,
+        stats: CallStats | None = None,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.prompt = prompt
+        self.limiter = limiter
+        self.model = model
+        self.retry = retry
+        self.stats = stats or CallStats()
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self.tokens = TokenEstimator(model)
+        self._secret = api_key
+        self._fixed_tokens = self.tokens.count_messages(prompt.messages(""))
+        self._sdk = openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,  # one retry policy rules: ours, which also slows the whole run on 429
+            timeout=retry.timeout,
+            http_client=openai.DefaultAioHttpClient(timeout=retry.timeout),
+        )
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections."""
+        await self._sdk.close()
+
+    def estimate_tokens(self, row: Row) -> int:
+        """Tokens a request for `row` may cost against a TPM limit: prompt estimate plus max_tokens."""
+        return self._fixed_tokens + self.tokens.count(row.text) + self.prompt.config.max_tokens
+
+    async def label(self, row: Row) -> Labeled | Failed:
+        """Label one row, retrying what may succeed on a later attempt."""
+        estimate = self.estimate_tokens(row)
+        attempt = 0
+        while True:
+            attempt += 1
+            self.stats.attempts += 1
+            try:
+                return await self._attempt(row, estimate, attempt)
+            except _Attempt as failure:
+                self.stats.errors[failure.kind] = self.stats.errors.get(failure.kind, 0) + 1
+                if not failure.retry or attempt >= self.retry.max_attempts:
+                    return Failed(
+                        row=row,
+                        kind=failure.kind,
+                        message=redact(failure.message, self._secret),
+                        attempts=attempt,
+                        status=failure.status,
+                        failed_at=now_iso(),
+                    )
+                self.stats.retries += 1
+                if failure.kind != "rate_limit":  # after a 429 the limiter already pauses everyone
+                    await self.sleep(self.retry.backoff(attempt, self.rng))
+
+    async def _attempt(self, row: Row, estimate: int, attempt: int) -> Labeled:
+        cfg = self.prompt.config
+        async with self.limiter.slot(estimate) as permit:
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(self.retry.timeout):
+                    raw = await self._sdk.chat.completions.with_raw_response.create(
+                        model=self.model,
+                        # Plain dicts are the wire shape; the SDK's TypedDicts describe the same JSON.
+                        messages=cast(Any, self.prompt.messages(row.text)),
+                        response_format=cast(Any, self.prompt.response_format),
+                        temperature=cfg.temperature,
+                        max_completion_tokens=cfg.max_tokens,
+                    )
+                    body = await raw.http_response.aread()
+            except TimeoutError:
+                raise _Attempt("timeout", f"no reply within {self.retry.timeout:g} s") from None
+            except openai.APIStatusError as exc:
+                raise self._status_failure(exc) from None
+            except openai.APITimeoutError:
+                raise _Attempt("timeout", f"no reply within {self.retry.timeout:g} s") from None
+            except openai.APIConnectionError as exc:
+                raise _Attempt("connection", f"connection failed: {_cause(exc)}") from None
+            latency_ms = (time.perf_counter() - started) * 1000
+            self.limiter.observe_headers(raw.headers)
+            try:
+                data = orjson.loads(body)
+                label = self.prompt.parse(data["choices"][0])
+            except ReplyError as exc:
+                raise _Attempt(exc.kind, exc.message) from None
+            except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+                raise _Attempt("malformed", f"the reply is not a chat completion: {body[:120]!r}") from None
+            usage = data.get("usage") or {}
+            prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            completion_tokens = int(usage.get("completion_tokens") or 0)
+            permit.used_tokens = prompt_tokens + completion_tokens if usage else None
+            self.limiter.on_success(permit)
+        self.stats.successes += 1
+        self.stats.bad_requests_in_a_row = 0
+        self.stats.prompt_tokens += prompt_tokens
+        self.stats.completion_tokens += completion_tokens
+        return Labeled(
+            row=row,
+            label=label,
+            model=str(data.get("model") or self.model),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            latency_ms=round(latency_ms, 1),
+            attempts=attempt,
+            labeled_at=now_iso(),
+        )
+
+    def _status_failure(self, exc: openai.APIStatusError) -> _Attempt:
+        status = exc.status_code
+        code, message = _error_fields(exc)
+        where = f"{self._sdk.base_url}".rstrip("/")
+        text = redact(f"HTTP {status} {code or ''}: {message}".replace("  ", " "), self._secret)
+        if status == 429 and code == "insufficient_quota":
+            raise FatalApiError(
+                f"the API says the account is out of quota ({text}). Add credit or use another key, "
+                "then re-run the same command to resume.",
+                status=status,
+            )
+        if status == 429:
+            self.stats.rate_limited += 1
+            failure = _Attempt("rate_limit", text, status=status)
+            failure.retry_after = retry_after_seconds(exc.response.headers)
+            self.limiter.on_rate_limited(failure.retry_after)
+            return failure
+        if status in (401, 403):
+            raise FatalApiError(
+                f"{where} rejected the API key ({text}). Set OPENAI_API_KEY to a valid key for this endpoint.",
+                status=status,
+            )
+        if status == 404:
+            raise FatalApiError(
+                f"{where} does not know model {self.model!r} ({text}). Pass --model with a model this "
+                "endpoint serves (or check --base-url).",
+                status=status,
+            )
+        if status in (408, 409) or status >= 500:
+            return _Attempt("server_error" if status >= 500 else f"http_{status}", text, status=status)
+        self.stats.bad_requests_in_a_row += 1
+        if self.stats.successes == 0 and self.stats.bad_requests_in_a_row >= _BAD_REQUEST_BREAKER:
+            raise FatalApiError(
+                f"the first {_BAD_REQUEST_BREAKER} requests were all rejected ({text}); the request itself "
+                "looks wrong for this endpoint (model, response_format, max_tokens?).",
+                status=status,
+            )
+        return _Attempt("bad_request", text, status=status, retry=False)
+
+
+def _error_fields(exc: openai.APIStatusError) -> tuple[str | None, str]:
+    body: Any = exc.body
+    if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
+        body = body["error"]
+    if isinstance(body, Mapping):
+        code = body.get("code") or body.get("type")
+        return (str(code) if code else None), str(body.get("message") or exc.message)[:300]
+    return None, str(exc.message)[:300]
+
+
+def _cause(exc: BaseException) -> str:
+    inner = exc.__cause__ or exc.__context__
+    return f"{type(inner).__name__}: {inner}" if inner else str(exc)
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The wait a 429 asks for: `retry-after-ms`, `retry-after` (seconds or HTTP date), else `x-ratelimit-reset-*`."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+            except (TypeError, ValueError):
+                pass
+    resets = [parse_duration(headers.get(h, "")) for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
+    known = [r for r in resets if r is not None]
+    return max(known) if known else None
+
+
+def parse_duration(text: str) -> float | None:
+    """Parse OpenAI's reset durations such as "1s", "6m0s", "120ms", "1h2m3.5s" into seconds."""
+    text = text.strip()
+    if not text:
+        return None
+    total, number = 0.0, ""
+    i = 0
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    while i < len(text):
+        ch = text[i]
+        if ch.isdigit() or ch == ".":
+            number += ch
+            i += 1
+            continue
+        unit = "ms" if text.startswith("ms", i) else ch
+        if unit not in units or not number:
+            return None
+        try:
+            total += float(number) * units[unit]
+        except ValueError:
+            return None
+        number = ""
+        i += len(unit)
+    if number:  # a bare number means seconds
+        try:
+            total += float(number)
+        except ValueError:
+            return None
+    return total

@@ -1,0 +1,82 @@
+"""Errors a user can cause, each with a message that says what to do next.
+
+    LabelstreamError                 base; the CLI prints .message and exits with .exit_code
+    ├── UsageError          (2)      flags that contradict each other or name nothing
+    ├── ConfigError         (2)      a task file that is missing, unreadable or invalid
+    ├── InputError          (2)      a CSV that cannot be read: missing column, encoding, empty file
+    ├── SinkError           (2)      an output that cannot be resumed as it is
+    │   └── SinkMismatchError (2)    resuming a sink made with another model, prompt or label set
+    ├── FatalApiError       (2)      auth, permission, unknown model, no quota: every row would fail
+    └── StorageError        (3)      the sink cannot be written (disk full, permissions); work so far is kept
+
+A row that fails is not an exception here: it ends as a dead letter and the run carries on.
+Anything else that escapes is a bug and shows its traceback (with the API key redacted).
+"""
+
+from __future__ import annotations
+
+import re
+
+
+class LabelstreamError(Exception):
+    """Base of every error a user can cause; `message` tells them what to do next."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(LabelstreamError):
+    """Flags that contradict each other or point at nothing."""
+
+
+class ConfigError(LabelstreamError):
+    """A task file that is missing, unreadable or invalid."""
+
+
+class InputError(LabelstreamError):
+    """An input CSV that cannot be read as asked."""
+
+
+class SinkError(LabelstreamError):
+    """An output that cannot be resumed as it is."""
+
+
+class SinkMismatchError(SinkError):
+    """The sink was labeled with a different model, prompt or label set."""
+
+
+class FatalApiError(LabelstreamError):
+    """The API refuses every request (bad key, no permission, unknown model, no quota)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class StorageError(LabelstreamError):
+    """The sink or its side files cannot be written; what was written before stays readable."""
+
+    exit_code = 3
+
+
+class Interrupted(LabelstreamError):  # noqa: N818 - it names what happened, like KeyboardInterrupt
+    """The run was stopped by a signal after flushing the sink."""
+
+    exit_code = 130
+
+
+_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_*.\-]{6,}")
+
+
+def redact(text: str, secret: str | None = None) -> str:
+    """Return `text` without `secret` and without anything shaped like an OpenAI key.
+
+    Providers echo keys back in masked form ("sk-proj-****abcd"); the visible edges alone
+    identify a key, so any `sk-…` token goes, not only the exact secret.
+    """
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return _KEY_LIKE.sub("sk-[redacted]", text)

@@ -1,0 +1,487 @@
+"""A labeling run: reader → bounded queue → workers → bounded queue → writer, owned by one TaskGroup.
+
+    read_rows ──rows──▶ label_rows × N ──results──▶ write_results ──▶ sink (+ dead letters)
+        ▲ skips ids already in the sink             report_progress reads the counters
+
+Both queues are bounded, so a slow API slows the reader down and memory does not grow with the
+input. The sink is the checkpoint: a re-run skips every id it already holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlparse
+
+from pipeline.client import CallStats, Failed, LabelClient, Labeled, RetryPolicy
+from pipeline.clock import now_iso
+from pipeline.config import TaskConfig
+from pipeline.errors import Interrupted, LabelstreamError, UsageError
+from pipeline.idset import IdSet
+from pipeline.limits import Limiter, LimitSettings
+from pipeline.meta import Identity
+from pipeline.progress import Reporter, RunStats
+from pipeline.prompt import Prompt
+from pipeline.sink import Sink, open_sink
+from pipeline.source import CsvSource, Row
+from pipeline.summary import Summary
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+_DONE = object()  # the writer's sentinel: every worker has finished
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """Everything a run needs; the CLI builds it from flags, `label_csv` from keyword arguments."""
+
+    input: Path
+    output: Path
+    config: TaskConfig
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    api_key: str | None = None
+    base_url: str | None = None
+    limit: int | None = None
+    force: bool = False
+    restart: bool = False
+    progress: bool = True
+    checkpoint_rows: int | None = None
+    checkpoint_seconds: float | None = None
+    grace_seconds: float = 10.0
+    encoding: str = "utf-8"
+    delimiter: str | None = None
+    command: str | None = None  # how the user started this run, for the resume hint
+    progress_every: float = 1.0
+
+    @property
+    def model(self) -> str:
+        """The model this run asks for."""
+        return self.config.model
+
+    @property
+    def resume_command(self) -> str:
+        """The command that resumes this run."""
+        if self.command:
+            return self.command
+        return (
+            f"labelstream label --input {self.input} --output {self.output} --config {self.config.source} "
+            f"--model {self.model}"
+        )
+
+
+def resolve_credentials(api_key: str | None, base_url: str | None) -> tuple[str, str | None]:
+    """API key and endpoint from arguments or OPENAI_API_KEY / OPENAI_BASE_URL; a key is optional on loopback."""
+    key = api_key or os.environ.get("OPENAI_API_KEY") or None
+    url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+    if key:
+        return key, url
+    host = urlparse(url).hostname if url else None
+    if host in LOCAL_HOSTS:
+        return "sk-local-no-key", url
+    where = url or "https://api.openai.com/v1"
+    raise UsageError(
+        f"OPENAI_API_KEY is not set, and {where} needs one. Export OPENAI_API_KEY=..., or point --base-url "
+        "at a local server (e.g. labelstream simulate)."
+    )
+
+
+def count_data_lines(path: Path) -> int:
+    """Newlines in the file minus the header: a fast upper estimate of the row count for the ETA."""
+    lines = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            lines += chunk.count(b"\n")
+        if handle.tell() and chunk[-1:] != b"\n":
+            lines += 1
+    return max(0, lines - 1)
+
+
+def move_aside(sink_path: Path) -> Path | None:
+    """Rename an existing sink (and its side files) to `NAME.bak-<time>` so a fresh run starts empty."""
+    meta = sink_path.with_name(sink_path.name + ".meta")
+    if not sink_path.exists() and not meta.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup = sink_path.with_name(f"{sink_path.name}.bak-{stamp}")
+    if sink_path.exists():
+        sink_path.rename(backup)
+    if meta.exists():
+        meta.rename(backup.with_name(backup.name + ".meta"))
+    return backup
+
+
+class _Run:
+    """The state of one run, shared by its coroutines."""
+
+    def __init__(self, opts: RunOptions, source: CsvSource, sink: Sink, done: IdSet, stats: RunStats) -> None:
+        self.opts = opts
+        self.source = source
+        self.sink = sink
+        self.done = done
+        self.seen = IdSet()
+        self.stats = stats
+        self.run_id = uuid.uuid4().hex[:12]
+        self.workers = opts.limits.concurrency
+        self.rows: asyncio.Queue[Row | None] = asyncio.Queue(maxsize=2 * self.workers)
+        self.results: asyncio.Queue[Labeled | Failed | object] = asyncio.Queue(maxsize=max(64, 2 * self.workers))
+        self.stopping = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.worker_tasks: list[asyncio.Task[None]] = []
+        self.reader_task: asyncio.Task[None] | None = None
+        self.hard_stop = False
+        default_rows, default_seconds = (5000, 30.0) if sink.suffix == ".parquet" else (1000, 2.0)
+        self.checkpoint_rows = opts.checkpoint_rows or default_rows
+        self.checkpoint_seconds = opts.checkpoint_seconds or default_seconds
+
+    async def read_rows(self) -> None:
+        """Stream rows into the bounded queue, skipping done and repeated ids, until the input or --limit ends."""
+        passed, limit = 0, self.opts.limit
+        batch_size = 64  # small first batch: the first request should leave within a second
+        while not self.stopping.is_set() and (limit is None or passed < limit):
+            batch = await asyncio.to_thread(self.source.read_batch, batch_size)
+            batch_size = 512
+            if not batch:
+                break
+            for row in batch:
+                self.stats.read += 1
+                if row.id in self.done:
+                    self.stats.skipped_done += 1
+                    continue
+                if not self.seen.add(row.id):
+                    self.stats.duplicates += 1
+                    if len(self.stats.duplicate_samples) < 5:
+                        self.stats.duplicate_samples.append(f"{row.id} (line {row.line})")
+                    continue
+                passed += 1
+                if row.problem:
+                    failure = Failed(row, row.problem, row.detail, 0, None, now_iso())
+                    self.stats.record_failure(failure.kind, row.id, failure.message)
+                    await self.results.put(failure)
+                else:
+                    self.stats.truncated += row.truncated
+                    await self.rows.put(row)
+                if self.stopping.is_set() or (limit is not None and passed >= limit):
+                    break
+        if not self.stopping.is_set():
+            self.stats.expected = passed  # exact now; the line count was an estimate
+        for _ in range(self.workers):
+            await self.rows.put(None)
+
+    async def label_rows(self, client: LabelClient) -> None:
+        """One worker: take a row, label it (with retries), pass the result on; stop at the sentinel."""
+        while True:
+            row = await self.rows.get()
+            if row is None:
+                return
+            if self.stopping.is_set():
+                continue  # stopping: rows not yet started are left for the next run
+            result = await client.label(row)
+            if isinstance(result, Labeled):
+                self.stats.labeled += 1
+            else:
+                self.stats.record_failure(result.kind, row.id, result.message)
+            await self.results.put(result)
+
+    async def await_workers(self) -> None:
+        """Tell the writer when every worker has ended (normally or cancelled after the grace period)."""
+        await asyncio.wait(self.worker_tasks)
+        await self.results.put(_DONE)
+
+    async def write_results(self) -> None:
+        """Append results to the sink in batches: every `checkpoint_rows` rows or `checkpoint_seconds`."""
+        labeled: list[Labeled] = []
+        failed: list[Failed] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.checkpoint_seconds
+
+        async def flush() -> None:
+            nonlocal deadline, labeled, failed
+            batch, dead = labeled, failed
+            labeled, failed = [], []
+            deadline = loop.time() + self.checkpoint_seconds
+            if batch:
+                await self.sink.append(batch)
+                self.stats.saved += len(batch)
+            if dead:
+                await self.sink.append_dead_letters(dead, self.run_id)
+
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        item = await self.results.get()
+                except TimeoutError:
+                    await flush()
+                    continue
+                if item is _DONE:
+                    break
+                while True:
+                    if isinstance(item, Labeled):
+                        labeled.append(item)
+                    elif isinstance(item, Failed):
+                        failed.append(item)
+                    if len(labeled) >= self.checkpoint_rows:
+                        break
+                    try:
+                        item = self.results.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                    if item is _DONE:
+                        await self.results.put(_DONE)  # seen again right after the flush below
+                        break
+                if len(labeled) >= self.checkpoint_rows or loop.time() >= deadline:
+                    await flush()
+        finally:
+            # Also on cancellation (a second Ctrl-C, a fatal API error): what is finished gets saved.
+            await flush()
+            self.finished.set()
+
+    async def report_progress(self, reporter: Reporter) -> None:
+        """Refresh the bar and the progress file about once a second until the writer is done."""
+        while not self.finished.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.opts.progress_every):
+                    await self.finished.wait()
+            reporter.update()
+            await asyncio.to_thread(self.write_progress, "running")
+
+    async def count_input(self) -> None:
+        """Estimate how many rows this run will label, for the ETA; runs beside the reader."""
+        lines = await asyncio.to_thread(count_data_lines, self.source.path)
+        expected = max(0, lines - len(self.done))
+        if self.opts.limit is not None:
+            expected = min(expected, self.opts.limit)
+        self.stats.expected = expected
+
+    def write_progress(self, state: str, **extra: Any) -> None:
+        """Replace the progress file (never fatal: progress is a convenience, the sink is the record)."""
+        with contextlib.suppress(LabelstreamError):
+            self.sink.meta.write_json_atomic(
+                self.sink.meta.progress_path,
+                self.stats.snapshot(
+                    state, input=str(self.opts.input), output=str(self.opts.output), run=self.run_id, **extra
+                ),
+            )
+
+    def on_signal(self, main: asyncio.Task[Any], notice: IO[str]) -> None:
+        """First Ctrl-C/SIGTERM: stop reading, let in-flight rows finish for the grace period. Second: stop now."""
+        if not self.stopping.is_set():
+            self.stopping.set()
+            print(
+                f"\nlabelstream: stopping: finishing in-flight requests (up to {self.opts.grace_seconds:g} s), "
+                "then saving. Press Ctrl-C again to stop at once.",
+                file=notice,
+                flush=True,
+            )
+            asyncio.get_running_loop().call_later(self.opts.grace_seconds, self.cancel_workers)
+        elif not self.hard_stop:
+            self.hard_stop = True
+            main.cancel()
+
+    def cancel_workers(self) -> None:
+        """End the grace period: abandon requests still in flight (their rows stay unlabeled)."""
+        if self.reader_task is not None:
+            self.reader_task.cancel()  # it may wait to hand sentinels to workers that are gone
+        for task in self.worker_tasks:
+            task.cancel()
+
+
+async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summary:
+    """Run one labeling job to the end (or to a signal) and return its summary."""
+    notice = notice or sys.stderr
+    api_key, base_url = resolve_credentials(opts.api_key, opts.base_url)
+    source = CsvSource(opts.input, opts.config, encoding=opts.encoding, delimiter=opts.delimiter)
+    source.open()
+    sink = open_sink(opts.output)
+    try:
+        if opts.restart:
+            backup = move_aside(opts.output)
+            if backup is not None:
+                print(f"labelstream: moved the previous output to {backup} (--skip_labeled False)", file=notice)
+        sink.meta.lock()
+        done = await asyncio.to_thread(sink.load_done)
+        for note in sink.notes:
+            print(f"labelstream: {note}", file=notice)
+        prompt = Prompt(opts.config)
+        identity = Identity(
+            model=opts.model,
+            prompt=opts.config.prompt_fingerprint(),
+            labels=opts.config.labels,
+            multi_label=opts.config.multi_label,
+            id_source=source.id_source,
+        )
+        manifest = sink.meta.check_identity(
+            identity, has_rows=len(done) > 0 or sink.has_rows(), force=opts.force, sink_name=str(opts.output)
+        )
+        if source.missing_carry:
+            print(
+                f"labelstream: carry columns {list(source.missing_carry)} are not in the input; left out", file=notice
+            )
+        sink.bind_schema(source.carry, multi_label=opts.config.multi_label)
+        stats = RunStats(calls=CallStats(), model=opts.model)
+        run = _Run(opts, source, sink, done, stats)
+        manifest.setdefault("runs", []).append({"run": run.run_id, "started_at": now_iso(), "model": opts.model})
+        sink.meta.write_manifest(manifest)
+        return await _execute(run, prompt, api_key, base_url, notice)
+    finally:
+        source.close()
+        with contextlib.suppress(LabelstreamError):
+            await sink.close()
+        sink.meta.unlock()
+
+
+async def _execute(run: _Run, prompt: Prompt, api_key: str, base_url: str | None, notice: IO[str]) -> Summary:
+    opts, stats = run.opts, run.stats
+    limiter = Limiter(opts.limits)
+    client = LabelClient(
+        prompt=prompt,
+        limiter=limiter,
+        model=opts.model,
+        api_key=api_key,
+        base_url=base_url,
+        retry=opts.retry,
+        stats=stats.calls,
+    )
+    reporter = Reporter(
+        stats,
+        enabled=opts.progress,
+        stream=notice,
+        concurrency=lambda: f"{limiter.in_flight}/{limiter.limit}",
+    )
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None  # noqa: S101 - run_label is always awaited inside a task
+    handled = _install_signals(loop, lambda: run.on_signal(main, notice))
+    error: LabelstreamError | None = None
+    try:
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(run.count_input())
+                run.reader_task = group.create_task(run.read_rows())
+                run.worker_tasks = [group.create_task(run.label_rows(client)) for _ in range(run.workers)]
+                group.create_task(run.await_workers())
+                group.create_task(run.write_results())
+                group.create_task(run.report_progress(reporter))
+        except* LabelstreamError as group_error:
+            error = group_error.exceptions[0]  # type: ignore[assignment]  # except* narrows to the class given
+    except asyncio.CancelledError:
+        if not run.hard_stop:
+            raise
+        main.uncancel()
+    finally:
+        _remove_signals(loop, handled)
+        reporter.close()
+        await client.aclose()
+    interrupted = run.stopping.is_set() or run.hard_stop
+    state = "failed" if error else "interrupted" if interrupted else "done"
+    summary = Summary.of(run, state=state, error=error, rate_limited=limiter.rate_limited)
+    run.write_progress(state, summary=summary.as_dict())
+    if error is not None:
+        print(summary.render(), file=notice)
+        raise error
+    if interrupted:
+        print(summary.render(), file=notice)
+        raise Interrupted(f"interrupted; resume with: {opts.resume_command}")
+    return summary
+
+
+def _install_signals(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> list[signal.Signals]:
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, handler)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            continue
+        installed.append(sig)
+    return installed
+
+
+def _remove_signals(loop: asyncio.AbstractEventLoop, installed: list[signal.Signals]) -> None:
+    for sig in installed:
+        loop.remove_signal_handler(sig)
+
+
+def label_csv(
+    input: str | Path,
+    output: str | Path,
+    config: TaskConfig | str | Path,
+    **options: Any,
+) -> Summary:
+    """Label a CSV file into a JSONL or Parquet sink, resuming what the sink already holds.
+
+    `config` is a TaskConfig or the path of a task file; `options` are RunOptions fields
+    (e.g. `limits=LimitSettings(concurrency=50)`, `base_url=...`, `limit=1000`).
+    """
+    from pipeline.config import load_config  # noqa: PLC0415 - only the library entry point needs it
+
+    task = config if isinstance(config, TaskConfig) else load_config(config)
+    opts = RunOptions(input=Path(input), output=Path(output), config=task, **options)
+    return asyncio.run(run_label(opts))
+
+
+def dry_run(opts: RunOptions) -> str:
+    """Check input, config and sink as a real run would, count the work, and make no API call."""
+    try:
+        resolve_credentials(opts.api_key, opts.base_url)
+        key_note = "API key: found"
+    except UsageError as exc:
+        key_note = f"API key: MISSING: {exc.message}"
+    source = CsvSource(opts.input, opts.config, encoding=opts.encoding, delimiter=opts.delimiter)
+    sink = open_sink(opts.output)
+    with source:
+        done = IdSet() if opts.restart else sink.load_done(repair=False)
+        prompt = Prompt(opts.config)
+        if not opts.restart:
+            identity = Identity(
+                model=opts.model,
+                prompt=opts.config.prompt_fingerprint(),
+                labels=opts.config.labels,
+                multi_label=opts.config.multi_label,
+                id_source=source.id_source,
+            )
+            sink.meta.check_identity(identity, has_rows=len(done) > 0, force=opts.force, sink_name=str(opts.output))
+        client_tokens = Prompt(opts.config).messages("")
+        from pipeline.tokens import TokenEstimator  # noqa: PLC0415 - dry runs only
+
+        estimator = TokenEstimator(opts.model)
+        fixed = estimator.count_messages(client_tokens)
+        seen, todo, problems, duplicates, tokens, first = IdSet(), 0, 0, 0, 0, None
+        for batch in source.batches():
+            for row in batch:
+                if row.id in done or not seen.add(row.id):
+                    duplicates += row.id not in done
+                    continue
+                if opts.limit is not None and todo + problems >= opts.limit:
+                    break
+                if row.problem:
+                    problems += 1
+                    continue
+                todo += 1
+                tokens += fixed + estimator.count(row.text)
+                first = first or row
+    from pipeline.progress import price_of  # noqa: PLC0415
+
+    price = price_of(opts.model)
+    completion = todo * min(opts.config.max_tokens, 12)
+    cost = f" ≈ ${(tokens * price[0] + completion * price[1]) / 1e6:.4f}" if price else ""
+    lines = [
+        f"dry run: {opts.input} → {opts.output} ({opts.model}, prompt {opts.config.prompt_fingerprint()})",
+        f"  {todo:,} rows to label, {len(done):,} already in the sink, {duplicates:,} repeated ids, "
+        f"{problems:,} rows that would be dead-lettered (empty text, bad bytes, ragged)",
+        f"  ~{tokens:,} prompt tokens{cost} (estimate)",
+        f"  {key_note}",
+    ]
+    if first is not None:
+        lines.append("  first request:")
+        for message in prompt.messages(first.text):
+            lines.append(f"    [{message['role']}] {message['content'][:300]}")
+    return "\n".join(lines)

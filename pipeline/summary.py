@@ -1,0 +1,146 @@
+"""The end-of-run summary: counts, failure rate, error samples by kind, speed, tokens, cost, what to run next."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pipeline.progress import short_duration, short_number
+
+if TYPE_CHECKING:
+    from pipeline.errors import LabelstreamError
+    from pipeline.run import _Run
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What a run did; `exit_code` is 0 when every row it tried is labeled, 1 when some were dead-lettered."""
+
+    state: str
+    input: str
+    output: str
+    dead_letters: str
+    labeled: int
+    failed: int
+    saved: int
+    skipped_done: int
+    duplicates: int
+    truncated: int
+    retries: int
+    rate_limited: int
+    elapsed_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None
+    model: str
+    resume_command: str
+    failures: dict[str, int] = field(default_factory=dict)
+    samples: dict[str, list[str]] = field(default_factory=dict)
+    duplicate_samples: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @classmethod
+    def of(cls, run: _Run, *, state: str, error: LabelstreamError | None, rate_limited: int) -> Summary:
+        """Summarise a finished (or stopped) run."""
+        s = run.stats
+        return cls(
+            state=state,
+            input=str(run.opts.input),
+            output=str(run.opts.output),
+            dead_letters=str(run.sink.meta.dead_letters_path),
+            labeled=s.labeled,
+            failed=s.failed,
+            saved=s.saved,
+            skipped_done=s.skipped_done,
+            duplicates=s.duplicates,
+            truncated=s.truncated,
+            retries=s.calls.retries,
+            rate_limited=rate_limited,
+            elapsed_s=round(s.elapsed, 2),
+            prompt_tokens=s.calls.prompt_tokens,
+            completion_tokens=s.calls.completion_tokens,
+            cost_usd=s.cost,
+            model=s.model,
+            resume_command=run.opts.resume_command,
+            failures=dict(s.failure_counts),
+            samples={k: list(v) for k, v in s.failures.items()},
+            duplicate_samples=list(s.duplicate_samples),
+            error=error.message if error else None,
+        )
+
+    @property
+    def exit_code(self) -> int:
+        """0: all labeled; 1: some rows dead-lettered."""
+        return 1 if self.failed else 0
+
+    @property
+    def failure_rate(self) -> float:
+        """Failed share of the rows this run finished."""
+        finished = self.labeled + self.failed
+        return self.failed / finished if finished else 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        """Finished rows per second of wall time."""
+        return (self.labeled + self.failed) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form (in the progress file and `status --json`)."""
+        return {
+            "state": self.state,
+            "labeled": self.labeled,
+            "failed": self.failed,
+            "saved": self.saved,
+            "failure_rate": round(self.failure_rate, 4),
+            "skipped_done": self.skipped_done,
+            "duplicates": self.duplicates,
+            "truncated": self.truncated,
+            "retries": self.retries,
+            "rate_limited": self.rate_limited,
+            "elapsed_s": self.elapsed_s,
+            "rows_per_s": round(self.rows_per_s, 2),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 6),
+            "failures": self.failures,
+            "samples": self.samples,
+            "error": self.error,
+        }
+
+    def render(self) -> str:
+        """The human summary printed at the end of a run."""
+        head = {"done": "done", "interrupted": "interrupted", "failed": "stopped"}.get(self.state, self.state)
+        lines = [
+            f"labelstream {head}: {self.labeled:,} labeled, {self.failed:,} failed "
+            f"({self.failure_rate:.1%}), {self.skipped_done:,} already in the sink, "
+            f"in {short_duration(self.elapsed_s)} ({self.rows_per_s:.1f} rows/s)"
+        ]
+        cost = f" ≈ ${self.cost_usd:.4f}" if self.cost_usd is not None else ""
+        lines.append(
+            f"  tokens: {short_number(self.prompt_tokens)} prompt + {short_number(self.completion_tokens)} "
+            f"completion{cost} ({self.model}); retries: {self.retries} ({self.rate_limited} after 429)"
+        )
+        if self.duplicates:
+            examples = ", ".join(self.duplicate_samples[:3])
+            lines.append(f"  {self.duplicates:,} repeated ids skipped (each labeled once), e.g. {examples}")
+        if self.truncated:
+            lines.append(f"  {self.truncated:,} texts were longer than max_chars and were cut (see 'truncated')")
+        if self.failures:
+            lines.append("  failures by kind:")
+            shown = 0
+            for kind, count in sorted(self.failures.items(), key=lambda kv: -kv[1]):
+                for sample in self.samples.get(kind, [])[:1]:
+                    if shown < 5:
+                        lines.append(f"    {kind} ×{count}: {sample[:160]}")
+                        shown += 1
+        lines.append(f"  sink: {self.output} (+{self.saved:,} rows this run)")
+        if self.error:
+            lines.append(f"  stopped because: {self.error}")
+        if self.state != "done":
+            lines.append(f"  resume with: {self.resume_command}")
+        elif self.failed:
+            lines.append(
+                f"  dead letters: {self.dead_letters}; to retry the {self.failed:,} failed rows, re-run: "
+                f"{self.resume_command}"
+            )
+        return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""`make demo`: start the simulator, label the bundled sample, show the output, re-run to show the resume, stop.
+
+Everything runs on 127.0.0.1; no API key is needed. Output goes to out/demo.jsonl (replaced each time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "out"
+SAMPLE = ROOT / "configs" / "sample_reviews.csv"
+CONFIG = ROOT / "configs" / "sentiment.toml"
+
+
+def start_simulator(port_file: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Start `labelstream simulate` on a free port and wait (at most 20 s) until it listens."""
+    port_file.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "simulate",
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--latency-ms",
+            "150",
+            "--latency-jitter-ms",
+            "100",
+            "--error-rate",
+            "0.02",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if port_file.exists() and port_file.read_text().strip():
+            return proc, int(port_file.read_text())
+        if proc.poll() is not None:
+            raise SystemExit("the simulator exited before listening; see the error above")
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("the simulator did not start within 20 s")
+
+
+def label(port: int, output: Path) -> int:
+    """Run the real CLI against the simulator; return its exit code."""
+    env = {**os.environ, "OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
+    cmd = [
+        sys.executable, "-m", "pipeline", "label",
+        "--input", str(SAMPLE.relative_to(ROOT)), "--output", str(output.relative_to(ROOT)),
+        "--config", str(CONFIG.relative_to(ROOT)), "--base-url", f"http://127.0.0.1:{port}/v1",
+        "--concurrency", "20",
+    ]  # fmt: skip
+    print("$ labelstream " + " ".join(cmd[3:]), flush=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
+
+
+def show(output: Path, n: int = 5) -> None:
+    """Print the first records of a JSONL sink."""
+    print(f"\nfirst {n} records of {output.relative_to(ROOT)}:")
+    with output.open("rb") as handle:
+        for line, _ in zip(handle, range(n), strict=False):
+            record = orjson.loads(line)
+            print(f"  {record['id']}  {record['label']:<8}  ({record['lang']}, {record['latency_ms']:.0f} ms)")
+
+
+def main() -> int:
+    OUT.mkdir(exist_ok=True)
+    output = OUT / "demo.jsonl"
+    for stale in (output, OUT / "demo.jsonl.meta"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink(missing_ok=True)
+    proc, port = start_simulator(OUT / ".demo-sim-port")
+    try:
+        print(f"simulator listening on http://127.0.0.1:{port}/v1 (150±100 ms latency, 2% server errors)\n")
+        code = label(port, output)
+        show(output)
+        print("\nre-running the same command resumes from the sink: nothing is left to label.\n")
+        second = label(port, output)
+        print(f"\nprogress file: {(OUT / 'demo.jsonl.meta' / 'progress.json').relative_to(ROOT)}")
+        print("try: .venv/bin/labelstream status out/demo.jsonl")
+        return code or second
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
