@@ -10,6 +10,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.client import RetryPolicy
 from pipeline.config import DEFAULT_MODEL, load_config
@@ -60,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Label large CSV files with an OpenAI-compatible chat model: streaming, resumable.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_label(sub)
+    _add_simulate(sub)
+    _add_maintenance(sub)
+    return parser
 
+
+def _add_label(sub: Any) -> None:
     label = sub.add_parser("label", help="label a CSV into a JSONL or Parquet sink (resumes what it holds)")
     io = label.add_argument_group("input and output")
     io.add_argument("--input", "--input_csv", dest="input", required=True, help="CSV file to label")
@@ -110,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get after Ctrl-C")
     run.add_argument("--no-progress", action="store_true", help="no bar: plain log lines every 10 s")
 
+
+def _add_simulate(sub: Any) -> None:
     sim = sub.add_parser("simulate", help="run the OpenAI-compatible test server on 127.0.0.1")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8787, help="0 picks a free port (see --port-file)")
@@ -125,10 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--api-key", help="require this bearer key (default: accept any)")
     sim.add_argument("--models", help="comma-separated models to serve (default: any)")
 
+
+def _add_maintenance(sub: Any) -> None:
     status = sub.add_parser("status", help="counts, failure rate and recent errors of a sink")
     status.add_argument("output", type=Path)
     status.add_argument("--json", action="store_true", help="print JSON")
-    return parser
+
+    export = sub.add_parser("export", help="join labels back onto the input rows (CSV or Parquet)")
+    export.add_argument("output", type=Path, help="the sink (OUT.jsonl or OUT.parquet)")
+    export.add_argument("--input", "--input_csv", dest="input", type=Path, required=True, help="the labeled CSV")
+    export.add_argument("--to", type=Path, required=True, help="labeled.csv or labeled.parquet")
+
+    compact = sub.add_parser("compact", help="merge the part files of a Parquet sink")
+    compact.add_argument("output", type=Path, help="OUT.parquet")
+    compact.add_argument("--rows-per-part", type=_positive_int, default=1_000_000)
 
 
 def _label(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -228,6 +247,27 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_labels  # noqa: PLC0415 - only this command needs it
+
+    result = export_labels(args.output, args.input, args.to)
+    print(
+        f"wrote {result.output}: {result.rows:,} rows, {result.labeled:,} labeled, "
+        f"{result.unlabeled:,} without a label (left empty)"
+    )
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from pipeline.parquet_sink import compact  # noqa: PLC0415 - only this command needs pyarrow here
+
+    if args.output.suffix.lower() != ".parquet":
+        raise UsageError("compact works on a Parquet sink (OUT.parquet); a JSONL sink is one file already.")
+    before, after = compact(args.output, rows_per_part=args.rows_per_part)
+    print(f"{args.output}: {before} parts → {after}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `labelstream` console script; returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -244,6 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "export":
+            return _export(args)
+        if args.command == "compact":
+            return _compact(args)
         parser.error(f"unknown command {args.command!r}")
     except LabelstreamError as exc:
         print(f"labelstream: error: {redact(exc.message, secret)}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""A compact set of row ids, so that knowing which of a million rows are done costs megabytes, not a gigabyte.
+"""Compact id sets and maps, so that knowing which of a million rows are done costs megabytes, not a gigabyte.
 
 A Python `set[str]` of a million ids costs ~100 MB; here each id is reduced to a 64-bit
 BLAKE2b digest stored in an open-addressing table (`array('Q')`, load ≤ 0.7), ~12 bytes an id.
@@ -21,60 +21,105 @@ def id_key(row_id: str) -> int:
     return key or 1
 
 
-class IdSet:
-    """Set of string ids with `add` (returns whether the id was new) and `in`."""
+class _KeyTable:
+    """Open addressing with linear probing over 64-bit keys (uniform already: they are hashes)."""
 
-    __slots__ = ("_count", "_mask", "_table")
+    __slots__ = ("_count", "_keys", "_mask")
 
-    def __init__(self, ids: Iterable[str] = ()) -> None:
-        self._table = array("Q", bytes(8 * _MIN_SLOTS))
+    def __init__(self) -> None:
+        self._keys = array("Q", bytes(8 * _MIN_SLOTS))
         self._mask = _MIN_SLOTS - 1
         self._count = 0
-        for row_id in ids:
-            self.add(row_id)
 
     def __len__(self) -> int:
         return self._count
+
+    def _slot(self, key: int) -> int:
+        """The slot holding `key`, or the empty slot where it would go."""
+        keys, mask = self._keys, self._mask
+        slot = key & mask
+        while True:
+            held = keys[slot]
+            if held == key or held == 0:  # noqa: PLR1714 - hot loop: no tuple built per probe
+                return slot
+            slot = (slot + 1) & mask
+
+    def _claim(self, slot: int, key: int) -> None:
+        self._keys[slot] = key
+        self._count += 1
+        if self._count * 10 > len(self._keys) * 7:
+            self._grow()
+
+    def _grow(self) -> None:
+        old = self._keys
+        self._keys = array("Q", bytes(16 * len(old)))
+        self._mask = len(self._keys) - 1
+        self._rehash(old)
+
+    def _rehash(self, old: array[int]) -> None:
+        for key in old:
+            if key:
+                self._keys[self._slot(key)] = key
+
+
+class IdSet(_KeyTable):
+    """Set of string ids with `add` (returns whether the id was new) and `in`."""
+
+    __slots__ = ()
+
+    def __init__(self, ids: Iterable[str] = ()) -> None:
+        super().__init__()
+        for row_id in ids:
+            self.add(row_id)
 
     def __contains__(self, row_id: object) -> bool:
         if not isinstance(row_id, str):
             return False
         key = id_key(row_id)
-        table, mask = self._table, self._mask
-        slot = key & mask
-        while True:
-            held = table[slot]
-            if held == key:
-                return True
-            if held == 0:
-                return False
-            slot = (slot + 1) & mask
+        return self._keys[self._slot(key)] == key
 
     def add(self, row_id: str) -> bool:
         """Add an id; return True if it was not in the set before."""
-        if self._insert(id_key(row_id)):
-            self._count += 1
-            if self._count * 10 > len(self._table) * 7:
-                self._grow()
-            return True
-        return False
+        key = id_key(row_id)
+        slot = self._slot(key)
+        if self._keys[slot] == key:
+            return False
+        self._claim(slot, key)
+        return True
 
-    def _insert(self, key: int) -> bool:
-        table, mask = self._table, self._mask
-        slot = key & mask
-        while True:
-            held = table[slot]
-            if held == 0:
-                table[slot] = key
-                return True
-            if held == key:
-                return False
-            slot = (slot + 1) & mask
+
+class IdMap(_KeyTable):
+    """Map from id to a small integer (e.g. an index into the distinct labels), ~18 bytes an entry."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._values = array("I", bytes(4 * _MIN_SLOTS))
+
+    def get(self, row_id: str) -> int | None:
+        """The value stored for `row_id`, or None."""
+        key = id_key(row_id)
+        slot = self._slot(key)
+        return self._values[slot] if self._keys[slot] == key else None
+
+    def set(self, row_id: str, value: int) -> None:
+        """Store `value` for `row_id` (a later value replaces an earlier one)."""
+        key = id_key(row_id)
+        slot = self._slot(key)
+        if self._keys[slot] == key:
+            self._values[slot] = value
+            return
+        self._values[slot] = value
+        self._claim(slot, key)
 
     def _grow(self) -> None:
-        old = self._table
-        self._table = array("Q", bytes(16 * len(old)))
-        self._mask = len(self._table) - 1
-        for key in old:
+        old_keys, old_values = self._keys, self._values
+        self._keys = array("Q", bytes(16 * len(old_keys)))
+        self._values = array("I", bytes(8 * len(old_keys)))
+        self._mask = len(self._keys) - 1
+        for key, value in zip(old_keys, old_values, strict=True):
             if key:
-                self._insert(key)
+                slot = self._slot(key)
+                self._keys[slot] = key
+                self._values[slot] = value

@@ -329,6 +329,14 @@ async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summa
         sink.bind_schema(source.carry, multi_label=opts.config.multi_label)
         stats = RunStats(calls=CallStats(), model=opts.model)
         run = _Run(opts, source, sink, done, stats)
+        # How ids and texts were read: `export` rebuilds the same ids from the input with it.
+        manifest["input"] = {
+            "id_column": source.id_column,
+            "text_column": opts.config.text_column,
+            "template": opts.config.template,
+            "encoding": source.encoding,
+            "delimiter": source.delimiter,
+        }
         manifest.setdefault("runs", []).append({"run": run.run_id, "started_at": now_iso(), "model": opts.model})
         sink.meta.write_manifest(manifest)
         return await _execute(run, prompt, api_key, base_url, notice)

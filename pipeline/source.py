@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import itertools
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -119,24 +120,26 @@ class CsvSource:
 
     def read_batch(self, size: int = 512) -> list[Row]:
         """Read up to `size` rows; an empty list means the file has ended."""
+        return [row for _, row in itertools.islice(self.records(), size)]
+
+    def records(self) -> Iterator[tuple[list[str], Row]]:
+        """Each remaining record as (its raw fields, its Row): `export` needs both."""
         if self._reader is None:
             raise RuntimeError("CsvSource.open() must be called first")
-        rows: list[Row] = []
         reader = self._reader
-        for _ in range(size):
+        while True:
             try:
                 fields = next(reader, None)
             except csv.Error as exc:
                 self._line += 1
-                rows.append(self._bad_row(f"csv:{self._line}", "unparsable_row", f"CSV parse error: {exc}"))
+                yield [], self._bad_row(f"csv:{self._line}", "unparsable_row", f"CSV parse error: {exc}")
                 continue
             if fields is None:
-                break
+                return
             if not fields:
                 continue  # a blank line is not a record
             self._line += 1
-            rows.append(self._make_row(fields))
-        return rows
+            yield fields, self._make_row(fields)
 
     def _check_readable(self) -> bytes:
         try:
