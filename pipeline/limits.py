@@ -60,7 +60,8 @@ class TokenBucket:
         """Seconds until `amount` may be taken (0 if now); a request larger than the bucket waits for a full one."""
         self._refill()
         need = min(amount, self.capacity)
-        return 0.0 if self._level >= need else (need - self._level) / self.rate
+        # The epsilon keeps float rounding from producing waits too small to move the clock.
+        return 0.0 if self._level >= need - 1e-9 else (need - self._level) / self.rate
 
     def take(self, amount: float) -> None:
         """Spend `amount` (possibly going into debt)."""
@@ -165,7 +166,7 @@ class Limiter:
                     self._freed.clear()
                     await self._freed.wait()
                 wait = self._time_gate(estimated_tokens)
-                if wait <= 0:
+                if wait <= 1e-6:
                     break
                 await self.sleep(wait)
             if self._rpm is not None:

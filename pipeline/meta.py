@@ -149,6 +149,7 @@ class SinkMeta:
         """Replace `path` with `data` as JSON so that readers never see half a file."""
         tmp = self.tmp_dir / f".{path.name}.{os.getpid()}.tmp"
         try:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
             tmp.replace(path)
         except OSError as exc:

@@ -167,6 +167,7 @@ class ParquetSink(Sink):
         tmp = self.meta.tmp_dir / f"{name}.tmp"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            self.meta.tmp_dir.mkdir(parents=True, exist_ok=True)
             pq.write_table(table, tmp, compression="zstd")
             with tmp.open("rb") as handle:
                 os.fsync(handle.fileno())

@@ -96,6 +96,7 @@ class Sink(ABC):
         if not items:
             return
         data = b"".join(orjson.dumps(dead_letter(f, run_id)) + b"\n" for f in items)
+        self.meta.ensure()
         await _append_bytes(self.meta.dead_letters_path, data)
 
 

@@ -99,6 +99,14 @@ class CsvSource:
             self.delimiter = _guess_delimiter(self.path, head)
         self._reader = csv.reader(self._strip_nul(text), delimiter=self.delimiter, strict=False)
         try:
+            self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_header(self) -> None:
+        assert self._reader is not None  # noqa: S101 - set by open()
+        try:
             header = next(self._reader, None)
         except csv.Error as exc:
             raise InputError(f"{self.path}: cannot parse the header row: {exc}") from None
@@ -156,15 +164,15 @@ class CsvSource:
                 f"{self.path} is empty (0 bytes); expected a header row with a {self.config.text_column!r} column."
             )
         if codecs.lookup(self.encoding).name == "utf-8":
-            try:
-                head.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                # A multi-byte character cut by the 64 KiB window is not an error.
-                if exc.start < len(head) - 4:
-                    hint = _encoding_hint(head)
-                    raise InputError(
-                        f"{self.path} is not UTF-8 (byte 0x{head[exc.start]:02x} at offset {exc.start}). {hint}"
-                    ) from None
+            # Mostly undecodable bytes mean another encoding (cp949 is common for Korean files): stop now.
+            # A few stray bytes in otherwise valid UTF-8 only mark their rows as bad.
+            text = head.decode("utf-8", "surrogateescape")
+            bad = sum(1 for ch in text[:-2] if "\udc80" <= ch <= "\udcff")
+            high = sum(1 for byte in head if byte >= 0x80)
+            if bad >= 3 and bad * 5 >= high:
+                raise InputError(
+                    f"{self.path} is not UTF-8 ({bad} undecodable bytes near the start). {_encoding_hint(head)}"
+                )
         return head
 
     def _check_columns(self) -> None:

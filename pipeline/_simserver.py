@@ -1,0 +1,365 @@
+"""The simulator's aiohttp application: /v1/chat/completions and /v1/models (control routes: _simcontrol)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import os
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from pipeline import _simfaults as faults
+from pipeline._simcontrol import add_control_routes
+from pipeline._simfaults import MALFORMED_KINDS, NOT_JSON_BODY, Fault, FaultScript, error_body
+from pipeline._simreply import SPOILERS, LabelMaker, completion_body, completion_tokens, read_messages, spoil
+from pipeline._simstate import Exchange, SimulatorConfig, Stats
+from pipeline._simwindow import Clock, RateLimits
+
+DEFAULT_MODELS: Final = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano")
+_BAD_JSON: Final = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+    "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
+)
+_NO_KEY: Final = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization header "
+    "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
+_RANDOM_ERRORS: Final = tuple(Fault("status", status=status) for status in (500, 502, 503))
+_RANDOM_HANG: Final = Fault("hang")
+_RANDOM_MALFORMED: Final = tuple(Fault(kind) for kind in MALFORMED_KINDS)
+# Faults after which the client still gets a complete, good reply.
+_HARMLESS: Final = frozenset({None, "hang", "delay", "slow_body"})
+# Seconds a stopping server gives replies under way before cancelling them.
+_SHUTDOWN_GRACE: Final = 1.0
+
+
+def loopback_host(host: str) -> str:
+    """Return `host` if it is a loopback address ("localhost" becomes 127.0.0.1), else raise ValueError."""
+    if host == "localhost":
+        return "127.0.0.1"  # one address, so that port 0 binds one port
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"the simulator only listens on loopback (127.0.0.1, ::1, localhost), not {host!r}")
+    return host
+
+
+@dataclass(frozen=True, slots=True)
+class _Chat:
+    """The parts of a chat completion request the simulator uses."""
+
+    model: str
+    prompt_tokens: int
+    text: str  # the last user message: labels and `match` faults key on it
+    response_format: Any
+    completion_budget: int | None  # max_completion_tokens or max_tokens
+
+
+class Simulator:
+    """The simulator on the running event loop; call its accessors from that loop only.
+
+    clock: monotonic seconds for the rate windows and event times; tests pass a fake one.
+    """
+
+    def __init__(self, config: SimulatorConfig | None = None, *, clock: Clock = time.monotonic) -> None:
+        self._initial = config if config is not None else SimulatorConfig()
+        self._clock = clock
+        self._t0 = clock()
+        self._labels = LabelMaker()
+        self._script = FaultScript()
+        self._stats = Stats()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = asyncio.Event()
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(4).hex()
+        self._runner: web.AppRunner | None = None
+        self._host = "127.0.0.1"
+        self._port = 0
+        self._apply(self._initial)
+
+    def _apply(self, config: SimulatorConfig) -> None:
+        self._config = config
+        self._limits = RateLimits(config.rpm, config.tpm, clock=self._clock)
+        self._auth = None if config.api_key is None else f"Bearer {config.api_key}"
+        self._fault_rng = random.Random(config.seed)
+        # A separate stream, so turning jitter on does not change which requests fail.
+        self._jitter_rng = random.Random(config.seed + 1)
+        self._fault_rate = config.error_rate + config.hang_rate + config.malformed_rate
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen on `host`:`port` (0 picks a free port) and return the bound port."""
+        self._host = loopback_host(host)
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        route = app.router
+        route.add_post("/v1/chat/completions", self._chat)
+        route.add_get("/v1/models", self._models)
+        add_control_routes(route, self)
+        route.add_route("*", "/{tail:.*}", self._not_found)
+        # handler_cancellation: a client that goes away cancels its handler, which ends hangs and drops.
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_GRACE)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self._host, port, backlog=1024).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+        return self._port
+
+    async def stop(self) -> None:
+        """Stop listening; hangs end at once, replies under way get a short grace period."""
+        self._stopping.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (0 before `start`)."""
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        """The URL to give an OpenAI client, e.g. http://127.0.0.1:8787/v1."""
+        if not self._port:
+            raise RuntimeError("the simulator is not running; call start() first")
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._port}/v1"
+
+    @property
+    def config(self) -> SimulatorConfig:
+        """The settings in force."""
+        return self._config
+
+    def configure(self, **changes: Any) -> SimulatorConfig:
+        """Change settings (see `SimulatorConfig.replace`); resets the rate windows and the fault RNG."""
+        self._apply(self._config.replace(**changes))
+        return self._config
+
+    def script(self, scripted: Iterable[Mapping[str, Any] | Fault]) -> None:
+        """Queue faults for the next requests, after any already waiting."""
+        self._script.add([f if isinstance(f, Fault) else Fault.from_json(f) for f in scripted])
+
+    def clear_faults(self) -> None:
+        """Drop every scripted fault still waiting."""
+        self._script.clear()
+
+    def pending_faults(self) -> list[dict[str, Any]]:
+        """Scripted faults still waiting, with what is left of their counts."""
+        return self._script.pending()
+
+    def stats(self, *, events: bool = True) -> dict[str, Any]:
+        """Counters, window use, CPU time and (unless `events` is False) the events as [t, status, fault]."""
+        out = self._stats.to_json(events=events)
+        out["window"] = self._limits.usage()
+        out["uptime_seconds"] = self._clock() - self._t0
+        # Whole process, and the thread running this event loop alone (the server, in SimulatorThread).
+        out["cpu_seconds"] = time.process_time()
+        out["loop_thread_cpu_seconds"] = time.thread_time()
+        return out
+
+    def reset_stats(self) -> None:
+        """Zero the counters and forget the events."""
+        self._stats.clear()
+
+    def reset(self) -> None:
+        """Back to the starting config, with no stats, scripted faults or rate-window use."""
+        self._apply(self._initial)
+        self._script.clear()
+        self._stats.clear()
+
+    async def wait_idle(self) -> None:
+        """Return once no chat request is under way (e.g. after clients gave up on hangs)."""
+        await self._idle.wait()
+
+    # --- /v1 -----------------------------------------------------------------------------------
+
+    def _request_id(self, n: int) -> dict[str, str]:
+        return {"x-request-id": f"req_{self._id_prefix}{n:024x}"}
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        stats = self._stats
+        stats.requests += 1
+        stats.in_flight += 1
+        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        self._idle.clear()
+        ex = Exchange(self._clock() - self._t0)
+        try:
+            return await self._complete(request, ex)
+        finally:
+            stats.in_flight -= 1
+            if not stats.in_flight:
+                self._idle.set()
+            stats.record(ex)
+
+    async def _parse(self, request: web.Request, ex: Exchange, headers: dict[str, str]) -> _Chat | web.Response:
+        """The request's parts, or the 401/400/404 the real API would send instead."""
+        if (refused := self._check_auth(request, headers, ex)) is not None:
+            return refused
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            return _error(ex, 400, _BAD_JSON, headers=headers)
+        model, messages = body.get("model"), body.get("messages")
+        if not isinstance(model, str) or not model:
+            return _error(ex, 400, "you must provide a model parameter", headers=headers)
+        read = read_messages(messages) if isinstance(messages, list) and messages else None
+        if read is None:
+            message = "Invalid 'messages': expected a non-empty array of messages with text content."
+            return _error(ex, 400, message, code="invalid_type", param="messages", headers=headers)
+        if self._config.models is not None and model not in self._config.models:
+            message = f"The model `{model}` does not exist or you do not have access to it."
+            return _error(ex, 404, message, code="model_not_found", headers=headers)
+        if body.get("stream"):
+            message = "The simulator does not support stream=true; leave stream unset."
+            return _error(ex, 400, message, code="unsupported_value", param="stream", headers=headers)
+        budget = body.get("max_completion_tokens") or body.get("max_tokens")
+        return _Chat(model, read[0], read[1], body.get("response_format"), budget if isinstance(budget, int) else None)
+
+    async def _complete(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        n = next(self._ids)
+        headers = self._request_id(n)
+        chat = await self._parse(request, ex, headers)
+        if isinstance(chat, web.Response):
+            return chat
+        model, prompt_tokens, text, response_format = chat.model, chat.prompt_tokens, chat.text, chat.response_format
+        content: str | None = self._labels.content(response_format, text)
+
+        # Scripted faults come before the rate windows, so that a test's script plays out exactly.
+        fault = self._script.take(text)
+        if fault is None:
+            budget = chat.completion_budget
+            cost = prompt_tokens + (budget if budget is not None else completion_tokens(content))
+            if (refusal := self._limits.spend(cost, headers)) is not None:
+                self._stats.rate_limited[refusal.dimension] += 1
+                message = refusal.message(model)
+                return _error(ex, 429, message, refusal.dimension, code="rate_limit_exceeded", headers=headers)
+            if self._fault_rate:
+                fault = self._random_fault()
+
+        kind = None
+        if fault is not None:
+            kind = ex.fault = fault.kind
+            if kind == "status":
+                ex.status, payload = faults.status_reply(fault, headers)
+                return web.Response(body=payload, status=ex.status, content_type="application/json", headers=headers)
+            if kind == "reset":
+                ex.status = 0
+                return await faults.drop_connection(request, self._stopping, reset=True)
+            if kind in ("hang", "delay"):
+                default = self._config.hang_seconds if kind == "hang" else 1.0
+                await faults.pause(self._stopping, default if fault.seconds is None else fault.seconds)
+        await self._latency()
+
+        ex.status = 200
+        if fault is not None and kind == "not_json":
+            return web.Response(body=NOT_JSON_BODY, headers={**headers, "Content-Type": fault.content_type})
+        finish, refusal_text = "stop", None
+        if kind == "label_outside":
+            content = self._labels.content(response_format, text, outside=True)
+        elif kind in SPOILERS:
+            content, finish, refusal_text = spoil(kind, content or "")
+        completion = completion_tokens(content)
+        payload = completion_body(
+            f"chatcmpl-{self._id_prefix}{n:021x}",
+            model,
+            content,
+            finish_reason=finish,
+            refusal=refusal_text,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion,
+        )
+        if kind == "close_after_headers":
+            return await faults.close_after_headers(request, self._stopping, payload, headers)
+        response: web.StreamResponse
+        if fault is not None and kind == "slow_body":
+            seconds = 1.0 if fault.seconds is None else fault.seconds
+            response = await faults.slow_body(request, self._stopping, payload, headers, seconds)
+        else:
+            response = web.Response(body=payload, content_type="application/json", headers=headers)
+        # Only replies that were sent whole count as completed and add to the token totals.
+        ex.ok = kind in _HARMLESS
+        ex.prompt_tokens, ex.completion_tokens = prompt_tokens, completion
+        return response
+
+    def _check_auth(self, request: web.Request, headers: dict[str, str], ex: Exchange | None) -> web.Response | None:
+        if self._auth is None:
+            return None
+        given = request.headers.get("Authorization")
+        if given == self._auth:
+            return None
+        if not given:
+            return _error(ex, 401, _NO_KEY, headers=headers)
+        # Only the start of the key, like the real API's masking, so that logging this leaks nothing.
+        shown = given.removeprefix("Bearer ")[:3] + "*****"
+        message = (
+            f"Incorrect API key provided: {shown}. "
+            "You can find your API key at https://platform.openai.com/account/api-keys."
+        )
+        return _error(ex, 401, message, code="invalid_api_key", headers=headers)
+
+    def _random_fault(self) -> Fault | None:
+        rng, config = self._fault_rng, self._config
+        draw = rng.random()
+        if draw < config.error_rate:
+            return rng.choice(_RANDOM_ERRORS)
+        draw -= config.error_rate
+        if draw < config.hang_rate:
+            return _RANDOM_HANG
+        if draw - config.hang_rate < config.malformed_rate:
+            return rng.choice(_RANDOM_MALFORMED)
+        return None
+
+    async def _latency(self) -> None:
+        config = self._config
+        delay = config.latency_ms
+        if config.latency_jitter_ms:
+            delay += self._jitter_rng.uniform(-config.latency_jitter_ms, config.latency_jitter_ms)
+        if delay > 0:
+            await asyncio.sleep(delay / 1000)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        headers = self._request_id(next(self._ids))
+        if (refused := self._check_auth(request, headers, None)) is not None:
+            return refused
+        names = sorted(self._config.models) if self._config.models is not None else DEFAULT_MODELS
+        data = [{"id": name, "object": "model", "created": 1_700_000_000, "owned_by": "system"} for name in names]
+        return _json({"object": "list", "data": data}, headers=headers)
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        headers = self._request_id(next(self._ids))
+        message = f"Invalid URL ({request.method} {request.path})"
+        return _error(None, 404, message, headers=headers)
+
+
+def _json(value: Any, *, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(value), content_type="application/json", headers=headers)
+
+
+def _error(
+    ex: Exchange | None,
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    headers: Mapping[str, str],
+) -> web.Response:
+    if ex is not None:
+        ex.status = status
+    body = error_body(message, type_, code, param)
+    return web.Response(body=body, status=status, content_type="application/json", headers=headers)

@@ -1,0 +1,157 @@
+"""What the simulator is told (its settings) and what it remembers (its counters)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+EVENTS_KEPT: Final = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorConfig:
+    """How the simulator behaves; the three rates are per-request probabilities.
+
+    rpm, tpm: sliding 60-second limits on requests and tokens (None: unlimited).
+    seed: seeds the random faults and the latency jitter (labels depend on the input only).
+    api_key: when set, requests must carry `Authorization: Bearer <api_key>`.
+    models: when set, other models get 404 `model_not_found`.
+    hang_seconds: how long a hang holds the reply unless the client goes away first.
+    """
+
+    latency_ms: float = 200.0
+    latency_jitter_ms: float = 0.0
+    rpm: int | None = None
+    tpm: int | None = None
+    error_rate: float = 0.0
+    hang_rate: float = 0.0
+    malformed_rate: float = 0.0
+    seed: int = 0
+    api_key: str | None = field(default=None, repr=False)  # kept out of reprs and tracebacks
+    models: frozenset[str] | None = None
+    hang_seconds: float = 3600.0
+
+    def __post_init__(self) -> None:
+        for name in ("latency_ms", "latency_jitter_ms", "hang_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        for name in ("rpm", "tpm"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None for no limit), got {value}")
+        rates = (self.error_rate, self.hang_rate, self.malformed_rate)
+        if any(not 0.0 <= rate <= 1.0 for rate in rates) or sum(rates) > 1.0:
+            raise ValueError(f"error, hang and malformed rates must lie in 0..1 and sum to at most 1, got {rates}")
+
+    def replace(self, **changes: Any) -> SimulatorConfig:
+        """A copy with `changes` applied, type-checked as JSON from `/control/config` (models may be a list)."""
+        for name, value in changes.items():
+            expected = _CONFIG_TYPES.get(name)
+            if expected is None:
+                raise ValueError(f"unknown simulator setting {name!r}; known: {sorted(_CONFIG_TYPES)}")
+            if isinstance(value, bool) or not isinstance(value, expected):
+                raise TypeError(f"simulator setting {name!r} has the wrong type: {value!r}")
+        if isinstance(models := changes.get("models"), list | tuple | set):
+            changes["models"] = frozenset(str(model) for model in models)
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as JSON, with the API key reduced to whether one is set."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["api_key"] = "<set>" if self.api_key is not None else None
+        out["models"] = sorted(self.models) if self.models is not None else None
+        return out
+
+
+_NUMBER = (int, float)
+_CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
+    "latency_ms": _NUMBER,
+    "latency_jitter_ms": _NUMBER,
+    "rpm": (int, type(None)),
+    "tpm": (int, type(None)),
+    "error_rate": _NUMBER,
+    "hang_rate": _NUMBER,
+    "malformed_rate": _NUMBER,
+    "seed": (int,),
+    "api_key": (str, type(None)),
+    "models": (list, tuple, set, frozenset, type(None)),
+    "hang_seconds": _NUMBER,
+}
+
+
+class Exchange:
+    """What happened to one chat request, filled in as it goes and recorded even if the client leaves."""
+
+    __slots__ = ("arrived", "completion_tokens", "fault", "ok", "prompt_tokens", "status")
+
+    def __init__(self, arrived: float) -> None:
+        self.arrived = arrived
+        # nginx's "client closed request": what stays recorded when the handler is cancelled.
+        self.status = 499
+        self.fault: str | None = None
+        self.ok = False
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+
+class Stats:
+    """Counters for /v1/chat/completions; plain attributes because every request updates them."""
+
+    __slots__ = (
+        "by_fault",
+        "by_status",
+        "completed_ok",
+        "completion_tokens",
+        "events",
+        "in_flight",
+        "max_in_flight",
+        "prompt_tokens",
+        "rate_limited",
+        "requests",
+    )
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.events: deque[tuple[float, int, str | None]] = deque(maxlen=EVENTS_KEPT)
+        self.clear()
+
+    def clear(self) -> None:
+        """Zero the counters; `in_flight` is a gauge and stays, since requests under way still finish."""
+        self.requests = 0
+        self.by_status: dict[int, int] = {}
+        self.by_fault: dict[str, int] = {}
+        self.completed_ok = 0
+        self.max_in_flight = self.in_flight
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.rate_limited = {"requests": 0, "tokens": 0}
+        self.events.clear()
+
+    def record(self, ex: Exchange) -> None:
+        """Count a finished (or abandoned) request."""
+        self.by_status[ex.status] = self.by_status.get(ex.status, 0) + 1
+        if ex.fault is not None:
+            self.by_fault[ex.fault] = self.by_fault.get(ex.fault, 0) + 1
+        if ex.ok:
+            self.completed_ok += 1
+        self.prompt_tokens += ex.prompt_tokens
+        self.completion_tokens += ex.completion_tokens
+        self.events.append((ex.arrived, ex.status, ex.fault))
+
+    def to_json(self, *, events: bool) -> dict[str, Any]:
+        """The counters as JSON; events as [seconds since start at arrival, status, fault kind or null]."""
+        out: dict[str, Any] = {
+            "requests": self.requests,
+            "by_status": {str(status): n for status, n in sorted(self.by_status.items())},
+            "by_fault": dict(self.by_fault),
+            "completed_ok": self.completed_ok,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "rate_limited": dict(self.rate_limited),
+        }
+        if events:
+            out["events"] = [list(event) for event in self.events]
+        return out

@@ -1,0 +1,159 @@
+"""The limiter: token buckets, 429 pauses and the AIMD window, on a virtual clock (no test sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from pipeline.client import parse_duration, retry_after_seconds
+from pipeline.limits import SAFETY, Limiter, LimitSettings, Permit, TokenBucket
+
+
+class VirtualClock:
+    """Time that only moves when a coroutine sleeps on it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+
+def test_bucket_paces_to_its_rate() -> None:
+    """A 60/min bucket with a one-second burst lets one request through per second."""
+    clock = VirtualClock()
+    bucket = TokenBucket(60, clock)
+    assert bucket.delay(1) == 0
+    bucket.take(1)
+    assert bucket.delay(1) == pytest.approx(1.0)
+    clock.now += 0.5
+    assert bucket.delay(1) == pytest.approx(0.5)
+
+
+def test_bucket_accepts_one_request_larger_than_itself_then_waits() -> None:
+    """A request bigger than the bucket passes when the bucket is full and leaves a debt to wait out."""
+    clock = VirtualClock()
+    bucket = TokenBucket(600, clock)  # 10 tokens/s, capacity 10
+    assert bucket.delay(50) == 0
+    bucket.take(50)
+    assert bucket.delay(1) == pytest.approx(4.1)
+
+
+def test_bucket_refund_corrects_an_overestimate() -> None:
+    """Tokens given back after the reply can be spent again at once."""
+    clock = VirtualClock()
+    bucket = TokenBucket(600, clock)
+    bucket.take(10)
+    bucket.give_back(6)
+    assert bucket.delay(6) == 0
+
+
+def run_requests(
+    limiter: Limiter, clock: VirtualClock, n: int, tokens: int = 1, rate_limit_at: set[int] | None = None
+) -> list[float]:
+    """Start n requests through the limiter; return the virtual times at which each got its slot."""
+    starts: list[float] = []
+
+    async def one(i: int) -> None:
+        async with limiter.slot(tokens):
+            starts.append(clock())
+            if rate_limit_at and i in rate_limit_at:
+                limiter.on_rate_limited(2.0)
+
+    async def main() -> None:
+        for i in range(n):
+            await one(i)
+
+    asyncio.run(main())
+    return starts
+
+
+def test_rpm_limit_spaces_requests() -> None:
+    """With --rpm 120, 10 back-to-back requests take about 10/(2·SAFETY) seconds, never faster."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings(concurrency=5, rpm=120), clock=clock, sleep=clock.sleep)
+    starts = run_requests(limiter, clock, 10)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps[2:]) >= 1 / (2 * SAFETY) - 1e-9
+    assert starts[-1] <= 10 / (2 * SAFETY)
+
+
+def test_tpm_limit_uses_token_estimates() -> None:
+    """With --tpm 6000, 1000-token requests go about one per 10.5 s after the burst."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings(concurrency=5, tpm=6000), clock=clock, sleep=clock.sleep)
+    starts = run_requests(limiter, clock, 4, tokens=1000)
+    assert starts[-1] - starts[-2] == pytest.approx(1000 / (6000 * SAFETY / 60), rel=0.01)
+
+
+def test_429_pauses_everyone_and_halves_the_window() -> None:
+    """After a 429 with Retry-After 2 s, no request starts for 2 s, and the window halves once per burst."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings(concurrency=8), clock=clock, sleep=clock.sleep)
+    starts = run_requests(limiter, clock, 3, rate_limit_at={0})
+    assert starts[1] - starts[0] >= 2.0
+    assert limiter.limit == 4
+    limiter.on_rate_limited(2.0)
+    limiter.on_rate_limited(2.0)  # more 429s from the same overload do not cut again
+    assert limiter.limit == 2
+
+
+def test_window_grows_back_on_success() -> None:
+    """Each success adds 1/window, so the window regains about one slot per window's worth of successes."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings(concurrency=8), clock=clock, sleep=clock.sleep)
+    limiter.on_rate_limited(1.0)
+    assert limiter.limit == 4
+    for _ in range(4):
+        limiter.on_success(_permit())
+    assert limiter.limit == 4
+    limiter.on_success(_permit())
+    assert limiter.limit == 5
+
+
+def test_concurrency_is_a_ceiling() -> None:
+    """No more than `concurrency` requests are ever in flight."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings(concurrency=3), clock=clock, sleep=clock.sleep)
+    peak = 0
+
+    async def one() -> None:
+        nonlocal peak
+        async with limiter.slot(1):
+            peak = max(peak, limiter.in_flight)
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(20):
+                group.create_task(one())
+
+    asyncio.run(main())
+    assert peak == 3
+
+
+def _permit() -> Permit:
+    return Permit(estimated_tokens=1, started=0.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1s", 1.0), ("6m0s", 360.0), ("120ms", 0.12), ("1h2m3.5s", 3723.5), ("0.5", 0.5), ("", None), ("soon", None)],
+)
+def test_parse_duration(text: str, seconds: float | None) -> None:
+    """OpenAI's x-ratelimit-reset-* durations parse to seconds; junk parses to None."""
+    assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def test_retry_after_prefers_ms_then_seconds_then_reset_headers() -> None:
+    """retry-after-ms wins over retry-after, which wins over the x-ratelimit-reset-* headers."""
+    assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "3"}) == 0.25
+    assert retry_after_seconds({"retry-after": "3"}) == 3.0
+    assert retry_after_seconds({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "500ms"}) == 2.0
+    assert retry_after_seconds({}) is None
