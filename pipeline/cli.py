@@ -214,11 +214,22 @@ def _resume_command(argv: Sequence[str], output: Path) -> str:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from pipeline.simulator import SimulatorConfig, serve  # noqa: PLC0415 - aiohttp server only here
+    from pipeline.simulator import serve  # noqa: PLC0415 - aiohttp server only here
 
     if args.host not in {"127.0.0.1", "localhost", "::1"}:
         raise UsageError("the simulator only listens on loopback (127.0.0.1).")
-    config = SimulatorConfig(
+    try:
+        config = _simulator_config(args)
+    except ValueError as exc:
+        raise UsageError(f"simulate: {exc}") from None
+    serve(config, host=args.host, port=args.port, port_file=args.port_file)
+    return 0
+
+
+def _simulator_config(args: argparse.Namespace) -> Any:
+    from pipeline.simulator import SimulatorConfig  # noqa: PLC0415 - aiohttp server only here
+
+    return SimulatorConfig(
         latency_ms=args.latency_ms,
         latency_jitter_ms=args.latency_jitter_ms,
         rpm=args.rpm,
@@ -230,8 +241,6 @@ def _simulate(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         models=frozenset(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
     )
-    serve(config, host=args.host, port=args.port, port_file=args.port_file)
-    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -189,7 +189,7 @@ class Reporter:
         if not self.enabled:
             return
         now = time.monotonic()
-        if now - self._last_log >= self.log_every:
+        if s.finished and now - self._last_log >= self.log_every:
             self._last_log = now
             self.log_line()
 

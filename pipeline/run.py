@@ -252,7 +252,7 @@ class _Run:
                 async with asyncio.timeout(self.opts.progress_every):
                     await self.finished.wait()
             reporter.update()
-            await asyncio.to_thread(self.write_progress, "running")
+            await asyncio.to_thread(self.write_progress, "stopping" if self.stopping.is_set() else "running")
 
     async def count_input(self) -> None:
         """Estimate how many rows this run will label, for the ETA; runs beside the reader."""
@@ -283,6 +283,7 @@ class _Run:
                 flush=True,
             )
             asyncio.get_running_loop().call_later(self.opts.grace_seconds, self.cancel_workers)
+            self.write_progress("stopping")
         elif not self.hard_stop:
             self.hard_stop = True
             main.cancel()

@@ -41,9 +41,13 @@ def main() -> None:
                     PY, "scripts/seed_baseline.py", str(source), str(work / f"seed-{concurrency}.json"),
                     "--base-url", base_url, "--max_concurrent", str(concurrency),
                 ],
-                "bare SDK floor": [
+                "SDK alone, typed create()": [
                     PY, "scripts/sdk_floor.py", "--base-url", base_url, "--requests", str(rows),
-                    "--concurrency", str(concurrency),
+                    "--concurrency", str(concurrency), "--mode", "typed",
+                ],
+                "SDK alone, low-level post()": [
+                    PY, "scripts/sdk_floor.py", "--base-url", base_url, "--requests", str(rows),
+                    "--concurrency", str(concurrency), "--mode", "post",
                 ],
             }  # fmt: skip
             for design, cmd in runs.items():

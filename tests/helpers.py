@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-from collections.abc import Iterable, Sequence
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +80,57 @@ def dead_letters(output: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+TEST_KEY = "sk-test-LABELSTREAM-SECRET-0123456789abcdef"
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI (`python -m pipeline`) in a subprocess and wait for it."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=cli_env(env),
+        check=False,
+    )
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start the real CLI in a subprocess (for signal and crash tests)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=cli_env(env),
+    )
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for CLI subprocesses: a recognisable test key, no inherited endpoint."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env["OPENAI_API_KEY"] = TEST_KEY
+    env.update(extra or {})
+    return env
+
+
+def wait_for(condition: Callable[[], bool], *, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll an observable condition (not a fixed sleep) until it holds, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def progress(output: Path) -> dict[str, Any]:
+    """The progress file of a sink ({} until the first write)."""
+    path = output.with_name(output.name + ".meta") / "progress.json"
+    try:
+        return dict(orjson.loads(path.read_bytes()))
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return {}

@@ -1,0 +1,177 @@
+"""The real CLI in a subprocess: seed flags, exit codes, one-line errors, and Ctrl-C/SIGTERM that keep the work."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .helpers import TEST_KEY, cli, dead_letters, progress, reviews, sink_ids, start_cli, wait_for, write_csv
+
+
+def label_args(sim: Any, source: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "label",
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "--base-url",
+        sim.base_url,
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_seed_flags_work_without_a_subcommand(sim: Any, tmp_path: Path) -> None:
+    """The old script's flags (--input_csv, --max_concurrent, --mode test, --model) label 50 rows."""
+    source = write_csv(tmp_path / "in.csv", reviews(80))
+    out = tmp_path / "seed.jsonl"
+    result = cli(
+        "--input_csv", str(source), "--max_concurrent", "4", "--mode", "test", "--model", "gpt-4o-mini",
+        "--output", str(out), "--base-url", sim.base_url, "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(set(sink_ids(out))) == 50
+    assert sim.stats()["max_in_flight"] <= 4
+    assert "labelstream done: 50 labeled" in result.stderr
+
+
+def test_skip_labeled_false_starts_over_and_keeps_the_old_sink(sim: Any, tmp_path: Path) -> None:
+    """--skip_labeled False relabels everything into a fresh sink; the previous one is kept as a backup."""
+    source = write_csv(tmp_path / "in.csv", reviews(10))
+    out = tmp_path / "out.jsonl"
+    assert cli(*label_args(sim, source, out)).returncode == 0
+    result = cli(*label_args(sim, source, out, "--skip_labeled", "False"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(sink_ids(out)) == sorted(r[0] for r in reviews(10))
+    backups = [p for p in tmp_path.iterdir() if p.name.startswith("out.jsonl.bak-") and p.is_file()]
+    assert len(backups) == 1 and len(backups[0].read_text().splitlines()) == 10
+    assert "moved the previous output" in result.stderr
+    assert sim.stats()["requests"] == 20
+
+
+def test_skip_labeled_true_resumes(sim: Any, tmp_path: Path) -> None:
+    """--skip_labeled True (the default) resumes: a second run makes no request."""
+    source = write_csv(tmp_path / "in.csv", reviews(10))
+    out = tmp_path / "out.jsonl"
+    cli(*label_args(sim, source, out))
+    sim.reset()
+    assert cli(*label_args(sim, source, out, "--skip_labeled", "True")).returncode == 0
+    assert sim.stats()["requests"] == 0
+
+
+def test_exit_code_1_when_rows_are_dead_lettered(sim: Any, tmp_path: Path) -> None:
+    """Exit 1 when some rows were dead-lettered, and the summary says how to retry them."""
+    source = write_csv(tmp_path / "in.csv", reviews(5))
+    sim.script([{"kind": "status", "status": 500, "count": -1, "match": "review 2:"}])
+    out = tmp_path / "out.jsonl"
+    result = cli(*label_args(sim, source, out, "--max-retries", "1"))
+    assert result.returncode == 1
+    assert "server_error ×1" in result.stderr
+    assert "to retry the 1 failed rows, re-run" in result.stderr
+    assert [d["id"] for d in dead_letters(out)] == ["r00002"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mode", "test", "--limit", "7"], "--mode test means --limit 50"),
+        (["--config", "nope.toml"], "config file nope.toml not found"),
+        (["--output", "out.txt"], "use a name ending in .jsonl or .parquet"),
+        (["--concurrency", "0"], "expected a number ≥ 1"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(sim: Any, tmp_path: Path, args: list[str], message: str) -> None:
+    """Usage and config mistakes exit 2 with one line that names the problem; no traceback."""
+    source = write_csv(tmp_path / "in.csv", reviews(3))
+    base = ["label", "--input", str(source), "--base-url", sim.base_url, "--no-progress"]
+    if "--output" not in args:
+        base += ["--output", str(tmp_path / "out.jsonl")]
+    result = cli(*base, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sim.stats()["requests"] == 0
+
+
+def test_missing_key_for_a_remote_endpoint_fails_before_any_work(tmp_path: Path) -> None:
+    """Without OPENAI_API_KEY, a non-local endpoint is refused in one line before the sink is touched."""
+    source = write_csv(tmp_path / "in.csv", reviews(3))
+    out = tmp_path / "out.jsonl"
+    result = cli("label", "--input", str(source), "--output", str(out), env={"OPENAI_API_KEY": ""})
+    assert result.returncode == 2
+    assert "OPENAI_API_KEY is not set" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "out.jsonl.meta").exists()
+
+
+def test_wrong_key_stops_early_and_never_shows_the_key(sim: Any, tmp_path: Path) -> None:
+    """A 401 stops the run with one message that does not contain the key, in output or in any file."""
+    sim.configure(api_key="sk-the-right-key-000000000000")
+    source = write_csv(tmp_path / "in.csv", reviews(200))
+    out = tmp_path / "out.jsonl"
+    result = cli(*label_args(sim, source, out))
+    assert result.returncode == 2
+    assert "rejected the API key" in result.stderr
+    assert sim.stats()["requests"] <= 10
+    everything = result.stdout + result.stderr
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            everything += path.read_text(errors="replace")
+    assert TEST_KEY not in everything
+    assert TEST_KEY[:12] not in everything
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("name", ["out.jsonl", "out.parquet"])
+def test_signal_stops_gracefully_and_the_rerun_completes_exactly_once(
+    sim: Any, tmp_path: Path, sig: signal.Signals, name: str
+) -> None:
+    """Ctrl-C/SIGTERM: in-flight rows finish, the sink is flushed, exit 130 with a resume hint; the rerun finishes."""
+    sim.configure(latency_ms=100)
+    rows = reviews(3000)
+    source = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / name
+    proc = start_cli(*label_args(sim, source, out, "--concurrency", "20", "--checkpoint-every", "50"))
+    wait_for(lambda: progress(out).get("labeled", 0) >= 100, what="100 rows labeled")
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "stopping: finishing in-flight requests" in stderr
+    assert "labelstream interrupted" in stderr
+    assert "resume with: labelstream label" in stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr and "Unclosed" not in stderr
+    saved = sink_ids(out)
+    assert 100 <= len(saved) < 3000
+    assert len(saved) == len(set(saved))
+    assert progress(out)["state"] == "interrupted"
+    sim.configure(latency_ms=0)
+    result = cli(*label_args(sim, source, out, "--concurrency", "50"))
+    assert result.returncode == 0, result.stderr
+    final = sink_ids(out)
+    assert sorted(final) == sorted(r[0] for r in rows)
+
+
+def test_second_ctrl_c_stops_at_once_with_a_readable_sink(sim: Any, tmp_path: Path) -> None:
+    """A second Ctrl-C does not wait for hung requests; what was saved stays readable and resumable."""
+    source = write_csv(tmp_path / "in.csv", reviews(4000))
+    out = tmp_path / "out.jsonl"
+    sim.configure(latency_ms=20)
+    proc = start_cli(*label_args(sim, source, out, "--concurrency", "10", "--checkpoint-every", "10", "--grace", "600"))
+    wait_for(lambda: progress(out).get("saved", 0) >= 20, what="20 rows saved")
+    sim.script([{"kind": "hang", "count": -1}])  # from now on nothing finishes: only a hard stop can end it
+    wait_for(lambda: sim.stats(events=False)["in_flight"] >= 10, what="every worker waiting on a hung request")
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: progress(out).get("state") == "stopping", what="the first Ctrl-C to be handled")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr and "Unclosed" not in stderr
+    saved = sink_ids(out)
+    assert len(saved) == len(set(saved)) >= 20
+    sim.reset()
+    assert cli(*label_args(sim, source, out)).returncode == 0
+    assert sorted(sink_ids(out)) == sorted(r[0] for r in reviews(4000))
