@@ -89,7 +89,7 @@ class Simulator:
 
     def _apply(self, config: SimulatorConfig) -> None:
         self._config = config
-        self._limits = RateLimits(config.rpm, config.tpm, clock=self._clock)
+        self._limits = RateLimits(config.rpm, config.tpm, clock=self._clock, window_seconds=config.window_seconds)
         self._auth = None if config.api_key is None else f"Bearer {config.api_key}"
         self._fault_rng = random.Random(config.seed)
         # A separate stream, so turning jitter on does not change which requests fail.

@@ -19,6 +19,8 @@ class SimulatorConfig:
     api_key: when set, requests must carry `Authorization: Bearer <api_key>`.
     models: when set, other models get 404 `model_not_found`.
     hang_seconds: how long a hang holds the reply unless the client goes away first.
+    window_seconds: length of the rate windows; limits scale with it (rpm 600 over 2 s allows 20) while
+        headers keep speaking per minute, so tests can exercise a full window in seconds, not minutes.
     """
 
     latency_ms: float = 200.0
@@ -32,8 +34,11 @@ class SimulatorConfig:
     api_key: str | None = field(default=None, repr=False)  # kept out of reprs and tracebacks
     models: frozenset[str] | None = None
     hang_seconds: float = 3600.0
+    window_seconds: float = 60.0
 
     def __post_init__(self) -> None:
+        if self.window_seconds <= 0:
+            raise ValueError(f"window_seconds must be positive, got {self.window_seconds}")
         for name in ("latency_ms", "latency_jitter_ms", "hang_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -77,6 +82,7 @@ _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "api_key": (str, type(None)),
     "models": (list, tuple, set, frozenset, type(None)),
     "hang_seconds": _NUMBER,
+    "window_seconds": _NUMBER,
 }
 
 

@@ -123,11 +123,16 @@ class Refusal:
 class RateLimits:
     """A provider's per-minute request and token windows, and the headers that describe them."""
 
-    __slots__ = ("requests", "tokens")
+    __slots__ = ("per_minute", "requests", "tokens")
 
-    def __init__(self, rpm: int | None, tpm: int | None, *, clock: Clock = time.monotonic) -> None:
-        self.requests = RateWindow(rpm, clock=clock) if rpm else None
-        self.tokens = RateWindow(tpm, clock=clock) if tpm else None
+    def __init__(
+        self, rpm: int | None, tpm: int | None, *, clock: Clock = time.monotonic, window_seconds: float = 60.0
+    ) -> None:
+        # A shorter window holds a proportional share of the per-minute limit; headers stay per minute.
+        share = window_seconds / 60.0
+        self.per_minute = 1 / share
+        self.requests = RateWindow(max(1, round(rpm * share)), period=window_seconds, clock=clock) if rpm else None
+        self.tokens = RateWindow(max(1, round(tpm * share)), period=window_seconds, clock=clock) if tpm else None
 
     def spend(self, cost: int, headers: dict[str, str]) -> Refusal | None:
         """Spend one request and `cost` tokens, or refuse without spending anything.
@@ -151,13 +156,14 @@ class RateLimits:
             if tokens is not None:
                 tokens.add(cost)
         # reset-*: how long until a request like this one fits again ("0s": it fits now).
+        scale = self.per_minute
         if requests is not None:
-            headers["x-ratelimit-limit-requests"] = str(requests.limit)
-            headers["x-ratelimit-remaining-requests"] = str(requests.remaining())
+            headers["x-ratelimit-limit-requests"] = str(round(requests.limit * scale))
+            headers["x-ratelimit-remaining-requests"] = str(round(requests.remaining() * scale))
             headers["x-ratelimit-reset-requests"] = format_duration(requests.wait(1))
         if tokens is not None:
-            headers["x-ratelimit-limit-tokens"] = str(tokens.limit)
-            headers["x-ratelimit-remaining-tokens"] = str(tokens.remaining())
+            headers["x-ratelimit-limit-tokens"] = str(round(tokens.limit * scale))
+            headers["x-ratelimit-remaining-tokens"] = str(round(tokens.remaining() * scale))
             headers["x-ratelimit-reset-tokens"] = format_duration(min(tokens.wait(cost), tokens.period))
         if refusal is not None and not math.isinf(refusal.wait):
             headers["retry-after-ms"] = str(math.ceil(refusal.wait * 1000))

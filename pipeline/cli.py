@@ -93,6 +93,11 @@ def _add_label(sub: Any) -> None:
     )
     pace.add_argument("--rpm", type=_positive_float, help="stay under this many requests per minute")
     pace.add_argument("--tpm", type=_positive_float, help="stay under this many tokens per minute")
+    pace.add_argument(
+        "--exact-tokens",
+        action="store_true",
+        help="count tokens with the model's BPE under a TPM limit (pip install labelstream[tokens]; ~140 MB)",
+    )
     pace.add_argument("--max-retries", type=int, default=5, help="retries per row before it is dead-lettered")
     pace.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds per request (default: 60)")
 
@@ -131,6 +136,7 @@ def _add_simulate(sub: Any) -> None:
     sim.add_argument("--hang-rate", type=float, default=0.0, help="share of requests never answered")
     sim.add_argument("--malformed-rate", type=float, default=0.0, help="share of replies that are unusable")
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--window-seconds", type=float, default=60.0, help="rate window length (tests shorten it)")
     sim.add_argument("--api-key", help="require this bearer key (default: accept any)")
     sim.add_argument("--models", help="comma-separated models to serve (default: any)")
 
@@ -163,8 +169,10 @@ def _label(args: argparse.Namespace, argv: Sequence[str]) -> int:
         limit = 50
     if args.max_retries < 0:
         raise UsageError("--max-retries must be 0 or more.")
-    auto = args.concurrency == "auto"
-    limits = LimitSettings(concurrency=256 if auto else int(args.concurrency), auto=auto, rpm=args.rpm, tpm=args.tpm)
+    if args.concurrency == "auto":
+        limits = LimitSettings.automatic(rpm=args.rpm, tpm=args.tpm)
+    else:
+        limits = LimitSettings(concurrency=int(args.concurrency), rpm=args.rpm, tpm=args.tpm)
     input_path = Path(args.input)
     output = Path(args.output) if args.output else input_path.with_suffix(".labels.jsonl")
     opts = RunOptions(
@@ -181,6 +189,7 @@ def _label(args: argparse.Namespace, argv: Sequence[str]) -> int:
         checkpoint_rows=args.checkpoint_every,
         checkpoint_seconds=args.checkpoint_seconds,
         grace_seconds=args.grace,
+        exact_tokens=args.exact_tokens,
         encoding=args.encoding,
         delimiter=args.delimiter,
         command=_resume_command(argv, output),
@@ -238,6 +247,7 @@ def _simulator_config(args: argparse.Namespace) -> Any:
         hang_rate=args.hang_rate,
         malformed_rate=args.malformed_rate,
         seed=args.seed,
+        window_seconds=args.window_seconds,
         api_key=args.api_key,
         models=frozenset(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
     )

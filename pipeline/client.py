@@ -12,7 +12,6 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx2
@@ -21,7 +20,7 @@ import orjson
 
 from pipeline.clock import now_iso
 from pipeline.errors import FatalApiError, redact
-from pipeline.limits import Limiter, Sleep
+from pipeline.limits import Limiter, Sleep, retry_after_seconds
 from pipeline.prompt import Prompt, ReplyError
 from pipeline.source import Row
 from pipeline.tokens import TokenEstimator
@@ -105,6 +104,7 @@ class LabelClient:
         base_url: str | None,
         retry: RetryPolicy,
         stats: CallStats | None = None,
+        exact_tokens: bool = False,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
@@ -115,9 +115,9 @@ class LabelClient:
         self.stats = stats or CallStats()
         self.sleep = sleep
         self.rng = rng or random.Random()
-        self.tokens = TokenEstimator(model)
+        self.tokens = TokenEstimator(model, prompt.messages("")[:-1])
+        self.exact_tokens = exact_tokens
         self._secret = api_key
-        self._fixed_tokens = self.tokens.count_messages(prompt.messages(""))
         self._sdk = openai.AsyncOpenAI(
             api_key=api_key,
             base_url=base_url,
@@ -132,7 +132,9 @@ class LabelClient:
 
     def estimate_tokens(self, row: Row) -> int:
         """Tokens a request for `row` may cost against a TPM limit: prompt estimate plus max_tokens."""
-        return self._fixed_tokens + self.tokens.count(row.text) + self.prompt.config.max_tokens
+        if self.exact_tokens and self.limiter.tpm_limited and not self.tokens.exact:
+            self.tokens.load_exact()  # from now on counts matter; until it has loaded, the estimate serves
+        return self.tokens.prompt_tokens(row.text) + self.prompt.config.max_tokens
 
     async def label(self, row: Row) -> Labeled | Failed:
         """Label one row, retrying what may succeed on a later attempt."""
@@ -202,7 +204,10 @@ class LabelClient:
             usage = data.get("usage") or {}
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             completion_tokens = int(usage.get("completion_tokens") or 0)
-            permit.used_tokens = prompt_tokens + completion_tokens if usage else None
+            if prompt_tokens:
+                # Providers reserve max_tokens for the reply; only the prompt part of our estimate can be off.
+                permit.used_tokens = prompt_tokens + cfg.max_tokens
+                self.tokens.observe(row.text, prompt_tokens)
             self.limiter.on_success(permit)
         self.stats.successes += 1
         self.stats.bad_requests_in_a_row = 0
@@ -272,56 +277,3 @@ def _error_fields(exc: openai.APIStatusError) -> tuple[str | None, str]:
 def _cause(exc: BaseException) -> str:
     inner = exc.__cause__ or exc.__context__
     return f"{type(inner).__name__}: {inner}" if inner else str(exc)
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """The wait a 429 asks for: `retry-after-ms`, `retry-after` (seconds or HTTP date), else `x-ratelimit-reset-*`."""
-    value = headers.get("retry-after-ms")
-    if value:
-        try:
-            return max(0.0, float(value) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-            except (TypeError, ValueError):
-                pass
-    resets = [parse_duration(headers.get(h, "")) for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
-    known = [r for r in resets if r is not None]
-    return max(known) if known else None
-
-
-def parse_duration(text: str) -> float | None:
-    """Parse OpenAI's reset durations such as "1s", "6m0s", "120ms", "1h2m3.5s" into seconds."""
-    text = text.strip()
-    if not text:
-        return None
-    total, number = 0.0, ""
-    i = 0
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    while i < len(text):
-        ch = text[i]
-        if ch.isdigit() or ch == ".":
-            number += ch
-            i += 1
-            continue
-        unit = "ms" if text.startswith("ms", i) else ch
-        if unit not in units or not number:
-            return None
-        try:
-            total += float(number) * units[unit]
-        except ValueError:
-            return None
-        number = ""
-        i += len(unit)
-    if number:  # a bare number means seconds
-        try:
-            total += float(number)
-        except ValueError:
-            return None
-    return total

@@ -61,6 +61,7 @@ class RunOptions:
     delimiter: str | None = None
     command: str | None = None  # how the user started this run, for the resume hint
     progress_every: float = 1.0
+    exact_tokens: bool = False  # count prompt tokens with bpe-openai under a TPM limit (extra: labelstream[tokens])
 
     @property
     def model(self) -> str:
@@ -359,6 +360,7 @@ async def _execute(run: _Run, prompt: Prompt, api_key: str, base_url: str | None
         base_url=base_url,
         retry=opts.retry,
         stats=stats.calls,
+        exact_tokens=opts.exact_tokens,
     )
     reporter = Reporter(
         stats,
@@ -458,11 +460,9 @@ def dry_run(opts: RunOptions) -> str:
                 id_source=source.id_source,
             )
             sink.meta.check_identity(identity, has_rows=len(done) > 0, force=opts.force, sink_name=str(opts.output))
-        client_tokens = Prompt(opts.config).messages("")
         from pipeline.tokens import TokenEstimator  # noqa: PLC0415 - dry runs only
 
-        estimator = TokenEstimator(opts.model)
-        fixed = estimator.count_messages(client_tokens)
+        estimator = TokenEstimator(opts.model, prompt.messages("")[:-1])
         seen, todo, problems, duplicates, tokens, first = IdSet(), 0, 0, 0, 0, None
         for batch in source.batches():
             for row in batch:
@@ -475,7 +475,7 @@ def dry_run(opts: RunOptions) -> str:
                     problems += 1
                     continue
                 todo += 1
-                tokens += fixed + estimator.count(row.text)
+                tokens += estimator.prompt_tokens(row.text)
                 first = first or row
     from pipeline.progress import price_of  # noqa: PLC0415
 

@@ -69,11 +69,11 @@ def sim_stats(base_url: str) -> dict[str, object]:
 
 
 def sim_reset(base_url: str) -> None:
-    """Clear the simulator's counters and rate windows."""
+    """Clear the simulator's counters, scripted faults and rate windows (its starting config stays)."""
     import urllib.request  # noqa: PLC0415
 
     root = base_url.removesuffix("/v1")
-    request = urllib.request.Request(f"{root}/stats/reset", method="POST", data=b"")  # noqa: S310
+    request = urllib.request.Request(f"{root}/control/reset", method="POST", data=b"")  # noqa: S310
     with urllib.request.urlopen(request, timeout=10):  # noqa: S310 - loopback only
         pass
 

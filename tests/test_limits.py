@@ -7,8 +7,15 @@ import itertools
 
 import pytest
 
-from pipeline.client import parse_duration, retry_after_seconds
-from pipeline.limits import SAFETY, Limiter, LimitSettings, Permit, TokenBucket
+from pipeline.limits import (
+    SAFETY,
+    Limiter,
+    LimitSettings,
+    Permit,
+    TokenBucket,
+    parse_duration,
+    retry_after_seconds,
+)
 
 
 class VirtualClock:
@@ -105,7 +112,7 @@ def test_429_pauses_everyone_and_halves_the_window() -> None:
 
 
 def test_window_grows_back_on_success() -> None:
-    """Each success adds 1/window, so the window regains about one slot per window's worth of successes."""
+    """After the first 429, each window-limited success adds 1/window: one slot per window's worth of successes."""
     clock = VirtualClock()
     limiter = Limiter(LimitSettings(concurrency=8), clock=clock, sleep=clock.sleep)
     limiter.on_rate_limited(1.0)
@@ -115,6 +122,73 @@ def test_window_grows_back_on_success() -> None:
     assert limiter.limit == 4
     limiter.on_success(_permit())
     assert limiter.limit == 5
+
+
+def test_slow_start_doubles_until_the_first_429() -> None:
+    """From 10, each window-limited success adds one (doubling per round trip), up to the ceiling."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings(concurrency=100), clock=clock, sleep=clock.sleep)
+    assert limiter.limit == 10
+    for _ in range(10):
+        limiter.on_success(_permit())
+    assert limiter.limit == 20
+    for _ in range(200):
+        limiter.on_success(_permit())
+    assert limiter.limit == 100
+
+
+def test_window_does_not_grow_when_something_else_holds_requests_back() -> None:
+    """Successes of requests that did not fill the window (bucket- or input-bound) do not grow it."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings(concurrency=100), clock=clock, sleep=clock.sleep)
+    for _ in range(50):
+        limiter.on_success(Permit(estimated_tokens=1, started=0.0, window_limited=False))
+    assert limiter.limit == 10
+
+
+def test_headers_teach_the_limits_before_any_429() -> None:
+    """x-ratelimit-limit-* headers set the buckets to 95% of the provider's limits (never above --rpm/--tpm)."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings(concurrency=50, rpm=300), clock=clock, sleep=clock.sleep)
+    limiter.observe_headers({"x-ratelimit-limit-requests": "600", "x-ratelimit-limit-tokens": "60000"})
+    assert limiter._rpm is not None and limiter._rpm.per_minute == pytest.approx(300 * SAFETY)
+    assert limiter._tpm is not None and limiter._tpm.per_minute == pytest.approx(60000 * SAFETY)
+    limiter.observe_headers({"x-ratelimit-limit-requests": "120"})
+    assert limiter._rpm.per_minute == pytest.approx(120 * SAFETY)
+
+
+def test_spent_provider_window_pauses_until_its_reset() -> None:
+    """When remaining requests cannot cover those in flight, everyone waits for x-ratelimit-reset-requests."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings(concurrency=10), clock=clock, sleep=clock.sleep)
+    limiter.in_flight = 5
+    limiter.observe_headers({"x-ratelimit-remaining-requests": "2", "x-ratelimit-reset-requests": "1.5s"})
+    assert limiter.pause_until == pytest.approx(1.5)
+    limiter.observe_headers({"x-ratelimit-remaining-requests": "50", "x-ratelimit-reset-requests": "9s"})
+    assert limiter.pause_until == pytest.approx(1.5)
+
+
+def test_auto_stops_growing_and_backs_off_when_latency_climbs() -> None:
+    """Auto mode grows while latency is flat, holds above 2× the base latency and shrinks above 3×."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings.automatic(), clock=clock, sleep=clock.sleep)
+
+    def reply(latency: float) -> None:
+        clock.now += latency
+        limiter.on_success(Permit(estimated_tokens=1, started=clock.now - latency, window_limited=True))
+
+    for _ in range(30):
+        reply(0.2)
+    assert limiter.window >= 39
+    for _ in range(15):
+        reply(0.5)  # the moving average climbs past 2× the base within a few replies...
+    grown = limiter.window
+    for _ in range(10):
+        reply(0.5)  # ...and from then on the window holds
+    assert limiter.window == grown
+    for _ in range(30):
+        reply(1.0)  # 5×: shrink
+    assert limiter.window < grown
 
 
 def test_concurrency_is_a_ceiling() -> None:
@@ -139,7 +213,7 @@ def test_concurrency_is_a_ceiling() -> None:
 
 
 def _permit() -> Permit:
-    return Permit(estimated_tokens=1, started=0.0)
+    return Permit(estimated_tokens=1, started=0.0, window_limited=True)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,119 @@
+"""Rate limits over HTTP: the simulator enforces RPM/TPM like a provider; the run slows itself down and loses nothing.
+
+The simulator's windows are shortened (window_seconds) so that a full window passes in seconds; its headers
+still speak per minute, as a provider's do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.client import RetryPolicy
+from pipeline.errors import FatalApiError
+from pipeline.limits import LimitSettings
+
+from .helpers import dead_letters, label, reviews, sink_ids, write_csv
+
+
+def share_429(stats: dict[str, Any]) -> float:
+    return stats["by_status"].get("429", 0) / max(1, stats["requests"])
+
+
+def test_retry_after_is_honoured(sim: Any, tmp_path: Path) -> None:
+    """After a 429 with retry-after-ms 500, the next request reaches the server no sooner than 0.5 s later."""
+    sim.script([{"kind": "status", "status": 429, "count": 1, "retry_after_ms": 500}])
+    label(sim, write_csv(tmp_path / "in.csv", reviews(5)), tmp_path / "out.jsonl", concurrency=1)
+    events = sim.stats()["events"]
+    [t429] = [t for t, status, _ in events if status == 429]
+    later = [t for t, status, _ in events if t > t429]
+    assert later and min(later) >= t429 + 0.5
+
+
+def test_429_storm_is_ridden_out_without_losing_rows(sim: Any, tmp_path: Path) -> None:
+    """Forty 429s in a row: every row is labeled, none dead-lettered, and the storm does not multiply requests."""
+    sim.script([{"kind": "status", "status": 429, "count": 40, "retry_after_ms": 30}])
+    patient = RetryPolicy(max_attempts=30, base_wait=0.001, max_wait=0.01, timeout=5.0)
+    out = tmp_path / "out.jsonl"
+    summary = label(sim, write_csv(tmp_path / "in.csv", reviews(50)), out, concurrency=20, retry=patient)
+    assert summary.exit_code == 0 and dead_letters(out) == []
+    assert sorted(sink_ids(out)) == sorted(r[0] for r in reviews(50))
+    assert summary.rate_limited == 40
+    assert sim.stats()["requests"] == 90
+
+
+def test_quota_exhausted_stops_the_run(sim: Any, tmp_path: Path) -> None:
+    """A 429 whose code is insufficient_quota is not a rate limit: the run stops with one clear message."""
+    sim.script(
+        [{"kind": "status", "status": 429, "count": -1, "code": "insufficient_quota", "type": "insufficient_quota"}]
+    )
+    with pytest.raises(FatalApiError, match="out of quota"):
+        label(sim, write_csv(tmp_path / "in.csv", reviews(100)), tmp_path / "out.jsonl")
+    assert sim.stats()["requests"] <= 10
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["with --rpm", "learned from headers"])
+def test_rpm_limit_is_kept_without_tuning(sim: Any, tmp_path: Path, given: bool) -> None:
+    """Concurrency 100 under a 1200 RPM provider: every row labeled, at most 5% of requests answered 429."""
+    sim.configure(rpm=1200, window_seconds=6, latency_ms=20)
+    limits = LimitSettings(concurrency=100, rpm=1200 if given else None)
+    out = tmp_path / "out.jsonl"
+    summary = label(sim, write_csv(tmp_path / "in.csv", reviews(240)), out, limits=limits)
+    stats = sim.stats(events=False)
+    assert summary.exit_code == 0
+    assert len(set(sink_ids(out))) == 240
+    assert share_429(stats) <= 0.05
+
+
+def test_tpm_limit_with_long_documents(sim: Any, tmp_path: Path) -> None:
+    """Long documents under a TPM limit: token estimates pace the run; every row labeled, ≤ 5% 429s."""
+    sim.configure(tpm=300_000, window_seconds=3, latency_ms=20)
+    rows = [(f"d{i}", "en", f"document {i}: " + "lorem ipsum dolor sit amet " * 150) for i in range(40)]
+    out = tmp_path / "out.jsonl"
+    summary = label(sim, write_csv(tmp_path / "in.csv", rows), out, limits=LimitSettings(concurrency=50, tpm=300_000))
+    assert summary.exit_code == 0 and len(set(sink_ids(out))) == 40
+    assert share_429(sim.stats(events=False)) <= 0.05
+    assert summary.prompt_tokens > 30_000
+
+
+def test_auto_concurrency_grows_to_what_the_limit_allows(sim: Any, tmp_path: Path) -> None:
+    """With slow replies (300 ms) and a 6000 RPM limit, auto reaches ≥ 0.8 of the limit; a fixed 10 could reach 1/3."""
+    sim.configure(rpm=6000, window_seconds=6, latency_ms=300)
+    out = tmp_path / "out.jsonl"
+    summary = label(sim, write_csv(tmp_path / "in.csv", reviews(700)), out, limits=LimitSettings.automatic())
+    assert summary.exit_code == 0 and len(set(sink_ids(out))) == 700
+    stats = sim.stats()
+    arrivals = sorted(t for t, status, _ in stats["events"] if status == 200)
+    # Steady state: the middle of the run, after the ramp and before the tail.
+    middle = arrivals[200:600]
+    rate = (len(middle) - 1) / (middle[-1] - middle[0])
+    assert rate >= 0.8 * 6000 / 60
+    assert stats["max_in_flight"] >= 25
+    assert share_429(stats) <= 0.05
+
+
+def test_hung_request_is_abandoned_and_retried(sim: Any, tmp_path: Path) -> None:
+    """A request that never gets an answer is given up after --timeout and retried; its worker is not stuck."""
+    sim.script([{"kind": "hang", "count": 1}])
+    quick = RetryPolicy(max_attempts=3, base_wait=0.001, max_wait=0.01, timeout=0.5)
+    out = tmp_path / "out.jsonl"
+    summary = label(sim, write_csv(tmp_path / "in.csv", reviews(6)), out, concurrency=1, retry=quick)
+    assert summary.exit_code == 0
+    attempts = dict.fromkeys(sink_ids(out), 0)
+    assert len(attempts) == 6
+    assert summary.retries == 1
+    assert summary.failures == {}
+
+
+def test_a_row_that_always_fails_keeps_its_last_error(sim: Any, tmp_path: Path) -> None:
+    """A row answered 503 every time is dead-lettered after --max-retries with the last status and message."""
+    sim.script([{"kind": "status", "status": 503, "count": -1, "match": "review 4:"}])
+    out = tmp_path / "out.jsonl"
+    retry = RetryPolicy(max_attempts=3, base_wait=0.001, max_wait=0.01, timeout=5.0)
+    summary = label(sim, write_csv(tmp_path / "in.csv", reviews(6)), out, retry=retry)
+    assert summary.exit_code == 1
+    [letter] = dead_letters(out)
+    assert (letter["id"], letter["kind"], letter["status"], letter["attempts"]) == ("r00004", "server_error", 503, 3)
+    assert "overloaded" in letter["message"]
