@@ -60,7 +60,6 @@ def main() -> None:
                 stats = sim_stats(base_url)
                 by_status: dict[str, int] = stats["by_status"]  # type: ignore[assignment]
                 requests = int(stats["requests"])  # type: ignore[call-overload]
-                ok = int(stats["completed_ok"])  # type: ignore[call-overload]
                 if design == "labelstream":
                     saved = count_jsonl(out)
                 else:
@@ -68,13 +67,12 @@ def main() -> None:
                     data = json.loads(result.read_text()) if result.exists() else []
                     saved = sum(1 for r in data if r.get("label"))
                 minutes = measured.elapsed_s / 60
+                share = by_status.get("429", 0) / max(requests, 1)
                 print(
                     f"| {design} | {concurrency} | {measured.elapsed_s:.0f} | {saved / minutes:.0f} | "
-                    f"{saved / minutes / args.rpm:.2f} | {requests} | {by_status.get('429', 0) / max(requests, 1):.1%} | "
-                    f"{args.rows - saved} |",
+                    f"{saved / minutes / args.rpm:.2f} | {requests} | {share:.1%} | {args.rows - saved} |",
                     flush=True,
                 )
-                del ok
 
 
 if __name__ == "__main__":
