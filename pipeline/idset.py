@@ -1,14 +1,16 @@
 """Compact id sets and maps, so that knowing which of a million rows are done costs megabytes, not a gigabyte.
 
 A Python `set[str]` of a million ids costs ~100 MB; here each id is reduced to a 64-bit
-BLAKE2b digest stored in an open-addressing table (`array('Q')`, load ≤ 0.7), ~12 bytes an id.
+BLAKE2b digest kept in `array('Q')` storage: ~8 bytes an id in `IdSet`, ~18 in `IdMap`.
 Two different ids collide with probability ~n²/2⁶⁵ (3·10⁻⁸ for a million rows); a collision
 would make one row look done, never label a row twice.
 """
 
 from __future__ import annotations
 
+import heapq
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterable
 from hashlib import blake2b
 
@@ -62,30 +64,66 @@ class _KeyTable:
                 self._keys[self._slot(key)] = key
 
 
-class IdSet(_KeyTable):
-    """Set of string ids with `add` (returns whether the id was new) and `in`."""
+class IdSet:
+    """Set of string ids with `add` (returns whether the id was new) and `in`.
 
-    __slots__ = ()
+    New keys go to a small hash table; every 16k of them are sorted into an immutable run (`array('Q')`),
+    and runs of similar size are merged up to 128k keys, so the set costs ~8 bytes an id plus ~2 MB and
+    never doubles its memory to grow: a hash table of a million keys needs 16 MB, and 24 MB at the moment
+    it grows (measured). A lookup probes the table, then bisects each run (≤ 3 + n/128k of them).
+    """
 
-    def __init__(self, ids: Iterable[str] = ()) -> None:
-        super().__init__()
+    __slots__ = ("_recent", "_run_cap", "_runs", "_seal_at", "_size")
+
+    def __init__(self, ids: Iterable[str] = (), *, seal_at: int = 1 << 14, run_cap: int = 1 << 17) -> None:
+        self._seal_at = seal_at
+        self._run_cap = run_cap
+        self._recent = _KeyTable()
+        self._runs: list[array[int]] = []
+        self._size = 0
         for row_id in ids:
             self.add(row_id)
+
+    def __len__(self) -> int:
+        return self._size
 
     def __contains__(self, row_id: object) -> bool:
         if not isinstance(row_id, str):
             return False
-        key = id_key(row_id)
-        return self._keys[self._slot(key)] == key
+        return self._has(id_key(row_id))
 
     def add(self, row_id: str) -> bool:
         """Add an id; return True if it was not in the set before."""
         key = id_key(row_id)
-        slot = self._slot(key)
-        if self._keys[slot] == key:
+        recent = self._recent
+        slot = recent._slot(key)
+        if recent._keys[slot] == key or self._in_runs(key):
             return False
-        self._claim(slot, key)
+        recent._claim(slot, key)
+        self._size += 1
+        if len(recent) >= self._seal_at:
+            self._seal()
         return True
+
+    def _has(self, key: int) -> bool:
+        recent = self._recent
+        return recent._keys[recent._slot(key)] == key or self._in_runs(key)
+
+    def _in_runs(self, key: int) -> bool:
+        for run in self._runs:
+            i = bisect_left(run, key)
+            if i < len(run) and run[i] == key:
+                return True
+        return False
+
+    def _seal(self) -> None:
+        """Turn the hash table into a sorted run; merge runs of similar size (bounded by RUN_CAP)."""
+        run = array("Q", sorted(k for k in self._recent._keys if k))
+        self._recent = _KeyTable()
+        runs = self._runs
+        while runs and len(runs[-1]) <= len(run) and len(runs[-1]) + len(run) <= self._run_cap:
+            run = array("Q", heapq.merge(runs.pop(), run))
+        runs.append(run)
 
 
 class IdMap(_KeyTable):

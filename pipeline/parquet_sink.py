@@ -9,7 +9,6 @@ pandas, pyarrow.dataset, duckdb and polars can read the directory at any moment,
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -137,7 +136,7 @@ class ParquetSink(Sink):
         table = self._table(items)
         name = f"part-{self._next_part:06d}-{self._run_tag}.parquet"
         self._next_part += 1
-        await asyncio.to_thread(self._publish, table, name)
+        await self.in_io_thread(self._publish, table, name)
 
     def _table(self, items: Sequence[Labeled]) -> pa.Table:
         assert self.schema is not None  # noqa: S101 - checked by append

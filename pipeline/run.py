@@ -310,7 +310,7 @@ async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summa
             if backup is not None:
                 print(f"labelstream: moved the previous output to {backup} (--skip_labeled False)", file=notice)
         sink.meta.lock()
-        done = await asyncio.to_thread(sink.load_done)
+        done = await sink.in_io_thread(sink.load_done)
         for note in sink.notes:
             print(f"labelstream: {note}", file=notice)
         prompt = Prompt(opts.config)

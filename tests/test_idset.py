@@ -32,8 +32,24 @@ def test_idmap_matches_a_dict(pairs: list[tuple[str, int]]) -> None:
     assert compact.get("\x01absent") == reference.get("\x01absent")
 
 
-def test_many_ids_cost_little_memory() -> None:
-    """200,000 ids fit in a few megabytes (the table, not Python objects)."""
+def test_many_ids_cost_about_eight_bytes_each() -> None:
+    """200,000 ids are kept as sorted 64-bit keys plus one small table, not as Python objects."""
     ids = IdSet(f"row-{i}" for i in range(200_000))
     assert len(ids) == 200_000
-    assert ids._keys.itemsize * len(ids._keys) <= 4 * 2**20
+    stored = sum(len(run) for run in ids._runs) + len(ids._recent)
+    assert stored == 200_000
+    assert sum(run.itemsize * len(run) for run in ids._runs) <= 8 * 200_000
+    assert all(list(run) == sorted(run) for run in ids._runs)
+    assert "row-199999" in ids and "row-200000" not in ids
+
+
+@given(st.lists(st.integers(0, 5000), max_size=3000), st.sampled_from([8, 64]))
+def test_idset_with_tiny_runs_matches_a_python_set(numbers: list[int], recent: int) -> None:
+    """With runs sealed every few ids (so merging happens often), the set still matches a Python set."""
+    compact, reference = IdSet(seal_at=recent, run_cap=recent * 8), set()
+    for n in numbers:
+        row_id = f"id{n}"
+        assert compact.add(row_id) == (row_id not in reference)
+        reference.add(row_id)
+    assert len(compact) == len(reference)
+    assert all(f"id{n}" in compact for n in numbers)
