@@ -303,8 +303,10 @@ class Simulator:
             return None
         if not given:
             return _error(ex, 401, _NO_KEY, headers=headers)
-        # Only the start of the key, like the real API's masking, so that logging this leaks nothing.
-        shown = given.removeprefix("Bearer ")[:3] + "*****"
+        # Masked like the real API does it (its start and its last four characters), so that clients'
+        # redaction is tested against what a provider really echoes back.
+        key = given.removeprefix("Bearer ")
+        shown = key[:8] + "*" * 20 + key[-4:] if len(key) > 12 else key[:3] + "*****"
         message = (
             f"Incorrect API key provided: {shown}. "
             "You can find your API key at https://platform.openai.com/account/api-keys."

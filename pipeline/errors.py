@@ -79,4 +79,6 @@ def redact(text: str, secret: str | None = None) -> str:
     """
     if secret:
         text = text.replace(secret, "[redacted]")
+        if len(secret) >= 16:  # a masked echo keeps the key's start
+            text = text.replace(secret[:8], "[redacted]")
     return _KEY_LIKE.sub("sk-[redacted]", text)
