@@ -177,3 +177,11 @@ def test_ten_thousand_rows(sim: Any, tmp_path: Path) -> None:
     ids = sink_ids(tmp_path / "out.jsonl")
     assert summary.labeled == 10_000
     assert len(ids) == len(set(ids)) == 10_000
+
+
+def test_a_request_the_endpoint_always_rejects_stops_the_run(sim: Any, tmp_path: Path) -> None:
+    """When the first 20 requests all get 400 and none succeeds, the run stops with that error instead of going on."""
+    sim.script([{"kind": "status", "status": 400, "count": -1, "message": "response_format is not supported"}])
+    with pytest.raises(FatalApiError, match="response_format is not supported"):
+        label(sim, write_csv(tmp_path / "in.csv", reviews(300)), tmp_path / "out.jsonl", concurrency=4)
+    assert sim.stats()["requests"] <= 24

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -214,3 +215,17 @@ def test_any_crashes_then_resume_give_each_id_once(tmp_path: Path, data: st.Data
     assert len(got) == len(set(got))
     if path.is_dir():
         assert not list(final.meta.tmp_dir.iterdir())
+
+
+def test_two_runs_cannot_write_one_sink(tmp_path: Path) -> None:
+    """A second run on a sink that another run holds is refused with the holder's pid."""
+    first = JsonlSink(tmp_path / "out.jsonl")
+    first.meta.lock()
+    try:
+        with pytest.raises(SinkError, match=rf"another labelstream run \(pid {os.getpid()}\)"):
+            JsonlSink(tmp_path / "out.jsonl").meta.lock()
+    finally:
+        first.meta.unlock()
+    again = JsonlSink(tmp_path / "out.jsonl").meta
+    again.lock()  # free again once released
+    again.unlock()
