@@ -8,11 +8,11 @@ INPUT       ?=
 OUTPUT      ?= $(if $(INPUT),$(basename $(INPUT)).labels.jsonl,)
 CONFIG      ?= configs/sentiment.toml
 MODEL       ?= gpt-4o-mini
-CONCURRENCY ?= 10
+CONCURRENCY ?= auto
 ARGS        ?=
 PORT        ?= 8787
 
-.PHONY: install demo test lint fmt bench label simulate clean
+.PHONY: install demo test lint fmt bench bench-quick label simulate clean
 
 install: $(STAMP)
 
@@ -37,8 +37,18 @@ fmt: $(STAMP)
 	$(BIN)/ruff format pipeline tests scripts
 	$(BIN)/ruff check --fix pipeline tests scripts
 
+# Full benchmarks take about an hour (a million rows twice, rate-limited runs of five minutes each);
+# bench-quick is a few minutes. Figures and the commands that made them: docs/benchmarks.md.
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_throughput.py
+	cd scripts && ../$(BIN)/python bench_throughput.py
+	cd scripts && ../$(BIN)/python bench_ratelimit.py
+	cd scripts && ../$(BIN)/python bench_ratelimit.py --latency-ms 3000 --concurrency 10,auto --no-seed-design
+	cd scripts && ../$(BIN)/python bench_memory.py
+
+bench-quick: $(STAMP)
+	cd scripts && ../$(BIN)/python bench_throughput.py --quick
+	cd scripts && ../$(BIN)/python bench_ratelimit.py --rpm 3000 --rows 3000 --concurrency 50,auto
+	cd scripts && ../$(BIN)/python bench_memory.py --small 2000 --big 50000 --seed-cap-s 30
 
 label: $(STAMP)
 	@test -n "$(INPUT)" || { echo "usage: make label INPUT=file.csv [OUTPUT=out.jsonl|out.parquet] [CONFIG=configs/x.toml] [MODEL=...] [CONCURRENCY=...] [ARGS='...']"; exit 2; }

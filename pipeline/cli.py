@@ -88,8 +88,9 @@ def _add_label(sub: Any) -> None:
         "--max_concurrent",
         dest="concurrency",
         type=_concurrency,
-        default=10,
-        help="requests in flight at most, or 'auto' (default: %(default)s)",
+        default="auto",
+        help="a hard ceiling on requests in flight, or 'auto': start at 10, grow while the provider keeps up "
+        "(default: %(default)s)",
     )
     pace.add_argument("--rpm", type=_positive_float, help="stay under this many requests per minute")
     pace.add_argument("--tpm", type=_positive_float, help="stay under this many tokens per minute")

@@ -46,7 +46,7 @@ class RunOptions:
     input: Path
     output: Path
     config: TaskConfig
-    limits: LimitSettings = field(default_factory=LimitSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings.automatic)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     api_key: str | None = None
     base_url: str | None = None

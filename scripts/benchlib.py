@@ -59,12 +59,12 @@ def simulator(*args: str) -> Iterator[str]:
                 proc.kill()
 
 
-def sim_stats(base_url: str) -> dict[str, object]:
-    """GET /stats from the simulator (without the event log)."""
+def sim_stats(base_url: str, *, events: bool = False) -> dict[str, object]:
+    """GET /stats from the simulator (with its per-request event log when asked)."""
     import urllib.request  # noqa: PLC0415
 
     root = base_url.removesuffix("/v1")
-    with urllib.request.urlopen(f"{root}/stats?events=0", timeout=10) as reply:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(f"{root}/stats?events={int(events)}", timeout=10) as reply:  # noqa: S310
         return json.loads(reply.read())  # type: ignore[no-any-return]
 
 
