@@ -53,6 +53,12 @@ def loopback_host(host: str) -> str:
     return host
 
 
+def base_url_of(host: str, port: int) -> str:
+    """The URL to give an OpenAI client for a simulator on `host:port`."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/v1"
+
+
 @dataclass(frozen=True, slots=True)
 class _Chat:
     """The parts of a chat completion request the simulator uses."""
@@ -134,8 +140,7 @@ class Simulator:
         """The URL to give an OpenAI client, e.g. http://127.0.0.1:8787/v1."""
         if not self._port:
             raise RuntimeError("the simulator is not running; call start() first")
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self._port}/v1"
+        return base_url_of(self._host, self._port)
 
     @property
     def config(self) -> SimulatorConfig:

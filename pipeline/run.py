@@ -297,6 +297,17 @@ class _Run:
             task.cancel()
 
 
+def _identity(opts: RunOptions, source: CsvSource) -> Identity:
+    """What the resume guard compares: model, prompt fingerprint, labels, and how ids are made."""
+    return Identity(
+        model=opts.model,
+        prompt=opts.config.prompt_fingerprint(),
+        labels=opts.config.labels,
+        multi_label=opts.config.multi_label,
+        id_source=source.id_source,
+    )
+
+
 async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summary:
     """Run one labeling job to the end (or to a signal) and return its summary."""
     notice = notice or sys.stderr
@@ -314,15 +325,11 @@ async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summa
         for note in sink.notes:
             print(f"labelstream: {note}", file=notice)
         prompt = Prompt(opts.config)
-        identity = Identity(
-            model=opts.model,
-            prompt=opts.config.prompt_fingerprint(),
-            labels=opts.config.labels,
-            multi_label=opts.config.multi_label,
-            id_source=source.id_source,
-        )
         manifest = sink.meta.check_identity(
-            identity, has_rows=len(done) > 0 or sink.has_rows(), force=opts.force, sink_name=str(opts.output)
+            _identity(opts, source),
+            has_rows=len(done) > 0 or sink.has_rows(),
+            force=opts.force,
+            sink_name=str(opts.output),
         )
         if source.missing_carry:
             print(
@@ -452,14 +459,9 @@ def dry_run(opts: RunOptions) -> str:
         done = IdSet() if opts.restart else sink.load_done(repair=False)
         prompt = Prompt(opts.config)
         if not opts.restart:
-            identity = Identity(
-                model=opts.model,
-                prompt=opts.config.prompt_fingerprint(),
-                labels=opts.config.labels,
-                multi_label=opts.config.multi_label,
-                id_source=source.id_source,
+            sink.meta.check_identity(
+                _identity(opts, source), has_rows=len(done) > 0, force=opts.force, sink_name=str(opts.output)
             )
-            sink.meta.check_identity(identity, has_rows=len(done) > 0, force=opts.force, sink_name=str(opts.output))
         from pipeline.tokens import TokenEstimator  # noqa: PLC0415 - dry runs only
 
         estimator = TokenEstimator(opts.model, prompt.messages("")[:-1])

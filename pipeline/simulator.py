@@ -48,7 +48,7 @@ from typing import Any, Final, Self, TypeVar
 
 from pipeline._simfaults import FAULT_KINDS, MALFORMED_KINDS, Fault
 from pipeline._simreply import DEFAULT_LABELS, OUTSIDE_LABEL
-from pipeline._simserver import DEFAULT_MODELS, Simulator, loopback_host
+from pipeline._simserver import DEFAULT_MODELS, Simulator, base_url_of, loopback_host
 from pipeline._simstate import SimulatorConfig
 from pipeline._simwindow import Clock, RateLimits, RateWindow, format_duration
 
@@ -166,8 +166,7 @@ class SimulatorThread:
         """The URL to give an OpenAI client, e.g. http://127.0.0.1:8787/v1."""
         if not self._port:
             raise RuntimeError("the simulator is not running; use it as a context manager or call start()")
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self._port}/v1"
+        return base_url_of(self._host, self._port)
 
     @property
     def config(self) -> SimulatorConfig:
