@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 INPUT       ?=
 OUTPUT      ?= $(if $(INPUT),$(basename $(INPUT)).labels.jsonl,)
 CONFIG      ?= configs/sentiment.toml
-MODEL       ?= gpt-4o-mini
+# MODEL empty: the task file's model (else gpt-4o-mini)
+MODEL       ?=
 CONCURRENCY ?= auto
 ARGS        ?=
 PORT        ?= 8787
@@ -53,7 +54,7 @@ bench-quick: $(STAMP)
 label: $(STAMP)
 	@test -n "$(INPUT)" || { echo "usage: make label INPUT=file.csv [OUTPUT=out.jsonl|out.parquet] [CONFIG=configs/x.toml] [MODEL=...] [CONCURRENCY=...] [ARGS='...']"; exit 2; }
 	$(BIN)/labelstream label --input "$(INPUT)" --output "$(OUTPUT)" --config "$(CONFIG)" \
-		--model "$(MODEL)" --concurrency "$(CONCURRENCY)" $(ARGS)
+		$(if $(MODEL),--model "$(MODEL)") --concurrency "$(CONCURRENCY)" $(ARGS)
 
 simulate: $(STAMP)
 	$(BIN)/labelstream simulate --port $(PORT) $(ARGS)

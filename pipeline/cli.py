@@ -193,6 +193,7 @@ def _label(args: argparse.Namespace, argv: Sequence[str]) -> int:
         exact_tokens=args.exact_tokens,
         encoding=args.encoding,
         delimiter=args.delimiter,
+        require_id_column=bool(args.id_column),
         command=_resume_command(argv, output),
     )
     if args.dry_run:
@@ -204,7 +205,7 @@ def _label(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _resume_command(argv: Sequence[str], output: Path) -> str:
-    """The user's own command, minus flags that would not resume (--skip_labeled False, --mode test)."""
+    """The user's own command, minus --skip_labeled (a resume must not start over), plus --output if it was implicit."""
     words = ["labelstream", *argv]
     kept: list[str] = []
     skip_next = False

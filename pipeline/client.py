@@ -28,6 +28,8 @@ from pipeline.tokens import TokenEstimator
 # Consecutive 400s, with no success at all, after which we call the request itself broken.
 _BAD_REQUEST_BREAKER = 20
 _JSON_HEADERS = {"Content-Type": "application/json"}
+# 429-answered attempts a row may take beyond its --max-retries before it is dead-lettered anyway.
+_RATE_LIMITED_CAP = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +141,7 @@ class LabelClient:
     async def label(self, row: Row) -> Labeled | Failed:
         """Label one row, retrying what may succeed on a later attempt."""
         estimate = self.estimate_tokens(row)
-        attempt = 0
+        attempt = limited = 0
         while True:
             attempt += 1
             self.stats.attempts += 1
@@ -147,7 +149,10 @@ class LabelClient:
                 return await self._attempt(row, estimate, attempt)
             except _Attempt as failure:
                 self.stats.errors[failure.kind] = self.stats.errors.get(failure.kind, 0) + 1
-                if not failure.retry or attempt >= self.retry.max_attempts:
+                # 429s say "later", not "never": they do not use up the row's retries (up to a sanity cap).
+                limited += failure.kind == "rate_limit"
+                spent = attempt - limited
+                if not failure.retry or spent >= self.retry.max_attempts or limited >= _RATE_LIMITED_CAP:
                     return Failed(
                         row=row,
                         kind=failure.kind,
@@ -201,9 +206,9 @@ class LabelClient:
                 raise _Attempt(exc.kind, exc.message) from None
             except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
                 raise _Attempt("malformed", f"the reply is not a chat completion: {body[:120]!r}") from None
-            usage = data.get("usage") or {}
-            prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            completion_tokens = int(usage.get("completion_tokens") or 0)
+            usage = data.get("usage")
+            prompt_tokens = _count(usage, "prompt_tokens")
+            completion_tokens = _count(usage, "completion_tokens")
             if prompt_tokens:
                 # Providers reserve max_tokens for the reply; only the prompt part of our estimate can be off.
                 permit.used_tokens = prompt_tokens + cfg.max_tokens
@@ -272,6 +277,12 @@ def _error_fields(exc: openai.APIStatusError) -> tuple[str | None, str]:
         code = body.get("code") or body.get("type")
         return (str(code) if code else None), str(body.get("message") or exc.message)[:300]
     return None, str(exc.message)[:300]
+
+
+def _count(usage: Any, key: str) -> int:
+    """A token count from `usage`, or 0 when the server sent none (or nonsense): usage is informational."""
+    value = usage.get(key) if isinstance(usage, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _cause(exc: BaseException) -> str:

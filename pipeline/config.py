@@ -18,7 +18,7 @@ from pipeline.errors import ConfigError
 DEFAULT_MODEL = "gpt-4o-mini"
 # Fields every sink record carries; a carried input column may not shadow them.
 RESERVED_FIELDS = frozenset(
-    {"id", "label", "model", "prompt_tokens", "completion_tokens", "latency_ms", "attempts", "labeled_at"}
+    {"id", "label", "model", "prompt_tokens", "completion_tokens", "latency_ms", "attempts", "truncated", "labeled_at"}
 )
 _TOP_KEYS = {"name", "description", "instructions", "multi_label", "input", "model", "labels", "examples"}
 _INPUT_KEYS = {"id_column", "text_column", "template", "carry", "max_chars"}

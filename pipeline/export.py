@@ -67,6 +67,10 @@ def export_labels(sink_path: str | Path, input_path: str | Path, to: str | Path)
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise StorageError(f"cannot write {to}: {exc.strerror or exc}.") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     rows, labeled = counts
     return ExportResult(rows=rows, labeled=labeled, unlabeled=rows - labeled, output=to)
 
@@ -98,6 +102,15 @@ def _label_cell(value: Any, multi: bool, *, for_csv: bool) -> Any:
     return value
 
 
+def _valid_utf8(text: str) -> str:
+    """Parquet strings must be UTF-8: undecodable input bytes become U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text
+
+
 def _padded(fields: list[str], width: int) -> list[str]:
     return (fields + [""] * width)[:width]
 
@@ -107,7 +120,8 @@ def _write_csv(
 ) -> tuple[int, int]:
     rows = labeled = 0
     width = len(header) - 1
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    # surrogateescape writes undecodable input bytes back exactly as they were read.
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for fields, row in source.records():
@@ -134,7 +148,7 @@ def _write_parquet(
         for fields, row in source.records():
             slot = labels.get(row.id)
             for i, cell in enumerate(_padded(fields, width)):
-                columns[i].append(cell)
+                columns[i].append(_valid_utf8(cell))
             columns[-1].append(_label_cell(values[slot] if slot is not None else None, multi, for_csv=False))
             rows += 1
             labeled += slot is not None

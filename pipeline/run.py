@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from urllib.parse import urlparse
 from pipeline.client import CallStats, Failed, LabelClient, Labeled, RetryPolicy
 from pipeline.clock import now_iso
 from pipeline.config import TaskConfig
-from pipeline.errors import Interrupted, LabelstreamError, UsageError
+from pipeline.errors import FatalApiError, Interrupted, LabelstreamError, UsageError
 from pipeline.idset import IdSet
 from pipeline.limits import Limiter, LimitSettings
 from pipeline.meta import Identity
@@ -59,6 +60,7 @@ class RunOptions:
     grace_seconds: float = 10.0
     encoding: str = "utf-8"
     delimiter: str | None = None
+    require_id_column: bool = False  # the id column was named explicitly: its absence is an error, not a fallback
     command: str | None = None  # how the user started this run, for the resume hint
     progress_every: float = 1.0
     exact_tokens: bool = False  # count prompt tokens with bpe-openai under a TPM limit (extra: labelstream[tokens])
@@ -95,11 +97,15 @@ def resolve_credentials(api_key: str | None, base_url: str | None) -> tuple[str,
     )
 
 
-def count_data_lines(path: Path) -> int:
-    """Newlines in the file minus the header: a fast upper estimate of the row count for the ETA."""
+def count_data_lines(path: Path, stop: threading.Event | None = None) -> int:
+    """Newlines in the file minus the header: a fast upper estimate of the row count for the ETA.
+
+    Checks `stop` between 1 MiB chunks, so a run that is done or stopping does not wait for a huge file.
+    """
     lines = 0
+    chunk = b""
     with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
+        while not (stop is not None and stop.is_set()) and (chunk := handle.read(1 << 20)):
             lines += chunk.count(b"\n")
         if handle.tell() and chunk[-1:] != b"\n":
             lines += 1
@@ -120,6 +126,25 @@ def move_aside(sink_path: Path) -> Path | None:
     return backup
 
 
+class _Pending:
+    """Results waiting for the next checkpoint."""
+
+    def __init__(self) -> None:
+        self.labeled: list[Labeled] = []
+        self.failed: list[Failed] = []
+
+    def add(self, item: object) -> None:
+        if isinstance(item, Labeled):
+            self.labeled.append(item)
+        elif isinstance(item, Failed):
+            self.failed.append(item)
+
+    def take(self) -> tuple[list[Labeled], list[Failed]]:
+        taken = self.labeled, self.failed
+        self.labeled, self.failed = [], []
+        return taken
+
+
 class _Run:
     """The state of one run, shared by its coroutines."""
 
@@ -138,7 +163,11 @@ class _Run:
         self.finished = asyncio.Event()
         self.worker_tasks: list[asyncio.Task[None]] = []
         self.reader_task: asyncio.Task[None] | None = None
+        self.counting = threading.Event()  # set: stop counting input lines (the reader knows the count by now)
+        self.signals = 0
         self.hard_stop = False
+        self.fatal: FatalApiError | None = None
+        self.stranded: list[Labeled | Failed] = []  # finished by a worker cancelled while handing it over
         default_rows, default_seconds = (5000, 30.0) if sink.suffix == ".parquet" else (1000, 2.0)
         self.checkpoint_rows = opts.checkpoint_rows or default_rows
         self.checkpoint_seconds = opts.checkpoint_seconds or default_seconds
@@ -162,16 +191,19 @@ class _Run:
                     if len(self.stats.duplicate_samples) < 5:
                         self.stats.duplicate_samples.append(f"{row.id} (line {row.line})")
                     continue
-                passed += 1
                 if row.problem:
+                    # Not counted against --limit: it costs no request, and a file whose first N rows are
+                    # unusable must still move forward batch by batch.
                     failure = Failed(row, row.problem, row.detail, 0, None, now_iso())
                     self.stats.record_failure(failure.kind, row.id, failure.message)
                     await self.results.put(failure)
-                else:
-                    self.stats.truncated += row.truncated
-                    await self.rows.put(row)
+                    continue
+                passed += 1
+                self.stats.truncated += row.truncated
+                await self.rows.put(row)
                 if self.stopping.is_set() or (limit is not None and passed >= limit):
                     break
+        self.counting.set()
         if not self.stopping.is_set():
             self.stats.expected = passed  # exact now; the line count was an estimate
         for _ in range(self.workers):
@@ -185,12 +217,22 @@ class _Run:
                 return
             if self.stopping.is_set():
                 continue  # stopping: rows not yet started are left for the next run
-            result = await client.label(row)
+            try:
+                result = await client.label(row)
+            except FatalApiError as exc:
+                # Every other row would fail the same way: stop, but let the writer save what is finished.
+                self.fatal = self.fatal or exc
+                self.stop_now()
+                return
             if isinstance(result, Labeled):
                 self.stats.labeled += 1
             else:
                 self.stats.record_failure(result.kind, row.id, result.message)
-            await self.results.put(result)
+            try:
+                await self.results.put(result)
+            except asyncio.CancelledError:
+                self.stranded.append(result)  # finished work is saved even when its worker is cancelled
+                raise
 
     async def await_workers(self) -> None:
         """Tell the writer when every worker has ended (normally or cancelled after the grace period)."""
@@ -199,15 +241,13 @@ class _Run:
 
     async def write_results(self) -> None:
         """Append results to the sink in batches: every `checkpoint_rows` rows or `checkpoint_seconds`."""
-        labeled: list[Labeled] = []
-        failed: list[Failed] = []
+        pending = _Pending()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.checkpoint_seconds
 
         async def flush() -> None:
-            nonlocal deadline, labeled, failed
-            batch, dead = labeled, failed
-            labeled, failed = [], []
+            nonlocal deadline
+            batch, dead = pending.take()
             deadline = loop.time() + self.checkpoint_seconds
             if batch:
                 await self.sink.append(batch)
@@ -216,33 +256,33 @@ class _Run:
                 await self.sink.append_dead_letters(dead, self.run_id)
 
         try:
-            while True:
+            done = False
+            while not done:
                 try:
                     async with asyncio.timeout_at(deadline):
                         item = await self.results.get()
                 except TimeoutError:
                     await flush()
                     continue
-                if item is _DONE:
-                    break
-                while True:
-                    if isinstance(item, Labeled):
-                        labeled.append(item)
-                    elif isinstance(item, Failed):
-                        failed.append(item)
-                    if len(labeled) >= self.checkpoint_rows:
+                # Take what else is ready without waiting, up to a checkpoint's worth.
+                while item is not _DONE:
+                    pending.add(item)
+                    if len(pending.labeled) >= self.checkpoint_rows:
                         break
                     try:
                         item = self.results.get_nowait()
                     except asyncio.QueueEmpty:
                         break
-                    if item is _DONE:
-                        await self.results.put(_DONE)  # seen again right after the flush below
-                        break
-                if len(labeled) >= self.checkpoint_rows or loop.time() >= deadline:
+                done = item is _DONE
+                if done or len(pending.labeled) >= self.checkpoint_rows or loop.time() >= deadline:
                     await flush()
         finally:
-            # Also on cancellation (a second Ctrl-C, a fatal API error): what is finished gets saved.
+            # Whatever is finished gets saved, also when this task is cancelled (a third Ctrl-C, a disk error).
+            while not self.results.empty():
+                pending.add(self.results.get_nowait())
+            for item in self.stranded:
+                pending.add(item)
+            self.stranded.clear()
             await flush()
             self.finished.set()
 
@@ -257,7 +297,7 @@ class _Run:
 
     async def count_input(self) -> None:
         """Estimate how many rows this run will label, for the ETA; runs beside the reader."""
-        lines = await asyncio.to_thread(count_data_lines, self.source.path)
+        lines = await asyncio.to_thread(count_data_lines, self.source.path, self.counting)
         expected = max(0, lines - len(self.done))
         if self.opts.limit is not None:
             expected = min(expected, self.opts.limit)
@@ -274,8 +314,10 @@ class _Run:
             )
 
     def on_signal(self, main: asyncio.Task[Any], notice: IO[str]) -> None:
-        """First Ctrl-C/SIGTERM: stop reading, let in-flight rows finish for the grace period. Second: stop now."""
-        if not self.stopping.is_set():
+        """Ctrl-C/SIGTERM. First: stop reading, give in-flight rows the grace period. Second: abandon them now
+        (the writer still saves what is finished). Third: cancel everything, even a writer stuck on the disk."""
+        self.signals += 1
+        if self.signals == 1:
             self.stopping.set()
             print(
                 f"\nlabelstream: stopping: finishing in-flight requests (up to {self.opts.grace_seconds:g} s), "
@@ -283,18 +325,32 @@ class _Run:
                 file=notice,
                 flush=True,
             )
-            asyncio.get_running_loop().call_later(self.opts.grace_seconds, self.cancel_workers)
+            asyncio.get_running_loop().call_later(self.opts.grace_seconds, self.stop_now)
             self.write_progress("stopping")
-        elif not self.hard_stop:
+        elif self.signals == 2:
+            self.stop_now()
+        else:
             self.hard_stop = True
             main.cancel()
 
-    def cancel_workers(self) -> None:
-        """End the grace period: abandon requests still in flight (their rows stay unlabeled)."""
+    def stop_now(self) -> None:
+        """Abandon requests still in flight (their rows stay unlabeled); the writer saves what is finished."""
+        self.stopping.set()
+        self.counting.set()
         if self.reader_task is not None:
             self.reader_task.cancel()  # it may wait to hand sentinels to workers that are gone
         for task in self.worker_tasks:
             task.cancel()
+
+
+def _source(opts: RunOptions) -> CsvSource:
+    return CsvSource(
+        opts.input,
+        opts.config,
+        encoding=opts.encoding,
+        delimiter=opts.delimiter,
+        require_id_column=opts.require_id_column,
+    )
 
 
 def _identity(opts: RunOptions, source: CsvSource) -> Identity:
@@ -312,15 +368,19 @@ async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summa
     """Run one labeling job to the end (or to a signal) and return its summary."""
     notice = notice or sys.stderr
     api_key, base_url = resolve_credentials(opts.api_key, opts.base_url)
-    source = CsvSource(opts.input, opts.config, encoding=opts.encoding, delimiter=opts.delimiter)
+    source = _source(opts)
     source.open()
     sink = open_sink(opts.output)
     try:
+        # Lock first, so a run still writing this sink is never moved aside from under it; the lock file
+        # moves with the old side files, so take a fresh one on the new folder afterwards.
+        sink.meta.lock()
         if opts.restart:
             backup = move_aside(opts.output)
+            sink.meta.unlock()
+            sink.meta.lock()
             if backup is not None:
                 print(f"labelstream: moved the previous output to {backup} (--skip_labeled False)", file=notice)
-        sink.meta.lock()
         done = await sink.in_io_thread(sink.load_done)
         for note in sink.notes:
             print(f"labelstream: {note}", file=notice)
@@ -331,6 +391,12 @@ async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summa
             force=opts.force,
             sink_name=str(opts.output),
         )
+        if opts.config.id_column and source.id_column is None:
+            print(
+                f"labelstream: id column {opts.config.id_column!r} is not in the input; ids are content hashes of "
+                "the text (stable across runs; identical texts share one label)",
+                file=notice,
+            )
         if source.missing_carry:
             print(
                 f"labelstream: carry columns {list(source.missing_carry)} are not in the input; left out", file=notice
@@ -399,6 +465,7 @@ async def _execute(run: _Run, prompt: Prompt, api_key: str, base_url: str | None
         _remove_signals(loop, handled)
         reporter.close()
         await client.aclose()
+    error = error or run.fatal
     interrupted = run.stopping.is_set() or run.hard_stop
     state = "failed" if error else "interrupted" if interrupted else "done"
     summary = Summary.of(run, state=state, error=error, rate_limited=limiter.rate_limited)
@@ -453,7 +520,7 @@ def dry_run(opts: RunOptions) -> str:
         key_note = "API key: found"
     except UsageError as exc:
         key_note = f"API key: MISSING: {exc.message}"
-    source = CsvSource(opts.input, opts.config, encoding=opts.encoding, delimiter=opts.delimiter)
+    source = _source(opts)
     sink = open_sink(opts.output)
     with source:
         done = IdSet() if opts.restart else sink.load_done(repair=False)

@@ -59,11 +59,13 @@ class CsvSource:
         *,
         encoding: str = "utf-8",
         delimiter: str | None = None,
+        require_id_column: bool = False,
     ) -> None:
         self.path = Path(path)
         self.config = config
-        self.encoding = encoding
-        self.delimiter = delimiter
+        self.encoding = _checked_encoding(encoding)
+        self.delimiter = _checked_delimiter(delimiter)
+        self.require_id_column = require_id_column
         self.header: list[str] = []
         self.id_column: str | None = None
         self.carry: tuple[str, ...] = ()
@@ -189,6 +191,11 @@ class CsvSource:
             )
         if cfg.id_column and cfg.id_column in self.header:
             self.id_column = cfg.id_column
+        elif cfg.id_column and self.require_id_column:
+            raise InputError(
+                f"{self.path}: id column {cfg.id_column!r} not found. Columns are {self.header}. "
+                "Pass --id-column with one of them, or --id-column '' to use content hashes as ids."
+            )
         self.carry = tuple(c for c in cfg.carry if c in self.header)
         self.missing_carry = tuple(c for c in cfg.carry if c not in self.header)
         self._index = {name: i for i, name in enumerate(self.header)}
@@ -242,6 +249,24 @@ class CsvSource:
 
     def _bad_row(self, row_id: str, problem: str, detail: str, carry: Mapping[str, str] | None = None) -> Row:
         return Row(id=row_id, text="", line=self._line, carry=carry or {}, problem=problem, detail=detail)
+
+
+def _checked_encoding(encoding: str) -> str:
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise InputError(f"unknown --encoding {encoding!r}; use e.g. utf-8, cp949, euc-kr, latin-1.") from None
+    return encoding
+
+
+def _checked_delimiter(delimiter: str | None) -> str | None:
+    if delimiter is None:
+        return None
+    named = {"\\t": "\t", "tab": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+    delimiter = named.get(delimiter.lower(), delimiter)
+    if len(delimiter) != 1 or delimiter in '\r\n"':
+        raise InputError(f"--delimiter must be one character (or tab), got {delimiter!r}.")
+    return delimiter
 
 
 def _has_bad_bytes(text: str) -> bool:

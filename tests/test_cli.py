@@ -95,6 +95,9 @@ def test_exit_code_1_when_rows_are_dead_lettered(sim: Any, tmp_path: Path) -> No
         (["--config", "nope.toml"], "config file nope.toml not found"),
         (["--output", "out.txt"], "use a name ending in .jsonl or .parquet"),
         (["--concurrency", "0"], "expected a number ≥ 1"),
+        (["--encoding", "bogus"], "unknown --encoding 'bogus'"),
+        (["--delimiter", "ab"], "--delimiter must be one character"),
+        (["--id-column", "review_id"], "id column 'review_id' not found"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(sim: Any, tmp_path: Path, args: list[str], message: str) -> None:

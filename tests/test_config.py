@@ -42,6 +42,7 @@ def test_topics_config_builds_text_from_a_template() -> None:
         ({"colour": "blue"}, "unknown key 'colour' in top level"),
         ({"input": {"txt_column": "x"}}, "unknown key 'txt_column' in [input]"),
         ({"input": {"carry": ["label"]}}, "clashes with an output field"),
+        ({"input": {"carry": ["truncated"]}}, "clashes with an output field"),
         ({"input": {"max_chars": 0}}, "'max_chars' must be an integer ≥ 1"),
         ({"input": {"template": "{0} and {}"}}, "positional fields"),
         ({"model": {"temperature": 3}}, "temperature must be a number from 0 to 2"),

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from pipeline.errors import InputError
+from pipeline.export import export_labels
 from pipeline.sink import open_sink
 
 from .helpers import cli, dead_letters, label, sink_ids
@@ -103,3 +104,17 @@ def test_unusable_files_are_refused_before_any_request(sim: Any, tmp_path: Path,
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert sim.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_export_survives_rows_with_invalid_bytes(sim: Any, tmp_path: Path, suffix: str) -> None:
+    """Export keeps a row whose bytes are not UTF-8 (as read for CSV, replaced for Parquet), its label empty."""
+    source = tmp_path / "in.csv"
+    source.write_bytes(b"id,text\n1,fine\n2,bad \xff byte\n3,also fine\n")
+    out = tmp_path / "out.jsonl"
+    label(sim, source, out)
+    result = export_labels(out, source, tmp_path / f"labeled{suffix}")
+    assert (result.rows, result.labeled, result.unlabeled) == (3, 2, 1)
+    if suffix == ".csv":
+        assert b"bad \xff byte" in (tmp_path / "labeled.csv").read_bytes()
+    assert not list(tmp_path.glob(".labeled*.tmp"))

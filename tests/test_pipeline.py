@@ -8,12 +8,14 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.client import RetryPolicy
-from pipeline.config import load_config, parse_config
-from pipeline.errors import FatalApiError, InputError, SinkMismatchError
-from pipeline.sink import open_sink
+from pipeline.client import Labeled, RetryPolicy
+from pipeline.config import RESERVED_FIELDS, load_config, parse_config
+from pipeline.errors import FatalApiError, InputError, SinkError, SinkMismatchError
+from pipeline.parquet_sink import record_schema
+from pipeline.sink import open_sink, record
+from pipeline.source import Row
 
-from .helpers import ROOT, SENTIMENT, dead_letters, label, reviews, sink_ids, write_csv
+from .helpers import ROOT, SENTIMENT, dead_letters, label, progress, reviews, sink_ids, write_csv
 
 SINKS = ["out.jsonl", "out.parquet"]
 
@@ -185,3 +187,63 @@ def test_a_request_the_endpoint_always_rejects_stops_the_run(sim: Any, tmp_path:
     with pytest.raises(FatalApiError, match="response_format is not supported"):
         label(sim, write_csv(tmp_path / "in.csv", reviews(300)), tmp_path / "out.jsonl", concurrency=4)
     assert sim.stats()["requests"] <= 24
+
+
+def test_fatal_error_mid_run_saves_everything_already_finished(sim: Any, tmp_path: Path) -> None:
+    """When a 401 stops the run midway, every row the run finished is in the sink (none left in the queues)."""
+    sim.configure(latency_ms=5)
+    sim.script([{"kind": "status", "status": 401, "count": -1, "match": "review 400:"}])
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(FatalApiError):
+        label(sim, write_csv(tmp_path / "in.csv", reviews(600)), out, concurrency=64, checkpoint_rows=10_000)
+    summary = progress(out)["summary"]
+    ids = sink_ids(out)
+    assert len(ids) == len(set(ids)) == summary["labeled"] == summary["saved"] > 0
+    assert summary["labeled"] >= 0.9 * sim.stats(events=False)["completed_ok"]  # only in-flight replies abandoned
+
+
+def test_restart_never_moves_a_sink_that_another_run_is_writing(sim: Any, tmp_path: Path) -> None:
+    """--skip_labeled False takes the sink's lock before moving it aside, so a running job keeps its sink."""
+    source = write_csv(tmp_path / "in.csv", reviews(5))
+    out = tmp_path / "out.jsonl"
+    label(sim, source, out)
+    holder = open_sink(out).meta
+    holder.lock()
+    try:
+        with pytest.raises(SinkError, match="another labelstream run"):
+            label(sim, source, out, restart=True)
+    finally:
+        holder.unlock()
+    assert len(sink_ids(out)) == 5
+    assert not list(tmp_path.glob("out.jsonl.bak-*"))
+
+
+def test_limit_moves_past_rows_that_can_never_be_labeled(sim: Any, tmp_path: Path) -> None:
+    """Unusable rows do not count against --limit, so batches move forward even when a file starts with them."""
+    path = tmp_path / "in.csv"
+    path.write_text("id,text\n1,\n2,\n3,\n4,good\n5,fine\n", encoding="utf-8")
+    summary = label(sim, path, tmp_path / "out.jsonl", limit=2)
+    assert sorted(sink_ids(tmp_path / "out.jsonl")) == ["4", "5"]
+    assert summary.failed == 3
+
+
+def test_named_id_column_must_exist(sim: Any, tmp_path: Path) -> None:
+    """An id column named explicitly (--id-column) that the CSV lacks is an error; the config default falls back."""
+    source = write_csv(tmp_path / "in.csv", [("x", "hello")], header=("lang", "text"))
+    with pytest.raises(InputError, match="id column 'review_id' not found"):
+        label(
+            sim,
+            source,
+            tmp_path / "a.jsonl",
+            config=SENTIMENT.with_overrides(id_column="review_id"),
+            require_id_column=True,
+        )
+    label(sim, source, tmp_path / "b.jsonl")  # sentiment.toml names "id"; absent, ids become content hashes
+    assert len(sink_ids(tmp_path / "b.jsonl")) == 1
+
+
+def test_record_fields_are_the_reserved_names() -> None:
+    """The fields every record carries, in both sinks, are exactly the names a carry column may not take."""
+    item = Labeled(Row(id="1", text="t", line=1), "a", "m", 1, 1, 1.0, 1, "2026-01-01T00:00:00.000Z")
+    assert set(record(item)) == RESERVED_FIELDS
+    assert set(record_schema([], multi_label=False).names) == RESERVED_FIELDS
