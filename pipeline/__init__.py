@@ -19,7 +19,8 @@ from pipeline.errors import (
     UsageError,
 )
 from pipeline.limits import LimitSettings
-from pipeline.run import RunOptions, label_csv, run_label
+from pipeline.options import RunOptions
+from pipeline.run import label_csv, run_label
 from pipeline.source import Row
 from pipeline.summary import Summary
 

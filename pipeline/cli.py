@@ -158,7 +158,9 @@ def _add_maintenance(sub: Any) -> None:
 
 
 def _label(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from pipeline.run import RunOptions, dry_run, run_label  # noqa: PLC0415 - keep `--help` fast
+    from pipeline.options import RunOptions  # noqa: PLC0415 - keep `--help` fast
+    from pipeline.plan import dry_run  # noqa: PLC0415
+    from pipeline.run import run_label  # noqa: PLC0415
 
     config = load_config(args.config)
     # with_overrides skips None; --id-column '' switches to content-hash ids.

@@ -11,90 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlparse
 
-from pipeline.client import CallStats, Failed, LabelClient, Labeled, RetryPolicy
+from pipeline.client import CallStats, Failed, LabelClient, Labeled
 from pipeline.clock import now_iso
 from pipeline.config import TaskConfig
-from pipeline.errors import FatalApiError, Interrupted, LabelstreamError, UsageError
+from pipeline.errors import FatalApiError, Interrupted, LabelstreamError
 from pipeline.idset import IdSet
-from pipeline.limits import Limiter, LimitSettings
-from pipeline.meta import Identity
+from pipeline.limits import Limiter
+from pipeline.options import RunOptions, identity_of, open_source, resolve_credentials
 from pipeline.progress import Reporter, RunStats
 from pipeline.prompt import Prompt
 from pipeline.sink import Sink, open_sink
 from pipeline.source import CsvSource, Row
 from pipeline.summary import Summary
 
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 _DONE = object()  # the writer's sentinel: every worker has finished
-
-
-@dataclass(frozen=True, slots=True)
-class RunOptions:
-    """Everything a run needs; the CLI builds it from flags, `label_csv` from keyword arguments."""
-
-    input: Path
-    output: Path
-    config: TaskConfig
-    limits: LimitSettings = field(default_factory=LimitSettings.automatic)
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    api_key: str | None = None
-    base_url: str | None = None
-    limit: int | None = None
-    force: bool = False
-    restart: bool = False
-    progress: bool = True
-    checkpoint_rows: int | None = None
-    checkpoint_seconds: float | None = None
-    grace_seconds: float = 10.0
-    encoding: str = "utf-8"
-    delimiter: str | None = None
-    require_id_column: bool = False  # the id column was named explicitly: its absence is an error, not a fallback
-    command: str | None = None  # how the user started this run, for the resume hint
-    progress_every: float = 1.0
-    exact_tokens: bool = False  # count prompt tokens with bpe-openai under a TPM limit (extra: labelstream[tokens])
-
-    @property
-    def model(self) -> str:
-        """The model this run asks for."""
-        return self.config.model
-
-    @property
-    def resume_command(self) -> str:
-        """The command that resumes this run."""
-        if self.command:
-            return self.command
-        return (
-            f"labelstream label --input {self.input} --output {self.output} --config {self.config.source} "
-            f"--model {self.model}"
-        )
-
-
-def resolve_credentials(api_key: str | None, base_url: str | None) -> tuple[str, str | None]:
-    """API key and endpoint from arguments or OPENAI_API_KEY / OPENAI_BASE_URL; a key is optional on loopback."""
-    key = api_key or os.environ.get("OPENAI_API_KEY") or None
-    url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-    if key:
-        return key, url
-    host = urlparse(url).hostname if url else None
-    if host in LOCAL_HOSTS:
-        return "sk-local-no-key", url
-    where = url or "https://api.openai.com/v1"
-    raise UsageError(
-        f"OPENAI_API_KEY is not set, and {where} needs one. Export OPENAI_API_KEY=..., or point --base-url "
-        "at a local server (e.g. labelstream simulate)."
-    )
 
 
 def count_data_lines(path: Path, stop: threading.Event | None = None) -> int:
@@ -343,32 +282,11 @@ class _Run:
             task.cancel()
 
 
-def _source(opts: RunOptions) -> CsvSource:
-    return CsvSource(
-        opts.input,
-        opts.config,
-        encoding=opts.encoding,
-        delimiter=opts.delimiter,
-        require_id_column=opts.require_id_column,
-    )
-
-
-def _identity(opts: RunOptions, source: CsvSource) -> Identity:
-    """What the resume guard compares: model, prompt fingerprint, labels, and how ids are made."""
-    return Identity(
-        model=opts.model,
-        prompt=opts.config.prompt_fingerprint(),
-        labels=opts.config.labels,
-        multi_label=opts.config.multi_label,
-        id_source=source.id_source,
-    )
-
-
 async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summary:
     """Run one labeling job to the end (or to a signal) and return its summary."""
     notice = notice or sys.stderr
     api_key, base_url = resolve_credentials(opts.api_key, opts.base_url)
-    source = _source(opts)
+    source = open_source(opts)
     source.open()
     sink = open_sink(opts.output)
     try:
@@ -386,7 +304,7 @@ async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summa
             print(f"labelstream: {note}", file=notice)
         prompt = Prompt(opts.config)
         manifest = sink.meta.check_identity(
-            _identity(opts, source),
+            identity_of(opts, source),
             has_rows=len(done) > 0 or sink.has_rows(),
             force=opts.force,
             sink_name=str(opts.output),
@@ -511,55 +429,3 @@ def label_csv(
     task = config if isinstance(config, TaskConfig) else load_config(config)
     opts = RunOptions(input=Path(input), output=Path(output), config=task, **options)
     return asyncio.run(run_label(opts))
-
-
-def dry_run(opts: RunOptions) -> str:
-    """Check input, config and sink as a real run would, count the work, and make no API call."""
-    try:
-        resolve_credentials(opts.api_key, opts.base_url)
-        key_note = "API key: found"
-    except UsageError as exc:
-        key_note = f"API key: MISSING: {exc.message}"
-    source = _source(opts)
-    sink = open_sink(opts.output)
-    with source:
-        done = IdSet() if opts.restart else sink.load_done(repair=False)
-        prompt = Prompt(opts.config)
-        if not opts.restart:
-            sink.meta.check_identity(
-                _identity(opts, source), has_rows=len(done) > 0, force=opts.force, sink_name=str(opts.output)
-            )
-        from pipeline.tokens import TokenEstimator  # noqa: PLC0415 - dry runs only
-
-        estimator = TokenEstimator(opts.model, prompt.messages("")[:-1])
-        seen, todo, problems, duplicates, tokens, first = IdSet(), 0, 0, 0, 0, None
-        for batch in source.batches():
-            for row in batch:
-                if row.id in done or not seen.add(row.id):
-                    duplicates += row.id not in done
-                    continue
-                if opts.limit is not None and todo + problems >= opts.limit:
-                    break
-                if row.problem:
-                    problems += 1
-                    continue
-                todo += 1
-                tokens += estimator.prompt_tokens(row.text)
-                first = first or row
-    from pipeline.progress import price_of  # noqa: PLC0415
-
-    price = price_of(opts.model)
-    completion = todo * min(opts.config.max_tokens, 12)
-    cost = f" ≈ ${(tokens * price[0] + completion * price[1]) / 1e6:.4f}" if price else ""
-    lines = [
-        f"dry run: {opts.input} → {opts.output} ({opts.model}, prompt {opts.config.prompt_fingerprint()})",
-        f"  {todo:,} rows to label, {len(done):,} already in the sink, {duplicates:,} repeated ids, "
-        f"{problems:,} rows that would be dead-lettered (empty text, bad bytes, ragged)",
-        f"  ~{tokens:,} prompt tokens{cost} (estimate)",
-        f"  {key_note}",
-    ]
-    if first is not None:
-        lines.append("  first request:")
-        for message in prompt.messages(first.text):
-            lines.append(f"    [{message['role']}] {message['content'][:300]}")
-    return "\n".join(lines)

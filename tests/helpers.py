@@ -18,7 +18,8 @@ import orjson
 from pipeline.client import RetryPolicy
 from pipeline.config import TaskConfig, load_config
 from pipeline.limits import LimitSettings
-from pipeline.run import RunOptions, run_label
+from pipeline.options import RunOptions
+from pipeline.run import run_label
 from pipeline.sink import open_sink
 from pipeline.summary import Summary
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import signal
 import subprocess
 from pathlib import Path
@@ -217,3 +219,52 @@ def test_make_label_runs_the_cli(sim: Any, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(sink_ids(out)) == sorted(r[0] for r in reviews(30))
     assert sim.stats()["max_in_flight"] <= 5
+
+
+def test_dry_run_counts_the_work_and_touches_nothing(sim: Any, tmp_path: Path) -> None:
+    """--dry-run reports rows to label and the first request, sends nothing and creates no file."""
+    source = write_csv(tmp_path / "in.csv", [*reviews(12), ("bad", "en", " ")])
+    out = tmp_path / "out.parquet"
+    result = cli(*label_args(sim, source, out, "--dry-run"))
+    assert result.returncode == 0, result.stderr
+    assert "12 rows to label, 0 already in the sink" in result.stdout
+    assert "1 rows that would be dead-lettered" in result.stdout
+    assert "[user] review 0: fine" in result.stdout
+    assert sim.stats()["requests"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+@pytest.mark.parametrize("name", ["out.jsonl", "out.parquet"])
+def test_status_export_and_compact(sim: Any, tmp_path: Path, name: str) -> None:
+    """status counts labeled and failed rows; export joins labels back in input order; compact merges parts."""
+    rows = reviews(40)
+    source = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / name
+    sim.script([{"kind": "label_outside", "count": -1, "match": "review 6:"}])
+    assert cli(*label_args(sim, source, out, "--max-retries", "0", "--checkpoint-every", "10")).returncode == 1
+
+    status = cli("status", str(out), "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert (report["labeled"], report["failed_unlabeled"]) == (39, 1)
+    assert report["failures_by_kind"] == {"invalid_label": 1}
+    assert report["progress"]["state"] == "done"
+    assert "39 labeled, 1 failed" in cli("status", str(out)).stdout
+
+    exported = tmp_path / "labeled.csv"
+    result = cli("export", str(out), "--input", str(source), "--to", str(exported))
+    assert result.returncode == 0, result.stderr
+    assert "40 rows, 39 labeled, 1 without a label" in result.stdout
+    with exported.open(newline="", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["id"] for r in table] == [r[0] for r in rows]  # input order
+    assert [r["id"] for r in table if not r["label"]] == ["r00006"]
+
+    if name.endswith(".parquet"):
+        compacted = cli("compact", str(out))
+        assert compacted.returncode == 0, compacted.stderr
+        assert "parts → 1" in compacted.stdout
+        assert len(list(out.iterdir())) == 1
+        assert sorted(sink_ids(out)) == sorted(r[0] for r in rows if r[0] != "r00006")
+    else:
+        assert cli("compact", str(out)).returncode == 2
