@@ -43,7 +43,8 @@ def test_kill_9_at_random_moments_then_resume_gives_each_id_once(sim: Any, tmp_p
     out = tmp_path / name
     kills = 0
     while kills < 8:
-        proc = start_cli(*label_args(sim, source, out))
+        # 8 in flight at 20 ms: at most ~400 rows/s, so the file takes several runs on any machine.
+        proc = start_cli(*label_args(sim, source, out, "--concurrency", "8"))
         # The moment of the kill is random (this is not synchronisation: any moment must be safe).
         time.sleep(rng.uniform(0.3, 2.0))
         proc.kill()
