@@ -61,10 +61,11 @@ def render_status(report: dict[str, Any]) -> str:
     ]
     progress = report.get("progress")
     if progress:
+        running = progress.get("state") in {"running", "stopping"}
+        eta = f", ETA {short_duration(progress.get('eta_s'))}" if running else ""
         lines.append(
             f"  last run: {progress.get('state')} at {progress.get('updated_at')}, {progress.get('labeled')} labeled, "
-            f"{progress.get('failed')} failed, {progress.get('rows_per_s')} rows/s, "
-            f"ETA {short_duration(progress.get('eta_s'))}"
+            f"{progress.get('failed')} failed, {progress.get('rows_per_s')} rows/s{eta}"
         )
     for kind, count in sorted(report["failures_by_kind"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {kind}: {count:,}")

@@ -67,6 +67,12 @@ def label(port: int, output: Path) -> int:
     return subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
 
 
+def run_cli(*args: str) -> None:
+    """Show and run one more labelstream command."""
+    print("$ labelstream " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, check=False)
+
+
 def show(output: Path, n: int = 5) -> None:
     """Print the first records of a JSONL sink."""
     print(f"\nfirst {n} records of {output.relative_to(ROOT)}:")
@@ -79,7 +85,7 @@ def show(output: Path, n: int = 5) -> None:
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     output = OUT / "demo.jsonl"
-    for stale in (output, OUT / "demo.jsonl.meta"):
+    for stale in (output, OUT / "demo.jsonl.meta", OUT / "demo_labeled.csv"):
         if stale.is_dir():
             shutil.rmtree(stale)
         else:
@@ -91,8 +97,14 @@ def main() -> int:
         show(output)
         print("\nre-running the same command resumes from the sink: nothing is left to label.\n")
         second = label(port, output)
+        print()
+        run_cli("status", "out/demo.jsonl")
+        labeled = OUT / "demo_labeled.csv"
+        run_cli(
+            "export", "out/demo.jsonl", "--input", str(SAMPLE.relative_to(ROOT)), "--to", str(labeled.relative_to(ROOT))
+        )
+        print("  " + "\n  ".join(labeled.read_text(encoding="utf-8").splitlines()[:4]))
         print(f"\nprogress file: {(OUT / 'demo.jsonl.meta' / 'progress.json').relative_to(ROOT)}")
-        print("try: .venv/bin/labelstream status out/demo.jsonl")
         return code or second
     finally:
         proc.terminate()
