@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=1_000_000)
     parser.add_argument("--concurrency", default="100")
     parser.add_argument("--seed-cap-s", type=float, default=180.0)
+    parser.add_argument("--sinks", default="jsonl,parquet")
+    parser.add_argument("--seed-design", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     print(f"# peak RSS, zero-latency simulator, --concurrency {args.concurrency}")
     print("| design | sink | rows | elapsed s | rows/s | peak RSS MB | ÷ small run |")
@@ -31,7 +33,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, simulator("--latency-ms", "0") as base_url:
         work = Path(tmp)
         inputs = {n: make_csv(work / f"in-{n}.csv", n) for n in (args.small, args.big)}
-        for sink in ("jsonl", "parquet"):
+        for sink in args.sinks.split(","):
             small_peak = None
             for rows, source in inputs.items():
                 sim_reset(base_url)
@@ -47,7 +49,7 @@ def main() -> None:
                 )
                 shutil.rmtree(out, ignore_errors=True)
                 out.unlink(missing_ok=True)
-        for rows, source in inputs.items():
+        for rows, source in inputs.items() if args.seed_design else ():
             sim_reset(base_url)
             cmd = [PY, "scripts/seed_baseline.py", str(source), str(work / "seed.json"),
                    "--base-url", base_url, "--max_concurrent", args.concurrency]  # fmt: skip
