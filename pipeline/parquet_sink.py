@@ -92,8 +92,13 @@ class ParquetSink(Sink):
             raise UsageError(f"{self.path} is a file; a .parquet output is a dataset directory. Use a new --output.")
         if repair:
             self.recover()
-        done = IdSet()
-        duplicates = 0
+        done, repeats = IdSet.bulk(self._ids())
+        self.note_repeats(repeats)
+        if self.parts():
+            self._next_part = int(_PART.match(self.parts()[-1].name).group(1)) + 1  # type: ignore[union-attr]  # parts() only lists matches
+        return done
+
+    def _ids(self) -> Iterator[str]:
         for part in self.parts():
             try:
                 ids = pq.read_table(part, columns=["id"]).column("id")
@@ -103,14 +108,7 @@ class ParquetSink(Sink):
                     "its rows will be labeled again."
                 ) from None
             for chunk in ids.chunks:
-                for row_id in chunk.to_pylist():
-                    if not done.add(row_id):
-                        duplicates += 1
-        if duplicates:
-            self.notes.append(f"{self.path} holds {duplicates} repeated ids (from a run with --force?)")
-        if self.parts():
-            self._next_part = int(_PART.match(self.parts()[-1].name).group(1)) + 1  # type: ignore[union-attr]  # parts() only lists matches
-        return done
+                yield from chunk.to_pylist()
 
     def recover(self) -> None:
         """Finish or undo an interrupted compaction and delete temporary parts a crash left behind."""

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import aiofiles
 import orjson
@@ -93,6 +93,11 @@ class Sink(ABC):
     def load_done(self, *, repair: bool = True) -> IdSet:
         """Return the ids already in the sink, first repairing what a crash left behind (unless `repair` is off)."""
 
+    def note_repeats(self, repeats: int) -> None:
+        """Report ids the sink holds more than once (only a run with --force mixing id sources makes them)."""
+        if repeats:
+            self.notes.append(f"{self.path} holds {repeats} repeated ids (from a run with --force?)")
+
     @abstractmethod
     def iter_records(self, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
         """Every record, in write order (only `columns` when given)."""
@@ -135,29 +140,28 @@ class JsonlSink(Sink):
             return False
 
     def load_done(self, *, repair: bool = True) -> IdSet:
-        done = IdSet()
         if not self.path.exists():
-            return done
+            return IdSet()
         if self.path.is_dir():
             raise UsageError(f"{self.path} is a directory; a .jsonl output must be a file.")
         if repair:
             self._cut_torn_tail()
-        duplicates = 0
         with self.path.open("rb") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.endswith(b"\n"):
-                    break  # a torn tail (only seen when not repairing) is not a record
-                row_id = _line_id(line)
-                if row_id is None:
-                    raise SinkError(
-                        f"line {number} of {self.path} is not a labelstream record. Remove that line "
-                        "(or restore the file) and re-run."
-                    )
-                if not done.add(row_id):
-                    duplicates += 1
-        if duplicates:
-            self.notes.append(f"{self.path} holds {duplicates} repeated ids (from a run with --force?)")
+            done, repeats = IdSet.bulk(self._ids(handle))
+        self.note_repeats(repeats)
         return done
+
+    def _ids(self, handle: IO[bytes]) -> Iterator[str]:
+        for number, line in enumerate(handle, 1):
+            if not line.endswith(b"\n"):
+                return  # a torn tail (only seen when not repairing) is not a record
+            row_id = _line_id(line)
+            if row_id is None:
+                raise SinkError(
+                    f"line {number} of {self.path} is not a labelstream record. Remove that line "
+                    "(or restore the file) and re-run."
+                )
+            yield row_id
 
     def iter_records(self, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
         if not self.path.exists():

@@ -53,3 +53,15 @@ def test_idset_with_tiny_runs_matches_a_python_set(numbers: list[int], recent: i
         reference.add(row_id)
     assert len(compact) == len(reference)
     assert all(f"id{n}" in compact for n in numbers)
+
+
+@given(st.lists(st.integers(0, 400), max_size=2000))
+def test_bulk_build_matches_a_python_set_and_counts_repeats(numbers: list[int]) -> None:
+    """Building from many ids at once (resuming a sink) gives the same membership and counts every repeat."""
+    ids = [f"id{n}" for n in numbers]
+    compact, repeats = IdSet.bulk(ids)
+    assert repeats == len(ids) - len(set(ids))
+    assert len(compact) == len(set(ids))
+    assert all(row_id in compact for row_id in ids)
+    assert "id-1" not in compact
+    assert compact.add("id-1") and not compact.add(ids[0] if ids else "id-1")
