@@ -68,13 +68,17 @@ def test_rpm_limit_is_kept_without_tuning(sim: Any, tmp_path: Path, given: bool)
 
 
 def test_tpm_limit_with_long_documents(sim: Any, tmp_path: Path) -> None:
-    """Long documents under a TPM limit: token estimates pace the run; every row labeled, ≤ 5% 429s."""
-    sim.configure(tpm=300_000, window_seconds=3, latency_ms=20)
+    """Long documents with --tpm under the provider's limit: token estimates pace the run, every row labeled, no 429s.
+
+    The provider allows 20% more than --tpm: a 6 s test window is short next to the one-second burst a bucket
+    allows, which a real 60 s window absorbs.
+    """
+    sim.configure(tpm=360_000, window_seconds=6, latency_ms=20)
     rows = [(f"d{i}", "en", f"document {i}: " + "lorem ipsum dolor sit amet " * 150) for i in range(40)]
     out = tmp_path / "out.jsonl"
     summary = label(sim, write_csv(tmp_path / "in.csv", rows), out, limits=LimitSettings(concurrency=50, tpm=300_000))
     assert summary.exit_code == 0 and len(set(sink_ids(out))) == 40
-    assert share_429(sim.stats(events=False)) <= 0.05
+    assert share_429(sim.stats(events=False)) == 0
     assert summary.prompt_tokens > 30_000
 
 
