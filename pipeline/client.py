@@ -117,7 +117,7 @@ class LabelClient:
         self.stats = stats or CallStats()
         self.sleep = sleep
         self.rng = rng or random.Random()
-        self.tokens = TokenEstimator(model, prompt.messages("")[:-1])
+        self.tokens = TokenEstimator(model, prompt.prefix)
         self.exact_tokens = exact_tokens
         self._secret = api_key
         self._sdk = openai.AsyncOpenAI(

@@ -94,8 +94,8 @@ class ParquetSink(Sink):
             self.recover()
         done, repeats = IdSet.bulk(self._ids())
         self.note_repeats(repeats)
-        if self.parts():
-            self._next_part = int(_PART.match(self.parts()[-1].name).group(1)) + 1  # type: ignore[union-attr]  # parts() only lists matches
+        if parts := self.parts():
+            self._next_part = int(_PART.match(parts[-1].name).group(1)) + 1  # type: ignore[union-attr]  # parts() only lists matches
         return done
 
     def _ids(self) -> Iterator[str]:

@@ -27,7 +27,7 @@ def dry_run(opts: RunOptions) -> str:
             sink.meta.check_identity(
                 identity_of(opts, source), has_rows=len(done) > 0, force=opts.force, sink_name=str(opts.output)
             )
-        estimator = TokenEstimator(opts.model, prompt.messages("")[:-1])
+        estimator = TokenEstimator(opts.model, prompt.prefix)
         seen, todo, problems, duplicates, tokens, first = IdSet(), 0, 0, 0, 0, None
         for batch in source.batches():
             for row in batch:

@@ -36,9 +36,10 @@ class Prompt:
         """The full message list for one input text (the shared prefix is built once)."""
         return [*self._prefix, {"role": "user", "content": text}]
 
-    def prefix_chars(self) -> int:
-        """Characters in the system prompt and examples: the fixed part of every request."""
-        return sum(len(m["content"]) for m in self._prefix)
+    @property
+    def prefix(self) -> list[dict[str, str]]:
+        """The system prompt and examples: the part every request shares."""
+        return self._prefix
 
     def parse(self, choice: Mapping[str, Any]) -> str | list[str]:
         """Return the label (or labels) from one `choices[i]` object, or raise ReplyError."""
