@@ -127,7 +127,6 @@ class Limiter:
         self.threshold = math.inf  # slow start until the first 429
         self.in_flight = 0
         self.pause_until = 0.0
-        self.rate_limited = 0
         self.learned_rpm: float | None = None
         self.learned_tpm: float | None = None
         self.fast_latency: float | None = None  # EWMA of recent latencies (seconds)
@@ -177,7 +176,6 @@ class Limiter:
     def on_rate_limited(self, retry_after: float | None) -> None:
         """A 429 arrived: pause every worker for `retry_after` and halve the window (once per overload)."""
         now = self.clock()
-        self.rate_limited += 1
         wait = retry_after if retry_after is not None and retry_after > 0 else 1.0
         self.pause_until = max(self.pause_until, now + wait)
         # A burst of 429s answers one overload; cut once for it, not once per reply.

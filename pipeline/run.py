@@ -386,7 +386,7 @@ async def _execute(run: _Run, prompt: Prompt, api_key: str, base_url: str | None
     error = error or run.fatal
     interrupted = run.stopping.is_set() or run.hard_stop
     state = "failed" if error else "interrupted" if interrupted else "done"
-    summary = Summary.of(run, state=state, error=error, rate_limited=limiter.rate_limited)
+    summary = Summary.of(run, state=state, error=error)
     run.write_progress(state, summary=summary.as_dict())
     if error is not None:
         print(summary.render(), file=notice)

@@ -40,7 +40,7 @@ class Summary:
     error: str | None = None
 
     @classmethod
-    def of(cls, run: _Run, *, state: str, error: LabelstreamError | None, rate_limited: int) -> Summary:
+    def of(cls, run: _Run, *, state: str, error: LabelstreamError | None) -> Summary:
         """Summarise a finished (or stopped) run."""
         s = run.stats
         return cls(
@@ -55,7 +55,7 @@ class Summary:
             duplicates=s.duplicates,
             truncated=s.truncated,
             retries=s.calls.retries,
-            rate_limited=rate_limited,
+            rate_limited=s.calls.rate_limited,
             elapsed_s=round(s.elapsed, 2),
             prompt_tokens=s.calls.prompt_tokens,
             completion_tokens=s.calls.completion_tokens,
