@@ -3,27 +3,55 @@
 from pipeline import label_csv, LimitSettings
 summary = label_csv("reviews.csv", "labels.parquet", "configs/sentiment.toml",
                     limits=LimitSettings(concurrency=50))
+
+The names below load on first use, so `import pipeline` (and the CLI's `--help`) does not pay for the
+SDK, aiohttp or pyarrow.
 """
 
-from pipeline.client import RetryPolicy
-from pipeline.config import TaskConfig, load_config
-from pipeline.errors import (
-    ConfigError,
-    FatalApiError,
-    InputError,
-    Interrupted,
-    LabelstreamError,
-    SinkError,
-    SinkMismatchError,
-    StorageError,
-    UsageError,
-)
-from pipeline.limits import LimitSettings
-from pipeline.options import RunOptions
-from pipeline.run import label_csv, run_label
-from pipeline.source import Row
-from pipeline.summary import Summary
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.config import TaskConfig, load_config
+    from pipeline.errors import (
+        ConfigError,
+        FatalApiError,
+        InputError,
+        Interrupted,
+        LabelstreamError,
+        SinkError,
+        SinkMismatchError,
+        StorageError,
+        UsageError,
+    )
+    from pipeline.limits import LimitSettings, RetryPolicy
+    from pipeline.options import RunOptions
+    from pipeline.results import Row
+    from pipeline.run import label_csv, run_label
+    from pipeline.summary import Summary
+
+_WHERE = {
+    "ConfigError": "pipeline.errors",
+    "FatalApiError": "pipeline.errors",
+    "InputError": "pipeline.errors",
+    "Interrupted": "pipeline.errors",
+    "LabelstreamError": "pipeline.errors",
+    "SinkError": "pipeline.errors",
+    "SinkMismatchError": "pipeline.errors",
+    "StorageError": "pipeline.errors",
+    "UsageError": "pipeline.errors",
+    "LimitSettings": "pipeline.limits",
+    "RetryPolicy": "pipeline.limits",
+    "Row": "pipeline.results",
+    "RunOptions": "pipeline.options",
+    "Summary": "pipeline.summary",
+    "TaskConfig": "pipeline.config",
+    "load_config": "pipeline.config",
+    "label_csv": "pipeline.run",
+    "run_label": "pipeline.run",
+}
 __all__ = [
     "ConfigError",
     "FatalApiError",
@@ -44,3 +72,13 @@ __all__ = [
     "load_config",
     "run_label",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name from its module on first use (PEP 562)."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import math
 import os
 import shlex
+import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from pipeline.client import RetryPolicy
-from pipeline.config import DEFAULT_MODEL, load_config
+# Only the standard library and light modules at import time (no SDK, aiohttp or pyarrow): `--help` and bad
+# flags stay fast, and a Ctrl-C while a command loads them ends with one line (see main).
+from pipeline.config import DEFAULT_MODEL
 from pipeline.errors import LabelstreamError, UsageError, redact
-from pipeline.limits import LimitSettings
 
 EXIT_BUG = 70
-_COMMANDS = {"label", "simulate", "status", "export", "compact"}
+EXIT_INTERRUPTED = 130
 
 
 def _bool(text: str) -> bool:
@@ -30,24 +32,39 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number ≥ 1, got {value}")
-    return value
+def _number(
+    kind: type[int] | type[float], *, above: float | None = None, at_least: float | None = None
+) -> Callable[[str], Any]:
+    """An argparse type for a finite number with a lower bound (`above` is exclusive, `at_least` inclusive)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"expected a number > {above:g}, got {text}")
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f"expected a number ≥ {at_least:g}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
+_positive_int = _number(int, at_least=1)
+_count = _number(int, at_least=0)
+_positive_float = _number(float, above=0)
+_seconds = _number(float, at_least=0)
+
+
+def _share(text: str) -> float:
+    value = _number(float, at_least=0)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a share from 0 to 1, got {text}")
+    return float(value)
 
 
 def _concurrency(text: str) -> int | str:
@@ -99,7 +116,7 @@ def _add_label(sub: Any) -> None:
         action="store_true",
         help="count tokens with the model's BPE under a TPM limit (pip install labelstream[tokens]; ~140 MB)",
     )
-    pace.add_argument("--max-retries", type=int, default=5, help="retries per row before it is dead-lettered")
+    pace.add_argument("--max-retries", type=_count, default=5, help="retries per row before it is dead-lettered")
     pace.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds per request (default: 60)")
 
     scope = label.add_argument_group("what to label")
@@ -114,30 +131,35 @@ def _add_label(sub: Any) -> None:
         metavar="True|False",
         help="True (default): resume, skipping rows already in the sink. False: move the old sink aside, start over",
     )
+    scope.add_argument("--relabel-changed", action="store_true", help="relabel done rows whose text has changed")
     scope.add_argument("--force", action="store_true", help="resume a sink made with another model/prompt/labels")
     scope.add_argument("--dry-run", action="store_true", help="check input, config and sink; make no API call")
 
     run = label.add_argument_group("checkpoints and output")
     run.add_argument("--checkpoint-every", type=_positive_int, help="rows per sink write (JSONL 1000, Parquet 5000)")
     run.add_argument("--checkpoint-seconds", type=_positive_float, help="seconds between sink writes (2 / 30)")
-    run.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get after Ctrl-C")
-    run.add_argument("--no-progress", action="store_true", help="no bar: plain log lines every 10 s")
+    run.add_argument("--grace", type=_seconds, default=10.0, help="seconds in-flight requests get after Ctrl-C")
+    shown = run.add_mutually_exclusive_group()
+    shown.add_argument("--no-progress", action="store_true", help="no bar: a plain log line every 10 s")
+    shown.add_argument("--quiet", action="store_true", help="no progress and no notes; the summary only on failure")
 
 
 def _add_simulate(sub: Any) -> None:
     sim = sub.add_parser("simulate", help="run the OpenAI-compatible test server on 127.0.0.1")
     sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8787, help="0 picks a free port (see --port-file)")
+    sim.add_argument("--port", type=_count, default=8787, help="0 picks a free port (see --port-file)")
     sim.add_argument("--port-file", type=Path, help="write the bound port here once listening")
-    sim.add_argument("--latency-ms", type=float, default=200.0)
-    sim.add_argument("--latency-jitter-ms", type=float, default=0.0)
-    sim.add_argument("--rpm", type=int, help="requests per minute before 429")
-    sim.add_argument("--tpm", type=int, help="tokens per minute before 429")
-    sim.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered 500/502/503")
-    sim.add_argument("--hang-rate", type=float, default=0.0, help="share of requests never answered")
-    sim.add_argument("--malformed-rate", type=float, default=0.0, help="share of replies that are unusable")
+    sim.add_argument("--latency-ms", type=_seconds, default=200.0)
+    sim.add_argument("--latency-jitter-ms", type=_seconds, default=0.0)
+    sim.add_argument("--rpm", type=_positive_int, help="requests per minute before 429")
+    sim.add_argument("--tpm", type=_positive_int, help="tokens per minute before 429")
+    sim.add_argument("--error-rate", type=_share, default=0.0, help="share of requests answered 500/502/503")
+    sim.add_argument("--hang-rate", type=_share, default=0.0, help="share of requests never answered")
+    sim.add_argument("--malformed-rate", type=_share, default=0.0, help="share of replies that are unusable")
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--window-seconds", type=float, default=60.0, help="rate window length (tests shorten it)")
+    sim.add_argument(
+        "--window-seconds", type=_positive_float, default=60.0, help="rate window length (tests shorten it)"
+    )
     sim.add_argument("--api-key", help="require this bearer key (default: accept any)")
     sim.add_argument("--models", help="comma-separated models to serve (default: any)")
 
@@ -157,53 +179,69 @@ def _add_maintenance(sub: Any) -> None:
     compact.add_argument("--rows-per-part", type=_positive_int, default=1_000_000)
 
 
-def _label(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from pipeline.options import RunOptions  # noqa: PLC0415 - keep `--help` fast
-    from pipeline.plan import dry_run  # noqa: PLC0415
-    from pipeline.run import run_label  # noqa: PLC0415
+def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
+    """RunOptions from the `label` flags: the one place that maps flags to options."""
+    from pipeline.config import load_config  # noqa: PLC0415 - commands load what they need
+    from pipeline.limits import LimitSettings, RetryPolicy  # noqa: PLC0415
+    from pipeline.options import RunOptions  # noqa: PLC0415
 
     config = load_config(args.config)
     # with_overrides skips None; --id-column '' switches to content-hash ids.
     config = config.with_overrides(model=args.model, text_column=args.text_column, id_column=args.id_column)
-    limit = args.limit
+    max_rows = args.limit
     if args.mode == "test":
-        if limit is not None and limit != 50:
+        if max_rows is not None and max_rows != 50:
             raise UsageError("--mode test means --limit 50; pass one of them.")
-        limit = 50
-    if args.max_retries < 0:
-        raise UsageError("--max-retries must be 0 or more.")
+        max_rows = 50
+    if args.relabel_changed and not args.skip_labeled:
+        raise UsageError("--relabel-changed resumes a sink; --skip_labeled False starts over. Pass one of them.")
     if args.concurrency == "auto":
         limits = LimitSettings.automatic(rpm=args.rpm, tpm=args.tpm)
     else:
         limits = LimitSettings(concurrency=int(args.concurrency), rpm=args.rpm, tpm=args.tpm)
     input_path = Path(args.input)
     output = Path(args.output) if args.output else input_path.with_suffix(".labels.jsonl")
-    opts = RunOptions(
-        input=input_path,
-        output=output,
-        config=config,
-        limits=limits,
-        retry=RetryPolicy(max_attempts=args.max_retries + 1, timeout=args.timeout),
-        base_url=args.base_url,
-        limit=limit,
-        force=args.force,
-        restart=not args.skip_labeled,
-        progress=not args.no_progress,
-        checkpoint_rows=args.checkpoint_every,
-        checkpoint_seconds=args.checkpoint_seconds,
-        grace_seconds=args.grace,
-        exact_tokens=args.exact_tokens,
+    return RunOptions.build(
+        input_path,
+        output,
+        config,
         encoding=args.encoding,
         delimiter=args.delimiter,
         require_id_column=bool(args.id_column),
+        checkpoint_rows=args.checkpoint_every,
+        checkpoint_seconds=args.checkpoint_seconds,
+        limits=limits,
+        retry=RetryPolicy(max_attempts=args.max_retries + 1, timeout=args.timeout),
+        base_url=args.base_url,
+        max_rows=max_rows,
+        force=args.force,
+        restart=not args.skip_labeled,
+        relabel_changed=args.relabel_changed,
+        progress="off" if args.quiet else "log" if args.no_progress else "auto",
+        grace_seconds=args.grace,
+        exact_tokens=args.exact_tokens,
         command=_resume_command(argv, output),
     )
+
+
+def _label(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import asyncio  # noqa: PLC0415 - commands load what they need
+
+    opts = _run_options(args, argv)
     if args.dry_run:
+        from pipeline.plan import dry_run  # noqa: PLC0415
+
         print(dry_run(opts))
         return 0
-    summary = asyncio.run(run_label(opts))
-    print(summary.render(), file=sys.stderr)
-    return summary.exit_code
+    from pipeline.run import run_label  # noqa: PLC0415 - the SDK, aiohttp and the sink load here
+
+    try:
+        summary = asyncio.run(run_label(opts))
+    finally:
+        _interrupt_on_term()  # asyncio put SIGTERM back to its default (kill) when the run ended
+    if not args.quiet or summary.exit_code:
+        print(summary.render(), file=sys.stderr)
+    return int(summary.exit_code)
 
 
 def _resume_command(argv: Sequence[str], output: Path) -> str:
@@ -227,43 +265,35 @@ def _resume_command(argv: Sequence[str], output: Path) -> str:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from pipeline.simulator import serve  # noqa: PLC0415 - aiohttp server only here
+    from pipeline.simulator import SimulatorConfig, serve  # noqa: PLC0415 - aiohttp server only here
 
-    if args.host not in {"127.0.0.1", "localhost", "::1"}:
-        raise UsageError("the simulator only listens on loopback (127.0.0.1).")
     try:
-        config = _simulator_config(args)
+        config = SimulatorConfig(
+            latency_ms=args.latency_ms,
+            latency_jitter_ms=args.latency_jitter_ms,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            error_rate=args.error_rate,
+            hang_rate=args.hang_rate,
+            malformed_rate=args.malformed_rate,
+            seed=args.seed,
+            window_seconds=args.window_seconds,
+            api_key=args.api_key,
+            models=frozenset(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
+        )
+        serve(config, host=args.host, port=args.port, port_file=args.port_file)
     except ValueError as exc:
         raise UsageError(f"simulate: {exc}") from None
-    serve(config, host=args.host, port=args.port, port_file=args.port_file)
     return 0
 
 
-def _simulator_config(args: argparse.Namespace) -> Any:
-    from pipeline.simulator import SimulatorConfig  # noqa: PLC0415 - aiohttp server only here
-
-    return SimulatorConfig(
-        latency_ms=args.latency_ms,
-        latency_jitter_ms=args.latency_jitter_ms,
-        rpm=args.rpm,
-        tpm=args.tpm,
-        error_rate=args.error_rate,
-        hang_rate=args.hang_rate,
-        malformed_rate=args.malformed_rate,
-        seed=args.seed,
-        window_seconds=args.window_seconds,
-        api_key=args.api_key,
-        models=frozenset(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
-    )
-
-
 def _status(args: argparse.Namespace) -> int:
-    from pipeline.status import render_status, sink_status  # noqa: PLC0415 - only this command needs it
+    import orjson  # noqa: PLC0415 - commands load what they need
+
+    from pipeline.status import render_status, sink_status  # noqa: PLC0415
 
     report = sink_status(args.output)
     if args.json:
-        import orjson  # noqa: PLC0415
-
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print(render_status(report))
@@ -271,24 +301,39 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_labels  # noqa: PLC0415 - only this command needs it
+    from pipeline.export import export_labels  # noqa: PLC0415 - commands load what they need
 
     result = export_labels(args.output, args.input, args.to)
     print(
         f"wrote {result.output}: {result.rows:,} rows, {result.labeled:,} labeled, "
         f"{result.unlabeled:,} without a label (left empty)"
     )
+    if result.ragged:
+        lines = ", ".join(map(str, result.ragged_lines))
+        print(
+            f"  {result.ragged:,} rows had more fields than the header (rows {lines}…); their extra fields are not "
+            "in the export: quote the fields that contain the delimiter",
+            file=sys.stderr,
+        )
     return 0
 
 
 def _compact(args: argparse.Namespace) -> int:
-    from pipeline.parquet_sink import compact  # noqa: PLC0415 - only this command needs pyarrow here
+    from pipeline.sinks.compact import compact  # noqa: PLC0415 - only this command needs pyarrow here
 
     if args.output.suffix.lower() != ".parquet":
         raise UsageError("compact works on a Parquet sink (OUT.parquet); a JSONL sink is one file already.")
     before, after = compact(args.output, rows_per_part=args.rows_per_part)
     print(f"{args.output}: {before} parts → {after}")
     return 0
+
+
+_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "simulate": _simulate,
+    "status": _status,
+    "export": _export,
+    "compact": _compact,
+}
 
 
 def _limit_malloc_arenas() -> None:
@@ -308,37 +353,38 @@ def _limit_malloc_arenas() -> None:
         pass
 
 
+def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_term() -> None:
+    """SIGTERM acts like Ctrl-C until a run installs its own handlers (default: die without a word)."""
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `labelstream` console script; returns the exit code."""
-    _limit_malloc_arenas()
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    # The old script took its flags without a subcommand: `labelstream --input_csv x.csv` still labels.
-    if args_list and args_list[0].startswith("-") and args_list[0] not in {"-h", "--help"}:
-        args_list.insert(0, "label")
-    parser = build_parser()
-    args = parser.parse_args(args_list)
     secret = os.environ.get("OPENAI_API_KEY")
     try:
+        _interrupt_on_term()
+        _limit_malloc_arenas()
+        args_list = list(sys.argv[1:] if argv is None else argv)
+        # The old script took its flags without a subcommand: `labelstream --input_csv x.csv` still labels.
+        if args_list and args_list[0].startswith("-") and args_list[0] not in {"-h", "--help"}:
+            args_list.insert(0, "label")
+        args = build_parser().parse_args(args_list)
         if args.command == "label":
             return _label(args, args_list)
-        if args.command == "simulate":
-            return _simulate(args)
-        if args.command == "status":
-            return _status(args)
-        if args.command == "export":
-            return _export(args)
-        if args.command == "compact":
-            return _compact(args)
-        parser.error(f"unknown command {args.command!r}")
+        return _HANDLERS[args.command](args)
     except LabelstreamError as exc:
         print(f"labelstream: error: {redact(exc.message, secret)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("labelstream: interrupted before the run started; nothing was labeled.", file=sys.stderr)
-        return 130
+        print("labelstream: interrupted; re-run the same command to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a bug: show the traceback, but never the key
         text = "".join(traceback.format_exception(exc))
         print(redact(text, secret), file=sys.stderr)
         print("labelstream: this is a bug; please report it with the traceback above.", file=sys.stderr)
         return EXIT_BUG
-    return 0

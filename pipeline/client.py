@@ -11,18 +11,17 @@ import asyncio
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
 import openai
 import orjson
 
-from pipeline.clock import now_iso
 from pipeline.errors import FatalApiError, redact
-from pipeline.limits import Limiter, Sleep, retry_after_seconds
+from pipeline.limits import Limiter, RetryPolicy, Sleep, retry_after_seconds
 from pipeline.prompt import Prompt, ReplyError
-from pipeline.source import Row
+from pipeline.results import Failed, Labeled, Row, now_iso
+from pipeline.stats import CallStats
 from pipeline.tokens import TokenEstimator
 
 # Consecutive 400s, with no success at all, after which we call the request itself broken.
@@ -30,60 +29,6 @@ _BAD_REQUEST_BREAKER = 20
 _JSON_HEADERS = {"Content-Type": "application/json"}
 # 429-answered attempts a row may take beyond its --max-retries before it is dead-lettered anyway.
 _RATE_LIMITED_CAP = 100
-
-
-@dataclass(frozen=True, slots=True)
-class Labeled:
-    """A row the model labeled; becomes one sink record."""
-
-    row: Row
-    label: str | list[str]
-    model: str
-    prompt_tokens: int
-    completion_tokens: int
-    latency_ms: float
-    attempts: int
-    labeled_at: str
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """A row that could not be labeled; becomes one dead letter (and is retried by the next run)."""
-
-    row: Row
-    kind: str
-    message: str
-    attempts: int
-    status: int | None
-    failed_at: str
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Capped exponential backoff with full jitter; `max_attempts` counts the first try."""
-
-    max_attempts: int = 6
-    base_wait: float = 0.5
-    max_wait: float = 20.0
-    timeout: float = 60.0
-
-    def backoff(self, attempt: int, rng: random.Random) -> float:
-        """Seconds to wait before attempt `attempt + 1`."""
-        return rng.uniform(0, min(self.max_wait, self.base_wait * 2 ** (attempt - 1)))
-
-
-@dataclass(slots=True)
-class CallStats:
-    """Counters the client updates and the progress reporter reads."""
-
-    attempts: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    successes: int = 0
-    bad_requests_in_a_row: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
 
 
 class _Attempt(Exception):  # noqa: N818 - internal signal, never leaves this module
@@ -144,11 +89,9 @@ class LabelClient:
         attempt = limited = 0
         while True:
             attempt += 1
-            self.stats.attempts += 1
             try:
                 return await self._attempt(row, estimate, attempt)
             except _Attempt as failure:
-                self.stats.errors[failure.kind] = self.stats.errors.get(failure.kind, 0) + 1
                 # 429s say "later", not "never": they do not use up the row's retries (up to a sanity cap).
                 limited += failure.kind == "rate_limit"
                 spent = attempt - limited

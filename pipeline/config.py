@@ -14,12 +14,11 @@ from typing import Any
 import orjson
 
 from pipeline.errors import ConfigError
+from pipeline.results import RECORD_FIELDS
 
 DEFAULT_MODEL = "gpt-4o-mini"
 # Fields every sink record carries; a carried input column may not shadow them.
-RESERVED_FIELDS = frozenset(
-    {"id", "label", "model", "prompt_tokens", "completion_tokens", "latency_ms", "attempts", "truncated", "labeled_at"}
-)
+RESERVED_FIELDS = frozenset(RECORD_FIELDS)
 _TOP_KEYS = {"name", "description", "instructions", "multi_label", "input", "model", "labels", "examples"}
 _INPUT_KEYS = {"id_column", "text_column", "template", "carry", "max_chars"}
 _MODEL_KEYS = {"name", "temperature", "max_tokens"}

@@ -1,7 +1,8 @@
 """`labelstream export`: labels joined back onto the input rows, in input order, streamed.
 
 The sink is read once into a compact id → label map (~18 bytes a row); the input is then streamed
-row by row, so a million-row export needs tens of megabytes, not the whole table.
+row by row, so a million-row export needs tens of megabytes, not the whole table. Multi-label values
+are a JSON list in CSV (a label may itself contain `;` or `,`) and a list column in Parquet.
 """
 
 from __future__ import annotations
@@ -10,58 +11,92 @@ import contextlib
 import csv
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from pipeline.config import TaskConfig
 from pipeline.errors import SinkError, StorageError, UsageError
 from pipeline.idset import IdMap
-from pipeline.sink import open_sink
+from pipeline.sinks import Manifest, open_sink
 from pipeline.source import CsvSource
 
 _BATCH = 50_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ExportResult:
-    """What an export wrote."""
+    """What an export wrote; `ragged` rows had more fields than the header (the extras are not exported)."""
 
-    rows: int
-    labeled: int
-    unlabeled: int
     output: Path
+    rows: int = 0
+    labeled: int = 0
+    ragged: int = 0
+    ragged_lines: list[int] = field(default_factory=list)
+
+    @property
+    def unlabeled(self) -> int:
+        """Rows written without a label."""
+        return self.rows - self.labeled
+
+    def count(self, fields: list[str], width: int, line: int, labeled: bool) -> None:
+        """Count one written row."""
+        self.rows += 1
+        self.labeled += labeled
+        if len(fields) > width:
+            self.ragged += 1
+            if len(self.ragged_lines) < 5:
+                self.ragged_lines.append(line)
+
+
+class _Labels:
+    """id → label, with each distinct label value stored once."""
+
+    def __init__(self) -> None:
+        self.slots = IdMap()
+        self.values: list[Any] = []
+        self._index: dict[Any, int] = {}
+
+    def add(self, row_id: str, label: Any) -> None:
+        value = tuple(label) if isinstance(label, list) else label
+        slot = self._index.setdefault(value, len(self.values))
+        if slot == len(self.values):
+            self.values.append(value)
+        self.slots.set(row_id, slot)
+
+    def get(self, row_id: str) -> Any:
+        slot = self.slots.get(row_id)
+        return None if slot is None else self.values[slot]
 
 
 def export_labels(sink_path: str | Path, input_path: str | Path, to: str | Path) -> ExportResult:
     """Write `to` (.csv or .parquet): every input row with a `label` column added, empty where unlabeled."""
-    to = Path(to)
+    to, sink_path, input_path = Path(to), Path(sink_path), Path(input_path)
     kind = to.suffix.lower()
     if kind not in {".csv", ".parquet"}:
         raise UsageError(f"--to {to}: use a name ending in .csv or .parquet.")
+    for other, what in ((input_path, "the input"), (sink_path, "the sink")):
+        if to.resolve() == other.resolve():
+            raise UsageError(f"--to {to} is {what}; exporting there would overwrite it. Choose another file name.")
     sink = open_sink(sink_path)
     manifest = sink.meta.read_manifest()
     if manifest is None:
         raise SinkError(f"{sink_path} has no manifest; export needs to know how its ids were made.")
-    multi = bool(manifest.get("multi_label"))
-    labels, values = IdMap(), list[Any]()
-    index: dict[Any, int] = {}
+    multi = bool(manifest.identity and manifest.identity.multi_label)
+    labels = _Labels()
     for item in sink.iter_records(columns=["id", "label"]):
-        value = tuple(item["label"]) if isinstance(item["label"], list) else item["label"]
-        slot = index.setdefault(value, len(values))
-        if slot == len(values):
-            values.append(value)
-        labels.set(item["id"], slot)
+        labels.add(item["id"], item["label"])
     source = CsvSource(input_path, _reading_config(manifest), **_reading_options(manifest))
     tmp = to.with_name(f".{to.name}.{os.getpid()}.tmp")
+    result = ExportResult(output=to)
     try:
         with source:
             column = "label" if "label" not in source.header else "labelstream_label"
             header = [*source.header, column]
-            if kind == ".csv":
-                counts = _write_csv(tmp, header, source, labels=labels, values=values, multi=multi)
-            else:
-                counts = _write_parquet(tmp, header, source, labels=labels, values=values, multi=multi)
+            write = _write_csv if kind == ".csv" else _write_parquet
+            write(tmp, header, source, labels=labels, multi=multi, result=result)
         tmp.replace(to)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -71,16 +106,15 @@ def export_labels(sink_path: str | Path, input_path: str | Path, to: str | Path)
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    rows, labeled = counts
-    return ExportResult(rows=rows, labeled=labeled, unlabeled=rows - labeled, output=to)
+    return result
 
 
-def _reading_config(manifest: dict[str, Any]) -> TaskConfig:
-    spec = manifest.get("input") or {}
+def _reading_config(manifest: Manifest) -> TaskConfig:
+    spec = manifest.input
     return TaskConfig(
         name="export",
         instructions="",
-        labels=tuple(manifest.get("labels") or ()),
+        labels=manifest.identity.labels if manifest.identity else (),
         label_descriptions=(),
         id_column=spec.get("id_column"),
         text_column=spec.get("text_column") or "text",
@@ -89,17 +123,17 @@ def _reading_config(manifest: dict[str, Any]) -> TaskConfig:
     )
 
 
-def _reading_options(manifest: dict[str, Any]) -> dict[str, Any]:
-    spec = manifest.get("input") or {}
+def _reading_options(manifest: Manifest) -> dict[str, Any]:
+    spec = manifest.input
     return {"encoding": spec.get("encoding") or "utf-8", "delimiter": spec.get("delimiter")}
 
 
-def _label_cell(value: Any, multi: bool, *, for_csv: bool) -> Any:
+def _csv_cell(value: Any, multi: bool) -> str:
     if value is None:
-        return "" if for_csv else None
+        return ""
     if multi:
-        return ";".join(value) if for_csv else list(value)
-    return value
+        return orjson.dumps(list(value)).decode()
+    return str(value)
 
 
 def _valid_utf8(text: str) -> str:
@@ -116,50 +150,43 @@ def _padded(fields: list[str], width: int) -> list[str]:
 
 
 def _write_csv(
-    path: Path, header: list[str], source: CsvSource, *, labels: IdMap, values: Sequence[Any], multi: bool
-) -> tuple[int, int]:
-    rows = labeled = 0
+    path: Path, header: list[str], source: CsvSource, *, labels: _Labels, multi: bool, result: ExportResult
+) -> None:
     width = len(header) - 1
     # surrogateescape writes undecodable input bytes back exactly as they were read.
     with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for fields, row in source.records():
-            slot = labels.get(row.id)
-            value = values[slot] if slot is not None else None
-            writer.writerow([*_padded(fields, width), _label_cell(value, multi, for_csv=True)])
-            rows += 1
-            labeled += slot is not None
-    return rows, labeled
+            value = labels.get(row.id)
+            writer.writerow([*_padded(fields, width), _csv_cell(value, multi)])
+            result.count(fields, width, row.line, value is not None)
 
 
 def _write_parquet(
-    path: Path, header: list[str], source: CsvSource, *, labels: IdMap, values: Sequence[Any], multi: bool
-) -> tuple[int, int]:
+    path: Path, header: list[str], source: CsvSource, *, labels: _Labels, multi: bool, result: ExportResult
+) -> None:
     import pyarrow as pa  # noqa: PLC0415 - CSV exports do not pay for pyarrow
     import pyarrow.parquet as pq  # noqa: PLC0415
 
     label_type = pa.list_(pa.string()) if multi else pa.string()
     schema = pa.schema([*((name, pa.string()) for name in header[:-1]), (header[-1], label_type)])
     width = len(header) - 1
-    rows = labeled = 0
+
+    def table(columns: Sequence[list[Any]]) -> Any:
+        arrays = [pa.array(values, f.type) for values, f in zip(columns, schema, strict=True)]
+        return pa.Table.from_arrays(arrays, schema=schema)
+
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
         columns: list[list[Any]] = [[] for _ in header]
         for fields, row in source.records():
-            slot = labels.get(row.id)
+            value = labels.get(row.id)
             for i, cell in enumerate(_padded(fields, width)):
                 columns[i].append(_valid_utf8(cell))
-            columns[-1].append(_label_cell(values[slot] if slot is not None else None, multi, for_csv=False))
-            rows += 1
-            labeled += slot is not None
+            columns[-1].append(None if value is None else list(value) if multi else value)
+            result.count(fields, width, row.line, value is not None)
             if len(columns[0]) >= _BATCH:
-                writer.write_table(_arrow_table(pa, columns, schema))
+                writer.write_table(table(columns))
                 columns = [[] for _ in header]
-        if columns[0] or rows == 0:
-            writer.write_table(_arrow_table(pa, columns, schema))
-    return rows, labeled
-
-
-def _arrow_table(pa: Any, columns: list[list[Any]], schema: Any) -> Any:
-    arrays = [pa.array(values, field.type) for values, field in zip(columns, schema, strict=True)]
-    return pa.Table.from_arrays(arrays, schema=schema)
+        if columns[0] or result.rows == 0:
+            writer.write_table(table(columns))

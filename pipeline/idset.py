@@ -1,7 +1,7 @@
 """Compact id sets and maps, so that knowing which of a million rows are done costs megabytes, not a gigabyte.
 
 A Python `set[str]` of a million ids costs ~100 MB; here each id is reduced to a 64-bit
-BLAKE2b digest kept in `array('Q')` storage: ~8 bytes an id in `IdSet`, ~18 in `IdMap`.
+BLAKE2b digest kept in `array('Q')` storage: ~10 bytes an id in `IdSet` (with a 16-bit tag), ~18 in `IdMap`.
 Two different ids collide with probability ~n²/2⁶⁵ (3·10⁻⁸ for a million rows); a collision
 would make one row look done, never label a row twice.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from hashlib import blake2b
 
 _MIN_SLOTS = 1 << 10
@@ -64,13 +64,67 @@ class _KeyTable:
                 self._keys[self._slot(key)] = key
 
 
-class IdSet:
-    """Set of string ids with `add` (returns whether the id was new) and `in`.
+class _TaggedTable(_KeyTable):
+    """A key table with a 16-bit tag beside each key."""
 
-    New keys go to a small hash table; every 16k of them are sorted into an immutable run (`array('Q')`),
-    and runs of similar size are merged up to 128k keys, so the set costs ~8 bytes an id plus ~2 MB and
-    never doubles its memory to grow: a hash table of a million keys needs 16 MB, and 24 MB at the moment
-    it grows (measured). A lookup probes the table, then bisects each run (≤ 3 + n/128k of them).
+    __slots__ = ("_tags",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tags = array("H", bytes(2 * _MIN_SLOTS))
+
+    def _grow(self) -> None:
+        old_keys, old_tags = self._keys, self._tags
+        self._keys = array("Q", bytes(16 * len(old_keys)))
+        self._tags = array("H", bytes(4 * len(old_keys)))
+        self._mask = len(self._keys) - 1
+        for key, tag in zip(old_keys, old_tags, strict=True):
+            if key:
+                slot = self._slot(key)
+                self._keys[slot] = key
+                self._tags[slot] = tag
+
+    def packed(self) -> list[int]:
+        """Every entry as `key << 16 | tag`, sorted by key."""
+        return sorted(k << 16 | t for k, t in zip(self._keys, self._tags, strict=True) if k)
+
+
+class _Run:
+    """An immutable sorted run of keys with their tags."""
+
+    __slots__ = ("keys", "tags")
+
+    def __init__(self, packed: Iterable[int]) -> None:
+        self.keys = array("Q")
+        self.tags = array("H")
+        for entry in packed:
+            self.keys.append(entry >> 16)
+            self.tags.append(entry & 0xFFFF)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def packed(self) -> Iterator[int]:
+        """Entries as `key << 16 | tag`, in key order."""
+        return (k << 16 | t for k, t in zip(self.keys, self.tags, strict=True))
+
+    def find(self, key: int) -> int:
+        """The index of `key`, or -1."""
+        i = bisect_left(self.keys, key)
+        return i if i < len(self.keys) and self.keys[i] == key else -1
+
+
+class IdSet:
+    """Set of string ids with `add` (returns whether the id was new) and `in`; each id may carry a 16-bit tag.
+
+    The tag is a few bits of the row's text fingerprint, so a resumed run can tell that a done id now has
+    different text (missing 1 change in 65,536); 0 means unknown.
+
+    New keys go to a small hash table; every 16k of them are sorted into an immutable run (`array('Q')` keys
+    and `array('H')` tags), and runs of similar size are merged up to 128k keys, so the set costs ~10 bytes
+    an id plus ~2 MB and never doubles its memory to grow: a hash table of a million keys needs 16 MB, and
+    24 MB at the moment it grows (measured). A lookup probes the table, then bisects each run (≤ 3 + n/128k
+    of them).
     """
 
     __slots__ = ("_recent", "_run_cap", "_runs", "_seal_at", "_size")
@@ -78,8 +132,8 @@ class IdSet:
     def __init__(self, ids: Iterable[str] = (), *, seal_at: int = 1 << 14, run_cap: int = 1 << 17) -> None:
         self._seal_at = seal_at
         self._run_cap = run_cap
-        self._recent = _KeyTable()
-        self._runs: list[array[int]] = []
+        self._recent = _TaggedTable()
+        self._runs: list[_Run] = []
         self._size = 0
         for row_id in ids:
             self.add(row_id)
@@ -88,24 +142,27 @@ class IdSet:
         return self._size
 
     @classmethod
-    def bulk(cls, ids: Iterable[str]) -> tuple[IdSet, int]:
-        """Build a set from many ids at once (a sink being resumed); also return how many were repeats.
+    def bulk(cls, entries: Iterable[tuple[str, int]]) -> tuple[IdSet, int]:
+        """Build a set from many (id, tag) pairs at once (a sink being resumed); also return how many were repeats.
 
         Keys are sorted a run at a time instead of probed one by one: ~2 s for a million ids, not ~10.
         """
         made = cls()
-        chunk = array("Q")
-        for row_id in ids:
-            chunk.append(id_key(row_id))
+        chunk: list[int] = []
+        for row_id, tag in entries:
+            chunk.append(id_key(row_id) << 16 | tag)
             if len(chunk) >= made._run_cap:
-                made._runs.append(array("Q", sorted(chunk)))
-                chunk = array("Q")
+                chunk.sort()
+                made._runs.append(_Run(chunk))
+                chunk = []
         if chunk:
-            made._runs.append(array("Q", sorted(chunk)))
-        total = sum(len(run) for run in made._runs)
+            chunk.sort()
+            made._runs.append(_Run(chunk))
         # One pass over all runs in key order finds every repeat, within a run or across runs.
-        repeats, last = 0, -1
-        for key in heapq.merge(*made._runs):
+        total = repeats = 0
+        last = -1
+        for key in heapq.merge(*(run.keys for run in made._runs)):
+            total += 1
             repeats += key == last
             last = key
         made._size = total - repeats
@@ -114,39 +171,42 @@ class IdSet:
     def __contains__(self, row_id: object) -> bool:
         if not isinstance(row_id, str):
             return False
-        return self._has(id_key(row_id))
+        return self.tag_of(row_id) is not None
 
-    def add(self, row_id: str) -> bool:
-        """Add an id; return True if it was not in the set before."""
+    def tag_of(self, row_id: str) -> int | None:
+        """The tag stored with `row_id` (0: unknown), or None when the id is not in the set."""
         key = id_key(row_id)
         recent = self._recent
         slot = recent._slot(key)
-        if recent._keys[slot] == key or self._in_runs(key):
+        if recent._keys[slot] == key:
+            return recent._tags[slot]
+        for run in self._runs:
+            i = run.find(key)
+            if i >= 0:
+                return run.tags[i]
+        return None
+
+    def add(self, row_id: str, tag: int = 0) -> bool:
+        """Add an id with its tag; return True if it was not in the set before (an id already in keeps its tag)."""
+        key = id_key(row_id)
+        recent = self._recent
+        slot = recent._slot(key)
+        if recent._keys[slot] == key or any(run.find(key) >= 0 for run in self._runs):
             return False
+        recent._tags[slot] = tag
         recent._claim(slot, key)
         self._size += 1
         if len(recent) >= self._seal_at:
             self._seal()
         return True
 
-    def _has(self, key: int) -> bool:
-        recent = self._recent
-        return recent._keys[recent._slot(key)] == key or self._in_runs(key)
-
-    def _in_runs(self, key: int) -> bool:
-        for run in self._runs:
-            i = bisect_left(run, key)
-            if i < len(run) and run[i] == key:
-                return True
-        return False
-
     def _seal(self) -> None:
-        """Turn the hash table into a sorted run; merge runs of similar size (bounded by RUN_CAP)."""
-        run = array("Q", sorted(k for k in self._recent._keys if k))
-        self._recent = _KeyTable()
+        """Turn the hash table into a sorted run; merge runs of similar size (bounded by run_cap)."""
+        run = _Run(self._recent.packed())
+        self._recent = _TaggedTable()
         runs = self._runs
         while runs and len(runs[-1]) <= len(run) and len(runs[-1]) + len(run) <= self._run_cap:
-            run = array("Q", heapq.merge(runs.pop(), run))
+            run = _Run(heapq.merge(runs.pop().packed(), run.packed()))
         runs.append(run)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -105,6 +106,20 @@ class LimitSettings:
         return cls(concurrency=AUTO_CEILING, auto=True, rpm=rpm, tpm=tpm)
 
 
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Capped exponential backoff with full jitter; `max_attempts` counts the first try."""
+
+    max_attempts: int = 6
+    base_wait: float = 0.5
+    max_wait: float = 20.0
+    timeout: float = 60.0
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait before attempt `attempt + 1`."""
+        return rng.uniform(0, min(self.max_wait, self.base_wait * 2 ** (attempt - 1)))
+
+
 @dataclass(slots=True)
 class Permit:
     """One taken slot; the worker reports what the request really cost through it."""
@@ -127,8 +142,6 @@ class Limiter:
         self.threshold = math.inf  # slow start until the first 429
         self.in_flight = 0
         self.pause_until = 0.0
-        self.learned_rpm: float | None = None
-        self.learned_tpm: float | None = None
         self.fast_latency: float | None = None  # EWMA of recent latencies (seconds)
         self.base_latency: float | None = None  # the fastest recent level
         self._last_cut = -math.inf
@@ -189,11 +202,9 @@ class Limiter:
         """Learn the provider's limits from `x-ratelimit-*` headers and pause when its window is spent."""
         limit_requests = _number(headers.get("x-ratelimit-limit-requests"))
         if limit_requests:
-            self.learned_rpm = limit_requests
             self._rpm = self._tighten(self._rpm, self.settings.rpm, limit_requests)
         limit_tokens = _number(headers.get("x-ratelimit-limit-tokens"))
         if limit_tokens:
-            self.learned_tpm = limit_tokens
             self._tpm = self._tighten(self._tpm, self.settings.tpm, limit_tokens)
         # Others may share the key: when what is left cannot cover what we have in flight, wait for it.
         remaining = _number(headers.get("x-ratelimit-remaining-requests"))

@@ -1,46 +1,88 @@
-"""What a labeling run needs, resolved from flags or keyword arguments: `RunOptions` and its helpers."""
+"""What a labeling run needs, resolved from flags or keyword arguments, in groups: I/O, limits, retry, checkpoint.
+
+`RunOptions.build` is the one place that turns flat settings (CLI flags, `label_csv` keywords) into the
+groups; nothing here imports the SDK, so the CLI can build options without paying for it.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pipeline.client import RetryPolicy
 from pipeline.config import TaskConfig
 from pipeline.errors import UsageError
-from pipeline.limits import LimitSettings
-from pipeline.meta import Identity
-from pipeline.source import CsvSource
+from pipeline.limits import LimitSettings, RetryPolicy
 
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+ProgressMode = Literal["auto", "log", "off"]
+
+
+@dataclass(frozen=True, slots=True)
+class IoOptions:
+    """Where rows come from and where labels go, and how to read the input."""
+
+    input: Path
+    output: Path
+    encoding: str = "utf-8"
+    delimiter: str | None = None
+    require_id_column: bool = False  # the id column was named explicitly: its absence is an error, not a fallback
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointOptions:
+    """How often the writer saves: every `rows` rows or `seconds` seconds (None: the sink's default)."""
+
+    rows: int | None = None
+    seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class RunOptions:
-    """Everything a run needs; the CLI builds it from flags, `label_csv` from keyword arguments."""
+    """Everything a run needs; build it with `RunOptions.build` from flat settings."""
 
-    input: Path
-    output: Path
+    io: IoOptions
     config: TaskConfig
     limits: LimitSettings = field(default_factory=LimitSettings.automatic)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
     api_key: str | None = None
     base_url: str | None = None
-    limit: int | None = None
+    max_rows: int | None = None  # label at most this many rows not yet in the sink (--limit)
     force: bool = False
-    restart: bool = False
-    progress: bool = True
-    checkpoint_rows: int | None = None
-    checkpoint_seconds: float | None = None
+    restart: bool = False  # --skip_labeled False: move the old sink aside and start over
+    relabel_changed: bool = False  # relabel done rows whose text changed since they were labeled
+    progress: ProgressMode = "auto"  # auto: a bar on a terminal, log lines otherwise; off: --quiet
     grace_seconds: float = 10.0
-    encoding: str = "utf-8"
-    delimiter: str | None = None
-    require_id_column: bool = False  # the id column was named explicitly: its absence is an error, not a fallback
+    exact_tokens: bool = False  # count prompt tokens with bpe-openai under a TPM limit (extra: labelstream[tokens])
     command: str | None = None  # how the user started this run, for the resume hint
     progress_every: float = 1.0
-    exact_tokens: bool = False  # count prompt tokens with bpe-openai under a TPM limit (extra: labelstream[tokens])
+
+    @classmethod
+    def build(cls, input: str | Path, output: str | Path, config: TaskConfig, **settings: Any) -> RunOptions:
+        """Options from flat settings: `encoding`, `delimiter`, `require_id_column` go to `io`,
+        `checkpoint_rows`/`checkpoint_seconds` to `checkpoint`; the rest are RunOptions fields."""
+        io_names = {f.name for f in fields(IoOptions)} - {"input", "output"}
+        io = IoOptions(Path(input), Path(output), **{k: settings.pop(k) for k in list(settings) if k in io_names})
+        checkpoint = settings.pop("checkpoint", None) or CheckpointOptions(
+            rows=settings.pop("checkpoint_rows", None), seconds=settings.pop("checkpoint_seconds", None)
+        )
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(settings) - known):
+            raise TypeError(f"unknown run option(s) {unknown}; known: {sorted(known | io_names)}")
+        return cls(io=io, config=config, checkpoint=checkpoint, **settings)
+
+    @property
+    def input(self) -> Path:
+        """The CSV to label."""
+        return self.io.input
+
+    @property
+    def output(self) -> Path:
+        """The sink."""
+        return self.io.output
 
     @property
     def model(self) -> str:
@@ -58,39 +100,21 @@ class RunOptions:
         )
 
 
+def is_loopback(url: str | None) -> bool:
+    """Whether an endpoint URL points at this machine."""
+    return bool(url) and urlparse(url).hostname in LOOPBACK_HOSTS
+
+
 def resolve_credentials(api_key: str | None, base_url: str | None) -> tuple[str, str | None]:
     """API key and endpoint from arguments or OPENAI_API_KEY / OPENAI_BASE_URL; a key is optional on loopback."""
     key = api_key or os.environ.get("OPENAI_API_KEY") or None
     url = base_url or os.environ.get("OPENAI_BASE_URL") or None
     if key:
         return key, url
-    host = urlparse(url).hostname if url else None
-    if host in LOCAL_HOSTS:
+    if is_loopback(url):
         return "sk-local-no-key", url
     where = url or "https://api.openai.com/v1"
     raise UsageError(
         f"OPENAI_API_KEY is not set, and {where} needs one. Export OPENAI_API_KEY=..., or point --base-url "
         "at a local server (e.g. labelstream simulate)."
-    )
-
-
-def open_source(opts: RunOptions) -> CsvSource:
-    """The run's CSV reader (not yet opened)."""
-    return CsvSource(
-        opts.input,
-        opts.config,
-        encoding=opts.encoding,
-        delimiter=opts.delimiter,
-        require_id_column=opts.require_id_column,
-    )
-
-
-def identity_of(opts: RunOptions, source: CsvSource) -> Identity:
-    """What the resume guard compares: model, prompt fingerprint, labels, and how ids are made."""
-    return Identity(
-        model=opts.model,
-        prompt=opts.config.prompt_fingerprint(),
-        labels=opts.config.labels,
-        multi_label=opts.config.multi_label,
-        id_source=source.id_source,
     )

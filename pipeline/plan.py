@@ -1,13 +1,14 @@
-"""`--dry-run`: check input, config and sink as a real run would, count the work, make no API call."""
+"""`--dry-run`: prepare the sink as a real run would, sort the rows through the same gate, make no API call."""
 
 from __future__ import annotations
 
 from pipeline.errors import UsageError
-from pipeline.idset import IdSet
-from pipeline.options import RunOptions, identity_of, open_source, resolve_credentials
-from pipeline.progress import price_of
+from pipeline.options import RunOptions, resolve_credentials
+from pipeline.prepare import RowGate, Verdict, prepare_run
+from pipeline.pricing import cost_of
 from pipeline.prompt import Prompt
-from pipeline.sink import open_sink
+from pipeline.results import Row
+from pipeline.stats import CallStats, RunStats
 from pipeline.tokens import TokenEstimator
 
 
@@ -18,42 +19,45 @@ def dry_run(opts: RunOptions) -> str:
         key_note = "API key: found"
     except UsageError as exc:
         key_note = f"API key: MISSING: {exc.message}"
-    source = open_source(opts)
-    sink = open_sink(opts.output)
-    with source:
-        done = IdSet() if opts.restart else sink.load_done(repair=False)
-        prompt = Prompt(opts.config)
-        if not opts.restart:
-            sink.meta.check_identity(
-                identity_of(opts, source), has_rows=len(done) > 0, force=opts.force, sink_name=str(opts.output)
-            )
-        estimator = TokenEstimator(opts.model, prompt.prefix)
-        seen, todo, problems, duplicates, tokens, first = IdSet(), 0, 0, 0, 0, None
-        for batch in source.batches():
+    prepared = prepare_run(opts, dry_run=True)
+    prompt = Prompt(opts.config)
+    estimator = TokenEstimator(opts.model, prompt.prefix)
+    stats = RunStats(calls=CallStats(), model=opts.model)
+    gate = RowGate(prepared.done, stats, opts.max_rows, redo=prepared.redo)
+    tokens, first = 0, None
+    try:
+        for batch in prepared.source.batches():
             for row in batch:
-                if row.id in done or not seen.add(row.id):
-                    duplicates += row.id not in done
-                    continue
-                if opts.limit is not None and todo + problems >= opts.limit:
-                    break
-                if row.problem:
-                    problems += 1
-                    continue
-                todo += 1
-                tokens += estimator.prompt_tokens(row.text)
-                first = first or row
-    price = price_of(opts.model)
-    completion = todo * min(opts.config.max_tokens, 12)
-    cost = f" ≈ ${(tokens * price[0] + completion * price[1]) / 1e6:.4f}" if price else ""
+                if gate.sort(row) is Verdict.SEND:
+                    tokens += estimator.prompt_tokens(row.text)
+                    first = first or row
+                    if gate.full:
+                        break
+            if gate.full:
+                break
+    finally:
+        prepared.close()
+    completion = gate.sent * min(opts.config.max_tokens, 12)
+    cost = cost_of(opts.model, tokens, completion)
     lines = [
         f"dry run: {opts.input} → {opts.output} ({opts.model}, prompt {opts.config.prompt_fingerprint()})",
-        f"  {todo:,} rows to label, {len(done):,} already in the sink, {duplicates:,} repeated ids, "
-        f"{problems:,} rows that would be dead-lettered (empty text, bad bytes, ragged)",
-        f"  ~{tokens:,} prompt tokens{cost} (estimate)",
+        f"  {gate.sent:,} rows to label, {len(prepared.done):,} already in the sink, "
+        f"{stats.duplicates + stats.conflicts:,} repeated ids ({stats.conflicts:,} with different text), "
+        f"{gate.problems:,} rows that would be dead-lettered (empty text, bad bytes, ragged)",
+        f"  ~{tokens:,} prompt tokens{f' ≈ ${cost:.4f}' if cost is not None else ''} (estimate)",
         f"  {key_note}",
     ]
+    if stats.changed or prepared.relabeled:
+        what = "--relabel-changed labels them again" if opts.relabel_changed else "--relabel-changed would relabel"
+        lines.append(f"  {max(stats.changed, prepared.relabeled):,} rows in the sink now have different text ({what})")
+    lines.extend(f"  note: {note}" for note in prepared.notes)
     if first is not None:
-        lines.append("  first request:")
-        for message in prompt.messages(first.text):
-            lines.append(f"    [{message['role']}] {message['content'][:300]}")
+        lines.extend(_first_request(prompt, first))
     return "\n".join(lines)
+
+
+def _first_request(prompt: Prompt, row: Row) -> list[str]:
+    lines = ["  first request:"]
+    for message in prompt.messages(row.text):
+        lines.append(f"    [{message['role']}] {message['content'][:300]}")
+    return lines

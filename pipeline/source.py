@@ -8,36 +8,19 @@ import io
 import itertools
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from hashlib import blake2b
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 
 from pipeline.config import TaskConfig
 from pipeline.errors import InputError
+from pipeline.results import Row
 
 # A field may legitimately be megabytes long (a pasted log, a whole article); we cut the text later.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 _SNIFF_BYTES = 64 * 1024
 _DELIMITERS = (",", "\t", ";", "|")
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One input record: its id, the text to label, the columns to carry, and any input problem.
-
-    `line` is the record's 1-based position among data rows; `problem` names why the row cannot be
-    sent (e.g. "empty_text"), with `detail` saying what the user can do about it.
-    """
-
-    id: str
-    text: str
-    line: int
-    carry: Mapping[str, str] = field(default_factory=dict)
-    problem: str | None = None
-    detail: str = ""
-    truncated: bool = False
 
 
 def content_id(text: str) -> str:
@@ -72,7 +55,7 @@ class CsvSource:
         self.missing_carry: tuple[str, ...] = ()
         self.nul_bytes = 0
         self._file: IO[str] | None = None
-        self._reader: Iterator[list[str]] | None = None
+        self._reader: Any = None  # a csv reader (its type is private to the csv module)
         self._line = 0
 
     @property
@@ -89,8 +72,15 @@ class CsvSource:
     ) -> None:
         self.close()
 
+    @property
+    def lines_read(self) -> int:
+        """Physical lines consumed so far, the header included (a quoted field may span several)."""
+        reader = self._reader
+        return int(reader.line_num) if reader is not None else 0
+
     def open(self) -> None:
-        """Open the file and validate its header; raise InputError naming the problem and the fix."""
+        """Open the file (again, from the start) and validate its header; raise InputError naming the problem."""
+        self._line = 0
         head = self._check_readable()
         encoding = "utf-8-sig" if codecs.lookup(self.encoding).name == "utf-8" else self.encoding
         raw = self.path.open("rb")
@@ -197,6 +187,14 @@ class CsvSource:
                 "Pass --id-column with one of them, or --id-column '' to use content hashes as ids."
             )
         self.carry = tuple(c for c in cfg.carry if c in self.header)
+        used = {*cfg.template_columns, *self.carry, *([self.id_column] if self.id_column else [])}
+        for name in sorted(used):
+            if self.header.count(name) > 1:
+                positions = [i + 1 for i, h in enumerate(self.header) if h == name]
+                raise InputError(
+                    f"{self.path}: the header names column {name!r} {len(positions)} times (columns "
+                    f"{', '.join(map(str, positions))}), so it is unclear which one to use. Rename the repeats."
+                )
         self.missing_carry = tuple(c for c in cfg.carry if c not in self.header)
         self._index = {name: i for i, name in enumerate(self.header)}
 

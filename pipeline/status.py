@@ -8,14 +8,14 @@ from typing import Any
 import orjson
 
 from pipeline.errors import SinkError
-from pipeline.progress import short_duration
-from pipeline.sink import open_sink
+from pipeline.sinks import open_sink
+from pipeline.stats import short_duration
 
 
 def sink_status(path: Path) -> dict[str, Any]:
     """Counts and samples for a sink, read without changing anything."""
     sink = open_sink(path)
-    if not sink.path.exists() and not sink.meta.dir.exists():
+    if not sink.exists():
         raise SinkError(f"{path} does not exist yet; run `labelstream label --output {path}` first.")
     done = sink.load_done(repair=False)
     pending: dict[str, dict[str, Any]] = {}
@@ -31,8 +31,9 @@ def sink_status(path: Path) -> dict[str, Any]:
         kinds[kind] = kinds.get(kind, 0) + 1
     recent = sorted(pending.values(), key=lambda x: str(x.get("failed_at")), reverse=True)[:5]
     progress = _read_json(sink.meta.progress_path)
-    manifest = sink.meta.read_manifest() or {}
+    manifest = sink.meta.read_manifest()
     total = len(done) + len(pending)
+    identity = manifest.identity if manifest else None
     return {
         "output": str(path),
         "labeled": len(done),
@@ -43,10 +44,10 @@ def sink_status(path: Path) -> dict[str, Any]:
             {k: letter.get(k) for k in ("id", "kind", "message", "attempts", "status", "failed_at")}
             for letter in recent
         ],
-        "model": manifest.get("model"),
-        "prompt": manifest.get("prompt"),
-        "labels": manifest.get("labels"),
-        "runs": len(manifest.get("runs") or []),
+        "model": identity.model if identity else None,
+        "prompt": identity.prompt if identity else None,
+        "labels": list(identity.labels) if identity else None,
+        "runs": len(manifest.runs) if manifest else 0,
         "progress": progress,
         "notes": sink.notes,
     }

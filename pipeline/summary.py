@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pipeline.progress import short_duration, short_number
-
-if TYPE_CHECKING:
-    from pipeline.errors import LabelstreamError
-    from pipeline.run import _Run
+from pipeline.errors import LabelstreamError
+from pipeline.options import RunOptions
+from pipeline.stats import RunStats, short_duration, short_number
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +23,8 @@ class Summary:
     saved: int
     skipped_done: int
     duplicates: int
+    conflicts: int
+    changed: int
     truncated: int
     retries: int
     rate_limited: int
@@ -37,22 +37,34 @@ class Summary:
     failures: dict[str, int] = field(default_factory=dict)
     samples: dict[str, list[str]] = field(default_factory=dict)
     duplicate_samples: list[str] = field(default_factory=list)
+    conflict_samples: list[str] = field(default_factory=list)
+    relabel_hint: bool = True  # False when --relabel-changed was given
     error: str | None = None
 
     @classmethod
-    def of(cls, run: _Run, *, state: str, error: LabelstreamError | None) -> Summary:
-        """Summarise a finished (or stopped) run."""
-        s = run.stats
+    def of(
+        cls,
+        s: RunStats,
+        *,
+        opts: RunOptions,
+        state: str,
+        error: LabelstreamError | None,
+        dead_letters: str,
+        resume: str,
+    ) -> Summary:
+        """Summarise a finished (or stopped) run from its counters."""
         return cls(
             state=state,
-            input=str(run.opts.input),
-            output=str(run.opts.output),
-            dead_letters=str(run.sink.meta.dead_letters_path),
+            input=str(opts.input),
+            output=str(opts.output),
+            dead_letters=dead_letters,
             labeled=s.labeled,
             failed=s.failed,
             saved=s.saved,
             skipped_done=s.skipped_done,
             duplicates=s.duplicates,
+            conflicts=s.conflicts,
+            changed=s.changed,
             truncated=s.truncated,
             retries=s.calls.retries,
             rate_limited=s.calls.rate_limited,
@@ -61,10 +73,12 @@ class Summary:
             completion_tokens=s.calls.completion_tokens,
             cost_usd=s.cost,
             model=s.model,
-            resume_command=run.opts.resume_command,
+            resume_command=resume,
             failures=dict(s.failure_counts),
             samples={k: list(v) for k, v in s.failures.items()},
             duplicate_samples=list(s.duplicate_samples),
+            conflict_samples=list(s.conflict_samples),
+            relabel_hint=not opts.relabel_changed,
             error=error.message if error else None,
         )
 
@@ -94,6 +108,8 @@ class Summary:
             "failure_rate": round(self.failure_rate, 4),
             "skipped_done": self.skipped_done,
             "duplicates": self.duplicates,
+            "conflicts": self.conflicts,
+            "changed": self.changed,
             "truncated": self.truncated,
             "retries": self.retries,
             "rate_limited": self.rate_limited,
@@ -123,6 +139,15 @@ class Summary:
         if self.duplicates:
             examples = ", ".join(self.duplicate_samples[:3])
             lines.append(f"  {self.duplicates:,} repeated ids skipped (each labeled once), e.g. {examples}")
+        if self.conflicts:
+            examples = ", ".join(self.conflict_samples[:3])
+            lines.append(
+                f"  {self.conflicts:,} ids repeated with different text: only the first row of each was labeled, "
+                f"and export gives the others its label. Make the ids unique. E.g. {examples}"
+            )
+        if self.changed:
+            hint = " Re-run with --relabel-changed to label them again." if self.relabel_hint else ""
+            lines.append(f"  {self.changed:,} rows already in the sink now have different text.{hint}")
         if self.truncated:
             lines.append(f"  {self.truncated:,} texts were longer than max_chars and were cut (see 'truncated')")
         if self.failures:

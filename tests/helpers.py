@@ -15,12 +15,11 @@ from typing import Any
 
 import orjson
 
-from pipeline.client import RetryPolicy
 from pipeline.config import TaskConfig, load_config
-from pipeline.limits import LimitSettings
+from pipeline.limits import LimitSettings, RetryPolicy
 from pipeline.options import RunOptions
 from pipeline.run import run_label
-from pipeline.sink import open_sink
+from pipeline.sinks import open_sink
 from pipeline.summary import Summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,15 +55,15 @@ def label(
     **options: Any,
 ) -> Summary:
     """Run a labeling job in this process against the simulator, progress off."""
-    opts = RunOptions(
-        input=input_csv,
-        output=output,
-        config=config,
+    opts = RunOptions.build(
+        input_csv,
+        output,
+        config,
         limits=options.pop("limits", LimitSettings(concurrency=concurrency)),
         retry=retry,
         base_url=sim.base_url,
         api_key=options.pop("api_key", "sk-test-key"),
-        progress=False,
+        progress="off",
         **options,
     )
     return asyncio.run(run_label(opts, notice=io.StringIO()))

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from pipeline import cli as cli_module
-from pipeline.client import CallStats, RetryPolicy
-from pipeline.progress import Reporter, RunStats
-from pipeline.sink import open_sink
+from pipeline.limits import RetryPolicy
+from pipeline.progress import Reporter
+from pipeline.sinks import open_sink
+from pipeline.stats import CallStats, RunStats
 
 from .helpers import ROOT, TEST_KEY, cli, cli_env, dead_letters, label, progress, reviews, sink_ids, write_csv
 
@@ -159,7 +160,7 @@ def test_a_bug_shows_its_traceback_without_the_key(
     def broken(*_: Any) -> int:
         raise RuntimeError(f"something broke while using {TEST_KEY}")
 
-    monkeypatch.setattr(cli_module, "_status", broken)
+    monkeypatch.setitem(cli_module._HANDLERS, "status", broken)
     assert cli_module.main(["status", "whatever.jsonl"]) == cli_module.EXIT_BUG
     err = capsys.readouterr().err
     assert "Traceback" in err and "something broke" in err
@@ -173,4 +174,10 @@ def test_progress_lines_when_not_a_terminal() -> None:
     stats.labeled = 4
     reporter = Reporter(stats, stream=stream, log_every=0)
     reporter.update()
-    assert stream.getvalue().startswith("labelstream: 4/10 rows | 4 done | 0 failed")
+    assert stream.getvalue().startswith("labelstream: 4/~10 rows | 4 done | 0 failed"), "an estimate shows as ~"
+    stats.expected_exact = True
+    reporter.update()
+    assert stream.getvalue().splitlines()[-1].startswith("labelstream: 4/10 rows | 4 done")
+    quiet = io.StringIO()
+    Reporter(stats, mode="off", stream=quiet, log_every=0).update()
+    assert quiet.getvalue() == ""

@@ -32,14 +32,34 @@ def test_idmap_matches_a_dict(pairs: list[tuple[str, int]]) -> None:
     assert compact.get("\x01absent") == reference.get("\x01absent")
 
 
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(1, 0xFFFF)), max_size=2000), st.booleans())
+def test_tags_are_kept_beside_ids(pairs: list[tuple[int, int]], bulk: bool) -> None:
+    """Each id keeps the tag it was first added with (or, built in bulk, one of its tags); absent ids have none."""
+    first: dict[str, int] = {}
+    for n, tag in pairs:
+        first.setdefault(f"id{n}", tag)
+    if bulk:
+        made, _ = IdSet.bulk((f"id{n}", tag) for n, tag in pairs)
+        seen: dict[str, set[int]] = {}
+        for n, tag in pairs:
+            seen.setdefault(f"id{n}", set()).add(tag)
+        assert all(made.tag_of(k) in tags for k, tags in seen.items())
+    else:
+        made = IdSet(seal_at=16, run_cap=128)
+        for n, tag in pairs:
+            made.add(f"id{n}", tag)
+        assert all(made.tag_of(k) == tag for k, tag in first.items())
+    assert made.tag_of("absent") is None
+
+
 def test_many_ids_cost_about_eight_bytes_each() -> None:
     """200,000 ids are kept as sorted 64-bit keys plus one small table, not as Python objects."""
     ids = IdSet(f"row-{i}" for i in range(200_000))
     assert len(ids) == 200_000
     stored = sum(len(run) for run in ids._runs) + len(ids._recent)
     assert stored == 200_000
-    assert sum(run.itemsize * len(run) for run in ids._runs) <= 8 * 200_000
-    assert all(list(run) == sorted(run) for run in ids._runs)
+    assert sum(run.keys.itemsize * len(run) + run.tags.itemsize * len(run) for run in ids._runs) <= 10 * 200_000
+    assert all(list(run.keys) == sorted(run.keys) for run in ids._runs)
     assert "row-199999" in ids and "row-200000" not in ids
 
 
@@ -59,7 +79,7 @@ def test_idset_with_tiny_runs_matches_a_python_set(numbers: list[int], recent: i
 def test_bulk_build_matches_a_python_set_and_counts_repeats(numbers: list[int]) -> None:
     """Building from many ids at once (resuming a sink) gives the same membership and counts every repeat."""
     ids = [f"id{n}" for n in numbers]
-    compact, repeats = IdSet.bulk(ids)
+    compact, repeats = IdSet.bulk((row_id, 0) for row_id in ids)
     assert repeats == len(ids) - len(set(ids))
     assert len(compact) == len(set(ids))
     assert all(row_id in compact for row_id in ids)

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.errors import InputError
 from pipeline.export import export_labels
-from pipeline.sink import open_sink
+from pipeline.sinks import open_sink
 
 from .helpers import cli, dead_letters, label, sink_ids
 
@@ -28,7 +28,12 @@ CASES: dict[str, tuple[bytes, dict[str, str], dict[str, str]]] = {
         {},
     ),
     "empty and blank text": (b'id,text\n1,\n2,"   "\n3,ok\n', {"1": "empty_text", "2": "empty_text", "3": "ok"}, {}),
-    "duplicate ids": (b"id,text\n1,first\n1,second\n2,other\n", {"1": "ok", "2": "ok"}, {"duplicates": "1"}),
+    "duplicate ids": (b"id,text\n1,first\n1,first\n2,other\n", {"1": "ok", "2": "ok"}, {"duplicates": "1"}),
+    "id repeated with other text": (
+        b"id,text\n42,first\n 42 ,second\n2,other\n",
+        {"42": "ok", "2": "ok"},
+        {"conflicts": "1"},
+    ),
     "nul bytes": (b"id,text\n1,a\x00b\n2,c\n", {"1": "ok", "2": "ok"}, {}),
     "stray invalid utf-8": (
         b"id,text\n1,fine\n2,bad \xff\xfe byte\n3,also fine\n",

@@ -8,12 +8,12 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.client import Labeled, RetryPolicy
 from pipeline.config import RESERVED_FIELDS, load_config, parse_config
 from pipeline.errors import FatalApiError, InputError, SinkError, SinkMismatchError
-from pipeline.parquet_sink import record_schema
-from pipeline.sink import open_sink, record
-from pipeline.source import Row
+from pipeline.limits import RetryPolicy
+from pipeline.results import Labeled, Row, record
+from pipeline.sinks import open_sink
+from pipeline.sinks.parquet import record_schema
 
 from .helpers import ROOT, SENTIMENT, dead_letters, label, progress, reviews, sink_ids, write_csv
 
@@ -50,18 +50,20 @@ def test_limit_walks_through_the_file_batch_by_batch(sim: Any, tmp_path: Path, n
     """--limit N labels N new rows per run, so repeated runs cover the file once, without repeats."""
     source = write_csv(tmp_path / "in.csv", reviews(25))
     for expected in (10, 20, 25, 25):
-        label(sim, source, tmp_path / name, limit=10)
+        label(sim, source, tmp_path / name, max_rows=10)
         ids = sink_ids(tmp_path / name)
         assert len(ids) == len(set(ids)) == expected
 
 
 def test_duplicate_ids_are_labeled_once_and_reported(sim: Any, tmp_path: Path) -> None:
-    """A repeated id is labeled once; the summary counts the repeats and names one."""
-    rows = [*reviews(5), ("r00001", "ko", "again"), ("r00002", "en", "and again")]
+    """A repeated id is labeled once; exact repeats and repeats with other text are counted apart, with lines."""
+    rows = [*reviews(5), reviews(5)[1], ("r00001", "ko", "again"), ("r00002", "en", "and again")]
     summary = label(sim, write_csv(tmp_path / "in.csv", rows), tmp_path / "out.jsonl")
     assert sorted(sink_ids(tmp_path / "out.jsonl")) == sorted(r[0] for r in reviews(5))
-    assert summary.duplicates == 2
-    assert "r00001" in summary.render()
+    assert (summary.duplicates, summary.conflicts) == (1, 2)
+    text = summary.render()
+    assert "1 repeated ids skipped" in text and "r00001 (line 6)" in text
+    assert "2 ids repeated with different text" in text and "r00001 (line 7)" in text
 
 
 def test_retries_server_errors_rate_limits_and_malformed_replies(sim: Any, tmp_path: Path) -> None:
@@ -136,7 +138,7 @@ def test_missing_text_column_fails_before_any_request(sim: Any, tmp_path: Path) 
 def test_config_guard_refuses_another_model_unless_forced(sim: Any, tmp_path: Path, name: str) -> None:
     """Resuming with another model is refused naming both; --force resumes and records it in the manifest."""
     source = write_csv(tmp_path / "in.csv", reviews(12))
-    label(sim, source, tmp_path / name, limit=5)
+    label(sim, source, tmp_path / name, max_rows=5)
     other = SENTIMENT.with_overrides(model="gpt-4o")
     with pytest.raises(SinkMismatchError, match="gpt-4o-mini → gpt-4o"):
         label(sim, source, tmp_path / name, config=other)
@@ -150,7 +152,7 @@ def test_config_guard_refuses_another_model_unless_forced(sim: Any, tmp_path: Pa
 def test_prompt_change_is_refused(sim: Any, tmp_path: Path) -> None:
     """Changing the instructions between runs is caught by the prompt fingerprint."""
     source = write_csv(tmp_path / "in.csv", reviews(6))
-    label(sim, source, tmp_path / "out.jsonl", limit=2)
+    label(sim, source, tmp_path / "out.jsonl", max_rows=2)
     changed = parse_config(
         {
             "instructions": "Something else.",
@@ -222,7 +224,7 @@ def test_limit_moves_past_rows_that_can_never_be_labeled(sim: Any, tmp_path: Pat
     """Unusable rows do not count against --limit, so batches move forward even when a file starts with them."""
     path = tmp_path / "in.csv"
     path.write_text("id,text\n1,\n2,\n3,\n4,good\n5,fine\n", encoding="utf-8")
-    summary = label(sim, path, tmp_path / "out.jsonl", limit=2)
+    summary = label(sim, path, tmp_path / "out.jsonl", max_rows=2)
     assert sorted(sink_ids(tmp_path / "out.jsonl")) == ["4", "5"]
     assert summary.failed == 3
 

@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.client import RetryPolicy
 from pipeline.errors import FatalApiError
-from pipeline.limits import LimitSettings
+from pipeline.limits import LimitSettings, RetryPolicy
 
 from .helpers import dead_letters, label, reviews, sink_ids, write_csv
 

@@ -13,12 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.client import Labeled
 from pipeline.errors import SinkError, SinkMismatchError, UsageError
-from pipeline.meta import Identity
-from pipeline.parquet_sink import ParquetSink, compact
-from pipeline.sink import JsonlSink, Sink, open_sink
-from pipeline.source import Row
+from pipeline.results import Labeled, Row
+from pipeline.sinks import Identity, JsonlSink, Sink, open_sink
+from pipeline.sinks.compact import compact
+from pipeline.sinks.parquet import ParquetSink
 
 SINKS = ["out.jsonl", "out.parquet"]
 IDENTITY = Identity(model="m", prompt="p1", labels=("a", "b"), multi_label=False, id_source="column:id")
@@ -106,8 +105,8 @@ def test_identity_guard(tmp_path: Path, name: str) -> None:
     assert "prompt p1 → p2" in caught.value.message
     assert "--force" in caught.value.message
     forced = sink.meta.check_identity(changed, has_rows=True, force=True, sink_name=name)
-    assert forced["forced"][0]["differences"][0] == "model m → gpt-4o"
-    assert forced["model"] == "gpt-4o"
+    assert forced.forced[0]["differences"][0] == "model m → gpt-4o"
+    assert forced.model == "gpt-4o"
 
 
 def test_rows_without_manifest_are_refused(tmp_path: Path) -> None:
@@ -125,7 +124,7 @@ def test_parquet_schema_is_typed_and_stable(tmp_path: Path) -> None:
     schema = ds.dataset(tmp_path / "out.parquet").schema
     assert schema.names == [
         "id", "label", "lang", "model", "prompt_tokens", "completion_tokens",
-        "latency_ms", "attempts", "truncated", "labeled_at",
+        "latency_ms", "attempts", "truncated", "text_sha", "labeled_at",
     ]  # fmt: skip
     assert str(schema.field("labeled_at").type) == "timestamp[ms, tz=UTC]"
     assert str(schema.field("prompt_tokens").type) == "int32"
@@ -159,18 +158,18 @@ def test_interrupted_compaction_recovers_old_or_new(tmp_path: Path, stage: str) 
     sink, _ = open_for_run(tmp_path / "out.parquet")
     write(sink, *([labeled(str(i)) for i in range(start, start + 10)] for start in range(0, 30, 10)))
     meta = sink.meta.dir
-    merged = meta / "compact.new"
+    merged = meta / "rewrite.new"
     merged.mkdir()
     shutil.copy(sink.parts()[0], merged / sink.parts()[0].name)  # a partial new set
     if stage == "between-renames":
         shutil.rmtree(merged)
         compact(tmp_path / "out.parquet")  # produce a real compacted set to stage from
         (tmp_path / "out.parquet").rename(merged)
-        (meta / "compact.ready").touch()
+        (meta / "rewrite.ready").touch()
     reopened, done = open_for_run(tmp_path / "out.parquet")
     assert len(done) == 30
     assert sorted(ids_in(reopened), key=int) == [str(i) for i in range(30)]
-    assert not merged.exists() and not (meta / "compact.ready").exists()
+    assert not merged.exists() and not (meta / "rewrite.ready").exists()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

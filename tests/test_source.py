@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from pipeline.config import TaskConfig, parse_config
 from pipeline.errors import InputError
-from pipeline.source import CsvSource, Row, content_id
+from pipeline.results import Row
+from pipeline.source import CsvSource, content_id
 
 CONFIG = parse_config(
     {"instructions": "x", "labels": {"a": "a", "b": "b"}, "input": {"carry": ["lang"], "max_chars": 50}}

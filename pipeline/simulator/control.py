@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
-from pipeline._simfaults import Fault, error_body
-
-if TYPE_CHECKING:
-    from pipeline._simserver import Simulator
+from pipeline.simulator.faults import Fault, error_body
+from pipeline.simulator.settings import SimulatorConfig
 
 
-def add_control_routes(router: web.UrlDispatcher, sim: Simulator) -> None:
+class Controllable(Protocol):
+    """What the control plane needs of a simulator (the server implements it; nothing here imports the server)."""
+
+    @property
+    def config(self) -> SimulatorConfig: ...
+    def stats(self, *, events: bool = True) -> dict[str, Any]: ...
+    def reset_stats(self) -> None: ...
+    def pending_faults(self) -> list[dict[str, Any]]: ...
+    def clear_faults(self) -> None: ...
+    def script(self, scripted: Iterable[Fault]) -> None: ...
+    def configure(self, **changes: Any) -> SimulatorConfig: ...
+    def reset(self) -> None: ...
+
+
+def add_control_routes(router: web.UrlDispatcher, sim: Controllable) -> None:
     """Serve /stats, /stats/reset, /control/faults, /control/config and /control/reset for `sim`."""
 
     async def get_stats(request: web.Request) -> web.Response:

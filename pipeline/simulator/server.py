@@ -15,12 +15,12 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from pipeline import _simfaults as faults
-from pipeline._simcontrol import add_control_routes
-from pipeline._simfaults import MALFORMED_KINDS, NOT_JSON_BODY, Fault, FaultScript, error_body
-from pipeline._simreply import SPOILERS, LabelMaker, completion_body, completion_tokens, read_messages, spoil
-from pipeline._simstate import Exchange, SimulatorConfig, Stats
-from pipeline._simwindow import Clock, RateLimits
+from pipeline.simulator import faults
+from pipeline.simulator.control import add_control_routes
+from pipeline.simulator.faults import MALFORMED_KINDS, NOT_JSON_BODY, Fault, FaultScript, error_body
+from pipeline.simulator.replies import SPOILERS, LabelMaker, completion_body, completion_tokens, read_messages, spoil
+from pipeline.simulator.settings import Exchange, SimulatorConfig, Stats
+from pipeline.simulator.windows import Clock, RateLimits
 
 DEFAULT_MODELS: Final = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano")
 _BAD_JSON: Final = (

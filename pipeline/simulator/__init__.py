@@ -1,0 +1,56 @@
+"""An OpenAI-compatible chat completions server on loopback, for the demo, the tests and the benchmarks.
+
+Endpoints:
+    POST /v1/chat/completions   a deterministic label honouring `response_format`, with latency,
+                                sliding-window RPM/TPM limits (429 + retry-after) and faults
+    GET  /v1/models             the model list
+    GET  /stats                 counters, window use, CPU time, events (`?events=0` leaves them out)
+    POST /stats/reset           zero the counters
+    GET|POST|DELETE /control/faults
+                                faults for the next requests, in order (POST appends; "replace": true first clears):
+                                {"faults": [{"kind": "status", "status": 429, "retry_after": 1, "count": 2},
+                                            {"kind": "hang", "match": "row-7", "count": -1}]}
+    GET|POST /control/config    change settings, e.g. {"rpm": 600, "latency_ms": 50}; resets the windows
+    POST /control/reset         back to the starting config, with no stats, faults or window use
+
+Replies: with a `json_schema` response_format, an instance of its schema chosen by a hash of the last
+user message (same text, same reply; an enum gives one value, an array of an enum 1-2 distinct ones);
+otherwise {"label": "positive" | "negative" | "neutral"}. Usage: prompt = ceil(characters / 4) + 3 per
+message, completion = ceil(len(content) / 4). A request's TPM cost is its prompt plus max_completion_tokens
+(or max_tokens, or the completion). stream=true is refused with a 400.
+
+Fault kinds: status, hang, reset, close_after_headers, slow_body, delay (the exchange itself) and
+not_json, bad_json_content, label_outside, empty_content, extra_text, length, content_filter,
+refusal (a 200 whose reply is no usable label; `malformed_rate` draws from these). Every fault takes
+count (default 1, -1 forever) and match (apply only if the last user message contains it); `status`
+takes status, message, code, type, retry_after, retry_after_ms, headers; hang, delay and slow_body take
+seconds; not_json takes content_type. Scripted faults come before the rate windows; random ones after.
+
+Events in /stats are [seconds since start at arrival, status, fault kind or null]; status 0 means the
+simulator reset the connection, 499 that the client left before the reply.
+
+Run it with `Simulator` on your own loop, `SimulatorThread` from synchronous code and tests, or `serve`.
+"""
+
+from pipeline.simulator.faults import FAULT_KINDS, MALFORMED_KINDS, Fault
+from pipeline.simulator.replies import DEFAULT_LABELS, OUTSIDE_LABEL
+from pipeline.simulator.runner import SimulatorThread, serve
+from pipeline.simulator.server import DEFAULT_MODELS, Simulator
+from pipeline.simulator.settings import SimulatorConfig
+from pipeline.simulator.windows import RateLimits, RateWindow, format_duration
+
+__all__ = [
+    "DEFAULT_LABELS",
+    "DEFAULT_MODELS",
+    "FAULT_KINDS",
+    "MALFORMED_KINDS",
+    "OUTSIDE_LABEL",
+    "Fault",
+    "RateLimits",
+    "RateWindow",
+    "Simulator",
+    "SimulatorConfig",
+    "SimulatorThread",
+    "format_duration",
+    "serve",
+]

@@ -1,0 +1,69 @@
+"""Durable file writes shared by the sinks and their side files: append-and-sync, write-temp-then-rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from pipeline.errors import StorageError
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_atomically(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Replace `path` with `data` so that a reader (or a crash) sees the old file or the new one, never half.
+
+    The temporary file lives in `tmp_dir`, which must be on the same filesystem as `path`.
+    """
+    tmp = tmp_dir / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}.") from None
+
+
+class Appender:
+    """Appends whole records to one file and syncs them; a failed append is cut back, never left half-written.
+
+    A write that fails half-way (disk full) would otherwise leave a torn record in the middle of the file
+    once a later append on the same handle succeeds. Not thread-safe: use it from one thread.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def append(self, data: bytes) -> None:
+        """Append `data` and fsync; on OSError the file is as it was before the call, and the error is raised."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = self._fd
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+                os.fsync(fd)
+            raise
+
+    def close(self) -> None:
+        """Close the file (appending again reopens it)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)

@@ -1,0 +1,245 @@
+"""The side files of a sink, kept in `OUT.meta/` beside it: manifest, dead letters, progress, lock, temp parts.
+
+They live outside the sink itself because readers of a Parquet dataset directory (polars, duckdb) fail on
+any file in it that is not a complete part; a JSONL sink keeps the same layout for one rule everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Final
+
+import orjson
+
+from pipeline.errors import SinkError, SinkMismatchError, StorageError
+from pipeline.results import now_iso
+from pipeline.sinks.files import Appender, replace_atomically
+
+SCHEMA_VERSION: Final = 2  # 2: records carry text_sha
+_IDENTITY_KEYS: Final = ("model", "prompt", "labels", "multi_label", "id_source")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What made a sink's labels: compared on resume so that one sink never mixes two setups."""
+
+    model: str
+    prompt: str
+    labels: tuple[str, ...]
+    multi_label: bool
+    id_source: str
+
+    def differences(self, other: Identity) -> list[str]:
+        """Human-readable differences between this run and a sink's recorded identity."""
+        diffs = []
+        if other.model != self.model:
+            diffs.append(f"model {other.model} → {self.model}")
+        if other.prompt != self.prompt:
+            diffs.append(f"prompt {other.prompt} → {self.prompt} (instructions, examples or template changed)")
+        if other.labels != self.labels:
+            diffs.append(f"labels {list(other.labels)} → {list(self.labels)}")
+        if other.multi_label != self.multi_label:
+            diffs.append(f"multi_label {other.multi_label} → {self.multi_label}")
+        if other.id_source != self.id_source:
+            diffs.append(f"ids from {other.id_source} → {self.id_source}")
+        return diffs
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form, as stored in the manifest."""
+        return {
+            "model": self.model,
+            "prompt": self.prompt,
+            "labels": list(self.labels),
+            "multi_label": self.multi_label,
+            "id_source": self.id_source,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Identity | None:
+        """The identity recorded in a manifest, or None when it holds none."""
+        if not all(key in raw for key in _IDENTITY_KEYS):
+            return None
+        return cls(
+            model=str(raw["model"]),
+            prompt=str(raw["prompt"]),
+            labels=tuple(str(x) for x in raw.get("labels") or ()),
+            multi_label=bool(raw["multi_label"]),
+            id_source=str(raw["id_source"]),
+        )
+
+
+@dataclass(slots=True)
+class Manifest:
+    """`manifest.json`: the identity of the sink's labels, how its input was read, and its history of runs.
+
+    Keys this version does not know are kept as they are (`extra`), so an older labelstream never drops
+    what a newer one wrote.
+    """
+
+    identity: Identity | None = None
+    input: dict[str, Any] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    forced: list[dict[str, Any]] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str | None:
+        """The model the sink's labels came from (None before the first run)."""
+        return self.identity.model if self.identity else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as written: identity fields at the top level."""
+        out: dict[str, Any] = {**self.extra, "schema_version": self.schema_version}
+        if self.identity is not None:
+            out.update(self.identity.as_dict())
+        out["input"] = self.input
+        out["runs"] = self.runs
+        if self.forced:
+            out["forced"] = self.forced
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Manifest:
+        """Read a manifest written by this or another version."""
+        known = {*_IDENTITY_KEYS, "schema_version", "input", "runs", "forced"}
+        version = raw.get("schema_version")
+        return cls(
+            identity=Identity.from_dict(raw),
+            input=dict(raw.get("input") or {}),
+            runs=list(raw.get("runs") or []),
+            forced=list(raw.get("forced") or []),
+            schema_version=version if isinstance(version, int) else 1,
+            extra={k: v for k, v in raw.items() if k not in known},
+        )
+
+
+def meta_dir_for(sink_path: Path) -> Path:
+    """`OUT.jsonl` → `OUT.jsonl.meta`, `OUT.parquet/` → `OUT.parquet.meta`."""
+    return sink_path.with_name(sink_path.name + ".meta")
+
+
+class SinkMeta:
+    """Access to one sink's side-file folder."""
+
+    def __init__(self, sink_path: Path) -> None:
+        self.dir = meta_dir_for(sink_path)
+        self.manifest_path = self.dir / "manifest.json"
+        self.dead_letters_path = self.dir / "dead_letters.jsonl"
+        self.progress_path = self.dir / "progress.json"
+        self.tmp_dir = self.dir / "tmp"
+        self._lock: IO[bytes] | None = None
+        self._dead_letters = Appender(self.dead_letters_path)
+
+    def ensure(self) -> None:
+        """Create the folder (and its temp folder)."""
+        try:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.dir}: {exc.strerror}. Check the --output folder.") from None
+
+    def lock(self) -> None:
+        """Take an exclusive lock so two runs never append to one sink at once."""
+        self.ensure()
+        handle = (self.dir / "lock").open("a+b")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid = handle.read().decode(errors="replace").strip() or "?"
+            handle.close()
+            raise SinkError(
+                f"another labelstream run (pid {pid}) is writing {self.dir.name.removesuffix('.meta')}; "
+                "wait for it to finish or stop it first."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()).encode())
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self) -> None:
+        """Release the lock (also released by the OS if the process dies)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def read_manifest(self) -> Manifest | None:
+        """The manifest, or None when there is none yet."""
+        try:
+            data = orjson.loads(self.manifest_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except orjson.JSONDecodeError:
+            raise SinkError(
+                f"{self.manifest_path} is damaged. Delete it and re-run with --force to adopt the sink as it is."
+            ) from None
+        return Manifest.from_json(data) if isinstance(data, dict) else None
+
+    def check_identity(self, identity: Identity, *, has_rows: bool, force: bool, sink_name: str) -> Manifest:
+        """Refuse to resume a sink whose rows another setup made (unless forced); return the manifest to write.
+
+        Only labeled rows fix a sink's identity: a run that labeled nothing (a mistyped --model, say) does not
+        stop the next run from using the sink with another setup.
+        """
+        manifest = self.read_manifest()
+        if manifest is None:
+            if has_rows and not force:
+                raise SinkMismatchError(
+                    f"{sink_name} has rows but no manifest ({self.manifest_path}), so it is unknown which model "
+                    "and prompt made them. Use a new --output, or --force to adopt it."
+                )
+            manifest = Manifest()
+        recorded = manifest.identity
+        if has_rows and recorded is not None:
+            diffs = identity.differences(recorded)
+            if diffs and not force:
+                raise SinkMismatchError(
+                    f"{sink_name} was labeled with {recorded.model} and prompt {recorded.prompt}; "
+                    f"this run differs: {'; '.join(diffs)}. Use a new --output, or --force to mix them."
+                )
+            if diffs:
+                manifest.forced.append({"differences": diffs, "at": now_iso()})
+        manifest.identity = identity
+        manifest.schema_version = SCHEMA_VERSION
+        return manifest
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Write the manifest atomically."""
+        self.write_json_atomic(self.manifest_path, manifest.to_json())
+
+    def write_json_atomic(self, path: Path, data: Mapping[str, Any]) -> None:
+        """Replace `path` with `data` as JSON so that readers never see half a file."""
+        replace_atomically(path, orjson.dumps(data, option=orjson.OPT_INDENT_2), self.tmp_dir)
+
+    def append_dead_letters(self, data: bytes) -> None:
+        """Append encoded dead letters durably (blocking: call it on the sink's I/O thread)."""
+        self.ensure()
+        try:
+            self._dead_letters.append(data)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot write {self.dead_letters_path}: {exc.strerror}. Free space and re-run to resume."
+            ) from None
+
+    def close(self) -> None:
+        """Close the dead-letter file."""
+        self._dead_letters.close()
+
+    def read_dead_letters(self) -> Iterator[dict[str, Any]]:
+        """Every dead letter ever written (a later run may have labeled the row since)."""
+        try:
+            handle = self.dead_letters_path.open("rb")
+        except FileNotFoundError:
+            return
+        with handle:
+            for line in handle:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    item = orjson.loads(line)
+                    if isinstance(item, dict):
+                        yield item

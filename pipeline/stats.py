@@ -1,0 +1,127 @@
+"""Counters of a run: the client's call counters and the run's row counters, and how to show numbers."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.pricing import cost_of
+from pipeline.results import now_iso
+
+
+@dataclass(slots=True)
+class CallStats:
+    """Counters the client updates and the progress reporter reads."""
+
+    retries: int = 0
+    rate_limited: int = 0
+    successes: int = 0
+    bad_requests_in_a_row: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Counters for one run; the workers, the writer and the reader update it, the reporter reads it."""
+
+    calls: CallStats
+    model: str
+    started: float = field(default_factory=time.monotonic)
+    expected: int | None = None  # rows this run will finish (labeled or dead-lettered)
+    expected_exact: bool = False  # False while `expected` is an estimate
+    read: int = 0
+    skipped_done: int = 0
+    duplicates: int = 0
+    conflicts: int = 0  # an id seen again with different text
+    changed: int = 0  # done ids whose text is now different
+    labeled: int = 0
+    failed: int = 0
+    saved: int = 0
+    truncated: int = 0
+    duplicate_samples: list[str] = field(default_factory=list)
+    conflict_samples: list[str] = field(default_factory=list)
+    failures: dict[str, list[str]] = field(default_factory=dict)  # kind → up to 3 sample messages
+    failure_counts: dict[str, int] = field(default_factory=dict)
+
+    def record_failure(self, kind: str, row_id: str, message: str) -> None:
+        """Count a dead letter and keep a few samples of each kind."""
+        self.failed += 1
+        self.failure_counts[kind] = self.failure_counts.get(kind, 0) + 1
+        samples = self.failures.setdefault(kind, [])
+        if len(samples) < 3:
+            samples.append(f"{row_id}: {message}")
+
+    @property
+    def finished(self) -> int:
+        """Rows this run has finished, labeled or failed."""
+        return self.labeled + self.failed
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the run started."""
+        return time.monotonic() - self.started
+
+    @property
+    def rate(self) -> float:
+        """Finished rows per second."""
+        return self.finished / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the current rate, if the total is known."""
+        if self.expected is None or self.rate <= 0:
+            return None
+        return max(0.0, (self.expected - self.finished) / self.rate)
+
+    @property
+    def cost(self) -> float | None:
+        """Estimated USD spent by this run, for models with a known price."""
+        return cost_of(self.model, self.calls.prompt_tokens, self.calls.completion_tokens)
+
+    def snapshot(self, state: str, **extra: Any) -> dict[str, Any]:
+        """The progress-file document."""
+        return {
+            "state": state,
+            "pid": os.getpid(),
+            "updated_at": now_iso(),
+            "elapsed_s": round(self.elapsed, 1),
+            "expected": self.expected,
+            "expected_exact": self.expected_exact,
+            "read": self.read,
+            "labeled": self.labeled,
+            "failed": self.failed,
+            "saved": self.saved,
+            "skipped_done": self.skipped_done,
+            "duplicates": self.duplicates,
+            "retries": self.calls.retries,
+            "rate_limited": self.calls.rate_limited,
+            "rows_per_s": round(self.rate, 2),
+            "eta_s": None if self.eta is None else round(self.eta, 1),
+            "prompt_tokens": self.calls.prompt_tokens,
+            "completion_tokens": self.calls.completion_tokens,
+            "cost_usd": None if self.cost is None else round(self.cost, 6),
+            **extra,
+        }
+
+
+def short_number(n: float) -> str:
+    """1234 → 1.2k, 3_400_000 → 3.4M."""
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def short_duration(seconds: float | None) -> str:
+    """95 → 1m35s."""
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
