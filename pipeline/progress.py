@@ -5,6 +5,7 @@ The progress file (`OUT.meta/progress.json`, written by the run) is the machine-
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ class Reporter:
         self.concurrency = concurrency
         self.log_every = log_every
         self.mode = mode
-        self._last_log = time.monotonic()
+        self._last_log = -math.inf  # the first line comes with the first finished row
         self._bar: tqdm[Any] | None = None
         if mode == "auto" and self.stream.isatty():
             self._bar = tqdm(total=stats.expected, unit="row", file=self.stream, dynamic_ncols=True, smoothing=0.1)
@@ -75,7 +76,7 @@ class Reporter:
         if self.mode == "off":
             return
         now = time.monotonic()
-        if now - self._last_log >= self.log_every:
+        if s.finished and now - self._last_log >= self.log_every:
             self._last_log = now
             self.log_line()
 

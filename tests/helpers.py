@@ -54,7 +54,8 @@ def label(
     retry: RetryPolicy = FAST_RETRY,
     **options: Any,
 ) -> Summary:
-    """Run a labeling job in this process against the simulator, progress off."""
+    """Run a labeling job in this process against the simulator, progress off (notes go to `notice`, if given)."""
+    notice = options.pop("notice", None)
     opts = RunOptions.build(
         input_csv,
         output,
@@ -63,10 +64,10 @@ def label(
         retry=retry,
         base_url=sim.base_url,
         api_key=options.pop("api_key", "sk-test-key"),
-        progress="off",
+        progress="off" if notice is None else "log",
         **options,
     )
-    return asyncio.run(run_label(opts, notice=io.StringIO()))
+    return asyncio.run(run_label(opts, notice=notice or io.StringIO()))
 
 
 def sink_ids(output: Path) -> list[str]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,13 @@ def test_exit_code_1_when_rows_are_dead_lettered(sim: Any, tmp_path: Path) -> No
         (["--encoding", "bogus"], "unknown --encoding 'bogus'"),
         (["--delimiter", "ab"], "--delimiter must be one character"),
         (["--id-column", "review_id"], "id column 'review_id' not found"),
+        (["--grace", "-1"], "--grace: expected a number ≥ 0, got -1"),
+        (["--grace", "nan"], "--grace: expected a finite number"),
+        (["--timeout", "0"], "--timeout: expected a number > 0"),
+        (["--max-retries", "-1"], "--max-retries: expected a number ≥ 0"),
+        (["--checkpoint-seconds", "inf"], "--checkpoint-seconds: expected a finite number"),
+        (["--no-progress", "--quiet"], "not allowed with argument"),
+        (["--relabel-changed", "--skip_labeled", "False"], "Pass one of them"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(sim: Any, tmp_path: Path, args: list[str], message: str) -> None:
@@ -268,3 +277,86 @@ def test_status_export_and_compact(sim: Any, tmp_path: Path, name: str) -> None:
         assert sorted(sink_ids(out)) == sorted(r[0] for r in rows if r[0] != "r00006")
     else:
         assert cli("compact", str(out)).returncode == 2
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.3, 0.5, 0.8, 1.2])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_at_any_moment_of_start_up_ends_with_exit_130_and_no_traceback(
+    sim: Any, tmp_path: Path, delay: float, sig: signal.Signals
+) -> None:
+    """Ctrl-C or SIGTERM while the CLI loads the SDK or prepares the sink: one line (or the run's summary), exit 130."""
+    sim.configure(latency_ms=200)
+    source = write_csv(tmp_path / "in.csv", reviews(3000))
+    out = tmp_path / "out.jsonl"
+    proc = start_cli(*label_args(sim, source, out, "--concurrency", "5"))
+    time.sleep(delay)  # the moment is the variable under test, not a wait for something to happen
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    if "stopping:" not in stderr:  # the signal came before the run took over: one line says it all
+        assert stderr.strip().splitlines() == ["labelstream: interrupted; re-run the same command to resume."]
+    saved = sink_ids(out)
+    assert len(saved) == len(set(saved))
+
+
+def test_no_progress_logs_plain_lines_and_quiet_prints_nothing(sim: Any, tmp_path: Path) -> None:
+    """--no-progress prints periodic plain lines (the first with the first row); --quiet prints nothing on success."""
+    source = write_csv(tmp_path / "in.csv", reviews(30))
+    logged = cli(*label_args(sim, source, tmp_path / "a.jsonl"))
+    assert logged.returncode == 0, logged.stderr
+    assert re.search(r"^labelstream: \d+/~?\d+ rows \| \d+ done", logged.stderr, re.MULTILINE), logged.stderr
+    quiet = cli(*[a for a in label_args(sim, source, tmp_path / "b.jsonl") if a != "--no-progress"], "--quiet")
+    assert quiet.returncode == 0
+    assert quiet.stderr == "" and quiet.stdout == ""
+    assert len(sink_ids(tmp_path / "b.jsonl")) == 30
+
+
+def test_the_progress_total_is_the_row_count_not_the_line_count(sim: Any, tmp_path: Path) -> None:
+    """Quoted newlines make 300 rows span 900 lines; the total shown (and in the progress file) is 300, then 200."""
+    rows = [(f"r{i:04d}", "en", f"line one of {i}\nline two\nline three") for i in range(300)]
+    source = write_csv(tmp_path / "in.csv", rows)
+    assert source.read_text(encoding="utf-8").count("\n") > 900
+    out = tmp_path / "out.jsonl"
+    first = cli(*label_args(sim, source, out, "--limit", "100"))
+    assert first.returncode == 0, first.stderr
+    assert (progress(out)["expected"], progress(out)["expected_exact"]) == (100, True)
+    second = cli(*label_args(sim, source, out))
+    assert second.returncode == 0, second.stderr
+    assert (progress(out)["expected"], progress(out)["labeled"]) == (200, 200)
+    assert "/200 rows" in second.stderr
+
+
+def test_dry_run_counts_exactly_what_the_run_sends(sim: Any, tmp_path: Path) -> None:
+    """With unusable rows first and --limit, the dry run's count equals the requests the real run makes."""
+    bad = [(f"bad{i}", "en", " ") for i in range(5)]
+    source = write_csv(tmp_path / "in.csv", [*bad, *reviews(30)])
+    out = tmp_path / "out.jsonl"
+    planned = cli(*label_args(sim, source, out, "--limit", "10", "--dry-run"))
+    assert planned.returncode == 0, planned.stderr
+    assert "10 rows to label" in planned.stdout
+    assert "5 rows that would be dead-lettered" in planned.stdout
+    assert sim.stats()["requests"] == 0
+    real = cli(*label_args(sim, source, out, "--limit", "10"))
+    assert real.returncode == 1  # the five unusable rows are dead letters
+    assert sim.stats()["requests"] == 10 == len(sink_ids(out))
+
+
+def test_export_refuses_to_overwrite_its_input_and_writes_lists_as_json(sim: Any, tmp_path: Path) -> None:
+    """--to the input is refused; multi-labels are a JSON list in CSV (labels may hold ';'); ragged rows are named."""
+    source = tmp_path / "in.csv"
+    source.write_text("ticket_id,subject,body\n1,a,b\n2,c,d,extra\n3,e,f\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    labeled = cli(*label_args(sim, source, out, "--config", "configs/topics.toml"))
+    assert labeled.returncode == 1, labeled.stderr  # the ragged row is dead-lettered
+    refused = cli("export", str(out), "--input", str(source), "--to", str(source))
+    assert refused.returncode == 2 and "would overwrite it" in refused.stderr
+    assert source.read_text(encoding="utf-8").startswith("ticket_id,subject,body")
+    exported = tmp_path / "labeled.csv"
+    result = cli("export", str(out), "--input", str(source), "--to", str(exported))
+    assert result.returncode == 0, result.stderr
+    assert "1 rows had more fields than the header (rows 2" in result.stderr
+    with exported.open(newline="", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    assert all(isinstance(json.loads(r["label"]), list) for r in table if r["label"])
+    assert [r["ticket_id"] for r in table] == ["1", "2", "3"]

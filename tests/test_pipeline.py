@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from pipeline.config import RESERVED_FIELDS, load_config, parse_config
 from pipeline.errors import FatalApiError, InputError, SinkError, SinkMismatchError
 from pipeline.limits import RetryPolicy
-from pipeline.results import Labeled, Row, record
+from pipeline.results import Labeled, Row, record, text_sha
 from pipeline.sinks import open_sink
 from pipeline.sinks.parquet import record_schema
 
@@ -249,3 +250,42 @@ def test_record_fields_are_the_reserved_names() -> None:
     item = Labeled(Row(id="1", text="t", line=1), "a", "m", 1, 1, 1.0, 1, "2026-01-01T00:00:00.000Z")
     assert set(record(item)) == RESERVED_FIELDS
     assert set(record_schema([], multi_label=False).names) == RESERVED_FIELDS
+
+
+@pytest.mark.parametrize("name", SINKS)
+def test_edited_rows_are_reported_and_relabel_changed_relabels_only_them(sim: Any, tmp_path: Path, name: str) -> None:
+    """A resume reports done ids whose text changed; --relabel-changed labels just those again, each id once."""
+    rows = reviews(10)
+    out = tmp_path / name
+    label(sim, write_csv(tmp_path / "in.csv", rows), out)
+    edited = [*rows]
+    edited[2] = (rows[2][0], "en", "edited after labeling")
+    edited[7] = (rows[7][0], "en", "also edited")
+    source = write_csv(tmp_path / "in.csv", [*edited, ("new1", "en", "a new row")])
+    sim.reset()
+    summary = label(sim, source, out)
+    assert (summary.changed, summary.labeled) == (2, 1)
+    assert "2 rows already in the sink now have different text" in summary.render()
+    assert "--relabel-changed" in summary.render()
+    assert sim.stats()["requests"] == 1
+    sim.reset()
+    relabeled = label(sim, source, out, relabel_changed=True)
+    assert (relabeled.labeled, relabeled.changed) == (2, 0)
+    assert sim.stats()["requests"] == 2
+    records = {r["id"]: r for r in open_sink(out).iter_records()}
+    ids = sink_ids(out)
+    assert len(ids) == len(set(ids)) == 11
+    assert records[rows[2][0]]["text_sha"] == text_sha("edited after labeling")
+    sim.reset()
+    assert label(sim, source, out, relabel_changed=True).labeled == 0
+    assert sim.stats()["requests"] == 0
+
+
+def test_another_input_file_is_allowed_and_said(sim: Any, tmp_path: Path) -> None:
+    """Resuming a sink from a different CSV works (ids already done are skipped) but the run says so."""
+    out = tmp_path / "out.jsonl"
+    label(sim, write_csv(tmp_path / "a.csv", reviews(5)), out)
+    notice = io.StringIO()
+    summary = label(sim, write_csv(tmp_path / "b.csv", reviews(8)), out, notice=notice)
+    assert summary.labeled == 3
+    assert f"this sink was labeled from {(tmp_path / 'a.csv').resolve()}" in notice.getvalue()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -14,12 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import SinkError, SinkMismatchError, UsageError
+from pipeline.idset import IdSet
 from pipeline.results import Labeled, Row
 from pipeline.sinks import Identity, JsonlSink, Sink, open_sink
 from pipeline.sinks.compact import compact
 from pipeline.sinks.parquet import ParquetSink
 
 SINKS = ["out.jsonl", "out.parquet"]
+ROOT = Path(__file__).resolve().parent.parent
 IDENTITY = Identity(model="m", prompt="p1", labels=("a", "b"), multi_label=False, id_source="column:id")
 
 
@@ -228,3 +232,43 @@ def test_two_runs_cannot_write_one_sink(tmp_path: Path) -> None:
     again = JsonlSink(tmp_path / "out.jsonl").meta
     again.lock()  # free again once released
     again.unlock()
+
+
+@pytest.mark.parametrize("name", SINKS)
+def test_drop_ids_removes_exactly_those_records_at_once(tmp_path: Path, name: str) -> None:
+    """drop_ids rewrites the sink without the given ids (what --relabel-changed does before relabeling)."""
+    sink, _ = open_for_run(tmp_path / name)
+    write(sink, [labeled(str(i)) for i in range(10)], [labeled(str(i)) for i in range(10, 20)])
+    drop = IdSet(["3", "12", "404"])
+    assert open_sink(tmp_path / name).drop_ids(drop) == 2
+    left = ids_in(open_sink(tmp_path / name))
+    assert sorted(left, key=int) == [str(i) for i in range(20) if i not in (3, 12)]
+    if name.endswith(".parquet"):
+        assert all(p.suffix == ".parquet" for p in (tmp_path / name).iterdir())
+        assert not (tmp_path / f"{name}.meta" / "rewrite.new").exists()
+
+
+_FILL_UNTIL_REFUSED = """
+import resource, signal, sys
+from pathlib import Path
+from pipeline.sinks.files import Appender
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full file is EFBIG, like ENOSPC on a full disk
+path = Path(sys.argv[1])
+appender = Appender(path)
+appender.append(b'{"id":"1"}\\n')
+resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 20, resource.RLIM_INFINITY))
+try:
+    appender.append(b'{"id":"2","text":"' + b"x" * 100 + b'"}\\n')
+except OSError:
+    pass
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+appender.append(b'{"id":"3"}\\n')
+"""
+
+
+def test_a_failed_append_leaves_no_torn_record_behind(tmp_path: Path) -> None:
+    """An append the disk refuses half-way is cut back, so the next append on the same handle follows a whole line."""
+    path = tmp_path / "out.jsonl"
+    subprocess.run([sys.executable, "-c", _FILL_UNTIL_REFUSED, str(path)], check=True, cwd=ROOT, timeout=60)
+    assert path.read_bytes() == b'{"id":"1"}\n{"id":"3"}\n'

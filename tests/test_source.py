@@ -198,3 +198,14 @@ def test_whatever_csv_writes_we_read_back(
     rows = read_all(path, config)
     assert [(r.id, r.text) for r in rows] == [(f"id{i}", t) for i, t in enumerate(texts)]
     assert all(r.problem is None for r in rows)
+
+
+def test_a_header_naming_a_used_column_twice_is_refused(tmp_path: Path) -> None:
+    """`id,text,text` would silently read the last text column: refused, naming the column and its positions."""
+    path = tmp_path / "in.csv"
+    path.write_text("id,text,text\n1,a,b\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"names column 'text' 2 times \(columns 2, 3\)"):
+        CsvSource(path, CONFIG).open()
+    path.write_text("id,text,note,note\n1,a,b,c\n", encoding="utf-8")
+    with CsvSource(path, CONFIG) as source:  # a repeated column the task does not use is fine
+        assert [row.text for row in source.read_batch()] == ["a"]

@@ -15,9 +15,19 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from pipeline.simulator import faults
 from pipeline.simulator.control import add_control_routes
-from pipeline.simulator.faults import MALFORMED_KINDS, NOT_JSON_BODY, Fault, FaultScript, error_body
+from pipeline.simulator.faults import (
+    MALFORMED_KINDS,
+    NOT_JSON_BODY,
+    Fault,
+    FaultScript,
+    close_after_headers,
+    drop_connection,
+    error_body,
+    pause,
+    slow_body,
+    status_reply,
+)
 from pipeline.simulator.replies import SPOILERS, LabelMaker, completion_body, completion_tokens, read_messages, spoil
 from pipeline.simulator.settings import Exchange, SimulatorConfig, Stats
 from pipeline.simulator.windows import Clock, RateLimits
@@ -259,14 +269,14 @@ class Simulator:
         if fault is not None:
             kind = ex.fault = fault.kind
             if kind == "status":
-                ex.status, payload = faults.status_reply(fault, headers)
+                ex.status, payload = status_reply(fault, headers)
                 return web.Response(body=payload, status=ex.status, content_type="application/json", headers=headers)
             if kind == "reset":
                 ex.status = 0
-                return await faults.drop_connection(request, self._stopping, reset=True)
+                return await drop_connection(request, self._stopping, reset=True)
             if kind in ("hang", "delay"):
                 default = self._config.hang_seconds if kind == "hang" else 1.0
-                await faults.pause(self._stopping, default if fault.seconds is None else fault.seconds)
+                await pause(self._stopping, default if fault.seconds is None else fault.seconds)
         await self._latency()
 
         ex.status = 200
@@ -288,11 +298,11 @@ class Simulator:
             completion_tokens=completion,
         )
         if kind == "close_after_headers":
-            return await faults.close_after_headers(request, self._stopping, payload, headers)
+            return await close_after_headers(request, self._stopping, payload, headers)
         response: web.StreamResponse
         if fault is not None and kind == "slow_body":
             seconds = 1.0 if fault.seconds is None else fault.seconds
-            response = await faults.slow_body(request, self._stopping, payload, headers, seconds)
+            response = await slow_body(request, self._stopping, payload, headers, seconds)
         else:
             response = web.Response(body=payload, content_type="application/json", headers=headers)
         # Only replies that were sent whole count as completed and add to the token totals.
