@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from pipeline import cli as cli_module
+from pipeline.commands import sinks as sinks_commands
 from pipeline.limits import RetryPolicy
 from pipeline.progress import Reporter
 from pipeline.sinks import open_sink
@@ -160,7 +161,7 @@ def test_a_bug_shows_its_traceback_without_the_key(
     def broken(*_: Any) -> int:
         raise RuntimeError(f"something broke while using {TEST_KEY}")
 
-    monkeypatch.setitem(cli_module._HANDLERS, "status", broken)
+    monkeypatch.setattr(sinks_commands, "run_status", broken)
     assert cli_module.main(["status", "whatever.jsonl"]) == cli_module.EXIT_BUG
     err = capsys.readouterr().err
     assert "Traceback" in err and "something broke" in err

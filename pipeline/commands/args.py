@@ -1,0 +1,59 @@
+"""Argument types shared by the commands: finite, bounded numbers and the seed flags' booleans."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from typing import Any
+
+
+def parse_bool(text: str) -> bool:
+    """True/False, as the old script's --skip_labeled took it (also 1/0, yes/no)."""
+    value = text.strip().lower()
+    if value in {"true", "1", "yes", "y"}:
+        return True
+    if value in {"false", "0", "no", "n"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def number(
+    kind: type[int] | type[float], *, above: float | None = None, at_least: float | None = None
+) -> Callable[[str], Any]:
+    """An argparse type for a finite number with a lower bound (`above` is exclusive, `at_least` inclusive)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"expected a number > {above:g}, got {text}")
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f"expected a number ≥ {at_least:g}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = number(int, at_least=1)
+count = number(int, at_least=0)
+positive_float = number(float, above=0)
+seconds = number(float, at_least=0)
+
+
+def share(text: str) -> float:
+    """A share from 0 to 1 (a rate of simulated faults)."""
+    value = number(float, at_least=0)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a share from 0 to 1, got {text}")
+    return float(value)
+
+
+def concurrency(text: str) -> int | str:
+    """A positive number of requests in flight, or 'auto'."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)

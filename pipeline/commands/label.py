@@ -1,0 +1,163 @@
+"""`labelstream label`: the flags of a labeling run, mapped to RunOptions in one place, and the run itself."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.commands.args import concurrency, count, parse_bool, positive_float, positive_int, seconds
+from pipeline.commands.signals import interrupt_on_term
+from pipeline.config import DEFAULT_MODEL
+from pipeline.errors import UsageError
+
+
+def register(sub: Any) -> None:
+    """Add the `label` subcommand."""
+    label = sub.add_parser("label", help="label a CSV into a JSONL or Parquet sink (resumes what it holds)")
+    io = label.add_argument_group("input and output")
+    io.add_argument("--input", "--input_csv", dest="input", required=True, help="CSV file to label")
+    io.add_argument("--output", help="OUT.jsonl or OUT.parquet (default: INPUT.labels.jsonl)")
+    io.add_argument("--config", default="configs/sentiment.toml", help="task file (default: %(default)s)")
+    io.add_argument("--text-column", help="override the config's text column")
+    io.add_argument("--id-column", help="override the config's id column ('' = content hashes)")
+    io.add_argument("--encoding", default="utf-8", help="input encoding (default: utf-8, BOM or not)")
+    io.add_argument("--delimiter", help="field delimiter (default: guessed from the header)")
+
+    model = label.add_argument_group("model and endpoint")
+    model.add_argument("--model", help=f"model name (default: the config's, else {DEFAULT_MODEL})")
+    model.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI)")
+
+    pace = label.add_argument_group("pace and retries")
+    pace.add_argument(
+        "--concurrency",
+        "--max_concurrent",
+        dest="concurrency",
+        type=concurrency,
+        default="auto",
+        help="a hard ceiling on requests in flight, or 'auto': start at 10, grow while the provider keeps up "
+        "(default: %(default)s)",
+    )
+    pace.add_argument("--rpm", type=positive_float, help="stay under this many requests per minute")
+    pace.add_argument("--tpm", type=positive_float, help="stay under this many tokens per minute")
+    pace.add_argument(
+        "--exact-tokens",
+        action="store_true",
+        help="count tokens with the model's BPE under a TPM limit (pip install labelstream[tokens]; ~140 MB)",
+    )
+    pace.add_argument("--max-retries", type=count, default=5, help="retries per row before it is dead-lettered")
+    pace.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per request (default: 60)")
+
+    scope = label.add_argument_group("what to label")
+    scope.add_argument("--limit", type=positive_int, help="label at most N rows not yet in the sink")
+    scope.add_argument("--mode", choices=["test", "full"], help="test = --limit 50 (seed flag)")
+    scope.add_argument(
+        "--skip_labeled",
+        "--skip-labeled",
+        dest="skip_labeled",
+        type=parse_bool,
+        default=True,
+        metavar="True|False",
+        help="True (default): resume, skipping rows already in the sink. False: move the old sink aside, start over",
+    )
+    scope.add_argument("--relabel-changed", action="store_true", help="relabel done rows whose text has changed")
+    scope.add_argument("--force", action="store_true", help="resume a sink made with another model/prompt/labels")
+    scope.add_argument("--dry-run", action="store_true", help="check input, config and sink; make no API call")
+
+    saving = label.add_argument_group("checkpoints and output")
+    saving.add_argument("--checkpoint-every", type=positive_int, help="rows per sink write (JSONL 1000, Parquet 5000)")
+    saving.add_argument("--checkpoint-seconds", type=positive_float, help="seconds between sink writes (2 / 30)")
+    saving.add_argument("--grace", type=seconds, default=10.0, help="seconds in-flight requests get after Ctrl-C")
+    shown = saving.add_mutually_exclusive_group()
+    shown.add_argument("--no-progress", action="store_true", help="no bar: a plain log line every 10 s")
+    shown.add_argument("--quiet", action="store_true", help="no progress and no notes; the summary only on failure")
+    label.set_defaults(handler=run)
+
+
+def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
+    """RunOptions from the `label` flags: the one place that maps flags to options."""
+    from pipeline.config import load_config  # noqa: PLC0415 - commands load what they need
+    from pipeline.limits import LimitSettings, RetryPolicy  # noqa: PLC0415
+    from pipeline.options import RunOptions  # noqa: PLC0415
+
+    config = load_config(args.config)
+    # with_overrides skips None; --id-column '' switches to content-hash ids.
+    config = config.with_overrides(model=args.model, text_column=args.text_column, id_column=args.id_column)
+    max_rows = args.limit
+    if args.mode == "test":
+        if max_rows is not None and max_rows != 50:
+            raise UsageError("--mode test means --limit 50; pass one of them.")
+        max_rows = 50
+    if args.relabel_changed and not args.skip_labeled:
+        raise UsageError("--relabel-changed resumes a sink; --skip_labeled False starts over. Pass one of them.")
+    if args.concurrency == "auto":
+        limits = LimitSettings.automatic(rpm=args.rpm, tpm=args.tpm)
+    else:
+        limits = LimitSettings(concurrency=int(args.concurrency), rpm=args.rpm, tpm=args.tpm)
+    input_path = Path(args.input)
+    output = Path(args.output) if args.output else input_path.with_suffix(".labels.jsonl")
+    return RunOptions.build(
+        input_path,
+        output,
+        config,
+        encoding=args.encoding,
+        delimiter=args.delimiter,
+        require_id_column=bool(args.id_column),
+        checkpoint_rows=args.checkpoint_every,
+        checkpoint_seconds=args.checkpoint_seconds,
+        limits=limits,
+        retry=RetryPolicy(max_attempts=args.max_retries + 1, timeout=args.timeout),
+        base_url=args.base_url,
+        max_rows=max_rows,
+        force=args.force,
+        restart=not args.skip_labeled,
+        relabel_changed=args.relabel_changed,
+        progress="off" if args.quiet else "log" if args.no_progress else "auto",
+        grace_seconds=args.grace,
+        exact_tokens=args.exact_tokens,
+        command=_resume_command(argv, output),
+    )
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Label (or, with --dry-run, plan) a run; the exit code of its summary."""
+    import asyncio  # noqa: PLC0415 - commands load what they need
+
+    opts = _run_options(args, argv)
+    if args.dry_run:
+        from pipeline.plan import dry_run  # noqa: PLC0415
+
+        print(dry_run(opts))
+        return 0
+    from pipeline.run import run_label  # noqa: PLC0415 - the SDK, aiohttp and the sink load here
+
+    try:
+        summary = asyncio.run(run_label(opts))
+    finally:
+        interrupt_on_term()  # asyncio put SIGTERM back to its default (kill) when the run ended
+    if not args.quiet or summary.exit_code:
+        print(summary.render(), file=sys.stderr)
+    return int(summary.exit_code)
+
+
+def _resume_command(argv: Sequence[str], output: Path) -> str:
+    """The user's own command, minus --skip_labeled (a resume must not start over), plus --output if it was implicit."""
+    words = ["labelstream", *argv]
+    kept: list[str] = []
+    skip_next = False
+    for i, word in enumerate(words):
+        if skip_next:
+            skip_next = False
+            continue
+        if word in {"--skip_labeled", "--skip-labeled"} and i + 1 < len(words):
+            skip_next = True
+            continue
+        if word.startswith(("--skip_labeled=", "--skip-labeled=")):
+            continue
+        kept.append(word)
+    if "--output" not in kept and not any(w.startswith("--output=") for w in kept):
+        kept += ["--output", str(output)]
+    return shlex.join(kept)

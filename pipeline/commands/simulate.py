@@ -1,0 +1,57 @@
+"""`labelstream simulate`: the OpenAI-compatible test server on loopback."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.commands.args import count, positive_float, positive_int, seconds, share
+from pipeline.errors import UsageError
+
+
+def register(sub: Any) -> None:
+    """Add the `simulate` subcommand."""
+    sim = sub.add_parser("simulate", help="run the OpenAI-compatible test server on 127.0.0.1")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=count, default=8787, help="0 picks a free port (see --port-file)")
+    sim.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    sim.add_argument("--latency-ms", type=seconds, default=200.0)
+    sim.add_argument("--latency-jitter-ms", type=seconds, default=0.0)
+    sim.add_argument("--rpm", type=positive_int, help="requests per minute before 429")
+    sim.add_argument("--tpm", type=positive_int, help="tokens per minute before 429")
+    sim.add_argument("--error-rate", type=share, default=0.0, help="share of requests answered 500/502/503")
+    sim.add_argument("--hang-rate", type=share, default=0.0, help="share of requests never answered")
+    sim.add_argument("--malformed-rate", type=share, default=0.0, help="share of replies that are unusable")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument(
+        "--window-seconds", type=positive_float, default=60.0, help="rate window length (tests shorten it)"
+    )
+    sim.add_argument("--api-key", help="require this bearer key (default: accept any)")
+    sim.add_argument("--models", help="comma-separated models to serve (default: any)")
+    sim.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
+    """Serve until Ctrl-C or SIGTERM."""
+    from pipeline.simulator import SimulatorConfig, serve  # noqa: PLC0415 - aiohttp server only here
+
+    try:
+        config = SimulatorConfig(
+            latency_ms=args.latency_ms,
+            latency_jitter_ms=args.latency_jitter_ms,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            error_rate=args.error_rate,
+            hang_rate=args.hang_rate,
+            malformed_rate=args.malformed_rate,
+            seed=args.seed,
+            window_seconds=args.window_seconds,
+            api_key=args.api_key,
+            models=frozenset(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
+        )
+        serve(config, host=args.host, port=args.port, port_file=args.port_file)
+    except ValueError as exc:
+        raise UsageError(f"simulate: {exc}") from None
+    return 0

@@ -1,0 +1,75 @@
+"""`labelstream status`, `export` and `compact`: reading and tidying a sink."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.commands.args import positive_int
+from pipeline.errors import UsageError
+
+
+def register(sub: Any) -> None:
+    """Add the `status`, `export` and `compact` subcommands."""
+    status = sub.add_parser("status", help="counts, failure rate and recent errors of a sink")
+    status.add_argument("output", type=Path)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=run_status)
+
+    export = sub.add_parser("export", help="join labels back onto the input rows (CSV or Parquet)")
+    export.add_argument("output", type=Path, help="the sink (OUT.jsonl or OUT.parquet)")
+    export.add_argument("--input", "--input_csv", dest="input", type=Path, required=True, help="the labeled CSV")
+    export.add_argument("--to", type=Path, required=True, help="labeled.csv or labeled.parquet")
+    export.set_defaults(handler=run_export)
+
+    compact = sub.add_parser("compact", help="merge the part files of a Parquet sink")
+    compact.add_argument("output", type=Path, help="OUT.parquet")
+    compact.add_argument("--rows-per-part", type=positive_int, default=1_000_000)
+    compact.set_defaults(handler=run_compact)
+
+
+def run_status(args: argparse.Namespace, _argv: Sequence[str]) -> int:
+    """Print what a sink holds."""
+    import orjson  # noqa: PLC0415 - commands load what they need
+
+    from pipeline.status import render_status, sink_status  # noqa: PLC0415
+
+    report = sink_status(args.output)
+    if args.json:
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(render_status(report))
+    return 0
+
+
+def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
+    """Join labels back onto the input."""
+    from pipeline.export import export_labels  # noqa: PLC0415 - commands load what they need
+
+    result = export_labels(args.output, args.input, args.to)
+    print(
+        f"wrote {result.output}: {result.rows:,} rows, {result.labeled:,} labeled, "
+        f"{result.unlabeled:,} without a label (left empty)"
+    )
+    if result.ragged:
+        lines = ", ".join(map(str, result.ragged_lines))
+        print(
+            f"  {result.ragged:,} rows had more fields than the header (rows {lines}…); their extra fields are not "
+            "in the export: quote the fields that contain the delimiter",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def run_compact(args: argparse.Namespace, _argv: Sequence[str]) -> int:
+    """Merge a Parquet sink's parts."""
+    from pipeline.sinks.compact import compact  # noqa: PLC0415 - only this command needs pyarrow here
+
+    if args.output.suffix.lower() != ".parquet":
+        raise UsageError("compact works on a Parquet sink (OUT.parquet); a JSONL sink is one file already.")
+    before, after = compact(args.output, rows_per_part=args.rows_per_part)
+    print(f"{args.output}: {before} parts → {after}")
+    return 0
