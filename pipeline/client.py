@@ -20,6 +20,7 @@ import orjson
 from pipeline.errors import FatalApiError, redact
 from pipeline.limits import Limiter, RetryPolicy, Sleep, retry_after_seconds
 from pipeline.prompt import Prompt, ReplyError
+from pipeline.request import read_reply, request_body
 from pipeline.results import Failed, Labeled, Row, now_iso
 from pipeline.stats import CallStats
 from pipeline.tokens import TokenEstimator
@@ -120,15 +121,7 @@ class LabelClient:
                     response = await self._sdk.post(
                         "/chat/completions",
                         cast_to=httpx2.Response,
-                        content=orjson.dumps(
-                            {
-                                "model": self.model,
-                                "messages": self.prompt.messages(row.text),
-                                "response_format": self.prompt.response_format,
-                                "temperature": cfg.temperature,
-                                "max_completion_tokens": cfg.max_tokens,
-                            }
-                        ),
+                        content=orjson.dumps(request_body(self.prompt, row.text, self.model)),
                         options={"headers": _JSON_HEADERS},
                     )
                     body = await response.aread()
@@ -143,15 +136,10 @@ class LabelClient:
             latency_ms = (time.perf_counter() - started) * 1000
             self.limiter.observe_headers(response.headers)
             try:
-                data = orjson.loads(body)
-                label = self.prompt.parse(data["choices"][0])
+                reply = read_reply(self.prompt, body)
             except ReplyError as exc:
                 raise _Attempt(exc.kind, exc.message) from None
-            except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
-                raise _Attempt("malformed", f"the reply is not a chat completion: {body[:120]!r}") from None
-            usage = data.get("usage")
-            prompt_tokens = _count(usage, "prompt_tokens")
-            completion_tokens = _count(usage, "completion_tokens")
+            prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
             if prompt_tokens:
                 # Providers reserve max_tokens for the reply; only the prompt part of our estimate can be off.
                 permit.used_tokens = prompt_tokens + cfg.max_tokens
@@ -163,8 +151,8 @@ class LabelClient:
         self.stats.completion_tokens += completion_tokens
         return Labeled(
             row=row,
-            label=label,
-            model=str(data.get("model") or self.model),
+            label=reply.label,
+            model=reply.model or self.model,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             latency_ms=round(latency_ms, 1),
@@ -220,12 +208,6 @@ def _error_fields(exc: openai.APIStatusError) -> tuple[str | None, str]:
         code = body.get("code") or body.get("type")
         return (str(code) if code else None), str(body.get("message") or exc.message)[:300]
     return None, str(exc.message)[:300]
-
-
-def _count(usage: Any, key: str) -> int:
-    """A token count from `usage`, or 0 when the server sent none (or nonsense): usage is informational."""
-    value = usage.get(key) if isinstance(usage, Mapping) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _cause(exc: BaseException) -> str:
