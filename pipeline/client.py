@@ -18,8 +18,9 @@ import openai
 import orjson
 
 from pipeline.errors import FatalApiError, redact
-from pipeline.limits import Limiter, RetryPolicy, Sleep, retry_after_seconds
+from pipeline.limits import Limiter, RetryPolicy, Sleep
 from pipeline.prompt import Prompt, ReplyError
+from pipeline.ratelimit_headers import retry_after_seconds
 from pipeline.request import read_reply, request_body
 from pipeline.results import Failed, Labeled, Row, now_iso
 from pipeline.stats import CallStats
@@ -71,7 +72,11 @@ class LabelClient:
             base_url=base_url,
             max_retries=0,  # one retry policy rules: ours, which also slows the whole run on 429
             timeout=retry.timeout,
-            http_client=openai.DefaultAioHttpClient(timeout=retry.timeout),
+            # The SDK's pool holds 1,000 connections; at high tiers and slow models more may be in flight.
+            http_client=openai.DefaultAioHttpClient(
+                timeout=retry.timeout,
+                limits=httpx2.Limits(max_connections=limiter.ceiling, max_keepalive_connections=limiter.ceiling),
+            ),
         )
 
     async def aclose(self) -> None:

@@ -2,16 +2,15 @@
 
 One `Limiter` is shared by all workers of a run. A worker takes a slot right before its HTTP call; the
 slot waits for (1) a global pause after a 429 or when the provider says its window is spent, (2) the
-requests-per-minute and tokens-per-minute buckets, and (3) the concurrency window.
+requests-per-minute and tokens-per-minute buckets, and (3) the concurrency window. What the window and
+the paced rate should be is the `Pacer`'s job (`pacing.py`): Little's law once a limit is known, slow
+start before, a rate learned from 429s when the provider says nothing.
 
 - Buckets run at 95% of the limits given (`--rpm`, `--tpm`) or learned from `x-ratelimit-limit-*`
-  headers, whichever is lower, so the run stays under the provider's limit before the first 429.
-- The window starts at 10 and grows like TCP: by one per success (doubling each round trip) until the
-  first 429, then by about one per round trip. A 429 pauses everyone for its Retry-After and halves the
-  window, once per overload. The window never passes the ceiling: `--concurrency N`, or 256 for auto.
-- Auto also watches latency: it stops growing while replies take more than twice the fastest recent
-  latency, and shrinks by 10% a round trip when they take more than three times it, so a self-hosted
-  server that slows under load is not pushed further.
+  headers, whichever is lower, times this process's share of the key (`share`), so the run stays under
+  the provider's limit before the first 429.
+- `--concurrency N` is a hard ceiling; auto has only a safety cap (`AUTO_CEILING`), and the HTTP
+  connection pool is sized to the ceiling.
 
 aiolimiter was the first choice for the buckets; it cannot do the job here: it refuses a request larger
 than its bucket (one long document under a small TPM), cannot hand back tokens when `usage` shows the
@@ -28,15 +27,24 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
+from typing import Final
+
+from pipeline.pacing import START_WINDOW, Pacer
+from pipeline.ratelimit_headers import number, parse_duration
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 # Stay this far under a known limit: the provider's window and ours never line up exactly.
-SAFETY = 0.95
-AUTO_CEILING = 256
-START_WINDOW = 10
+SAFETY: Final = 0.95
+# Auto's safety cap on requests in flight: 12,000 RPM at 20 s latency needs 4,000.
+AUTO_CEILING: Final = 4096
+# A request bucket that may burst a whole second would let 2 s of requests into one second (a full bucket plus
+# its refill), and providers also enforce their limits per second: a tenth of a second is all we burst.
+REQUEST_BURST: Final = 0.1
+DEFAULT_PAUSE: Final = 1.0  # seconds to pause after a 429 that says nothing about when to come back
+
+__all__ = ["AUTO_CEILING", "SAFETY", "START_WINDOW", "LimitSettings", "Limiter", "Permit", "RetryPolicy", "TokenBucket"]
 
 
 class TokenBucket:
@@ -45,11 +53,11 @@ class TokenBucket:
     `per_minute` is the sustained rate; up to `burst_seconds` of it may be spent at once.
     """
 
-    def __init__(self, per_minute: float, clock: Clock, *, burst_seconds: float = 1.0) -> None:
+    def __init__(self, per_minute: float, clock: Clock, *, burst_seconds: float = 1.0, full: bool = True) -> None:
         self.clock = clock
         self.burst_seconds = burst_seconds
         self.per_minute = per_minute
-        self._level = self.capacity
+        self._level = self.capacity if full else 0.0
         self._stamp = clock()
 
     @property
@@ -80,6 +88,11 @@ class TokenBucket:
         self._refill()
         self._level -= amount
 
+    def drain(self) -> None:
+        """Empty the bucket (after an overload: the provider's own window is full, not ours)."""
+        self._refill()
+        self._level = min(self._level, 0.0)
+
     def give_back(self, amount: float) -> None:
         """Return `amount` (an over-estimate corrected after the reply)."""
         self._refill()
@@ -93,17 +106,18 @@ class TokenBucket:
 
 @dataclass(frozen=True, slots=True)
 class LimitSettings:
-    """Run-level limits: a concurrency ceiling (or auto), and optional RPM/TPM."""
+    """Run-level limits: a concurrency ceiling (or auto), optional RPM/TPM, and this process's share of them."""
 
     concurrency: int = 10
     auto: bool = False
     rpm: float | None = None
     tpm: float | None = None
+    share: float = 1.0  # this process's part of every limit on the key (--rate-share), given or learned
 
     @classmethod
-    def automatic(cls, *, rpm: float | None = None, tpm: float | None = None) -> LimitSettings:
-        """`--concurrency auto`: start at 10 and find the level the provider sustains, up to 256."""
-        return cls(concurrency=AUTO_CEILING, auto=True, rpm=rpm, tpm=tpm)
+    def automatic(cls, *, rpm: float | None = None, tpm: float | None = None, share: float = 1.0) -> LimitSettings:
+        """`--concurrency auto`: start at 10 and find the level the provider sustains, up to a safety cap."""
+        return cls(concurrency=AUTO_CEILING, auto=True, rpm=rpm, tpm=tpm, share=share)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,23 +151,32 @@ class Limiter:
         self.settings = settings
         self.clock = clock
         self.sleep = sleep
-        self.ceiling = max(1, settings.concurrency)
-        self.window = float(min(START_WINDOW, self.ceiling))
-        self.threshold = math.inf  # slow start until the first 429
+        self.pacer = Pacer(ceiling=settings.concurrency, auto=settings.auto, clock_start=clock())
         self.in_flight = 0
         self.pause_until = 0.0
-        self.fast_latency: float | None = None  # EWMA of recent latencies (seconds)
-        self.base_latency: float | None = None  # the fastest recent level
-        self._last_cut = -math.inf
-        self._rpm = TokenBucket(settings.rpm * SAFETY, clock) if settings.rpm else None
-        self._tpm = TokenBucket(settings.tpm * SAFETY, clock) if settings.tpm else None
+        self._known_rpm = settings.rpm * settings.share if settings.rpm else None
+        self._known_tpm = settings.tpm * settings.share if settings.tpm else None
+        self._rpm: TokenBucket | None = None
+        self._tpm = TokenBucket(self._known_tpm * SAFETY, clock) if self._known_tpm else None
+        self._tokens_per_request: float | None = None
         self._turn = asyncio.Lock()  # FIFO: the longest waiter goes first
         self._freed = asyncio.Event()
+        self._pace()
+
+    @property
+    def ceiling(self) -> int:
+        """The most requests that may ever be in flight (the HTTP pool is sized to it)."""
+        return self.pacer.ceiling
+
+    @property
+    def window(self) -> float:
+        """The current in-flight window."""
+        return self.pacer.window
 
     @property
     def limit(self) -> int:
         """How many requests may be in flight now."""
-        return max(1, min(self.ceiling, int(self.window)))
+        return self.pacer.limit
 
     @property
     def tpm_limited(self) -> bool:
@@ -171,45 +194,86 @@ class Limiter:
             self._freed.set()
 
     def on_success(self, permit: Permit) -> None:
-        """A request succeeded: correct the TPM estimate, note its latency, and maybe grow the window."""
-        if self._tpm is not None and permit.used_tokens is not None:
-            surplus = permit.estimated_tokens - permit.used_tokens
-            if surplus > 0:
-                self._tpm.give_back(surplus)
-            else:
-                self._tpm.take(-surplus)
+        """A request succeeded: correct the TPM estimate, note its latency, and let the pacer adjust."""
+        if permit.used_tokens is not None:
+            used = permit.used_tokens
+            self._tokens_per_request = (
+                used
+                if self._tokens_per_request is None
+                else (self._tokens_per_request + 0.05 * (used - self._tokens_per_request))
+            )
+            if self._tpm is not None:
+                surplus = permit.estimated_tokens - used
+                if surplus > 0:
+                    self._tpm.give_back(surplus)
+                else:
+                    self._tpm.take(-surplus)
         now = self.clock()
-        self._note_latency(now - permit.started)
-        if self.settings.auto and self._slow_replies(now):
-            return
-        if permit.window_limited and self.window < self.ceiling:
-            step = 1.0 if self.window < self.threshold else 1.0 / self.window
-            self.window = min(float(self.ceiling), self.window + step)
+        before = self.pacer.rate()
+        self.pacer.on_success(now - permit.started, window_limited=permit.window_limited, now=now)
+        if self._known_tpm or self.pacer.rate() != before:
+            self._pace()  # a TPM limit's request rate follows the tokens a request really costs
+        self._freed.set()
 
     def on_rate_limited(self, retry_after: float | None) -> None:
-        """A 429 arrived: pause every worker for `retry_after` and halve the window (once per overload)."""
+        """A 429 arrived: pause every worker for `retry_after`, and (once per overload) slow the pace."""
         now = self.clock()
-        wait = retry_after if retry_after is not None and retry_after > 0 else 1.0
+        wait = retry_after if retry_after is not None and retry_after > 0 else DEFAULT_PAUSE
         self.pause_until = max(self.pause_until, now + wait)
-        # A burst of 429s answers one overload; cut once for it, not once per reply.
-        if now >= self._last_cut:
-            self.window = max(1.0, self.window / 2)
-            self.threshold = self.window
-            self._last_cut = self.pause_until
+        if self.pacer.on_overload(now, until=self.pause_until):
+            self._pace()
+            if self._rpm is not None:
+                self._rpm.drain()
         self._freed.set()
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         """Learn the provider's limits from `x-ratelimit-*` headers and pause when its window is spent."""
-        limit_requests = _number(headers.get("x-ratelimit-limit-requests"))
+        share = self.settings.share
+        changed = False
+        limit_requests = number(headers.get("x-ratelimit-limit-requests"))
         if limit_requests:
-            self._rpm = self._tighten(self._rpm, self.settings.rpm, limit_requests)
-        limit_tokens = _number(headers.get("x-ratelimit-limit-tokens"))
+            known = min(limit_requests * share, self._known_rpm or math.inf)
+            changed |= known != self._known_rpm
+            self._known_rpm = known
+        limit_tokens = number(headers.get("x-ratelimit-limit-tokens"))
         if limit_tokens:
-            self._tpm = self._tighten(self._tpm, self.settings.tpm, limit_tokens)
-        # Others may share the key: when what is left cannot cover what we have in flight, wait for it.
-        remaining = _number(headers.get("x-ratelimit-remaining-requests"))
-        if remaining is not None and remaining < self.in_flight:
-            self._pause_for(headers.get("x-ratelimit-reset-requests"))
+            known = min(limit_tokens * share, (self.settings.tpm or math.inf) * share)
+            if self._tpm is None:
+                self._tpm = TokenBucket(known * SAFETY, self.clock)
+                changed = True
+            elif abs(self._tpm.per_minute - known * SAFETY) > 1e-9:
+                self._tpm.set_rate(known * SAFETY)
+                changed = True
+            self._known_tpm = known
+        if changed:
+            self._pace()
+        # The key's window is spent (others share it, or the provider counts differently): wait for its reset.
+        remaining = number(headers.get("x-ratelimit-remaining-requests"))
+        if remaining is not None and remaining < 1:
+            seconds = parse_duration(headers.get("x-ratelimit-reset-requests") or "")
+            if seconds:
+                self.pause_until = max(self.pause_until, self.clock() + seconds)
+
+    def _pace(self) -> None:
+        """Hand the known limits to the pacer as a request rate; set the request bucket to the paced rate."""
+        rates = []
+        if self._known_rpm:
+            rates.append(self._known_rpm * SAFETY / 60)
+        if self._known_tpm and self._tokens_per_request:
+            rates.append(self._known_tpm * SAFETY / 60 / self._tokens_per_request)
+        self.pacer.set_known_rate(min(rates) if rates else None)
+        # The request bucket paces at the known RPM and at any rate learned from 429s (not at the TPM-derived
+        # rate: the token bucket spaces tokens itself, exactly).
+        paced = [self._known_rpm * SAFETY / 60] if self._known_rpm else []
+        if self.pacer.probe_rate is not None:
+            paced.append(self.pacer.probe_rate)
+        if not paced:
+            self._rpm = None
+        elif self._rpm is None:
+            # Empty at first: the requests sent before this limit was known already used the current second.
+            self._rpm = TokenBucket(min(paced) * 60, self.clock, burst_seconds=REQUEST_BURST, full=self.in_flight == 0)
+        else:
+            self._rpm.set_rate(min(paced) * 60)
 
     async def _acquire(self, estimated_tokens: int) -> Permit:
         async with self._turn:
@@ -237,98 +301,3 @@ class Limiter:
         if self._tpm is not None:
             wait = max(wait, self._tpm.delay(estimated_tokens))
         return wait
-
-    def _tighten(self, bucket: TokenBucket | None, given: float | None, learned: float) -> TokenBucket:
-        per_minute = min(learned, given or math.inf) * SAFETY
-        if bucket is None:
-            return TokenBucket(per_minute, self.clock)
-        if abs(bucket.per_minute - per_minute) > 1e-9:
-            bucket.set_rate(per_minute)
-        return bucket
-
-    def _pause_for(self, reset: str | None) -> None:
-        seconds = parse_duration(reset or "")
-        if seconds:
-            self.pause_until = max(self.pause_until, self.clock() + seconds)
-
-    def _note_latency(self, latency: float) -> None:
-        if self.fast_latency is None or self.base_latency is None:
-            self.fast_latency = self.base_latency = latency
-            return
-        self.fast_latency += 0.2 * (latency - self.fast_latency)
-        if self.fast_latency < self.base_latency:
-            self.base_latency = self.fast_latency
-        else:  # drift up slowly, so a lasting change of the server's speed becomes the new normal
-            self.base_latency += 0.002 * (self.fast_latency - self.base_latency)
-
-    def _slow_replies(self, now: float) -> bool:
-        """Auto mode: True while latency is well above its base (then the window does not grow)."""
-        if self.fast_latency is None or self.base_latency is None or self.base_latency <= 0:
-            return False
-        ratio = self.fast_latency / self.base_latency
-        if ratio > 3.0 and now >= self._last_cut and self.window > START_WINDOW:
-            self.window = max(float(START_WINDOW), self.window * 0.9)
-            self._last_cut = now + self.fast_latency
-        return ratio > 2.0
-
-
-def _number(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """The wait a 429 asks for: `retry-after-ms`, `retry-after` (seconds or HTTP date), else `x-ratelimit-reset-*`."""
-    value = headers.get("retry-after-ms")
-    if value:
-        try:
-            return max(0.0, float(value) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-            except (TypeError, ValueError):
-                pass
-    resets = [parse_duration(headers.get(h, "")) for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
-    known = [r for r in resets if r is not None]
-    return max(known) if known else None
-
-
-def parse_duration(text: str) -> float | None:
-    """Parse OpenAI's reset durations such as "1s", "6m0s", "120ms", "1h2m3.5s" into seconds."""
-    text = text.strip()
-    if not text:
-        return None
-    total, number = 0.0, ""
-    i = 0
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    while i < len(text):
-        ch = text[i]
-        if ch.isdigit() or ch == ".":
-            number += ch
-            i += 1
-            continue
-        unit = "ms" if text.startswith("ms", i) else ch
-        if unit not in units or not number:
-            return None
-        try:
-            total += float(number) * units[unit]
-        except ValueError:
-            return None
-        number = ""
-        i += len(unit)
-    if number:  # a bare number means seconds
-        try:
-            total += float(number)
-        except ValueError:
-            return None
-    return total

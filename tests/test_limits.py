@@ -7,15 +7,8 @@ import itertools
 
 import pytest
 
-from pipeline.limits import (
-    SAFETY,
-    Limiter,
-    LimitSettings,
-    Permit,
-    TokenBucket,
-    parse_duration,
-    retry_after_seconds,
-)
+from pipeline.limits import SAFETY, Limiter, LimitSettings, Permit, TokenBucket
+from pipeline.ratelimit_headers import parse_duration, retry_after_seconds
 
 
 class VirtualClock:
@@ -158,11 +151,13 @@ def test_headers_teach_the_limits_before_any_429() -> None:
 
 
 def test_spent_provider_window_pauses_until_its_reset() -> None:
-    """When remaining requests cannot cover those in flight, everyone waits for x-ratelimit-reset-requests."""
+    """When the key's window is spent (others share it), everyone waits for x-ratelimit-reset-requests."""
     clock = VirtualClock()
     limiter = Limiter(LimitSettings(concurrency=10), clock=clock, sleep=clock.sleep)
     limiter.in_flight = 5
-    limiter.observe_headers({"x-ratelimit-remaining-requests": "2", "x-ratelimit-reset-requests": "1.5s"})
+    limiter.observe_headers({"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "0s"})
+    assert limiter.pause_until == 0, "requests in flight were counted when they arrived: no pause while some remain"
+    limiter.observe_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s"})
     assert limiter.pause_until == pytest.approx(1.5)
     limiter.observe_headers({"x-ratelimit-remaining-requests": "50", "x-ratelimit-reset-requests": "9s"})
     assert limiter.pause_until == pytest.approx(1.5)

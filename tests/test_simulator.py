@@ -521,7 +521,7 @@ def test_reset_durations_use_the_openai_format(seconds: float, text: str) -> Non
 
 
 def test_rpm_window_over_http_with_a_fake_clock() -> None:
-    """Over the RPM limit the server sends 429 with exact retry-after and x-ratelimit-* headers, then admits again."""
+    """Over the RPM limit: 429 with exact retry-after and x-ratelimit-* headers; a refused request still counts."""
     clock = FakeClock()
     with SimulatorThread(SimulatorConfig(latency_ms=0, rpm=2), clock=clock) as limited:
         status, headers, _ = chat(limited, "one")
@@ -537,28 +537,54 @@ def test_rpm_window_over_http_with_a_fake_clock() -> None:
         clock.advance(5)
         status, headers, body = chat(limited, "three")
         assert status == 429
+        # The refused request at 15 s counts too: room for one more comes when both 0 s and 10 s have expired.
         assert (headers["retry-after-ms"], headers["retry-after"], headers["x-ratelimit-reset-requests"]) == (
-            "45000",
-            "45",
-            "45s",
+            "55000",
+            "55",
+            "55s",
         )
         error = json.loads(body)["error"]
         assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
         assert "Limit 2, Used 2, Requested 1" in error["message"]
-        clock.advance(44.999)
-        assert chat(limited, "four")[0] == 429
-        clock.advance(0.001)
+        clock.advance(54.999)
+        status, headers, _ = chat(limited, "four")  # one millisecond early: refused, and that costs another 5 s
+        assert (status, headers["retry-after-ms"]) == (429, "5001")
+        clock.advance(5.001)
         assert chat(limited, "five")[0] == 200
         stats = limited.stats()
         assert stats["by_status"] == {"200": 3, "429": 2}
         assert stats["rate_limited"] == {"requests": 2, "tokens": 0}
-        assert [event[0] for event in stats["events"]] == pytest.approx([0, 10, 15, 59.999, 60])
+        assert [event[0] for event in stats["events"]] == pytest.approx([0, 10, 15, 69.999, 75])
+
+
+def test_a_limit_also_holds_over_each_second() -> None:
+    """600 RPM admits at most 10 requests in any second, not 600 at once; the 11th is told to wait for the second."""
+    clock = FakeClock()
+    with SimulatorThread(SimulatorConfig(latency_ms=0, rpm=600), clock=clock) as limited:
+        assert [chat(limited, f"r{i}")[0] for i in range(10)] == [200] * 10
+        status, headers, _ = chat(limited, "r10")
+        assert (status, headers["retry-after-ms"]) == (429, "1000")
+        clock.advance(1.0)
+        assert chat(limited, "r11")[0] == 200, "the refused request left the one-second window with the others"
+
+
+@pytest.mark.parametrize(("mode", "present"), [("full", True), ("retry-after", False), ("none", False)])
+def test_rate_headers_can_be_reduced_like_some_gateways(mode: str, present: bool) -> None:
+    """--rate-headers full|retry-after|none: how much a provider says about its limits."""
+    clock = FakeClock()
+    with SimulatorThread(SimulatorConfig(latency_ms=0, rpm=1, rate_headers=mode), clock=clock) as limited:
+        ok_headers = chat(limited, "a")[1]
+        status, headers, _ = chat(limited, "b")
+        assert status == 429
+        assert ("x-ratelimit-limit-requests" in ok_headers) is present
+        assert ("x-ratelimit-remaining-requests" in headers) is present
+        assert ("retry-after" in headers) is (mode != "none")
 
 
 def test_tpm_charges_prompt_plus_max_tokens_and_refuses_oversized_requests() -> None:
     """TPM charges the prompt estimate plus max_tokens; a request larger than the limit gets 429 without retry-after."""
     clock = FakeClock()
-    with SimulatorThread(SimulatorConfig(latency_ms=0, tpm=100), clock=clock) as limited:
+    with SimulatorThread(SimulatorConfig(latency_ms=0, tpm=100, tokenizer="estimate"), clock=clock) as limited:
         text = "x" * 22  # with the 18-character system message: ceil(40 / 4) + 2 messages * 3 = 16 tokens
         status, headers, body = chat(limited, text, max_tokens=50)
         assert (status, headers["x-ratelimit-remaining-tokens"]) == (200, "34")
@@ -970,3 +996,16 @@ def test_serve_announces_writes_port_file_and_stops_on_signal(tmp_path: Path, si
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_prompt_tokens_follow_the_models_encoding() -> None:
+    """With bpe-openai installed, Hangul costs about a token a syllable (as the API counts), not 4 characters each."""
+    pytest.importorskip("bpe_openai")
+    korean = "배송이 빠르고 포장도 꼼꼼했어요. 또 살게요! 사이즈도 딱 맞고 색감도 예뻐요."
+    with SimulatorThread(SimulatorConfig(latency_ms=0)) as exact:
+        _, _, body = chat(exact, korean)
+        counted = json.loads(body)["usage"]["prompt_tokens"]
+    with SimulatorThread(SimulatorConfig(latency_ms=0, tokenizer="estimate")) as rough:
+        _, _, body = chat(rough, korean)
+        estimated = json.loads(body)["usage"]["prompt_tokens"]
+    assert counted > estimated * 1.5, (counted, estimated)

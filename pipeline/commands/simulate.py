@@ -28,6 +28,19 @@ def register(sub: Any) -> None:
     sim.add_argument(
         "--window-seconds", type=positive_float, default=60.0, help="rate window length (tests shorten it)"
     )
+    sim.add_argument(
+        "--rate-headers",
+        choices=["full", "retry-after", "none"],
+        default="full",
+        help="what a 429 and a reply say about limits: x-ratelimit-* and retry-after (full), retry-after only, "
+        "or nothing, as some gateways do (default: %(default)s)",
+    )
+    sim.add_argument(
+        "--quantum",
+        type=seconds,
+        default=1.0,
+        help="the request limit also holds over every this many seconds at its per-minute rate (default 1; 0: off)",
+    )
     sim.add_argument("--api-key", help="require this bearer key (default: accept any)")
     sim.add_argument("--models", help="comma-separated models to serve (default: any)")
     sim.set_defaults(handler=run)
@@ -48,6 +61,8 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             malformed_rate=args.malformed_rate,
             seed=args.seed,
             window_seconds=args.window_seconds,
+            quantum=args.quantum,
+            rate_headers=args.rate_headers,
             api_key=args.api_key,
             models=frozenset(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
         )

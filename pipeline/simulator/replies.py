@@ -252,12 +252,9 @@ class LabelMaker:
         return orjson.dumps(value).decode()
 
 
-def read_messages(messages: list[Any]) -> tuple[int, str] | None:
-    """Estimate prompt tokens and find the last user text; None if a message is malformed.
-
-    The estimate is ceil(chars / 4) over all contents plus 3 per message.
-    """
-    chars = 0
+def read_messages(messages: list[Any]) -> tuple[list[str], str] | None:
+    """The text of every message and the last user text; None if a message is malformed."""
+    contents: list[str] = []
     last_user = ""
     for message in messages:
         if not isinstance(message, dict):
@@ -271,10 +268,10 @@ def read_messages(messages: list[Any]) -> tuple[int, str] | None:
             content = ""
         elif not isinstance(content, str):
             return None
-        chars += len(content)
+        contents.append(content)
         if message.get("role") == "user":
             last_user = content
-    return -(-chars // 4) + 3 * len(messages), last_user
+    return contents, last_user
 
 
 def completion_tokens(content: str | None) -> int:

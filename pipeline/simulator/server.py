@@ -30,6 +30,7 @@ from pipeline.simulator.faults import (
 )
 from pipeline.simulator.replies import SPOILERS, LabelMaker, completion_body, completion_tokens, read_messages, spoil
 from pipeline.simulator.settings import Exchange, SimulatorConfig, Stats
+from pipeline.simulator.tokens import TokenCounter
 from pipeline.simulator.windows import Clock, RateLimits
 
 DEFAULT_MODELS: Final = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano")
@@ -105,8 +106,16 @@ class Simulator:
 
     def _apply(self, config: SimulatorConfig) -> None:
         self._config = config
-        self._limits = RateLimits(config.rpm, config.tpm, clock=self._clock, window_seconds=config.window_seconds)
+        self._limits = RateLimits(
+            config.rpm,
+            config.tpm,
+            clock=self._clock,
+            window_seconds=config.window_seconds,
+            quantum=config.quantum,
+            headers=config.rate_headers,
+        )
         self._auth = None if config.api_key is None else f"Bearer {config.api_key}"
+        self._tokens = TokenCounter(exact=config.tokenizer == "auto")
         self._fault_rng = random.Random(config.seed)
         # A separate stream, so turning jitter on does not change which requests fail.
         self._jitter_rng = random.Random(config.seed + 1)
@@ -242,7 +251,10 @@ class Simulator:
             message = "The simulator does not support stream=true; leave stream unset."
             return _error(ex, 400, message, code="unsupported_value", param="stream", headers=headers)
         budget = body.get("max_completion_tokens") or body.get("max_tokens")
-        return _Chat(model, read[0], read[1], body.get("response_format"), budget if isinstance(budget, int) else None)
+        prompt_tokens = self._tokens.prompt_tokens(model, read[0])
+        return _Chat(
+            model, prompt_tokens, read[1], body.get("response_format"), budget if isinstance(budget, int) else None
+        )
 
     async def _complete(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         n = next(self._ids)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 EVENTS_KEPT: Final = 100_000
+RATE_HEADERS: Final = ("full", "retry-after", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,12 @@ class SimulatorConfig:
     hang_seconds: how long a hang holds the reply unless the client goes away first.
     window_seconds: length of the rate windows; limits scale with it (rpm 600 over 2 s allows 20) while
         headers keep speaking per minute, so tests can exercise a full window in seconds, not minutes.
+    quantum: the request limit also holds over every this many seconds, at its per-minute rate (1 s: a 600 RPM
+        limit takes at most 10 requests in any second), as OpenAI does; 0 turns the short interval off.
+    tokenizer: "auto" counts prompt tokens with the model's BPE when `bpe-openai` is installed (as the API does),
+        "estimate" always uses ceil(characters / 4) + 3 a message.
+    rate_headers: "full" (x-ratelimit-* on every reply, retry-after on 429s), "retry-after" (only that, on
+        429s) or "none" (a bare 429), to imitate providers and gateways that say less.
     """
 
     latency_ms: float = 200.0
@@ -35,8 +42,17 @@ class SimulatorConfig:
     models: frozenset[str] | None = None
     hang_seconds: float = 3600.0
     window_seconds: float = 60.0
+    quantum: float = 1.0
+    rate_headers: str = "full"
+    tokenizer: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.rate_headers not in RATE_HEADERS:
+            raise ValueError(f"rate_headers must be one of {', '.join(RATE_HEADERS)}, got {self.rate_headers!r}")
+        if self.tokenizer not in ("auto", "estimate"):
+            raise ValueError(f"tokenizer must be auto or estimate, got {self.tokenizer!r}")
+        if not 0 <= self.quantum <= 60:
+            raise ValueError(f"quantum must lie in 0..60 seconds, got {self.quantum}")
         if self.window_seconds <= 0:
             raise ValueError(f"window_seconds must be positive, got {self.window_seconds}")
         for name in ("latency_ms", "latency_jitter_ms", "hang_seconds"):
@@ -83,6 +99,9 @@ _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "models": (list, tuple, set, frozenset, type(None)),
     "hang_seconds": _NUMBER,
     "window_seconds": _NUMBER,
+    "quantum": _NUMBER,
+    "rate_headers": (str,),
+    "tokenizer": (str,),
 }
 
 

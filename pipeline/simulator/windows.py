@@ -121,54 +121,89 @@ class Refusal:
 
 
 class RateLimits:
-    """A provider's per-minute request and token windows, and the headers that describe them."""
+    """A provider's per-minute request and token windows, and the headers that describe them.
 
-    __slots__ = ("per_minute", "requests", "tokens")
+    As strict as OpenAI documents its own limits: a refused request still counts against the minute (retrying
+    at once only digs deeper), and the request limit also holds over every `quantum` seconds at its per-minute
+    rate (600 RPM admits at most 10 requests in any second, not 600 in the first).
+    """
+
+    __slots__ = ("headers", "per_minute", "requests", "short", "tokens")
 
     def __init__(
-        self, rpm: int | None, tpm: int | None, *, clock: Clock = time.monotonic, window_seconds: float = 60.0
+        self,
+        rpm: int | None,
+        tpm: int | None,
+        *,
+        clock: Clock = time.monotonic,
+        window_seconds: float = 60.0,
+        quantum: float = 1.0,
+        headers: str = "full",
     ) -> None:
         # A shorter window holds a proportional share of the per-minute limit; headers stay per minute.
         share = window_seconds / 60.0
         self.per_minute = 1 / share
+        self.headers = headers
         self.requests = RateWindow(max(1, round(rpm * share)), period=window_seconds, clock=clock) if rpm else None
         self.tokens = RateWindow(max(1, round(tpm * share)), period=window_seconds, clock=clock) if tpm else None
+        self.short = None
+        if rpm and quantum > 0:
+            self.short = RateWindow(max(1, round(rpm * quantum / 60)), period=quantum, clock=clock)
+
+    def _request_wait(self) -> float:
+        waits = [w.wait(1) for w in (self.requests, self.short) if w is not None]
+        return max(waits, default=0.0)
 
     def spend(self, cost: int, headers: dict[str, str]) -> Refusal | None:
-        """Spend one request and `cost` tokens, or refuse without spending anything.
+        """Spend one request and `cost` tokens, or refuse (the refused request still counts).
 
-        Adds the x-ratelimit-* headers of each configured window to `headers`, and on a
-        refusal that can end, retry-after-ms (exact) and retry-after (whole seconds, at least 1).
+        Adds the x-ratelimit-* headers of each configured window to `headers` (unless this provider sends
+        fewer headers), and on a refusal that can end, retry-after-ms (exact) and retry-after (whole seconds,
+        at least 1).
         """
-        requests, tokens = self.requests, self.tokens
+        requests, tokens, short = self.requests, self.tokens, self.short
         if requests is None and tokens is None:
             return None
-        wait_requests = requests.wait(1) if requests is not None else 0.0
+        wait_requests = self._request_wait()
         wait_tokens = tokens.wait(cost) if tokens is not None else 0.0
         refusal = None
         if wait_tokens > wait_requests and tokens is not None:
             refusal = Refusal("tokens", tokens.limit, tokens.used(), cost, wait_tokens)
         elif wait_requests and requests is not None:
-            refusal = Refusal("requests", requests.limit, requests.used(), 1, wait_requests)
-        else:
-            if requests is not None:
-                requests.add(1)
-            if tokens is not None:
-                tokens.add(cost)
-        # reset-*: how long until a request like this one fits again ("0s": it fits now).
-        scale = self.per_minute
-        if requests is not None:
-            headers["x-ratelimit-limit-requests"] = str(round(requests.limit * scale))
-            headers["x-ratelimit-remaining-requests"] = str(round(requests.remaining() * scale))
-            headers["x-ratelimit-reset-requests"] = format_duration(requests.wait(1))
-        if tokens is not None:
-            headers["x-ratelimit-limit-tokens"] = str(round(tokens.limit * scale))
-            headers["x-ratelimit-remaining-tokens"] = str(round(tokens.remaining() * scale))
-            headers["x-ratelimit-reset-tokens"] = format_duration(min(tokens.wait(cost), tokens.period))
+            binding = short if short is not None and short.wait(1) >= wait_requests else requests
+            refusal = Refusal("requests", binding.limit, binding.used(), 1, wait_requests)
+        elif tokens is not None:
+            tokens.add(cost)
+        for window in (requests, short):
+            if window is not None:
+                window.add(1)  # refused or not: the provider counts every request it receives
         if refusal is not None and not math.isinf(refusal.wait):
+            refusal = Refusal(refusal.dimension, refusal.limit, refusal.used, refusal.requested, self._retry_wait(cost))
+        self._describe(cost, refusal, headers)
+        return refusal
+
+    def _retry_wait(self, cost: int) -> float:
+        wait = self._request_wait()
+        if self.tokens is not None:
+            wait = max(wait, self.tokens.wait(cost))
+        return wait
+
+    def _describe(self, cost: int, refusal: Refusal | None, headers: dict[str, str]) -> None:
+        requests, tokens = self.requests, self.tokens
+        if self.headers == "full":
+            # reset-*: how long until a request like this one fits again ("0s": it fits now).
+            scale = self.per_minute
+            if requests is not None:
+                headers["x-ratelimit-limit-requests"] = str(round(requests.limit * scale))
+                headers["x-ratelimit-remaining-requests"] = str(round(requests.remaining() * scale))
+                headers["x-ratelimit-reset-requests"] = format_duration(self._request_wait())
+            if tokens is not None:
+                headers["x-ratelimit-limit-tokens"] = str(round(tokens.limit * scale))
+                headers["x-ratelimit-remaining-tokens"] = str(round(tokens.remaining() * scale))
+                headers["x-ratelimit-reset-tokens"] = format_duration(min(tokens.wait(cost), tokens.period))
+        if refusal is not None and not math.isinf(refusal.wait) and self.headers != "none":
             headers["retry-after-ms"] = str(math.ceil(refusal.wait * 1000))
             headers["retry-after"] = str(max(1, math.ceil(refusal.wait)))
-        return refusal
 
     def usage(self) -> dict[str, int | None]:
         """Limits and current use of both windows (None where no limit is set)."""

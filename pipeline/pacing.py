@@ -1,0 +1,189 @@
+"""How fast a run may send: the in-flight window and the request rate, learned from limits, latency and 429s.
+
+The limiter (`limits.py`) enforces what the `Pacer` decides:
+
+- **A known rate sizes the window by Little's law.** Once a request rate is known (from `--rpm`/`--tpm` or
+  `x-ratelimit-limit-*`, at 95% and at this process's share) and a few replies have shown the latency, the
+  window jumps to rate × latency × 1.5: the limit is reached in the second round trip, at any latency, and
+  the token bucket, not the window, spaces the requests.
+- **No limit known: slow start.** The window doubles every round trip (one more slot per success that found
+  the window full) until the first 429, or until replies slow down (auto mode watches latency, so a
+  self-hosted server that slows under load is not pushed further).
+- **A 429 teaches a rate.** The pace drops to 95% of what it was; a round trip later, when the replies of
+  the requests sent just before the 429 are back, the rate the provider really admitted then (by send
+  time, over a round trip of at least a second) sets the pace, again at 95%. The pace then returns to 99%
+  of that point within a round trip, holds there for a while (`PLATEAU_ROUND_TRIPS`, at least 10 s) and
+  only then probes upward, slowly at first and faster the longer no 429 comes (a cubic, like TCP CUBIC), so
+  an underestimate is outgrown in a minute and overloads stay rare. Each overload costs about one round
+  trip of refused requests, so at ordinary latencies the share of 429s stays around 1–3%.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Final
+
+START_WINDOW: Final = 10
+LITTLE_MARGIN: Final = 1.5  # in flight = rate × latency × margin: replies vary, the bucket does the spacing
+CUT: Final = 0.95  # after an overload, pace at this share of what the provider admitted
+NEAR_PEAK: Final = 0.99  # grow quickly up to this share of the last overload point, slowly beyond
+PLATEAU_ROUND_TRIPS: Final = 50  # hold just under the last overload point this long (at least 10 s)
+PROBE_GAIN: Final = 0.1  # then grow by 10% × ((time past the plateau) / plateau)²
+
+
+class Latency:
+    """Recent reply latency: a fast moving average, and the lowest level it has held lately."""
+
+    __slots__ = ("base", "fast", "samples")
+
+    def __init__(self) -> None:
+        self.fast: float | None = None
+        self.base: float | None = None
+        self.samples = 0
+
+    def note(self, latency: float) -> None:
+        """Fold in one successful request's latency (seconds)."""
+        self.samples += 1
+        if self.fast is None or self.base is None:
+            self.fast = self.base = latency
+            return
+        self.fast += 0.2 * (latency - self.fast)
+        if self.fast < self.base:
+            self.base = self.fast
+        else:  # drift up slowly, so a lasting change of the server's speed becomes the new normal
+            self.base += 0.002 * (self.fast - self.base)
+
+    @property
+    def ratio(self) -> float:
+        """How many times slower replies are now than their recent base (1.0 when unknown)."""
+        if self.fast is None or not self.base:
+            return 1.0
+        return self.fast / self.base
+
+
+class Pacer:
+    """Decides the in-flight window and the paced request rate (see the module docstring)."""
+
+    def __init__(self, *, ceiling: int, auto: bool, clock_start: float = 0.0) -> None:
+        self.ceiling = max(1, ceiling)
+        self.auto = auto
+        self.window = float(min(START_WINDOW, self.ceiling))
+        self.threshold = math.inf  # slow start until the first overload
+        self.latency = Latency()
+        self.known_rate: float | None = None  # requests/s the known limits allow (already at 95% and share)
+        self.probe_rate: float | None = None  # requests/s learned from 429s
+        self.peak: float | None = None  # the admitted rate at the last overload
+        self.last_cut = -math.inf
+        self._overload_at = clock_start
+        self._remeasure_at: float | None = None  # when the replies sent before the overload are back
+        self._starts: deque[float] = deque()  # when recent successful requests were sent
+
+    # --- what the limiter asks ---------------------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        """How many requests may be in flight now."""
+        return max(1, min(self.ceiling, int(self.window)))
+
+    def rate(self) -> float | None:
+        """The request rate to pace at (requests/s), or None to send as fast as the window allows."""
+        rates = [r for r in (self.known_rate, self.probe_rate) if r is not None]
+        return min(rates) if rates else None
+
+    @property
+    def round_trip(self) -> float:
+        """The recent latency, or a second before any reply."""
+        return self.latency.fast if self.latency.fast is not None else 1.0
+
+    # --- what happened ----------------------------------------------------------------------------
+
+    def on_success(self, latency: float, *, window_limited: bool, now: float) -> None:
+        """A request succeeded after `latency` seconds; `window_limited`: it had filled the window."""
+        self.latency.note(latency)
+        self._starts.append(now - latency)
+        horizon = now - 2 * self.round_trip - 10.0
+        while self._starts and self._starts[0] < horizon:
+            self._starts.popleft()
+        self._grow_probe(now)
+        self._fit_window()
+        if self.auto and self._slow_replies(now):
+            return
+        if window_limited and self.window < self.ceiling:
+            step = 1.0 if self.window < self.threshold else 1.0 / self.window
+            self.window = min(float(self.ceiling), self.window + step)
+
+    def on_overload(self, now: float, *, until: float) -> bool:
+        """A 429 arrived; return True if it opened a new overload (several 429s from one are cut once).
+
+        `until` is when the pause it caused ends; 429s before then, or within a round trip (requests already
+        in flight when the first came back), belong to the same overload.
+        """
+        if now < self.last_cut:
+            return False
+        self.last_cut = max(until, now + self.round_trip)
+        current = self.rate()
+        if current is None:
+            current = self.admitted_rate(now)
+        if current is None:  # nothing admitted yet to learn from: halve the window, like TCP
+            self.window = max(1.0, self.window / 2)
+            self.threshold = self.window
+        else:
+            self.peak = current
+            self.probe_rate = current * CUT
+        self._overload_at = now
+        # 429s come back at once, the successes of requests sent just before them a round trip later.
+        self._remeasure_at = now + self.round_trip + 0.05
+        return True
+
+    def admitted_rate(self, until: float) -> float | None:
+        """Requests per second the provider accepted, by send time, over a round trip (1–10 s) ending at `until`."""
+        span = max(1.0, min(self.round_trip, 10.0))
+        count = sum(1 for t in self._starts if until - span <= t < until)
+        return count / span if count else None
+
+    def set_known_rate(self, rate: float | None) -> None:
+        """The request rate the known limits allow (requests/s), or None."""
+        self.known_rate = rate
+        self._fit_window()
+
+    # --- inside -----------------------------------------------------------------------------------
+
+    def _fit_window(self) -> None:
+        """Little's law: enough in flight to send at the paced rate for one round trip, with a margin."""
+        rate = self.rate()
+        if rate is None or self.latency.samples < 3:
+            return
+        target = math.ceil(rate * self.round_trip * LITTLE_MARGIN) + 2
+        if target > self.window:
+            self.window = float(min(self.ceiling, target))
+
+    def _grow_probe(self, now: float) -> None:
+        if self._remeasure_at is not None and now >= self._remeasure_at:
+            self._remeasure_at = None
+            admitted = self.admitted_rate(self._overload_at)
+            if admitted is not None:
+                self.peak = admitted if self.known_rate is None else min(admitted, self.known_rate / CUT)
+                self.probe_rate = self.peak * CUT
+        peak = self.peak
+        if self.probe_rate is None or peak is None:
+            return
+        rtt = self.round_trip
+        elapsed = now - self._overload_at
+        plateau = max(10.0, PLATEAU_ROUND_TRIPS * rtt)
+        if elapsed <= plateau:
+            rate = peak * min(NEAR_PEAK, CUT + (NEAR_PEAK - CUT) * elapsed / rtt)
+        else:
+            rate = peak * NEAR_PEAK * (1 + PROBE_GAIN * ((elapsed - plateau) / plateau) ** 2)
+        if self.known_rate is not None and rate >= self.known_rate:
+            self.probe_rate = self.peak = None  # back at the known limit: nothing left to probe
+            return
+        self.probe_rate = rate
+
+    def _slow_replies(self, now: float) -> bool:
+        """Auto mode: True while latency is well above its base (then the window does not grow)."""
+        ratio = self.latency.ratio
+        if ratio > 3.0 and now >= self.last_cut and self.window > START_WINDOW and self.rate() is None:
+            self.window = max(float(START_WINDOW), self.window * 0.9)
+            self.last_cut = now + (self.latency.fast or 0.0)
+        return ratio > 2.0
