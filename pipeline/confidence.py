@@ -1,0 +1,149 @@
+"""How sure the model was of its label, read from the reply's token logprobs.
+
+The confidence of a label is the probability of the tokens that spell it in the reply: the product of
+their probabilities, exp(sum of logprobs). Where the reply also carries `top_logprobs`, the mass that went
+to tokens which would have begun a *different* label at the point where the label starts is set beside it,
+and the confidence is renormalised over the labels: p / (p + p_other). Tokens that begin no label at all
+cannot be chosen under a strict schema and are ignored. For several labels (multi-label) the confidence is
+that of the least sure one. Replies without logprobs, or whose tokens do not spell the content, give None.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import orjson
+
+
+def label_confidence(
+    content: str, tokens: Any, chosen: str | Sequence[str], field: str, labels: Iterable[str]
+) -> float | None:
+    """The probability of the chosen label(s) in `content` given its logprob `tokens` (None if unknowable).
+
+    `field` names the JSON key that holds the label(s); `labels` is the task's whole label set.
+    """
+    if not isinstance(tokens, list) or not tokens:
+        return None
+    pieces = _token_bytes(tokens)
+    data = content.encode("utf-8")
+    if pieces is None or b"".join(pieces) != data:
+        return None  # the tokens do not spell the content: nothing can be located in it
+    spans = _value_spans(content, field)
+    if not spans:
+        return None
+    starts = []
+    at = 0
+    for piece in pieces:
+        starts.append(at)
+        at += len(piece)
+    others = {label.encode("utf-8") for label in labels}
+    wanted = {label.casefold() for label in ([chosen] if isinstance(chosen, str) else chosen)}
+    sure: list[float] = []
+    for start, end, value in spans:
+        if value.casefold() not in wanted:
+            continue
+        covering = [i for i, s in enumerate(starts) if s < end and s + len(pieces[i]) > start]
+        if not covering:
+            return None
+        try:
+            logprob = sum(float(tokens[i]["logprob"]) for i in covering)
+        except (KeyError, TypeError, ValueError):
+            return None
+        p = math.exp(min(0.0, logprob))
+        first = covering[0]
+        lead = data[starts[first] : start]
+        rivals = others - {value.encode("utf-8")}
+        other = _rival_mass(tokens[first], pieces[first], lead, rivals)
+        sure.append(p / (p + other) if p + other > 0 else 0.0)
+    return min(sure) if sure else None
+
+
+def _token_bytes(tokens: Sequence[Any]) -> list[bytes] | None:
+    pieces = []
+    for token in tokens:
+        if not isinstance(token, Mapping):
+            return None
+        raw = token.get("bytes")
+        if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+            pieces.append(bytes(raw))
+        elif isinstance(token.get("token"), str):
+            pieces.append(token["token"].encode("utf-8", "surrogatepass"))
+        else:
+            return None
+    return pieces
+
+
+def _rival_mass(token: Mapping[str, Any], piece: bytes, lead: bytes, rivals: set[bytes]) -> float:
+    """Probability of the alternatives at this position that would have begun another label."""
+    alternatives = token.get("top_logprobs")
+    if not isinstance(alternatives, list):
+        return 0.0
+    mass = 0.0
+    for alt in alternatives:
+        if not isinstance(alt, Mapping):
+            continue
+        raw = alt.get("bytes")
+        text = bytes(raw) if isinstance(raw, list) else str(alt.get("token", "")).encode("utf-8", "surrogatepass")
+        if text == piece or not text.startswith(lead):
+            continue
+        rest = text[len(lead) :]
+        if rest and any(r.startswith(rest) or rest.startswith(r + b'"') for r in rivals):
+            try:
+                mass += math.exp(min(0.0, float(alt["logprob"])))
+            except (KeyError, TypeError, ValueError):
+                continue
+    return mass
+
+
+def _value_spans(content: str, field: str) -> list[tuple[int, int, str]]:
+    """Byte spans (start, end, decoded value) of the string value(s) of `field` in a JSON reply text."""
+    key = orjson.dumps(field).decode()
+    at = content.find(key)
+    while at >= 0:
+        i = _skip_space(content, at + len(key))
+        if i < len(content) and content[i] == ":":
+            break
+        at = content.find(key, at + 1)
+    if at < 0:
+        return []
+    i = _skip_space(content, i + 1)
+    spans = []
+    if i < len(content) and content[i] == "[":
+        i = _skip_space(content, i + 1)
+        while i < len(content) and content[i] == '"':
+            span = _string_at(content, i)
+            if span is None:
+                break
+            spans.append(span[0])
+            i = _skip_space(content, span[1])
+            if i < len(content) and content[i] == ",":
+                i = _skip_space(content, i + 1)
+    elif i < len(content) and content[i] == '"':
+        span = _string_at(content, i)
+        if span is not None:
+            spans.append(span[0])
+    return spans
+
+
+def _string_at(content: str, quote: int) -> tuple[tuple[int, int, str], int] | None:
+    """The JSON string starting at `quote`: ((byte start, byte end, value), index after the closing quote)."""
+    i = quote + 1
+    while i < len(content) and content[i] != '"':
+        i += 2 if content[i] == "\\" else 1
+    if i >= len(content):
+        return None
+    try:
+        value = orjson.loads(content[quote : i + 1])
+    except orjson.JSONDecodeError:
+        return None
+    start = len(content[: quote + 1].encode("utf-8"))
+    end = start + len(content[quote + 1 : i].encode("utf-8"))
+    return (start, end, str(value)), i + 1
+
+
+def _skip_space(content: str, i: int) -> int:
+    while i < len(content) and content[i] in " \t\r\n":
+        i += 1
+    return i
