@@ -57,7 +57,7 @@ def label_confidence(
         rivals = others - {value.encode("utf-8")}
         other = _rival_mass(tokens[first], pieces[first], lead, rivals)
         sure.append(p / (p + other) if p + other > 0 else 0.0)
-    return min(sure) if sure else None
+    return round(min(sure), 4) if sure else None
 
 
 def _token_bytes(tokens: Sequence[Any]) -> list[bytes] | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import os
 import random
@@ -15,6 +14,16 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from pipeline.simulator.caching import PromptCache
+from pipeline.simulator.completion import (
+    SPOILERS,
+    BadParameterError,
+    completion_body,
+    completion_tokens,
+    read_messages,
+    spoil,
+    top_logprobs_asked,
+)
 from pipeline.simulator.control import add_control_routes
 from pipeline.simulator.faults import (
     MALFORMED_KINDS,
@@ -28,7 +37,9 @@ from pipeline.simulator.faults import (
     slow_body,
     status_reply,
 )
-from pipeline.simulator.replies import SPOILERS, LabelMaker, completion_body, completion_tokens, read_messages, spoil
+from pipeline.simulator.hosts import base_url_of, loopback_host
+from pipeline.simulator.judge import Judge, token_logprobs
+from pipeline.simulator.replies import LabelMaker
 from pipeline.simulator.settings import Exchange, SimulatorConfig, Stats
 from pipeline.simulator.windows import Clock, RateLimits
 
@@ -50,25 +61,6 @@ _HARMLESS: Final = frozenset({None, "hang", "delay", "slow_body"})
 _SHUTDOWN_GRACE: Final = 1.0
 
 
-def loopback_host(host: str) -> str:
-    """Return `host` if it is a loopback address ("localhost" becomes 127.0.0.1), else raise ValueError."""
-    if host == "localhost":
-        return "127.0.0.1"  # one address, so that port 0 binds one port
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ValueError(f"the simulator only listens on loopback (127.0.0.1, ::1, localhost), not {host!r}")
-    return host
-
-
-def base_url_of(host: str, port: int) -> str:
-    """The URL to give an OpenAI client for a simulator on `host:port`."""
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/v1"
-
-
 @dataclass(frozen=True, slots=True)
 class _Chat:
     """The parts of a chat completion request the simulator uses."""
@@ -78,6 +70,8 @@ class _Chat:
     text: str  # the last user message: labels and `match` faults key on it
     response_format: Any
     completion_budget: int | None  # max_completion_tokens or max_tokens
+    messages: list[Any]
+    top_logprobs: int | None  # None: no logprobs asked for
 
 
 class Simulator:
@@ -91,6 +85,8 @@ class Simulator:
         self._clock = clock
         self._t0 = clock()
         self._labels = LabelMaker()
+        self._judge = Judge()
+        self._cache = PromptCache(clock)
         self._script = FaultScript()
         self._stats = Stats()
         self._idle = asyncio.Event()
@@ -193,6 +189,7 @@ class Simulator:
         self._apply(self._initial)
         self._script.clear()
         self._stats.clear()
+        self._cache.clear()
 
     async def wait_idle(self) -> None:
         """Return once no chat request is under way (e.g. after clients gave up on hangs)."""
@@ -241,8 +238,13 @@ class Simulator:
         if body.get("stream"):
             message = "The simulator does not support stream=true; leave stream unset."
             return _error(ex, 400, message, code="unsupported_value", param="stream", headers=headers)
+        try:
+            top = top_logprobs_asked(body, self._config.logprobs)
+        except BadParameterError as bad:
+            return _error(ex, 400, bad.message, code=bad.code, param=bad.param, headers=headers)
         budget = body.get("max_completion_tokens") or body.get("max_tokens")
-        return _Chat(model, read[0], read[1], body.get("response_format"), budget if isinstance(budget, int) else None)
+        budget = budget if isinstance(budget, int) else None
+        return _Chat(model, read[0], read[1], body.get("response_format"), budget, messages or [], top)
 
     async def _complete(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         n = next(self._ids)
@@ -251,7 +253,9 @@ class Simulator:
         if isinstance(chat, web.Response):
             return chat
         model, prompt_tokens, text, response_format = chat.model, chat.prompt_tokens, chat.text, chat.response_format
-        content: str | None = self._labels.content(response_format, text)
+        scores = self._judge.scores(chat.messages)
+        content: str | None
+        content, choices = self._labels.answer(response_format, text, scores=scores)
 
         # Scripted faults come before the rate windows, so that a test's script plays out exactly.
         fault = self._script.take(text)
@@ -288,6 +292,9 @@ class Simulator:
         elif kind in SPOILERS:
             content, finish, refusal_text = spoil(kind, content or "")
         completion = completion_tokens(content)
+        budget, reasoning = chat.completion_budget, self._config.reasoning_tokens
+        reasoning = min(reasoning, max(0, budget - completion)) if budget is not None else reasoning
+        top = chat.top_logprobs if self._config.logprobs == "full" and content else None
         payload = completion_body(
             f"chatcmpl-{self._id_prefix}{n:021x}",
             model,
@@ -295,7 +302,10 @@ class Simulator:
             finish_reason=finish,
             refusal=refusal_text,
             prompt_tokens=prompt_tokens,
-            completion_tokens=completion,
+            completion_tokens=completion + reasoning,
+            cached_tokens=self._cache.cached_tokens(model, chat.messages),
+            reasoning_tokens=reasoning,
+            logprobs=None if top is None else token_logprobs(content or "", choices, top),
         )
         if kind == "close_after_headers":
             return await close_after_headers(request, self._stopping, payload, headers)
@@ -307,7 +317,7 @@ class Simulator:
             response = web.Response(body=payload, content_type="application/json", headers=headers)
         # Only replies that were sent whole count as completed and add to the token totals.
         ex.ok = kind in _HARMLESS
-        ex.prompt_tokens, ex.completion_tokens = prompt_tokens, completion
+        ex.prompt_tokens, ex.completion_tokens = prompt_tokens, completion + reasoning
         return response
 
     def _check_auth(self, request: web.Request, headers: dict[str, str], ex: Exchange | None) -> web.Response | None:
