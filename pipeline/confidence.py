@@ -1,12 +1,11 @@
 """How sure the model was of its label, read from the reply's token logprobs.
 
-The confidence of a label is the probability of the tokens that spell it in the reply: the product of
-their probabilities, exp(sum of logprobs). Where the reply also carries `top_logprobs`, the mass that went
-to tokens which would have begun a *different* label at the point where the label starts is set beside it,
-and the confidence is renormalised over the labels: p / (p + p_other). Tokens that begin no label at all
-cannot be chosen under a strict schema and are ignored. For several labels (multi-label) the confidence is
-that of the least sure one. Replies without logprobs, or whose tokens do not spell the content, give None.
-"""
+The confidence of a label is the probability of the tokens that spell it in the reply: the product of their
+probabilities, exp(sum of logprobs). Where the reply also lists alternatives (`top_logprobs`), the mass that
+went to tokens which would have begun a *different* label, at the point where the label starts, is set beside
+it and the confidence is renormalised over the labels: p / (p + p_other). Mass on tokens that begin no label
+is left out: a strict schema could not have chosen them. For several labels (multi-label) the confidence is
+that of the least sure one. Replies without logprobs, or whose tokens do not spell the content, give None."""
 
 from __future__ import annotations
 
@@ -56,7 +55,8 @@ def label_confidence(
         lead = data[starts[first] : start]
         rivals = others - {value.encode("utf-8")}
         other = _rival_mass(tokens[first], pieces[first], lead, rivals)
-        sure.append(p / (p + other) if p + other > 0 else 0.0)
+        # Without alternatives to compare (top_logprobs not asked for), the raw probability is all there is.
+        sure.append(p if other is None else p / (p + other) if p + other > 0 else 0.0)
     return round(min(sure), 4) if sure else None
 
 
@@ -75,11 +75,14 @@ def _token_bytes(tokens: Sequence[Any]) -> list[bytes] | None:
     return pieces
 
 
-def _rival_mass(token: Mapping[str, Any], piece: bytes, lead: bytes, rivals: set[bytes]) -> float:
-    """Probability of the alternatives at this position that would have begun another label."""
+def _rival_mass(token: Mapping[str, Any], piece: bytes, lead: bytes, rivals: set[bytes]) -> float | None:
+    """Probability of the alternatives at this position that would have begun another label (None: the reply
+    lists no alternative to the chosen token)."""
     alternatives = token.get("top_logprobs")
-    if not isinstance(alternatives, list):
-        return 0.0
+    if not isinstance(alternatives, list) or not any(
+        isinstance(alt, Mapping) and alt.get("token") != token.get("token") for alt in alternatives
+    ):
+        return None
     mass = 0.0
     for alt in alternatives:
         if not isinstance(alt, Mapping):

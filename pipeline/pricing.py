@@ -77,11 +77,19 @@ class PriceTable:
     @property
     def provenance(self) -> str:
         """One line naming the file, its date and its source, for the places that show a cost."""
-        where = str(self.path) if self.path else "no price table"
+        where = _shown(self.path) if self.path else "no price table"
         parts = [f"prices as of {self.as_of}" if self.as_of else "prices (undated)", where]
         if self.source:
             parts.append(self.source)
         return "; ".join(parts)
+
+
+def _shown(path: Path) -> str:
+    """A path as people like to read it: relative to the working directory when it is under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def prices_path() -> Path | None:

@@ -252,11 +252,13 @@ def _cost_latency(view: Overview) -> str:
         if key in view.latency_ms:
             rows.append((f"latency {key}", f"{view.latency_ms[key]:,.0f} ms"))
     run = view.last_run or {}
-    if run.get("elapsed_s") is not None:
+    if run.get("elapsed_s") is not None and run.get("labeled"):
         rows.append(
-            ("last run", f"{run.get('state')}: {short_number(run.get('labeled') or 0)} rows in "
+            ("last run", f"{run.get('state')}: {short_number(run['labeled'])} rows in "
              f"{short_duration(run.get('elapsed_s'))} ({run.get('rows_per_s')} rows/s)")
         )  # fmt: skip
+    elif run.get("state"):
+        rows.append(("last run", f"{run.get('state')}: nothing left to label"))
     table = "".join(f"<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>" for k, v in rows)
     chart = ""
     if view.latency_bins:
