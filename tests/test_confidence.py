@@ -40,6 +40,19 @@ def test_rivals_in_top_logprobs_renormalise_over_the_labels() -> None:
     assert label_confidence('{"label":"positive"}', tokens, "positive", "label", LABELS) == pytest.approx(0.75)
 
 
+def test_tokens_that_split_a_character_are_aligned_by_their_bytes() -> None:
+    """When a token ends inside a multi-byte character (its string is a stand-in), its bytes place it."""
+    word = "긍정".encode()
+    split = [
+        tok('{"label":"', 0),
+        {"token": "\ufffd", "logprob": math.log(0.7), "bytes": list(word[:2]), "top_logprobs": []},
+        {"token": "\ufffd정", "logprob": math.log(0.9), "bytes": list(word[2:]), "top_logprobs": []},
+        tok('"}', 0),
+    ]
+    got = label_confidence('{"label":"긍정"}', split, "긍정", "label", ["긍정", "부정"])
+    assert got == pytest.approx(0.63)
+
+
 def test_multi_label_confidence_is_the_least_sure_label() -> None:
     """For several labels, the confidence is the lowest of theirs."""
     content = '{"labels":["billing","shipping"]}'

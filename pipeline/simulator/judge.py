@@ -11,6 +11,7 @@ to make a demo's labels look like what the task file asks for, and scores that b
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -163,24 +164,28 @@ def token_logprobs(content: str, choices: Sequence[tuple[str, float, Rivals]], t
     out = []
     for match in _TOKEN.finditer(content):
         token = match.group()
-        logprob, alternatives = _SURE, [(token, _SURE)]
-        if match.start() in starts:
-            probability, rivals = starts[match.start()]
-            logprob = math.log(max(probability, 1e-9))
-            best = {token: logprob}
-            for rival, p in rivals:
-                if p > 0 and (first := _TOKEN.match(rival)) is not None and first.group() not in best:
-                    best[first.group()] = math.log(p)
-            alternatives = sorted(best.items(), key=lambda alt: -alt[1])
-        out.append(
-            {
-                "token": token,
-                "logprob": round(logprob, 6),
-                "bytes": list(token.encode("utf-8")),
-                "top_logprobs": [_alternative(t, lp) for t, lp in alternatives[:top]],
-            }
-        )
+        if match.start() not in starts:
+            out.append(_certain(token, top))
+            continue
+        probability, rivals = starts[match.start()]
+        logprob = math.log(max(probability, 1e-9))
+        best = {token: logprob}
+        for rival, p in rivals:
+            if p > 0 and (first := _TOKEN.match(rival)) is not None and first.group() not in best:
+                best[first.group()] = math.log(p)
+        alternatives = sorted(best.items(), key=lambda alt: -alt[1])
+        entry = _alternative(token, logprob)
+        entry["top_logprobs"] = [_alternative(t, lp) for t, lp in alternatives[:top]]
+        out.append(entry)
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _certain(token: str, top: int) -> dict[str, Any]:
+    """The entry of a token the schema leaves no choice about; shared between replies (never mutated)."""
+    entry = _alternative(token, _SURE)
+    entry["top_logprobs"] = [_alternative(token, _SURE)] if top else []
+    return entry
 
 
 def _alternative(token: str, logprob: float) -> dict[str, Any]:
