@@ -10,6 +10,7 @@ without a label (an unusable reply) are not counted: the client does not report 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import IO
 
 from pipeline.errors import OverBudget, UsageError
 from pipeline.estimate import estimate_run
@@ -82,7 +83,7 @@ def refuse_over_estimate(estimate: float, limit: float, rows: int, how: str) -> 
     )
 
 
-def check_before_start(opts: RunOptions, prepared: Prepared) -> Price | None:
+def check_before_start(opts: RunOptions, prepared: Prepared, notice: IO[str]) -> Price | None:
     """With --max-cost: the model's price, after refusing a run whose estimate is already over the limit."""
     if opts.max_cost is None:
         return None
@@ -90,4 +91,10 @@ def check_before_start(opts: RunOptions, prepared: Prepared) -> Price | None:
     plan = estimate_run(opts, prepared, exact=opts.exact_tokens)
     if plan.cost is not None and plan.cost > opts.max_cost:
         raise refuse_over_estimate(plan.cost, opts.max_cost, plan.rows, plan.prompt_method)
+    if opts.progress != "off":
+        print(
+            f"labelstream: estimated ${plan.cost or 0:.4f} for {plan.rows:,} rows: "
+            f"within --max-cost ${opts.max_cost:g}",
+            file=notice,
+        )
     return price

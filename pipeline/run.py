@@ -275,7 +275,7 @@ async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summa
         if opts.progress != "off":
             for note in prepared.notes:
                 print(f"labelstream: {note}", file=notice)
-        price = check_before_start(opts, prepared)
+        price = check_before_start(opts, prepared, notice)
         stats = RunStats(calls=CallStats(), model=opts.model)
         run = _Run(opts, prepared, stats)
         return await _execute(run, Prompt(opts.config), api_key, base_url, notice, price=price)
