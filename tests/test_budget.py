@@ -85,6 +85,7 @@ def test_a_budget_stop_mid_run_is_flushed_and_a_resume_finishes_exactly_once(
     limit = round(estimated_cost(source, out, config) * 1.2, 6)
     first = cli(*label_args(sim, source, out, "--config", str(config), "--max-cost", f"{limit}", "--concurrency", "8"))
     assert first.returncode == 4, first.stderr
+    assert f"rows: within --max-cost ${limit:g}" in first.stderr  # the estimate passed: the run started
     assert f"stopped at --max-cost ${limit:g}" in first.stderr
     assert "raise --max-cost" in first.stderr and "labelstream label" in first.stderr
     saved = sink_ids(out)
