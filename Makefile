@@ -13,7 +13,7 @@ CONCURRENCY ?= auto
 ARGS        ?=
 PORT        ?= 8787
 
-.PHONY: install demo test lint fmt bench bench-quick label simulate clean
+.PHONY: install demo test chromium lint fmt bench bench-quick label simulate clean
 
 install: $(STAMP)
 
@@ -26,8 +26,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: lint
+test: lint chromium
 	$(BIN)/python -m pytest -q
+
+# The HTML report test renders in headless Chromium: install Debian's package if it is missing and this is root
+# with apt-get; elsewhere the test is skipped with a message saying so.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { echo "make: installing Debian's chromium package for the report rendering test"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+	echo "make: chromium is not installed and cannot be installed here; the report rendering test will be skipped"
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check pipeline tests scripts

@@ -21,7 +21,7 @@ from pipeline.errors import FatalApiError, redact
 from pipeline.limits import Limiter, RetryPolicy, Sleep
 from pipeline.prompt import Prompt, ReplyError
 from pipeline.ratelimit_headers import retry_after_seconds
-from pipeline.request import read_reply, request_body
+from pipeline.request import read_reply, rejects_logprobs, request_body
 from pipeline.results import Failed, Labeled, Row, now_iso
 from pipeline.stats import CallStats
 from pipeline.tokens import TokenEstimator
@@ -31,6 +31,8 @@ _BAD_REQUEST_BREAKER = 20
 _JSON_HEADERS = {"Content-Type": "application/json"}
 # 429-answered attempts a row may take beyond its --max-retries before it is dead-lettered anyway.
 _RATE_LIMITED_CAP = 100
+# Failures that say "not like this" about the whole run rather than the row: retried at once, for free.
+_FREE_RETRIES = frozenset({"rate_limit", "logprobs_refused"})
 
 
 class _Attempt(Exception):  # noqa: N818 - internal signal, never leaves this module
@@ -66,6 +68,7 @@ class LabelClient:
         self.rng = rng or random.Random()
         self.tokens = TokenEstimator(model, prompt.prefix)
         self.exact_tokens = exact_tokens
+        self.logprobs = True  # turned off for the run when the endpoint refuses them
         self._secret = api_key
         self._sdk = openai.AsyncOpenAI(
             api_key=api_key,
@@ -99,7 +102,7 @@ class LabelClient:
                 return await self._attempt(row, estimate, attempt)
             except _Attempt as failure:
                 # 429s say "later", not "never": they do not use up the row's retries (up to a sanity cap).
-                limited += failure.kind == "rate_limit"
+                limited += failure.kind in _FREE_RETRIES
                 spent = attempt - limited
                 if not failure.retry or spent >= self.retry.max_attempts or limited >= _RATE_LIMITED_CAP:
                     return Failed(
@@ -111,7 +114,7 @@ class LabelClient:
                         failed_at=now_iso(),
                     )
                 self.stats.retries += 1
-                if failure.kind != "rate_limit":  # after a 429 the limiter already pauses everyone
+                if failure.kind not in _FREE_RETRIES:  # after a 429 the limiter already pauses everyone
                     await self.sleep(self.retry.backoff(attempt, self.rng))
 
     async def _attempt(self, row: Row, estimate: int, attempt: int) -> Labeled:
@@ -126,7 +129,7 @@ class LabelClient:
                     response = await self._sdk.post(
                         "/chat/completions",
                         cast_to=httpx2.Response,
-                        content=orjson.dumps(request_body(self.prompt, row.text, self.model)),
+                        content=orjson.dumps(request_body(self.prompt, row.text, self.model, logprobs=self.logprobs)),
                         options={"headers": _JSON_HEADERS},
                     )
                     body = await response.aread()
@@ -154,6 +157,7 @@ class LabelClient:
         self.stats.bad_requests_in_a_row = 0
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
+        self.stats.cached_tokens += reply.cached_tokens
         return Labeled(
             row=row,
             label=reply.label,
@@ -163,6 +167,9 @@ class LabelClient:
             latency_ms=round(latency_ms, 1),
             attempts=attempt,
             labeled_at=now_iso(),
+            cached_tokens=reply.cached_tokens,
+            confidence=reply.confidence,
+            extras=reply.extras,
         )
 
     def _status_failure(self, exc: openai.APIStatusError) -> _Attempt:
@@ -193,6 +200,11 @@ class LabelClient:
                 "endpoint serves (or check --base-url).",
                 status=status,
             )
+        if rejects_logprobs(status, code, message):
+            # E.g. a reasoning model: label without confidence rather than fail. Also for replies to requests
+            # sent before the first refusal turned logprobs off.
+            self.logprobs = False
+            return _Attempt("logprobs_refused", text, status=status)
         if status in (408, 409) or status >= 500:
             return _Attempt("server_error" if status >= 500 else f"http_{status}", text, status=status)
         self.stats.bad_requests_in_a_row += 1

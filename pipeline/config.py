@@ -14,12 +14,13 @@ from typing import Any
 import orjson
 
 from pipeline.errors import ConfigError
+from pipeline.outputs import OutputField, parse_outputs
 from pipeline.results import RECORD_FIELDS
 
 DEFAULT_MODEL = "gpt-4o-mini"
 # Fields every sink record carries; a carried input column may not shadow them.
 RESERVED_FIELDS = frozenset(RECORD_FIELDS)
-_TOP_KEYS = {"name", "description", "instructions", "multi_label", "input", "model", "labels", "examples"}
+_TOP_KEYS = {"name", "description", "instructions", "multi_label", "input", "model", "labels", "examples", "outputs"}
 _INPUT_KEYS = {"id_column", "text_column", "template", "carry", "max_chars"}
 _MODEL_KEYS = {"name", "temperature", "max_tokens"}
 _LABEL_NAME = re.compile(r"^\S(.*\S)?$")
@@ -51,6 +52,7 @@ class TaskConfig:
     temperature: float = 0.0
     max_tokens: int = 64
     examples: tuple[Example, ...] = ()
+    outputs: tuple[OutputField, ...] = ()  # extra typed fields asked for beside the label ([outputs.NAME])
     source: str = "<inline>"
 
     @property
@@ -62,7 +64,7 @@ class TaskConfig:
 
     def prompt_fingerprint(self) -> str:
         """A short hash of everything that shapes the prompt except the model."""
-        payload = {
+        payload: dict[str, Any] = {
             "instructions": self.instructions,
             "labels": list(self.labels),
             "descriptions": list(self.label_descriptions),
@@ -73,6 +75,8 @@ class TaskConfig:
             "temperature": self.temperature,
             "examples": [[e.text, list(e.labels)] for e in self.examples],
         }
+        if self.outputs:  # only when declared, so fingerprints of tasks without outputs stay as they were
+            payload["outputs"] = [[f.name, dict(f.schema)] for f in self.outputs]
         return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]
 
     def with_overrides(self, **changes: Any) -> TaskConfig:
@@ -133,6 +137,7 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<inline>") -> TaskCon
             )
 
     examples = _parse_examples(raw.get("examples", []), labels, multi_label, where)
+    outputs = parse_outputs(raw.get("outputs"), reserved=RESERVED_FIELDS | set(carry), where=where)
 
     temperature = model.get("temperature", 0.0)
     if not isinstance(temperature, int | float) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
@@ -152,6 +157,7 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<inline>") -> TaskCon
         temperature=float(temperature),
         max_tokens=_int(model, "max_tokens", where, default=64, minimum=1),
         examples=examples,
+        outputs=outputs,
         source=source,
     )
 

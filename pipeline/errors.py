@@ -7,7 +7,9 @@
     ├── SinkError           (2)      an output that cannot be resumed as it is
     │   └── SinkMismatchError (2)    resuming a sink made with another model, prompt or label set
     ├── FatalApiError       (2)      auth, permission, unknown model, no quota: every row would fail
-    └── StorageError        (3)      the sink cannot be written (disk full, permissions); work so far is kept
+    ├── StorageError        (3)      the sink cannot be written (disk full, permissions); work so far is kept
+    └── OverBudget          (4)      --max-cost: the estimate is over it (nothing sent), or the run stopped
+                                     before passing it (finished rows saved; resumable)
 
 A row that fails is not an exception here: it ends as a dead letter and the run carries on.
 Anything else that escapes is a bug and shows its traceback (with the API key redacted).
@@ -60,6 +62,12 @@ class StorageError(LabelstreamError):
     """The sink or its side files cannot be written; what was written before stays readable."""
 
     exit_code = 3
+
+
+class OverBudget(LabelstreamError):  # noqa: N818 - it names what happened, like Interrupted
+    """--max-cost: the run would cost more (refused before any request) or stopped before passing it."""
+
+    exit_code = 4
 
 
 class Interrupted(LabelstreamError):  # noqa: N818 - it names what happened, like KeyboardInterrupt

@@ -109,6 +109,11 @@ def export_labels(sink_path: str | Path, input_path: str | Path, to: str | Path)
     return result
 
 
+def input_reader(manifest: Manifest, path: Path) -> CsvSource:
+    """A reader for `path` that makes ids the way the sink's runs made them (id column or content hashes)."""
+    return CsvSource(path, _reading_config(manifest), **_reading_options(manifest))
+
+
 def _reading_config(manifest: Manifest) -> TaskConfig:
     spec = manifest.input
     return TaskConfig(

@@ -57,6 +57,8 @@ class RunOptions:
     progress: ProgressMode = "auto"  # auto: a bar on a terminal, log lines otherwise; off: --quiet
     grace_seconds: float = 10.0
     exact_tokens: bool = False  # count prompt tokens with bpe-openai under a TPM limit (extra: labelstream[tokens])
+    max_cost: float | None = None  # USD this run may spend (--max-cost): refused above it before, stopped during
+    review_below: float | None = None  # write rows with a lower confidence to OUT.review.csv (--review-below)
     command: str | None = None  # how the user started this run, for the resume hint
     progress_every: float = 1.0
 

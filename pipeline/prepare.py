@@ -123,7 +123,8 @@ def _prepare(opts: RunOptions, source: CsvSource, sink: Sink, *, dry_run: bool) 
     has_rows = not fresh and (len(done) > 0 or sink.has_rows())
     manifest = sink.meta.check_identity(identity, has_rows=has_rows, force=opts.force, sink_name=str(opts.output))
     notes.extend(_input_notes(opts, source, manifest))
-    sink.bind_schema(source.carry, multi_label=opts.config.multi_label)
+    outputs = [(f.name, f.kind) for f in opts.config.outputs]
+    sink.bind_schema(source.carry, multi_label=opts.config.multi_label, outputs=outputs)
     prepared = Prepared(source, sink, done, manifest, notes)
     if opts.relabel_changed and len(done):
         changed = changed_ids(source, done)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from pipeline.config import TaskConfig
+from pipeline.outputs import OutputValueError
 
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
@@ -20,6 +22,15 @@ class ReplyError(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A validated reply: the label (or labels), the extra output fields, and the content they were read from."""
+
+    label: str | list[str]
+    extras: dict[str, Any] = field(default_factory=dict)
+    content: str = ""
 
 
 class Prompt:
@@ -43,6 +54,11 @@ class Prompt:
 
     def parse(self, choice: Mapping[str, Any]) -> str | list[str]:
         """Return the label (or labels) from one `choices[i]` object, or raise ReplyError."""
+        return self.parse_answer(choice).label
+
+    def parse_answer(self, choice: Mapping[str, Any]) -> Answer:
+        """Return the label (or labels) and the extra output fields from one `choices[i]` object, or raise
+        ReplyError."""
         message = choice.get("message") or {}
         finish = choice.get("finish_reason")
         if message.get("refusal"):
@@ -54,7 +70,7 @@ class Prompt:
             kind = "length" if finish == "length" else "empty_reply"
             raise ReplyError(kind, f"the reply has no content (finish_reason={finish!r})")
         try:
-            return self.parse_content(content)
+            return self.read_content(content)
         except ReplyError as exc:
             if finish == "length":
                 raise ReplyError("length", f"the reply was cut off at max_tokens: {exc.message}") from None
@@ -62,13 +78,31 @@ class Prompt:
 
     def parse_content(self, content: str) -> str | list[str]:
         """Validate a reply text: JSON with the label field (fences or prose around it are tolerated)."""
+        return self.read_content(content).label
+
+    def read_content(self, content: str) -> Answer:
+        """Validate a reply text and read the label and the extra output fields from it."""
         value = _load_json_object(content.strip())
         if value is None:
             # Models without structured output sometimes answer with the bare label.
             bare = self._canonical.get(content.strip().strip("\"'.").casefold())
-            if bare is not None:
-                return [bare] if self.config.multi_label else bare
+            if bare is not None and not self.config.outputs:
+                return Answer([bare] if self.config.multi_label else bare, content=content)
             raise ReplyError("invalid_json", f"the reply is not JSON: {content[:120]!r}")
+        return Answer(self._label_of(value), self._extras_of(value), content)
+
+    def _extras_of(self, value: Mapping[str, Any]) -> dict[str, Any]:
+        extras = {}
+        for output in self.config.outputs:
+            if output.name not in value:
+                raise ReplyError("invalid_output", f"the reply lacks the field {output.name!r}")
+            try:
+                extras[output.name] = output.check(value[output.name])
+            except OutputValueError as exc:
+                raise ReplyError("invalid_output", str(exc)) from None
+        return extras
+
+    def _label_of(self, value: Mapping[str, Any]) -> str | list[str]:
         got = value.get(self.field, value.get("label" if self.config.multi_label else "labels"))
         if self.config.multi_label:
             items = [got] if isinstance(got, str) else got
@@ -89,10 +123,9 @@ class Prompt:
     def _prefix_messages(self) -> list[dict[str, str]]:
         cfg = self.config
         catalogue = "\n".join(f"- {n}: {d}" for n, d in zip(cfg.labels, cfg.label_descriptions, strict=True))
-        if cfg.multi_label:
-            answer = 'Answer with JSON only: {"labels": [<every label that applies, at least one>]}.'
-        else:
-            answer = 'Answer with JSON only: {"label": "<exactly one label>"}.'
+        shape = "[<every label that applies, at least one>]" if cfg.multi_label else '"<exactly one label>"'
+        fields = "".join(f', "{f.name}": {f.hint()}' for f in cfg.outputs)
+        answer = f'Answer with JSON only: {{"{self.field}": {shape}{fields}}}.'
         system = f"{cfg.instructions}\n\nLabels:\n{catalogue}\n\n{answer}"
         messages = [{"role": "system", "content": system}]
         for ex in cfg.examples:
@@ -111,8 +144,9 @@ class Prompt:
                 "strict": True,
                 "schema": {
                     "type": "object",
-                    "properties": {self.field: prop},
-                    "required": [self.field],
+                    # The label first: the model decides it before writing anything else.
+                    "properties": {self.field: prop, **{f.name: dict(f.schema) for f in self.config.outputs}},
+                    "required": [self.field, *(f.name for f in self.config.outputs)],
                     "additionalProperties": False,
                 },
             },

@@ -7,24 +7,43 @@ both read the answer with `read_reply`, so a label means the same whichever way 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from pipeline.confidence import label_confidence
 from pipeline.prompt import Prompt, ReplyError
 
+# Alternatives asked for at each token: enough to see every rival of a label at the point where it starts.
+TOP_LOGPROBS_MAX = 20
 
-def request_body(prompt: Prompt, text: str, model: str) -> dict[str, Any]:
-    """The `/v1/chat/completions` body that labels `text`."""
+
+def request_body(prompt: Prompt, text: str, model: str, *, logprobs: bool = True) -> dict[str, Any]:
+    """The `/v1/chat/completions` body that labels `text`.
+
+    The messages put the part every request shares (instructions, labels, examples) first and the row's
+    text last, so providers' prompt caching serves the shared part. With `logprobs` the reply carries token
+    probabilities, from which the label's confidence is read; endpoints that refuse them get requests
+    without (see `LabelClient`).
+    """
     cfg = prompt.config
-    return {
+    body: dict[str, Any] = {
         "model": model,
         "messages": prompt.messages(text),
         "response_format": prompt.response_format,
         "temperature": cfg.temperature,
         "max_completion_tokens": cfg.max_tokens,
     }
+    if logprobs:
+        body["logprobs"] = True
+        body["top_logprobs"] = min(TOP_LOGPROBS_MAX, len(cfg.labels))
+    return body
+
+
+def rejects_logprobs(status: int, code: str | None, message: str) -> bool:
+    """Whether an error reply says the endpoint (or model) does not take `logprobs` (e.g. reasoning models)."""
+    return status == 400 and "logprobs" in f"{code or ''} {message}".lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +54,17 @@ class Reply:
     model: str | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    confidence: float | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def read_reply(prompt: Prompt, body: bytes | Mapping[str, Any]) -> Reply:
     """Validate a chat completion (raw bytes or parsed JSON); raise ReplyError naming what is wrong with it."""
     try:
         data = orjson.loads(body) if isinstance(body, bytes | bytearray) else body
-        label = prompt.parse(data["choices"][0])
+        choice = data["choices"][0]
+        answer = prompt.parse_answer(choice)
     except ReplyError:
         raise
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
@@ -49,11 +72,18 @@ def read_reply(prompt: Prompt, body: bytes | Mapping[str, Any]) -> Reply:
         raise ReplyError("malformed", f"the reply is not a chat completion: {shown!r}") from None
     usage = data.get("usage")
     model = data.get("model")
+    details = usage.get("prompt_tokens_details") if isinstance(usage, Mapping) else None
+    logprobs = choice.get("logprobs")
+    tokens = logprobs.get("content") if isinstance(logprobs, Mapping) else None
+    cfg = prompt.config
     return Reply(
-        label=label,
+        label=answer.label,
         model=str(model) if model else None,
         prompt_tokens=token_count(usage, "prompt_tokens"),
         completion_tokens=token_count(usage, "completion_tokens"),
+        cached_tokens=token_count(details, "cached_tokens"),
+        confidence=label_confidence(answer.content, tokens, answer.label, prompt.field, cfg.labels),
+        extras=answer.extras,
     )
 
 

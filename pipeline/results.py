@@ -67,6 +67,9 @@ class Labeled:
     latency_ms: float
     attempts: int
     labeled_at: str
+    cached_tokens: int = 0  # the part of prompt_tokens served from the provider's prompt cache
+    confidence: float | None = None  # probability of the label from the reply's logprobs (None: none sent)
+    extras: Mapping[str, Any] = field(default_factory=dict)  # the task's extra output fields, validated
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +86,16 @@ class Failed:
 
 Result = Labeled | Failed
 
-# The sink record, in write order: LEADING, then the carried input columns, then TRAILING. `id` comes first
-# so a JSONL reader can take it without parsing the line. Kinds are logical; each sink maps them to its types.
-LEADING: Final[tuple[tuple[str, str], ...]] = (("id", "string"), ("label", "label"))
+# The sink record, in write order: LEADING, then the task's extra output fields, then the carried input
+# columns, then TRAILING. `id` comes first so a JSONL reader can take it without parsing the line. Kinds are
+# logical; each sink maps them to its types. An extra output field's kind is one of OUTPUT_KINDS, or
+# "list:" and one of them (see `config.OutputField`).
+LEADING: Final[tuple[tuple[str, str], ...]] = (("id", "string"), ("label", "label"), ("confidence", "float32"))
 TRAILING: Final[tuple[tuple[str, str], ...]] = (
     ("model", "string"),
     ("prompt_tokens", "int32"),
     ("completion_tokens", "int32"),
+    ("cached_tokens", "int32"),
     ("latency_ms", "float32"),
     ("attempts", "int16"),
     ("truncated", "bool"),
@@ -97,14 +103,17 @@ TRAILING: Final[tuple[tuple[str, str], ...]] = (
     ("labeled_at", "timestamp"),
 )
 RECORD_FIELDS: Final = tuple(name for name, _ in (*LEADING, *TRAILING))
+OUTPUT_KINDS: Final = ("string", "int64", "float64", "bool")
 
 # How each fixed field is read off a result; carried columns come from `row.carry`.
 GETTERS: Final[dict[str, Callable[[Labeled], Any]]] = {
     "id": lambda item: item.row.id,
     "label": lambda item: item.label,
+    "confidence": lambda item: item.confidence,
     "model": lambda item: item.model,
     "prompt_tokens": lambda item: item.prompt_tokens,
     "completion_tokens": lambda item: item.completion_tokens,
+    "cached_tokens": lambda item: item.cached_tokens,
     "latency_ms": lambda item: item.latency_ms,
     "attempts": lambda item: item.attempts,
     "truncated": lambda item: item.row.truncated,
@@ -114,8 +123,9 @@ GETTERS: Final[dict[str, Callable[[Labeled], Any]]] = {
 
 
 def record(item: Labeled) -> dict[str, Any]:
-    """The sink record of one labeled row, fields in `RECORD_FIELDS` order with the carried columns after `label`."""
+    """The sink record of one labeled row: LEADING fields, extra output fields, carried columns, TRAILING fields."""
     out = {name: GETTERS[name](item) for name, _ in LEADING}
+    out.update(item.extras)
     out.update(item.row.carry)
     out.update((name, GETTERS[name](item)) for name, _ in TRAILING)
     return out

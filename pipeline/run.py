@@ -19,15 +19,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from pipeline.budget import Budget, check_before_start
 from pipeline.client import LabelClient
 from pipeline.config import TaskConfig, load_config
 from pipeline.errors import FatalApiError, Interrupted, LabelstreamError
 from pipeline.limits import Limiter
 from pipeline.options import RunOptions, resolve_credentials
 from pipeline.prepare import Prepared, RowGate, Verdict, prepare_run
+from pipeline.pricing import Price
 from pipeline.progress import Reporter
 from pipeline.prompt import Prompt
 from pipeline.results import Failed, Labeled, Result, Row, now_iso
+from pipeline.review import note_review
 from pipeline.stats import CallStats, RunStats
 from pipeline.summary import Summary
 
@@ -71,6 +74,7 @@ class _Run:
         self.signals = 0
         self.hard_stop = False
         self.fatal: FatalApiError | None = None
+        self.budget: Budget | None = None  # --max-cost
         self.stranded: list[Result] = []  # finished by a worker cancelled while handing it over
         default_rows, default_seconds = self.sink.default_checkpoint
         self.checkpoint_rows = opts.checkpoint.rows or default_rows
@@ -124,6 +128,10 @@ class _Run:
                 return
             if self.stopping.is_set():
                 continue  # stopping: rows not yet started are left for the next run
+            held = self.budget.reserve(row.text) if self.budget is not None else 0.0
+            if held is None:
+                self.stopping.set()  # the next request could pass --max-cost: stop as Ctrl-C does
+                continue
             try:
                 result = await client.label(row)
             except FatalApiError as exc:
@@ -131,6 +139,8 @@ class _Run:
                 self.fatal = self.fatal or exc
                 self.stop_now()
                 return
+            if self.budget is not None:
+                self.budget.settle(held, result)
             if isinstance(result, Labeled):
                 self.stats.labeled += 1
             else:
@@ -265,17 +275,24 @@ async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summa
         if opts.progress != "off":
             for note in prepared.notes:
                 print(f"labelstream: {note}", file=notice)
+        price = check_before_start(opts, prepared, notice)
         stats = RunStats(calls=CallStats(), model=opts.model)
         run = _Run(opts, prepared, stats)
-        return await _execute(run, Prompt(opts.config), api_key, base_url, notice)
+        return await _execute(run, Prompt(opts.config), api_key, base_url, notice, price=price)
     finally:
         prepared.source.close()
         with contextlib.suppress(LabelstreamError):
             await prepared.sink.close()
-        prepared.sink.meta.unlock()
+        try:
+            if opts.review_below is not None:
+                note_review(opts, notice)
+        finally:
+            prepared.sink.meta.unlock()
 
 
-async def _execute(run: _Run, prompt: Prompt, api_key: str, base_url: str | None, notice: IO[str]) -> Summary:
+async def _execute(
+    run: _Run, prompt: Prompt, api_key: str, base_url: str | None, notice: IO[str], *, price: Price | None
+) -> Summary:
     opts, stats = run.opts, run.stats
     limiter = Limiter(opts.limits)
     client = LabelClient(
@@ -288,6 +305,8 @@ async def _execute(run: _Run, prompt: Prompt, api_key: str, base_url: str | None
         stats=stats.calls,
         exact_tokens=opts.exact_tokens,
     )
+    if price is not None and opts.max_cost is not None:
+        run.budget = Budget(opts.max_cost, price, client.tokens.prompt_tokens, opts.config.max_tokens)
     reporter = Reporter(
         stats, mode=opts.progress, stream=notice, concurrency=lambda: (limiter.in_flight, limiter.limit)
     )
@@ -317,18 +336,19 @@ async def _execute(run: _Run, prompt: Prompt, api_key: str, base_url: str | None
         await client.aclose()
     error = error or run.fatal
     interrupted = run.stopping.is_set() or run.hard_stop
-    state = "failed" if error else "interrupted" if interrupted else "done"
+    over = run.budget is not None and run.budget.stopped
+    state = "failed" if error else "budget" if over else "interrupted" if interrupted else "done"
     resume = opts.resume_command
     summary = Summary.of(
         stats, opts=opts, state=state, error=error, dead_letters=str(run.sink.meta.dead_letters_path), resume=resume
     )
-    run.write_progress(state, summary=summary.as_dict())
+    run.write_progress(state, summary=summary.as_dict(), token_scale=round(client.tokens.scale, 4))
     if error is not None:
         print(summary.render(), file=notice)
         raise error
     if interrupted:
         print(summary.render(), file=notice)
-        raise Interrupted(f"interrupted; resume with: {resume}")
+        raise run.budget.error(resume) if over and run.budget else Interrupted(f"interrupted; resume with: {resume}")
     return summary
 
 

@@ -21,6 +21,7 @@ class CallStats:
     bad_requests_in_a_row: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # the part of prompt_tokens served from the provider's prompt cache
 
 
 @dataclass(slots=True)
@@ -79,7 +80,8 @@ class RunStats:
     @property
     def cost(self) -> float | None:
         """Estimated USD spent by this run, for models with a known price."""
-        return cost_of(self.model, self.calls.prompt_tokens, self.calls.completion_tokens)
+        calls = self.calls
+        return cost_of(self.model, calls.prompt_tokens, calls.completion_tokens, cached_tokens=calls.cached_tokens)
 
     def snapshot(self, state: str, **extra: Any) -> dict[str, Any]:
         """The progress-file document."""
@@ -102,6 +104,7 @@ class RunStats:
             "eta_s": None if self.eta is None else round(self.eta, 1),
             "prompt_tokens": self.calls.prompt_tokens,
             "completion_tokens": self.calls.completion_tokens,
+            "cached_tokens": self.calls.cached_tokens,
             "cost_usd": None if self.cost is None else round(self.cost, 6),
             **extra,
         }

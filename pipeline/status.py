@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.errors import SinkError
+from pipeline.errors import SinkError, UsageError
 from pipeline.sinks import open_sink
 from pipeline.stats import short_duration
 
@@ -81,3 +81,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (FileNotFoundError, orjson.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def ensure_finished(path: Path) -> None:
+    """Raise UsageError while a run still writes the sink (it holds the lock): a report is for a finished run."""
+    sink = open_sink(path)
+    if not sink.exists():
+        raise SinkError(f"{path} does not exist yet; run `labelstream label --output {path}` first.")
+    try:
+        sink.meta.lock()
+    except SinkError as exc:
+        raise UsageError(f"{exc.message} A report describes a finished run: write it when the run has ended.") from None
+    sink.meta.unlock()

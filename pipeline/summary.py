@@ -40,6 +40,8 @@ class Summary:
     conflict_samples: list[str] = field(default_factory=list)
     relabel_hint: bool = True  # False when --relabel-changed was given
     error: str | None = None
+    cached_tokens: int = 0
+    max_cost: float | None = None
 
     @classmethod
     def of(
@@ -80,6 +82,8 @@ class Summary:
             conflict_samples=list(s.conflict_samples),
             relabel_hint=not opts.relabel_changed,
             error=error.message if error else None,
+            cached_tokens=s.calls.cached_tokens,
+            max_cost=opts.max_cost,
         )
 
     @property
@@ -97,6 +101,11 @@ class Summary:
     def rows_per_s(self) -> float:
         """Finished rows per second of wall time."""
         return (self.labeled + self.failed) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def cache_hit_share(self) -> float:
+        """Share of the prompt tokens the provider served from its prompt cache."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form (in the progress file and `status --json`)."""
@@ -117,6 +126,8 @@ class Summary:
             "rows_per_s": round(self.rows_per_s, 2),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "cache_hit_share": round(self.cache_hit_share, 4),
             "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 6),
             "failures": self.failures,
             "samples": self.samples,
@@ -125,16 +136,19 @@ class Summary:
 
     def render(self) -> str:
         """The human summary printed at the end of a run."""
-        head = {"done": "done", "interrupted": "interrupted", "failed": "stopped"}.get(self.state, self.state)
+        heads = {"done": "done", "interrupted": "interrupted", "failed": "stopped", "budget": "stopped at --max-cost"}
+        head = heads.get(self.state, self.state)
         lines = [
             f"labelstream {head}: {self.labeled:,} labeled, {self.failed:,} failed "
             f"({self.failure_rate:.1%}), {self.skipped_done:,} already in the sink, "
             f"in {short_duration(self.elapsed_s)} ({self.rows_per_s:.1f} rows/s)"
         ]
-        cost = f" ≈ ${self.cost_usd:.4f}" if self.cost_usd is not None else ""
+        cost = f" ≈ ${self.cost_usd:.4f}" if self.cost_usd is not None else ", no price in the price table"
+        budget = f" of --max-cost ${self.max_cost:g}" if self.max_cost is not None and self.cost_usd is not None else ""
         lines.append(
-            f"  tokens: {short_number(self.prompt_tokens)} prompt + {short_number(self.completion_tokens)} "
-            f"completion{cost} ({self.model}); retries: {self.retries} ({self.rate_limited} after 429)"
+            f"  tokens: {short_number(self.prompt_tokens)} prompt ({self.cache_hit_share:.0%} from the prompt cache) + "
+            f"{short_number(self.completion_tokens)} completion{cost}{budget} ({self.model}); "
+            f"retries: {self.retries} ({self.rate_limited} after 429)"
         )
         if self.duplicates:
             examples = ", ".join(self.duplicate_samples[:3])

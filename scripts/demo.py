@@ -1,6 +1,8 @@
-"""`make demo`: start the simulator, label the bundled sample, show the output, re-run to show the resume, stop.
+"""`make demo`: start the simulator, label the bundled sample, show the output, re-run to show the resume,
+score the labels against the sample's gold column and write the HTML report, stop.
 
-Everything runs on 127.0.0.1; no API key is needed. Output goes to out/demo.jsonl (replaced each time).
+Everything runs on 127.0.0.1; no API key is needed. Output goes to out/ (replaced each time): demo.jsonl, the
+review file of its least sure rows, demo_labeled.csv and demo-report.html.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def label(port: int, output: Path) -> int:
         sys.executable, "-m", "pipeline", "label",
         "--input", str(SAMPLE.relative_to(ROOT)), "--output", str(output.relative_to(ROOT)),
         "--config", str(CONFIG.relative_to(ROOT)), "--base-url", f"http://127.0.0.1:{port}/v1",
-        "--concurrency", "20",
+        "--concurrency", "20", "--review-below", "0.7",
     ]  # fmt: skip
     print("$ labelstream " + " ".join(cmd[3:]), flush=True)
     return subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
@@ -79,13 +81,17 @@ def show(output: Path, n: int = 5) -> None:
     with output.open("rb") as handle:
         for line, _ in zip(handle, range(n), strict=False):
             record = orjson.loads(line)
-            print(f"  {record['id']}  {record['label']:<8}  ({record['lang']}, {record['latency_ms']:.0f} ms)")
+            sure = record.get("confidence")
+            shown = f"{sure:.2f}" if isinstance(sure, float) else "–"
+            where = f"({record['lang']}, {record['latency_ms']:.0f} ms)"
+            print(f"  {record['id']}  {record['label']:<8}  confidence {shown}  {where}")
 
 
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     output = OUT / "demo.jsonl"
-    for stale in (output, OUT / "demo.jsonl.meta", OUT / "demo_labeled.csv"):
+    report = OUT / "demo-report.html"
+    for stale in (output, OUT / "demo.jsonl.meta", OUT / "demo_labeled.csv", OUT / "demo.review.csv", report):
         if stale.is_dir():
             shutil.rmtree(stale)
         else:
@@ -105,6 +111,19 @@ def main() -> int:
         )
         print("  " + "\n  ".join(labeled.read_text(encoding="utf-8").splitlines()[:4]))
         print(f"\nprogress file: {(OUT / 'demo.jsonl.meta' / 'progress.json').relative_to(ROOT)}")
+        print("\nhow good are the labels? the sample's gold column holds the right answers:\n")
+        sample = str(SAMPLE.relative_to(ROOT))
+        run_cli(
+            "eval",
+            "out/demo.jsonl",
+            "--gold",
+            sample,
+            "--gold-column",
+            "gold",
+            "--report",
+            str(report.relative_to(ROOT)),
+        )
+        print(f"\nopen the report in a browser: {report}")
         return code or second
     finally:
         proc.terminate()

@@ -127,9 +127,10 @@ def test_parquet_schema_is_typed_and_stable(tmp_path: Path) -> None:
     write(sink, [labeled("1")])
     schema = ds.dataset(tmp_path / "out.parquet").schema
     assert schema.names == [
-        "id", "label", "lang", "model", "prompt_tokens", "completion_tokens",
+        "id", "label", "confidence", "lang", "model", "prompt_tokens", "completion_tokens", "cached_tokens",
         "latency_ms", "attempts", "truncated", "text_sha", "labeled_at",
     ]  # fmt: skip
+    assert str(schema.field("confidence").type) == "float"
     assert str(schema.field("labeled_at").type) == "timestamp[ms, tz=UTC]"
     assert str(schema.field("prompt_tokens").type) == "int32"
     other = ParquetSink(tmp_path / "out.parquet")

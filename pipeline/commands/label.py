@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.commands.args import concurrency, count, parse_bool, positive_float, positive_int, seconds
+from pipeline.commands.args import concurrency, count, parse_bool, positive_float, positive_int, seconds, share
 from pipeline.commands.signals import interrupt_on_term
 from pipeline.config import DEFAULT_MODEL
 from pipeline.errors import UsageError
@@ -67,6 +68,21 @@ def register(sub: Any) -> None:
     scope.add_argument("--force", action="store_true", help="resume a sink made with another model/prompt/labels")
     scope.add_argument("--dry-run", action="store_true", help="check input, config and sink; make no API call")
 
+    spend = label.add_argument_group("cost and confidence")
+    spend.add_argument(
+        "--max-cost",
+        type=positive_float,
+        metavar="USD",
+        help="refuse to start when the estimate is higher; stop (saved, resumable, exit 4) before passing it",
+    )
+    spend.add_argument("--prices", type=Path, help="price table (default: $LABELSTREAM_PRICES or configs/prices.toml)")
+    spend.add_argument(
+        "--review-below",
+        type=share,
+        metavar="P",
+        help="write rows whose label confidence is under P to OUT.review.csv beside the sink",
+    )
+
     saving = label.add_argument_group("checkpoints and output")
     saving.add_argument("--checkpoint-every", type=positive_int, help="rows per sink write (JSONL 1000, Parquet 5000)")
     saving.add_argument("--checkpoint-seconds", type=positive_float, help="seconds between sink writes (2 / 30)")
@@ -83,6 +99,12 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
     from pipeline.limits import LimitSettings, RetryPolicy  # noqa: PLC0415
     from pipeline.options import RunOptions  # noqa: PLC0415
 
+    if args.prices is not None:
+        from pipeline.pricing import PRICES_ENV, load_prices  # noqa: PLC0415
+
+        # Through the environment, so that every process of the run (and a resume hint's) reads the same table.
+        os.environ[PRICES_ENV] = str(args.prices.resolve())
+        load_prices()  # a missing or broken file is a usage error now, not at the first cost shown
     config = load_config(args.config)
     # with_overrides skips None; --id-column '' switches to content-hash ids.
     config = config.with_overrides(model=args.model, text_column=args.text_column, id_column=args.id_column)
@@ -118,6 +140,8 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
         progress="off" if args.quiet else "log" if args.no_progress else "auto",
         grace_seconds=args.grace,
         exact_tokens=args.exact_tokens,
+        max_cost=args.max_cost,
+        review_below=args.review_below,
         command=_resume_command(argv, output),
     )
 

@@ -24,6 +24,13 @@ def register(sub: Any) -> None:
     sim.add_argument("--error-rate", type=share, default=0.0, help="share of requests answered 500/502/503")
     sim.add_argument("--hang-rate", type=share, default=0.0, help="share of requests never answered")
     sim.add_argument("--malformed-rate", type=share, default=0.0, help="share of replies that are unusable")
+    sim.add_argument(
+        "--logprobs",
+        choices=("full", "ignore", "reject"),
+        default="full",
+        help="answer logprobs requests with logprobs, ignore them, or refuse them with a 400 (default: %(default)s)",
+    )
+    sim.add_argument("--reasoning-tokens", type=count, default=0, help="hidden reasoning tokens billed per reply")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument(
         "--window-seconds", type=positive_float, default=60.0, help="rate window length (tests shorten it)"
@@ -60,6 +67,8 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             hang_rate=args.hang_rate,
             malformed_rate=args.malformed_rate,
             seed=args.seed,
+            logprobs=args.logprobs,
+            reasoning_tokens=args.reasoning_tokens,
             window_seconds=args.window_seconds,
             quantum=args.quantum,
             rate_headers=args.rate_headers,

@@ -17,6 +17,7 @@ def register(sub: Any) -> None:
     status = sub.add_parser("status", help="counts, failure rate and recent errors of a sink")
     status.add_argument("output", type=Path)
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--report", type=Path, help="write a self-contained HTML report of a finished run here")
     status.set_defaults(handler=run_status)
 
     export = sub.add_parser("export", help="join labels back onto the input rows (CSV or Parquet)")
@@ -35,13 +36,19 @@ def run_status(args: argparse.Namespace, _argv: Sequence[str]) -> int:
     """Print what a sink holds."""
     import orjson  # noqa: PLC0415 - commands load what they need
 
-    from pipeline.status import render_status, sink_status  # noqa: PLC0415
+    from pipeline.status import ensure_finished, render_status, sink_status  # noqa: PLC0415
 
     report = sink_status(args.output)
     if args.json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print(render_status(report))
+    if args.report is not None:
+        from pipeline.report import write_report  # noqa: PLC0415
+
+        ensure_finished(args.output)
+        write_report(args.report, args.output)
+        print(f"report: {args.report}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

@@ -13,11 +13,16 @@ Endpoints:
     GET|POST /control/config    change settings, e.g. {"rpm": 600, "latency_ms": 50}; resets the windows
     POST /control/reset         back to the starting config, with no stats, faults or window use
 
-Replies: with a `json_schema` response_format, an instance of its schema chosen by a hash of the last
-user message (same text, same reply; an enum gives one value, an array of an enum 1-2 distinct ones);
-otherwise {"label": "positive" | "negative" | "neutral"}. Usage: prompt = ceil(characters / 4) + 3 per
-message, completion = ceil(len(content) / 4). A request's TPM cost is its prompt plus max_completion_tokens
-(or max_tokens, or the completion). stream=true is refused with a 400.
+Replies: with a `json_schema` response_format, an instance of its schema (same text, same reply). An enum
+of the labels the system prompt describes ("- label: description") takes the label whose description and
+few-shot examples share the most with the text (`judge.py`); other enums, and texts that share nothing, are
+chosen by a hash of the last user message (an array of an enum gives 1-2 distinct values). Without a schema:
+{"label": "positive" | "negative" | "neutral"}. `logprobs: true` (with `top_logprobs` 0..20) gets token
+logprobs whose label token carries the judge's probability and its rivals (config `logprobs`: "ignore"
+sends none, "reject" answers 400 as reasoning models do). Usage: prompt = ceil(characters / 4) + 3 per
+message, completion = ceil(len(content) / 4) plus `reasoning_tokens`; a prompt prefix of 1,024+ tokens
+seen in the last 5 minutes is reported as cached in steps of 128 (`caching.py`). A request's TPM cost is its
+prompt plus max_completion_tokens (or max_tokens, or the completion). stream=true is refused with a 400.
 
 Fault kinds: status, hang, reset, close_after_headers, slow_body, delay (the exchange itself) and
 not_json, bad_json_content, label_outside, empty_content, extra_text, length, content_filter,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import orjson
+
+from pipeline.simulator.judge import probabilities
 
 DEFAULT_LABELS: Final = ("positive", "negative", "neutral")
 OUTSIDE_LABEL: Final = "not_a_label"
@@ -28,14 +29,56 @@ _STRING_FORMATS: Final = {
 }
 
 
+# What a reply chose among labels, for its logprobs: (value, probability, [(rival, probability), ...]).
+Choice = tuple[str, float, list[tuple[str, float]]]
+
+
 class Draw:
-    """Choices derived from a hash of one text, so the same text always gets the same choices."""
+    """Choices derived from a hash of one text, so the same text always gets the same choices.
 
-    __slots__ = ("_digest", "_pool")
+    With `scores` (label → score, from the judge) an enum of those labels takes the best-scored one (ties by
+    the hash); every choice among string values is remembered in `choices` for the reply's logprobs.
+    """
 
-    def __init__(self, text: str) -> None:
+    __slots__ = ("_digest", "_pool", "choices", "scores")
+
+    def __init__(self, text: str, scores: Mapping[str, float] | None = None) -> None:
         self._digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=32).digest()
         self._pool = int.from_bytes(self._digest)
+        self.scores = scores
+        self.choices: list[Choice] = []
+
+    def choose(self, values: list[Any]) -> Any:
+        """One of `values`: the best-scored, else by the hash."""
+        probs = probabilities(self.scores or {}, values)
+        best = max(probs)
+        tied = [i for i, p in enumerate(probs) if p == best]
+        chosen = tied[self.pick(len(tied))]
+        self._remember(values, probs, [chosen])
+        return values[chosen]
+
+    def choose_some(self, values: list[Any], low: int, top: int) -> list[Any]:
+        """Between `low` and `top` distinct values, in their order: those scored near the best, else by the hash."""
+        if not self.scores:
+            count = low + self.pick(top - low + 1)
+            pool = list(range(len(values)))
+            chosen = sorted(pool.pop(self.pick(len(pool))) for _ in range(count))
+            self._remember(values, [1 / len(values)] * len(values), chosen)
+            return [values[i] for i in chosen]
+        probs = probabilities(self.scores, values)
+        ranked = sorted(range(len(values)), key=lambda i: (-probs[i], i))
+        best = probs[ranked[0]]
+        count = max(low, min(top, sum(1 for p in probs if p >= 0.5 * best)))
+        chosen = sorted(ranked[:count])
+        self._remember(values, probs, chosen)
+        return [values[i] for i in chosen]
+
+    def _remember(self, values: list[Any], probs: list[float], chosen: list[int]) -> None:
+        if not all(isinstance(v, str) for v in values):
+            return
+        for i in chosen:
+            rivals = [(values[j], probs[j]) for j in range(len(values)) if j != i]
+            self.choices.append((values[i], probs[i], rivals))
 
     def pick(self, n: int) -> int:
         """Return a number in range(n)."""
@@ -126,7 +169,7 @@ class _Compiler:
     def _enum(self, values: list[Any]) -> Generator:
         if self._outside:
             return _const(_outside(values))
-        return lambda draw: values[draw.pick(len(values))]
+        return lambda draw: draw.choose(values)
 
     def _object(self, node: Mapping[str, Any], depth: int) -> Generator:
         props = node.get("properties")
@@ -157,10 +200,7 @@ class _Compiler:
         outside = _outside(values) if self._outside else None
 
         def generate(draw: Draw) -> list[Any]:
-            count = low + draw.pick(top - low + 1)
-            pool = list(range(len(values)))
-            chosen = sorted(pool.pop(draw.pick(len(pool))) for _ in range(count))
-            labels = [values[i] for i in chosen]
+            labels = draw.choose_some(values, low, top)
             if outside is not None:
                 labels[0] = outside
             return labels
@@ -210,7 +250,7 @@ def compile_schema(schema: Mapping[str, Any], *, outside: bool = False) -> Gener
 
 
 def _default_label(draw: Draw) -> dict[str, str]:
-    return {"label": DEFAULT_LABELS[draw.pick(len(DEFAULT_LABELS))]}
+    return {"label": draw.choose(list(DEFAULT_LABELS))}
 
 
 def _default_outside(_draw: Draw) -> dict[str, str]:
@@ -245,102 +285,17 @@ class LabelMaker:
             self._cache[key] = pair
         return pair
 
-    def content(self, response_format: Any, text: str, *, outside: bool = False) -> str:
+    def content(
+        self, response_format: Any, text: str, *, outside: bool = False, scores: Mapping[str, float] | None = None
+    ) -> str:
         """The reply for a request whose last user message is `text`, as compact JSON."""
+        return self.answer(response_format, text, outside=outside, scores=scores)[0]
+
+    def answer(
+        self, response_format: Any, text: str, *, outside: bool = False, scores: Mapping[str, float] | None = None
+    ) -> tuple[str, list[Choice]]:
+        """The reply content as compact JSON, and the label choices made in it (for logprobs)."""
         normal, off_label = self._generators(response_format)
-        value = (off_label if outside else normal)(Draw(text))
-        return orjson.dumps(value).decode()
-
-
-def read_messages(messages: list[Any]) -> tuple[list[str], str] | None:
-    """The text of every message and the last user text; None if a message is malformed."""
-    contents: list[str] = []
-    last_user = ""
-    for message in messages:
-        if not isinstance(message, dict):
-            return None
-        content = message.get("content")
-        if isinstance(content, list):
-            content = "".join(
-                part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
-            )
-        elif content is None:
-            content = ""
-        elif not isinstance(content, str):
-            return None
-        contents.append(content)
-        if message.get("role") == "user":
-            last_user = content
-    return contents, last_user
-
-
-def completion_tokens(content: str | None) -> int:
-    """Estimate the tokens of a reply: ceil(chars / 4)."""
-    return -(-len(content) // 4) if content else 0
-
-
-REFUSAL_TEXT: Final = "I'm sorry, but I can't help with that request."
-# Malformed-reply faults that rewrite a good reply (label_outside needs the schema, so it is made upstream).
-SPOILERS: Final = frozenset({"bad_json_content", "empty_content", "extra_text", "length", "content_filter", "refusal"})
-
-
-def spoil(kind: str, content: str) -> tuple[str | None, str, str | None]:
-    """(content, finish_reason, refusal) of a good reply spoiled by the malformed-reply fault `kind`."""
-    if kind == "bad_json_content":
-        # Python-style quotes: the commonest way a model's "JSON" fails to parse.
-        spoiled = content.replace('"', "'")
-        return (spoiled if spoiled != content else content + "}"), "stop", None
-    if kind == "empty_content":
-        return "", "stop", None
-    if kind == "extra_text":
-        return f"Sure! Here is the classification you asked for: {content} Hope this helps!", "stop", None
-    if kind == "length":
-        return content[: max(1, len(content) // 2)], "length", None
-    if kind == "content_filter":
-        return None, "content_filter", None
-    if kind == "refusal":
-        return None, "stop", REFUSAL_TEXT
-    return content, "stop", None
-
-
-def completion_body(
-    completion_id: str,
-    model: str,
-    content: str | None,
-    *,
-    finish_reason: str = "stop",
-    refusal: str | None = None,
-    prompt_tokens: int,
-    completion_tokens: int,
-) -> bytes:
-    """A `chat.completion` object as the real API sends it."""
-    return orjson.dumps(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content, "refusal": refusal, "annotations": []},
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-                "completion_tokens_details": {
-                    "reasoning_tokens": 0,
-                    "audio_tokens": 0,
-                    "accepted_prediction_tokens": 0,
-                    "rejected_prediction_tokens": 0,
-                },
-            },
-            "service_tier": "default",
-            "system_fingerprint": _FINGERPRINT,
-        }
-    )
+        draw = Draw(text, scores)
+        value = (off_label if outside else normal)(draw)
+        return orjson.dumps(value).decode(), draw.choices

@@ -15,7 +15,8 @@ from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
 from pipeline.simulator.faults import Fault
-from pipeline.simulator.server import Simulator, base_url_of, loopback_host
+from pipeline.simulator.hosts import base_url_of, loopback_host
+from pipeline.simulator.server import Simulator
 from pipeline.simulator.settings import SimulatorConfig
 from pipeline.simulator.windows import Clock
 

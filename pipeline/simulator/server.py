@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import os
 import random
@@ -15,6 +14,16 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from pipeline.simulator.caching import PromptCache
+from pipeline.simulator.completion import (
+    SPOILERS,
+    BadParameterError,
+    completion_body,
+    completion_tokens,
+    read_messages,
+    spoil,
+    top_logprobs_asked,
+)
 from pipeline.simulator.control import add_control_routes
 from pipeline.simulator.faults import (
     MALFORMED_KINDS,
@@ -23,25 +32,19 @@ from pipeline.simulator.faults import (
     FaultScript,
     close_after_headers,
     drop_connection,
-    error_body,
     pause,
     slow_body,
     status_reply,
 )
-from pipeline.simulator.replies import SPOILERS, LabelMaker, completion_body, completion_tokens, read_messages, spoil
+from pipeline.simulator.hosts import base_url_of, loopback_host
+from pipeline.simulator.http import BAD_JSON, check_auth, error_reply, json_reply
+from pipeline.simulator.judge import Judge, token_logprobs
+from pipeline.simulator.replies import LabelMaker
 from pipeline.simulator.settings import Exchange, SimulatorConfig, Stats
 from pipeline.simulator.tokens import TokenCounter
 from pipeline.simulator.windows import Clock, RateLimits
 
 DEFAULT_MODELS: Final = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano")
-_BAD_JSON: Final = (
-    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
-    "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
-)
-_NO_KEY: Final = (
-    "You didn't provide an API key. You need to provide your API key in an Authorization header "
-    "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
-)
 _RANDOM_ERRORS: Final = tuple(Fault("status", status=status) for status in (500, 502, 503))
 _RANDOM_HANG: Final = Fault("hang")
 _RANDOM_MALFORMED: Final = tuple(Fault(kind) for kind in MALFORMED_KINDS)
@@ -49,25 +52,6 @@ _RANDOM_MALFORMED: Final = tuple(Fault(kind) for kind in MALFORMED_KINDS)
 _HARMLESS: Final = frozenset({None, "hang", "delay", "slow_body"})
 # Seconds a stopping server gives replies under way before cancelling them.
 _SHUTDOWN_GRACE: Final = 1.0
-
-
-def loopback_host(host: str) -> str:
-    """Return `host` if it is a loopback address ("localhost" becomes 127.0.0.1), else raise ValueError."""
-    if host == "localhost":
-        return "127.0.0.1"  # one address, so that port 0 binds one port
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ValueError(f"the simulator only listens on loopback (127.0.0.1, ::1, localhost), not {host!r}")
-    return host
-
-
-def base_url_of(host: str, port: int) -> str:
-    """The URL to give an OpenAI client for a simulator on `host:port`."""
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +63,8 @@ class _Chat:
     text: str  # the last user message: labels and `match` faults key on it
     response_format: Any
     completion_budget: int | None  # max_completion_tokens or max_tokens
+    messages: list[Any]
+    top_logprobs: int | None  # None: no logprobs asked for
 
 
 class Simulator:
@@ -92,6 +78,8 @@ class Simulator:
         self._clock = clock
         self._t0 = clock()
         self._labels = LabelMaker()
+        self._judge = Judge()
+        self._cache = PromptCache(clock)
         self._script = FaultScript()
         self._stats = Stats()
         self._idle = asyncio.Event()
@@ -202,6 +190,7 @@ class Simulator:
         self._apply(self._initial)
         self._script.clear()
         self._stats.clear()
+        self._cache.clear()
 
     async def wait_idle(self) -> None:
         """Return once no chat request is under way (e.g. after clients gave up on hangs)."""
@@ -229,32 +218,35 @@ class Simulator:
 
     async def _parse(self, request: web.Request, ex: Exchange, headers: dict[str, str]) -> _Chat | web.Response:
         """The request's parts, or the 401/400/404 the real API would send instead."""
-        if (refused := self._check_auth(request, headers, ex)) is not None:
+        if (refused := check_auth(self._auth, request, headers, ex)) is not None:
             return refused
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
             body = None
         if not isinstance(body, dict):
-            return _error(ex, 400, _BAD_JSON, headers=headers)
+            return error_reply(ex, 400, BAD_JSON, headers=headers)
         model, messages = body.get("model"), body.get("messages")
         if not isinstance(model, str) or not model:
-            return _error(ex, 400, "you must provide a model parameter", headers=headers)
+            return error_reply(ex, 400, "you must provide a model parameter", headers=headers)
         read = read_messages(messages) if isinstance(messages, list) and messages else None
         if read is None:
             message = "Invalid 'messages': expected a non-empty array of messages with text content."
-            return _error(ex, 400, message, code="invalid_type", param="messages", headers=headers)
+            return error_reply(ex, 400, message, code="invalid_type", param="messages", headers=headers)
         if self._config.models is not None and model not in self._config.models:
             message = f"The model `{model}` does not exist or you do not have access to it."
-            return _error(ex, 404, message, code="model_not_found", headers=headers)
+            return error_reply(ex, 404, message, code="model_not_found", headers=headers)
         if body.get("stream"):
             message = "The simulator does not support stream=true; leave stream unset."
-            return _error(ex, 400, message, code="unsupported_value", param="stream", headers=headers)
+            return error_reply(ex, 400, message, code="unsupported_value", param="stream", headers=headers)
+        try:
+            top = top_logprobs_asked(body, self._config.logprobs)
+        except BadParameterError as bad:
+            return error_reply(ex, 400, bad.message, code=bad.code, param=bad.param, headers=headers)
         budget = body.get("max_completion_tokens") or body.get("max_tokens")
+        budget = budget if isinstance(budget, int) else None
         prompt_tokens = self._tokens.prompt_tokens(model, read[0])
-        return _Chat(
-            model, prompt_tokens, read[1], body.get("response_format"), budget if isinstance(budget, int) else None
-        )
+        return _Chat(model, prompt_tokens, read[1], body.get("response_format"), budget, messages or [], top)
 
     async def _complete(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         n = next(self._ids)
@@ -263,7 +255,9 @@ class Simulator:
         if isinstance(chat, web.Response):
             return chat
         model, prompt_tokens, text, response_format = chat.model, chat.prompt_tokens, chat.text, chat.response_format
-        content: str | None = self._labels.content(response_format, text)
+        scores = self._judge.scores(chat.messages)
+        content: str | None
+        content, choices = self._labels.answer(response_format, text, scores=scores)
 
         # Scripted faults come before the rate windows, so that a test's script plays out exactly.
         fault = self._script.take(text)
@@ -273,7 +267,7 @@ class Simulator:
             if (refusal := self._limits.spend(cost, headers)) is not None:
                 self._stats.rate_limited[refusal.dimension] += 1
                 message = refusal.message(model)
-                return _error(ex, 429, message, refusal.dimension, code="rate_limit_exceeded", headers=headers)
+                return error_reply(ex, 429, message, refusal.dimension, code="rate_limit_exceeded", headers=headers)
             if self._fault_rate:
                 fault = self._random_fault()
 
@@ -300,6 +294,9 @@ class Simulator:
         elif kind in SPOILERS:
             content, finish, refusal_text = spoil(kind, content or "")
         completion = completion_tokens(content)
+        budget, reasoning = chat.completion_budget, self._config.reasoning_tokens
+        reasoning = min(reasoning, max(0, budget - completion)) if budget is not None else reasoning
+        top = chat.top_logprobs if self._config.logprobs == "full" and content else None
         payload = completion_body(
             f"chatcmpl-{self._id_prefix}{n:021x}",
             model,
@@ -307,7 +304,10 @@ class Simulator:
             finish_reason=finish,
             refusal=refusal_text,
             prompt_tokens=prompt_tokens,
-            completion_tokens=completion,
+            completion_tokens=completion + reasoning,
+            cached_tokens=self._cache.cached_tokens(model, chat.messages),
+            reasoning_tokens=reasoning,
+            logprobs=None if top is None else token_logprobs(content or "", choices, top),
         )
         if kind == "close_after_headers":
             return await close_after_headers(request, self._stopping, payload, headers)
@@ -319,26 +319,8 @@ class Simulator:
             response = web.Response(body=payload, content_type="application/json", headers=headers)
         # Only replies that were sent whole count as completed and add to the token totals.
         ex.ok = kind in _HARMLESS
-        ex.prompt_tokens, ex.completion_tokens = prompt_tokens, completion
+        ex.prompt_tokens, ex.completion_tokens = prompt_tokens, completion + reasoning
         return response
-
-    def _check_auth(self, request: web.Request, headers: dict[str, str], ex: Exchange | None) -> web.Response | None:
-        if self._auth is None:
-            return None
-        given = request.headers.get("Authorization")
-        if given == self._auth:
-            return None
-        if not given:
-            return _error(ex, 401, _NO_KEY, headers=headers)
-        # Masked like the real API does it (its start and its last four characters), so that clients'
-        # redaction is tested against what a provider really echoes back.
-        key = given.removeprefix("Bearer ")
-        shown = key[:8] + "*" * 20 + key[-4:] if len(key) > 12 else key[:3] + "*****"
-        message = (
-            f"Incorrect API key provided: {shown}. "
-            "You can find your API key at https://platform.openai.com/account/api-keys."
-        )
-        return _error(ex, 401, message, code="invalid_api_key", headers=headers)
 
     def _random_fault(self) -> Fault | None:
         rng, config = self._fault_rng, self._config
@@ -362,33 +344,13 @@ class Simulator:
 
     async def _models(self, request: web.Request) -> web.Response:
         headers = self._request_id(next(self._ids))
-        if (refused := self._check_auth(request, headers, None)) is not None:
+        if (refused := check_auth(self._auth, request, headers, None)) is not None:
             return refused
         names = sorted(self._config.models) if self._config.models is not None else DEFAULT_MODELS
         data = [{"id": name, "object": "model", "created": 1_700_000_000, "owned_by": "system"} for name in names]
-        return _json({"object": "list", "data": data}, headers=headers)
+        return json_reply({"object": "list", "data": data}, headers=headers)
 
     async def _not_found(self, request: web.Request) -> web.Response:
         headers = self._request_id(next(self._ids))
         message = f"Invalid URL ({request.method} {request.path})"
-        return _error(None, 404, message, headers=headers)
-
-
-def _json(value: Any, *, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(value), content_type="application/json", headers=headers)
-
-
-def _error(
-    ex: Exchange | None,
-    status: int,
-    message: str,
-    type_: str = "invalid_request_error",
-    *,
-    code: str | None = None,
-    param: str | None = None,
-    headers: Mapping[str, str],
-) -> web.Response:
-    if ex is not None:
-        ex.status = status
-    body = error_body(message, type_, code, param)
-    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+        return error_reply(None, 404, message, headers=headers)

@@ -9,6 +9,7 @@ from typing import Any, Final
 
 EVENTS_KEPT: Final = 100_000
 RATE_HEADERS: Final = ("full", "retry-after", "none")
+LOGPROBS_MODES: Final = ("full", "ignore", "reject")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +21,10 @@ class SimulatorConfig:
     api_key: when set, requests must carry `Authorization: Bearer <api_key>`.
     models: when set, other models get 404 `model_not_found`.
     hang_seconds: how long a hang holds the reply unless the client goes away first.
+    logprobs: "full" answers `logprobs: true` with token logprobs; "ignore" sends none (logprobs: null), as
+        some servers do; "reject" refuses the parameter with a 400, as OpenAI's reasoning models do.
+    reasoning_tokens: hidden reasoning tokens billed with every reply (completion_tokens includes them, up to
+        the request's max_completion_tokens), as reasoning models bill them.
     window_seconds: length of the rate windows; limits scale with it (rpm 600 over 2 s allows 20) while
         headers keep speaking per minute, so tests can exercise a full window in seconds, not minutes.
     quantum: the request limit also holds over every this many seconds, at its per-minute rate (1 s: a 600 RPM
@@ -45,6 +50,8 @@ class SimulatorConfig:
     quantum: float = 1.0
     rate_headers: str = "full"
     tokenizer: str = "auto"
+    logprobs: str = "full"
+    reasoning_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.rate_headers not in RATE_HEADERS:
@@ -61,6 +68,10 @@ class SimulatorConfig:
         for name in ("rpm", "tpm"):
             if (value := getattr(self, name)) is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (or None for no limit), got {value}")
+        if self.logprobs not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs!r}")
+        if self.reasoning_tokens < 0:
+            raise ValueError(f"reasoning_tokens must not be negative, got {self.reasoning_tokens}")
         rates = (self.error_rate, self.hang_rate, self.malformed_rate)
         if any(not 0.0 <= rate <= 1.0 for rate in rates) or sum(rates) > 1.0:
             raise ValueError(f"error, hang and malformed rates must lie in 0..1 and sum to at most 1, got {rates}")
@@ -102,6 +113,8 @@ _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "quantum": _NUMBER,
     "rate_headers": (str,),
     "tokenizer": (str,),
+    "logprobs": (str,),
+    "reasoning_tokens": (int,),
 }
 
 

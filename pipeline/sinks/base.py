@@ -77,8 +77,11 @@ class Sink(ABC):
     def drop_ids(self, ids: IdSet) -> int:
         """Remove the records of `ids` in one atomic step (blocking); return how many were removed."""
 
-    def bind_schema(self, carry: Sequence[str], *, multi_label: bool) -> None:  # noqa: B027 - optional hook
-        """Fix the record layout for this run (typed sinks check it against what they hold)."""
+    def bind_schema(  # noqa: B027 - optional hook
+        self, carry: Sequence[str], *, multi_label: bool, outputs: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """Fix the record layout for this run (typed sinks check it against what they hold); `outputs` are the
+        task's extra output fields as (name, logical kind)."""
 
     async def append(self, items: Sequence[Labeled]) -> None:
         """Durably add a batch of records on the I/O thread."""

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import SinkError, StorageError
-from pipeline.sinks.parquet import ParquetSink, conform, record_schema
+from pipeline.sinks.parquet import ParquetSink, conform, record_schema, schema_of
 from pipeline.sinks.swap import fresh_rewrite_dir, recover_swap, swap_in
 
 
@@ -60,10 +60,11 @@ def compact(path: str | Path, *, rows_per_part: int = 1_000_000) -> tuple[int, i
 
 
 def _target_schema(parts: list[Path]) -> pa.Schema:
-    """The current record schema for the columns the sink holds (carry columns and label type from its parts)."""
+    """The current record schema for the columns the sink holds (the task's own columns, with their types, and the
+    label type from its parts)."""
     if not parts:
         return record_schema((), multi_label=False)
     have = pq.read_schema(parts[-1])
     fixed = set(record_schema((), multi_label=False).names)
-    carry = [n for n in have.names if n not in fixed]
-    return record_schema(carry, multi_label=pa.types.is_list(have.field("label").type))
+    middle = [(f.name, f.type) for f in have if f.name not in fixed]
+    return schema_of(middle, multi_label=pa.types.is_list(have.field("label").type))

@@ -20,7 +20,7 @@ from pipeline.errors import SinkError, SinkMismatchError, StorageError
 from pipeline.results import now_iso
 from pipeline.sinks.files import Appender, replace_atomically
 
-SCHEMA_VERSION: Final = 2  # 2: records carry text_sha
+SCHEMA_VERSION: Final = 3  # 2: records carry text_sha; 3: confidence, cached_tokens, extra output fields
 _IDENTITY_KEYS: Final = ("model", "prompt", "labels", "multi_label", "id_source")
 
 

@@ -30,20 +30,40 @@ from pipeline.sinks.swap import fresh_rewrite_dir, recover_swap, swap_in
 PART: Final = re.compile(r"^part-(\d{6})-[0-9a-f]+\.parquet$")
 _TYPES: Final = {
     "string": pa.string(),
+    "int64": pa.int64(),
     "int32": pa.int32(),
     "int16": pa.int16(),
+    "float64": pa.float64(),
     "float32": pa.float32(),
     "bool": pa.bool_(),
     "timestamp": pa.timestamp("ms", tz="UTC"),
 }
+# Columns a later version added: a sink written before them is upgraded by `labelstream compact`.
+_ADDED_LATER: Final = frozenset({"text_sha", "confidence", "cached_tokens"})
 
 
-def record_schema(carry: Sequence[str], *, multi_label: bool) -> pa.Schema:
-    """The Arrow schema of a sink: typed columns in a fixed order, the same for every part and run."""
+def arrow_type(kind: str) -> pa.DataType:
+    """The Arrow type of a logical field kind (see results.py); "list:K" is a list of K."""
+    if kind.startswith("list:"):
+        return pa.list_(arrow_type(kind.removeprefix("list:")))
+    return _TYPES[kind]
+
+
+def record_schema(carry: Sequence[str], *, multi_label: bool, outputs: Sequence[tuple[str, str]] = ()) -> pa.Schema:
+    """The Arrow schema of a sink: typed columns in a fixed order, the same for every part and run.
+
+    `outputs` are the task's extra output fields as (name, kind); they come before the carried columns.
+    """
+    middle = [*((name, arrow_type(kind)) for name, kind in outputs), *((c, pa.string()) for c in carry)]
+    return schema_of(middle, multi_label=multi_label)
+
+
+def schema_of(middle: Sequence[tuple[str, pa.DataType]], *, multi_label: bool) -> pa.Schema:
+    """The record schema around the task's own columns (`middle`: extra output fields, then carried columns)."""
     label = pa.list_(pa.string()) if multi_label else pa.string()
     fields = [
         *((name, label if kind == "label" else _TYPES[kind]) for name, kind in LEADING),
-        *((c, pa.string()) for c in carry),
+        *middle,
         *((name, _TYPES[kind]) for name, kind in TRAILING),
     ]
     return pa.schema([pa.field(name, kind, nullable=name != "id") for name, kind in fields])
@@ -67,6 +87,7 @@ class ParquetSink(Sink):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.schema: pa.Schema | None = None
+        self._outputs: frozenset[str] = frozenset()
         self._next_part = 1
         self._run_tag = os.urandom(4).hex()
 
@@ -82,23 +103,29 @@ class ParquetSink(Sink):
     def has_rows(self) -> bool:
         return bool(self.parts())
 
-    def bind_schema(self, carry: Sequence[str], *, multi_label: bool) -> None:
+    def bind_schema(self, carry: Sequence[str], *, multi_label: bool, outputs: Sequence[tuple[str, str]] = ()) -> None:
         """Fix this run's schema; refuse when existing parts were written with other columns."""
-        wanted = record_schema(carry, multi_label=multi_label)
+        wanted = record_schema(carry, multi_label=multi_label, outputs=outputs)
         parts = self.parts()
         if parts:
             have = pq.read_schema(parts[-1])
             if not have.equals(wanted, check_metadata=False):
-                if "text_sha" not in have.names and [n for n in wanted.names if n != "text_sha"] == have.names:
+                missing = [n for n in wanted.names if n not in have.names]
+                if (
+                    missing
+                    and set(missing) <= _ADDED_LATER
+                    and [n for n in wanted.names if n not in missing] == have.names
+                ):
                     raise SinkMismatchError(
-                        f"{self.path} was written by an older labelstream (no text_sha column). Run "
+                        f"{self.path} was written by an older labelstream (no {', '.join(missing)} column). Run "
                         f"`labelstream compact {self.path}` once to upgrade it, then re-run."
                     )
                 raise SinkMismatchError(
                     f"{self.path} has columns {have.names} but this run would write {wanted.names} "
-                    "(carry columns or multi_label changed). Use a new --output."
+                    "(carry columns, output fields or multi_label changed). Use a new --output."
                 )
         self.schema = wanted
+        self._outputs = frozenset(name for name, _ in outputs)
 
     def load_done(self, *, repair: bool = True) -> IdSet:
         if self.path.exists() and not self.path.is_dir():
@@ -188,6 +215,8 @@ class ParquetSink(Sink):
             elif name in GETTERS:
                 get = GETTERS[name]
                 arrays.append(pa.array([get(i) for i in items], field.type))
+            elif name in self._outputs:
+                arrays.append(pa.array([i.extras.get(name) for i in items], field.type))
             else:  # a carried input column
                 arrays.append(pa.array([i.row.carry.get(name) for i in items], field.type))
         return pa.Table.from_arrays(arrays, schema=self.schema)

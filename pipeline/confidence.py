@@ -1,0 +1,165 @@
+"""How sure the model was of its label, read from the reply's token logprobs.
+
+The confidence of a label is the probability of the tokens that spell it in the reply: the product of their
+probabilities, exp(sum of logprobs). Where the reply also lists alternatives (`top_logprobs`), the mass that
+went to tokens which would have begun a *different* label, at the point where the label starts, is set beside
+it and the confidence is renormalised over the labels: p / (p + p_other). Mass on tokens that begin no label
+is left out: a strict schema could not have chosen them. For several labels (multi-label) the confidence is
+that of the least sure one. Replies without logprobs, or whose tokens do not spell the content, give None."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import orjson
+
+
+def label_confidence(
+    content: str, tokens: Any, chosen: str | Sequence[str], field: str, labels: Iterable[str]
+) -> float | None:
+    """The probability of the chosen label(s) in `content` given its logprob `tokens` (None if unknowable).
+
+    `field` names the JSON key that holds the label(s); `labels` is the task's whole label set.
+    """
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, Mapping) for t in tokens):
+        return None
+    spans = _value_spans(content, field)
+    if not spans:
+        return None
+    # Usually the token strings spell the content; a token that splits a character needs its bytes instead.
+    texts: list[Any] = [t.get("token") for t in tokens]
+    pieces: Sequence[Any]  # all str, or all bytes
+    data: Any
+    encode: Callable[[str], Any]
+    if all(isinstance(x, str) for x in texts) and "".join(texts) == content:
+        pieces, data, encode = texts, content, _same
+    else:
+        raw = _token_bytes(tokens)
+        data = content.encode("utf-8")
+        if raw is None or b"".join(raw) != data:
+            return None  # the tokens do not spell the content: nothing can be located in it
+        pieces, encode = raw, _utf8
+        spans = [(len(content[:a].encode()), len(content[:b].encode()), v) for a, b, v in spans]
+    starts = list(itertools.accumulate((len(x) for x in pieces), initial=0))
+    wanted = {label.casefold() for label in ([chosen] if isinstance(chosen, str) else chosen)}
+    sure: list[float] = []
+    for start, end, value in spans:
+        if value.strip().casefold() not in wanted:
+            continue
+        covering = [i for i in range(len(pieces)) if starts[i] < end and starts[i + 1] > start]
+        if not covering:
+            return None
+        try:
+            logprob = sum(float(tokens[i]["logprob"]) for i in covering)
+        except (KeyError, TypeError, ValueError):
+            return None
+        p = math.exp(min(0.0, logprob))
+        first = covering[0]
+        rivals = [encode(label) for label in labels if label != value]
+        other = _rival_mass(tokens[first], pieces[first], data[starts[first] : start], rivals, encode)
+        # Without alternatives to compare (top_logprobs not asked for), the raw probability is all there is.
+        sure.append(p if other is None else p / (p + other) if p + other > 0 else 0.0)
+    return round(min(sure), 4) if sure else None
+
+
+def _same(text: str) -> str:
+    return text
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _token_bytes(tokens: Sequence[Mapping[str, Any]]) -> list[bytes] | None:
+    pieces = []
+    for token in tokens:
+        raw = token.get("bytes")
+        if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+            pieces.append(bytes(raw))
+        elif isinstance(token.get("token"), str):
+            pieces.append(_utf8(token["token"]))
+        else:
+            return None
+    return pieces
+
+
+def _rival_mass(
+    token: Mapping[str, Any], piece: Any, lead: Any, rivals: Sequence[Any], encode: Callable[[str], Any]
+) -> float | None:
+    """Probability of the alternatives at this position that would have begun another label (None: the reply
+    lists no alternative to the chosen token). `piece`, `lead` and `rivals` are all str or all bytes."""
+    alternatives = token.get("top_logprobs")
+    if not isinstance(alternatives, list):
+        return None
+    mass, compared = 0.0, False
+    closing = encode('"')
+    for alt in alternatives:
+        if not isinstance(alt, Mapping) or not isinstance(alt.get("token"), str):
+            continue
+        raw = alt.get("bytes")
+        text = bytes(raw) if encode is _utf8 and isinstance(raw, list) else encode(alt["token"])
+        if text == piece:
+            continue
+        compared = True
+        if not text.startswith(lead):
+            continue
+        rest = text[len(lead) :]
+        if rest and any(r.startswith(rest) or rest.startswith(r + closing) for r in rivals):
+            try:
+                mass += math.exp(min(0.0, float(alt["logprob"])))
+            except (KeyError, TypeError, ValueError):
+                continue
+    return mass if compared else None
+
+
+def _value_spans(content: str, field: str) -> list[tuple[int, int, str]]:
+    """Character spans (start, end, decoded value) of the string value(s) of `field` in a JSON reply text."""
+    key = orjson.dumps(field).decode()
+    at = content.find(key)
+    while at >= 0:
+        i = _skip_space(content, at + len(key))
+        if i < len(content) and content[i] == ":":
+            break
+        at = content.find(key, at + 1)
+    if at < 0:
+        return []
+    i = _skip_space(content, i + 1)
+    spans = []
+    if i < len(content) and content[i] == "[":
+        i = _skip_space(content, i + 1)
+        while i < len(content) and content[i] == '"':
+            span = _string_at(content, i)
+            if span is None:
+                break
+            spans.append(span[0])
+            i = _skip_space(content, span[1])
+            if i < len(content) and content[i] == ",":
+                i = _skip_space(content, i + 1)
+    elif i < len(content) and content[i] == '"':
+        span = _string_at(content, i)
+        if span is not None:
+            spans.append(span[0])
+    return spans
+
+
+def _string_at(content: str, quote: int) -> tuple[tuple[int, int, str], int] | None:
+    """The JSON string starting at `quote`: ((start, end, value) of its inside, index after the closing quote)."""
+    i = quote + 1
+    while i < len(content) and content[i] != '"':
+        i += 2 if content[i] == "\\" else 1
+    if i >= len(content):
+        return None
+    try:
+        value = orjson.loads(content[quote : i + 1])
+    except orjson.JSONDecodeError:
+        return None
+    return (quote + 1, i, str(value)), i + 1
+
+
+def _skip_space(content: str, i: int) -> int:
+    while i < len(content) and content[i] in " \t\r\n":
+        i += 1
+    return i

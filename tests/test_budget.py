@@ -1,0 +1,102 @@
+"""--max-cost: refused before any request when the estimate is over it; a clean, resumable stop before passing it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.estimate import estimate_run
+from pipeline.options import RunOptions
+from pipeline.prepare import prepare_run
+from pipeline.pricing import cost_of
+from pipeline.sinks import open_sink
+
+from .helpers import ROOT, cli, progress, reviews, sink_ids, write_csv
+from .test_cli import label_args
+
+
+def reasoning_task(tmp_path: Path) -> Path:
+    """The sentiment task with room for a reasoning model's hidden tokens (max_tokens 200)."""
+    text = (
+        (ROOT / "configs" / "sentiment.toml").read_text(encoding="utf-8").replace("max_tokens = 20", "max_tokens = 200")
+    )
+    path = tmp_path / "sentiment-reasoning.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def estimated_cost(source: Path, output: Path, config: Path) -> float:
+    """What the run's own pre-start check will estimate for this input and sink."""
+    opts = RunOptions.build(source, output, load_config(config))
+    prepared = prepare_run(opts, dry_run=True)
+    try:
+        cost = estimate_run(opts, prepared, exact=False).cost
+    finally:
+        prepared.close()
+    assert cost is not None
+    return cost
+
+
+def spent(output: Path) -> float:
+    """What the rows in a sink cost by their own usage."""
+    total = 0.0
+    for r in open_sink(output).iter_records():
+        cost = cost_of(r["model"], r["prompt_tokens"], r["completion_tokens"], cached_tokens=r["cached_tokens"] or 0)
+        total += cost or 0.0
+    return total
+
+
+def test_an_estimate_over_the_limit_refuses_to_start(sim: Any, tmp_path: Path) -> None:
+    """With the estimate above --max-cost the run exits 4 before any request, saying by how much and what to do."""
+    source = write_csv(tmp_path / "in.csv", reviews(50))
+    out = tmp_path / "out.jsonl"
+    result = cli(*label_args(sim, source, out, "--max-cost", "0.0001"))
+    assert result.returncode == 4, result.stderr
+    assert "exceeds --max-cost $0.0001; nothing was sent" in result.stderr
+    assert "--limit N" in result.stderr
+    assert sim.stats()["requests"] == 0
+    assert sink_ids(out) == []
+
+
+def test_max_cost_needs_a_price(sim: Any, tmp_path: Path) -> None:
+    """--max-cost with a model the price table does not know is a usage error, before any request."""
+    source = write_csv(tmp_path / "in.csv", reviews(5))
+    result = cli(*label_args(sim, source, tmp_path / "out.jsonl", "--max-cost", "1", "--model", "my-llama"))
+    assert result.returncode == 2
+    assert "--max-cost needs a price for my-llama" in result.stderr
+    assert sim.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("name", ["out.jsonl", "out.parquet"])
+def test_a_budget_stop_mid_run_is_flushed_and_a_resume_finishes_exactly_once(
+    sim: Any, tmp_path: Path, name: str
+) -> None:
+    """Replies that cost more than estimated (hidden reasoning tokens) stop the run before it passes --max-cost,
+    counting requests in flight at their worst case: exit 4, every finished row saved, the spend within the limit.
+    The same command with a higher limit then labels the rest, each row exactly once."""
+    rows = reviews(200)
+    source = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / name
+    config = reasoning_task(tmp_path)
+    sim.configure(reasoning_tokens=150)
+    limit = round(estimated_cost(source, out, config) * 1.2, 6)
+    first = cli(*label_args(sim, source, out, "--config", str(config), "--max-cost", f"{limit}", "--concurrency", "8"))
+    assert first.returncode == 4, first.stderr
+    assert f"rows: within --max-cost ${limit:g}" in first.stderr  # the estimate passed: the run started
+    assert f"stopped at --max-cost ${limit:g}" in first.stderr
+    assert "raise --max-cost" in first.stderr and "labelstream label" in first.stderr
+    saved = sink_ids(out)
+    assert 0 < len(saved) < len(rows)
+    assert len(set(saved)) == len(saved)
+    assert spent(out) <= limit
+    assert progress(out)["state"] == "budget"
+    assert progress(out)["summary"]["labeled"] == len(saved)
+
+    second = cli(*label_args(sim, source, out, "--config", str(config), "--max-cost", "1"))
+    assert second.returncode == 0, second.stderr
+    final = sink_ids(out)
+    assert sorted(final) == sorted(r[0] for r in rows)
+    assert len(final) == len(set(final))
