@@ -88,10 +88,13 @@ class TokenBucket:
         self._refill()
         self._level -= amount
 
-    def drain(self) -> None:
-        """Empty the bucket (after an overload: the provider's own window is full, not ours)."""
+    def drain(self, until: float | None = None) -> None:
+        """Empty the bucket and let nothing accrue before `until` (after an overload: the provider's own window
+        is full, so the pause must not save up a burst for the moment it ends)."""
         self._refill()
         self._level = min(self._level, 0.0)
+        if until is not None:
+            self._stamp = max(self._stamp, until)
 
     def give_back(self, amount: float) -> None:
         """Return `amount` (an over-estimate corrected after the reply)."""
@@ -100,8 +103,9 @@ class TokenBucket:
 
     def _refill(self) -> None:
         now = self.clock()
-        self._level = min(self.capacity, self._level + (now - self._stamp) * self.rate)
-        self._stamp = now
+        if now > self._stamp:
+            self._level = min(self.capacity, self._level + (now - self._stamp) * self.rate)
+            self._stamp = now
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +164,8 @@ class Limiter:
         self._tpm = TokenBucket(self._known_tpm * SAFETY, clock) if self._known_tpm else None
         self._tokens_per_request: float | None = None
         self._turn = asyncio.Lock()  # FIFO: the longest waiter goes first
+        self._queued = 0  # requests waiting for their turn
+        self.on_grow: Callable[[], None] | None = None  # called when the window grows (the run adds workers)
         self._freed = asyncio.Event()
         self._pace()
 
@@ -209,10 +215,12 @@ class Limiter:
                 else:
                     self._tpm.take(-surplus)
         now = self.clock()
-        before = self.pacer.rate()
+        before, limit = self.pacer.rate(), self.limit
         self.pacer.on_success(now - permit.started, window_limited=permit.window_limited, now=now)
         if self._known_tpm or self.pacer.rate() != before:
             self._pace()  # a TPM limit's request rate follows the tokens a request really costs
+        if self.limit > limit and self.on_grow is not None:
+            self.on_grow()
         self._freed.set()
 
     def on_rate_limited(self, retry_after: float | None) -> None:
@@ -223,7 +231,7 @@ class Limiter:
         if self.pacer.on_overload(now, until=self.pause_until):
             self._pace()
             if self._rpm is not None:
-                self._rpm.drain()
+                self._rpm.drain(self.pause_until)
         self._freed.set()
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
@@ -246,7 +254,10 @@ class Limiter:
                 changed = True
             self._known_tpm = known
         if changed:
+            limit = self.limit
             self._pace()
+            if self.limit > limit and self.on_grow is not None:
+                self.on_grow()
         # The key's window is spent (others share it, or the provider counts differently): wait for its reset.
         remaining = number(headers.get("x-ratelimit-remaining-requests"))
         if remaining is not None and remaining < 1:
@@ -276,23 +287,38 @@ class Limiter:
             self._rpm.set_rate(min(paced) * 60)
 
     async def _acquire(self, estimated_tokens: int) -> Permit:
-        async with self._turn:
-            while True:
-                while self.in_flight >= self.limit:
-                    self._freed.clear()
-                    await self._freed.wait()
-                wait = self._time_gate(estimated_tokens)
-                if wait <= 1e-6:
-                    break
-                await self.sleep(wait)
-            if self._rpm is not None:
-                self._rpm.take(1)
-            if self._tpm is not None:
-                self._tpm.take(estimated_tokens)
-            self.in_flight += 1
-            # Grow only when the window is what holds requests back, not the buckets or the input.
-            limited = self.in_flight >= self.limit
-            return Permit(estimated_tokens=estimated_tokens, started=self.clock(), window_limited=limited)
+        self._queued += 1
+        turn = False
+        try:
+            async with self._turn:
+                self._queued -= 1
+                turn = True
+                return await self._take(estimated_tokens)
+        finally:
+            if not turn:  # cancelled before its turn came
+                self._queued -= 1
+
+    async def _take(self, estimated_tokens: int) -> Permit:
+        waited_for_window = waited_for_time = False
+        while True:
+            while self.in_flight >= self.limit:
+                waited_for_window = True
+                self._freed.clear()
+                await self._freed.wait()
+            wait = self._time_gate(estimated_tokens)
+            if wait <= 1e-6:
+                break
+            waited_for_time = True
+            await self.sleep(wait)
+        if self._rpm is not None:
+            self._rpm.take(1)
+        if self._tpm is not None:
+            self._tpm.take(estimated_tokens)
+        self.in_flight += 1
+        # Grow only when the window is what holds requests back, not the buckets or the input: this request
+        # waited for a free slot, or more are queued than the window has room for, and no bucket held it.
+        limited = not waited_for_time and (waited_for_window or self.in_flight + self._queued >= self.limit)
+        return Permit(estimated_tokens=estimated_tokens, started=self.clock(), window_limited=limited)
 
     def _time_gate(self, estimated_tokens: int) -> float:
         wait = self.pause_until - self.clock()

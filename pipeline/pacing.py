@@ -9,13 +9,14 @@ The limiter (`limits.py`) enforces what the `Pacer` decides:
 - **No limit known: slow start.** The window doubles every round trip (one more slot per success that found
   the window full) until the first 429, or until replies slow down (auto mode watches latency, so a
   self-hosted server that slows under load is not pushed further).
-- **A 429 teaches a rate.** The pace drops to 95% of what it was; a round trip later, when the replies of
-  the requests sent just before the 429 are back, the rate the provider really admitted then (by send
-  time, over a round trip of at least a second) sets the pace, again at 95%. The pace then returns to 99%
-  of that point within a round trip, holds there for a while (`PLATEAU_ROUND_TRIPS`, at least 10 s) and
-  only then probes upward, slowly at first and faster the longer no 429 comes (a cubic, like TCP CUBIC), so
-  an underestimate is outgrown in a minute and overloads stay rare. Each overload costs about one round
-  trip of refused requests, so at ordinary latencies the share of 429s stays around 1–3%.
+- **A 429 teaches a rate.** The pace drops to 95% of what it was. With no known limit, a round trip
+  later, when the replies of the requests sent just before the 429 are back, the rate the provider really
+  admitted (by send time, in the busiest second, or round trip if longer) sets the pace, again at 95%.
+  The pace returns to 97% of that point within a round trip, holds there for a while
+  (`PLATEAU_ROUND_TRIPS`, at least 10 s), and only then probes upward, slowly at first and faster the
+  longer no 429 comes (a cubic, like TCP CUBIC): an underestimate is outgrown in a minute, and overloads
+  stay rare. Each costs about one round trip of refused requests, so at ordinary latencies the share of
+  429s stays around 1-3%.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Final
 START_WINDOW: Final = 10
 LITTLE_MARGIN: Final = 1.5  # in flight = rate × latency × margin: replies vary, the bucket does the spacing
 CUT: Final = 0.95  # after an overload, pace at this share of what the provider admitted
-NEAR_PEAK: Final = 0.99  # grow quickly up to this share of the last overload point, slowly beyond
+NEAR_PEAK: Final = 0.97  # grow quickly up to this share of the last overload point, slowly beyond
 PLATEAU_ROUND_TRIPS: Final = 50  # hold just under the last overload point this long (at least 10 s)
 PROBE_GAIN: Final = 0.1  # then grow by 10% × ((time past the plateau) / plateau)²
 
@@ -102,7 +103,7 @@ class Pacer:
         """A request succeeded after `latency` seconds; `window_limited`: it had filled the window."""
         self.latency.note(latency)
         self._starts.append(now - latency)
-        horizon = now - 2 * self.round_trip - 10.0
+        horizon = now - 4 * max(1.0, min(self.round_trip, 10.0)) - self.round_trip
         while self._starts and self._starts[0] < horizon:
             self._starts.popleft()
         self._grow_probe(now)
@@ -132,15 +133,31 @@ class Pacer:
             self.peak = current
             self.probe_rate = current * CUT
         self._overload_at = now
-        # 429s come back at once, the successes of requests sent just before them a round trip later.
-        self._remeasure_at = now + self.round_trip + 0.05
+        if self.known_rate is None:
+            # 429s come back at once, the successes of requests sent just before them a round trip later: only
+            # then does the admitted rate show. (With a known limit, a 429 is a stray burst or another client on
+            # the key: the cut from the known rate stands.)
+            self._remeasure_at = now + self.round_trip + 0.05
         return True
 
     def admitted_rate(self, until: float) -> float | None:
-        """Requests per second the provider accepted, by send time, over a round trip (1–10 s) ending at `until`."""
+        """The most requests per second the provider accepted lately: successful requests counted by send time in
+        the busiest span (a round trip, 1–10 s) of the three spans before `until`.
+
+        Providers hold their limits per second as well as per minute; the busiest span is when we pushed against
+        the limit, which is what it admits. (Averaging over quieter spans, a ramp or a pause, would underestimate
+        it, and an underestimate takes a long probe to outgrow.)
+        """
         span = max(1.0, min(self.round_trip, 10.0))
-        count = sum(1 for t in self._starts if until - span <= t < until)
-        return count / span if count else None
+        sent = sorted(t for t in self._starts if until - 3 * span <= t < until)
+        if not sent:
+            return None
+        busiest, first = 0, 0
+        for last, t in enumerate(sent):
+            while sent[first] <= t - span:
+                first += 1
+            busiest = max(busiest, last - first + 1)
+        return busiest / span
 
     def set_known_rate(self, rate: float | None) -> None:
         """The request rate the known limits allow (requests/s), or None."""
@@ -163,8 +180,8 @@ class Pacer:
             self._remeasure_at = None
             admitted = self.admitted_rate(self._overload_at)
             if admitted is not None:
-                self.peak = admitted if self.known_rate is None else min(admitted, self.known_rate / CUT)
-                self.probe_rate = self.peak * CUT
+                self.peak = admitted
+                self.probe_rate = admitted * CUT
         peak = self.peak
         if self.probe_rate is None or peak is None:
             return

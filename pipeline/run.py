@@ -33,6 +33,7 @@ from pipeline.results import Failed, Labeled, Result, Row, now_iso
 from pipeline.review import note_review
 from pipeline.stats import CallStats, RunStats
 from pipeline.summary import Summary
+from pipeline.workers import WorkerPool, staff
 
 _DONE = object()  # the writer's sentinel: every worker has finished
 
@@ -62,12 +63,13 @@ class _Run:
         self.gate = RowGate(prepared.done, stats, opts.max_rows)
         self.stats = stats
         self.run_id = uuid.uuid4().hex[:12]
-        self.workers = opts.limits.concurrency
-        self.rows: asyncio.Queue[Row | None] = asyncio.Queue(maxsize=2 * self.workers)
-        self.results: asyncio.Queue[Result | object] = asyncio.Queue(maxsize=max(64, 2 * self.workers))
+        # Bounded, so a slow API slows the reader; a few hundred rows keep even thousands of workers fed (the
+        # reader refills them a 512-row batch at a time) without holding thousands of texts in memory.
+        self.rows: asyncio.Queue[Row | None] = asyncio.Queue(maxsize=min(512, 2 * opts.limits.concurrency))
+        self.results: asyncio.Queue[Result | object] = asyncio.Queue(maxsize=1024)
         self.stopping = asyncio.Event()
         self.finished = asyncio.Event()
-        self.worker_tasks: list[asyncio.Task[None]] = []
+        self.pool: WorkerPool | None = None
         self.reader_task: asyncio.Task[None] | None = None
         self.counting = threading.Event()  # set: stop counting input lines (the reader knows the count by now)
         self.lines: int | None = None  # newlines in the input, once counted
@@ -104,7 +106,8 @@ class _Run:
         self.counting.set()
         if not self.stopping.is_set():
             stats.expected, stats.expected_exact = gate.admitted, True
-        for _ in range(self.workers):
+        assert self.pool is not None  # noqa: S101 - started before the reader
+        for _ in range(self.pool.close()):
             await self.rows.put(None)
 
     def _estimate_expected(self) -> None:
@@ -153,7 +156,8 @@ class _Run:
 
     async def await_workers(self) -> None:
         """Tell the writer when every worker has ended (normally or cancelled after the grace period)."""
-        await asyncio.wait(self.worker_tasks)
+        assert self.pool is not None  # noqa: S101 - started before this task
+        await self.pool.wait()
         await self.results.put(_DONE)
 
     async def write_results(self) -> None:
@@ -262,8 +266,8 @@ class _Run:
         self.counting.set()
         if self.reader_task is not None:
             self.reader_task.cancel()  # it may wait to hand sentinels to workers that are gone
-        for task in self.worker_tasks:
-            task.cancel()
+        if self.pool is not None:
+            self.pool.cancel()
 
 
 async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summary:
@@ -319,8 +323,10 @@ async def _execute(
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(run.count_input())
+                run.pool = WorkerPool(group, lambda: run.label_rows(client), ceiling=limiter.ceiling)
+                limiter.on_grow = run.pool.grew
+                group.create_task(staff(run.pool, lambda: limiter.limit))
                 run.reader_task = group.create_task(run.read_rows())
-                run.worker_tasks = [group.create_task(run.label_rows(client)) for _ in range(run.workers)]
                 group.create_task(run.await_workers())
                 group.create_task(run.write_results())
                 group.create_task(run.report_progress(reporter))

@@ -226,3 +226,70 @@ def test_retry_after_prefers_ms_then_seconds_then_reset_headers() -> None:
     assert retry_after_seconds({"retry-after": "3"}) == 3.0
     assert retry_after_seconds({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "500ms"}) == 2.0
     assert retry_after_seconds({}) is None
+
+
+def successes(limiter: Limiter, clock: VirtualClock, n: int, latency: float) -> None:
+    """n replies, each `latency` seconds after its request, one every rate step (the clock moves to the reply)."""
+    for _ in range(n):
+        limiter.on_success(Permit(estimated_tokens=1, started=clock.now - latency, window_limited=True))
+
+
+def test_a_known_rate_sizes_the_window_by_littles_law() -> None:
+    """12,000 RPM learned from headers at 3 s latency: the window jumps to rate × latency × 1.5, not by ones."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings.automatic(), clock=clock, sleep=clock.sleep)
+    assert limiter.limit == 10
+    clock.now = 3.0
+    limiter.observe_headers({"x-ratelimit-limit-requests": "12000"})
+    successes(limiter, clock, 3, latency=3.0)
+    rate = 12000 * SAFETY / 60
+    assert limiter.limit >= rate * 3.0 * 1.5
+    assert limiter.limit <= rate * 3.0 * 1.5 + 10
+
+
+def test_auto_has_no_small_ceiling_and_a_fixed_concurrency_stays_a_ceiling() -> None:
+    """Auto may hold thousands in flight when the limit and latency call for it; --concurrency N never more than N."""
+    clock = VirtualClock()
+    auto = Limiter(LimitSettings.automatic(rpm=60_000), clock=clock, sleep=clock.sleep)
+    successes(auto, clock, 3, latency=2.0)
+    assert auto.limit > 2000
+    fixed = Limiter(LimitSettings(concurrency=300, rpm=60_000), clock=clock, sleep=clock.sleep)
+    successes(fixed, clock, 3, latency=2.0)
+    assert fixed.limit == 300
+
+
+def test_the_rate_share_scales_given_and_learned_limits() -> None:
+    """With share 1/4, a 600 RPM limit (given or announced) paces this process at a quarter of it."""
+    clock = VirtualClock()
+    given = Limiter(LimitSettings(concurrency=50, rpm=600, share=0.25), clock=clock, sleep=clock.sleep)
+    assert given._rpm is not None and given._rpm.per_minute == pytest.approx(150 * SAFETY)
+    learned = Limiter(LimitSettings(concurrency=50, share=0.25), clock=clock, sleep=clock.sleep)
+    learned.observe_headers({"x-ratelimit-limit-requests": "600", "x-ratelimit-limit-tokens": "40000"})
+    assert learned._rpm is not None and learned._rpm.per_minute == pytest.approx(150 * SAFETY)
+    assert learned._tpm is not None and learned._tpm.per_minute == pytest.approx(10_000 * SAFETY)
+
+
+def test_a_429_without_headers_teaches_the_admitted_rate_then_probes_gently() -> None:
+    """No limit known: after a 429 the pace becomes 95% of the rate the provider admitted, returns to 97% of it
+    within a round trip, holds there for the plateau, and only then creeps up."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings.automatic(), clock=clock, sleep=clock.sleep)
+    for _ in range(100):  # ten seconds of 10 admitted requests per second, 200 ms each
+        clock.now += 0.1
+        successes(limiter, clock, 1, latency=0.2)
+    limiter.on_rate_limited(None)
+    assert limiter.pause_until == pytest.approx(clock.now + 1.0), "a bare 429 pauses everyone for a second"
+    for _ in range(5):  # the replies of requests sent just before the 429 come back
+        clock.now += 0.1
+        successes(limiter, clock, 1, latency=0.2)
+    assert limiter.pacer.peak == pytest.approx(10, rel=0.15)
+    paced = limiter.pacer.rate()
+    assert paced is not None and paced <= limiter.pacer.peak * 0.97 + 1e-9
+    clock.now += 8.0
+    successes(limiter, clock, 1, latency=0.2)
+    assert limiter.pacer.rate() == pytest.approx(limiter.pacer.peak * 0.97), "holds just under the overload point"
+    clock.now += 20.0
+    successes(limiter, clock, 1, latency=0.2)
+    later = limiter.pacer.rate()
+    assert later is not None and later > limiter.pacer.peak, "after the plateau it probes upward"
+    assert limiter._rpm is not None and limiter._rpm.per_minute == pytest.approx(later * 60)
