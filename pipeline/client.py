@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping
-from typing import Any
 
 import httpx2
 import openai
 import orjson
 
+from pipeline.api_errors import Meaning, classify
 from pipeline.errors import FatalApiError, redact
 from pipeline.limits import Limiter, RetryPolicy, Sleep
 from pipeline.prompt import Prompt, ReplyError
@@ -24,6 +23,7 @@ from pipeline.ratelimit_headers import retry_after_seconds
 from pipeline.request import read_reply, rejects_logprobs, request_body
 from pipeline.results import Failed, Labeled, Row, now_iso
 from pipeline.stats import CallStats
+from pipeline.timeouts import AdaptiveTimeout
 from pipeline.tokens import TokenEstimator
 
 # Consecutive 400s, with no success at all, after which we call the request itself broken.
@@ -32,7 +32,7 @@ _JSON_HEADERS = {"Content-Type": "application/json"}
 # 429-answered attempts a row may take beyond its --max-retries before it is dead-lettered anyway.
 _RATE_LIMITED_CAP = 100
 # Failures that say "not like this" about the whole run rather than the row: retried at once, for free.
-_FREE_RETRIES = frozenset({"rate_limit", "logprobs_refused"})
+_FREE_RETRIES = frozenset({"rate_limit", "held", "logprobs_refused"})
 
 
 class _Attempt(Exception):  # noqa: N818 - internal signal, never leaves this module
@@ -69,6 +69,7 @@ class LabelClient:
         self.tokens = TokenEstimator(model, prompt.prefix)
         self.exact_tokens = exact_tokens
         self.logprobs = True  # turned off for the run when the endpoint refuses them
+        self.timeouts = AdaptiveTimeout(retry.timeout)
         self._secret = api_key
         self._sdk = openai.AsyncOpenAI(
             api_key=api_key,
@@ -121,8 +122,9 @@ class LabelClient:
         cfg = self.prompt.config
         async with self.limiter.slot(estimate) as permit:
             started = time.perf_counter()
+            limit = self.timeouts.seconds
             try:
-                async with asyncio.timeout(self.retry.timeout):
+                async with asyncio.timeout(limit):
                     # The SDK's documented low-level post: same auth, errors and transport as
                     # chat.completions.create, minus its per-request walk of the params against
                     # their TypedDicts, which cost more CPU than everything else a row needs.
@@ -134,14 +136,16 @@ class LabelClient:
                     )
                     body = await response.aread()
             except TimeoutError:
-                raise _Attempt("timeout", f"no reply within {self.retry.timeout:g} s") from None
+                raise self._timed_out(limit) from None
             except openai.APIStatusError as exc:
                 raise self._status_failure(exc) from None
             except openai.APITimeoutError:
                 raise _Attempt("timeout", f"no reply within {self.retry.timeout:g} s") from None
             except openai.APIConnectionError as exc:
                 raise _Attempt("connection", f"connection failed: {_cause(exc)}") from None
-            latency_ms = (time.perf_counter() - started) * 1000
+            replied = time.perf_counter()
+            latency_ms = (replied - started) * 1000
+            self.timeouts.note_reply(replied - started, replied)
             self.limiter.observe_headers(response.headers)
             try:
                 reply = read_reply(self.prompt, body)
@@ -172,40 +176,54 @@ class LabelClient:
             extras=reply.extras,
         )
 
+    def _timed_out(self, limit: float) -> _Attempt:
+        if self.timeouts.note_timeout(time.perf_counter()):
+            # Many at once: a gateway holding requests over its limit, or a drowning provider. Slow the run down
+            # like a 429, and do not count it against the rows.
+            self.stats.rate_limited += 1
+            self.limiter.on_rate_limited(None)
+            return _Attempt("held", f"no reply within {limit:.3g} s while many others timed out too (overload)")
+        p99 = self.timeouts.p99
+        recent = f" (recent replies: p99 {p99:.3g} s)" if p99 is not None and limit < self.retry.timeout else ""
+        return _Attempt("timeout", f"no reply within {limit:.3g} s{recent}")
+
     def _status_failure(self, exc: openai.APIStatusError) -> _Attempt:
-        status = exc.status_code
-        code, message = _error_fields(exc)
+        error = classify(exc.status_code, exc.body, str(exc.message))
+        status, meaning = error.status, error.meaning
         where = f"{self._sdk.base_url}".rstrip("/")
-        text = redact(f"HTTP {status} {code or ''}: {message}".replace("  ", " "), self._secret)
-        if status == 429 and code == "insufficient_quota":
+        text = redact(error.describe(), self._secret)
+        if meaning is Meaning.QUOTA:
             raise FatalApiError(
                 f"the API says the account is out of quota ({text}). Add credit or use another key, "
                 "then re-run the same command to resume.",
                 status=status,
+                cause="quota",
             )
-        if status == 429:
+        if meaning is Meaning.RATE_LIMIT:
             self.stats.rate_limited += 1
             failure = _Attempt("rate_limit", text, status=status)
             failure.retry_after = retry_after_seconds(exc.response.headers)
             self.limiter.on_rate_limited(failure.retry_after)
             return failure
-        if status in (401, 403):
+        if meaning is Meaning.KEY:
             raise FatalApiError(
                 f"{where} rejected the API key ({text}). Set OPENAI_API_KEY to a valid key for this endpoint.",
                 status=status,
+                cause="key",
             )
-        if status == 404:
+        if meaning is Meaning.MODEL:
             raise FatalApiError(
-                f"{where} does not know model {self.model!r} ({text}). Pass --model with a model this "
+                f"{where} does not serve model {self.model!r} ({text}). Pass --model with a model this "
                 "endpoint serves (or check --base-url).",
                 status=status,
+                cause="model",
             )
-        if rejects_logprobs(status, code, message):
+        if rejects_logprobs(status, error.code, error.message):
             # E.g. a reasoning model: label without confidence rather than fail. Also for replies to requests
             # sent before the first refusal turned logprobs off.
             self.logprobs = False
             return _Attempt("logprobs_refused", text, status=status)
-        if status in (408, 409) or status >= 500:
+        if meaning is Meaning.RETRY:
             return _Attempt("server_error" if status >= 500 else f"http_{status}", text, status=status)
         self.stats.bad_requests_in_a_row += 1
         if self.stats.successes == 0 and self.stats.bad_requests_in_a_row >= _BAD_REQUEST_BREAKER:
@@ -215,16 +233,6 @@ class LabelClient:
                 status=status,
             )
         return _Attempt("bad_request", text, status=status, retry=False)
-
-
-def _error_fields(exc: openai.APIStatusError) -> tuple[str | None, str]:
-    body: Any = exc.body
-    if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
-        body = body["error"]
-    if isinstance(body, Mapping):
-        code = body.get("code") or body.get("type")
-        return (str(code) if code else None), str(body.get("message") or exc.message)[:300]
-    return None, str(exc.message)[:300]
 
 
 def _cause(exc: BaseException) -> str:

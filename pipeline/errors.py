@@ -53,9 +53,10 @@ class SinkMismatchError(SinkError):
 class FatalApiError(LabelstreamError):
     """The API refuses every request (bad key, no permission, unknown model, no quota)."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, cause: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.cause = cause  # "key", "model", "quota" or None: what to fix before resuming
 
 
 class StorageError(LabelstreamError):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from pipeline.pacing import START_WINDOW, Pacer
-from pipeline.ratelimit_headers import number, parse_duration
+from pipeline.ratelimit_headers import number, parse_duration, provider_view
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -236,6 +236,7 @@ class Limiter:
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         """Learn the provider's limits from `x-ratelimit-*` headers and pause when its window is spent."""
+        headers = provider_view(headers)
         share = self.settings.share
         changed = False
         limit_requests = number(headers.get("x-ratelimit-limit-requests"))

@@ -7,6 +7,7 @@ groups; nothing here imports the SDK, so the CLI can build options without payin
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -120,3 +121,22 @@ def resolve_credentials(api_key: str | None, base_url: str | None) -> tuple[str,
         f"OPENAI_API_KEY is not set, and {where} needs one. Export OPENAI_API_KEY=..., or point --base-url "
         "at a local server (e.g. labelstream simulate)."
     )
+
+
+def resume_after(command: str, error: Exception | None) -> str:
+    """The command that resumes a run, minus the value that stopped it: after "unknown model" repeating
+    `--model X` would fail the same way, so it becomes `--model MODEL` for the user to fill in."""
+    cause = getattr(error, "cause", None)
+    if cause != "model":
+        return command
+    words = shlex.split(command)
+    for i, word in enumerate(words):
+        if word == "--model" and i + 1 < len(words):
+            words[i + 1] = "MODEL"
+            break
+        if word.startswith("--model="):
+            words[i] = "--model=MODEL"
+            break
+    else:
+        words += ["--model", "MODEL"]
+    return shlex.join(words)

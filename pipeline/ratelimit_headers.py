@@ -1,10 +1,36 @@
-"""What a provider's reply says about its limits: `x-ratelimit-*`, `retry-after`, and how long to wait."""
+"""What a provider's reply says about its limits: `x-ratelimit-*`, `retry-after`, and how long to wait.
+
+Gateways rename these headers. LiteLLM passes an upstream's `retry-after`, `retry-after-ms` and
+`x-ratelimit-*` on as `llm_provider-retry-after` and so on, and its own 429s carry only
+`llm_provider-retry-after`; Azure OpenAI adds `x-ms-retry-after-ms`. `provider_view` folds those names onto the
+plain ones, so one pause logic serves every gateway.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
+from typing import Final
+
+# Prefixes gateways put before the headers a provider sent (the plain header wins when both are present).
+_PREFIXES: Final = ("llm_provider-", "x-ms-")
+
+
+def provider_view(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """`headers`, with gateway-prefixed rate-limit headers also readable under their plain names."""
+    renamed = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        for prefix in _PREFIXES:
+            if lower.startswith(prefix):
+                renamed[lower[len(prefix) :]] = value
+    if not renamed:
+        return headers
+    merged = {name.lower(): value for name, value in headers.items()}
+    for name, value in renamed.items():
+        merged.setdefault(name, value)
+    return merged
 
 
 def number(value: str | None) -> float | None:
@@ -18,7 +44,9 @@ def number(value: str | None) -> float | None:
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """The wait a 429 asks for: `retry-after-ms`, `retry-after` (seconds or HTTP date), else `x-ratelimit-reset-*`."""
+    """The wait a 429 asks for: `retry-after-ms`, `retry-after` (seconds or HTTP date), else `x-ratelimit-reset-*`
+    (plain or as a gateway renamed them)."""
+    headers = provider_view(headers)
     value = headers.get("retry-after-ms")
     if value:
         try:

@@ -24,7 +24,7 @@ from pipeline.client import LabelClient
 from pipeline.config import TaskConfig, load_config
 from pipeline.errors import FatalApiError, Interrupted, LabelstreamError
 from pipeline.limits import Limiter
-from pipeline.options import RunOptions, resolve_credentials
+from pipeline.options import RunOptions, resolve_credentials, resume_after
 from pipeline.prepare import Prepared, RowGate, Verdict, prepare_run
 from pipeline.pricing import Price
 from pipeline.progress import Reporter
@@ -344,7 +344,7 @@ async def _execute(
     interrupted = run.stopping.is_set() or run.hard_stop
     over = run.budget is not None and run.budget.stopped
     state = "failed" if error else "budget" if over else "interrupted" if interrupted else "done"
-    resume = opts.resume_command
+    resume = resume_after(opts.resume_command, error)
     summary = Summary.of(
         stats, opts=opts, state=state, error=error, dead_letters=str(run.sink.meta.dead_letters_path), resume=resume
     )

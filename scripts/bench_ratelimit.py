@@ -104,7 +104,14 @@ def first_request(stats: dict[str, object]) -> float:
 
 def run(scenario: Scenario, rows: int, *, seed_design: bool, work: Path) -> None:
     latency_s = scenario.latency_ms / 1000
-    sim_args = ["--latency-ms", str(scenario.latency_ms), "--rpm", str(scenario.rpm), "--rate-headers", scenario.headers]
+    sim_args = [
+        "--latency-ms",
+        str(scenario.latency_ms),
+        "--rpm",
+        str(scenario.rpm),
+        "--rate-headers",
+        scenario.headers,
+    ]
     ideal_s = rows / (scenario.rpm / 60)
     in_flight = math.ceil(scenario.rpm / 60 * latency_s * 1.2)
     with simulator(*sim_args) as base_url:

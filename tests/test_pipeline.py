@@ -117,7 +117,7 @@ def test_bad_rows_are_dead_lettered_without_a_request(sim: Any, tmp_path: Path) 
     assert summary.exit_code == 1
 
 
-@pytest.mark.parametrize(("status", "words"), [(401, "rejected the API key"), (404, "does not know model")])
+@pytest.mark.parametrize(("status", "words"), [(401, "rejected the API key"), (404, "does not serve model")])
 def test_auth_and_unknown_model_stop_the_run_early(sim: Any, tmp_path: Path, status: int, words: str) -> None:
     """401/404 stop the run after the first replies with one message, instead of failing every row."""
     sim.script([{"kind": "status", "status": status, "count": -1}])

@@ -48,6 +48,18 @@ def register(sub: Any) -> None:
         default=1.0,
         help="the request limit also holds over every this many seconds at its per-minute rate (default 1; 0: off)",
     )
+    sim.add_argument(
+        "--gateway",
+        choices=["none", "litellm"],
+        default="none",
+        help="answer like a LiteLLM proxy in front of the provider: renamed headers, its error shapes",
+    )
+    sim.add_argument(
+        "--hold-seconds",
+        type=seconds,
+        default=0.0,
+        help="with --gateway: hold a request over the limit this long before answering 429 (LiteLLM's retries)",
+    )
     sim.add_argument("--api-key", help="require this bearer key (default: accept any)")
     sim.add_argument("--models", help="comma-separated models to serve (default: any)")
     sim.set_defaults(handler=run)
@@ -72,6 +84,8 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             window_seconds=args.window_seconds,
             quantum=args.quantum,
             rate_headers=args.rate_headers,
+            gateway=args.gateway,
+            hold_seconds=args.hold_seconds,
             api_key=args.api_key,
             models=frozenset(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
         )

@@ -36,6 +36,7 @@ from pipeline.simulator.faults import (
     slow_body,
     status_reply,
 )
+from pipeline.simulator.gateway import gateway_middleware
 from pipeline.simulator.hosts import base_url_of, loopback_host
 from pipeline.simulator.http import BAD_JSON, check_auth, error_reply, json_reply
 from pipeline.simulator.judge import Judge, token_logprobs
@@ -112,7 +113,8 @@ class Simulator:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen on `host`:`port` (0 picks a free port) and return the bound port."""
         self._host = loopback_host(host)
-        app = web.Application(client_max_size=16 * 1024 * 1024)
+        gateway = gateway_middleware(lambda: (self._config.gateway, self._config.hold_seconds), self._stopping)
+        app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[gateway])
         route = app.router
         route.add_post("/v1/chat/completions", self._chat)
         route.add_get("/v1/models", self._models)

@@ -31,6 +31,8 @@ class SimulatorConfig:
         limit takes at most 10 requests in any second), as OpenAI does; 0 turns the short interval off.
     tokenizer: "auto" counts prompt tokens with the model's BPE when `bpe-openai` is installed (as the API does),
         "estimate" always uses ceil(characters / 4) + 3 a message.
+    gateway: "litellm" answers like a LiteLLM proxy in front of this provider (see gateway.py): renamed rate
+        headers, gateway-shaped errors, and over-limit requests held up to `hold_seconds` before a 429.
     rate_headers: "full" (x-ratelimit-* on every reply, retry-after on 429s), "retry-after" (only that, on
         429s) or "none" (a bare 429), to imitate providers and gateways that say less.
     """
@@ -50,12 +52,16 @@ class SimulatorConfig:
     quantum: float = 1.0
     rate_headers: str = "full"
     tokenizer: str = "auto"
+    gateway: str = "none"
+    hold_seconds: float = 0.0
     logprobs: str = "full"
     reasoning_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.rate_headers not in RATE_HEADERS:
             raise ValueError(f"rate_headers must be one of {', '.join(RATE_HEADERS)}, got {self.rate_headers!r}")
+        if self.gateway not in ("none", "litellm"):
+            raise ValueError(f"gateway must be none or litellm, got {self.gateway!r}")
         if self.tokenizer not in ("auto", "estimate"):
             raise ValueError(f"tokenizer must be auto or estimate, got {self.tokenizer!r}")
         if not 0 <= self.quantum <= 60:
@@ -113,6 +119,8 @@ _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "quantum": _NUMBER,
     "rate_headers": (str,),
     "tokenizer": (str,),
+    "gateway": (str,),
+    "hold_seconds": _NUMBER,
     "logprobs": (str,),
     "reasoning_tokens": (int,),
 }

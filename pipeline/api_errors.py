@@ -1,0 +1,89 @@
+"""What an error reply means for the run, whichever provider or gateway sent it.
+
+Providers and gateways disagree on shapes. OpenAI says `429 insufficient_quota`; LiteLLM passes the same
+upstream error on as `type: throttling_error, code: "429"` with only the message telling; an unknown model is
+OpenAI's `404 model_not_found` but LiteLLM's `400 Invalid model name`; a bad key is OpenAI's 401 but can be
+a LiteLLM 400 (`no_db_connection`, "Authentication Error"). `classify` reads the status, the code, the type
+and the message together, so each of these stops the run after the first reply with advice about the right
+thing, instead of retrying a quota 100 times or sending 20 requests before blaming the request format.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Final
+
+_QUOTA: Final = re.compile(r"insufficient_quota|exceeded your current quota|quota (?:exceeded|exhausted)|billing", re.I)
+_MODEL: Final = re.compile(
+    r"model_not_found|invalid model|unknown model|model .{0,80}(?:does not exist|not found|is not supported)"
+    r"|no such model|not a valid model",
+    re.I,
+)
+_KEY: Final = re.compile(
+    r"invalid_api_key|incorrect api key|invalid api key|api key.{0,40}(?:invalid|missing|not valid)"
+    r"|authentication error|unauthorized|no_db_connection|invalid proxy server token",
+    re.I,
+)
+
+
+class Meaning(Enum):
+    """What an error reply means for the run."""
+
+    QUOTA = "quota"  # out of credit: stop, waiting will not help
+    KEY = "key"  # the key is wrong or missing: stop
+    MODEL = "model"  # the endpoint does not serve this model: stop
+    RATE_LIMIT = "rate_limit"  # slow down and retry, without using up the row's retries
+    RETRY = "retry"  # a passing server trouble: retry with backoff
+    BAD_REQUEST = "bad_request"  # this request is wrong: dead-letter the row
+
+
+@dataclass(frozen=True, slots=True)
+class ApiError:
+    """An error reply, read: its status, the provider's code and message, and what it means."""
+
+    status: int
+    code: str | None
+    message: str
+    meaning: Meaning
+
+    def describe(self) -> str:
+        """ "HTTP 429 rate_limit_exceeded: ..." with the status shown once (gateways repeat it as the code)."""
+        code = self.code if self.code and self.code != str(self.status) else None
+        return f"HTTP {self.status} {code}: {self.message}" if code else f"HTTP {self.status}: {self.message}"
+
+
+def error_fields(body: Any, fallback: str) -> tuple[str | None, str | None, str]:
+    """(code, type, message) of an OpenAI-shaped error body (`{"error": {...}}` or the inner object)."""
+    if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
+        body = body["error"]
+    if not isinstance(body, Mapping):
+        return None, None, fallback[:300]
+    code, kind = body.get("code"), body.get("type")
+    message = body.get("message") or fallback
+    return (str(code) if code else None), (str(kind) if kind else None), str(message)[:300]
+
+
+def classify(status: int, body: Any, fallback: str) -> ApiError:
+    """Read an error reply (its status and parsed body; `fallback` is the message when the body has none)."""
+    code, kind, message = error_fields(body, fallback)
+    words = f"{code or ''} {kind or ''} {message}"
+    if status == 429:
+        meaning = Meaning.QUOTA if _QUOTA.search(words) else Meaning.RATE_LIMIT
+    elif status in (401, 403):
+        meaning = Meaning.KEY
+    elif status == 404:
+        meaning = Meaning.MODEL
+    elif status in (408, 409) or status >= 500:
+        meaning = Meaning.RETRY
+    elif status == 400 and _MODEL.search(words):
+        meaning = Meaning.MODEL
+    elif status == 400 and _KEY.search(words):
+        meaning = Meaning.KEY
+    else:
+        meaning = Meaning.BAD_REQUEST
+    # Gateways repeat the status as the code ("400"); then the type says more ("no_db_connection").
+    shown = code if code and code != str(status) else kind
+    return ApiError(status, shown, message, meaning)
