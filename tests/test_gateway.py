@@ -79,7 +79,8 @@ def test_gateway_prefixed_retry_headers_are_read() -> None:
     ("status", "body", "meaning", "shown"),
     [
         (429, {"error": {"message": "You exceeded your current quota, please check your plan and billing details.",
-                         "type": "throttling_error", "code": "429"}}, Meaning.QUOTA, "HTTP 429 throttling_error: You exceeded"),
+                         "type": "throttling_error", "code": "429"}}, Meaning.QUOTA,
+         "HTTP 429 throttling_error: You exceeded"),
         (400, {"error": {"message": "Invalid model name passed in model=gpt-40", "type": "invalid_request_error",
                          "code": "400"}}, Meaning.MODEL, "HTTP 400 invalid_request_error: Invalid"),
         (400, {"error": {"message": "Authentication Error, No connected db.", "type": "no_db_connection",
