@@ -315,6 +315,7 @@ def completion_body(
     refusal: str | None = None,
     prompt_tokens: int,
     completion_tokens: int,
+    service_tier: str = "default",
 ) -> bytes:
     """A `chat.completion` object as the real API sends it."""
     return orjson.dumps(
@@ -343,7 +344,7 @@ def completion_body(
                     "rejected_prediction_tokens": 0,
                 },
             },
-            "service_tier": "default",
+            "service_tier": service_tier,
             "system_fingerprint": _FINGERPRINT,
         }
     )
