@@ -30,6 +30,8 @@ _BAD_REQUEST_BREAKER = 20
 _JSON_HEADERS = {"Content-Type": "application/json"}
 # 429-answered attempts a row may take beyond its --max-retries before it is dead-lettered anyway.
 _RATE_LIMITED_CAP = 100
+# Failures that say "later" and use up no retries: a rate limit, and flex processing out of capacity.
+_LATER = frozenset({"rate_limit", "resource_unavailable"})
 
 
 class _Attempt(Exception):  # noqa: N818 - internal signal, never leaves this module
@@ -55,8 +57,10 @@ class LabelClient:
         exact_tokens: bool = False,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        service_tier: str | None = None,
     ) -> None:
         self.prompt = prompt
+        self.service_tier = service_tier  # "flex": half price, slower, may answer 429 resource_unavailable
         self.limiter = limiter
         self.model = model
         self.retry = retry
@@ -94,7 +98,7 @@ class LabelClient:
                 return await self._attempt(row, estimate, attempt)
             except _Attempt as failure:
                 # 429s say "later", not "never": they do not use up the row's retries (up to a sanity cap).
-                limited += failure.kind == "rate_limit"
+                limited += failure.kind in _LATER
                 spent = attempt - limited
                 if not failure.retry or spent >= self.retry.max_attempts or limited >= _RATE_LIMITED_CAP:
                     return Failed(
@@ -121,7 +125,9 @@ class LabelClient:
                     response = await self._sdk.post(
                         "/chat/completions",
                         cast_to=httpx2.Response,
-                        content=orjson.dumps(request_body(self.prompt, row.text, self.model)),
+                        content=orjson.dumps(
+                            request_body(self.prompt, row.text, self.model, service_tier=self.service_tier)
+                        ),
                         options={"headers": _JSON_HEADERS},
                     )
                     body = await response.aread()
@@ -171,6 +177,11 @@ class LabelClient:
                 "then re-run the same command to resume.",
                 status=status,
             )
+        if status == 429 and code == "resource_unavailable":
+            # Flex has no capacity right now: back off and retry, but it is no rate limit, so the run's pace
+            # stays as it is (no pause, no smaller window, not counted as a 429 overload).
+            self.stats.unavailable += 1
+            return _Attempt("resource_unavailable", text, status=status)
         if status == 429:
             self.stats.rate_limited += 1
             failure = _Attempt("rate_limit", text, status=status)

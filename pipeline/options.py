@@ -58,6 +58,7 @@ class RunOptions:
     grace_seconds: float = 10.0
     exact_tokens: bool = False  # count prompt tokens with bpe-openai under a TPM limit (extra: labelstream[tokens])
     command: str | None = None  # how the user started this run, for the resume hint
+    service_tier: str | None = None  # "flex": online requests at batch prices, slower, sometimes refused
     progress_every: float = 1.0
 
     @classmethod

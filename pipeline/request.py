@@ -15,16 +15,19 @@ import orjson
 from pipeline.prompt import Prompt, ReplyError
 
 
-def request_body(prompt: Prompt, text: str, model: str) -> dict[str, Any]:
-    """The `/v1/chat/completions` body that labels `text`."""
+def request_body(prompt: Prompt, text: str, model: str, *, service_tier: str | None = None) -> dict[str, Any]:
+    """The `/v1/chat/completions` body that labels `text` (`service_tier`, e.g. "flex", only when given)."""
     cfg = prompt.config
-    return {
+    body: dict[str, Any] = {
         "model": model,
         "messages": prompt.messages(text),
         "response_format": prompt.response_format,
         "temperature": cfg.temperature,
         "max_completion_tokens": cfg.max_tokens,
     }
+    if service_tier is not None:
+        body["service_tier"] = service_tier
+    return body
 
 
 @dataclass(frozen=True, slots=True)

@@ -265,7 +265,9 @@ async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summa
         if opts.progress != "off":
             for note in prepared.notes:
                 print(f"labelstream: {note}", file=notice)
-        stats = RunStats(calls=CallStats(), model=opts.model)
+        stats = RunStats(
+            calls=CallStats(), model=opts.model, tier="flex" if opts.service_tier == "flex" else "standard"
+        )
         run = _Run(opts, prepared, stats)
         return await _execute(run, Prompt(opts.config), api_key, base_url, notice)
     finally:
@@ -287,6 +289,7 @@ async def _execute(run: _Run, prompt: Prompt, api_key: str, base_url: str | None
         retry=opts.retry,
         stats=stats.calls,
         exact_tokens=opts.exact_tokens,
+        service_tier=opts.service_tier,
     )
     reporter = Reporter(
         stats, mode=opts.progress, stream=notice, concurrency=lambda: (limiter.in_flight, limiter.limit)
