@@ -7,6 +7,7 @@
     ├── SinkError           (2)      an output that cannot be resumed as it is
     │   └── SinkMismatchError (2)    resuming a sink made with another model, prompt or label set
     ├── FatalApiError       (2)      auth, permission, unknown model, no quota: every row would fail
+    ├── BatchError          (2)      the Batch API refused or failed a batch, or the endpoint has none
     └── StorageError        (3)      the sink cannot be written (disk full, permissions); work so far is kept
 
 A row that fails is not an exception here: it ends as a dead letter and the run carries on.
@@ -54,6 +55,10 @@ class FatalApiError(LabelstreamError):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class BatchError(LabelstreamError):
+    """The Batch API refused or failed a batch (bad request file, no Batch API at this endpoint, ...)."""
 
 
 class StorageError(LabelstreamError):

@@ -5,15 +5,15 @@ from __future__ import annotations
 from pipeline.errors import UsageError
 from pipeline.options import RunOptions, resolve_credentials
 from pipeline.prepare import RowGate, Verdict, prepare_run
-from pipeline.pricing import cost_of
+from pipeline.pricing import Tier, cost_of
 from pipeline.prompt import Prompt
 from pipeline.results import Row
 from pipeline.stats import CallStats, RunStats
 from pipeline.tokens import TokenEstimator
 
 
-def dry_run(opts: RunOptions) -> str:
-    """Check input, config and sink as a real run would, count the work, and make no API call."""
+def dry_run(opts: RunOptions, *, tier: Tier = "standard") -> str:
+    """Check input, config and sink as a real run would, count the work, and make no API call (costs at `tier`)."""
     try:
         resolve_credentials(opts.api_key, opts.base_url)
         key_note = "API key: found"
@@ -38,13 +38,14 @@ def dry_run(opts: RunOptions) -> str:
     finally:
         prepared.close()
     completion = gate.sent * min(opts.config.max_tokens, 12)
-    cost = cost_of(opts.model, tokens, completion)
+    cost = cost_of(opts.model, tokens, completion, tier=tier)
     lines = [
         f"dry run: {opts.input} → {opts.output} ({opts.model}, prompt {opts.config.prompt_fingerprint()})",
         f"  {gate.sent:,} rows to label, {len(prepared.done):,} already in the sink, "
         f"{stats.duplicates + stats.conflicts:,} repeated ids ({stats.conflicts:,} with different text), "
         f"{gate.problems:,} rows that would be dead-lettered (empty text, bad bytes, ragged)",
-        f"  ~{tokens:,} prompt tokens{f' ≈ ${cost:.4f}' if cost is not None else ''} (estimate)",
+        f"  ~{tokens:,} prompt tokens{f' ≈ ${cost:.4f}' if cost is not None else ''} (estimate"
+        f"{'' if tier == 'standard' else f', at {tier} prices'})",
         f"  {key_note}",
     ]
     if stats.changed or prepared.relabeled:

@@ -182,7 +182,7 @@ class BatchStore:
         def finished_by(moment: float) -> int:
             if config.batch_seconds <= 0:
                 return total
-            return max(batch.done, min(total, int(total * (moment - batch.created) / config.batch_seconds)))
+            return max(batch.done, min(total, int(total * (moment - batch.created) / config.batch_seconds + 1e-9)))
 
         batch.stamps.setdefault("in_progress_at", int(time.time()))
         if batch.cancel_at is not None:
@@ -280,6 +280,7 @@ class BatchStore:
                 for b in self.newest_first()
             ],
             "files": len(self._files),
+            "downloads": self._files.downloads,
         }
 
 

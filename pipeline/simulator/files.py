@@ -74,6 +74,7 @@ class FileStore:
         self._files: dict[str, StoredFile] = {}
         self._ids = itertools.count(1)
         self._prefix = os.urandom(3).hex()
+        self.downloads = 0  # content requests received (crash tests wait for one to begin)
 
     def __len__(self) -> int:
         return len(self._files)
@@ -103,6 +104,7 @@ class FileStore:
     def clear(self) -> None:
         """Forget every file."""
         self._files.clear()
+        self.downloads = 0
 
 
 def add_file_routes(router: web.UrlDispatcher, store: FileStore, front: Front) -> None:
@@ -137,6 +139,7 @@ def add_file_routes(router: web.UrlDispatcher, store: FileStore, front: Front) -
         return json_reply(stored.to_json(), headers)
 
     async def content(stored: StoredFile, headers: dict[str, str]) -> web.Response:
+        store.downloads += 1
         await pause(front.stopping, front.reply_hold("content"))
         return web.Response(body=stored.data, content_type="application/octet-stream", headers=headers)
 
