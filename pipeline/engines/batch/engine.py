@@ -79,7 +79,7 @@ class _BatchRun:
         if not self.stopping.is_set():
             self.resend_early_failures()
             await self.send()
-        if self.settings.wait and not self.stopping.is_set():
+        if self.settings.wait and not self.stopping.is_set() and any(s.state == SUBMITTED for s in self.ledger.live):
             self.write_progress("waiting")
             await wait_for_batches(
                 self.api,
