@@ -221,6 +221,24 @@ def test_an_endpoint_without_a_batch_api_says_what_to_do(sim: Any, tmp_path: Pat
         label_batch(Elsewhere(), source, tmp_path / "out.jsonl")
 
 
+def test_batches_are_looked_for_only_where_they_were_sent(sim: Any, tmp_path: Path) -> None:
+    """A run with another endpoint refuses to touch the sink's live batches; a vanished batch is a clear error."""
+    sim.configure(batch_seconds=3600)
+    source = write_csv(tmp_path / "in.csv", reviews(10))
+    out = tmp_path / "out.jsonl"
+    label_batch(sim, source, out, wait=False)
+
+    class Elsewhere:
+        base_url = sim.base_url.replace("127.0.0.1", "localhost")
+
+    with pytest.raises(BatchError, match="this run uses"):
+        label_batch(Elsewhere(), source, out)
+    sim.reset()  # a restarted simulator knows no batch
+    with pytest.raises(BatchError, match=r"batches\.json aside"):
+        label_batch(sim, source, out)
+    assert ledger(out)["submissions"][0]["state"] == "submitted", "nothing is forgotten without the user's say"
+
+
 def test_cost_tiers_bill_batch_and_flex_at_half() -> None:
     """cost_of: batch and flex cost half of standard; an unknown tier is refused."""
     standard = cost_of("gpt-4o-mini", 1_000_000, 1_000_000)

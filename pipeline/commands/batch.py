@@ -157,7 +157,12 @@ def _api(base_url: str | None) -> Any:
     from pipeline.engines.batch.api import BatchApi  # noqa: PLC0415
     from pipeline.options import resolve_credentials  # noqa: PLC0415
 
-    key, url = resolve_credentials(None, base_url)
+    try:
+        key, url = resolve_credentials(None, base_url)
+    except UsageError as exc:
+        raise UsageError(
+            f"{exc.message} (`batch status --offline` shows what the sink recorded without a key)"
+        ) from None
     return BatchApi(api_key=key, base_url=url)
 
 

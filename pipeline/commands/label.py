@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ from typing import Any
 from pipeline.commands.args import concurrency, count, parse_bool, positive_float, positive_int, seconds
 from pipeline.commands.signals import interrupt_on_term
 from pipeline.config import DEFAULT_MODEL
-from pipeline.errors import UsageError
+from pipeline.errors import LabelstreamError, UsageError
 from pipeline.pricing import Tier
 
 FLEX_TIMEOUT = 900.0  # seconds: flex requests may wait in line for minutes
@@ -227,7 +228,9 @@ async def _engine_run(args: argparse.Namespace, opts: Any) -> Any:
     from pipeline.run import run_label  # noqa: PLC0415
     from pipeline.sinks import SinkMeta  # noqa: PLC0415
 
-    live = sum(sub.requests for sub in Ledger(SinkMeta(opts.output)).live)
+    live = 0
+    with contextlib.suppress(LabelstreamError):  # a note only: a damaged ledger is the batch engine's to report
+        live = sum(sub.requests for sub in Ledger(SinkMeta(opts.output)).live)
     if live and opts.progress != "off":
         print(
             f"labelstream: note: {live:,} rows of {opts.output} are in batches still running; labeling them online "

@@ -159,6 +159,12 @@ class BatchApi:
                 "request files with `labelstream batch prepare`, run them there, and merge the results with "
                 "`labelstream batch ingest`."
             )
+        if exc.status_code == 404 and what.startswith("look at batch"):
+            return BatchError(
+                f"{self.where} does not know the batch (could not {what}: {text}). If it was sent with another key, "
+                "use that one. Only if it is gone for good (a restarted simulator, a deleted project), move the "
+                "sink's .meta/batches.json aside and re-run: the rows of batches not yet collected are sent again."
+            )
         return BatchError(f"could not {what}: {text}")
 
     def _describe(self, exc: openai.OpenAIError) -> str:

@@ -71,6 +71,7 @@ class _BatchRun:
     async def steps(self) -> None:
         """Bring the ledger up to date, send what is left, and wait unless told not to."""
         self.ledger.ensure()
+        self.ledger.check_endpoint(self.api.where, str(self.opts.output))
         self.ledger.tidy()
         for sub in self.ledger.live:
             if sub.state != SUBMITTED and not self.stopping.is_set():
@@ -143,6 +144,8 @@ class _BatchRun:
                     id=ids[written.number], model=written.model, requests=written.requests, bytes=written.bytes
                 )
                 ledger.add(sub)
+                if self.stopping.is_set():
+                    break  # stopping: the file is recorded, and the next run sends it
                 self.say(f"sending {sub.requests:,} rows ({written.bytes / 1e6:.1f} MB) as {sub.id}")
                 batch = await submit(self.api, ledger, sub, settle=self.settle)
                 self.stats.batches += 1

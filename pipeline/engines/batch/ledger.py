@@ -29,7 +29,7 @@ from typing import Any, Final
 import orjson
 
 from pipeline.engines.batch.files import read_row_ids
-from pipeline.errors import SinkError, StorageError
+from pipeline.errors import BatchError, SinkError, StorageError
 from pipeline.idset import IdSet
 from pipeline.results import now_iso
 from pipeline.sinks.meta import SinkMeta
@@ -55,6 +55,7 @@ class Submission:
     requests: int
     bytes: int
     state: str = PREPARED
+    endpoint: str | None = None  # where it was sent: its batch exists only there
     input_file_id: str | None = None
     batch_id: str | None = None
     create_sent_at: int | None = None  # unix seconds when a create request was (about to be) sent
@@ -144,6 +145,16 @@ class Ledger:
     def download_path(self, sub_id: str, what: str) -> Path:
         """Where a submission's output or error file is downloaded to."""
         return self.meta.batches_dir / f"{sub_id}.{what}.jsonl"
+
+    def check_endpoint(self, where: str, sink_name: str) -> None:
+        """Refuse to look for this sink's live batches at another endpoint than the one they were sent to."""
+        for sub in self.live:
+            if sub.endpoint and sub.state != PREPARED and sub.endpoint != where:
+                raise BatchError(
+                    f"{sink_name} has batches at {sub.endpoint} (e.g. {sub.batch_id or sub.id}), and this run uses "
+                    f"{where}. Pass --base-url {sub.endpoint} to collect them; only if they are gone for good, move "
+                    f"{self.meta.batches_path} aside: their rows are then sent again."
+                )
 
     def live_ids(self) -> IdSet:
         """Ids of the rows in submissions not yet collected."""

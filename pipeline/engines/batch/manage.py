@@ -25,6 +25,8 @@ def _ledger(output: Path) -> Ledger:
 async def batch_status(output: Path, api: BatchApi | None) -> dict[str, Any]:
     """Every submission of a sink; with `api`, the live ones as the provider sees them now."""
     ledger = _ledger(output)
+    if api is not None:
+        ledger.check_endpoint(api.where, str(output))
     subs = []
     for sub in ledger.submissions:
         entry = _entry(sub)
@@ -93,6 +95,7 @@ async def cancel_batches(output: Path, api: BatchApi) -> list[tuple[str, str]]:
     batches finished is kept: the next `label` run collects it, and sends the rest again.
     """
     ledger = _ledger(output)
+    ledger.check_endpoint(api.where, str(output))
     done: list[tuple[str, str]] = []
     for sub in ledger.live:
         batch_id = sub.batch_id

@@ -87,7 +87,7 @@ async def submit(api: BatchApi, ledger: Ledger, sub: Submission, *, settle: floa
     """Take a submission from where it stands to `submitted`; every step is recorded before the next starts."""
     if sub.state == PREPARED:
         file_id = await api.upload(ledger.requests_path(sub.id), f"labelstream-{sub.id}.jsonl")
-        ledger.record(sub, state=UPLOADED, input_file_id=file_id)
+        ledger.record(sub, state=UPLOADED, input_file_id=file_id, endpoint=api.where)
     if sub.state == CREATING:
         found = await find_batch(api, sub, settle=settle)
         if found is not None:
