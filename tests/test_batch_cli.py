@@ -10,9 +10,6 @@ from urllib.parse import urlparse
 
 import pytest
 
-from pipeline.cli import build_parser
-from pipeline.commands.label import _run_options
-
 from .helpers import cli, dead_letters, ledger, reviews, sink_ids, write_csv
 
 
@@ -118,31 +115,6 @@ def test_status_and_cancel_while_batches_run(sim: Any, tmp_path: Path) -> None:
     done = cli(*label_args(sim, source, out, "--engine", "batch", "--poll-interval", "0.05", "--no-progress"))
     assert done.returncode == 0, done.stderr
     assert len(set(sink_ids(out))) == 30 and [s["state"] for s in ledger(out)["submissions"]] == ["collected"] * 2
-
-
-def test_flex_requests_ride_out_resource_unavailable_at_half_price(sim: Any, tmp_path: Path) -> None:
-    """--service-tier flex: 429 resource_unavailable is retried without counting as a rate limit; half price."""
-    sim.configure(flex_unavailable_rate=0.3, seed=5, latency_ms=5)
-    source = write_csv(tmp_path / "in.csv", reviews(40))
-    out = tmp_path / "out.jsonl"
-    result = cli(*label_args(sim, source, out, "--service-tier", "flex", "--concurrency", "4", "--no-progress"))
-    assert result.returncode == 0, result.stderr
-    assert len(set(sink_ids(out))) == 40
-    stats = sim.stats()
-    busy = stats["by_status"].get("429", 0)
-    assert busy > 0 and stats["rate_limited"] == {"requests": 0, "tokens": 0}
-    assert f"(0 after 429, {busy} after flex had no capacity)" in result.stderr
-    assert "at flex prices" in result.stderr
-
-
-def test_flex_waits_fifteen_minutes_for_a_reply_unless_told_otherwise() -> None:
-    """--service-tier flex raises the per-request timeout to 900 s; an explicit --timeout still wins."""
-    parser = build_parser()
-    base = ["label", "--input", "in.csv"]
-    flex = parser.parse_args([*base, "--service-tier", "flex"])
-    assert _run_options(flex, []).retry.timeout == 900
-    assert _run_options(parser.parse_args(base), []).retry.timeout == 60
-    assert _run_options(parser.parse_args([*base, "--service-tier", "flex", "--timeout", "30"]), []).retry.timeout == 30
 
 
 @pytest.mark.parametrize(

@@ -198,6 +198,8 @@ def test_auto_labels_a_slice_online_then_the_rest_in_batches(sim: Any, tmp_path:
     assert summary.cost_usd is not None and summary.standard_cost_usd is not None
     assert summary.cost_usd < summary.standard_cost_usd
     assert "online and batch prices" in summary.render()
+    again = label_batch(sim, source, out, engine="auto", online_rows=20)
+    assert again.labeled == 0 and sim.stats()["requests"] == 20, "a sink with batches goes straight to them"
 
 
 def test_auto_sends_no_batch_when_the_online_slice_fails(sim: Any, tmp_path: Path) -> None:
