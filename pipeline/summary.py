@@ -162,13 +162,14 @@ class Summary:
             f"in {short_duration(self.elapsed_s)} ({self.rows_per_s:.1f} rows/s)"
         ]
         cost = f" ≈ ${self.cost_usd:.4f}" if self.cost_usd is not None else ""
+        priced = self.model
         standard = self.standard_cost_usd
         if self.cost_usd is not None and standard is not None and standard - self.cost_usd > 5e-7:
             where = {"batch": "batch", "auto": "online and batch"}.get(self.engine, self.tier)
-            cost += f" at {where} prices (${standard:.4f} as standard online requests)"
+            priced += f" at {where} prices; ${standard:.4f} as standard online requests"
         lines.append(
             f"  tokens: {short_number(self.prompt_tokens)} prompt + {short_number(self.completion_tokens)} "
-            f"completion{cost} ({self.model}); retries: {self.retries} ({self.rate_limited} after 429"
+            f"completion{cost} ({priced}); retries: {self.retries} ({self.rate_limited} after 429"
             + (f", {self.unavailable} after flex had no capacity)" if self.unavailable else ")")
         )
         lines.extend(self._batch_lines())

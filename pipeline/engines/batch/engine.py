@@ -27,7 +27,7 @@ from pipeline.engines.batch.ledger import COLLECTED, PREPARED, SUBMITTED, Ledger
 from pipeline.engines.batch.poll import BatchProgress, refresh, wait_for_batches
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.batch.submit import SETTLE_SECONDS, Planner, counts_of, submit
-from pipeline.errors import Interrupted, LabelstreamError
+from pipeline.errors import BatchError, Interrupted, LabelstreamError
 from pipeline.options import RunOptions, resolve_credentials
 from pipeline.prepare import Prepared, RowGate, prepare_run
 from pipeline.prompt import Prompt
@@ -177,7 +177,14 @@ class _BatchRun:
             default = Outcome(None, "batch_failed", f"batch {batch.id} failed: {reason}")
         ended = batch.completed_at or batch.expired_at or batch.cancelled_at or batch.failed_at
         latency = max(0, ended - batch.created_at) * 1000.0 if ended else 0.0
-        rows = await asyncio.to_thread(lambda: list(read_rows(self.ledger.rows_path(sub.id))))
+        rows_path = self.ledger.rows_path(sub.id)
+        if not rows_path.exists():
+            raise BatchError(
+                f"{rows_path} is missing, so the results of batch {batch.id} cannot be joined to their rows. Restore "
+                f"it; or, to give up on those results and send the rows again, move {self.ledger.meta.batches_path} "
+                "aside."
+            )
+        rows = await asyncio.to_thread(lambda: list(read_rows(rows_path)))
         tally = await self.merger.merge(rows, outcomes, latency_ms=latency, only_answered=False, default=default)
         self.ledger.record(
             sub, state=COLLECTED, status=batch.status, counts=counts_of(batch), outcome=tally.as_dict(), errors=errors
