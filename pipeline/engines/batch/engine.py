@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ from openai.types import Batch
 
 from pipeline.engines.batch.api import BatchApi
 from pipeline.engines.batch.files import RequestFiles, read_rows
-from pipeline.engines.batch.ingest import Merger, Outcome, read_results
+from pipeline.engines.batch.ingest import Merger, Outcome, Tally, read_results
 from pipeline.engines.batch.ledger import COLLECTED, PREPARED, SUBMITTED, Ledger, Submission, new_submission_id
 from pipeline.engines.batch.poll import BatchProgress, refresh, wait_for_batches
 from pipeline.engines.batch.settings import BatchSettings
@@ -34,6 +35,8 @@ from pipeline.prompt import Prompt
 from pipeline.results import Failed
 from pipeline.stats import CallStats, RunStats
 from pipeline.summary import Summary
+
+_ROWS_AT_ONCE = 5000  # rows of a batch read and settled at a time
 
 
 class _BatchRun:
@@ -184,8 +187,12 @@ class _BatchRun:
                 f"it; or, to give up on those results and send the rows again, move {self.ledger.meta.batches_path} "
                 "aside."
             )
-        rows = await asyncio.to_thread(lambda: list(read_rows(rows_path)))
-        tally = await self.merger.merge(rows, outcomes, latency_ms=latency, only_answered=False, default=default)
+        # A few thousand rows at a time: a 50,000-row batch never sits in memory whole.
+        reader = read_rows(rows_path)
+        tally = Tally()
+        while rows := await asyncio.to_thread(lambda: list(itertools.islice(reader, _ROWS_AT_ONCE))):
+            part = await self.merger.merge(rows, outcomes, latency_ms=latency, only_answered=False, default=default)
+            tally.add(part)
         self.ledger.record(
             sub, state=COLLECTED, status=batch.status, counts=counts_of(batch), outcome=tally.as_dict(), errors=errors
         )

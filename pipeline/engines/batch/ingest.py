@@ -97,6 +97,13 @@ class Tally:
     unfinished: int = 0
     skipped: int = 0  # already in the sink: not appended again
 
+    def add(self, other: Tally) -> None:
+        """Count in another merge's tally."""
+        self.labeled += other.labeled
+        self.failed += other.failed
+        self.unfinished += other.unfinished
+        self.skipped += other.skipped
+
     def as_dict(self) -> dict[str, int]:
         """JSON form, as the ledger keeps it."""
         return {"labeled": self.labeled, "failed": self.failed, "unfinished": self.unfinished, "skipped": self.skipped}
