@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections import Counter
@@ -239,6 +240,42 @@ def test_batches_are_looked_for_only_where_they_were_sent(sim: Any, tmp_path: Pa
     with pytest.raises(BatchError, match=r"batches\.json aside"):
         label_batch(sim, source, out)
     assert ledger(out)["submissions"][0]["state"] == "submitted", "nothing is forgotten without the user's say"
+
+
+def test_a_create_that_gets_no_reply_is_looked_up_not_repeated(sim: Any, tmp_path: Path) -> None:
+    """A create that times out after the provider made the batch is found by its submission id: one batch."""
+    from pipeline.engines.batch.api import BatchApi  # noqa: PLC0415 - the engine's parts, driven directly
+    from pipeline.engines.batch.files import request_line  # noqa: PLC0415
+    from pipeline.engines.batch.ledger import Ledger, Submission  # noqa: PLC0415
+    from pipeline.engines.batch.submit import submit  # noqa: PLC0415
+    from pipeline.limits import RetryPolicy  # noqa: PLC0415
+    from pipeline.prompt import Prompt  # noqa: PLC0415
+    from pipeline.results import Row  # noqa: PLC0415
+    from pipeline.sinks import SinkMeta  # noqa: PLC0415
+
+    from .helpers import SENTIMENT  # noqa: PLC0415
+
+    sim.configure(create_reply_seconds=3, batch_seconds=3600)
+    book = Ledger(SinkMeta(tmp_path / "out.jsonl"))
+    book.ensure()
+    lines = b"".join(request_line(Prompt(SENTIMENT), Row(f"r{i}", f"text {i}", i), "gpt-4o-mini") for i in range(3))
+    book.requests_path("sub_t1").write_bytes(lines)
+    sub = Submission(id="sub_t1", model="gpt-4o-mini", requests=3, bytes=len(lines))
+    book.add(sub)
+
+    async def send() -> Any:
+        quick = RetryPolicy(max_attempts=3, base_wait=0.01, max_wait=0.02, timeout=0.5)
+        api = BatchApi(api_key="sk-test-key", base_url=sim.base_url, retry=quick)
+        try:
+            return await submit(api, book, sub, settle=0)
+        finally:
+            await api.aclose()
+
+    batch = asyncio.run(send())
+    made = sim.batch_summary()["batches"]
+    assert [b["id"] for b in made] == [batch.id], "the create was sent again"
+    assert (sub.state, sub.batch_id) == ("submitted", batch.id)
+    assert ledger(tmp_path / "out.jsonl")["submissions"][0]["state"] == "submitted"
 
 
 def test_cost_tiers_bill_batch_and_flex_at_half() -> None:

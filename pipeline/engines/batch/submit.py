@@ -106,7 +106,7 @@ async def submit(api: BatchApi, ledger: Ledger, sub: Submission, *, settle: floa
             if found is not None:
                 return _submitted(ledger, sub, found)
             if attempt >= _CREATE_ATTEMPTS:
-                ledger.record(sub, state=UPLOADED)
+                # Still `creating`: the next run looks for the batch again before it creates one.
                 raise BatchError(
                     f"could not create a batch at {api.where} ({exc}). Nothing is lost: re-run the same command."
                 ) from None
