@@ -210,6 +210,8 @@ class Summary:
                 f"  dead letters: {self.dead_letters}; to retry the {self.failed:,} failed rows, re-run: "
                 f"{self.resume_command}"
             )
+        elif self.unfinished:
+            lines.append(f"  to send the {self.unfinished:,} unprocessed rows again, re-run: {self.resume_command}")
         return "\n".join(lines)
 
     def _batch_lines(self) -> list[str]:

@@ -202,7 +202,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.dry_run:
         from pipeline.plan import dry_run  # noqa: PLC0415
 
-        tier: Tier = "batch" if args.engine == "batch" else "flex" if args.service_tier == "flex" else "standard"
+        tier: Tier = "batch" if args.engine != "online" else "flex" if args.service_tier == "flex" else "standard"
         print(dry_run(opts, tier=tier))
         return 0
     try:
