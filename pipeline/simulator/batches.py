@@ -214,6 +214,8 @@ class BatchStore:
             batch.output_file_id = self._files.add(f"{batch.id}_output.jsonl", "batch_output", output).id
         if errors:
             batch.error_file_id = self._files.add(f"{batch.id}_error.jsonl", "batch_output", errors).id
+        for item in batch.items:
+            item.body = b""  # in the files now: an ended batch keeps only its counts
 
     @staticmethod
     def _head(batch: _Batch, item: _Item) -> bytes:
