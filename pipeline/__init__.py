@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pipeline.config import TaskConfig, load_config
     from pipeline.errors import (
+        BatchError,
         ConfigError,
         FatalApiError,
         InputError,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from pipeline.summary import Summary
 
 _WHERE = {
+    "BatchError": "pipeline.errors",
     "ConfigError": "pipeline.errors",
     "FatalApiError": "pipeline.errors",
     "InputError": "pipeline.errors",
@@ -55,6 +57,7 @@ _WHERE = {
     "run_label": "pipeline.run",
 }
 __all__ = [
+    "BatchError",
     "ConfigError",
     "FatalApiError",
     "InputError",

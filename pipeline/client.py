@@ -31,8 +31,11 @@ _BAD_REQUEST_BREAKER = 20
 _JSON_HEADERS = {"Content-Type": "application/json"}
 # 429-answered attempts a row may take beyond its --max-retries before it is dead-lettered anyway.
 _RATE_LIMITED_CAP = 100
-# Failures that say "not like this" about the whole run rather than the row: retried at once, for free.
-_FREE_RETRIES = frozenset({"rate_limit", "held", "logprobs_refused"})
+# Failures that say "later" or "not like this" about the whole run rather than the row: no retry used up (a rate
+# limit, a gateway holding requests, flex out of capacity, an endpoint refusing logprobs).
+_FREE_RETRIES = frozenset({"rate_limit", "held", "resource_unavailable", "logprobs_refused"})
+# Of those, the ones the limiter already answered with a pause: no backoff on top.
+_PAUSED = frozenset({"rate_limit", "held", "logprobs_refused"})
 
 
 class _Attempt(Exception):  # noqa: N818 - internal signal, never leaves this module
@@ -58,8 +61,10 @@ class LabelClient:
         exact_tokens: bool = False,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        service_tier: str | None = None,
     ) -> None:
         self.prompt = prompt
+        self.service_tier = service_tier  # "flex": half price, slower, may answer 429 resource_unavailable
         self.limiter = limiter
         self.model = model
         self.retry = retry
@@ -115,7 +120,7 @@ class LabelClient:
                         failed_at=now_iso(),
                     )
                 self.stats.retries += 1
-                if failure.kind not in _FREE_RETRIES:  # after a 429 the limiter already pauses everyone
+                if failure.kind not in _PAUSED:  # after a 429 the limiter already pauses everyone
                     await self.sleep(self.retry.backoff(attempt, self.rng))
 
     async def _attempt(self, row: Row, estimate: int, attempt: int) -> Labeled:
@@ -131,7 +136,15 @@ class LabelClient:
                     response = await self._sdk.post(
                         "/chat/completions",
                         cast_to=httpx2.Response,
-                        content=orjson.dumps(request_body(self.prompt, row.text, self.model, logprobs=self.logprobs)),
+                        content=orjson.dumps(
+                            request_body(
+                                self.prompt,
+                                row.text,
+                                self.model,
+                                logprobs=self.logprobs,
+                                service_tier=self.service_tier,
+                            )
+                        ),
                         options={"headers": _JSON_HEADERS},
                     )
                     body = await response.aread()
@@ -199,6 +212,11 @@ class LabelClient:
                 status=status,
                 cause="quota",
             )
+        if status == 429 and error.code == "resource_unavailable":
+            # Flex has no capacity right now: back off and retry, but it is no rate limit, so the run's pace
+            # stays as it is (no pause, no smaller window, not counted as a 429 overload).
+            self.stats.unavailable += 1
+            return _Attempt("resource_unavailable", text, status=status)
         if meaning is Meaning.RATE_LIMIT:
             self.stats.rate_limited += 1
             failure = _Attempt("rate_limit", text, status=status)

@@ -7,6 +7,7 @@
     ├── SinkError           (2)      an output that cannot be resumed as it is
     │   └── SinkMismatchError (2)    resuming a sink made with another model, prompt or label set
     ├── FatalApiError       (2)      auth, permission, unknown model, no quota: every row would fail
+    ├── BatchError          (2)      the Batch API refused or failed a batch, or the endpoint has none
     ├── StorageError        (3)      the sink cannot be written (disk full, permissions); work so far is kept
     └── OverBudget          (4)      --max-cost: the estimate is over it (nothing sent), or the run stopped
                                      before passing it (finished rows saved; resumable)
@@ -57,6 +58,10 @@ class FatalApiError(LabelstreamError):
         super().__init__(message)
         self.status = status
         self.cause = cause  # "key", "model", "quota" or None: what to fix before resuming
+
+
+class BatchError(LabelstreamError):
+    """The Batch API refused or failed a batch (bad request file, no Batch API at this endpoint, ...)."""
 
 
 class StorageError(LabelstreamError):

@@ -61,6 +61,7 @@ class RunOptions:
     max_cost: float | None = None  # USD this run may spend (--max-cost): refused above it before, stopped during
     review_below: float | None = None  # write rows with a lower confidence to OUT.review.csv (--review-below)
     command: str | None = None  # how the user started this run, for the resume hint
+    service_tier: str | None = None  # "flex": online requests at batch prices, slower, sometimes refused
     progress_every: float = 1.0
 
     @classmethod

@@ -145,6 +145,8 @@ def _prepare(opts: RunOptions, source: CsvSource, sink: Sink, *, dry_run: bool) 
         "encoding": source.encoding,
         "delimiter": source.delimiter,
         "file": input_fingerprint(opts.input),
+        # The task file, so that `batch ingest` can validate results without being told again.
+        "config": str(Path(opts.config.source).resolve()) if Path(opts.config.source).is_file() else None,
     }
     if not dry_run:
         manifest.runs.append({"started_at": now_iso(), "model": opts.model})

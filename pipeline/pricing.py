@@ -15,10 +15,11 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from pipeline.errors import ConfigError
 
+Tier = Literal["standard", "batch", "flex"]
 TIERS: Final = ("standard", "batch", "flex")
 PRICES_ENV: Final = "LABELSTREAM_PRICES"
 DEFAULT_PRICES: Final = Path(__file__).resolve().parent.parent / "configs" / "prices.toml"

@@ -57,7 +57,7 @@ class Reporter:
         if self.concurrency is not None:
             in_flight, limit = self.concurrency()
             parts.append(f"in flight {in_flight}/{limit}")
-        parts.append(f"{short_number(s.calls.prompt_tokens + s.calls.completion_tokens)} tok")
+        parts.append(f"{short_number(s.prompt_tokens + s.completion_tokens)} tok")
         if s.cost is not None:
             parts.append(f"${s.cost:.4f}")
         return " | ".join(parts)

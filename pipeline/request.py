@@ -19,13 +19,15 @@ from pipeline.prompt import Prompt, ReplyError
 TOP_LOGPROBS_MAX = 20
 
 
-def request_body(prompt: Prompt, text: str, model: str, *, logprobs: bool = True) -> dict[str, Any]:
+def request_body(
+    prompt: Prompt, text: str, model: str, *, logprobs: bool = True, service_tier: str | None = None
+) -> dict[str, Any]:
     """The `/v1/chat/completions` body that labels `text`.
 
     The messages put the part every request shares (instructions, labels, examples) first and the row's
     text last, so providers' prompt caching serves the shared part. With `logprobs` the reply carries token
     probabilities, from which the label's confidence is read; endpoints that refuse them get requests
-    without (see `LabelClient`).
+    without (see `LabelClient`). `service_tier` (e.g. "flex") is sent only when given.
     """
     cfg = prompt.config
     body: dict[str, Any] = {
@@ -38,6 +40,8 @@ def request_body(prompt: Prompt, text: str, model: str, *, logprobs: bool = True
     if logprobs:
         body["logprobs"] = True
         body["top_logprobs"] = min(TOP_LOGPROBS_MAX, len(cfg.labels))
+    if service_tier is not None:
+        body["service_tier"] = service_tier
     return body
 
 

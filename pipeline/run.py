@@ -280,7 +280,9 @@ async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summa
             for note in prepared.notes:
                 print(f"labelstream: {note}", file=notice)
         price = check_before_start(opts, prepared, notice)
-        stats = RunStats(calls=CallStats(), model=opts.model)
+        stats = RunStats(
+            calls=CallStats(), model=opts.model, tier="flex" if opts.service_tier == "flex" else "standard"
+        )
         run = _Run(opts, prepared, stats)
         return await _execute(run, Prompt(opts.config), api_key, base_url, notice, price=price)
     finally:
@@ -308,6 +310,7 @@ async def _execute(
         retry=opts.retry,
         stats=stats.calls,
         exact_tokens=opts.exact_tokens,
+        service_tier=opts.service_tier,
     )
     if price is not None and opts.max_cost is not None:
         run.budget = Budget(opts.max_cost, price, client.tokens.prompt_tokens, opts.config.max_tokens)

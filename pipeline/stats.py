@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.pricing import cost_of
+from pipeline.pricing import Tier, cost_of
 from pipeline.results import now_iso
 
 
@@ -17,6 +17,7 @@ class CallStats:
 
     retries: int = 0
     rate_limited: int = 0
+    unavailable: int = 0  # flex: 429 resource_unavailable (retried with backoff; no rate limit)
     successes: int = 0
     bad_requests_in_a_row: int = 0
     prompt_tokens: int = 0
@@ -30,6 +31,7 @@ class RunStats:
 
     calls: CallStats
     model: str
+    tier: Tier = "standard"  # the price tier of the online calls (flex bills half)
     started: float = field(default_factory=time.monotonic)
     expected: int | None = None  # rows this run will finish (labeled or dead-lettered)
     expected_exact: bool = False  # False while `expected` is an estimate
@@ -42,6 +44,14 @@ class RunStats:
     failed: int = 0
     saved: int = 0
     truncated: int = 0
+    # The batch engine's counters: replies billed at batch prices, and where its rows stand.
+    batch_prompt_tokens: int = 0
+    batch_completion_tokens: int = 0
+    batches: int = 0  # batches this run created
+    submitted: int = 0  # rows this run sent to the Batch API
+    in_batches: int = 0  # rows skipped because a batch still running holds them
+    pending: int = 0  # rows in batches still running when the run ended
+    unfinished: int = 0  # rows whose batch ended without them (expired, cancelled): sent again next run
     duplicate_samples: list[str] = field(default_factory=list)
     conflict_samples: list[str] = field(default_factory=list)
     failures: dict[str, list[str]] = field(default_factory=dict)  # kind → up to 3 sample messages
@@ -78,10 +88,29 @@ class RunStats:
         return max(0.0, (self.expected - self.finished) / self.rate)
 
     @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens of every reply, online and batch."""
+        return self.calls.prompt_tokens + self.batch_prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        """Completion tokens of every reply, online and batch."""
+        return self.calls.completion_tokens + self.batch_completion_tokens
+
+    @property
     def cost(self) -> float | None:
-        """Estimated USD spent by this run, for models with a known price."""
+        """Estimated USD spent by this run (online calls at their tier, batch replies at batch prices)."""
         calls = self.calls
-        return cost_of(self.model, calls.prompt_tokens, calls.completion_tokens, cached_tokens=calls.cached_tokens)
+        online = cost_of(
+            self.model, calls.prompt_tokens, calls.completion_tokens, tier=self.tier, cached_tokens=calls.cached_tokens
+        )
+        batch = cost_of(self.model, self.batch_prompt_tokens, self.batch_completion_tokens, tier="batch")
+        return None if online is None or batch is None else online + batch
+
+    @property
+    def standard_cost(self) -> float | None:
+        """What the same tokens would have cost as standard online requests."""
+        return cost_of(self.model, self.prompt_tokens, self.completion_tokens, cached_tokens=self.calls.cached_tokens)
 
     def snapshot(self, state: str, **extra: Any) -> dict[str, Any]:
         """The progress-file document."""
@@ -102,8 +131,8 @@ class RunStats:
             "rate_limited": self.calls.rate_limited,
             "rows_per_s": round(self.rate, 2),
             "eta_s": None if self.eta is None else round(self.eta, 1),
-            "prompt_tokens": self.calls.prompt_tokens,
-            "completion_tokens": self.calls.completion_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
             "cached_tokens": self.calls.cached_tokens,
             "cost_usd": None if self.cost is None else round(self.cost, 6),
             **extra,

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.engines.batch.ledger import Ledger
 from pipeline.errors import SinkError, UsageError
 from pipeline.sinks import open_sink
 from pipeline.stats import short_duration
@@ -34,6 +35,8 @@ def sink_status(path: Path) -> dict[str, Any]:
     manifest = sink.meta.read_manifest()
     total = len(done) + len(pending)
     identity = manifest.identity if manifest else None
+    book = Ledger(sink.meta)
+    live = book.live
     return {
         "output": str(path),
         "labeled": len(done),
@@ -49,6 +52,7 @@ def sink_status(path: Path) -> dict[str, Any]:
         "labels": list(identity.labels) if identity else None,
         "runs": len(manifest.runs) if manifest else 0,
         "progress": progress,
+        "batches": {"total": len(book.submissions), "live": len(live), "live_rows": sum(s.requests for s in live)},
         "notes": sink.notes,
     }
 
@@ -68,6 +72,14 @@ def render_status(report: dict[str, Any]) -> str:
             f"  last run: {progress.get('state')} at {progress.get('updated_at')}, {progress.get('labeled')} labeled, "
             f"{progress.get('failed')} failed, {progress.get('rows_per_s')} rows/s{eta}"
         )
+    batches = report.get("batches") or {}
+    if batches.get("total"):
+        held = (
+            f"running batches hold {batches['live_rows']:,} rows (see labelstream batch status {report['output']})"
+            if batches["live"]
+            else "none running"
+        )
+        lines.append(f"  batches: {batches['total']}, {held}")
     for kind, count in sorted(report["failures_by_kind"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {kind}: {count:,}")
     for letter in report["recent_failures"]:

@@ -42,6 +42,15 @@ class Summary:
     error: str | None = None
     cached_tokens: int = 0
     max_cost: float | None = None
+    engine: str = "online"
+    tier: str = "standard"  # the online calls' price tier
+    standard_cost_usd: float | None = None  # the same tokens as standard online requests
+    batches: int = 0
+    submitted: int = 0
+    in_batches: int = 0
+    pending: int = 0
+    unfinished: int = 0
+    unavailable: int = 0  # flex: 429 resource_unavailable answers (retried; not rate limits)
 
     @classmethod
     def of(
@@ -53,6 +62,7 @@ class Summary:
         error: LabelstreamError | None,
         dead_letters: str,
         resume: str,
+        engine: str = "online",
     ) -> Summary:
         """Summarise a finished (or stopped) run from its counters."""
         return cls(
@@ -71,8 +81,8 @@ class Summary:
             retries=s.calls.retries,
             rate_limited=s.calls.rate_limited,
             elapsed_s=round(s.elapsed, 2),
-            prompt_tokens=s.calls.prompt_tokens,
-            completion_tokens=s.calls.completion_tokens,
+            prompt_tokens=s.prompt_tokens,
+            completion_tokens=s.completion_tokens,
             cost_usd=s.cost,
             model=s.model,
             resume_command=resume,
@@ -84,12 +94,21 @@ class Summary:
             error=error.message if error else None,
             cached_tokens=s.calls.cached_tokens,
             max_cost=opts.max_cost,
+            engine=engine,
+            tier=s.tier,
+            standard_cost_usd=s.standard_cost,
+            batches=s.batches,
+            submitted=s.submitted,
+            in_batches=s.in_batches,
+            pending=s.pending,
+            unfinished=s.unfinished,
+            unavailable=s.calls.unavailable,
         )
 
     @property
     def exit_code(self) -> int:
-        """0: all labeled; 1: some rows dead-lettered."""
-        return 1 if self.failed else 0
+        """0: all labeled (or, with --no-wait, sent); 1: some rows dead-lettered or back unprocessed."""
+        return 1 if self.failed or self.unfinished else 0
 
     @property
     def failure_rate(self) -> float:
@@ -132,12 +151,23 @@ class Summary:
             "failures": self.failures,
             "samples": self.samples,
             "error": self.error,
+            "engine": self.engine,
+            "tier": self.tier,
+            "standard_cost_usd": None if self.standard_cost_usd is None else round(self.standard_cost_usd, 6),
+            "batches": self.batches,
+            "submitted": self.submitted,
+            "in_batches": self.in_batches,
+            "pending": self.pending,
+            "unfinished": self.unfinished,
+            "unavailable": self.unavailable,
         }
 
     def render(self) -> str:
         """The human summary printed at the end of a run."""
         heads = {"done": "done", "interrupted": "interrupted", "failed": "stopped", "budget": "stopped at --max-cost"}
         head = heads.get(self.state, self.state)
+        if self.state == "done" and self.pending:
+            head = "submitted"
         lines = [
             f"labelstream {head}: {self.labeled:,} labeled, {self.failed:,} failed "
             f"({self.failure_rate:.1%}), {self.skipped_done:,} already in the sink, "
@@ -145,11 +175,18 @@ class Summary:
         ]
         cost = f" ≈ ${self.cost_usd:.4f}" if self.cost_usd is not None else ", no price in the price table"
         budget = f" of --max-cost ${self.max_cost:g}" if self.max_cost is not None and self.cost_usd is not None else ""
+        priced = self.model
+        standard = self.standard_cost_usd
+        if self.cost_usd is not None and standard is not None and standard - self.cost_usd > 5e-7:
+            where = {"batch": "batch", "auto": "online and batch"}.get(self.engine, self.tier)
+            priced += f" at {where} prices; ${standard:.4f} as standard online requests"
         lines.append(
             f"  tokens: {short_number(self.prompt_tokens)} prompt ({self.cache_hit_share:.0%} from the prompt cache) + "
-            f"{short_number(self.completion_tokens)} completion{cost}{budget} ({self.model}); "
-            f"retries: {self.retries} ({self.rate_limited} after 429)"
+            f"{short_number(self.completion_tokens)} completion{cost}{budget} ({priced}); "
+            f"retries: {self.retries} ({self.rate_limited} after 429"
+            + (f", {self.unavailable} after flex had no capacity)" if self.unavailable else ")")
         )
+        lines.extend(self._batch_lines())
         if self.duplicates:
             examples = ", ".join(self.duplicate_samples[:3])
             lines.append(f"  {self.duplicates:,} repeated ids skipped (each labeled once), e.g. {examples}")
@@ -177,9 +214,30 @@ class Summary:
             lines.append(f"  stopped because: {self.error}")
         if self.state != "done":
             lines.append(f"  resume with: {self.resume_command}")
+        elif self.pending:
+            lines.append(
+                f"  collect the results (and send what is left) with: {self.resume_command}\n"
+                f"  see how the batches are doing: labelstream batch status {self.output}"
+            )
         elif self.failed:
             lines.append(
                 f"  dead letters: {self.dead_letters}; to retry the {self.failed:,} failed rows, re-run: "
                 f"{self.resume_command}"
             )
+        elif self.unfinished:
+            lines.append(f"  to send the {self.unfinished:,} unprocessed rows again, re-run: {self.resume_command}")
         return "\n".join(lines)
+
+    def _batch_lines(self) -> list[str]:
+        if self.engine == "online":
+            return []
+        lines = [
+            f"  batches: {self.submitted:,} rows sent in {self.batches} new batches; {self.pending:,} rows still at "
+            f"the provider; {self.in_batches:,} rows skipped because a running batch holds them"
+        ]
+        if self.unfinished:
+            lines.append(
+                f"  {self.unfinished:,} rows came back unprocessed (their batch expired or was cancelled); "
+                "the next run sends them again"
+            )
+        return lines

@@ -1,6 +1,6 @@
 """Memory benchmark: peak RSS labeling 10k vs 1M rows, both sinks, against a zero-latency simulator.
 
-    python scripts/bench_memory.py [--big 1000000] [--small 10000] [--seed-cap-s 180]
+    python scripts/bench_memory.py [--big 1000000] [--small 10000] [--seed-cap-s 180] [--engine online|batch]
 
 labelstream's RSS should not grow with the input: the target is 1M-row peak ≤ 1.2× the 10k-row peak and
 < 250 MB. The seed design (read everything, one task per row, results in memory) runs on the same input
@@ -26,8 +26,10 @@ def main() -> None:
     parser.add_argument("--seed-cap-s", type=float, default=180.0)
     parser.add_argument("--sinks", default="jsonl,parquet")
     parser.add_argument("--seed-design", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--engine", choices=["online", "batch"], default="online", help="batch: via the Batch API")
     args = parser.parse_args()
-    print(f"# peak RSS, zero-latency simulator, --concurrency {args.concurrency}")
+    engine = ["--engine", "batch", "--poll-interval", "0.5"] if args.engine == "batch" else []
+    print(f"# peak RSS, zero-latency simulator, --concurrency {args.concurrency}, --engine {args.engine}")
     print("| design | sink | rows | elapsed s | rows/s | peak RSS MB | ÷ small run |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp, simulator("--latency-ms", "0") as base_url:
@@ -38,7 +40,7 @@ def main() -> None:
             for rows, source in inputs.items():
                 sim_reset(base_url)
                 out = work / f"out-{rows}.{sink}"
-                cmd = labelstream_cmd(source, out, base_url, "--concurrency", args.concurrency)
+                cmd = labelstream_cmd(source, out, base_url, "--concurrency", args.concurrency, *engine)
                 measured = run_child(cmd, timeout=rows * 0.01 + 600)
                 small_peak = small_peak or measured.peak_rss_mb
                 status = "" if measured.returncode == 0 else f" (exit {measured.returncode})"

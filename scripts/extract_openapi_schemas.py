@@ -26,6 +26,12 @@ ROOTS = (
     "#/components/schemas/ErrorResponse",
     "#/components/schemas/ListModelsResponse",
     "#/components/responses/TooManyRequests",
+    # The Files and Batch APIs the batch engine drives.
+    "#/components/schemas/OpenAIFile",
+    "#/components/schemas/DeleteFileResponse",
+    "#/components/schemas/Batch",
+    "#/components/schemas/ListBatchesResponse",
+    "#/components/schemas/CreateBatchRequest",
 )
 # Keywords that only document; validation never looks at them.
 ANNOTATIONS = frozenset({"description", "example", "examples", "x-oaiMeta", "x-oaiTypeLabel", "x-oaiExpandable"})

@@ -70,6 +70,44 @@ def label(
     return asyncio.run(run_label(opts, notice=notice or io.StringIO()))
 
 
+def label_batch(
+    sim: Any,
+    input_csv: Path,
+    output: Path,
+    *,
+    engine: str = "batch",
+    config: TaskConfig = SENTIMENT,
+    **options: Any,
+) -> Summary:
+    """Run the batch (or auto) engine in this process against the simulator; BatchSettings fields go in `options`."""
+    from pipeline.engines.batch.auto import run_auto  # noqa: PLC0415 - only these tests need the engines
+    from pipeline.engines.batch.engine import run_batch  # noqa: PLC0415
+    from pipeline.engines.batch.settings import BatchSettings  # noqa: PLC0415
+
+    names = set(BatchSettings.__dataclass_fields__)
+    settings = BatchSettings(**{"poll_seconds": 0.02, **{k: options.pop(k) for k in list(options) if k in names}})
+    notice = options.pop("notice", None)
+    opts = RunOptions.build(
+        input_csv,
+        output,
+        config,
+        limits=options.pop("limits", LimitSettings(concurrency=8)),
+        retry=options.pop("retry", FAST_RETRY),
+        base_url=sim.base_url,
+        api_key=options.pop("api_key", "sk-test-key"),
+        progress="off" if notice is None else "log",
+        **options,
+    )
+    run = run_auto if engine == "auto" else run_batch
+    return asyncio.run(run(opts, settings, notice=notice or io.StringIO()))
+
+
+def ledger(output: Path) -> dict[str, Any]:
+    """The batch engine's ledger beside a sink ({} before the first batch run)."""
+    path = output.with_name(output.name + ".meta") / "batches.json"
+    return dict(orjson.loads(path.read_bytes())) if path.exists() else {}
+
+
 def sink_ids(output: Path) -> list[str]:
     """Every id in a sink, in write order (repeats kept, so tests can see them)."""
     return [r["id"] for r in open_sink(output).iter_records(columns=["id"])]

@@ -89,7 +89,9 @@ def reaches(start: str) -> set[str]:
         ("pipeline.config", {"pipeline.source", "pipeline.sinks", "pipeline.client", "pipeline.run"}),
         ("pipeline.sinks", {"pipeline.client", "pipeline.limits", "pipeline.prepare", "pipeline.run", "pipeline.cli"}),
         ("pipeline.client", {"pipeline.sinks", "pipeline.prepare", "pipeline.run", "pipeline.cli"}),
-        ("pipeline.run", {"pipeline.cli", "pipeline.commands", "pipeline.simulator"}),
+        ("pipeline.run", {"pipeline.cli", "pipeline.commands", "pipeline.simulator", "pipeline.engines"}),
+        ("pipeline.engines", {"pipeline.cli", "pipeline.commands", "pipeline.simulator"}),
+        ("pipeline.engines.batch.ledger", {"pipeline.engines.batch.api", "pipeline.client", "pipeline.run"}),
         ("pipeline.commands", {"pipeline.cli"}),
     ],
 )

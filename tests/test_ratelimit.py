@@ -169,7 +169,7 @@ def test_without_any_rate_headers_429s_stay_rare(sim: Any, tmp_path: Path) -> No
 
 def test_the_http_pool_holds_more_than_a_thousand_requests(sim: Any, tmp_path: Path) -> None:
     """--concurrency 1100 under a high --rpm really has 1,100 requests in flight (the SDK's pool stopped at 1,000)."""
-    sim.configure(latency_ms=3000)
+    sim.configure(latency_ms=6000)  # long enough that the 1,100th request leaves before the first returns
     out = tmp_path / "out.jsonl"
     limits = LimitSettings(concurrency=1100, rpm=120_000)  # Little's law: the window jumps to the ceiling
     summary = label(sim, write_csv(tmp_path / "in.csv", reviews(1200)), out, limits=limits)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -13,7 +14,10 @@ from typing import Any
 from pipeline.commands.args import concurrency, count, parse_bool, positive_float, positive_int, seconds, share
 from pipeline.commands.signals import interrupt_on_term
 from pipeline.config import DEFAULT_MODEL
-from pipeline.errors import UsageError
+from pipeline.errors import LabelstreamError, UsageError
+
+FLEX_TIMEOUT = 900.0  # seconds: flex requests may wait in line for minutes
+MAX_BATCH_REQUESTS = 50_000
 
 
 def register(sub: Any) -> None:
@@ -50,7 +54,42 @@ def register(sub: Any) -> None:
         help="count tokens with the model's BPE under a TPM limit (pip install labelstream[tokens]; ~140 MB)",
     )
     pace.add_argument("--max-retries", type=count, default=5, help="retries per row before it is dead-lettered")
-    pace.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per request (default: 60)")
+    pace.add_argument("--timeout", type=positive_float, help="seconds per request (default: 60; 900 with flex)")
+
+    engine = label.add_argument_group("engine and price")
+    engine.add_argument(
+        "--engine",
+        choices=["online", "batch", "auto"],
+        default="online",
+        help="online (default): requests as you go. batch: the OpenAI Batch API, half price, results within "
+        "24 h. auto: the first --online-rows online to check the prompt, the rest as batches",
+    )
+    engine.add_argument(
+        "--service-tier",
+        choices=["flex"],
+        help="online requests with service_tier flex: batch prices, slower replies (timeout 15 min); a 429 "
+        "'resource_unavailable' is retried with backoff",
+    )
+    engine.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="batch/auto: return once the batches are sent; the same command later collects them",
+    )
+    engine.add_argument(
+        "--batch-size", type=positive_int, help="batch/auto: requests per batch (at most and default 50,000)"
+    )
+    engine.add_argument(
+        "--online-rows",
+        type=count,
+        default=100,
+        help="auto: rows labeled online first, to check the prompt and measure tokens (default: %(default)s)",
+    )
+    engine.add_argument(
+        "--poll-interval",
+        type=positive_float,
+        default=5.0,
+        help="batch/auto: seconds between looks at running batches at first; grows to 60 while nothing changes",
+    )
 
     scope = label.add_argument_group("what to label")
     scope.add_argument("--limit", type=positive_int, help="label at most N rows not yet in the sink")
@@ -131,7 +170,7 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
         checkpoint_rows=args.checkpoint_every,
         checkpoint_seconds=args.checkpoint_seconds,
         limits=limits,
-        retry=RetryPolicy(max_attempts=args.max_retries + 1, timeout=args.timeout),
+        retry=RetryPolicy(max_attempts=args.max_retries + 1, timeout=_timeout(args)),
         base_url=args.base_url,
         max_rows=max_rows,
         force=args.force,
@@ -143,6 +182,37 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
         max_cost=args.max_cost,
         review_below=args.review_below,
         command=_resume_command(argv, output),
+        service_tier=args.service_tier,
+    )
+
+
+def _timeout(args: argparse.Namespace) -> float:
+    """Seconds per request: --timeout, else 60, or 15 minutes for flex (its replies may queue that long)."""
+    if args.timeout is not None:
+        return float(args.timeout)
+    return FLEX_TIMEOUT if args.service_tier == "flex" else 60.0
+
+
+def _check_engine_flags(args: argparse.Namespace) -> None:
+    """Refuse engine flags that make no sense together, saying what to do instead."""
+    if args.engine == "online" and (args.no_wait or args.batch_size):
+        raise UsageError("--no-wait and --batch-size are for --engine batch or auto; add one of them.")
+    if args.engine == "batch" and args.service_tier:
+        raise UsageError("--service-tier applies to online requests; the Batch API has its own (half) price. Drop it.")
+    if args.batch_size and args.batch_size > MAX_BATCH_REQUESTS:
+        raise UsageError(f"--batch-size may be at most {MAX_BATCH_REQUESTS:,} (the Batch API's limit per batch).")
+
+
+def batch_settings(args: argparse.Namespace) -> Any:
+    """BatchSettings from the `label` flags."""
+    from pipeline.engines.batch.settings import BatchSettings  # noqa: PLC0415 - commands load what they need
+
+    return BatchSettings(
+        wait=not args.no_wait,
+        poll_seconds=args.poll_interval,
+        poll_max_seconds=max(60.0, args.poll_interval),
+        max_requests=args.batch_size or MAX_BATCH_REQUESTS,
+        online_rows=args.online_rows,
     )
 
 
@@ -150,21 +220,46 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Label (or, with --dry-run, plan) a run; the exit code of its summary."""
     import asyncio  # noqa: PLC0415 - commands load what they need
 
+    _check_engine_flags(args)
     opts = _run_options(args, argv)
     if args.dry_run:
         from pipeline.plan import dry_run  # noqa: PLC0415
 
         print(dry_run(opts))
         return 0
-    from pipeline.run import run_label  # noqa: PLC0415 - the SDK, aiohttp and the sink load here
-
     try:
-        summary = asyncio.run(run_label(opts))
+        summary = asyncio.run(_engine_run(args, opts))
     finally:
         interrupt_on_term()  # asyncio put SIGTERM back to its default (kill) when the run ended
     if not args.quiet or summary.exit_code:
         print(summary.render(), file=sys.stderr)
     return int(summary.exit_code)
+
+
+async def _engine_run(args: argparse.Namespace, opts: Any) -> Any:
+    """Run the engine --engine names; the SDK, aiohttp and the sink load here."""
+    if args.engine == "batch":
+        from pipeline.engines.batch.engine import run_batch  # noqa: PLC0415
+
+        return await run_batch(opts, batch_settings(args))
+    if args.engine == "auto":
+        from pipeline.engines.batch.auto import run_auto  # noqa: PLC0415
+
+        return await run_auto(opts, batch_settings(args))
+    from pipeline.engines.batch.ledger import Ledger  # noqa: PLC0415 - light: no SDK
+    from pipeline.run import run_label  # noqa: PLC0415
+    from pipeline.sinks import SinkMeta  # noqa: PLC0415
+
+    live = 0
+    with contextlib.suppress(LabelstreamError):  # a note only: a damaged ledger is the batch engine's to report
+        live = sum(sub.requests for sub in Ledger(SinkMeta(opts.output)).live)
+    if live and opts.progress != "off":
+        print(
+            f"labelstream: note: {live:,} rows of {opts.output} are in batches still running; labeling them online "
+            "too pays twice. `--engine batch` collects them.",
+            file=sys.stderr,
+        )
+    return await run_label(opts)
 
 
 def _resume_command(argv: Sequence[str], output: Path) -> str:

@@ -60,6 +60,22 @@ def register(sub: Any) -> None:
         default=0.0,
         help="with --gateway: hold a request over the limit this long before answering 429 (LiteLLM's retries)",
     )
+    sim.add_argument(
+        "--flex-unavailable-rate",
+        type=share,
+        default=0.0,
+        help="share of flex requests answered 429 resource_unavailable",
+    )
+    sim.add_argument(
+        "--batch-seconds", type=seconds, default=2.0, help="how long a batch takes from creation (default: 2)"
+    )
+    sim.add_argument("--batch-error-rate", type=share, default=0.0, help="share of batch requests that fail (500)")
+    sim.add_argument(
+        "--batch-window-seconds",
+        type=positive_float,
+        default=86_400.0,
+        help="the completion window: requests not done by then expire (default: 24 h)",
+    )
     sim.add_argument("--api-key", help="require this bearer key (default: accept any)")
     sim.add_argument("--models", help="comma-separated models to serve (default: any)")
     sim.set_defaults(handler=run)
@@ -86,6 +102,10 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             rate_headers=args.rate_headers,
             gateway=args.gateway,
             hold_seconds=args.hold_seconds,
+            flex_unavailable_rate=args.flex_unavailable_rate,
+            batch_seconds=args.batch_seconds,
+            batch_error_rate=args.batch_error_rate,
+            batch_window_seconds=args.batch_window_seconds,
             api_key=args.api_key,
             models=frozenset(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
         )

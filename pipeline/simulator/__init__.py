@@ -4,6 +4,9 @@ Endpoints:
     POST /v1/chat/completions   a deterministic label honouring `response_format`, with latency,
                                 sliding-window RPM/TPM limits (429 + retry-after) and faults
     GET  /v1/models             the model list
+    POST /v1/files              upload (multipart: file, purpose); GET /v1/files/{id}, GET .../content, DELETE
+    POST /v1/batches            a batch over an uploaded request file; GET /v1/batches (newest first, limit,
+                                after), GET /v1/batches/{id}, POST /v1/batches/{id}/cancel
     GET  /stats                 counters, window use, CPU time, events (`?events=0` leaves them out)
     POST /stats/reset           zero the counters
     GET|POST|DELETE /control/faults
@@ -11,7 +14,8 @@ Endpoints:
                                 {"faults": [{"kind": "status", "status": 429, "retry_after": 1, "count": 2},
                                             {"kind": "hang", "match": "row-7", "count": -1}]}
     GET|POST /control/config    change settings, e.g. {"rpm": 600, "latency_ms": 50}; resets the windows
-    POST /control/reset         back to the starting config, with no stats, faults or window use
+    POST /control/reset         back to the starting config, with no stats, faults, window use, files or batches
+    GET  /control/batches       submissions per custom_id (how often each went out in a batch), batches, files
 
 Replies: with a `json_schema` response_format, an instance of its schema (same text, same reply). An enum
 of the labels the system prompt describes ("- label: description") takes the label whose description and
@@ -30,6 +34,12 @@ refusal (a 200 whose reply is no usable label; `malformed_rate` draws from these
 count (default 1, -1 forever) and match (apply only if the last user message contains it); `status`
 takes status, message, code, type, retry_after, retry_after_ms, headers; hang, delay and slow_body take
 seconds; not_json takes content_type. Scripted faults come before the rate windows; random ones after.
+
+Batches (`batches.py`): each request of an accepted batch is answered at creation by the chat logic
+(scripted faults apply; `batch_error_rate` adds 500s) and finishes in shuffled order, evenly over
+`batch_seconds`; past `batch_window_seconds` a batch expires (unfinished requests listed with code
+`batch_expired`); a cancelled one keeps what finished. `service_tier: "flex"` is echoed in the reply, and
+`flex_unavailable_rate` refuses that share of flex requests with 429 `resource_unavailable`.
 
 Events in /stats are [seconds since start at arrival, status, fault kind or null]; status 0 means the
 simulator reset the connection, 499 that the client left before the reply.

@@ -74,6 +74,7 @@ def completion_body(
     cached_tokens: int = 0,
     reasoning_tokens: int = 0,
     logprobs: list[dict[str, Any]] | None = None,
+    service_tier: str = "default",
 ) -> bytes:
     """A `chat.completion` object as the real API sends it (`logprobs`: its `logprobs.content`, when asked)."""
     return orjson.dumps(
@@ -102,7 +103,7 @@ def completion_body(
                     "rejected_prediction_tokens": 0,
                 },
             },
-            "service_tier": "default",
+            "service_tier": service_tier,
             "system_fingerprint": _FINGERPRINT,
         }
     )

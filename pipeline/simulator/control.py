@@ -25,6 +25,7 @@ class Controllable(Protocol):
     def script(self, scripted: Iterable[Fault]) -> None: ...
     def configure(self, **changes: Any) -> SimulatorConfig: ...
     def reset(self) -> None: ...
+    def batch_summary(self) -> dict[str, Any]: ...
 
 
 def add_control_routes(router: web.UrlDispatcher, sim: Controllable) -> None:
@@ -68,6 +69,9 @@ def add_control_routes(router: web.UrlDispatcher, sim: Controllable) -> None:
         sim.reset()
         return _reply({"config": sim.config.to_json()})
 
+    async def get_batches(_request: web.Request) -> web.Response:
+        return _reply(sim.batch_summary())
+
     router.add_get("/stats", get_stats)
     router.add_post("/stats/reset", reset_stats)
     router.add_get("/control/faults", get_faults)
@@ -76,6 +80,7 @@ def add_control_routes(router: web.UrlDispatcher, sim: Controllable) -> None:
     router.add_get("/control/config", get_config)
     router.add_post("/control/config", post_config)
     router.add_post("/control/reset", post_reset)
+    router.add_get("/control/batches", get_batches)
 
 
 def _reply(value: Any, *, status: int = 200) -> web.Response:

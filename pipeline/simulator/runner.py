@@ -142,6 +142,10 @@ class SimulatorThread:
         """Change settings at runtime (resets the rate windows and the fault RNG); returns the new config."""
         return self._call(lambda sim: sim.configure(**changes))
 
+    def batch_summary(self) -> dict[str, Any]:
+        """Submissions per custom_id, every batch's state and the number of files, as `GET /control/batches`."""
+        return self._call(lambda sim: sim.batch_summary())
+
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Block until no chat request is under way; raises TimeoutError after `timeout` seconds."""
 

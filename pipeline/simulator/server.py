@@ -8,22 +8,15 @@ import os
 import random
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
+from pipeline.simulator.batches import BatchStore, add_batch_routes
 from pipeline.simulator.caching import PromptCache
-from pipeline.simulator.completion import (
-    SPOILERS,
-    BadParameterError,
-    completion_body,
-    completion_tokens,
-    read_messages,
-    spoil,
-    top_logprobs_asked,
-)
+from pipeline.simulator.chat import ChatRequest, Rejection, Responder
+from pipeline.simulator.completion import completion_tokens
 from pipeline.simulator.control import add_control_routes
 from pipeline.simulator.faults import (
     MALFORMED_KINDS,
@@ -36,13 +29,13 @@ from pipeline.simulator.faults import (
     slow_body,
     status_reply,
 )
+from pipeline.simulator.files import FileStore, add_file_routes
 from pipeline.simulator.gateway import gateway_middleware
 from pipeline.simulator.hosts import base_url_of, loopback_host
-from pipeline.simulator.http import BAD_JSON, check_auth, error_reply, json_reply
-from pipeline.simulator.judge import Judge, token_logprobs
+from pipeline.simulator.http import check_auth, error_reply, json_reply
+from pipeline.simulator.judge import Judge
 from pipeline.simulator.replies import LabelMaker
 from pipeline.simulator.settings import Exchange, SimulatorConfig, Stats
-from pipeline.simulator.tokens import TokenCounter
 from pipeline.simulator.windows import Clock, RateLimits
 
 DEFAULT_MODELS: Final = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano")
@@ -51,21 +44,12 @@ _RANDOM_HANG: Final = Fault("hang")
 _RANDOM_MALFORMED: Final = tuple(Fault(kind) for kind in MALFORMED_KINDS)
 # Faults after which the client still gets a complete, good reply.
 _HARMLESS: Final = frozenset({None, "hang", "delay", "slow_body"})
+_FLEX_BUSY: Final = (
+    "Resource unavailable: flex processing has no spare capacity right now. Retry later, or send the request "
+    "without service_tier 'flex'."
+)
 # Seconds a stopping server gives replies under way before cancelling them.
 _SHUTDOWN_GRACE: Final = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class _Chat:
-    """The parts of a chat completion request the simulator uses."""
-
-    model: str
-    prompt_tokens: int
-    text: str  # the last user message: labels and `match` faults key on it
-    response_format: Any
-    completion_budget: int | None  # max_completion_tokens or max_tokens
-    messages: list[Any]
-    top_logprobs: int | None  # None: no logprobs asked for
 
 
 class Simulator:
@@ -91,6 +75,9 @@ class Simulator:
         self._runner: web.AppRunner | None = None
         self._host = "127.0.0.1"
         self._port = 0
+        self._files = FileStore()
+        self._responder = Responder(self._labels, self._judge, self._cache, lambda: self._config)
+        self._batches = BatchStore(self._responder, self._script, self._files, lambda: self._config, clock)
         self._apply(self._initial)
 
     def _apply(self, config: SimulatorConfig) -> None:
@@ -104,10 +91,10 @@ class Simulator:
             headers=config.rate_headers,
         )
         self._auth = None if config.api_key is None else f"Bearer {config.api_key}"
-        self._tokens = TokenCounter(exact=config.tokenizer == "auto")
         self._fault_rng = random.Random(config.seed)
         # A separate stream, so turning jitter on does not change which requests fail.
         self._jitter_rng = random.Random(config.seed + 1)
+        self._flex_rng = random.Random(config.seed + 2)
         self._fault_rate = config.error_rate + config.hang_rate + config.malformed_rate
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -118,6 +105,8 @@ class Simulator:
         route = app.router
         route.add_post("/v1/chat/completions", self._chat)
         route.add_get("/v1/models", self._models)
+        add_file_routes(route, self._files, self)
+        add_batch_routes(route, self._batches, self)
         add_control_routes(route, self)
         route.add_route("*", "/{tail:.*}", self._not_found)
         # handler_cancellation: a client that goes away cancels its handler, which ends hangs and drops.
@@ -188,11 +177,33 @@ class Simulator:
         self._stats.clear()
 
     def reset(self) -> None:
-        """Back to the starting config, with no stats, scripted faults or rate-window use."""
+        """Back to the starting config, with no stats, scripted faults, rate-window use, files or batches."""
         self._apply(self._initial)
         self._script.clear()
         self._stats.clear()
         self._cache.clear()
+        self._files.clear()
+        self._batches.clear()
+
+    def batch_summary(self) -> dict[str, Any]:
+        """Submissions per custom_id, every batch's state and the number of files (`GET /control/batches`)."""
+        return self._batches.summary()
+
+    # --- what the Files and Batch routes ask of the server ----------------------------------------
+
+    def admit(self, request: web.Request) -> tuple[dict[str, str], web.Response | None]:
+        """Headers with a request id, and the 401 to send instead when the key is wrong."""
+        headers = self._request_id(next(self._ids))
+        return headers, check_auth(self._auth, request, headers, None)
+
+    def reply_hold(self, name: str) -> float:
+        """Seconds to hold a reply of `name` (upload, create, content) after doing its work."""
+        return float(getattr(self._config, f"{name}_reply_seconds"))
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set once the server stops."""
+        return self._stopping
 
     async def wait_idle(self) -> None:
         """Return once no chat request is under way (e.g. after clients gave up on hangs)."""
@@ -218,7 +229,7 @@ class Simulator:
                 self._idle.set()
             stats.record(ex)
 
-    async def _parse(self, request: web.Request, ex: Exchange, headers: dict[str, str]) -> _Chat | web.Response:
+    async def _parse(self, request: web.Request, ex: Exchange, headers: dict[str, str]) -> ChatRequest | web.Response:
         """The request's parts, or the 401/400/404 the real API would send instead."""
         if (refused := check_auth(self._auth, request, headers, ex)) is not None:
             return refused
@@ -226,29 +237,10 @@ class Simulator:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
             body = None
-        if not isinstance(body, dict):
-            return error_reply(ex, 400, BAD_JSON, headers=headers)
-        model, messages = body.get("model"), body.get("messages")
-        if not isinstance(model, str) or not model:
-            return error_reply(ex, 400, "you must provide a model parameter", headers=headers)
-        read = read_messages(messages) if isinstance(messages, list) and messages else None
-        if read is None:
-            message = "Invalid 'messages': expected a non-empty array of messages with text content."
-            return error_reply(ex, 400, message, code="invalid_type", param="messages", headers=headers)
-        if self._config.models is not None and model not in self._config.models:
-            message = f"The model `{model}` does not exist or you do not have access to it."
-            return error_reply(ex, 404, message, code="model_not_found", headers=headers)
-        if body.get("stream"):
-            message = "The simulator does not support stream=true; leave stream unset."
-            return error_reply(ex, 400, message, code="unsupported_value", param="stream", headers=headers)
-        try:
-            top = top_logprobs_asked(body, self._config.logprobs)
-        except BadParameterError as bad:
-            return error_reply(ex, 400, bad.message, code=bad.code, param=bad.param, headers=headers)
-        budget = body.get("max_completion_tokens") or body.get("max_tokens")
-        budget = budget if isinstance(budget, int) else None
-        prompt_tokens = self._tokens.prompt_tokens(model, read[0])
-        return _Chat(model, prompt_tokens, read[1], body.get("response_format"), budget, messages or [], top)
+        chat = self._responder.parse(body)
+        if isinstance(chat, Rejection):
+            return error_reply(ex, chat.status, chat.message, code=chat.code, param=chat.param, headers=headers)
+        return chat
 
     async def _complete(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         n = next(self._ids)
@@ -256,20 +248,20 @@ class Simulator:
         chat = await self._parse(request, ex, headers)
         if isinstance(chat, web.Response):
             return chat
-        model, prompt_tokens, text, response_format = chat.model, chat.prompt_tokens, chat.text, chat.response_format
-        scores = self._judge.scores(chat.messages)
-        content: str | None
-        content, choices = self._labels.answer(response_format, text, scores=scores)
+        made = self._responder.content(chat)
 
         # Scripted faults come before the rate windows, so that a test's script plays out exactly.
-        fault = self._script.take(text)
+        fault = self._script.take(chat.text)
         if fault is None:
             budget = chat.completion_budget
-            cost = prompt_tokens + (budget if budget is not None else completion_tokens(content))
+            cost = chat.prompt_tokens + (budget if budget is not None else completion_tokens(made[0]))
             if (refusal := self._limits.spend(cost, headers)) is not None:
                 self._stats.rate_limited[refusal.dimension] += 1
-                message = refusal.message(model)
+                message = refusal.message(chat.model)
                 return error_reply(ex, 429, message, refusal.dimension, code="rate_limit_exceeded", headers=headers)
+            if chat.service_tier == "flex" and self._flex_rng.random() < self._config.flex_unavailable_rate:
+                # Flex has no spare capacity: a 429 that is no rate limit (no window was exceeded).
+                return error_reply(ex, 429, _FLEX_BUSY, code="resource_unavailable", headers=headers)
             if self._fault_rate:
                 fault = self._random_fault()
 
@@ -290,27 +282,7 @@ class Simulator:
         ex.status = 200
         if fault is not None and kind == "not_json":
             return web.Response(body=NOT_JSON_BODY, headers={**headers, "Content-Type": fault.content_type})
-        finish, refusal_text = "stop", None
-        if kind == "label_outside":
-            content = self._labels.content(response_format, text, outside=True)
-        elif kind in SPOILERS:
-            content, finish, refusal_text = spoil(kind, content or "")
-        completion = completion_tokens(content)
-        budget, reasoning = chat.completion_budget, self._config.reasoning_tokens
-        reasoning = min(reasoning, max(0, budget - completion)) if budget is not None else reasoning
-        top = chat.top_logprobs if self._config.logprobs == "full" and content else None
-        payload = completion_body(
-            f"chatcmpl-{self._id_prefix}{n:021x}",
-            model,
-            content,
-            finish_reason=finish,
-            refusal=refusal_text,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion + reasoning,
-            cached_tokens=self._cache.cached_tokens(model, chat.messages),
-            reasoning_tokens=reasoning,
-            logprobs=None if top is None else token_logprobs(content or "", choices, top),
-        )
+        payload, completion = self._responder.answer(chat, f"chatcmpl-{self._id_prefix}{n:021x}", kind, made)
         if kind == "close_after_headers":
             return await close_after_headers(request, self._stopping, payload, headers)
         response: web.StreamResponse
@@ -321,7 +293,7 @@ class Simulator:
             response = web.Response(body=payload, content_type="application/json", headers=headers)
         # Only replies that were sent whole count as completed and add to the token totals.
         ex.ok = kind in _HARMLESS
-        ex.prompt_tokens, ex.completion_tokens = prompt_tokens, completion + reasoning
+        ex.prompt_tokens, ex.completion_tokens = chat.prompt_tokens, completion
         return response
 
     def _random_fault(self) -> Fault | None:

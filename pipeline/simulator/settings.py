@@ -35,6 +35,14 @@ class SimulatorConfig:
         headers, gateway-shaped errors, and over-limit requests held up to `hold_seconds` before a 429.
     rate_headers: "full" (x-ratelimit-* on every reply, retry-after on 429s), "retry-after" (only that, on
         429s) or "none" (a bare 429), to imitate providers and gateways that say less.
+    flex_unavailable_rate: share of `service_tier: "flex"` requests answered 429 `resource_unavailable`.
+    batch_seconds: how long a batch takes from creation to its last request (requests finish evenly over it;
+        read at every look, so lowering it lets batches already running finish at once).
+    batch_error_rate: share of batch requests answered with an error (500) in the error file.
+    batch_window_seconds: the completion window ("24h"); requests not done by then expire (`batch_expired`).
+    batch_cancel_seconds: how long a cancelled batch stays `cancelling`.
+    upload_reply_seconds, create_reply_seconds, content_reply_seconds: hold the reply of a file upload, a
+        batch creation or a file download this long after the work is done (crash tests kill clients there).
     """
 
     latency_ms: float = 200.0
@@ -56,6 +64,14 @@ class SimulatorConfig:
     hold_seconds: float = 0.0
     logprobs: str = "full"
     reasoning_tokens: int = 0
+    flex_unavailable_rate: float = 0.0
+    batch_seconds: float = 2.0
+    batch_error_rate: float = 0.0
+    batch_window_seconds: float = 86_400.0
+    batch_cancel_seconds: float = 0.0
+    upload_reply_seconds: float = 0.0
+    create_reply_seconds: float = 0.0
+    content_reply_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rate_headers not in RATE_HEADERS:
@@ -68,7 +84,7 @@ class SimulatorConfig:
             raise ValueError(f"quantum must lie in 0..60 seconds, got {self.quantum}")
         if self.window_seconds <= 0:
             raise ValueError(f"window_seconds must be positive, got {self.window_seconds}")
-        for name in ("latency_ms", "latency_jitter_ms", "hang_seconds"):
+        for name in _SECONDS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("rpm", "tpm"):
@@ -81,6 +97,11 @@ class SimulatorConfig:
         rates = (self.error_rate, self.hang_rate, self.malformed_rate)
         if any(not 0.0 <= rate <= 1.0 for rate in rates) or sum(rates) > 1.0:
             raise ValueError(f"error, hang and malformed rates must lie in 0..1 and sum to at most 1, got {rates}")
+        for name in ("flex_unavailable_rate", "batch_error_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in 0..1, got {getattr(self, name)}")
+        if self.batch_window_seconds <= 0:
+            raise ValueError(f"batch_window_seconds must be positive, got {self.batch_window_seconds}")
 
     def replace(self, **changes: Any) -> SimulatorConfig:
         """A copy with `changes` applied, type-checked as JSON from `/control/config` (models may be a list)."""
@@ -102,6 +123,16 @@ class SimulatorConfig:
         return out
 
 
+_SECONDS: Final = (
+    "latency_ms",
+    "latency_jitter_ms",
+    "hang_seconds",
+    "batch_seconds",
+    "batch_cancel_seconds",
+    "upload_reply_seconds",
+    "create_reply_seconds",
+    "content_reply_seconds",
+)
 _NUMBER = (int, float)
 _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "latency_ms": _NUMBER,
@@ -123,6 +154,14 @@ _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "hold_seconds": _NUMBER,
     "logprobs": (str,),
     "reasoning_tokens": (int,),
+    "flex_unavailable_rate": _NUMBER,
+    "batch_seconds": _NUMBER,
+    "batch_error_rate": _NUMBER,
+    "batch_window_seconds": _NUMBER,
+    "batch_cancel_seconds": _NUMBER,
+    "upload_reply_seconds": _NUMBER,
+    "create_reply_seconds": _NUMBER,
+    "content_reply_seconds": _NUMBER,
 }
 
 

@@ -18,16 +18,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def replace_atomically(path: Path, data: bytes, tmp_dir: Path) -> None:
+def replace_atomically(path: Path, data: bytes, tmp_dir: Path, *, durable: bool = False) -> None:
     """Replace `path` with `data` so that a reader (or a crash) sees the old file or the new one, never half.
 
-    The temporary file lives in `tmp_dir`, which must be on the same filesystem as `path`.
+    The temporary file lives in `tmp_dir`, which must be on the same filesystem as `path`. `durable` also
+    syncs the data and the rename, so that the new file survives a power cut once this returns.
     """
     tmp = tmp_dir / f".{path.name}.{os.getpid()}.tmp"
     try:
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         tmp.replace(path)
+        if durable:
+            fsync_dir(path.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -1,4 +1,5 @@
-"""The side files of a sink, kept in `OUT.meta/` beside it: manifest, dead letters, progress, lock, temp parts.
+"""The side files of a sink, kept in `OUT.meta/` beside it: manifest, dead letters, progress, lock, temp parts,
+and the batch engine's ledger (`batches.json`) with its request and row files (`batches/`).
 
 They live outside the sink itself because readers of a Parquet dataset directory (polars, duckdb) fail on
 any file in it that is not a complete part; a JSONL sink keeps the same layout for one rule everywhere.
@@ -133,6 +134,8 @@ class SinkMeta:
         self.dead_letters_path = self.dir / "dead_letters.jsonl"
         self.progress_path = self.dir / "progress.json"
         self.tmp_dir = self.dir / "tmp"
+        self.batches_path = self.dir / "batches.json"  # the batch engine's ledger: files and batches it made
+        self.batches_dir = self.dir / "batches"  # its request files and the rows each batch holds
         self._lock: IO[bytes] | None = None
         self._dead_letters = Appender(self.dead_letters_path)
 
@@ -213,9 +216,10 @@ class SinkMeta:
         """Write the manifest atomically."""
         self.write_json_atomic(self.manifest_path, manifest.to_json())
 
-    def write_json_atomic(self, path: Path, data: Mapping[str, Any]) -> None:
-        """Replace `path` with `data` as JSON so that readers never see half a file."""
-        replace_atomically(path, orjson.dumps(data, option=orjson.OPT_INDENT_2), self.tmp_dir)
+    def write_json_atomic(self, path: Path, data: Mapping[str, Any], *, durable: bool = False) -> None:
+        """Replace `path` with `data` as JSON so that readers never see half a file (`durable`: synced to disk
+        before this returns, for records a later step depends on)."""
+        replace_atomically(path, orjson.dumps(data, option=orjson.OPT_INDENT_2), self.tmp_dir, durable=durable)
 
     def append_dead_letters(self, data: bytes) -> None:
         """Append encoded dead letters durably (blocking: call it on the sink's I/O thread)."""

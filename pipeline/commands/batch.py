@@ -1,0 +1,214 @@
+"""`labelstream batch prepare|ingest|status|cancel`: request files for other runners, their results merged back,
+and a sink's Batch API batches looked at or cancelled."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.commands.args import positive_int
+from pipeline.errors import UsageError
+
+_MAX_BATCH = 50_000
+
+
+def register(sub: Any) -> None:
+    """Add the `batch` subcommand and its four actions."""
+    batch = sub.add_parser("batch", help="Batch API batches: prepare request files, ingest results, status, cancel")
+    actions = batch.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    prepare = actions.add_parser("prepare", help="write batch request files for the rows still to label")
+    _task_arguments(prepare, required=True)
+    prepare.add_argument("--to", type=Path, required=True, help="folder for requests-0001.jsonl, ...")
+    prepare.add_argument("--output", type=Path, help="sink whose rows (and running batches) to leave out")
+    prepare.add_argument("--batch-size", type=positive_int, help="requests per file (at most and default 50,000)")
+    prepare.add_argument("--limit", type=positive_int, help="write at most N rows")
+    prepare.set_defaults(handler=run_prepare)
+
+    ingest = actions.add_parser("ingest", help="merge result files from a batch runner into a sink, once per row")
+    ingest.add_argument("output", type=Path, help="the sink (OUT.jsonl or OUT.parquet)")
+    ingest.add_argument("results", type=Path, nargs="+", help="result files (OpenAI batch output or vLLM run_batch)")
+    _task_arguments(ingest, required=False)
+    ingest.add_argument("--force", action="store_true", help="merge into a sink made with another model/prompt")
+    ingest.set_defaults(handler=run_ingest)
+
+    status = actions.add_parser("status", help="a sink's batches, as recorded and as the provider sees them")
+    status.add_argument("output", type=Path)
+    status.add_argument("--base-url", help="endpoint (default: $OPENAI_BASE_URL or OpenAI)")
+    status.add_argument("--offline", action="store_true", help="show the record only; ask the provider nothing")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=run_status)
+
+    cancel = actions.add_parser("cancel", help="cancel a sink's running batches (finished results are kept)")
+    cancel.add_argument("output", type=Path)
+    cancel.add_argument("--base-url", help="endpoint (default: $OPENAI_BASE_URL or OpenAI)")
+    cancel.set_defaults(handler=run_cancel)
+
+
+def _task_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    where = "" if required else " (default: what the sink's last run used)"
+    parser.add_argument("--input", "--input_csv", dest="input", type=Path, required=required, help=f"the CSV{where}")
+    parser.add_argument("--config", type=Path, required=required, help=f"task file{where}")
+    parser.add_argument("--model", help="model name" + (where or " (default: the task file's)"))
+    parser.add_argument("--text-column", help="override the config's text column")
+    parser.add_argument("--id-column", help="override the config's id column ('' = content hashes)")
+    parser.add_argument("--encoding", default="utf-8", help="input encoding (default: utf-8)")
+    parser.add_argument("--delimiter", help="field delimiter (default: guessed from the header)")
+
+
+def _options(args: argparse.Namespace, output: Path, **extra: Any) -> Any:
+    from pipeline.config import load_config  # noqa: PLC0415 - commands load what they need
+    from pipeline.options import RunOptions  # noqa: PLC0415
+
+    config = load_config(args.config).with_overrides(
+        model=args.model, text_column=args.text_column, id_column=args.id_column
+    )
+    return RunOptions.build(
+        args.input,
+        output,
+        config,
+        encoding=args.encoding,
+        delimiter=args.delimiter,
+        require_id_column=bool(args.id_column),
+        progress="off",
+        **extra,
+    )
+
+
+def run_prepare(args: argparse.Namespace, _argv: Sequence[str]) -> int:
+    """Write request files; print what to run next."""
+    from pipeline.engines.batch.offline import prepare_requests  # noqa: PLC0415
+    from pipeline.engines.batch.settings import BatchSettings  # noqa: PLC0415
+
+    if args.batch_size and args.batch_size > _MAX_BATCH:
+        raise UsageError(f"--batch-size may be at most {_MAX_BATCH:,} (the Batch API's limit per file).")
+    output = args.output or args.input.with_suffix(".labels.jsonl")
+    opts = _options(args, output, max_rows=args.limit)
+    done = prepare_requests(opts, args.to, BatchSettings(max_requests=args.batch_size or _MAX_BATCH))
+    print(
+        f"wrote {done.rows:,} requests in {len(done.files)} files to {args.to}; left out {done.skipped_done:,} rows "
+        f"already in {output}, {done.in_batches:,} in its running batches, {done.repeats:,} repeated ids and "
+        f"{done.problems:,} unusable rows"
+    )
+    if done.files:
+        first = done.files[0].path
+        results = first.with_name("results-0001.jsonl")
+        ingest = " ".join(
+            [
+                shlex.join(["labelstream", "batch", "ingest", str(output)]),
+                f"{shlex.quote(str(args.to))}/results-*.jsonl",  # the shell expands the glob
+                shlex.join(["--input", str(args.input), "--config", str(args.config), "--model", opts.model]),
+            ]
+        )
+        print(
+            "run each file, e.g. with vLLM:\n"
+            f"  python -m vllm.entrypoints.openai.run_batch -i {shlex.quote(str(first))} -o "
+            f"{shlex.quote(str(results))} --model {shlex.quote(opts.model)}\n"
+            f"then merge the results:\n  {ingest}"
+        )
+    return 0
+
+
+def run_ingest(args: argparse.Namespace, _argv: Sequence[str]) -> int:
+    """Merge result files into a sink."""
+    import asyncio  # noqa: PLC0415
+
+    from pipeline.engines.batch.offline import ingest_results  # noqa: PLC0415
+
+    _defaults_from_sink(args)
+    opts = _options(args, args.output, force=args.force)
+    done = asyncio.run(ingest_results(opts, list(args.results)))
+    print(
+        f"{args.output}: {done.labeled:,} rows labeled, {done.failed:,} failed (dead-lettered), {done.skipped:,} "
+        f"already in the sink (skipped), {done.unknown:,} results for ids not in {args.input}, "
+        f"{done.unreadable:,} unreadable lines, {done.repeated:,} repeated results"
+    )
+    if done.failures:
+        kinds = ", ".join(f"{kind} ×{n}" for kind, n in sorted(done.failures.items(), key=lambda kv: -kv[1]))
+        print(f"  failures: {kinds}; details in {done.dead_letters}", file=sys.stderr)
+    return done.exit_code
+
+
+def _defaults_from_sink(args: argparse.Namespace) -> None:
+    """Fill --input, --config and --model from the sink's manifest when they were not given."""
+    from pipeline.sinks import SinkMeta  # noqa: PLC0415
+
+    manifest = SinkMeta(args.output).read_manifest() if args.input is None or args.config is None else None
+    recorded = manifest.input if manifest is not None else {}
+    if args.input is None:
+        where = recorded.get("file", {}).get("path") if isinstance(recorded.get("file"), dict) else None
+        args.input = Path(where) if where else None
+    if args.config is None and recorded.get("config"):
+        args.config = Path(recorded["config"])
+    if args.model is None and manifest is not None and manifest.model:
+        args.model = manifest.model
+    if args.input is None or args.config is None:
+        raise UsageError(
+            f"{args.output} does not say which input and task file made it; pass --input IN.csv and --config "
+            "TASK.toml (the ones given to `batch prepare`)."
+        )
+
+
+def _api(base_url: str | None) -> Any:
+    from pipeline.engines.batch.api import BatchApi  # noqa: PLC0415
+    from pipeline.options import resolve_credentials  # noqa: PLC0415
+
+    try:
+        key, url = resolve_credentials(None, base_url)
+    except UsageError as exc:
+        raise UsageError(
+            f"{exc.message} (`batch status --offline` shows what the sink recorded without a key)"
+        ) from None
+    return BatchApi(api_key=key, base_url=url)
+
+
+def run_status(args: argparse.Namespace, _argv: Sequence[str]) -> int:
+    """Show a sink's batches."""
+    import asyncio  # noqa: PLC0415
+
+    import orjson  # noqa: PLC0415
+
+    from pipeline.engines.batch.manage import batch_status, render_batch_status  # noqa: PLC0415
+
+    async def look() -> dict[str, Any]:
+        if args.offline:
+            return await batch_status(args.output, None)
+        api = _api(args.base_url)
+        try:
+            return await batch_status(args.output, api)
+        finally:
+            await api.aclose()
+
+    report = asyncio.run(look())
+    if args.json:
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(render_batch_status(report))
+    return 0
+
+
+def run_cancel(args: argparse.Namespace, _argv: Sequence[str]) -> int:
+    """Cancel a sink's running batches."""
+    import asyncio  # noqa: PLC0415
+
+    from pipeline.engines.batch.manage import cancel_batches  # noqa: PLC0415
+
+    async def cancel() -> list[tuple[str, str]]:
+        api = _api(args.base_url)
+        try:
+            return await cancel_batches(args.output, api)
+        finally:
+            await api.aclose()
+
+    cancelled = asyncio.run(cancel())
+    if not cancelled:
+        print(f"{args.output}: no running batches")
+    for batch_id, status in cancelled:
+        print(f"{batch_id}: {status}")
+    if cancelled:
+        print("what they finished is kept: the next `labelstream label` run collects it (and sends the rest again)")
+    return 0

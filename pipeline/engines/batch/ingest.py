@@ -1,0 +1,203 @@
+"""Results back into the sink: every line of an output or error file, OpenAI's or vLLM `run_batch`'s, is
+validated exactly like an online reply (`request.read_reply`), joined to its row by `custom_id` alone (lines
+come in any order), and appended at most once: a row already in the sink is skipped and counted.
+
+A result line is `{"custom_id": ..., "response": {"status_code": ..., "body": ...} | null, "error": ... | null}`.
+A 200 body is a chat completion; another status, or an `error` (an object with code and message, or
+vLLM's plain string), fails the row. Code `batch_expired` (and `batch_cancelled`) means the request never ran:
+the row is not failed but unfinished, and the next run sends it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from pipeline.idset import IdSet
+from pipeline.prompt import Prompt, ReplyError
+from pipeline.request import Reply, read_reply
+from pipeline.results import Failed, Labeled, Row, now_iso, sha_tag
+from pipeline.sinks import Sink
+from pipeline.stats import RunStats
+
+UNFINISHED_CODES: Final = frozenset({"batch_expired", "batch_cancelled"})
+_APPEND_EVERY: Final = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one result line says about its row: a usable reply, or why there is none."""
+
+    reply: Reply | None
+    kind: str = ""
+    message: str = ""
+    status: int | None = None
+    unfinished: bool = False  # the request never ran (its batch expired or was cancelled)
+
+
+def read_result(prompt: Prompt, line: bytes) -> tuple[str, Outcome] | None:
+    """The custom_id of a result line and its outcome; None for a line that names no custom_id."""
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    custom_id = data.get("custom_id") if isinstance(data, dict) else None
+    if not isinstance(custom_id, str) or not custom_id:
+        return None
+    error, response = data.get("error"), data.get("response")
+    if error:
+        code, message = _error_parts(error)
+        if code in UNFINISHED_CODES:
+            return custom_id, Outcome(None, code or "", message, unfinished=True)
+        if not isinstance(response, dict) or response.get("status_code") in (None, 200):
+            return custom_id, Outcome(None, code or "batch_error", message)
+    if not isinstance(response, dict):
+        return custom_id, Outcome(None, "malformed", "the result line has neither a response nor an error")
+    status, body = response.get("status_code"), response.get("body")
+    if status != 200:
+        code, message = _error_parts(body.get("error") if isinstance(body, dict) else error)
+        status = status if isinstance(status, int) else None
+        text = f"HTTP {status} {code or ''}: {message}".replace("  ", " ")
+        return custom_id, Outcome(None, _status_kind(status), text, status=status)
+    try:
+        return custom_id, Outcome(read_reply(prompt, body if isinstance(body, dict) else {}), status=200)
+    except ReplyError as exc:
+        return custom_id, Outcome(None, exc.kind, exc.message, status=200)
+
+
+def read_results(prompt: Prompt, paths: Iterable[Path], into: dict[str, Outcome]) -> tuple[int, int]:
+    """Add the outcomes of every line of `paths` to `into` (the first line for an id wins);
+    returns (lines that name no custom_id, repeated ids)."""
+    unreadable = repeated = 0
+    for path in paths:
+        with path.open("rb") as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                found = read_result(prompt, line)
+                if found is None:
+                    unreadable += 1
+                elif found[0] in into:
+                    repeated += 1
+                else:
+                    into[found[0]] = found[1]
+    return unreadable, repeated
+
+
+@dataclass(slots=True)
+class Tally:
+    """What a merge did with the rows it was given."""
+
+    labeled: int = 0
+    failed: int = 0
+    unfinished: int = 0
+    skipped: int = 0  # already in the sink: not appended again
+
+    def add(self, other: Tally) -> None:
+        """Count in another merge's tally."""
+        self.labeled += other.labeled
+        self.failed += other.failed
+        self.unfinished += other.unfinished
+        self.skipped += other.skipped
+
+    def as_dict(self) -> dict[str, int]:
+        """JSON form, as the ledger keeps it."""
+        return {"labeled": self.labeled, "failed": self.failed, "unfinished": self.unfinished, "skipped": self.skipped}
+
+
+class Merger:
+    """Turns outcomes into sink records and dead letters, appending each id at most once."""
+
+    def __init__(self, sink: Sink, done: IdSet, stats: RunStats, run_id: str, model: str) -> None:
+        self.sink, self.done, self.stats, self.run_id, self.model = sink, done, stats, run_id, model
+
+    async def merge(
+        self,
+        rows: Iterable[Row],
+        outcomes: dict[str, Outcome],
+        *,
+        latency_ms: float = 0.0,
+        only_answered: bool,
+        default: Outcome | None = None,
+    ) -> Tally:
+        """Settle `rows` by their outcomes (used outcomes are removed from `outcomes`).
+
+        only_answered: rows without an outcome are none of this merge's business (results from elsewhere);
+        otherwise a row without one takes `default`, or else came back unprocessed (unfinished).
+        """
+        tally = Tally()
+        labeled: list[Labeled] = []
+        failed: list[Failed] = []
+        for row in rows:
+            outcome = outcomes.pop(row.id, None)
+            if outcome is None and only_answered:
+                continue
+            outcome = outcome or default
+            if row.id in self.done:
+                tally.skipped += 1
+            elif outcome is None or outcome.unfinished:
+                tally.unfinished += 1
+            elif outcome.reply is not None:
+                labeled.append(self._labeled(row, outcome.reply, latency_ms))
+                self.done.add(row.id, sha_tag(row.sha))
+                if len(labeled) >= _APPEND_EVERY:
+                    await self._append(labeled, tally)
+                    labeled = []
+            else:
+                failed.append(Failed(row, outcome.kind, outcome.message, 1, outcome.status, now_iso()))
+        await self._append(labeled, tally)
+        if failed:
+            await self.sink.append_dead_letters(failed, self.run_id)
+            for item in failed:
+                self.stats.record_failure(item.kind, item.row.id, item.message)
+            tally.failed += len(failed)
+        self.stats.unfinished += tally.unfinished
+        return tally
+
+    def _labeled(self, row: Row, reply: Reply, latency_ms: float) -> Labeled:
+        return Labeled(
+            row=row,
+            label=reply.label,
+            model=reply.model or self.model,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+            latency_ms=latency_ms,
+            attempts=1,
+            labeled_at=now_iso(),
+        )
+
+    async def _append(self, labeled: list[Labeled], tally: Tally) -> None:
+        if not labeled:
+            return
+        await self.sink.append(labeled)
+        stats = self.stats
+        stats.labeled += len(labeled)
+        stats.saved += len(labeled)
+        stats.batch_prompt_tokens += sum(item.prompt_tokens for item in labeled)
+        stats.batch_completion_tokens += sum(item.completion_tokens for item in labeled)
+        tally.labeled += len(labeled)
+
+
+def _error_parts(error: Any) -> tuple[str | None, str]:
+    """(code, message) of an error object, vLLM's plain string, or nothing."""
+    if isinstance(error, dict):
+        code = error.get("code") or error.get("type")
+        return (str(code) if code else None), str(error.get("message") or "")[:300]
+    if error:
+        return None, str(error)[:300]
+    return None, "no reason given"
+
+
+def _status_kind(status: int | None) -> str:
+    """The dead-letter kind of an HTTP status, named as the online client names it."""
+    if status == 429:
+        return "rate_limit"
+    if status in (408, 409):
+        return f"http_{status}"
+    if status is not None and status >= 500:
+        return "server_error"
+    return "bad_request"
