@@ -99,6 +99,7 @@ class LimitSettings:
     auto: bool = False
     rpm: float | None = None
     tpm: float | None = None
+    share: float = 1.0
 
     @classmethod
     def automatic(cls, *, rpm: float | None = None, tpm: float | None = None) -> LimitSettings:

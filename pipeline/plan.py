@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.errors import UsageError
-from pipeline.options import RunOptions, resolve_credentials
+from pipeline.options import RunOptions, resolve_endpoints
 from pipeline.prepare import RowGate, Verdict, prepare_run
 from pipeline.pricing import cost_of
 from pipeline.prompt import Prompt
@@ -15,7 +15,7 @@ from pipeline.tokens import TokenEstimator
 def dry_run(opts: RunOptions) -> str:
     """Check input, config and sink as a real run would, count the work, and make no API call."""
     try:
-        resolve_credentials(opts.api_key, opts.base_url)
+        resolve_endpoints(opts.api_key, opts.base_urls)
         key_note = "API key: found"
     except UsageError as exc:
         key_note = f"API key: MISSING: {exc.message}"
@@ -23,7 +23,7 @@ def dry_run(opts: RunOptions) -> str:
     prompt = Prompt(opts.config)
     estimator = TokenEstimator(opts.model, prompt.prefix)
     stats = RunStats(calls=CallStats(), model=opts.model)
-    gate = RowGate(prepared.done, stats, opts.max_rows, redo=prepared.redo)
+    gate = RowGate(prepared.done, stats, opts.max_rows, redo=prepared.redo, shard=opts.shard)
     tokens, first = 0, None
     try:
         for batch in prepared.source.batches():
@@ -44,6 +44,11 @@ def dry_run(opts: RunOptions) -> str:
         f"  {gate.sent:,} rows to label, {len(prepared.done):,} already in the sink, "
         f"{stats.duplicates + stats.conflicts:,} repeated ids ({stats.conflicts:,} with different text), "
         f"{gate.problems:,} rows that would be dead-lettered (empty text, bad bytes, ragged)",
+        *(
+            [f"  shard {opts.shard.label}: {stats.other_shards:,} rows of the input belong to other shards"]
+            if opts.shard
+            else []
+        ),
         f"  ~{tokens:,} prompt tokens{f' ≈ ${cost:.4f}' if cost is not None else ''} (estimate)",
         f"  {key_note}",
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import sys
 import threading
 import uuid
@@ -23,7 +24,7 @@ from pipeline.client import LabelClient
 from pipeline.config import TaskConfig, load_config
 from pipeline.errors import FatalApiError, Interrupted, LabelstreamError
 from pipeline.limits import Limiter
-from pipeline.options import RunOptions, resolve_credentials
+from pipeline.options import RunOptions, resolve_endpoints
 from pipeline.prepare import Prepared, RowGate, Verdict, prepare_run
 from pipeline.progress import Reporter
 from pipeline.prompt import Prompt
@@ -56,7 +57,7 @@ class _Run:
         self.opts = opts
         self.source = prepared.source
         self.sink = prepared.sink
-        self.gate = RowGate(prepared.done, stats, opts.max_rows)
+        self.gate = RowGate(prepared.done, stats, opts.max_rows, shard=opts.shard)
         self.stats = stats
         self.run_id = uuid.uuid4().hex[:12]
         self.workers = opts.limits.concurrency
@@ -72,6 +73,7 @@ class _Run:
         self.hard_stop = False
         self.fatal: FatalApiError | None = None
         self.stranded: list[Result] = []  # finished by a worker cancelled while handing it over
+        self.limiter: Limiter | None = None
         default_rows, default_seconds = self.sink.default_checkpoint
         self.checkpoint_rows = opts.checkpoint.rows or default_rows
         self.checkpoint_seconds = opts.checkpoint.seconds or default_seconds
@@ -218,11 +220,21 @@ class _Run:
 
     def write_progress(self, state: str, **extra: Any) -> None:
         """Replace the progress file (never fatal: progress is a convenience, the sink is the record)."""
+        if self.opts.shard is not None:
+            extra.setdefault("shard", self.opts.shard.label)
+        if self.limiter is not None:
+            extra.setdefault("in_flight", self.limiter.in_flight)
+            extra.setdefault("window", self.limiter.limit)
         with contextlib.suppress(LabelstreamError):
             self.sink.meta.write_json_atomic(
                 self.sink.meta.progress_path,
                 self.stats.snapshot(
-                    state, input=str(self.opts.input), output=str(self.opts.output), run=self.run_id, **extra
+                    state,
+                    input=str(self.opts.input),
+                    output=str(self.opts.output),
+                    run=self.run_id,
+                    host=socket.gethostname(),
+                    **extra,
                 ),
             )
 
@@ -259,7 +271,7 @@ class _Run:
 async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summary:
     """Run one labeling job to the end (or to a signal) and return its summary."""
     notice = notice or sys.stderr
-    api_key, base_url = resolve_credentials(opts.api_key, opts.base_url)
+    api_key, base_urls = resolve_endpoints(opts.api_key, opts.base_urls)
     prepared = prepare_run(opts)
     try:
         if opts.progress != "off":
@@ -267,7 +279,7 @@ async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summa
                 print(f"labelstream: {note}", file=notice)
         stats = RunStats(calls=CallStats(), model=opts.model)
         run = _Run(opts, prepared, stats)
-        return await _execute(run, Prompt(opts.config), api_key, base_url, notice)
+        return await _execute(run, Prompt(opts.config), api_key, base_urls, notice)
     finally:
         prepared.source.close()
         with contextlib.suppress(LabelstreamError):
@@ -275,15 +287,17 @@ async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summa
         prepared.sink.meta.unlock()
 
 
-async def _execute(run: _Run, prompt: Prompt, api_key: str, base_url: str | None, notice: IO[str]) -> Summary:
+async def _execute(
+    run: _Run, prompt: Prompt, api_key: str, base_urls: tuple[str | None, ...], notice: IO[str]
+) -> Summary:
     opts, stats = run.opts, run.stats
-    limiter = Limiter(opts.limits)
+    limiter = run.limiter = Limiter(opts.limits)
     client = LabelClient(
         prompt=prompt,
         limiter=limiter,
         model=opts.model,
         api_key=api_key,
-        base_url=base_url,
+        base_url=base_urls[0] if len(base_urls) == 1 else base_urls,
         retry=opts.retry,
         stats=stats.calls,
         exact_tokens=opts.exact_tokens,
@@ -320,7 +334,13 @@ async def _execute(run: _Run, prompt: Prompt, api_key: str, base_url: str | None
     state = "failed" if error else "interrupted" if interrupted else "done"
     resume = opts.resume_command
     summary = Summary.of(
-        stats, opts=opts, state=state, error=error, dead_letters=str(run.sink.meta.dead_letters_path), resume=resume
+        stats,
+        opts=opts,
+        state=state,
+        error=error,
+        dead_letters=str(run.sink.meta.dead_letters_path),
+        resume=resume,
+        servers=client.endpoints.report(),
     )
     run.write_progress(state, summary=summary.as_dict())
     if error is not None:
