@@ -99,6 +99,7 @@ def prepare_run(opts: RunOptions, *, dry_run: bool = False) -> Prepared:
 
 def _prepare(opts: RunOptions, source: CsvSource, sink: Sink, *, dry_run: bool) -> Prepared:
     notes: list[str] = []
+    claimed = sink.meta.claims()
     if not dry_run:
         # Lock first, so a run still writing this sink is never moved aside from under it; the lock file
         # moves with the old side files, so take a fresh one on the new folder afterwards.
@@ -111,7 +112,13 @@ def _prepare(opts: RunOptions, source: CsvSource, sink: Sink, *, dry_run: bool) 
                 notes.append(f"moved the previous output to {backup} (--skip_labeled False)")
     if not (opts.restart and dry_run):
         # After the lock: a run claims its place first, then looks for runs of another layout (layout.py).
-        check_layout(opts.output, opts.shard)
+        try:
+            check_layout(opts.output, opts.shard)
+        except SinkMismatchError:
+            if not dry_run:
+                sink.meta.unlock()
+                sink.meta.withdraw(claimed)
+            raise
     fresh = opts.restart and dry_run  # the real run would move the sink aside and start empty
     done = IdSet() if fresh else sink.load_done(repair=not dry_run)
     notes.extend(sink.notes)

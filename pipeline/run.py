@@ -222,6 +222,7 @@ class _Run:
         """Replace the progress file (never fatal: progress is a convenience, the sink is the record)."""
         if self.opts.shard is not None:
             extra.setdefault("shard", self.opts.shard.label)
+        extra.setdefault("rate_share", self.opts.limits.share)
         if self.limiter is not None:
             extra.setdefault("in_flight", self.limiter.in_flight)
             extra.setdefault("window", self.limiter.limit)

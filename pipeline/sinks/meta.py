@@ -164,10 +164,15 @@ class SinkMeta:
         handle.flush()
         self._lock = handle
 
-    @property
-    def locked(self) -> bool:
-        """Whether this process holds the lock."""
-        return self._lock is not None
+    def claims(self) -> list[Path]:
+        """What taking the lock would create (the folder, its temp folder, the lock file), for `withdraw`."""
+        return [p for p in (self.dir / "lock", self.tmp_dir, self.dir) if not p.exists()]
+
+    def withdraw(self, created: list[Path]) -> None:
+        """Remove what a refused run created by locking (see `claims`), so that it leaves no trace."""
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() else path.unlink()
 
     def unlock(self) -> None:
         """Release the lock (also released by the OS if the process dies)."""
