@@ -69,7 +69,8 @@ class Shard:
 
 def parse_shard(text: str, env: Mapping[str, str] | None = None) -> Shard:
     """`i/N`, or `auto` / `auto/N`: the index from `JOB_COMPLETION_INDEX` (Kubernetes Indexed Job) or
-    `SLURM_ARRAY_TASK_ID` (Slurm array), the count from `/N`, `$LABELSTREAM_SHARDS` or `SLURM_ARRAY_TASK_COUNT`."""
+    `SLURM_ARRAY_TASK_ID` (a Slurm array of 0 … N-1), the count from `/N`, `$LABELSTREAM_SHARDS`, or (Slurm)
+    `SLURM_ARRAY_TASK_COUNT`."""
     if match := _SPEC.match(text):
         return Shard(int(match.group(1)), int(match.group(2)))
     if match := _AUTO.match(text):
@@ -95,15 +96,14 @@ def _from_scheduler(env: Mapping[str, str], count: int | None) -> Shard:
             )
         return Shard(index, count)
     if (task := number("SLURM_ARRAY_TASK_ID")) is not None:
-        low = number("SLURM_ARRAY_TASK_MIN") or 0
-        step = number("SLURM_ARRAY_TASK_STEP") or 1
+        # The task id is the shard (--array=0-(N-1)), so `sbatch --array=3` re-runs shard 3 alone.
         count = count or number(SHARDS_ENV) or number("SLURM_ARRAY_TASK_COUNT")
         if count is None:
             raise UsageError(
                 f"--shard auto found SLURM_ARRAY_TASK_ID={task} but not the number of shards: set {SHARDS_ENV} "
                 "(or pass --shard auto/N)."
             )
-        return Shard((task - low) // step, count)
+        return Shard(task, count)
     raise UsageError(
         "--shard auto reads the shard from JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) or "
         "SLURM_ARRAY_TASK_ID (a Slurm array job); neither is set. Pass --shard i/N instead."

@@ -65,7 +65,7 @@ def test_the_shard_of_an_id_is_fixed_and_the_shards_are_even() -> None:
     ],
 )
 def test_shard_flags_and_scheduler_variables(text: str, env: dict[str, str], expected: Shard) -> None:
-    """--shard i/N, and --shard auto from a Kubernetes Indexed Job or a Slurm array (offset and step included)."""
+    """--shard i/N, and --shard auto from a Kubernetes Indexed Job or a Slurm array (also a re-run of one task)."""
     assert parse_shard(text, env) == expected
 
 
