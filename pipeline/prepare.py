@@ -105,6 +105,14 @@ def _prepare(opts: RunOptions, source: CsvSource, sink: Sink, *, dry_run: bool) 
         # moves with the old side files, so take a fresh one on the new folder afterwards.
         sink.meta.lock()
         if opts.restart:
+            # Never move a sharded output aside from under its shards (--procs N --skip_labeled False does it
+            # with every shard's lock held).
+            try:
+                check_layout(opts.output, None)
+            except SinkMismatchError:
+                sink.meta.unlock()
+                sink.meta.withdraw(claimed)
+                raise
             backup = move_aside(opts.output)
             sink.meta.unlock()
             sink.meta.lock()

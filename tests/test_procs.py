@@ -140,3 +140,19 @@ def test_procs_refuses_an_output_of_another_layout(sim: Any, tmp_path: Path) -> 
     assert "moved the previous output" in restarted.stderr
     assert sorted(all_ids(out)) == sorted(r[0] for r in reviews(30))
     assert list(tmp_path.glob("out.shard-0-of-3.jsonl.bak-*"))
+
+
+def test_the_shards_stop_gracefully_when_the_parent_is_killed(sim: Any, tmp_path: Path) -> None:
+    """kill -9 of the parent: the kernel sends each child SIGTERM, so none runs on unsupervised; each one saves."""
+    sim.configure(latency_ms=100)
+    source = write_csv(tmp_path / "in.csv", reviews(3000))
+    out = tmp_path / "out.jsonl"
+    proc = start_cli(*procs_args(sim, source, out, "--concurrency", "10", "--checkpoint-every", "20"))
+    for k in range(2):
+        wait_for(lambda k=k: shard_progress(out, k).get("saved", 0) >= 20, what=f"shard {k} saving")
+    proc.kill()
+    proc.communicate(timeout=30)
+    for k in range(2):
+        wait_for(lambda k=k: shard_progress(out, k).get("state") == "interrupted", what=f"shard {k} to stop")
+    saved = all_ids(out)
+    assert len(saved) == len(set(saved)) == sum(shard_progress(out, k)["saved"] for k in range(2))

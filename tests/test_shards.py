@@ -135,7 +135,8 @@ def test_sharding_is_stable_when_rows_are_appended_and_reordered(sim: Any, tmp_p
 
 @pytest.mark.parametrize("name", SINKS)
 def test_an_output_keeps_one_layout(sim: Any, tmp_path: Path, name: str) -> None:
-    """A shard of another N, an unsharded run on a sharded output, and a shard on an unsharded one are refused."""
+    """A shard of another N, an unsharded run (or restart) on a sharded output, and a shard on an unsharded one are
+    refused, and leave nothing behind."""
     source = write_csv(tmp_path / "in.csv", reviews(40))
     sharded, plain = tmp_path / name, tmp_path / f"plain{Path(name).suffix}"
     label(sim, source, sharded, shard=Shard(0, 2))
@@ -143,6 +144,9 @@ def test_an_output_keeps_one_layout(sim: Any, tmp_path: Path, name: str) -> None
         label(sim, source, sharded, shard=Shard(0, 3))
     with pytest.raises(SinkMismatchError, match=r"split into 2 shards; run them with --shard i/2"):
         label(sim, source, sharded)
+    with pytest.raises(SinkMismatchError, match="split into 2 shards"):  # not moved aside from under its shards
+        label(sim, source, sharded, restart=True)
+    assert not list(tmp_path.glob("*.bak-*"))
     label(sim, source, plain)
     with pytest.raises(SinkMismatchError, match="without --shard"):
         label(sim, source, plain, shard=Shard(1, 2))
