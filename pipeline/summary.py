@@ -95,15 +95,8 @@ class Summary:
         """A summary from its JSON form (`as_dict`), e.g. a shard's, read back from its progress file."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known}
-        values.setdefault("cost_usd", raw.get("cost_usd"))
-        for name, default in (
-            ("input", ""),
-            ("output", ""),
-            ("dead_letters", ""),
-            ("model", ""),
-            ("resume_command", ""),
-        ):
-            values.setdefault(name, default)
+        for name in ("input", "output", "dead_letters", "model", "resume_command"):  # older progress files
+            values.setdefault(name, "")
         return cls(**values)
 
     @property

@@ -11,6 +11,7 @@ from typing import Any
 
 import duckdb
 import orjson
+import pandas as pd
 import polars as pl
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -108,7 +109,7 @@ def test_shards_label_disjoint_parts_into_one_output(sim: Any, tmp_path: Path, n
         names = [p.name for p in out.iterdir()]
         assert {part_shard(n) for n in names} == {Shard(0, 3), Shard(1, 3), Shard(2, 3)}
         assert all(n.startswith("part-s0") and "of03-" in n for n in names)
-        assert len(pl.scan_parquet(out).collect()) == 300
+        assert len(pl.scan_parquet(out).collect()) == 300 == len(pd.read_parquet(out))
         assert ds.dataset(out, format="parquet").count_rows() == 300
         with duckdb.connect() as con:
             row = con.execute("select count(distinct id) from read_parquet(?)", [f"{out}/*.parquet"]).fetchone()
