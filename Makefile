@@ -56,11 +56,15 @@ bench: $(STAMP)
 	cd scripts && ../$(BIN)/python bench_ratelimit.py
 	cd scripts && ../$(BIN)/python bench_ratelimit.py --latency-ms 3000 --concurrency 10,auto --no-seed-design
 	cd scripts && ../$(BIN)/python bench_memory.py
+	cd scripts && ../$(BIN)/python bench_procs.py
+	cd scripts && ../$(BIN)/python bench_shared_limit.py
 
 bench-quick: $(STAMP)
 	cd scripts && ../$(BIN)/python bench_throughput.py --quick
 	cd scripts && ../$(BIN)/python bench_ratelimit.py --rpm 3000 --rows 3000 --concurrency 50,auto
 	cd scripts && ../$(BIN)/python bench_memory.py --small 2000 --big 50000 --seed-cap-s 30
+	cd scripts && ../$(BIN)/python bench_procs.py --quick
+	cd scripts && ../$(BIN)/python bench_shared_limit.py --quick
 
 label: $(STAMP)
 	@test -n "$(INPUT)" || { echo "usage: make label INPUT=file.csv [OUTPUT=out.jsonl|out.parquet] [CONFIG=configs/x.toml] [MODEL=...] [CONCURRENCY=...] [ARGS='...']"; exit 2; }

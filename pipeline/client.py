@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Sequence
+from contextvars import ContextVar
 
 import httpx2
 import openai
 import orjson
 
 from pipeline.api_errors import Meaning, classify
+from pipeline.endpoints import Endpoint, EndpointPool, Outcome
 from pipeline.errors import FatalApiError, redact
 from pipeline.limits import Limiter, RetryPolicy, Sleep
 from pipeline.prompt import Prompt, ReplyError
@@ -36,6 +39,10 @@ _RATE_LIMITED_CAP = 100
 _FREE_RETRIES = frozenset({"rate_limit", "held", "resource_unavailable", "logprobs_refused"})
 # Of those, the ones the limiter already answered with a pause: no backoff on top.
 _PAUSED = frozenset({"rate_limit", "held", "logprobs_refused"})
+# Failures that say something about the server (not about the row or the reply): the pool backs it off.
+_SERVER_TROUBLE = frozenset({"connection", "timeout", "server_error", "rate_limit"})
+# The endpoint the current worker's attempt uses (each worker is a task of its own, with its own context).
+_ENDPOINT: ContextVar[Endpoint[openai.AsyncOpenAI] | None] = ContextVar("labelstream_endpoint", default=None)
 
 
 class _Attempt(Exception):  # noqa: N818 - internal signal, never leaves this module
@@ -55,7 +62,7 @@ class LabelClient:
         limiter: Limiter,
         model: str,
         api_key: str,
-        base_url: str | None,
+        base_url: str | Sequence[str | None] | None,
         retry: RetryPolicy,
         stats: CallStats | None = None,
         exact_tokens: bool = False,
@@ -76,21 +83,31 @@ class LabelClient:
         self.logprobs = True  # turned off for the run when the endpoint refuses them
         self.timeouts = AdaptiveTimeout(retry.timeout)
         self._secret = api_key
-        self._sdk = openai.AsyncOpenAI(
-            api_key=api_key,
-            base_url=base_url,
-            max_retries=0,  # one retry policy rules: ours, which also slows the whole run on 429
-            timeout=retry.timeout,
-            # The SDK's pool holds 1,000 connections; at high tiers and slow models more may be in flight.
-            http_client=openai.DefaultAioHttpClient(
+        urls = [base_url] if base_url is None or isinstance(base_url, str) else list(base_url)
+        # The SDK's pool holds 1,000 connections; at high tiers and slow models more may be in flight.
+        pool = httpx2.Limits(max_connections=limiter.ceiling, max_keepalive_connections=limiter.ceiling)
+        sdks = [
+            openai.AsyncOpenAI(
+                api_key=api_key,
+                base_url=url,
+                max_retries=0,  # one retry policy rules: ours, which also slows the whole run on 429
                 timeout=retry.timeout,
-                limits=httpx2.Limits(max_connections=limiter.ceiling, max_keepalive_connections=limiter.ceiling),
-            ),
-        )
+                http_client=openai.DefaultAioHttpClient(timeout=retry.timeout, limits=pool),
+            )
+            for url in urls
+        ]
+        self.endpoints = EndpointPool([(str(sdk.base_url).rstrip("/"), sdk) for sdk in sdks])
+
+    @property
+    def _sdk(self) -> openai.AsyncOpenAI:
+        """The SDK client of the server this worker's attempt goes to."""
+        endpoint = _ENDPOINT.get()
+        return (endpoint or self.endpoints.first).client
 
     async def aclose(self) -> None:
         """Close the HTTP connections."""
-        await self._sdk.close()
+        for endpoint in self.endpoints.endpoints:
+            await endpoint.client.close()
 
     def estimate_tokens(self, row: Row) -> int:
         """Tokens a request for `row` may cost against a TPM limit: prompt estimate plus max_tokens."""
@@ -105,7 +122,7 @@ class LabelClient:
         while True:
             attempt += 1
             try:
-                return await self._attempt(row, estimate, attempt)
+                return await self._attempt_on_endpoint(row, estimate, attempt)
             except _Attempt as failure:
                 # 429s say "later", not "never": they do not use up the row's retries (up to a sanity cap).
                 limited += failure.kind in _FREE_RETRIES
@@ -122,6 +139,23 @@ class LabelClient:
                 self.stats.retries += 1
                 if failure.kind not in _PAUSED:  # after a 429 the limiter already pauses everyone
                     await self.sleep(self.retry.backoff(attempt, self.rng))
+
+    async def _attempt_on_endpoint(self, row: Row, estimate: int, attempt: int) -> Labeled:
+        """One attempt on the server the pool picks (the only one, usually); tells the pool how it went."""
+        endpoint = self.endpoints.pick()
+        token = _ENDPOINT.set(endpoint)
+        outcome, latency = Outcome.NEUTRAL, None
+        try:
+            result = await self._attempt(row, estimate, attempt)
+            outcome, latency = Outcome.OK, result.latency_ms / 1000
+            return result
+        except _Attempt as failure:
+            if failure.kind in _SERVER_TROUBLE:
+                outcome = Outcome.FAILED
+            raise
+        finally:
+            _ENDPOINT.reset(token)
+            self.endpoints.done(endpoint, outcome, latency)
 
     async def _attempt(self, row: Row, estimate: int, attempt: int) -> Labeled:
         cfg = self.prompt.config

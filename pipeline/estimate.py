@@ -129,7 +129,7 @@ def estimate_run(
     if not counter.exact and history.token_scale:
         counter.scale = history.token_scale
     stats = stats if stats is not None else RunStats(calls=CallStats(), model=opts.model)
-    gate = RowGate(prepared.done, stats, opts.max_rows, redo=prepared.redo)
+    gate = RowGate(prepared.done, stats, opts.max_rows, redo=prepared.redo, shard=opts.shard)
     result = Estimate(model=opts.model)
     source = prepared.source if reuse_source else open_source(opts)
     if not reuse_source:

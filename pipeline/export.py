@@ -20,7 +20,7 @@ import orjson
 from pipeline.config import TaskConfig
 from pipeline.errors import SinkError, StorageError, UsageError
 from pipeline.idset import IdMap
-from pipeline.sinks import Manifest, open_sink
+from pipeline.sinks import Manifest, open_shards
 from pipeline.source import CsvSource
 
 _BATCH = 50_000
@@ -80,14 +80,15 @@ def export_labels(sink_path: str | Path, input_path: str | Path, to: str | Path)
     for other, what in ((input_path, "the input"), (sink_path, "the sink")):
         if to.resolve() == other.resolve():
             raise UsageError(f"--to {to} is {what}; exporting there would overwrite it. Choose another file name.")
-    sink = open_sink(sink_path)
-    manifest = sink.meta.read_manifest()
+    sinks = open_shards(sink_path)  # a sharded output is read as one
+    manifest = next((m for sink in sinks if (m := sink.meta.read_manifest()) is not None), None)
     if manifest is None:
         raise SinkError(f"{sink_path} has no manifest; export needs to know how its ids were made.")
     multi = bool(manifest.identity and manifest.identity.multi_label)
     labels = _Labels()
-    for item in sink.iter_records(columns=["id", "label"]):
-        labels.add(item["id"], item["label"])
+    for sink in sinks:
+        for item in sink.iter_records(columns=["id", "label"]):
+            labels.add(item["id"], item["label"])
     source = CsvSource(input_path, _reading_config(manifest), **_reading_options(manifest))
     tmp = to.with_name(f".{to.name}.{os.getpid()}.tmp")
     result = ExportResult(output=to)

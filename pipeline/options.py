@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from urllib.parse import urlparse
 from pipeline.config import TaskConfig
 from pipeline.errors import UsageError
 from pipeline.limits import LimitSettings, RetryPolicy
+from pipeline.shard import Shard
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 ProgressMode = Literal["auto", "log", "off"]
@@ -50,7 +52,7 @@ class RunOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
     api_key: str | None = None
-    base_url: str | None = None
+    base_url: str | tuple[str, ...] | None = None  # several: a fleet of servers, spread by least in flight
     max_rows: int | None = None  # label at most this many rows not yet in the sink (--limit)
     force: bool = False
     restart: bool = False  # --skip_labeled False: move the old sink aside and start over
@@ -63,6 +65,7 @@ class RunOptions:
     command: str | None = None  # how the user started this run, for the resume hint
     service_tier: str | None = None  # "flex": online requests at batch prices, slower, sometimes refused
     progress_every: float = 1.0
+    shard: Shard | None = None  # label only the rows of this shard, into its part of the output (--shard i/N)
 
     @classmethod
     def build(cls, input: str | Path, output: str | Path, config: TaskConfig, **settings: Any) -> RunOptions:
@@ -89,6 +92,13 @@ class RunOptions:
         return self.io.output
 
     @property
+    def base_urls(self) -> tuple[str, ...]:
+        """The endpoints given (none: $OPENAI_BASE_URL or OpenAI)."""
+        if self.base_url is None:
+            return ()
+        return (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url)
+
+    @property
     def model(self) -> str:
         """The model this run asks for."""
         return self.config.model
@@ -107,6 +117,16 @@ class RunOptions:
 def is_loopback(url: str | None) -> bool:
     """Whether an endpoint URL points at this machine."""
     return bool(url) and urlparse(url).hostname in LOOPBACK_HOSTS
+
+
+def resolve_endpoints(api_key: str | None, base_urls: Sequence[str]) -> tuple[str, tuple[str | None, ...]]:
+    """The API key and the endpoints of a run (one or several); a key is optional only if all are on loopback."""
+    if len(base_urls) <= 1:
+        key, url = resolve_credentials(api_key, base_urls[0] if base_urls else None)
+        return key, (url,)
+    remote = [url for url in base_urls if not is_loopback(url)]
+    key, _ = resolve_credentials(api_key, remote[0] if remote else base_urls[0])
+    return key, tuple(base_urls)
 
 
 def resolve_credentials(api_key: str | None, base_url: str | None) -> tuple[str, str | None]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.errors import UsageError
 from pipeline.estimate import estimate_run
-from pipeline.options import RunOptions, resolve_credentials
+from pipeline.options import RunOptions, resolve_endpoints
 from pipeline.prepare import prepare_run
 from pipeline.prompt import Prompt
 from pipeline.results import Row
@@ -14,7 +14,7 @@ from pipeline.stats import CallStats, RunStats
 def dry_run(opts: RunOptions) -> str:
     """Check input, config and sink as a real run would, count the work and its cost, and make no API call."""
     try:
-        resolve_credentials(opts.api_key, opts.base_url)
+        resolve_endpoints(opts.api_key, opts.base_urls)
         key_note = "API key: found"
     except UsageError as exc:
         key_note = f"API key: MISSING: {exc.message}"
@@ -30,6 +30,11 @@ def dry_run(opts: RunOptions) -> str:
         f"  {plan.rows:,} rows to label, {len(prepared.done):,} already in the sink, "
         f"{stats.duplicates + stats.conflicts:,} repeated ids ({stats.conflicts:,} with different text), "
         f"{plan.problems:,} rows that would be dead-lettered (empty text, bad bytes, ragged)",
+        *(
+            [f"  shard {opts.shard.label}: {stats.other_shards:,} rows of the input belong to other shards"]
+            if opts.shard
+            else []
+        ),
         *plan.render(),
     ]
     if opts.max_cost is not None and plan.cost is not None:

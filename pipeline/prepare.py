@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import SinkMismatchError, UsageError
 from pipeline.idset import IdSet
 from pipeline.options import RunOptions
 from pipeline.results import Row, now_iso, sha_tag
-from pipeline.sinks import Identity, Manifest, Sink, open_sink
+from pipeline.shard import Shard
+from pipeline.sinks import Identity, Manifest, Sink, check_layout, open_sink
+from pipeline.sinks.layout import move_aside
 from pipeline.source import CsvSource
 from pipeline.stats import RunStats
 
@@ -46,20 +48,6 @@ def identity_of(opts: RunOptions, source: CsvSource) -> Identity:
         multi_label=opts.config.multi_label,
         id_source=source.id_source,
     )
-
-
-def move_aside(sink_path: Path) -> Path | None:
-    """Rename an existing sink (and its side files) to `NAME.bak-<time>` so a fresh run starts empty."""
-    meta = sink_path.with_name(sink_path.name + ".meta")
-    if not sink_path.exists() and not meta.exists():
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    backup = sink_path.with_name(f"{sink_path.name}.bak-{stamp}")
-    if sink_path.exists():
-        sink_path.rename(backup)
-    if meta.exists():
-        meta.rename(backup.with_name(backup.name + ".meta"))
-    return backup
 
 
 def input_fingerprint(path: Path) -> dict[str, Any]:
@@ -93,9 +81,14 @@ class Prepared:
 
 def prepare_run(opts: RunOptions, *, dry_run: bool = False) -> Prepared:
     """Open the input and make the sink ready; a dry run checks the same things and changes nothing."""
+    if opts.restart and opts.shard is not None:
+        raise UsageError(
+            "--skip_labeled False would start one shard over while the others keep theirs. Move the output "
+            "aside (or use a new --output) and run every shard again; --procs N --skip_labeled False does both."
+        )
     source = open_source(opts)
     source.open()
-    sink = open_sink(opts.output)
+    sink = open_sink(opts.output, opts.shard)
     try:
         return _prepare(opts, source, sink, dry_run=dry_run)
     except BaseException:
@@ -106,38 +99,48 @@ def prepare_run(opts: RunOptions, *, dry_run: bool = False) -> Prepared:
 
 def _prepare(opts: RunOptions, source: CsvSource, sink: Sink, *, dry_run: bool) -> Prepared:
     notes: list[str] = []
+    claimed = sink.meta.claims()
     if not dry_run:
         # Lock first, so a run still writing this sink is never moved aside from under it; the lock file
         # moves with the old side files, so take a fresh one on the new folder afterwards.
         sink.meta.lock()
         if opts.restart:
+            # Never move a sharded output aside from under its shards (--procs N --skip_labeled False does it
+            # with every shard's lock held).
+            try:
+                check_layout(opts.output, None)
+            except SinkMismatchError:
+                sink.meta.unlock()
+                sink.meta.withdraw(claimed)
+                raise
             backup = move_aside(opts.output)
             sink.meta.unlock()
             sink.meta.lock()
             if backup is not None:
                 notes.append(f"moved the previous output to {backup} (--skip_labeled False)")
+    if not (opts.restart and dry_run):
+        # After the lock: a run claims its place first, then looks for runs of another layout (layout.py).
+        try:
+            check_layout(opts.output, opts.shard)
+        except SinkMismatchError:
+            if not dry_run:
+                sink.meta.unlock()
+                sink.meta.withdraw(claimed)
+            raise
     fresh = opts.restart and dry_run  # the real run would move the sink aside and start empty
     done = IdSet() if fresh else sink.load_done(repair=not dry_run)
     notes.extend(sink.notes)
     identity = identity_of(opts, source)
     has_rows = not fresh and (len(done) > 0 or sink.has_rows())
-    manifest = sink.meta.check_identity(identity, has_rows=has_rows, force=opts.force, sink_name=str(opts.output))
+    manifest = sink.meta.check_identity(identity, has_rows=has_rows, force=opts.force, sink_name=sink.meta.what)
+    if opts.shard is not None and not has_rows and not opts.force:
+        _check_siblings(opts, opts.shard, identity)
     notes.extend(_input_notes(opts, source, manifest))
     outputs = [(f.name, f.kind) for f in opts.config.outputs]
     sink.bind_schema(source.carry, multi_label=opts.config.multi_label, outputs=outputs)
     prepared = Prepared(source, sink, done, manifest, notes)
     if opts.relabel_changed and len(done):
-        changed = changed_ids(source, done)
-        prepared.relabeled = len(changed)
-        if len(changed) and not dry_run:
-            # Drop first, then label: a crash in between leaves those rows unlabeled, never twice in the sink.
-            sink.drop_ids(changed)
-            prepared.done = sink.load_done()
-            notes.append(f"--relabel-changed: dropped the labels of {len(changed):,} rows whose text changed")
-        else:
-            prepared.redo = changed
-        source.close()
-        source.open()
+        _relabel_changed(prepared, dry_run=dry_run)
     manifest.input = {
         "id_column": source.id_column,
         "text_column": opts.config.text_column,
@@ -152,6 +155,40 @@ def _prepare(opts: RunOptions, source: CsvSource, sink: Sink, *, dry_run: bool) 
         manifest.runs.append({"started_at": now_iso(), "model": opts.model})
         sink.meta.write_manifest(manifest)
     return prepared
+
+
+def _relabel_changed(prepared: Prepared, *, dry_run: bool) -> None:
+    """--relabel-changed: find the done rows whose text changed; a real run drops their labels first."""
+    source, sink = prepared.source, prepared.sink
+    changed = changed_ids(source, prepared.done)
+    prepared.relabeled = len(changed)
+    if len(changed) and not dry_run:
+        # Drop first, then label: a crash in between leaves those rows unlabeled, never twice in the sink.
+        sink.drop_ids(changed)
+        prepared.done = sink.load_done()
+        prepared.notes.append(f"--relabel-changed: dropped the labels of {len(changed):,} rows whose text changed")
+    else:
+        prepared.redo = changed
+    source.close()
+    source.open()
+
+
+def _check_siblings(opts: RunOptions, shard: Shard, identity: Identity) -> None:
+    """A shard that has labeled nothing yet still joins an output whose other shards fixed its setup."""
+    for index in range(shard.count):
+        if index == shard.index:
+            continue
+        sibling = open_sink(opts.output, Shard(index, shard.count))
+        recorded = sibling.meta.read_manifest()
+        if recorded is None or recorded.identity is None or not sibling.has_rows():
+            continue
+        if diffs := identity.differences(recorded.identity):
+            raise SinkMismatchError(
+                f"{sibling.meta.what} was labeled with {recorded.identity.model} and prompt "
+                f"{recorded.identity.prompt}; this shard differs: {'; '.join(diffs)}. All shards of one output use "
+                "one setup: use a new --output, or --force to mix them."
+            )
+        return
 
 
 def _input_notes(opts: RunOptions, source: CsvSource, manifest: Manifest) -> list[str]:
@@ -198,6 +235,7 @@ class Verdict(Enum):
     REPEAT = "repeat"  # the same id (and text) came earlier in this input
     CONFLICT = "conflict"  # the same id came earlier with different text: labeled once, by the first
     PROBLEM = "problem"  # unusable (empty text, bad bytes, ragged): dead-lettered without a request
+    OTHER_SHARD = "other_shard"  # another shard labels it (--shard)
     SEND = "send"
 
 
@@ -208,8 +246,17 @@ class RowGate:
     unusable must still move forward batch by batch.
     """
 
-    def __init__(self, done: IdSet, stats: RunStats, max_rows: int | None, *, redo: IdSet | None = None) -> None:
+    def __init__(
+        self,
+        done: IdSet,
+        stats: RunStats,
+        max_rows: int | None,
+        *,
+        redo: IdSet | None = None,
+        shard: Shard | None = None,
+    ) -> None:
         self.done = done
+        self.shard = shard if shard is not None and shard.count > 1 else None
         self.redo = redo if redo is not None and len(redo) else None
         self.seen = IdSet()
         self.stats = stats
@@ -231,6 +278,9 @@ class RowGate:
         """Decide what happens to `row` (call in input order, and not once `full`)."""
         stats = self.stats
         stats.read += 1
+        if self.shard is not None and not self.shard.holds(row.id):
+            stats.other_shards += 1
+            return Verdict.OTHER_SHARD
         tag = 0 if row.problem else sha_tag(row.sha)
         held = self.done.tag_of(row.id)
         if held is not None and not (self.redo is not None and row.id in self.redo):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import sys
 import threading
 import uuid
@@ -24,33 +25,19 @@ from pipeline.client import LabelClient
 from pipeline.config import TaskConfig, load_config
 from pipeline.errors import FatalApiError, Interrupted, LabelstreamError
 from pipeline.limits import Limiter
-from pipeline.options import RunOptions, resolve_credentials, resume_after
+from pipeline.options import RunOptions, resolve_endpoints, resume_after
 from pipeline.prepare import Prepared, RowGate, Verdict, prepare_run
 from pipeline.pricing import Price
 from pipeline.progress import Reporter
 from pipeline.prompt import Prompt
 from pipeline.results import Failed, Labeled, Result, Row, now_iso
 from pipeline.review import note_review
+from pipeline.rowcount import count_lines, estimate_expected
 from pipeline.stats import CallStats, RunStats
 from pipeline.summary import Summary
 from pipeline.workers import WorkerPool, staff
 
 _DONE = object()  # the writer's sentinel: every worker has finished
-
-
-def count_lines(path: Path, stop: threading.Event | None = None) -> int:
-    """Newlines in the file (plus one for an unterminated last line): the base of the row-count estimate.
-
-    Checks `stop` between 1 MiB chunks, so a run that is done or stopping does not wait for a huge file.
-    """
-    lines = 0
-    chunk = b""
-    with path.open("rb") as handle:
-        while not (stop is not None and stop.is_set()) and (chunk := handle.read(1 << 20)):
-            lines += chunk.count(b"\n")
-        if handle.tell() and chunk[-1:] != b"\n":
-            lines += 1
-    return lines
 
 
 class _Run:
@@ -60,7 +47,7 @@ class _Run:
         self.opts = opts
         self.source = prepared.source
         self.sink = prepared.sink
-        self.gate = RowGate(prepared.done, stats, opts.max_rows)
+        self.gate = RowGate(prepared.done, stats, opts.max_rows, shard=opts.shard)
         self.stats = stats
         self.run_id = uuid.uuid4().hex[:12]
         # Bounded, so a slow API slows the reader; a few hundred rows keep even thousands of workers fed (the
@@ -78,6 +65,7 @@ class _Run:
         self.fatal: FatalApiError | None = None
         self.budget: Budget | None = None  # --max-cost
         self.stranded: list[Result] = []  # finished by a worker cancelled while handing it over
+        self.limiter: Limiter | None = None
         default_rows, default_seconds = self.sink.default_checkpoint
         self.checkpoint_rows = opts.checkpoint.rows or default_rows
         self.checkpoint_seconds = opts.checkpoint.seconds or default_seconds
@@ -111,17 +99,9 @@ class _Run:
             await self.rows.put(None)
 
     def _estimate_expected(self) -> None:
-        """Rows this run will finish: what the gate let through so far, plus the same share of the rows still
-        unread (rows ≈ lines × records per line read so far)."""
-        gate, stats, lines = self.gate, self.stats, self.lines
-        read = stats.read
-        if lines is None or read == 0:
-            return
-        total = lines * read / max(1, self.source.lines_read)
-        estimate = gate.admitted + max(0.0, total - read) * gate.admitted / read
-        if gate.max_rows is not None:
-            estimate = min(estimate, gate.max_rows + gate.problems)
-        stats.expected = max(gate.admitted, round(estimate))
+        expected = estimate_expected(self.gate, self.stats.read, self.lines, self.source.lines_read)
+        if expected is not None:
+            self.stats.expected = expected
 
     async def label_rows(self, client: LabelClient) -> None:
         """One worker: take a row, label it (with retries), pass the result on; stop at the sentinel."""
@@ -232,11 +212,22 @@ class _Run:
 
     def write_progress(self, state: str, **extra: Any) -> None:
         """Replace the progress file (never fatal: progress is a convenience, the sink is the record)."""
+        if self.opts.shard is not None:
+            extra.setdefault("shard", self.opts.shard.label)
+        extra.setdefault("rate_share", self.opts.limits.share)
+        if self.limiter is not None:
+            extra.setdefault("in_flight", self.limiter.in_flight)
+            extra.setdefault("window", self.limiter.limit)
         with contextlib.suppress(LabelstreamError):
             self.sink.meta.write_json_atomic(
                 self.sink.meta.progress_path,
                 self.stats.snapshot(
-                    state, input=str(self.opts.input), output=str(self.opts.output), run=self.run_id, **extra
+                    state,
+                    input=str(self.opts.input),
+                    output=str(self.opts.output),
+                    run=self.run_id,
+                    host=socket.gethostname(),
+                    **extra,
                 ),
             )
 
@@ -273,7 +264,7 @@ class _Run:
 async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summary:
     """Run one labeling job to the end (or to a signal) and return its summary."""
     notice = notice or sys.stderr
-    api_key, base_url = resolve_credentials(opts.api_key, opts.base_url)
+    api_key, base_urls = resolve_endpoints(opts.api_key, opts.base_urls)
     prepared = prepare_run(opts)
     try:
         if opts.progress != "off":
@@ -284,7 +275,7 @@ async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summa
             calls=CallStats(), model=opts.model, tier="flex" if opts.service_tier == "flex" else "standard"
         )
         run = _Run(opts, prepared, stats)
-        return await _execute(run, Prompt(opts.config), api_key, base_url, notice, price=price)
+        return await _execute(run, Prompt(opts.config), api_key, base_urls, notice, price=price)
     finally:
         prepared.source.close()
         with contextlib.suppress(LabelstreamError):
@@ -297,16 +288,22 @@ async def run_label(opts: RunOptions, *, notice: IO[str] | None = None) -> Summa
 
 
 async def _execute(
-    run: _Run, prompt: Prompt, api_key: str, base_url: str | None, notice: IO[str], *, price: Price | None
+    run: _Run,
+    prompt: Prompt,
+    api_key: str,
+    base_urls: tuple[str | None, ...],
+    notice: IO[str],
+    *,
+    price: Price | None,
 ) -> Summary:
     opts, stats = run.opts, run.stats
-    limiter = Limiter(opts.limits)
+    limiter = run.limiter = Limiter(opts.limits)
     client = LabelClient(
         prompt=prompt,
         limiter=limiter,
         model=opts.model,
         api_key=api_key,
-        base_url=base_url,
+        base_url=base_urls[0] if len(base_urls) == 1 else base_urls,
         retry=opts.retry,
         stats=stats.calls,
         exact_tokens=opts.exact_tokens,
@@ -349,7 +346,13 @@ async def _execute(
     state = "failed" if error else "budget" if over else "interrupted" if interrupted else "done"
     resume = resume_after(opts.resume_command, error)
     summary = Summary.of(
-        stats, opts=opts, state=state, error=error, dead_letters=str(run.sink.meta.dead_letters_path), resume=resume
+        stats,
+        opts=opts,
+        state=state,
+        error=error,
+        dead_letters=str(run.sink.meta.dead_letters_path),
+        resume=resume,
+        servers=client.endpoints.report(),
     )
     run.write_progress(state, summary=summary.as_dict(), token_scale=round(client.tokens.scale, 4))
     if error is not None:

@@ -40,6 +40,7 @@ class RunStats:
     duplicates: int = 0
     conflicts: int = 0  # an id seen again with different text
     changed: int = 0  # done ids whose text is now different
+    other_shards: int = 0  # input rows another shard labels (--shard)
     labeled: int = 0
     failed: int = 0
     saved: int = 0
@@ -127,6 +128,7 @@ class RunStats:
             "saved": self.saved,
             "skipped_done": self.skipped_done,
             "duplicates": self.duplicates,
+            "other_shards": self.other_shards,
             "retries": self.calls.retries,
             "rate_limited": self.calls.rate_limited,
             "rows_per_s": round(self.rate, 2),

@@ -1,23 +1,46 @@
-"""`labelstream status OUT`: what a sink holds, what failed and is still unlabeled, and how a run is going."""
+"""`labelstream status OUT`: what a sink holds, what failed and is still unlabeled, and how a run is going.
+
+A sharded output is reported as one, with a line per shard: done, running, stale (its progress file says
+running, but its process is gone or silent), stopped, or not started.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
 from pipeline.engines.batch.ledger import Ledger
 from pipeline.errors import SinkError, UsageError
-from pipeline.sinks import open_sink
+from pipeline.sinks import Sink, discover, open_shards, open_sink
 from pipeline.stats import short_duration
 
+STALE_AFTER: Final = 60.0  # seconds without a progress update (written about once a second) before "stale"
+_RUNNING: Final = frozenset({"running", "stopping"})
 
-def sink_status(path: Path) -> dict[str, Any]:
-    """Counts and samples for a sink, read without changing anything."""
-    sink = open_sink(path)
-    if not sink.exists():
+
+def sink_status(path: Path, *, now: datetime | None = None) -> dict[str, Any]:
+    """Counts and samples for a sink (all shards of a sharded one), read without changing anything."""
+    layout = discover(path)
+    sinks = open_shards(path, layout)
+    if not any(sink.exists() for sink in sinks):
         raise SinkError(f"{path} does not exist yet; run `labelstream label --output {path}` first.")
+    reports = [_one(sink, now or datetime.now(UTC)) for sink in sinks]
+    if not layout.sharded:
+        report = reports[0]
+        report.pop("state")
+        report.pop("shard")
+        return report
+    return _combined(path, reports)
+
+
+def _one(sink: Sink, now: datetime) -> dict[str, Any]:
+    if not sink.exists():
+        return {"shard": sink.shard.label if sink.shard else None, "state": "not started", "labeled": 0}
     done = sink.load_done(repair=False)
     pending: dict[str, dict[str, Any]] = {}
     for letter in sink.meta.read_dead_letters():
@@ -38,7 +61,9 @@ def sink_status(path: Path) -> dict[str, Any]:
     book = Ledger(sink.meta)
     live = book.live
     return {
-        "output": str(path),
+        "output": str(sink.output),
+        "shard": sink.shard.label if sink.shard else None,
+        "state": _state(progress, now),
         "labeled": len(done),
         "failed_unlabeled": len(pending),
         "failure_rate": round(len(pending) / total, 4) if total else 0.0,
@@ -57,6 +82,88 @@ def sink_status(path: Path) -> dict[str, Any]:
     }
 
 
+def _state(progress: dict[str, Any] | None, now: datetime) -> str:
+    """A run's state from its progress file: a "running" file nobody updates any more is stale."""
+    if progress is None:
+        return "stale"  # side files but no progress yet: started, then stopped before its first update
+    state = str(progress.get("state"))
+    if state not in _RUNNING:
+        return state
+    pid, host = progress.get("pid"), progress.get("host")
+    if isinstance(pid, int) and host == socket.gethostname() and not _alive(pid):
+        return "stale"
+    try:
+        updated = datetime.fromisoformat(str(progress.get("updated_at")).replace("Z", "+00:00"))
+    except ValueError:
+        return "stale"
+    return "stale" if (now - updated).total_seconds() > STALE_AFTER else "running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _combined(path: Path, reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report for N shards: totals, and each shard's counts and state."""
+    started = [r for r in reports if r["state"] != "not started"]
+    labeled = sum(r["labeled"] for r in started)
+    failed = sum(r["failed_unlabeled"] for r in started)
+    kinds: dict[str, int] = {}
+    for report in started:
+        for kind, n in report["failures_by_kind"].items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    recent = sorted(
+        (f for r in started for f in r["recent_failures"]), key=lambda x: str(x.get("failed_at")), reverse=True
+    )
+    first = next((r for r in started if r["model"]), started[0] if started else {})
+    running = [r for r in reports if r["state"] == "running"]
+    etas = [r["progress"].get("eta_s") for r in running if r.get("progress")]
+    by_state: dict[str, list[str]] = {}
+    for report in reports:
+        by_state.setdefault(report["state"], []).append(report["shard"])
+    shards = []
+    for r in reports:
+        progress = r.get("progress") or {}
+        shards.append(
+            {
+                "shard": r["shard"],
+                "state": r["state"],
+                "labeled": r["labeled"],
+                "failed_unlabeled": r.get("failed_unlabeled", 0),
+                "rows_per_s": progress.get("rows_per_s") if r["state"] == "running" else None,
+                "eta_s": progress.get("eta_s") if r["state"] == "running" else None,
+                "updated_at": progress.get("updated_at"),
+            }
+        )
+    total = labeled + failed
+    return {
+        "output": str(path),
+        "labeled": labeled,
+        "failed_unlabeled": failed,
+        "failure_rate": round(failed / total, 4) if total else 0.0,
+        "failures_by_kind": kinds,
+        "recent_failures": recent[:5],
+        "model": first.get("model"),
+        "prompt": first.get("prompt"),
+        "labels": first.get("labels"),
+        "runs": sum(r["runs"] for r in started),
+        "progress": None,
+        "notes": [note for r in started for note in r["notes"]],
+        "shard_count": len(reports),
+        "shards": shards,
+        "shards_by_state": by_state,
+        "rows_per_s": round(sum(s["rows_per_s"] or 0 for s in shards), 2),
+        # The shards run side by side: the output is done when the slowest running shard is.
+        "eta_s": max((e for e in etas if isinstance(e, int | float)), default=None),
+    }
+
+
 def render_status(report: dict[str, Any]) -> str:
     """Human form of `sink_status`."""
     lines = [
@@ -64,9 +171,11 @@ def render_status(report: dict[str, Any]) -> str:
         f"labeled ({report['failure_rate']:.1%})",
         f"  model {report['model']}, prompt {report['prompt']}, labels {report['labels']}, {report['runs']} runs",
     ]
+    if "shards" in report:
+        lines.extend(_render_shards(report))
     progress = report.get("progress")
     if progress:
-        running = progress.get("state") in {"running", "stopping"}
+        running = progress.get("state") in _RUNNING
         eta = f", ETA {short_duration(progress.get('eta_s'))}" if running else ""
         lines.append(
             f"  last run: {progress.get('state')} at {progress.get('updated_at')}, {progress.get('labeled')} labeled, "
@@ -85,6 +194,25 @@ def render_status(report: dict[str, Any]) -> str:
     for letter in report["recent_failures"]:
         lines.append(f"    {letter['id']}: {letter['kind']}: {str(letter['message'])[:140]}")
     return "\n".join(lines)
+
+
+def _render_shards(report: dict[str, Any]) -> list[str]:
+    states = ", ".join(
+        f"{len(shards)} {state} ({' '.join(s.split('/')[0] for s in shards)})"
+        for state, shards in sorted(report["shards_by_state"].items())
+    )
+    lines = [f"  {report['shard_count']} shards: {states}"]
+    if report["eta_s"] is not None:
+        left = [s for s, items in report["shards_by_state"].items() if s not in {"done", "running"} for _ in items]
+        caveat = f" (and {len(left)} shards not running)" if left else ""
+        lines.append(f"  running at {report['rows_per_s']} rows/s, ETA {short_duration(report['eta_s'])}{caveat}")
+    for shard in report["shards"]:
+        speed = f", {shard['rows_per_s']} rows/s, ETA {short_duration(shard['eta_s'])}" if shard["rows_per_s"] else ""
+        lines.append(
+            f"    shard {shard['shard']}: {shard['state']}, {shard['labeled']:,} labeled, "
+            f"{shard['failed_unlabeled']:,} failed{speed}"
+        )
+    return lines
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

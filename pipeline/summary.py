@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipeline.errors import LabelstreamError
@@ -51,6 +52,9 @@ class Summary:
     pending: int = 0
     unfinished: int = 0
     unavailable: int = 0  # flex: 429 resource_unavailable answers (retried; not rate limits)
+    shard: str | None = None  # "1/4" for a run of one shard
+    other_shards: int = 0  # input rows left to the other shards
+    servers: dict[str, dict[str, int]] = field(default_factory=dict)  # url → rows, errors, backoffs (fleets)
 
     @classmethod
     def of(
@@ -63,6 +67,7 @@ class Summary:
         dead_letters: str,
         resume: str,
         engine: str = "online",
+        servers: dict[str, dict[str, int]] | None = None,
     ) -> Summary:
         """Summarise a finished (or stopped) run from its counters."""
         return cls(
@@ -103,7 +108,19 @@ class Summary:
             pending=s.pending,
             unfinished=s.unfinished,
             unavailable=s.calls.unavailable,
+            shard=opts.shard.label if opts.shard else None,
+            other_shards=s.other_shards,
+            servers=servers or {},
         )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Summary:
+        """A summary from its JSON form (`as_dict`), e.g. a shard's, read back from its progress file."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        for name in ("input", "output", "dead_letters", "model", "resume_command"):  # older progress files
+            values.setdefault(name, "")
+        return cls(**values)
 
     @property
     def exit_code(self) -> int:
@@ -160,6 +177,17 @@ class Summary:
             "pending": self.pending,
             "unfinished": self.unfinished,
             "unavailable": self.unavailable,
+            "input": self.input,
+            "output": self.output,
+            "dead_letters": self.dead_letters,
+            "model": self.model,
+            "resume_command": self.resume_command,
+            "duplicate_samples": self.duplicate_samples,
+            "conflict_samples": self.conflict_samples,
+            "relabel_hint": self.relabel_hint,
+            "shard": self.shard,
+            "other_shards": self.other_shards,
+            "servers": self.servers,
         }
 
     def render(self) -> str:
@@ -209,7 +237,13 @@ class Summary:
                     if shown < 5:
                         lines.append(f"    {kind} ×{count}: {sample[:160]}")
                         shown += 1
-        lines.append(f"  sink: {self.output} (+{self.saved:,} rows this run)")
+        if len(self.servers) > 1:
+            lines.append("  rows per server:")
+            for url, counts in sorted(self.servers.items()):
+                trouble = f", {counts.get('errors', 0):,} errors, backed off {counts.get('backoffs', 0):,}×"
+                lines.append(f"    {url}: {counts.get('rows', 0):,} rows{trouble if counts.get('errors') else ''}")
+        where = f"{self.output}, shard {self.shard}" if self.shard else self.output
+        lines.append(f"  sink: {where} (+{self.saved:,} rows this run)")
         if self.error:
             lines.append(f"  stopped because: {self.error}")
         if self.state != "done":
@@ -241,3 +275,48 @@ class Summary:
                 "the next run sends them again"
             )
         return lines
+
+
+_WORST_STATE = {"done": 0, "interrupted": 1, "failed": 2}
+_SUMMED = (
+    "labeled", "failed", "saved", "skipped_done", "duplicates", "conflicts", "changed", "truncated", "retries",
+    "rate_limited", "prompt_tokens", "completion_tokens",
+)  # fmt: skip
+
+
+def combine(parts: Sequence[Summary], *, output: str, dead_letters: str, resume: str, elapsed_s: float) -> Summary:
+    """One summary for the shards of one run (`--procs`): counts added up, the worst state, the first error."""
+    if not parts:
+        raise ValueError("nothing to combine")
+    totals = {name: sum(getattr(p, name) for p in parts) for name in _SUMMED}
+    failures: dict[str, int] = {}
+    samples: dict[str, list[str]] = {}
+    servers: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for kind, n in part.failures.items():
+            failures[kind] = failures.get(kind, 0) + n
+            samples.setdefault(kind, []).extend(part.samples.get(kind, [])[: 3 - len(samples.get(kind, []))])
+        for url, counts in part.servers.items():
+            into = servers.setdefault(url, {})
+            for key, n in counts.items():
+                into[key] = into.get(key, 0) + n
+    costs = [p.cost_usd for p in parts if p.cost_usd is not None]
+    worst = max(parts, key=lambda p: _WORST_STATE.get(p.state, 2))
+    return Summary(
+        state=worst.state,
+        input=parts[0].input,
+        output=output,
+        dead_letters=dead_letters,
+        elapsed_s=round(elapsed_s, 2),
+        cost_usd=sum(costs) if costs else None,
+        model=parts[0].model,
+        resume_command=resume,
+        failures=failures,
+        samples=samples,
+        duplicate_samples=[x for p in parts for x in p.duplicate_samples][:5],
+        conflict_samples=[x for p in parts for x in p.conflict_samples][:5],
+        relabel_hint=parts[0].relabel_hint,
+        error=next((p.error for p in parts if p.error), None),
+        servers=servers,
+        **totals,
+    )

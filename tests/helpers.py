@@ -62,7 +62,7 @@ def label(
         config,
         limits=options.pop("limits", LimitSettings(concurrency=concurrency)),
         retry=retry,
-        base_url=sim.base_url,
+        base_url=options.pop("base_url", sim.base_url),
         api_key=options.pop("api_key", "sk-test-key"),
         progress="off" if notice is None else "log",
         **options,

@@ -57,3 +57,15 @@ def share(text: str) -> float:
 def concurrency(text: str) -> int | str:
     """A positive number of requests in flight, or 'auto'."""
     return "auto" if text.strip().lower() == "auto" else positive_int(text)
+
+
+def fraction(text: str) -> float:
+    """A share above 0 and at most 1, as `1/4` or `0.25` (a process's share of a rate limit)."""
+    num, sep, den = text.partition("/")
+    try:
+        value = float(num) / float(den) if sep else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a share such as 1/4 or 0.25, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"expected a share above 0 and at most 1, got {text}")
+    return value

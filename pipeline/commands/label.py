@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import shlex
 import sys
@@ -11,7 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.commands.args import concurrency, count, parse_bool, positive_float, positive_int, seconds, share
+from pipeline.commands.args import (
+    concurrency,
+    count,
+    fraction,
+    parse_bool,
+    positive_float,
+    positive_int,
+    seconds,
+    share,
+)
 from pipeline.commands.signals import interrupt_on_term
 from pipeline.config import DEFAULT_MODEL
 from pipeline.errors import LabelstreamError, UsageError
@@ -34,7 +44,12 @@ def register(sub: Any) -> None:
 
     model = label.add_argument_group("model and endpoint")
     model.add_argument("--model", help=f"model name (default: the config's, else {DEFAULT_MODEL})")
-    model.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI)")
+    model.add_argument(
+        "--base-url",
+        action="append",
+        help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI); give it again for each server of a "
+        "fleet: requests go to the one with the fewest in flight",
+    )
 
     pace = label.add_argument_group("pace and retries")
     pace.add_argument(
@@ -52,6 +67,12 @@ def register(sub: Any) -> None:
         "--exact-tokens",
         action="store_true",
         help="count tokens with the model's BPE under a TPM limit (pip install labelstream[tokens]; ~140 MB)",
+    )
+    pace.add_argument(
+        "--rate-share",
+        type=fraction,
+        help="this process's share of the key's limits, e.g. 1/4 (default: 1/N with --procs N, and with "
+        "--shard i/N when --rpm/--tpm are given; else 1)",
     )
     pace.add_argument("--max-retries", type=count, default=5, help="retries per row before it is dead-lettered")
     pace.add_argument("--timeout", type=positive_float, help="seconds per request (default: 60; 900 with flex)")
@@ -122,6 +143,17 @@ def register(sub: Any) -> None:
         help="write rows whose label confidence is under P to OUT.review.csv beside the sink",
     )
 
+    scale = label.add_argument_group("scaling out")
+    scale.add_argument(
+        "--shard",
+        metavar="i/N|auto",
+        help="label only the rows whose id hashes to shard i of N (from 0), into that shard's part of --output; "
+        "auto: i from JOB_COMPLETION_INDEX (Kubernetes) or SLURM_ARRAY_TASK_ID",
+    )
+    scale.add_argument(
+        "--procs", type=positive_int, help="run N shard processes on this machine, with one progress and summary"
+    )
+
     saving = label.add_argument_group("checkpoints and output")
     saving.add_argument("--checkpoint-every", type=positive_int, help="rows per sink write (JSONL 1000, Parquet 5000)")
     saving.add_argument("--checkpoint-seconds", type=positive_float, help="seconds between sink writes (2 / 30)")
@@ -129,7 +161,7 @@ def register(sub: Any) -> None:
     shown = saving.add_mutually_exclusive_group()
     shown.add_argument("--no-progress", action="store_true", help="no bar: a plain log line every 10 s")
     shown.add_argument("--quiet", action="store_true", help="no progress and no notes; the summary only on failure")
-    label.set_defaults(handler=run)
+    label.set_defaults(handler=run, label_parser=label)
 
 
 def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
@@ -137,6 +169,7 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
     from pipeline.config import load_config  # noqa: PLC0415 - commands load what they need
     from pipeline.limits import LimitSettings, RetryPolicy  # noqa: PLC0415
     from pipeline.options import RunOptions  # noqa: PLC0415
+    from pipeline.shard import parse_shard  # noqa: PLC0415
 
     if args.prices is not None:
         from pipeline.pricing import PRICES_ENV, load_prices  # noqa: PLC0415
@@ -154,10 +187,21 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
         max_rows = 50
     if args.relabel_changed and not args.skip_labeled:
         raise UsageError("--relabel-changed resumes a sink; --skip_labeled False starts over. Pass one of them.")
+    shard = parse_shard(args.shard) if args.shard else None
+    if shard is not None and args.procs:
+        raise UsageError("--procs N starts shards 0 … N-1 itself; pass --shard or --procs, not both.")
     if args.concurrency == "auto":
         limits = LimitSettings.automatic(rpm=args.rpm, tpm=args.tpm)
     else:
         limits = LimitSettings(concurrency=int(args.concurrency), rpm=args.rpm, tpm=args.tpm)
+    share = args.rate_share
+    if share is None:
+        # Shards given --rpm/--tpm were given the key's limit: each takes its part. Without them each shard
+        # learns the limit from headers, which --procs children share (see procs.py) and machines may not.
+        shared = shard is not None and (args.rpm or args.tpm)
+        share = 1 / args.procs if args.procs else 1 / shard.count if shared and shard else 1.0
+    limits = dataclasses.replace(limits, share=share)
+    urls = args.base_url or []
     input_path = Path(args.input)
     output = Path(args.output) if args.output else input_path.with_suffix(".labels.jsonl")
     return RunOptions.build(
@@ -171,7 +215,7 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
         checkpoint_seconds=args.checkpoint_seconds,
         limits=limits,
         retry=RetryPolicy(max_attempts=args.max_retries + 1, timeout=_timeout(args)),
-        base_url=args.base_url,
+        base_url=urls[0] if len(urls) == 1 else tuple(urls) or None,
         max_rows=max_rows,
         force=args.force,
         restart=not args.skip_labeled,
@@ -183,6 +227,7 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
         review_below=args.review_below,
         command=_resume_command(argv, output),
         service_tier=args.service_tier,
+        shard=shard,
     )
 
 
@@ -222,6 +267,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     _check_engine_flags(args)
     opts = _run_options(args, argv)
+    if args.procs and args.procs > 1:
+        return _run_procs(args, opts)
     if args.dry_run:
         from pipeline.plan import dry_run  # noqa: PLC0415
 
@@ -260,6 +307,49 @@ async def _engine_run(args: argparse.Namespace, opts: Any) -> Any:
             file=sys.stderr,
         )
     return await run_label(opts)
+
+
+def _run_procs(args: argparse.Namespace, opts: Any) -> int:
+    """--procs N: the shards as child processes of this one."""
+    from pipeline.procs import dry_run_procs, run_procs  # noqa: PLC0415 - commands load what they need
+
+    def child_args(shard: Any, limit: int | None) -> list[str]:
+        words = [*_passed_on(args), "--output", str(opts.output), "--shard", shard.label, "--quiet"]
+        words += ["--rate-share", str(args.rate_share) if args.rate_share else f"1/{shard.count}"]
+        return words + (["--limit", str(limit)] if limit is not None else [])
+
+    if args.dry_run:
+        return dry_run_procs(args.procs, child_args)
+    summary, code = run_procs(opts, args.procs, child_args)
+    if summary is not None and (not args.quiet or code):
+        print(summary.render(), file=sys.stderr)
+    return code
+
+
+# Flags the --procs parent settles itself (or gives each child its own value of).
+_PARENT_ONLY = frozenset(
+    {"procs", "shard", "skip_labeled", "limit", "mode", "no_progress", "quiet", "dry_run", "output", "rate_share"}
+)
+
+
+def _passed_on(args: argparse.Namespace) -> list[str]:
+    """The `label` flags of this command, rebuilt from what was parsed (so abbreviations and aliases work)."""
+    words = ["label"]
+    for action in args.label_parser._actions:  # argparse has no public list of a parser's options
+        if not action.option_strings or action.dest in _PARENT_ONLY or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:
+            words.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                words += [flag, str(item)]
+        else:
+            words += [flag, str(value)]
+    return words
 
 
 def _resume_command(argv: Sequence[str], output: Path) -> str:

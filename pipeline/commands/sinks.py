@@ -14,7 +14,7 @@ from pipeline.errors import UsageError
 
 def register(sub: Any) -> None:
     """Add the `status`, `export` and `compact` subcommands."""
-    status = sub.add_parser("status", help="counts, failure rate and recent errors of a sink")
+    status = sub.add_parser("status", help="counts, failure rate and recent errors of a sink (all its shards)")
     status.add_argument("output", type=Path)
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--report", type=Path, help="write a self-contained HTML report of a finished run here")
@@ -26,7 +26,9 @@ def register(sub: Any) -> None:
     export.add_argument("--to", type=Path, required=True, help="labeled.csv or labeled.parquet")
     export.set_defaults(handler=run_export)
 
-    compact = sub.add_parser("compact", help="merge the part files of a Parquet sink")
+    compact = sub.add_parser(
+        "compact", help="merge the part files of a Parquet sink (a finished sharded one: into one)"
+    )
     compact.add_argument("output", type=Path, help="OUT.parquet")
     compact.add_argument("--rows-per-part", type=positive_int, default=1_000_000)
     compact.set_defaults(handler=run_compact)
@@ -76,7 +78,10 @@ def run_compact(args: argparse.Namespace, _argv: Sequence[str]) -> int:
     from pipeline.sinks.compact import compact  # noqa: PLC0415 - only this command needs pyarrow here
 
     if args.output.suffix.lower() != ".parquet":
-        raise UsageError("compact works on a Parquet sink (OUT.parquet); a JSONL sink is one file already.")
+        raise UsageError(
+            "compact works on a Parquet sink (OUT.parquet); a JSONL sink is one file already (and the files of a "
+            "sharded one are read as one by status and export)."
+        )
     before, after = compact(args.output, rows_per_part=args.rows_per_part)
     print(f"{args.output}: {before} parts → {after}")
     return 0

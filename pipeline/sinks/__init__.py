@@ -2,7 +2,9 @@
 
 `open_sink(path)` picks the format from the suffix: `.jsonl` (one JSON object a line, `jsonl.py`) or
 `.parquet` (a dataset directory of part files, `parquet.py`, which loads pyarrow). Side files live in
-`OUT.meta/` (`meta.py`). A new sink format subclasses `Sink` (`base.py`) and gets a suffix here.
+`OUT.meta/` (`meta.py`). `open_sink(path, shard=...)` is one shard of a sharded output, and `open_shards`
+every sink an output is made of (`layout.py` names them). A new sink format subclasses `Sink` (`base.py`)
+and gets a suffix here.
 """
 
 from __future__ import annotations
@@ -10,21 +12,46 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.errors import UsageError
+from pipeline.shard import Shard
 from pipeline.sinks.base import Sink
 from pipeline.sinks.jsonl import JsonlSink
+from pipeline.sinks.layout import Layout, check_layout, discover, is_jsonl
 from pipeline.sinks.meta import Identity, Manifest, SinkMeta, meta_dir_for
 
-__all__ = ["Identity", "JsonlSink", "Manifest", "Sink", "SinkMeta", "meta_dir_for", "open_sink"]
+__all__ = [
+    "Identity",
+    "JsonlSink",
+    "Layout",
+    "Manifest",
+    "Sink",
+    "SinkMeta",
+    "check_layout",
+    "discover",
+    "meta_dir_for",
+    "open_shards",
+    "open_sink",
+]
 
 
-def open_sink(path: str | Path) -> Sink:
-    """The sink for an output path, chosen by suffix (.jsonl or .parquet)."""
+def open_sink(path: str | Path, shard: Shard | None = None) -> Sink:
+    """The sink for an output path, chosen by suffix (.jsonl or .parquet); with `shard`, that shard of it."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in {".jsonl", ".ndjson"}:
-        return JsonlSink(path)
-    if suffix == ".parquet":
+    if is_jsonl(path):
+        return JsonlSink(path, shard)
+    if path.suffix.lower() == ".parquet":
         from pipeline.sinks.parquet import ParquetSink  # noqa: PLC0415 - pyarrow is slow to import; JSONL needs none
 
-        return ParquetSink(path)
+        return ParquetSink(path, shard)
     raise UsageError(f"--output {path}: use a name ending in .jsonl or .parquet to choose the sink format.")
+
+
+def open_shards(path: str | Path, layout: Layout | None = None) -> list[Sink]:
+    """Every sink an output is made of: shards 0 … N-1 of a sharded output (started or not), else the one sink."""
+    path = Path(path)
+    layout = layout or discover(path)
+    count = layout.count
+    if count is None:
+        if layout.sharded:  # shards of several N: refuse with the message a run would give
+            check_layout(path, None, layout)
+        return [open_sink(path)]
+    return [open_sink(path, Shard(i, count)) for i in range(count)]

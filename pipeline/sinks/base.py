@@ -17,20 +17,27 @@ import orjson
 
 from pipeline.idset import IdSet
 from pipeline.results import Failed, Labeled, dead_letter
+from pipeline.shard import Shard
 from pipeline.sinks.meta import SinkMeta
 
 T = TypeVar("T")
 
 
 class Sink(ABC):
-    """Append-only store of labeled rows that knows which ids it holds."""
+    """Append-only store of labeled rows that knows which ids it holds.
+
+    `output` is the path the user named; `path` is what this sink writes (for shard i/N of a JSONL output, its
+    own file beside the others). A shard keeps its side files in a folder of its own.
+    """
 
     suffix = ""
     default_checkpoint: tuple[int, float] = (1000, 2.0)  # rows, seconds between writes
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shard: Shard | None = None) -> None:
+        self.output = path
+        self.shard = shard
         self.path = path
-        self.meta = SinkMeta(path)
+        self.meta = SinkMeta(path, shard)
         self.notes: list[str] = []
         # One thread for all of a sink's blocking writes. Spread over the default pool's threads, Arrow's and
         # glibc's per-thread heaps kept growing (measured: +37 MB RSS over 100k Parquet rows; flat with one).

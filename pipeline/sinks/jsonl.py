@@ -14,8 +14,10 @@ import orjson
 from pipeline.errors import SinkError, StorageError, UsageError
 from pipeline.idset import IdSet
 from pipeline.results import Labeled, record, sha_tag
+from pipeline.shard import Shard
 from pipeline.sinks.base import Sink
 from pipeline.sinks.files import Appender, fsync_dir
+from pipeline.sinks.layout import shard_file
 
 # Records are written with "id" first, so the id can be read without parsing the whole line.
 _ID_PREFIX: Final = re.compile(rb'^\{"id":("(?:[^"\\]|\\.)*")')
@@ -24,13 +26,18 @@ _TAIL_PROBE: Final = 1 << 16
 
 
 class JsonlSink(Sink):
-    """One JSON object a line, appended in batches; a torn last line is cut when opened."""
+    """One JSON object a line, appended in batches; a torn last line is cut when opened.
+
+    Shard i/N of `OUT.jsonl` writes `OUT.shard-i-of-N.jsonl` beside it.
+    """
 
     suffix = ".jsonl"
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self._appender = Appender(path)
+    def __init__(self, path: Path, shard: Shard | None = None) -> None:
+        super().__init__(path, shard)
+        if shard is not None:
+            self.path = shard_file(path, shard)
+        self._appender = Appender(self.path)
 
     def exists(self) -> bool:
         return self.path.exists() or self.meta.dir.exists()

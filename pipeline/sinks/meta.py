@@ -19,6 +19,7 @@ import orjson
 
 from pipeline.errors import SinkError, SinkMismatchError, StorageError
 from pipeline.results import now_iso
+from pipeline.shard import Shard
 from pipeline.sinks.files import Appender, replace_atomically
 
 SCHEMA_VERSION: Final = 3  # 2: records carry text_sha; 3: confidence, cached_tokens, extra output fields
@@ -126,10 +127,11 @@ def meta_dir_for(sink_path: Path) -> Path:
 
 
 class SinkMeta:
-    """Access to one sink's side-file folder."""
+    """Access to one sink's side-file folder: `OUT.meta/`, or `OUT.meta/shard-i-of-N/` for a shard of `OUT`."""
 
-    def __init__(self, sink_path: Path) -> None:
-        self.dir = meta_dir_for(sink_path)
+    def __init__(self, sink_path: Path, shard: Shard | None = None) -> None:
+        self.dir = meta_dir_for(sink_path) / shard.name if shard else meta_dir_for(sink_path)
+        self.what = f"{sink_path} (shard {shard.label})" if shard else str(sink_path)
         self.manifest_path = self.dir / "manifest.json"
         self.dead_letters_path = self.dir / "dead_letters.jsonl"
         self.progress_path = self.dir / "progress.json"
@@ -157,14 +159,23 @@ class SinkMeta:
             pid = handle.read().decode(errors="replace").strip() or "?"
             handle.close()
             raise SinkError(
-                f"another labelstream run (pid {pid}) is writing {self.dir.name.removesuffix('.meta')}; "
-                "wait for it to finish or stop it first."
+                f"another labelstream run (pid {pid}) is writing {self.what}; wait for it to finish or stop it first."
             ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()).encode())
         handle.flush()
         self._lock = handle
+
+    def claims(self) -> list[Path]:
+        """What taking the lock would create (the folder, its temp folder, the lock file), for `withdraw`."""
+        return [p for p in (self.dir / "lock", self.tmp_dir, self.dir) if not p.exists()]
+
+    def withdraw(self, created: list[Path]) -> None:
+        """Remove what a refused run created by locking (see `claims`), so that it leaves no trace."""
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() else path.unlink()
 
     def unlock(self) -> None:
         """Release the lock (also released by the OS if the process dies)."""

@@ -5,17 +5,20 @@ checkpoint writes a new part under a temporary name in `OUT.parquet.meta/tmp/` a
 the dataset directory once it is complete and synced (same filesystem, so the rename is atomic).
 pandas, pyarrow.dataset, duckdb and polars can read the directory at any moment, even right after
 `kill -9`: they see the parts renamed so far and nothing else.
+
+Shards of one output share the dataset directory; each writes parts that carry its shard in their names
+(`part-s03of08-000001-<tag>.parquet`) and reads, repairs and rewrites only those.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -23,11 +26,13 @@ import pyarrow.parquet as pq
 from pipeline.errors import SinkError, SinkMismatchError, StorageError, UsageError
 from pipeline.idset import IdSet
 from pipeline.results import GETTERS, LEADING, TRAILING, Labeled, sha_tag
+from pipeline.shard import Shard
 from pipeline.sinks.base import Sink
 from pipeline.sinks.files import fsync_dir
+from pipeline.sinks.layout import PART, part_number, part_shard
 from pipeline.sinks.swap import fresh_rewrite_dir, recover_swap, swap_in
 
-PART: Final = re.compile(r"^part-(\d{6})-[0-9a-f]+\.parquet$")
+_DROP_JOURNAL: Final = "drop.json"
 _TYPES: Final = {
     "string": pa.string(),
     "int64": pa.int64(),
@@ -84,21 +89,26 @@ class ParquetSink(Sink):
     suffix = ".parquet"
     default_checkpoint = (5000, 30.0)
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, shard: Shard | None = None) -> None:
+        super().__init__(path, shard)
         self.schema: pa.Schema | None = None
         self._outputs: frozenset[str] = frozenset()
         self._next_part = 1
         self._run_tag = os.urandom(4).hex()
 
     def parts(self) -> list[Path]:
-        """Complete part files in write order."""
+        """This sink's complete part files in write order (a shard's own parts only)."""
+        return [p for p in self.all_parts() if part_shard(p.name) == self.shard]
+
+    def all_parts(self) -> list[Path]:
+        """Every complete part file in the dataset directory, of every shard."""
         if not self.path.is_dir():
             return []
         return sorted(p for p in self.path.iterdir() if PART.match(p.name))
 
     def exists(self) -> bool:
-        return self.path.exists() or self.meta.dir.exists()
+        held = self.path.exists() if self.shard is None else bool(self.parts())
+        return held or self.meta.dir.exists()
 
     def has_rows(self) -> bool:
         return bool(self.parts())
@@ -106,7 +116,8 @@ class ParquetSink(Sink):
     def bind_schema(self, carry: Sequence[str], *, multi_label: bool, outputs: Sequence[tuple[str, str]] = ()) -> None:
         """Fix this run's schema; refuse when existing parts were written with other columns."""
         wanted = record_schema(carry, multi_label=multi_label, outputs=outputs)
-        parts = self.parts()
+        # A shard that has written nothing yet must still match its siblings: one directory, one schema.
+        parts = self.parts() or self.all_parts()
         if parts:
             have = pq.read_schema(parts[-1])
             if not have.equals(wanted, check_metadata=False):
@@ -135,7 +146,7 @@ class ParquetSink(Sink):
         done, repeats = IdSet.bulk(self._entries())
         self.note_repeats(repeats)
         if parts := self.parts():
-            self._next_part = int(PART.match(parts[-1].name).group(1)) + 1  # type: ignore[union-attr]  # parts() only lists matches
+            self._next_part = max(part_number(p.name) for p in parts) + 1
         return done
 
     def _entries(self) -> Iterator[tuple[str, int]]:
@@ -157,6 +168,8 @@ class ParquetSink(Sink):
         """Finish or undo an interrupted rewrite (compaction) and delete temporary parts a crash left behind."""
         if note := recover_swap(self.path, self.meta.dir):
             self.notes.append(note)
+        if self._finish_drop():
+            self.notes.append("finished dropping superseded records (--relabel-changed) that a crash interrupted")
         if self.meta.tmp_dir.is_dir():
             orphans = [p for p in self.meta.tmp_dir.iterdir() if p.name.endswith(".parquet.tmp")]
             for orphan in orphans:
@@ -176,13 +189,21 @@ class ParquetSink(Sink):
     def write_batch(self, items: Sequence[Labeled]) -> None:
         if self.schema is None:
             raise RuntimeError("bind_schema() must be called before append()")
-        table = self._table(items)
-        name = f"part-{self._next_part:06d}-{self._run_tag}.parquet"
+        self._publish(self._table(items), self._new_part_name())
+
+    def _new_part_name(self) -> str:
+        shard = f"{self.shard.part_tag}-" if self.shard else ""
+        name = f"part-{shard}{self._next_part:06d}-{self._run_tag}.parquet"
         self._next_part += 1
-        self._publish(table, name)
+        return name
 
     def drop_ids(self, ids: IdSet) -> int:
-        """Swap in a copy of the dataset without the records of `ids` (untouched parts are hard links)."""
+        """Swap in a copy of the dataset without the records of `ids` (untouched parts are hard links).
+
+        A shard cannot swap the directory its siblings write into: it rewrites its own parts instead.
+        """
+        if self.shard is not None:
+            return self._drop_in_own_parts(ids)
         dropped = 0
         try:
             new = fresh_rewrite_dir(self.meta.dir)
@@ -203,6 +224,58 @@ class ParquetSink(Sink):
         finally:
             recover_swap(self.path, self.meta.dir)
         return dropped
+
+    def _drop_in_own_parts(self, ids: IdSet) -> int:
+        """Replace each own part that holds some of `ids` by a filtered copy, through a journal.
+
+        The filtered copies are written first; then the journal lists the parts to delete and the copies to
+        publish, and `_finish_drop` (also run by the next `recover`) deletes, then publishes. A crash before
+        the journal changes nothing; after it, the next run finishes the job. A reader may briefly miss the
+        kept rows of a part between its deletion and its copy's rename, never see a row twice.
+        """
+        remove: list[str] = []
+        publish: list[str] = []
+        dropped = 0
+        try:
+            self.meta.ensure()
+            for part in self.parts():
+                table = pq.read_table(part)
+                keep = pa.array([row_id not in ids for row_id in table.column("id").to_pylist()], pa.bool_())
+                removed = len(table) - pc.sum(keep).as_py() if len(table) else 0
+                if not removed:
+                    continue
+                dropped += removed
+                remove.append(part.name)
+                if removed < len(table):
+                    name = self._new_part_name()
+                    tmp = self.meta.tmp_dir / f"{name}.tmp"
+                    pq.write_table(table.filter(keep), tmp, compression="zstd")
+                    with tmp.open("rb") as handle:
+                        os.fsync(handle.fileno())
+                    publish.append(name)
+            if remove:
+                self.meta.write_json_atomic(self.meta.dir / _DROP_JOURNAL, {"remove": remove, "publish": publish})
+                self._finish_drop()
+        except OSError as exc:
+            raise StorageError(f"cannot rewrite {self.path}: {exc.strerror or exc}. Re-run to finish.") from None
+        return dropped
+
+    def _finish_drop(self) -> bool:
+        """Carry out a drop journal, if there is one (idempotent); True if there was."""
+        journal = self.meta.dir / _DROP_JOURNAL
+        try:
+            plan = orjson.loads(journal.read_bytes())
+        except FileNotFoundError:
+            return False
+        for name in plan["remove"]:
+            (self.path / name).unlink(missing_ok=True)
+        for name in plan["publish"]:
+            tmp = self.meta.tmp_dir / f"{name}.tmp"
+            if tmp.exists():
+                tmp.replace(self.path / name)
+        fsync_dir(self.path)
+        journal.unlink()
+        return True
 
     def _table(self, items: Sequence[Labeled]) -> pa.Table:
         assert self.schema is not None  # noqa: S101 - checked by write_batch
@@ -238,3 +311,35 @@ class ParquetSink(Sink):
                 f"cannot write a part of {self.path}: {exc.strerror or exc}. Parts written before are complete "
                 "and readable; free space and re-run the same command to resume."
             ) from None
+
+
+def rewrite_parts(parts: list[Path], schema: pa.Schema, new: Path, *, rows_per_part: int) -> int:
+    """Write the rows of `parts` into `new` as few large unsharded parts in `schema`; return how many."""
+    written, writer, rows_in_part = 0, None, 0
+    tag = os.urandom(4).hex()
+    try:
+        for part in parts:
+            for batch in pq.ParquetFile(part).iter_batches(batch_size=65_536):
+                if writer is None or rows_in_part >= rows_per_part:
+                    if writer is not None:
+                        writer.close()
+                    written += 1
+                    writer = pq.ParquetWriter(new / f"part-{written:06d}-{tag}.parquet", schema, compression="zstd")
+                    rows_in_part = 0
+                writer.write_table(conform(pa.Table.from_batches([batch]), schema))
+                rows_in_part += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return written
+
+
+def target_schema(parts: list[Path]) -> pa.Schema:
+    """The current record schema for the columns the sink holds (the task's own columns, with their types, and the
+    label type from its parts)."""
+    if not parts:
+        return record_schema((), multi_label=False)
+    have = pq.read_schema(parts[-1])
+    fixed = set(record_schema((), multi_label=False).names)
+    middle = [(f.name, f.type) for f in have if f.name not in fixed]
+    return schema_of(middle, multi_label=pa.types.is_list(have.field("label").type))

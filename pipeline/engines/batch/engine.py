@@ -28,7 +28,7 @@ from pipeline.engines.batch.ledger import COLLECTED, PREPARED, SUBMITTED, Ledger
 from pipeline.engines.batch.poll import BatchProgress, refresh, wait_for_batches
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.batch.submit import SETTLE_SECONDS, Planner, counts_of, submit
-from pipeline.errors import BatchError, Interrupted, LabelstreamError
+from pipeline.errors import BatchError, Interrupted, LabelstreamError, UsageError
 from pipeline.options import RunOptions, resolve_credentials
 from pipeline.prepare import Prepared, RowGate, prepare_run
 from pipeline.prompt import Prompt
@@ -134,7 +134,7 @@ class _BatchRun:
             max_requests=self.settings.max_requests,
             max_bytes=self.settings.max_bytes,
         )
-        gate = RowGate(self.prepared.done, self.stats, opts.max_rows)
+        gate = RowGate(self.prepared.done, self.stats, opts.max_rows, shard=opts.shard)
         live = ledger.live_ids()
         planner = Planner.over(self.prepared.source.batches(), gate, live, self.stats, files)
         try:
@@ -239,7 +239,9 @@ async def run_batch(
 ) -> Summary:
     """Run the batch engine to the end (or, without `settings.wait`, until its batches are sent)."""
     notice = notice or sys.stderr
-    api_key, base_url = resolve_credentials(opts.api_key, opts.base_url)
+    if len(opts.base_urls) > 1:
+        raise UsageError("--engine batch sends to one endpoint; pass --base-url once.")
+    api_key, base_url = resolve_credentials(opts.api_key, opts.base_urls[0] if opts.base_urls else None)
     prepared = prepare_run(opts)
     api = BatchApi(api_key=api_key, base_url=base_url)
     try:

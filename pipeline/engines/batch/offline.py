@@ -67,7 +67,9 @@ def prepare_requests(opts: RunOptions, to: Path, settings: BatchSettings) -> Pre
             max_bytes=settings.max_bytes,
         )
         live = Ledger(run.sink.meta).live_ids()
-        planner = Planner.over(run.source.batches(), RowGate(run.done, stats, opts.max_rows), live, stats, files)
+        planner = Planner.over(
+            run.source.batches(), RowGate(run.done, stats, opts.max_rows, shard=opts.shard), live, stats, files
+        )
         out = Prepared()
         never = threading.Event()
         try:
