@@ -31,6 +31,8 @@ from pipeline.tokens import TokenEstimator
 
 # Consecutive 400s, with no success at all, after which we call the request itself broken.
 _BAD_REQUEST_BREAKER = 20
+# Timed-out attempts, with no reply at all yet, after which the server is called down or slower than --timeout.
+_TIMEOUT_BREAKER = 20
 _JSON_HEADERS = {"Content-Type": "application/json"}
 # 429-answered attempts a row may take beyond its --max-retries before it is dead-lettered anyway.
 _RATE_LIMITED_CAP = 100
@@ -224,6 +226,17 @@ class LabelClient:
         )
 
     def _timed_out(self, limit: float) -> _Attempt:
+        if self.stats.successes == 0:
+            # Nothing has come back yet: no overload to wait out, and holding on would retry forever (each
+            # "held" timeout is free) against a server that is down or always slower than --timeout.
+            self.stats.timeouts_before_any_reply += 1
+            if self.stats.timeouts_before_any_reply >= _TIMEOUT_BREAKER:
+                raise FatalApiError(
+                    f"the first {_TIMEOUT_BREAKER} requests to {self._sdk.base_url} got no reply within "
+                    f"{limit:g} s. The server is down or slower than that: check it, or raise --timeout "
+                    "(slow reasoning models can need minutes), then re-run the same command to resume.",
+                    cause="timeout",
+                )
         if self.timeouts.note_timeout(time.perf_counter()):
             # Many at once: a gateway holding requests over its limit, or a drowning provider. Slow the run down
             # like a 429, and do not count it against the rows.

@@ -20,6 +20,7 @@ class CallStats:
     unavailable: int = 0  # flex: 429 resource_unavailable (retried with backoff; no rate limit)
     successes: int = 0
     bad_requests_in_a_row: int = 0
+    timeouts_before_any_reply: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # the part of prompt_tokens served from the provider's prompt cache

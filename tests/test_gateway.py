@@ -170,3 +170,15 @@ def test_requests_held_by_a_gateway_past_the_timeout_count_as_rate_limiting(sim:
     assert dead_letters(out) == []
     assert summary.exit_code == 0 and len(set(sink_ids(out))) == 150
     assert summary.rate_limited > 0
+
+
+def test_a_server_slower_than_the_timeout_stops_the_run_with_what_to_do(sim: Any, tmp_path: Path) -> None:
+    """Replies that always take longer than --timeout are not an overload to wait out: with nothing ever back,
+    the run stops after 20 timed-out attempts and says to raise --timeout (it used to retry forever)."""
+    sim.configure(latency_ms=1500)
+    impatient = RetryPolicy(max_attempts=4, base_wait=0.001, max_wait=0.01, timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(FatalApiError, match="no reply within 0.3 s.*raise --timeout") as caught:
+        label(sim, write_csv(tmp_path / "in.csv", reviews(60)), tmp_path / "out.jsonl", concurrency=8, retry=impatient)
+    assert caught.value.cause == "timeout"
+    assert time.monotonic() - started < 60

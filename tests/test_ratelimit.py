@@ -172,6 +172,7 @@ def test_the_http_pool_holds_more_than_a_thousand_requests(sim: Any, tmp_path: P
     sim.configure(latency_ms=6000)  # long enough that the 1,100th request leaves before the first returns
     out = tmp_path / "out.jsonl"
     limits = LimitSettings(concurrency=1100, rpm=120_000)  # Little's law: the window jumps to the ceiling
-    summary = label(sim, write_csv(tmp_path / "in.csv", reviews(1200)), out, limits=limits)
+    patient = RetryPolicy(max_attempts=4, base_wait=0.001, max_wait=0.01, timeout=60.0)
+    summary = label(sim, write_csv(tmp_path / "in.csv", reviews(1200)), out, limits=limits, retry=patient)
     assert summary.exit_code == 0
     assert sim.stats(events=False)["max_in_flight"] > 1000
