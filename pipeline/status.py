@@ -169,7 +169,9 @@ def render_status(report: dict[str, Any]) -> str:
     lines = [
         f"{report['output']}: {report['labeled']:,} labeled, {report['failed_unlabeled']:,} failed and not yet "
         f"labeled ({report['failure_rate']:.1%})",
-        f"  model {report['model']}, prompt {report['prompt']}, labels {report['labels']}, {report['runs']} runs",
+        f"  model {report['model']}, prompt {report['prompt']}, labels {report['labels']}, {report['runs']} runs"
+        if report["model"] is not None
+        else "  no manifest: written outside `labelstream label` (e.g. by pipeline.ray); the records name the model",
     ]
     if "shards" in report:
         lines.extend(_render_shards(report))

@@ -263,7 +263,7 @@ class Summary:
         return "\n".join(lines)
 
     def _batch_lines(self) -> list[str]:
-        if self.engine == "online":
+        if self.engine not in ("batch", "auto"):
             return []
         lines = [
             f"  batches: {self.submitted:,} rows sent in {self.batches} new batches; {self.pending:,} rows still at "

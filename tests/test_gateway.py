@@ -178,7 +178,7 @@ def test_a_server_slower_than_the_timeout_stops_the_run_with_what_to_do(sim: Any
     sim.configure(latency_ms=1500)
     impatient = RetryPolicy(max_attempts=4, base_wait=0.001, max_wait=0.01, timeout=0.3)
     started = time.monotonic()
-    with pytest.raises(FatalApiError, match="no reply within 0.3 s.*raise --timeout") as caught:
+    with pytest.raises(FatalApiError, match=r"no reply within 0\.3 s.*raise --timeout") as caught:
         label(sim, write_csv(tmp_path / "in.csv", reviews(60)), tmp_path / "out.jsonl", concurrency=8, retry=impatient)
     assert caught.value.cause == "timeout"
     assert time.monotonic() - started < 60

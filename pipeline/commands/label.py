@@ -77,40 +77,7 @@ def register(sub: Any) -> None:
     pace.add_argument("--max-retries", type=count, default=5, help="retries per row before it is dead-lettered")
     pace.add_argument("--timeout", type=positive_float, help="seconds per request (default: 60; 900 with flex)")
 
-    engine = label.add_argument_group("engine and price")
-    engine.add_argument(
-        "--engine",
-        choices=["online", "batch", "auto"],
-        default="online",
-        help="online (default): requests as you go. batch: the OpenAI Batch API, half price, results within "
-        "24 h. auto: the first --online-rows online to check the prompt, the rest as batches",
-    )
-    engine.add_argument(
-        "--service-tier",
-        choices=["flex"],
-        help="online requests with service_tier flex: batch prices, slower replies (timeout 15 min); a 429 "
-        "'resource_unavailable' is retried with backoff",
-    )
-    engine.add_argument(
-        "--no-wait",
-        action="store_true",
-        help="batch/auto: return once the batches are sent; the same command later collects them",
-    )
-    engine.add_argument(
-        "--batch-size", type=positive_int, help="batch/auto: requests per batch (at most and default 50,000)"
-    )
-    engine.add_argument(
-        "--online-rows",
-        type=count,
-        default=100,
-        help="auto: rows labeled online first, to check the prompt and measure tokens (default: %(default)s)",
-    )
-    engine.add_argument(
-        "--poll-interval",
-        type=positive_float,
-        default=5.0,
-        help="batch/auto: seconds between looks at running batches at first; grows to 60 while nothing changes",
-    )
+    _engine_flags(label.add_argument_group("engine and price"))
 
     scope = label.add_argument_group("what to label")
     scope.add_argument("--limit", type=positive_int, help="label at most N rows not yet in the sink")
@@ -155,13 +122,61 @@ def register(sub: Any) -> None:
     )
 
     saving = label.add_argument_group("checkpoints and output")
-    saving.add_argument("--checkpoint-every", type=positive_int, help="rows per sink write (JSONL 1000, Parquet 5000)")
+    saving.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        help="rows per sink write (JSONL 1000, Parquet 5000, --engine ray 1000)",
+    )
     saving.add_argument("--checkpoint-seconds", type=positive_float, help="seconds between sink writes (2 / 30)")
     saving.add_argument("--grace", type=seconds, default=10.0, help="seconds in-flight requests get after Ctrl-C")
     shown = saving.add_mutually_exclusive_group()
     shown.add_argument("--no-progress", action="store_true", help="no bar: a plain log line every 10 s")
     shown.add_argument("--quiet", action="store_true", help="no progress and no notes; the summary only on failure")
     label.set_defaults(handler=run, label_parser=label)
+
+
+def _engine_flags(engine: Any) -> None:
+    """The --engine flag and the flags of each engine."""
+    engine.add_argument(
+        "--engine",
+        choices=["online", "batch", "auto", "ray"],
+        default="online",
+        help="online (default): requests as you go. batch: the OpenAI Batch API, half price, results within "
+        "24 h. auto: the first --online-rows online to check the prompt, the rest as batches. ray: a Ray "
+        "Data job (labelstream[ray]) on the cluster in RAY_ADDRESS or a local Ray; Parquet output",
+    )
+    engine.add_argument(
+        "--ray-actors",
+        type=positive_int,
+        default=2,
+        help="ray: labeling actors; --concurrency and the rate limits are shared by all (default: %(default)s)",
+    )
+    engine.add_argument(
+        "--service-tier",
+        choices=["flex"],
+        help="online requests with service_tier flex: batch prices, slower replies (timeout 15 min); a 429 "
+        "'resource_unavailable' is retried with backoff",
+    )
+    engine.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="batch/auto: return once the batches are sent; the same command later collects them",
+    )
+    engine.add_argument(
+        "--batch-size", type=positive_int, help="batch/auto: requests per batch (at most and default 50,000)"
+    )
+    engine.add_argument(
+        "--online-rows",
+        type=count,
+        default=100,
+        help="auto: rows labeled online first, to check the prompt and measure tokens (default: %(default)s)",
+    )
+    engine.add_argument(
+        "--poll-interval",
+        type=positive_float,
+        default=5.0,
+        help="batch/auto: seconds between looks at running batches at first; grows to 60 while nothing changes",
+    )
 
 
 def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
@@ -240,8 +255,10 @@ def _timeout(args: argparse.Namespace) -> float:
 
 def _check_engine_flags(args: argparse.Namespace) -> None:
     """Refuse engine flags that make no sense together, saying what to do instead."""
-    if args.engine == "online" and (args.no_wait or args.batch_size):
+    if args.engine in ("online", "ray") and (args.no_wait or args.batch_size):
         raise UsageError("--no-wait and --batch-size are for --engine batch or auto; add one of them.")
+    if args.engine == "ray" and args.procs:
+        raise UsageError("--engine ray spreads the rows over Ray's actors itself; drop --procs (see --ray-actors).")
     if args.engine == "batch" and args.service_tier:
         raise UsageError("--service-tier applies to online requests; the Batch API has its own (half) price. Drop it.")
     if args.batch_size and args.batch_size > MAX_BATCH_REQUESTS:
@@ -274,6 +291,13 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
         print(dry_run(opts))
         return 0
+    if args.engine == "ray":
+        from pipeline.engines.ray.engine import run_ray  # noqa: PLC0415 - needs the ray extra
+
+        summary = run_ray(opts, actors=args.ray_actors)
+        if not args.quiet or summary.exit_code:
+            print(summary.render(), file=sys.stderr)
+        return int(summary.exit_code)
     try:
         summary = asyncio.run(_engine_run(args, opts))
     finally:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -279,20 +279,7 @@ class ParquetSink(Sink):
 
     def _table(self, items: Sequence[Labeled]) -> pa.Table:
         assert self.schema is not None  # noqa: S101 - checked by write_batch
-        arrays = []
-        for field in self.schema:
-            name = field.name
-            if name == "labeled_at":
-                stamps = [i.labeled_at.removesuffix("Z") for i in items]
-                arrays.append(pa.array(stamps, pa.string()).cast(pa.timestamp("ms")).cast(field.type))
-            elif name in GETTERS:
-                get = GETTERS[name]
-                arrays.append(pa.array([get(i) for i in items], field.type))
-            elif name in self._outputs:
-                arrays.append(pa.array([i.extras.get(name) for i in items], field.type))
-            else:  # a carried input column
-                arrays.append(pa.array([i.row.carry.get(name) for i in items], field.type))
-        return pa.Table.from_arrays(arrays, schema=self.schema)
+        return labeled_table(items, self.schema, self._outputs)
 
     def _publish(self, table: pa.Table, name: str) -> None:
         tmp = self.meta.tmp_dir / f"{name}.tmp"
@@ -311,6 +298,24 @@ class ParquetSink(Sink):
                 f"cannot write a part of {self.path}: {exc.strerror or exc}. Parts written before are complete "
                 "and readable; free space and re-run the same command to resume."
             ) from None
+
+
+def labeled_table(items: Sequence[Labeled], schema: pa.Schema, outputs: Collection[str]) -> pa.Table:
+    """The sink records of `items` as a table in `schema` (`outputs`: the task's extra output field names)."""
+    arrays = []
+    for field in schema:
+        name = field.name
+        if name == "labeled_at":
+            stamps = [i.labeled_at.removesuffix("Z") for i in items]
+            arrays.append(pa.array(stamps, pa.string()).cast(pa.timestamp("ms")).cast(field.type))
+        elif name in GETTERS:
+            get = GETTERS[name]
+            arrays.append(pa.array([get(i) for i in items], field.type))
+        elif name in outputs:
+            arrays.append(pa.array([i.extras.get(name) for i in items], field.type))
+        else:  # a carried input column
+            arrays.append(pa.array([i.row.carry.get(name) for i in items], field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def rewrite_parts(parts: list[Path], schema: pa.Schema, new: Path, *, rows_per_part: int) -> int:

@@ -1,0 +1,131 @@
+"""One rate limit for every actor of a Ray job: reservations from one small actor, a local window per actor.
+
+    actor 1 ─┐  reserve(tokens) → "send in 0.12 s"       ┌──────────────┐
+    actor 2 ─┼────────────────────────────────────────▶  │ SharedLimit  │  request and token schedules,
+    actor N ─┘  pause(s) after a 429 · settle(est, used) └──────────────┘  one pause, the run's counters
+
+Each actor keeps labelstream's own `Limiter` for its in-flight window (and the pacer behind it); before a
+request leaves, it asks the `SharedLimit` for a send time. The shared limit schedules requests and tokens as
+two virtual clocks (GCRA: a bucket expressed as "when is it empty again"), so a reservation is one short
+call that never blocks the actor, whatever the other actors are waiting for. A 429 anywhere pauses every
+later reservation; a reply's real token count settles the estimate reserved for it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+from pipeline.limits import DEFAULT_PAUSE, REQUEST_BURST, SAFETY, Clock, Limiter, LimitSettings, Permit, Sleep
+from pipeline.ratelimit_headers import number, provider_view
+
+TOKEN_BURST: Final = 1.0  # seconds of the token rate that may go out at once (the local bucket allows the same)
+COUNTERS: Final = (
+    "labeled",
+    "failed",
+    "retries",
+    "rate_limited",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+)
+
+
+class SharedLimit:
+    """The schedule every actor reserves from (run as a Ray actor; plain Python so it can be tested alone)."""
+
+    def __init__(self, rpm: float | None, tpm: float | None, *, clock: Clock = time.monotonic) -> None:
+        self.clock = clock
+        self.rpm = rpm
+        self.tpm = tpm
+        self._requests_at = 0.0  # when the request schedule is empty again (its "theoretical arrival time")
+        self._tokens_at = 0.0
+        self.pause_until = 0.0
+        self.counters = dict.fromkeys(COUNTERS, 0)
+
+    def reserve(self, tokens: int) -> float:
+        """Book one request of about `tokens` tokens; return the seconds the caller waits before sending it."""
+        now = self.clock()
+        send = max(now, self.pause_until)
+        if self.rpm:
+            send = max(send, self._requests_at - REQUEST_BURST)
+        if self.tpm:
+            send = max(send, self._tokens_at - TOKEN_BURST)
+        if self.rpm:
+            self._requests_at = max(self._requests_at, send) + 60 / (self.rpm * SAFETY)
+        if self.tpm:
+            self._tokens_at = max(self._tokens_at, send) + tokens * 60 / (self.tpm * SAFETY)
+        return send - now
+
+    def settle(self, estimated: int, used: int) -> None:
+        """A reply showed what a request really cost: hand back (or take) the difference in tokens."""
+        if self.tpm:
+            self._tokens_at -= (estimated - used) * 60 / (self.tpm * SAFETY)
+
+    def pause(self, seconds: float) -> None:
+        """A 429: nobody sends for `seconds`."""
+        self.pause_until = max(self.pause_until, self.clock() + seconds)
+
+    def learn(self, rpm: float | None, tpm: float | None) -> None:
+        """Limits read from a reply's headers: keep the lower of what is given and what the provider says."""
+        if rpm:
+            self.rpm = min(self.rpm or math.inf, rpm)
+        if tpm:
+            self.tpm = min(self.tpm or math.inf, tpm)
+
+    def add(self, counts: Mapping[str, int]) -> None:
+        """Fold in one batch's counters (the driver reads the job's totals with `totals`)."""
+        for name, value in counts.items():
+            self.counters[name] = self.counters.get(name, 0) + value
+
+    def totals(self) -> dict[str, Any]:
+        """The job's counters so far, and the limits in force."""
+        return {**self.counters, "rpm": self.rpm, "tpm": self.tpm}
+
+
+class SharedLimiter(Limiter):
+    """An actor's `Limiter`: its own window and pacer, and a send time from the `SharedLimit` actor.
+
+    `remote` is the actor handle (its methods called as `remote.reserve.remote(...)`); `settings` carries
+    this actor's window. Limits learned from headers go to the shared actor (the local limiter learns them too,
+    for its window; the shared schedule is what keeps the job under them).
+    """
+
+    def __init__(
+        self, settings: LimitSettings, remote: Any, *, clock: Clock = time.monotonic, sleep: Sleep | None = None
+    ):
+        super().__init__(settings, clock=clock, **({"sleep": sleep} if sleep else {}))
+        self.remote = remote
+        self._told: tuple[float | None, float | None] = (None, None)
+
+    async def _take(self, estimated_tokens: int) -> Permit:
+        permit = await super()._take(estimated_tokens)
+        try:
+            delay = await self.remote.reserve.remote(estimated_tokens)
+            if delay > 1e-6:
+                permit.window_limited = False  # the shared schedule held it, not the window
+                await self.sleep(delay)
+        except BaseException:
+            self.in_flight -= 1  # the slot was never handed out
+            raise
+        permit.started = self.clock()
+        return permit
+
+    def on_success(self, permit: Permit) -> None:
+        if permit.used_tokens is not None and permit.used_tokens != permit.estimated_tokens:
+            self.remote.settle.remote(permit.estimated_tokens, permit.used_tokens)
+        super().on_success(permit)
+
+    def on_rate_limited(self, retry_after: float | None) -> None:
+        super().on_rate_limited(retry_after)
+        self.remote.pause.remote(retry_after if retry_after is not None and retry_after > 0 else DEFAULT_PAUSE)
+
+    def observe_headers(self, headers: Mapping[str, str]) -> None:
+        super().observe_headers(headers)
+        view = provider_view(headers)
+        limits = (number(view.get("x-ratelimit-limit-requests")), number(view.get("x-ratelimit-limit-tokens")))
+        if any(limits) and limits != self._told:
+            self._told = limits
+            self.remote.learn.remote(*limits)
