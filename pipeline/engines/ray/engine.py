@@ -22,7 +22,7 @@ import orjson
 import pyarrow as pa
 
 from pipeline.errors import FatalApiError, Interrupted, LabelstreamError, UsageError
-from pipeline.options import RunOptions
+from pipeline.options import RunOptions, resume_after
 from pipeline.prepare import Prepared, RowGate, Verdict, prepare_run
 from pipeline.results import Failed, Row, dead_letter, now_iso
 from pipeline.sinks.layout import is_jsonl
@@ -78,7 +78,7 @@ def run_ray(opts: RunOptions, *, actors: int, notice: IO[str] | None = None) -> 
         state=state,
         error=error,
         dead_letters=str(prepared.sink.meta.dead_letters_path),
-        resume=opts.resume_command,
+        resume=resume_after(opts.resume_command, error),
         engine="ray",
     )
     with contextlib.suppress(LabelstreamError):
