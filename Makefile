@@ -49,22 +49,25 @@ fmt: $(STAMP)
 	$(BIN)/ruff format pipeline tests scripts
 	$(BIN)/ruff check --fix pipeline tests scripts
 
-# Full benchmarks take about an hour (a million rows twice, rate-limited runs of five minutes each);
-# bench-quick is a few minutes. Figures and the commands that made them: docs/benchmarks.md.
+# Full benchmarks take about two hours (a million rows twice, every rate-limit scenario, a 50,000-row soak);
+# bench-quick is a quarter of an hour. Figures and the commands that made them: docs/benchmarks.md.
 bench: $(STAMP)
 	cd scripts && ../$(BIN)/python bench_throughput.py
 	cd scripts && ../$(BIN)/python bench_ratelimit.py
-	cd scripts && ../$(BIN)/python bench_ratelimit.py --latency-ms 3000 --concurrency 10,auto --no-seed-design
+	cd scripts && ../$(BIN)/python bench_soak.py
 	cd scripts && ../$(BIN)/python bench_memory.py
 	cd scripts && ../$(BIN)/python bench_procs.py
 	cd scripts && ../$(BIN)/python bench_shared_limit.py
+	cd scripts && ../$(BIN)/python bench_ray.py
 
 bench-quick: $(STAMP)
 	cd scripts && ../$(BIN)/python bench_throughput.py --quick
-	cd scripts && ../$(BIN)/python bench_ratelimit.py --rpm 3000 --rows 3000 --concurrency 50,auto
+	cd scripts && ../$(BIN)/python bench_ratelimit.py --quick
+	cd scripts && ../$(BIN)/python bench_soak.py --quick
 	cd scripts && ../$(BIN)/python bench_memory.py --small 2000 --big 50000 --seed-cap-s 30
 	cd scripts && ../$(BIN)/python bench_procs.py --quick
 	cd scripts && ../$(BIN)/python bench_shared_limit.py --quick
+	cd scripts && ../$(BIN)/python bench_ray.py --quick
 
 label: $(STAMP)
 	@test -n "$(INPUT)" || { echo "usage: make label INPUT=file.csv [OUTPUT=out.jsonl|out.parquet] [CONFIG=configs/x.toml] [MODEL=...] [CONCURRENCY=...] [ARGS='...']"; exit 2; }

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_ratelimit import steady_goodput
+from bench_ratelimit import steady_goodput, successes
 from benchlib import ROOT, labelstream_cmd, make_csv, run_child, sim_reset, sim_stats, simulator
 
 
@@ -92,7 +92,7 @@ def main() -> None:
             share = by_status.get("429", 0) / max(requests, 1)
             goodput = ok / (elapsed / 60) / rpm
             print(
-                f"| {design} | {elapsed:.0f} | {goodput:.2f} | {steady_goodput(stats, rpm)} | {requests} | "
+                f"| {design} | {elapsed:.0f} | {goodput:.2f} | {steady_goodput(successes(stats), rpm)} | {requests} | "
                 f"{share:.1%} | {ok} |",
                 flush=True,
             )
