@@ -40,8 +40,9 @@ SAFETY: Final = 0.95
 # Auto's safety cap on requests in flight: 12,000 RPM at 20 s latency needs 4,000.
 AUTO_CEILING: Final = 4096
 # A request bucket that may burst a whole second would let 2 s of requests into one second (a full bucket plus
-# its refill), and providers also enforce their limits per second: a tenth of a second is all we burst.
-REQUEST_BURST: Final = 0.1
+# its refill), and providers also enforce their limits per second. Any second holds at most the rate plus the
+# burst: at 95% of the limit a twentieth of a second keeps that under the limit.
+REQUEST_BURST: Final = 0.05
 DEFAULT_PAUSE: Final = 1.0  # seconds to pause after a 429 that says nothing about when to come back
 
 __all__ = ["AUTO_CEILING", "SAFETY", "START_WINDOW", "LimitSettings", "Limiter", "Permit", "RetryPolicy", "TokenBucket"]

@@ -9,6 +9,11 @@ The limiter (`limits.py`) enforces what the `Pacer` decides:
 - **No limit known: slow start.** The window doubles every round trip (one more slot per success that found
   the window full) until the first 429, or until replies slow down (auto mode watches latency, so a
   self-hosted server that slows under load is not pushed further).
+- **A 429 under a known limit is a stray burst** when none came in the minute (or two round trips) before:
+  providers also hold their limits over short intervals, and jitter on the way can bunch requests that left
+  evenly. The pace dips to 95% and is back at the known rate a round trip later (a long hold there would
+  cost more than the rare 429 it avoids). A second 429 soon after means the limit is not all ours (another
+  client on the key): then the pace is handled as below, from the rate it was at.
 - **A 429 teaches a rate.** The pace drops to 95% of what it was. With no known limit, a round trip
   later, when the replies of the requests sent just before the 429 are back, the rate the provider really
   admitted (by send time, in the busiest second, or round trip if longer) sets the pace, again at 95%.
@@ -31,6 +36,7 @@ CUT: Final = 0.95  # after an overload, pace at this share of what the provider 
 NEAR_PEAK: Final = 0.97  # grow quickly up to this share of the last overload point, slowly beyond
 PLATEAU_ROUND_TRIPS: Final = 50  # hold just under the last overload point this long (at least 10 s)
 PROBE_GAIN: Final = 0.1  # then grow by 10% × ((time past the plateau) / plateau)²
+STRAY_SECONDS: Final = 60.0  # a 429 under a known limit with none this long before it (or 2 round trips) is stray
 
 
 class Latency:
@@ -77,6 +83,8 @@ class Pacer:
         self.peak: float | None = None  # the admitted rate at the last overload
         self.last_cut = -math.inf
         self._overload_at = clock_start
+        self._last_overload = -math.inf
+        self._stray = False  # the current overload is a stray burst under a known limit (see on_overload)
         self._remeasure_at: float | None = None  # when the replies sent before the overload are back
         self._starts: deque[float] = deque()  # when recent successful requests were sent
 
@@ -124,6 +132,9 @@ class Pacer:
             return False
         self.last_cut = max(until, now + self.round_trip)
         current = self.rate()
+        quiet = now - self._last_overload > max(STRAY_SECONDS, 2 * self.round_trip)
+        self._last_overload = now
+        self._stray = self.known_rate is not None and current == self.known_rate and quiet
         if current is None:
             current = self.admitted_rate(now)
         if current is None:  # nothing admitted yet to learn from: halve the window, like TCP
@@ -136,7 +147,7 @@ class Pacer:
         if self.known_rate is None:
             # 429s come back at once, the successes of requests sent just before them a round trip later: only
             # then does the admitted rate show. (With a known limit, a 429 is a stray burst or another client on
-            # the key: the cut from the known rate stands.)
+            # the key: the known rate is the measure, and the cut from it stands.)
             self._remeasure_at = now + self.round_trip + 0.05
         return True
 
@@ -188,7 +199,9 @@ class Pacer:
         rtt = self.round_trip
         elapsed = now - self._overload_at
         plateau = max(10.0, PLATEAU_ROUND_TRIPS * rtt)
-        if elapsed <= plateau:
+        if self._stray:  # back at the known limit a round trip later
+            rate = peak * min(1.0, CUT + (1.0 - CUT) * elapsed / rtt)
+        elif elapsed <= plateau:
             rate = peak * min(NEAR_PEAK, CUT + (NEAR_PEAK - CUT) * elapsed / rtt)
         else:
             rate = peak * NEAR_PEAK * (1 + PROBE_GAIN * ((elapsed - plateau) / plateau) ** 2)

@@ -293,3 +293,29 @@ def test_a_429_without_headers_teaches_the_admitted_rate_then_probes_gently() ->
     later = limiter.pacer.rate()
     assert later is not None and later > limiter.pacer.peak, "after the plateau it probes upward"
     assert limiter._rpm is not None and limiter._rpm.per_minute == pytest.approx(later * 60)
+
+
+def test_a_stray_429_under_a_known_limit_costs_one_round_trip_and_a_repeat_holds_back() -> None:
+    """Headers announce 12,000 RPM at 3 s latency. One 429 (a burst bunched on the way) dips the pace to 95% and
+    it is back at the known rate a round trip later; a second 429 within the minute means the limit is not all
+    ours: the pace then holds below the rate it had."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings.automatic(), clock=clock, sleep=clock.sleep)
+    limiter.observe_headers({"x-ratelimit-limit-requests": "12000"})
+    successes(limiter, clock, 3, latency=3.0)
+    known = 12000 * SAFETY / 60
+    assert limiter.pacer.rate() == pytest.approx(known)
+    clock.now += 10.0
+    limiter.on_rate_limited(0.1)
+    assert limiter.pacer.rate() == pytest.approx(known * 0.95)
+    clock.now += 3.5
+    successes(limiter, clock, 1, latency=3.0)
+    assert limiter.pacer.rate() == pytest.approx(known), "a stray 429 costs one round trip"
+    assert limiter._rpm is not None and limiter._rpm.per_minute == pytest.approx(known * 60)
+    clock.now += 20.0
+    limiter.on_rate_limited(0.1)
+    for _ in range(20):  # a minute of replies after the second 429
+        clock.now += 3.0
+        successes(limiter, clock, 1, latency=3.0)
+    held = limiter.pacer.rate()
+    assert held is not None and held <= known * 0.97 + 1e-9, "a repeated 429 is not stray: the pace holds back"
