@@ -159,8 +159,9 @@ class Limiter:
         self.pacer = Pacer(ceiling=settings.concurrency, auto=settings.auto, clock_start=clock())
         self.in_flight = 0
         self.pause_until = 0.0
-        self._known_rpm = settings.rpm * settings.share if settings.rpm else None
-        self._known_tpm = settings.tpm * settings.share if settings.tpm else None
+        self.share = settings.share
+        self._key_rpm = settings.rpm  # the key's limits, given or learned from headers (before the share)
+        self._key_tpm = settings.tpm
         self._rpm: TokenBucket | None = None
         self._tpm = TokenBucket(self._known_tpm * SAFETY, clock) if self._known_tpm else None
         self._tokens_per_request: float | None = None
@@ -169,6 +170,14 @@ class Limiter:
         self.on_grow: Callable[[], None] | None = None  # called when the window grows (the run adds workers)
         self._freed = asyncio.Event()
         self._pace()
+
+    @property
+    def _known_rpm(self) -> float | None:
+        return self._key_rpm * self.share if self._key_rpm else None
+
+    @property
+    def _known_tpm(self) -> float | None:
+        return self._key_tpm * self.share if self._key_tpm else None
 
     @property
     def ceiling(self) -> int:
@@ -238,34 +247,46 @@ class Limiter:
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         """Learn the provider's limits from `x-ratelimit-*` headers and pause when its window is spent."""
         headers = provider_view(headers)
-        share = self.settings.share
         changed = False
         limit_requests = number(headers.get("x-ratelimit-limit-requests"))
         if limit_requests:
-            known = min(limit_requests * share, self._known_rpm or math.inf)
-            changed |= known != self._known_rpm
-            self._known_rpm = known
+            known = min(limit_requests, self._key_rpm or math.inf)
+            changed |= known != self._key_rpm
+            self._key_rpm = known
         limit_tokens = number(headers.get("x-ratelimit-limit-tokens"))
         if limit_tokens:
-            known = min(limit_tokens * share, (self.settings.tpm or math.inf) * share)
-            if self._tpm is None:
-                self._tpm = TokenBucket(known * SAFETY, self.clock)
-                changed = True
-            elif abs(self._tpm.per_minute - known * SAFETY) > 1e-9:
-                self._tpm.set_rate(known * SAFETY)
-                changed = True
-            self._known_tpm = known
+            known = min(limit_tokens, self.settings.tpm or math.inf)
+            changed |= known != self._key_tpm
+            self._key_tpm = known
         if changed:
-            limit = self.limit
-            self._pace()
-            if self.limit > limit and self.on_grow is not None:
-                self.on_grow()
+            self._refit()
         # The key's window is spent (others share it, or the provider counts differently): wait for its reset.
         remaining = number(headers.get("x-ratelimit-remaining-requests"))
         if remaining is not None and remaining < 1:
             seconds = parse_duration(headers.get("x-ratelimit-reset-requests") or "")
             if seconds:
                 self.pause_until = max(self.pause_until, self.clock() + seconds)
+
+    def set_share(self, share: float) -> None:
+        """Take `share` of the key's limits from now on (siblings on the key finished or came back)."""
+        if share != self.share:
+            grew = share > self.share
+            self.share = share
+            self._refit(grew=grew)
+
+    def _refit(self, *, grew: bool = False) -> None:
+        """The known limits changed: resize the token bucket, the pace and the window."""
+        limit = self.limit
+        known_tpm = self._known_tpm
+        if known_tpm and self._tpm is None:
+            self._tpm = TokenBucket(known_tpm * SAFETY, self.clock)
+        elif known_tpm and self._tpm is not None:
+            self._tpm.set_rate(known_tpm * SAFETY)
+        if grew:
+            self.pacer.forget_overloads()  # what 429s taught was measured beside siblings that are gone
+        self._pace()
+        if self.limit > limit and self.on_grow is not None:
+            self.on_grow()
 
     def _pace(self) -> None:
         """Hand the known limits to the pacer as a request rate; set the request bucket to the paced rate."""

@@ -175,6 +175,14 @@ class Pacer:
         self.known_rate = rate
         self._fit_window()
 
+    def forget_overloads(self) -> None:
+        """The known limits grew (siblings on the key are gone): pace at them again, not at what 429s taught.
+
+        Without a known rate the 429s are all there is to go by, and they stay."""
+        if self.known_rate is not None:
+            self.probe_rate = self.peak = None
+            self._remeasure_at = None
+
     # --- inside -----------------------------------------------------------------------------------
 
     def _fit_window(self) -> None:

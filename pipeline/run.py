@@ -25,6 +25,7 @@ from pipeline.client import LabelClient
 from pipeline.config import TaskConfig, load_config
 from pipeline.errors import FatalApiError, Interrupted, LabelstreamError
 from pipeline.limits import Limiter
+from pipeline.liveshards import ShareFollower
 from pipeline.options import RunOptions, resolve_endpoints, resume_after
 from pipeline.prepare import Prepared, RowGate, Verdict, prepare_run
 from pipeline.pricing import Price
@@ -66,6 +67,9 @@ class _Run:
         self.budget: Budget | None = None  # --max-cost
         self.stranded: list[Result] = []  # finished by a worker cancelled while handing it over
         self.limiter: Limiter | None = None
+        shard = opts.shard
+        # A shard takes the part of the key's limits its finished siblings leave (see liveshards.py).
+        self.share = ShareFollower(opts.output, shard, opts.limits.share) if shard and shard.count > 1 else None
         default_rows, default_seconds = self.sink.default_checkpoint
         self.checkpoint_rows = opts.checkpoint.rows or default_rows
         self.checkpoint_seconds = opts.checkpoint.seconds or default_seconds
@@ -203,6 +207,10 @@ class _Run:
                     await self.finished.wait()
             reporter.update()
             await asyncio.to_thread(self.write_progress, "stopping" if self.stopping.is_set() else "running")
+            if self.share is not None and self.limiter is not None:
+                share = await asyncio.to_thread(self.share.refresh)
+                if share is not None:
+                    self.limiter.set_share(share)
 
     async def count_input(self) -> None:
         """Count the input's lines beside the reader: the base of the estimate shown until the reader is done."""
@@ -214,7 +222,7 @@ class _Run:
         """Replace the progress file (never fatal: progress is a convenience, the sink is the record)."""
         if self.opts.shard is not None:
             extra.setdefault("shard", self.opts.shard.label)
-        extra.setdefault("rate_share", self.opts.limits.share)
+        extra.setdefault("rate_share", self.limiter.share if self.limiter else self.opts.limits.share)
         if self.limiter is not None:
             extra.setdefault("in_flight", self.limiter.in_flight)
             extra.setdefault("window", self.limiter.limit)

@@ -6,21 +6,15 @@ running, but its process is gone or silent), stopped, or not started.
 
 from __future__ import annotations
 
-import os
-import socket
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
-
-import orjson
+from typing import Any
 
 from pipeline.engines.batch.ledger import Ledger
 from pipeline.errors import SinkError, UsageError
+from pipeline.liveshards import RUNNING, read_progress, run_state
 from pipeline.sinks import Sink, discover, open_shards, open_sink
 from pipeline.stats import short_duration
-
-STALE_AFTER: Final = 60.0  # seconds without a progress update (written about once a second) before "stale"
-_RUNNING: Final = frozenset({"running", "stopping"})
 
 
 def sink_status(path: Path, *, now: datetime | None = None) -> dict[str, Any]:
@@ -54,7 +48,7 @@ def _one(sink: Sink, now: datetime) -> dict[str, Any]:
         kind = str(letter.get("kind"))
         kinds[kind] = kinds.get(kind, 0) + 1
     recent = sorted(pending.values(), key=lambda x: str(x.get("failed_at")), reverse=True)[:5]
-    progress = _read_json(sink.meta.progress_path)
+    progress = read_progress(sink.meta.progress_path)
     manifest = sink.meta.read_manifest()
     total = len(done) + len(pending)
     identity = manifest.identity if manifest else None
@@ -63,7 +57,7 @@ def _one(sink: Sink, now: datetime) -> dict[str, Any]:
     return {
         "output": str(sink.output),
         "shard": sink.shard.label if sink.shard else None,
-        "state": _state(progress, now),
+        "state": run_state(progress, now),
         "labeled": len(done),
         "failed_unlabeled": len(pending),
         "failure_rate": round(len(pending) / total, 4) if total else 0.0,
@@ -80,33 +74,6 @@ def _one(sink: Sink, now: datetime) -> dict[str, Any]:
         "batches": {"total": len(book.submissions), "live": len(live), "live_rows": sum(s.requests for s in live)},
         "notes": sink.notes,
     }
-
-
-def _state(progress: dict[str, Any] | None, now: datetime) -> str:
-    """A run's state from its progress file: a "running" file nobody updates any more is stale."""
-    if progress is None:
-        return "stale"  # side files but no progress yet: started, then stopped before its first update
-    state = str(progress.get("state"))
-    if state not in _RUNNING:
-        return state
-    pid, host = progress.get("pid"), progress.get("host")
-    if isinstance(pid, int) and host == socket.gethostname() and not _alive(pid):
-        return "stale"
-    try:
-        updated = datetime.fromisoformat(str(progress.get("updated_at")).replace("Z", "+00:00"))
-    except ValueError:
-        return "stale"
-    return "stale" if (now - updated).total_seconds() > STALE_AFTER else "running"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _combined(path: Path, reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -177,7 +144,7 @@ def render_status(report: dict[str, Any]) -> str:
         lines.extend(_render_shards(report))
     progress = report.get("progress")
     if progress:
-        running = progress.get("state") in _RUNNING
+        running = progress.get("state") in RUNNING
         eta = f", ETA {short_duration(progress.get('eta_s'))}" if running else ""
         lines.append(
             f"  last run: {progress.get('state')} at {progress.get('updated_at')}, {progress.get('labeled')} labeled, "
@@ -215,14 +182,6 @@ def _render_shards(report: dict[str, Any]) -> list[str]:
             f"{shard['failed_unlabeled']:,} failed{speed}"
         )
     return lines
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = orjson.loads(path.read_bytes())
-    except (FileNotFoundError, orjson.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def ensure_finished(path: Path) -> None:

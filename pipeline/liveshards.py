@@ -1,0 +1,108 @@
+"""Which runs are alive, from their progress files; and the rate share a shard takes while its siblings run.
+
+Shards on one key each pace at their share of its limits (1/N by default). When a shard finishes, stops or
+dies, its part would go unused and the last shards would run alone at a quarter of the limit. So each shard
+reads its siblings' progress files (they sit beside its own under `OUT.meta/`, on whatever storage the
+output is on) every few seconds, and takes the part of every sibling that is no longer running:
+`share × N ÷ running shards`, never more than the whole key. The N shards together never take more than
+N × share. No coordinator: the files the shards write anyway are the shared state.
+
+A sibling with no progress file yet counts as running (it may be starting, or queued by the scheduler, and
+will want its part); so does every sibling during the first seconds of a run, when siblings started with
+it have not written their first progress yet.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from pipeline.shard import Shard
+from pipeline.sinks.meta import SinkMeta
+
+STALE_AFTER: Final = 60.0  # seconds without a progress update (written about once a second) before "stale"
+RUNNING: Final = frozenset({"running", "stopping"})
+# A sibling silent this long no longer holds its part of the key. Shorter than STALE_AFTER (a run's own
+# display), long enough for clocks of machines on shared storage to disagree a little.
+SILENT_AFTER: Final = 20.0
+START_GRACE: Final = 10.0  # seconds before a shard believes a sibling's "not running"
+REFRESH: Final = 3.0  # seconds between looks at the siblings' progress files
+
+
+def run_state(progress: dict[str, Any] | None, now: datetime, *, stale_after: float = STALE_AFTER) -> str:
+    """A run's state from its progress file: a "running" file nobody updates any more is stale."""
+    if progress is None:
+        return "stale"  # side files but no progress yet: started, then stopped before its first update
+    state = str(progress.get("state"))
+    if state not in RUNNING:
+        return state
+    pid, host = progress.get("pid"), progress.get("host")
+    if isinstance(pid, int) and host == socket.gethostname() and not _alive(pid):
+        return "stale"
+    try:
+        updated = datetime.fromisoformat(str(progress.get("updated_at")).replace("Z", "+00:00"))
+    except ValueError:
+        return "stale"
+    return "stale" if (now - updated).total_seconds() > stale_after else "running"
+
+
+def read_progress(path: Path) -> dict[str, Any] | None:
+    """A progress file's content, or None when it is missing or unreadable."""
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ShareFollower:
+    """This shard's share of the key: its given `share` while all N shards run, more as siblings end."""
+
+    def __init__(self, output: Path, shard: Shard, share: float, *, clock: Any = time.monotonic) -> None:
+        self.shard = shard
+        self.share = share
+        self.base = share
+        self._clock = clock
+        self._started = clock()
+        self._next = self._started + START_GRACE
+        self._siblings = [SinkMeta(output, Shard(i, shard.count)).progress_path for i in range(shard.count)]
+        del self._siblings[shard.index]
+
+    def running(self, now: datetime | None = None) -> int:
+        """How many of the N shards run now (this one included): all but those that ended, stopped or went silent."""
+        now = now or datetime.now(UTC)
+        gone = 0
+        for path in self._siblings:
+            if not path.exists():
+                continue  # not started yet: it will want its part
+            if run_state(read_progress(path), now, stale_after=SILENT_AFTER) != "running":
+                gone += 1
+        return self.shard.count - gone
+
+    def refresh(self) -> float | None:
+        """Look at the siblings if it is time; return the new share when it changed, else None."""
+        now = self._clock()
+        if now < self._next:
+            return None
+        self._next = now + REFRESH
+        share = min(1.0, self.base * self.shard.count / max(1, self.running()))
+        if abs(share - self.share) < 1e-9:
+            return None
+        self.share = share
+        return share

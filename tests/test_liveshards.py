@@ -1,0 +1,109 @@
+"""Shards on one key pass on their part of its limits when they end (liveshards.py), no coordinator involved."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline.limits import SAFETY, Limiter, LimitSettings
+from pipeline.liveshards import START_GRACE, ShareFollower
+from pipeline.shard import Shard, shard_of
+from pipeline.sinks.meta import SinkMeta
+
+from .helpers import label, reviews, write_csv
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def write_progress(out: Path, shard: Shard, state: str, *, age: float = 0.0, pid: int | None = None) -> None:
+    meta = SinkMeta(out, shard)
+    meta.ensure()
+    updated = datetime.now(UTC) - timedelta(seconds=age)
+    doc = {"state": state, "pid": pid or os.getpid(), "host": socket.gethostname(), "updated_at": updated.isoformat()}
+    meta.progress_path.write_bytes(orjson.dumps(doc))
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_shard_takes_the_part_of_siblings_that_ended_stopped_or_went_silent(tmp_path: Path) -> None:
+    """Shard 0 of 4 at 1/4: a done sibling and a dead one leave their parts (1/2); one not started yet keeps
+    its part; a sibling that comes back takes its part back. Nothing changes in the first seconds of a run."""
+    out = tmp_path / "out.parquet"
+    clock = Clock()
+    follower = ShareFollower(out, Shard(0, 4), 0.25, clock=clock)
+    write_progress(out, Shard(1, 4), "done")
+    write_progress(out, Shard(2, 4), "running", pid=dead_pid())
+    assert follower.refresh() is None, "siblings started with this run may not have written progress yet"
+    clock.now += START_GRACE
+    assert follower.running() == 2, "shard 3 has not started: it will want its part"
+    assert follower.refresh() == pytest.approx(0.5)
+    assert follower.refresh() is None, "looks again only every few seconds"
+    write_progress(out, Shard(2, 4), "running")
+    clock.now += 5
+    assert follower.refresh() == pytest.approx(1 / 3), "shard 2 is back (and shard 3 not started)"
+    write_progress(out, Shard(3, 4), "running", age=25.0)
+    clock.now += 5
+    assert follower.refresh() == pytest.approx(1 / 2), "shard 3 has been silent for 25 s"
+    write_progress(out, Shard(1, 4), "interrupted")
+    clock.now += 5
+    assert follower.refresh() is None, "interrupted is as gone as done"
+
+
+def test_a_larger_share_raises_the_pace_and_forgets_what_429s_taught_beside_the_siblings() -> None:
+    """600 RPM at 1/4 paces at 142.5 RPM; a 429 cuts it; the share growing to 1/2 paces at 285 RPM at once."""
+    limiter = Limiter(LimitSettings(concurrency=50, rpm=600, share=0.25))
+    assert limiter._rpm is not None and limiter._rpm.per_minute == pytest.approx(150 * SAFETY)
+    limiter.on_rate_limited(0.1)
+    assert limiter._rpm.per_minute < 150 * SAFETY
+    limiter.set_share(0.5)
+    assert limiter._rpm.per_minute == pytest.approx(300 * SAFETY)
+    limiter.observe_headers({"x-ratelimit-limit-requests": "600", "x-ratelimit-limit-tokens": "40000"})
+    assert limiter._tpm is not None and limiter._tpm.per_minute == pytest.approx(20_000 * SAFETY)
+    limiter.set_share(1.0)
+    assert limiter._tpm.per_minute == pytest.approx(40_000 * SAFETY)
+    assert limiter._rpm.per_minute == pytest.approx(600 * SAFETY)
+
+
+def test_the_last_shard_running_paces_at_the_whole_limit(sim: Any, tmp_path: Path) -> None:
+    """2 shards on a 1,200 RPM key: shard 1 has finished, so shard 0 (at 1/2 while it cannot yet be sure) takes
+    the whole limit after its first seconds: the simulator sees it send about twice as fast, with no 429s."""
+    sim.configure(rpm=1200, latency_ms=50)
+    rows = reviews(360)
+    source = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "out.jsonl"
+    limits = LimitSettings(concurrency=40, rpm=1200, share=0.5)
+    few = write_csv(tmp_path / "few.csv", [r for r in rows if shard_of(r[0], 2) == 1][:20])
+    assert label(sim, few, out, limits=limits, shard=Shard(1, 2)).exit_code == 0
+    sim.reset()
+    summary = label(sim, source, out, limits=limits, shard=Shard(0, 2))
+    assert summary.exit_code == 0 and summary.labeled > 150
+    progress = orjson.loads(SinkMeta(out, Shard(0, 2)).progress_path.read_bytes())
+    assert progress["rate_share"] == 1.0
+    stats = sim.stats()
+    times = sorted(t for t, status, _ in stats["events"] if status == 200)
+    first = times[0]
+    early = sum(1 for t in times if first + 2 <= t < first + 8) / 6
+    late = [t for t in times if t >= first + START_GRACE + 2]
+    assert len(late) > 20
+    late_rate = (len(late) - 1) / (late[-1] - late[0])
+    assert early <= 0.55 * 20, f"{early:.1f}/s at 1/2 of 20/s"
+    assert late_rate >= 0.8 * 20, f"{late_rate:.1f}/s once alone on the key"
+    assert stats["by_status"].get("429", 0) <= 0.02 * stats["requests"]
