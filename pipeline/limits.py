@@ -43,6 +43,9 @@ AUTO_CEILING: Final = 4096
 # its refill), and providers also enforce their limits per second. Any second holds at most the rate plus the
 # burst: at 95% of the limit a twentieth of a second keeps that under the limit.
 REQUEST_BURST: Final = 0.05
+# Under ~25 requests/s that is less than one request, and a bucket holding exactly one loses every moment a
+# sleep oversleeps (2% at 20/s): it may also hold this many seconds more, which any second absorbs.
+SLEEP_SLACK: Final = 0.01
 DEFAULT_PAUSE: Final = 1.0  # seconds to pause after a 429 that says nothing about when to come back
 
 __all__ = ["AUTO_CEILING", "SAFETY", "START_WINDOW", "LimitSettings", "Limiter", "Permit", "RetryPolicy", "TokenBucket"]
@@ -54,9 +57,12 @@ class TokenBucket:
     `per_minute` is the sustained rate; up to `burst_seconds` of it may be spent at once.
     """
 
-    def __init__(self, per_minute: float, clock: Clock, *, burst_seconds: float = 1.0, full: bool = True) -> None:
+    def __init__(
+        self, per_minute: float, clock: Clock, *, burst_seconds: float = 1.0, slack: float = 0.0, full: bool = True
+    ) -> None:
         self.clock = clock
         self.burst_seconds = burst_seconds
+        self.slack = slack
         self.per_minute = per_minute
         self._level = self.capacity if full else 0.0
         self._stamp = clock()
@@ -68,8 +74,8 @@ class TokenBucket:
 
     @property
     def capacity(self) -> float:
-        """The most the bucket holds (at least one request's worth)."""
-        return max(1.0, self.rate * self.burst_seconds)
+        """The most the bucket holds: `burst_seconds` of the rate, or one request's worth and `slack` seconds."""
+        return max(1.0 + self.rate * self.slack, self.rate * self.burst_seconds)
 
     def set_rate(self, per_minute: float) -> None:
         """Change the sustained rate, keeping what is already in the bucket."""
@@ -305,7 +311,9 @@ class Limiter:
             self._rpm = None
         elif self._rpm is None:
             # Empty at first: the requests sent before this limit was known already used the current second.
-            self._rpm = TokenBucket(min(paced) * 60, self.clock, burst_seconds=REQUEST_BURST, full=self.in_flight == 0)
+            self._rpm = TokenBucket(
+                min(paced) * 60, self.clock, burst_seconds=REQUEST_BURST, slack=SLEEP_SLACK, full=self.in_flight == 0
+            )
         else:
             self._rpm.set_rate(min(paced) * 60)
 

@@ -319,3 +319,23 @@ def test_a_stray_429_under_a_known_limit_costs_one_round_trip_and_a_repeat_holds
         successes(limiter, clock, 1, latency=3.0)
     held = limiter.pacer.rate()
     assert held is not None and held <= known * 0.97 + 1e-9, "a repeated 429 is not stray: the pace holds back"
+
+
+def test_a_slow_bucket_keeps_its_rate_when_sleeps_overshoot_and_never_passes_the_limit_in_a_second() -> None:
+    """1,200 RPM known (19 requests/s paced, 20 allowed in any second) and every sleep 1 ms late: the requests
+    still leave at 19/s, and no sliding second holds more than 20."""
+    clock = VirtualClock()
+
+    async def late_sleep(seconds: float) -> None:
+        clock.now += max(0.0, seconds) + 0.001
+        await asyncio.sleep(0)
+
+    limiter = Limiter(LimitSettings(concurrency=100, rpm=1200), clock=clock, sleep=late_sleep)
+    starts = run_requests(limiter, clock, 1900)
+    rate = (len(starts) - 1) / (starts[-1] - starts[0])
+    assert rate >= 0.99 * 1200 * SAFETY / 60
+    j = 0
+    for i, t in enumerate(starts):
+        while starts[j] <= t - 1.0:
+            j += 1
+        assert i - j + 1 <= 20, f"{i - j + 1} requests in the second before {t:.3f}"
