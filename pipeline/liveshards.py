@@ -33,6 +33,9 @@ RUNNING: Final = frozenset({"running", "stopping"})
 SILENT_AFTER: Final = 20.0
 START_GRACE: Final = 10.0  # seconds before a shard believes a sibling's "not running"
 REFRESH: Final = 3.0  # seconds between looks at the siblings' progress files
+# Progress files read per look, in turn: with a thousand shards on NFS, each reading every sibling every few
+# seconds would be a million small reads a minute. A sibling's state is then at most N/16 looks old.
+READS_PER_LOOK: Final = 16
 
 
 def run_state(progress: dict[str, Any] | None, now: datetime, *, stale_after: float = STALE_AFTER) -> str:
@@ -83,16 +86,23 @@ class ShareFollower:
         self._next = self._started + START_GRACE
         self._siblings = [SinkMeta(output, Shard(i, shard.count)).progress_path for i in range(shard.count)]
         del self._siblings[shard.index]
+        self._seen: list[dict[str, Any] | None] = [None] * len(self._siblings)  # None: no progress file (yet)
+        self._cursor = 0
+
+    def look(self) -> None:
+        """Read the next `READS_PER_LOOK` siblings' progress files."""
+        for _ in range(min(READS_PER_LOOK, len(self._siblings))):
+            i = self._cursor
+            self._cursor = (i + 1) % len(self._siblings)
+            self._seen[i] = read_progress(self._siblings[i])
 
     def running(self, now: datetime | None = None) -> int:
-        """How many of the N shards run now (this one included): all but those that ended, stopped or went silent."""
+        """How many of the N shards run (this one included), from the files last read: all but those that ended,
+        stopped or went silent. A sibling without a progress file has not started: it will want its part."""
         now = now or datetime.now(UTC)
-        gone = 0
-        for path in self._siblings:
-            if not path.exists():
-                continue  # not started yet: it will want its part
-            if run_state(read_progress(path), now, stale_after=SILENT_AFTER) != "running":
-                gone += 1
+        gone = sum(
+            1 for doc in self._seen if doc is not None and run_state(doc, now, stale_after=SILENT_AFTER) != "running"
+        )
         return self.shard.count - gone
 
     def refresh(self) -> float | None:
@@ -101,6 +111,7 @@ class ShareFollower:
         if now < self._next:
             return None
         self._next = now + REFRESH
+        self.look()
         share = min(1.0, self.base * self.shard.count / max(1, self.running()))
         if abs(share - self.share) < 1e-9:
             return None

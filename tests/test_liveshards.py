@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from pipeline.limits import SAFETY, Limiter, LimitSettings
-from pipeline.liveshards import START_GRACE, ShareFollower
+from pipeline.liveshards import READS_PER_LOOK, START_GRACE, ShareFollower
 from pipeline.shard import Shard, shard_of
 from pipeline.sinks.meta import SinkMeta
 
@@ -53,8 +53,8 @@ def test_a_shard_takes_the_part_of_siblings_that_ended_stopped_or_went_silent(tm
     write_progress(out, Shard(2, 4), "running", pid=dead_pid())
     assert follower.refresh() is None, "siblings started with this run may not have written progress yet"
     clock.now += START_GRACE
-    assert follower.running() == 2, "shard 3 has not started: it will want its part"
     assert follower.refresh() == pytest.approx(0.5)
+    assert follower.running() == 2, "shard 3 has not started: it will want its part"
     assert follower.refresh() is None, "looks again only every few seconds"
     write_progress(out, Shard(2, 4), "running")
     clock.now += 5
@@ -65,6 +65,23 @@ def test_a_shard_takes_the_part_of_siblings_that_ended_stopped_or_went_silent(tm
     write_progress(out, Shard(1, 4), "interrupted")
     clock.now += 5
     assert follower.refresh() is None, "interrupted is as gone as done"
+
+
+def test_each_look_reads_a_bounded_number_of_progress_files(tmp_path: Path) -> None:
+    """With 41 shards, a look reads 16 siblings in turn (not 40): the last shard running learns that the 40
+    others are done over three looks, then takes the whole key."""
+    out = tmp_path / "out.jsonl"
+    clock = Clock()
+    for k in range(1, 41):
+        write_progress(out, Shard(k, 41), "done")
+    follower = ShareFollower(out, Shard(0, 41), 1 / 41, clock=clock)
+    clock.now += START_GRACE
+    follower.refresh()
+    assert follower.running() == 41 - READS_PER_LOOK
+    for _ in range(2):
+        clock.now += 5
+        follower.refresh()
+    assert follower.running() == 1 and follower.share == 1.0
 
 
 def test_a_larger_share_raises_the_pace_and_forgets_what_429s_taught_beside_the_siblings() -> None:
