@@ -18,7 +18,8 @@ The limiter (`limits.py`) enforces what the `Pacer` decides:
   later, when the replies of the requests sent just before the 429 are back, the rate the provider really
   admitted (by send time, in the busiest second, or round trip if longer) sets the pace, again at 95%.
   The pace returns to 97% of that point within a round trip, holds there for a while
-  (`PLATEAU_ROUND_TRIPS`, at least 10 s), and only then probes upward, slowly at first and faster the
+  (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not held back for half
+  an hour), and only then probes upward, slowly at first and faster the
   longer no 429 comes (a cubic, like TCP CUBIC): an underestimate is outgrown in a minute, and overloads
   stay rare. Each costs about one round trip of refused requests, so at ordinary latencies the share of
   429s stays around 1-3%.
@@ -34,7 +35,8 @@ START_WINDOW: Final = 10
 LITTLE_MARGIN: Final = 1.5  # in flight = rate × latency × margin: replies vary, the bucket does the spacing
 CUT: Final = 0.95  # after an overload, pace at this share of what the provider admitted
 NEAR_PEAK: Final = 0.97  # grow quickly up to this share of the last overload point, slowly beyond
-PLATEAU_ROUND_TRIPS: Final = 50  # hold just under the last overload point this long (at least 10 s)
+PLATEAU_ROUND_TRIPS: Final = 50  # hold just under the last overload point this long (10 s to 2 minutes)
+PLATEAU_SECONDS: Final = (10.0, 120.0)
 PROBE_GAIN: Final = 0.1  # then grow by 10% × ((time past the plateau) / plateau)²
 STRAY_SECONDS: Final = 60.0  # a 429 under a known limit with none this long before it (or 2 round trips) is stray
 
@@ -206,7 +208,8 @@ class Pacer:
             return
         rtt = self.round_trip
         elapsed = now - self._overload_at
-        plateau = max(10.0, PLATEAU_ROUND_TRIPS * rtt)
+        shortest, longest = PLATEAU_SECONDS
+        plateau = min(longest, max(shortest, PLATEAU_ROUND_TRIPS * rtt))
         if self._stray:  # back at the known limit a round trip later
             rate = peak * min(1.0, CUT + (1.0 - CUT) * elapsed / rtt)
         elif elapsed <= plateau:

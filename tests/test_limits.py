@@ -339,3 +339,23 @@ def test_a_slow_bucket_keeps_its_rate_when_sleeps_overshoot_and_never_passes_the
         while starts[j] <= t - 1.0:
             j += 1
         assert i - j + 1 <= 20, f"{i - j + 1} requests in the second before {t:.3f}"
+
+
+def test_the_hold_after_repeated_429s_ends_within_two_minutes_even_for_a_slow_model() -> None:
+    """1,200 RPM known, replies take 30 s, two 429s 40 s apart: the pace holds below the rate it had (fifty round
+    trips would be 25 minutes), and after two minutes it probes back up toward the limit."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings.automatic(rpm=1200), clock=clock, sleep=clock.sleep)
+    successes(limiter, clock, 3, latency=30.0)
+    limiter.on_rate_limited(0.1)
+    clock.now += 40.0  # past the first overload's round trip: a new one, within the minute
+    limiter.on_rate_limited(0.1)
+    peak = limiter.pacer.peak
+    assert peak is not None
+    clock.now += 100.0
+    successes(limiter, clock, 1, latency=30.0)
+    assert limiter.pacer.rate() == pytest.approx(peak * 0.97)
+    clock.now += 100.0
+    successes(limiter, clock, 1, latency=30.0)
+    later = limiter.pacer.rate()
+    assert later is not None and later > peak * 0.97
