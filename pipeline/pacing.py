@@ -19,7 +19,8 @@ The limiter (`limits.py`) enforces what the `Pacer` decides:
   admitted (by send time, in the busiest second, or round trip if longer) sets the pace, again at 95%.
   The pace returns to 97% of that point within a round trip, holds there for a while
   (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not held back for half
-  an hour), and only then probes upward, slowly at first and faster the
+  an hour; twice as long each time an overload shows the same rate again, so a limit confirmed is probed
+  rarely instead of sawed at), and only then probes upward, slowly at first and faster the
   longer no 429 comes (a cubic, like TCP CUBIC): an underestimate is outgrown in a minute, and overloads
   stay rare. Each costs about one round trip of refused requests, so at ordinary latencies the share of
   429s stays around 1-3%.
@@ -38,6 +39,8 @@ NEAR_PEAK: Final = 0.97  # grow quickly up to this share of the last overload po
 PLATEAU_ROUND_TRIPS: Final = 50  # hold just under the last overload point this long (10 s to 2 minutes)
 PLATEAU_SECONDS: Final = (10.0, 120.0)
 PROBE_GAIN: Final = 0.1  # then grow by 10% × ((time past the plateau) / plateau)²
+CONFIRM: Final = 0.05  # an overload whose admitted rate is within 5% of the last one's confirms the limit
+MAX_CONFIRMED: Final = 3  # each confirmation doubles the plateau, up to 8× (still at most 2 minutes)
 STRAY_SECONDS: Final = 60.0  # a 429 under a known limit with none this long before it (or 2 round trips) is stray
 
 
@@ -88,6 +91,8 @@ class Pacer:
         self._last_overload = -math.inf
         self._stray = False  # the current overload is a stray burst under a known limit (see on_overload)
         self._remeasure_at: float | None = None  # when the replies sent before the overload are back
+        self._measured: float | None = None  # the admitted rate the last overload without a known limit showed
+        self._confirmed = 0  # overloads in a row that showed that same rate (see _grow_probe)
         self._starts: deque[float] = deque()  # when recent successful requests were sent
 
     # --- what the limiter asks ---------------------------------------------------------------------
@@ -161,7 +166,7 @@ class Pacer:
         the limit, which is what it admits. (Averaging over quieter spans, a ramp or a pause, would underestimate
         it, and an underestimate takes a long probe to outgrow.)
         """
-        span = max(1.0, min(self.round_trip, 10.0))
+        span = self._span
         sent = sorted(t for t in self._starts if until - 3 * span <= t < until)
         if not sent:
             return None
@@ -171,6 +176,11 @@ class Pacer:
                 first += 1
             busiest = max(busiest, last - first + 1)
         return busiest / span
+
+    @property
+    def _span(self) -> float:
+        """The span the admitted rate is counted over: a round trip, 1–10 s."""
+        return max(1.0, min(self.round_trip, 10.0))
 
     def set_known_rate(self, rate: float | None) -> None:
         """The request rate the known limits allow (requests/s), or None."""
@@ -201,7 +211,12 @@ class Pacer:
             self._remeasure_at = None
             admitted = self.admitted_rate(self._overload_at)
             if admitted is not None:
-                self.peak = admitted
+                # An overload at the rate the last one showed confirms the limit: probe half as often.
+                # (Give or take one request per span: the count of a short span is a small integer.)
+                tolerance = CONFIRM * admitted + 1 / self._span
+                same = self._measured is not None and abs(admitted - self._measured) <= tolerance
+                self._confirmed = min(self._confirmed + 1, MAX_CONFIRMED) if same else 0
+                self._measured = self.peak = admitted
                 self.probe_rate = admitted * CUT
         peak = self.peak
         if self.probe_rate is None or peak is None:
@@ -209,7 +224,7 @@ class Pacer:
         rtt = self.round_trip
         elapsed = now - self._overload_at
         shortest, longest = PLATEAU_SECONDS
-        plateau = min(longest, max(shortest, PLATEAU_ROUND_TRIPS * rtt))
+        plateau = min(longest, max(shortest, PLATEAU_ROUND_TRIPS * rtt) * 2**self._confirmed)
         if self._stray:  # back at the known limit a round trip later
             rate = peak * min(1.0, CUT + (1.0 - CUT) * elapsed / rtt)
         elif elapsed <= plateau:

@@ -359,3 +359,30 @@ def test_the_hold_after_repeated_429s_ends_within_two_minutes_even_for_a_slow_mo
     successes(limiter, clock, 1, latency=30.0)
     later = limiter.pacer.rate()
     assert later is not None and later > peak * 0.97
+
+
+def test_overloads_that_show_the_same_rate_again_make_the_probes_rarer() -> None:
+    """No headers, a provider that admits 10 requests/s: each overload that shows the same rate again doubles the
+    hold before the next probe (10 s, 20 s, 40 s), so a confirmed limit is not sawed at every few seconds."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings.automatic(), clock=clock, sleep=clock.sleep)
+
+    def admit(seconds: float) -> None:
+        for _ in range(round(seconds * 10)):
+            clock.now += 0.1
+            successes(limiter, clock, 1, latency=0.2)
+
+    admit(10)
+    holds = []
+    for _ in range(3):
+        limiter.on_rate_limited(None)
+        overload = clock.now
+        admit(0.5)
+        peak = limiter.pacer.peak
+        assert peak is not None and peak == pytest.approx(10, rel=0.15)
+        while (limiter.pacer.rate() or 0) <= peak * 0.97 + 1e-9:
+            admit(0.1)
+        holds.append(clock.now - overload)
+    assert holds[0] == pytest.approx(10, abs=0.5)
+    assert holds[1] == pytest.approx(20, abs=0.5)
+    assert holds[2] == pytest.approx(40, abs=0.5)
