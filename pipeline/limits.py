@@ -276,11 +276,11 @@ class Limiter:
     def set_share(self, share: float) -> None:
         """Take `share` of the key's limits from now on (siblings on the key finished or came back)."""
         if share != self.share:
-            grew = share > self.share
+            self.pacer.rescale(share / self.share)
             self.share = share
-            self._refit(grew=grew)
+            self._refit()
 
-    def _refit(self, *, grew: bool = False) -> None:
+    def _refit(self) -> None:
         """The known limits changed: resize the token bucket, the pace and the window."""
         limit = self.limit
         known_tpm = self._known_tpm
@@ -288,8 +288,6 @@ class Limiter:
             self._tpm = TokenBucket(known_tpm * SAFETY, self.clock)
         elif known_tpm and self._tpm is not None:
             self._tpm.set_rate(known_tpm * SAFETY)
-        if grew:
-            self.pacer.forget_overloads()  # what 429s taught was measured beside siblings that are gone
         self._pace()
         if self.limit > limit and self.on_grow is not None:
             self.on_grow()

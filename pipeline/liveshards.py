@@ -9,7 +9,9 @@ N × share. No coordinator: the files the shards write anyway are the shared sta
 
 A sibling with no progress file yet counts as running (it may be starting, or queued by the scheduler, and
 will want its part); so does every sibling during the first seconds of a run, when siblings started with
-it have not written their first progress yet.
+it have not written their first progress yet. A sibling whose file says running is gone only once this
+shard has seen its `updated_at` stay the same for `SILENT_AFTER` seconds of this shard's own clock: clocks
+of other machines, and how long ago this shard last read the file, do not enter into it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,8 +30,7 @@ from pipeline.sinks.meta import SinkMeta
 
 STALE_AFTER: Final = 60.0  # seconds without a progress update (written about once a second) before "stale"
 RUNNING: Final = frozenset({"running", "stopping"})
-# A sibling silent this long no longer holds its part of the key. Shorter than STALE_AFTER (a run's own
-# display), long enough for clocks of machines on shared storage to disagree a little.
+# A sibling whose progress has not changed for this long (by this shard's clock) no longer holds its part.
 SILENT_AFTER: Final = 20.0
 START_GRACE: Final = 10.0  # seconds before a shard believes a sibling's "not running"
 REFRESH: Final = 3.0  # seconds between looks at the siblings' progress files
@@ -82,27 +83,39 @@ class ShareFollower:
         self.share = share
         self.base = share
         self._clock = clock
-        self._started = clock()
-        self._next = self._started + START_GRACE
+        self._next = clock() + START_GRACE
         self._siblings = [SinkMeta(output, Shard(i, shard.count)).progress_path for i in range(shard.count)]
         del self._siblings[shard.index]
-        self._seen: list[dict[str, Any] | None] = [None] * len(self._siblings)  # None: no progress file (yet)
+        # Per sibling: its last progress document (None: no file yet), when this shard first read that version,
+        # and when it last read it. Silent = read unchanged across SILENT_AFTER, not merely read long ago.
+        self._seen: list[tuple[dict[str, Any], float, float] | None] = [None] * len(self._siblings)
         self._cursor = 0
 
     def look(self) -> None:
         """Read the next `READS_PER_LOOK` siblings' progress files."""
+        now = self._clock()
         for _ in range(min(READS_PER_LOOK, len(self._siblings))):
             i = self._cursor
             self._cursor = (i + 1) % len(self._siblings)
-            self._seen[i] = read_progress(self._siblings[i])
+            doc = read_progress(self._siblings[i])
+            before = self._seen[i]
+            if doc is None:
+                if before is None or not self._siblings[i].exists():
+                    self._seen[i] = None
+                continue  # unreadable for a moment (another writer's rename): keep what was known
+            same = before is not None and before[0].get("updated_at") == doc.get("updated_at")
+            self._seen[i] = (doc, before[1] if same and before is not None else now, now)
 
-    def running(self, now: datetime | None = None) -> int:
-        """How many of the N shards run (this one included), from the files last read: all but those that ended,
-        stopped or went silent. A sibling without a progress file has not started: it will want its part."""
-        now = now or datetime.now(UTC)
-        gone = sum(
-            1 for doc in self._seen if doc is not None and run_state(doc, now, stale_after=SILENT_AFTER) != "running"
-        )
+    def running(self) -> int:
+        """How many of the N shards run (this one included), from the files last read: all but those that ended
+        or stopped, and those whose progress was read unchanged across `SILENT_AFTER` seconds."""
+        gone = 0
+        for seen in self._seen:
+            if seen is None:
+                continue  # no progress file: not started yet, and it will want its part
+            doc, since, checked = seen
+            if str(doc.get("state")) not in RUNNING or checked - since >= SILENT_AFTER:
+                gone += 1
         return self.shard.count - gone
 
     def refresh(self) -> float | None:

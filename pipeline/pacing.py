@@ -187,13 +187,15 @@ class Pacer:
         self.known_rate = rate
         self._fit_window()
 
-    def forget_overloads(self) -> None:
-        """The known limits grew (siblings on the key are gone): pace at them again, not at what 429s taught.
-
-        Without a known rate the 429s are all there is to go by, and they stay."""
-        if self.known_rate is not None:
-            self.probe_rate = self.peak = None
-            self._remeasure_at = None
+    def rescale(self, ratio: float) -> None:
+        """This process's share of the key changed by `ratio`: what 429s taught was this process's part of the
+        key's rate, so it scales with it (both ways, so a share that grows and shrinks back leaves it as it was)."""
+        if self.known_rate is None:
+            return  # without a known limit the 429s are all there is to go by, whatever the share
+        for name in ("probe_rate", "peak", "_measured"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value * ratio)
 
     # --- inside -----------------------------------------------------------------------------------
 
@@ -226,7 +228,11 @@ class Pacer:
         shortest, longest = PLATEAU_SECONDS
         plateau = min(longest, max(shortest, PLATEAU_ROUND_TRIPS * rtt) * 2**self._confirmed)
         if self._stray:  # back at the known limit a round trip later
-            rate = peak * min(1.0, CUT + (1.0 - CUT) * elapsed / rtt)
+            if elapsed >= rtt:
+                self.probe_rate = self.peak = None
+                self._stray = False
+                return
+            rate = peak * (CUT + (1.0 - CUT) * elapsed / rtt)
         elif elapsed <= plateau:
             rate = peak * min(NEAR_PEAK, CUT + (NEAR_PEAK - CUT) * elapsed / rtt)
         else:

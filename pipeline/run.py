@@ -67,9 +67,9 @@ class _Run:
         self.budget: Budget | None = None  # --max-cost
         self.stranded: list[Result] = []  # finished by a worker cancelled while handing it over
         self.limiter: Limiter | None = None
-        shard = opts.shard
-        # A shard takes the part of the key's limits its finished siblings leave (see liveshards.py).
-        self.share = ShareFollower(opts.output, shard, opts.limits.share) if shard and shard.count > 1 else None
+        shard = opts.shard  # a shard takes the part of the key its finished siblings leave (liveshards.py)
+        follow = shard is not None and shard.count > 1 and opts.limits.share < 1
+        self.share = ShareFollower(opts.output, shard, opts.limits.share) if follow and shard else None
         default_rows, default_seconds = self.sink.default_checkpoint
         self.checkpoint_rows = opts.checkpoint.rows or default_rows
         self.checkpoint_seconds = opts.checkpoint.seconds or default_seconds
@@ -327,6 +327,7 @@ async def _execute(
     assert main is not None  # noqa: S101 - run_label is always awaited inside a task
     handled = _install_signals(loop, lambda: run.on_signal(main, notice))
     error: LabelstreamError | None = None
+    await asyncio.to_thread(run.write_progress, "running")  # before any request: siblings see it at once
     try:
         try:
             async with asyncio.TaskGroup() as group:

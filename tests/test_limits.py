@@ -8,6 +8,7 @@ import itertools
 import pytest
 
 from pipeline.limits import SAFETY, Limiter, LimitSettings, Permit, TokenBucket
+from pipeline.pacing import Pacer
 from pipeline.ratelimit_headers import parse_duration, retry_after_seconds
 
 
@@ -386,3 +387,17 @@ def test_overloads_that_show_the_same_rate_again_make_the_probes_rarer() -> None
     assert holds[0] == pytest.approx(10, abs=0.5)
     assert holds[1] == pytest.approx(20, abs=0.5)
     assert holds[2] == pytest.approx(40, abs=0.5)
+
+
+def test_a_stray_429_ends_after_a_round_trip_even_when_the_known_rate_moved_meanwhile() -> None:
+    """A token limit's request rate follows what requests cost: if it rises during the round trip after a stray
+    429, the pace still returns to the (new) known rate instead of staying at the old one."""
+    pacer = Pacer(ceiling=1000, auto=True)
+    pacer.set_known_rate(10.0)
+    for t in (1.0, 1.1, 1.2):
+        pacer.on_success(1.0, window_limited=False, now=t)
+    pacer.on_overload(5.0, until=5.1)
+    assert pacer.rate() == pytest.approx(9.5)
+    pacer.set_known_rate(11.0)
+    pacer.on_success(1.0, window_limited=False, now=6.5)
+    assert pacer.rate() == pytest.approx(11.0)

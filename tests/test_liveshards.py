@@ -44,27 +44,49 @@ def dead_pid() -> int:
 
 
 def test_a_shard_takes_the_part_of_siblings_that_ended_stopped_or_went_silent(tmp_path: Path) -> None:
-    """Shard 0 of 4 at 1/4: a done sibling and a dead one leave their parts (1/2); one not started yet keeps
-    its part; a sibling that comes back takes its part back. Nothing changes in the first seconds of a run."""
+    """Shard 0 of 4 at 1/4: a done sibling leaves its part, one whose progress stops moving for 20 s (by this
+    shard's clock) too; one not started yet keeps its part; one that comes back takes it back. Nothing changes in
+    the first seconds of a run."""
     out = tmp_path / "out.parquet"
     clock = Clock()
     follower = ShareFollower(out, Shard(0, 4), 0.25, clock=clock)
     write_progress(out, Shard(1, 4), "done")
-    write_progress(out, Shard(2, 4), "running", pid=dead_pid())
+    write_progress(out, Shard(2, 4), "running")
     assert follower.refresh() is None, "siblings started with this run may not have written progress yet"
     clock.now += START_GRACE
-    assert follower.refresh() == pytest.approx(0.5)
-    assert follower.running() == 2, "shard 3 has not started: it will want its part"
-    assert follower.refresh() is None, "looks again only every few seconds"
+    assert follower.refresh() == pytest.approx(1 / 3), "shard 1 is done; shard 3 has not started"
+    clock.now += 10
+    assert follower.refresh() is None, "shard 2 silent for 10 s is still running"
+    clock.now += 10
+    assert follower.refresh() == pytest.approx(1 / 2), "shard 2 silent for 20 s is gone"
     write_progress(out, Shard(2, 4), "running")
-    clock.now += 5
-    assert follower.refresh() == pytest.approx(1 / 3), "shard 2 is back (and shard 3 not started)"
-    write_progress(out, Shard(3, 4), "running", age=25.0)
-    clock.now += 5
-    assert follower.refresh() == pytest.approx(1 / 2), "shard 3 has been silent for 25 s"
+    clock.now += 3
+    assert follower.refresh() == pytest.approx(1 / 3), "shard 2 moves again: it takes its part back"
+    write_progress(out, Shard(3, 4), "running", age=3600.0, pid=dead_pid())
+    clock.now += 3
+    assert follower.refresh() is None, "shard 3 starts: an old clock or a pid elsewhere proves nothing at first sight"
+    write_progress(out, Shard(1, 4), "running")
+    clock.now += 3
+    assert follower.refresh() == pytest.approx(1 / 4), "shard 1 resumes: all four run"
     write_progress(out, Shard(1, 4), "interrupted")
-    clock.now += 5
-    assert follower.refresh() is None, "interrupted is as gone as done"
+    clock.now += 3
+    assert follower.refresh() == pytest.approx(1 / 3), "interrupted is as gone as done"
+
+
+def test_two_hundred_live_siblings_read_in_turn_are_never_taken_for_gone(tmp_path: Path) -> None:
+    """200 shards, all alive and writing progress: each sibling is read only every 13 looks (40 s), yet none is
+    taken for silent, so the share stays at 1/200 and the key is not overrun."""
+    out = tmp_path / "out.jsonl"
+    clock = Clock()
+    shards = [Shard(k, 200) for k in range(200)]
+    follower = ShareFollower(out, shards[0], 1 / 200, clock=clock)
+    clock.now += START_GRACE
+    for _ in range(30):
+        for shard in shards[1:]:
+            write_progress(out, shard, "running")
+        assert follower.refresh() is None
+        assert follower.running() == 200
+        clock.now += 3.0
 
 
 def test_each_look_reads_a_bounded_number_of_progress_files(tmp_path: Path) -> None:
@@ -84,19 +106,25 @@ def test_each_look_reads_a_bounded_number_of_progress_files(tmp_path: Path) -> N
     assert follower.running() == 1 and follower.share == 1.0
 
 
-def test_a_larger_share_raises_the_pace_and_forgets_what_429s_taught_beside_the_siblings() -> None:
-    """600 RPM at 1/4 paces at 142.5 RPM; a 429 cuts it; the share growing to 1/2 paces at 285 RPM at once."""
+def test_the_share_scales_the_known_limits_and_what_429s_taught_both_ways() -> None:
+    """600 RPM at 1/4 paces at 142.5 RPM, a 429 cuts that by 5%; the share growing to 1/2 doubles the pace at once
+    (the cut included: it was this process's part), and shrinking back restores it exactly (a flapping share
+    loses nothing it learned). Token limits learned later follow the share too."""
     limiter = Limiter(LimitSettings(concurrency=50, rpm=600, share=0.25))
     assert limiter._rpm is not None and limiter._rpm.per_minute == pytest.approx(150 * SAFETY)
     limiter.on_rate_limited(0.1)
-    assert limiter._rpm.per_minute < 150 * SAFETY
+    cut = 150 * SAFETY * 0.95
+    assert limiter._rpm.per_minute == pytest.approx(cut)
     limiter.set_share(0.5)
-    assert limiter._rpm.per_minute == pytest.approx(300 * SAFETY)
+    assert limiter._rpm.per_minute == pytest.approx(2 * cut)
+    limiter.set_share(0.25)
+    assert limiter._rpm.per_minute == pytest.approx(cut)
+    limiter.set_share(0.5)
     limiter.observe_headers({"x-ratelimit-limit-requests": "600", "x-ratelimit-limit-tokens": "40000"})
     assert limiter._tpm is not None and limiter._tpm.per_minute == pytest.approx(20_000 * SAFETY)
     limiter.set_share(1.0)
     assert limiter._tpm.per_minute == pytest.approx(40_000 * SAFETY)
-    assert limiter._rpm.per_minute == pytest.approx(600 * SAFETY)
+    assert limiter._rpm.per_minute == pytest.approx(4 * cut)
 
 
 def test_the_last_shard_running_paces_at_the_whole_limit(sim: Any, tmp_path: Path) -> None:
