@@ -4,8 +4,10 @@ Shards on one key each pace at their share of its limits (1/N by default). When 
 dies, its part would go unused and the last shards would run alone at a quarter of the limit. So each shard
 reads its siblings' progress files (they sit beside its own under `OUT.meta/`, on whatever storage the
 output is on) every few seconds, and takes the part of every sibling that is no longer running:
-`share × N ÷ running shards`, never more than the whole key. The N shards together never take more than
-N × share. No coordinator: the files the shards write anyway are the shared state.
+`share × N ÷ running shards`, never more than the whole key. No coordinator: the files the shards write anyway
+are the shared state. Together the shards take N × share, except for a sibling that comes back: until each
+other shard reads its file again (within a look with up to 17 shards; a look reads 16 files in turn, so with
+1,000 shards within about three minutes) it holds its own part beside what the others took over.
 
 A sibling with no progress file yet counts as running (it may be starting, or queued by the scheduler, and
 will want its part); so does every sibling during the first seconds of a run, when siblings started with

@@ -9,7 +9,8 @@ The limiter (`limits.py`) enforces what the `Pacer` decides:
 - **No limit known: slow start.** The window doubles every round trip (one more slot per success that found
   the window full) until the first 429, or until replies slow down (auto mode watches latency, so a
   self-hosted server that slows under load is not pushed further).
-- **A 429 under a known limit is a stray burst** when none came in the minute (or two round trips) before:
+- **A 429 under a known limit is a stray burst** when it finds the pace at that limit and no other overload
+  came in the minute (or two round trips) before:
   providers also hold their limits over short intervals, and jitter on the way can bunch requests that left
   evenly. The pace dips to 95% and is back at the known rate a round trip later (a long hold there would
   cost more than the rare 429 it avoids). A second 429 soon after means the limit is not all ours (another
