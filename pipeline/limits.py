@@ -169,13 +169,13 @@ class Limiter:
         self._key_rpm = settings.rpm  # the key's limits, given or learned from headers (before the share)
         self._key_tpm = settings.tpm
         self._rpm: TokenBucket | None = None
-        self._tpm = TokenBucket(self._known_tpm * SAFETY, clock) if self._known_tpm else None
+        self._tpm: TokenBucket | None = None
         self._tokens_per_request: float | None = None
         self._turn = asyncio.Lock()  # FIFO: the longest waiter goes first
         self._queued = 0  # requests waiting for their turn
         self.on_grow: Callable[[], None] | None = None  # called when the window grows (the run adds workers)
         self._freed = asyncio.Event()
-        self._pace()
+        self._refit()
 
     @property
     def _known_rpm(self) -> float | None:
@@ -281,13 +281,13 @@ class Limiter:
             self._refit()
 
     def _refit(self) -> None:
-        """The known limits changed: resize the token bucket, the pace and the window."""
+        """The known limits are new or changed: size the token bucket, the pace and the window to them."""
         limit = self.limit
         known_tpm = self._known_tpm
         if known_tpm and self._tpm is None:
             self._tpm = TokenBucket(known_tpm * SAFETY, self.clock)
         elif known_tpm and self._tpm is not None:
-            self._tpm.set_rate(known_tpm * SAFETY)
+            self._tpm.set_rate(known_tpm * SAFETY)  # keeps what the bucket holds
         self._pace()
         if self.limit > limit and self.on_grow is not None:
             self.on_grow()

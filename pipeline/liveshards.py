@@ -41,7 +41,7 @@ REFRESH: Final = 3.0  # seconds between looks at the siblings' progress files
 READS_PER_LOOK: Final = 16
 
 
-def run_state(progress: dict[str, Any] | None, now: datetime, *, stale_after: float = STALE_AFTER) -> str:
+def run_state(progress: dict[str, Any] | None, now: datetime) -> str:
     """A run's state from its progress file: a "running" file nobody updates any more is stale."""
     if progress is None:
         return "stale"  # side files but no progress yet: started, then stopped before its first update
@@ -55,7 +55,7 @@ def run_state(progress: dict[str, Any] | None, now: datetime, *, stale_after: fl
         updated = datetime.fromisoformat(str(progress.get("updated_at")).replace("Z", "+00:00"))
     except ValueError:
         return "stale"
-    return "stale" if (now - updated).total_seconds() > stale_after else "running"
+    return "stale" if (now - updated).total_seconds() > STALE_AFTER else "running"
 
 
 def read_progress(path: Path) -> dict[str, Any] | None:
