@@ -123,6 +123,26 @@ def test_a_repeated_long_prefix_is_served_from_the_prompt_cache(sim: SimulatorTh
         assert ask(sim, text)[1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
 
+def test_a_padded_reply_fills_max_tokens_with_whitespace_and_validates(sim: SimulatorThread) -> None:
+    """length_rate picks rows by their text: each request for a picked row is "{" and whitespace until
+    max_completion_tokens, finish_reason "length", usage at the full budget, valid against the API description,
+    its logprobs spelling the content; a row not picked is answered normally."""
+    sim.configure(length_rate=0.5)
+    texts = [f"review {i}: fine" for i in range(12)]
+    picked = [t for t in texts if ask(sim, t, max_completion_tokens=64)[1]["choices"][0]["finish_reason"] == "length"]
+    assert 0 < len(picked) < len(texts)
+    for text in picked[:2]:
+        body = ask(sim, text, max_completion_tokens=64, logprobs=True, top_logprobs=2)[1]
+        check(body, COMPLETION)
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == "length" and choice["message"]["content"].strip() == "{"
+        assert body["usage"]["completion_tokens"] == 64
+        assert "".join(t["token"] for t in choice["logprobs"]["content"]) == choice["message"]["content"]
+        assert ask(sim, text, max_completion_tokens=128)[1]["usage"]["completion_tokens"] == 128, "same row, again"
+    normal = next(t for t in texts if t not in picked)
+    assert ask(sim, normal, max_completion_tokens=64)[1]["choices"][0]["finish_reason"] == "stop"
+
+
 def test_reasoning_tokens_are_billed_within_the_completion_budget(sim: SimulatorThread) -> None:
     """reasoning_tokens adds to completion_tokens (reported in its details) up to max_completion_tokens."""
     sim.configure(reasoning_tokens=10)

@@ -30,6 +30,13 @@ def register(sub: Any) -> None:
         default="full",
         help="answer logprobs requests with logprobs, ignore them, or refuse them with a 400 (default: %(default)s)",
     )
+    sim.add_argument(
+        "--length-rate",
+        type=share,
+        default=0.0,
+        help="share of rows answered with whitespace until max_tokens (finish_reason length), as a weak model under "
+        "vLLM's default structured output does; the same rows every time",
+    )
     sim.add_argument("--reasoning-tokens", type=count, default=0, help="hidden reasoning tokens billed per reply")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument(
@@ -94,6 +101,7 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             error_rate=args.error_rate,
             hang_rate=args.hang_rate,
             malformed_rate=args.malformed_rate,
+            length_rate=args.length_rate,
             seed=args.seed,
             logprobs=args.logprobs,
             reasoning_tokens=args.reasoning_tokens,

@@ -30,7 +30,9 @@ prompt plus max_completion_tokens (or max_tokens, or the completion). stream=tru
 
 Fault kinds: status, hang, reset, close_after_headers, slow_body, delay (the exchange itself) and
 not_json, bad_json_content, label_outside, empty_content, extra_text, length, content_filter,
-refusal (a 200 whose reply is no usable label; `malformed_rate` draws from these). Every fault takes
+refusal (a 200 whose reply is no usable label; `malformed_rate` draws from these), and pad ("{" and
+whitespace until max_tokens, finish_reason "length", every token billed: a weak model under vLLM's default
+structured output; `length_rate` picks that share of rows by their text, for every request). Every fault takes
 count (default 1, -1 forever) and match (apply only if the last user message contains it); `status`
 takes status, message, code, type, retry_after, retry_after_ms, headers; hang, delay and slow_body take
 seconds; not_json takes content_type. Scripted faults come before the rate windows; random ones after.

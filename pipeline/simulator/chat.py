@@ -18,6 +18,7 @@ from pipeline.simulator.completion import (
     BadParameterError,
     completion_body,
     completion_tokens,
+    padded,
     read_messages,
     spoil,
     top_logprobs_asked,
@@ -126,11 +127,14 @@ class Responder:
         content: str | None
         content, choices = made if made is not None else self.content(chat)
         finish, refusal = "stop", None
-        if kind == "label_outside":
+        if kind == "pad":
+            content, finish = padded(chat.completion_budget)[0], "length"
+            choices = []  # no label in it: every token is a nearly certain newline
+        elif kind == "label_outside":
             content = self._labels.content(chat.response_format, chat.text, outside=True)
         elif kind in SPOILERS:
             content, finish, refusal = spoil(kind or "", content or "")
-        completion = completion_tokens(content)
+        completion = padded(chat.completion_budget)[1] if kind == "pad" else completion_tokens(content)
         budget, reasoning = chat.completion_budget, config.reasoning_tokens
         reasoning = min(reasoning, max(0, budget - completion)) if budget is not None else reasoning
         top = chat.top_logprobs if config.logprobs == "full" and content else None

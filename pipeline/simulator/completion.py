@@ -62,6 +62,17 @@ def spoil(kind: str, content: str) -> tuple[str | None, str, str | None]:
     return content, "stop", None
 
 
+# What a server fills a reply with when the request names no max_tokens (the room left in a small context).
+DEFAULT_BUDGET: Final = 4096
+
+
+def padded(budget: int | None) -> tuple[str, int]:
+    """(content, completion tokens) of a reply padded with whitespace until `budget` tokens: "{" then newlines,
+    one token each, as a grammar-constrained model writes while it cannot decide."""
+    tokens = max(1, budget if budget is not None else DEFAULT_BUDGET)
+    return "{" + "\n" * (tokens - 1), tokens
+
+
 def completion_body(
     completion_id: str,
     model: str,

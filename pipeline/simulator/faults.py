@@ -27,7 +27,11 @@ MALFORMED_KINDS: Final = (
     "content_filter",
     "refusal",
 )
-FAULT_KINDS: Final = TRANSPORT_KINDS | frozenset(MALFORMED_KINDS)
+# "pad": what a weak model under a JSON grammar does (vLLM's default structured output): "{" and whitespace until
+# max_tokens, finish_reason "length", every allowed token billed. Deterministic for a row at temperature 0, so
+# `length_rate` picks rows, not requests; a script can also ask for it.
+PAD_KIND: Final = "pad"
+FAULT_KINDS: Final = TRANSPORT_KINDS | frozenset(MALFORMED_KINDS) | {PAD_KIND}
 
 # message, type, code: what the real API sends for each status.
 _STATUS_DEFAULTS: Final[dict[int, tuple[str, str, str | None]]] = {

@@ -22,6 +22,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 GATEWAYS: Final = ("none", "litellm")
 _RENAMED: Final = ("retry-after", "retry-after-ms", "x-ratelimit-")
 _PREFIX: Final = "llm_provider-"
+# LiteLLM names itself on every reply; clients can tell a gateway's held requests from a provider's slowness.
+VERSION_HEADER: Final = ("x-litellm-version", "1.108.7")
 
 
 def _reshape_error(status: int, body: bytes, model_hint: str) -> tuple[int, bytes]:
@@ -78,6 +80,7 @@ def gateway_middleware(
             response.set_status(status)
             response.body = body
         _rename_headers(response)
+        response.headers[VERSION_HEADER[0]] = VERSION_HEADER[1]
         return response
 
     return reshape

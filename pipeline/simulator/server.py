@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import os
 import random
@@ -21,6 +22,7 @@ from pipeline.simulator.control import add_control_routes
 from pipeline.simulator.faults import (
     MALFORMED_KINDS,
     NOT_JSON_BODY,
+    PAD_KIND,
     Fault,
     FaultScript,
     close_after_headers,
@@ -44,6 +46,14 @@ _RANDOM_HANG: Final = Fault("hang")
 _RANDOM_MALFORMED: Final = tuple(Fault(kind) for kind in MALFORMED_KINDS)
 # Faults after which the client still gets a complete, good reply.
 _HARMLESS: Final = frozenset({None, "hang", "delay", "slow_body"})
+_PAD: Final = Fault(PAD_KIND)
+
+
+def _picked(text: str, share: float) -> bool:
+    """Whether a row is among `share` of all rows, by its text: the same row is picked at every request."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest()) < share * 2**64
+
+
 _FLEX_BUSY: Final = (
     "Resource unavailable: flex processing has no spare capacity right now. Retry later, or send the request "
     "without service_tier 'flex'."
@@ -262,7 +272,9 @@ class Simulator:
             if chat.service_tier == "flex" and self._flex_rng.random() < self._config.flex_unavailable_rate:
                 # Flex has no spare capacity: a 429 that is no rate limit (no window was exceeded).
                 return error_reply(ex, 429, _FLEX_BUSY, code="resource_unavailable", headers=headers)
-            if self._fault_rate:
+            if self._config.length_rate and _picked(chat.text, self._config.length_rate):
+                fault = _PAD
+            elif self._fault_rate:
                 fault = self._random_fault()
 
         kind = None

@@ -36,6 +36,8 @@ class SimulatorConfig:
     rate_headers: "full" (x-ratelimit-* on every reply, retry-after on 429s), "retry-after" (only that, on
         429s) or "none" (a bare 429), to imitate providers and gateways that say less.
     flex_unavailable_rate: share of `service_tier: "flex"` requests answered 429 `resource_unavailable`.
+    length_rate: share of rows (picked by their text, so every request for a row alike) answered as a weak model
+        under vLLM's default structured output answers: whitespace until max_tokens, finish_reason "length".
     batch_seconds: how long a batch takes from creation to its last request (requests finish evenly over it;
         read at every look, so lowering it lets batches already running finish at once).
     batch_error_rate: share of batch requests answered with an error (500) in the error file.
@@ -65,6 +67,7 @@ class SimulatorConfig:
     logprobs: str = "full"
     reasoning_tokens: int = 0
     flex_unavailable_rate: float = 0.0
+    length_rate: float = 0.0
     batch_seconds: float = 2.0
     batch_error_rate: float = 0.0
     batch_window_seconds: float = 86_400.0
@@ -97,7 +100,7 @@ class SimulatorConfig:
         rates = (self.error_rate, self.hang_rate, self.malformed_rate)
         if any(not 0.0 <= rate <= 1.0 for rate in rates) or sum(rates) > 1.0:
             raise ValueError(f"error, hang and malformed rates must lie in 0..1 and sum to at most 1, got {rates}")
-        for name in ("flex_unavailable_rate", "batch_error_rate"):
+        for name in ("flex_unavailable_rate", "batch_error_rate", "length_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in 0..1, got {getattr(self, name)}")
         if self.batch_window_seconds <= 0:
@@ -155,6 +158,7 @@ _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "logprobs": (str,),
     "reasoning_tokens": (int,),
     "flex_unavailable_rate": _NUMBER,
+    "length_rate": _NUMBER,
     "batch_seconds": _NUMBER,
     "batch_error_rate": _NUMBER,
     "batch_window_seconds": _NUMBER,
