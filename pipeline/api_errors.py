@@ -16,12 +16,17 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
 
+from pipeline.errors import clip
+
 _QUOTA: Final = re.compile(r"insufficient_quota|exceeded your current quota|quota (?:exceeded|exhausted)|billing", re.I)
 _MODEL: Final = re.compile(
     r"model_not_found|invalid model|unknown model|model .{0,80}(?:does not exist|not found|is not supported)"
     r"|no such model|not a valid model",
     re.I,
 )
+# The exception names a gateway puts before an upstream message, once per layer it passed through:
+# "litellm.RateLimitError: RateLimitError: OpenAIException - Rate limit reached ..." says "Rate limit reached ...".
+_GATEWAY_PREFIXES: Final = re.compile(r"^(?:[\w.]+(?:Error|Exception)\s*(?::|\s-)\s*)+")
 _KEY: Final = re.compile(
     r"invalid_api_key|incorrect api key|invalid api key|api key.{0,40}(?:invalid|missing|not valid)"
     r"|authentication error|unauthorized|no_db_connection|invalid proxy server token",
@@ -60,10 +65,10 @@ def error_fields(body: Any, fallback: str) -> tuple[str | None, str | None, str]
     if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
         body = body["error"]
     if not isinstance(body, Mapping):
-        return None, None, fallback[:300]
+        return None, None, clip(fallback, 300)
     code, kind = body.get("code"), body.get("type")
-    message = body.get("message") or fallback
-    return (str(code) if code else None), (str(kind) if kind else None), str(message)[:300]
+    message = _GATEWAY_PREFIXES.sub("", str(body.get("message") or fallback)) or str(body.get("message"))
+    return (str(code) if code else None), (str(kind) if kind else None), clip(message, 300)
 
 
 def classify(status: int, body: Any, fallback: str) -> ApiError:

@@ -1,10 +1,10 @@
 """`--max-cost`: this run's spending, checked before every request so that it never passes the limit.
 
-Spend is what finished replies cost by their `usage` (cached prompt tokens at the cached price), plus, for
-every request in flight, the most it may cost: its prompt estimate and a full `max_tokens` reply. A row whose
-worst case would take the total past the limit is not sent; the run then stops the way Ctrl-C stops it
-(in-flight requests finish, the sink is flushed), and the next run resumes where it stopped. Attempts that end
-without a label (an unusable reply) are not counted: the client does not report their usage.
+Spend is what every reply cost by its `usage` (cached prompt tokens at the cached price), unusable replies
+included since they are billed too, plus the worst case of every abandoned attempt (it may still run upstream),
+plus, for every request in flight, the most it may cost: its prompt estimate and a full `max_tokens` reply. A
+row whose worst case would take the total past the limit is not sent; the run then stops the way Ctrl-C stops
+it (in-flight requests finish, the sink is flushed), and the next run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pipeline.estimate import estimate_run
 from pipeline.options import RunOptions
 from pipeline.prepare import Prepared
 from pipeline.pricing import Price, load_prices
-from pipeline.results import Labeled, Result
+from pipeline.stats import CallStats
 
 
 def price_for_budget(model: str, tier: str = "standard") -> Price:
@@ -37,14 +37,21 @@ class Budget:
     """Spending of one run against its limit; `reserve` before a request, `settle` when its row is finished."""
 
     def __init__(
-        self, limit: float, price: Price, prompt_tokens: Callable[[str], int], max_tokens: int, tier: str = "standard"
+        self,
+        limit: float,
+        price: Price,
+        prompt_tokens: Callable[[str], int],
+        max_tokens: int,
+        calls: CallStats,
+        *,
+        tier: str = "standard",
     ) -> None:
         self.limit = limit
         self.price = price
         self.tier = tier
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
-        self.spent = 0.0
+        self.calls = calls  # the client's counters: one owner of what was spent
         self.held = 0.0  # the worst case of the requests in flight
         self.stopped = False  # a row was held back: the run is stopping at the limit
 
@@ -57,14 +64,21 @@ class Budget:
         self.held += worst
         return worst
 
-    def settle(self, held: float, result: Result) -> None:
-        """Release what `reserve` held for a row and add what its reply really cost."""
+    @property
+    def spent(self) -> float:
+        """USD spent so far: every reply by its usage, and the worst case of every abandoned attempt."""
+        calls = self.calls
+        cost = self.price.cost(
+            calls.prompt_tokens + calls.abandoned_prompt_tokens,
+            calls.completion_tokens + calls.abandoned_completion_tokens,
+            tier=self.tier,
+            cached_tokens=calls.cached_tokens,
+        )
+        return cost or 0.0
+
+    def settle(self, held: float) -> None:
+        """Release what `reserve` held for a row once it is finished (its attempts are in `spent` by then)."""
         self.held = max(0.0, self.held - held)
-        if isinstance(result, Labeled):
-            cost = self.price.cost(
-                result.prompt_tokens, result.completion_tokens, tier=self.tier, cached_tokens=result.cached_tokens
-            )
-            self.spent += cost or 0.0
 
     def error(self, resume: str) -> OverBudget:
         """The error a run stopped by the limit ends with."""

@@ -19,7 +19,18 @@ import orjson
 
 from pipeline.api_errors import Meaning, classify
 from pipeline.endpoints import Endpoint, EndpointPool, Outcome
-from pipeline.errors import FatalApiError, redact
+from pipeline.errors import FatalApiError, clip, redact
+from pipeline.failures import (
+    DETERMINISTIC,
+    NOT_API_BREAKER,
+    STREAK_BREAKER,
+    Streak,
+    advice,
+    connection_problem,
+    gateway_of,
+    not_an_api,
+    roomier,
+)
 from pipeline.limits import Limiter, RetryPolicy, Sleep
 from pipeline.prompt import Prompt, ReplyError
 from pipeline.ratelimit_headers import retry_after_seconds
@@ -38,11 +49,12 @@ _JSON_HEADERS = {"Content-Type": "application/json"}
 _RATE_LIMITED_CAP = 100
 # Failures that say "later" or "not like this" about the whole run rather than the row: no retry used up (a rate
 # limit, a gateway holding requests, flex out of capacity, an endpoint refusing logprobs).
-_FREE_RETRIES = frozenset({"rate_limit", "held", "resource_unavailable", "logprobs_refused"})
+# An endpoint that cannot be reached before anything succeeded: the run stops once every endpoint is.
+_FREE_RETRIES = frozenset({"rate_limit", "held", "resource_unavailable", "logprobs_refused", "unreachable"})
 # Of those, the ones the limiter already answered with a pause: no backoff on top.
 _PAUSED = frozenset({"rate_limit", "held", "logprobs_refused"})
 # Failures that say something about the server (not about the row or the reply): the pool backs it off.
-_SERVER_TROUBLE = frozenset({"connection", "timeout", "server_error", "rate_limit"})
+_SERVER_TROUBLE = frozenset({"connection", "unreachable", "timeout", "server_error", "rate_limit"})
 # The endpoint the current worker's attempt uses (each worker is a task of its own, with its own context).
 _ENDPOINT: ContextVar[Endpoint[openai.AsyncOpenAI] | None] = ContextVar("labelstream_endpoint", default=None)
 
@@ -84,6 +96,8 @@ class LabelClient:
         self.exact_tokens = exact_tokens
         self.logprobs = True  # turned off for the run when the endpoint refuses them
         self.timeouts = AdaptiveTimeout(retry.timeout)
+        self._streak = Streak()  # unusable replies of one kind in a row, before any success
+        self._unreachable: set[str] = set()  # endpoints no connection could be made to, before any success
         self._secret = api_key
         urls = [base_url] if base_url is None or isinstance(base_url, str) else list(base_url)
         # The SDK's pool holds 1,000 connections; at high tiers and slow models more may be in flight.
@@ -121,14 +135,21 @@ class LabelClient:
         """Label one row, retrying what may succeed on a later attempt."""
         estimate = self.estimate_tokens(row)
         attempt = limited = 0
+        max_tokens = self.prompt.config.max_tokens
         while True:
             attempt += 1
             try:
-                return await self._attempt_on_endpoint(row, estimate, attempt)
+                return await self._attempt_on_endpoint(row, estimate, attempt, max_tokens)
             except _Attempt as failure:
                 # 429s say "later", not "never": they do not use up the row's retries (up to a sanity cap).
                 limited += failure.kind in _FREE_RETRIES
                 spent = attempt - limited
+                if failure.kind == "length":
+                    # The same request would be cut off the same way: one more try with room to finish, no more.
+                    more = roomier(max_tokens) if max_tokens == self.prompt.config.max_tokens else max_tokens
+                    estimate, max_tokens, failure.retry = estimate + more - max_tokens, more, more > max_tokens
+                    if not failure.retry:
+                        failure.message = f"{failure.message} (max_tokens {max_tokens}): {advice('length')}"
                 if not failure.retry or spent >= self.retry.max_attempts or limited >= _RATE_LIMITED_CAP:
                     return Failed(
                         row=row,
@@ -142,13 +163,13 @@ class LabelClient:
                 if failure.kind not in _PAUSED:  # after a 429 the limiter already pauses everyone
                     await self.sleep(self.retry.backoff(attempt, self.rng))
 
-    async def _attempt_on_endpoint(self, row: Row, estimate: int, attempt: int) -> Labeled:
+    async def _attempt_on_endpoint(self, row: Row, estimate: int, attempt: int, max_tokens: int) -> Labeled:
         """One attempt on the server the pool picks (the only one, usually); tells the pool how it went."""
         endpoint = self.endpoints.pick()
         token = _ENDPOINT.set(endpoint)
         outcome, latency = Outcome.NEUTRAL, None
         try:
-            result = await self._attempt(row, estimate, attempt)
+            result = await self._attempt(row, estimate, attempt, max_tokens)
             outcome, latency = Outcome.OK, result.latency_ms / 1000
             return result
         except _Attempt as failure:
@@ -159,8 +180,7 @@ class LabelClient:
             _ENDPOINT.reset(token)
             self.endpoints.done(endpoint, outcome, latency)
 
-    async def _attempt(self, row: Row, estimate: int, attempt: int) -> Labeled:
-        cfg = self.prompt.config
+    async def _attempt(self, row: Row, estimate: int, attempt: int, max_tokens: int) -> Labeled:
         async with self.limiter.slot(estimate) as permit:
             started = time.perf_counter()
             limit = self.timeouts.seconds
@@ -179,31 +199,32 @@ class LabelClient:
                                 self.model,
                                 logprobs=self.logprobs,
                                 service_tier=self.service_tier,
+                                max_tokens=max_tokens,
                             )
                         ),
                         options={"headers": _JSON_HEADERS},
                     )
                     body = await response.aread()
             except TimeoutError:
+                self._abandoned(estimate - max_tokens, max_tokens)
                 raise self._timed_out(limit) from None
             except openai.APIStatusError as exc:
                 raise self._status_failure(exc) from None
-            except openai.APITimeoutError:
-                raise _Attempt("timeout", f"no reply within {self.retry.timeout:g} s") from None
-            except openai.APIConnectionError as exc:
-                raise _Attempt("connection", f"connection failed: {_cause(exc)}") from None
+            except openai.APIConnectionError as exc:  # also APITimeoutError, which a refused connection raises
+                raise self._connection_failure(exc, estimate - max_tokens, max_tokens) from None
             replied = time.perf_counter()
             latency_ms = (replied - started) * 1000
             self.timeouts.note_reply(replied - started, replied)
             self.limiter.observe_headers(response.headers)
+            self.stats.gateway = self.stats.gateway or gateway_of(response.headers)
             try:
                 reply = read_reply(self.prompt, body)
             except ReplyError as exc:
-                raise _Attempt(exc.kind, exc.message) from None
+                raise self._unusable(exc, body, response.headers.get("content-type")) from None
             prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
             if prompt_tokens:
                 # Providers reserve max_tokens for the reply; only the prompt part of our estimate can be off.
-                permit.used_tokens = prompt_tokens + cfg.max_tokens
+                permit.used_tokens = prompt_tokens + max_tokens
                 self.tokens.observe(row.text, prompt_tokens)
             self.limiter.on_success(permit)
         self.stats.successes += 1
@@ -239,8 +260,8 @@ class LabelClient:
                 )
         if self.timeouts.note_timeout(time.perf_counter()):
             # Many at once: a gateway holding requests over its limit, or a drowning provider. Slow the run down
-            # like a 429, and do not count it against the rows.
-            self.stats.rate_limited += 1
+            # like a 429, and do not count it against the rows (nor call it a 429: none came).
+            self.stats.held += 1
             self.limiter.on_rate_limited(None)
             return _Attempt("held", f"no reply within {limit:.3g} s while many others timed out too (overload)")
         p99 = self.timeouts.p99
@@ -248,9 +269,17 @@ class LabelClient:
         return _Attempt("timeout", f"no reply within {limit:.3g} s{recent}")
 
     def _status_failure(self, exc: openai.APIStatusError) -> _Attempt:
-        error = classify(exc.status_code, exc.body, str(exc.message))
-        status, meaning = error.status, error.meaning
         where = f"{self._sdk.base_url}".rstrip("/")
+        self.stats.gateway = self.stats.gateway or gateway_of(exc.response.headers)
+        status = exc.status_code
+        first = self.stats.successes == 0 and 400 <= status < 500 and status not in (408, 409, 429)
+        shown = (
+            not_an_api(status, exc.response.headers.get("content-type"), exc.body) if first or status == 404 else None
+        )
+        if shown:
+            raise self._not_an_api(where, shown, status)
+        error = classify(status, exc.body, str(exc.message))
+        meaning = error.meaning
         text = redact(error.describe(), self._secret)
         if meaning is Meaning.QUOTA:
             raise FatalApiError(
@@ -298,6 +327,60 @@ class LabelClient:
                 status=status,
             )
         return _Attempt("bad_request", text, status=status, retry=False)
+
+    def _connection_failure(self, exc: openai.APIConnectionError, prompt_tokens: int, max_tokens: int) -> _Attempt:
+        where = f"{self._sdk.base_url}".rstrip("/")
+        if (problem := connection_problem(exc)) is not None:
+            what, check = problem
+            if self.stats.successes:  # a server that answered before is retried as any passing trouble
+                return _Attempt("connection", f"cannot connect to {where}: {what}")
+            self._unreachable.add(where)
+            if len(self._unreachable) >= len(self.endpoints.endpoints):
+                raise FatalApiError(
+                    f"cannot connect to {', '.join(sorted(self._unreachable))}: {what}; {check} Nothing was sent; "
+                    "re-run the same command once the server answers.",
+                    cause="unreachable",
+                )
+            return _Attempt("unreachable", f"cannot connect to {where}: {what}")
+        if isinstance(exc, openai.APITimeoutError):
+            self._abandoned(prompt_tokens, max_tokens)
+            return _Attempt("timeout", f"no reply within {self.retry.timeout:g} s")
+        return _Attempt("connection", f"connection failed: {_cause(exc)}")
+
+    def _abandoned(self, prompt_tokens: int, max_tokens: int) -> None:
+        # The request may still run upstream and be billed: count its worst case (an upper bound).
+        self.stats.timeouts += 1
+        self.stats.abandoned_prompt_tokens += max(0, prompt_tokens)
+        self.stats.abandoned_completion_tokens += max_tokens
+
+    def _unusable(self, exc: ReplyError, body: bytes, content_type: str | None) -> _Attempt:
+        stats = self.stats
+        stats.unusable_replies += 1
+        stats.unusable_tokens += exc.prompt_tokens + exc.completion_tokens
+        stats.prompt_tokens += exc.prompt_tokens
+        stats.completion_tokens += exc.completion_tokens
+        stats.cached_tokens += exc.cached_tokens
+        if stats.successes == 0:
+            # Nothing has worked yet: the same failure again and again is the request's or the server's, not luck.
+            shown = not_an_api(200, content_type, body) if exc.kind == "malformed" else None
+            streak = self._streak.note("not_api" if shown else exc.kind)
+            if shown and streak >= NOT_API_BREAKER:
+                raise self._not_an_api(f"{self._sdk.base_url}".rstrip("/"), shown, 200)
+            if exc.kind in DETERMINISTIC and streak >= STREAK_BREAKER:
+                raise FatalApiError(
+                    f"the first {streak} replies were all unusable the same way ({exc.kind}: {clip(exc.message, 120)})"
+                    f"; retrying will not help: {advice(exc.kind)}. Then re-run the same command to resume.",
+                    cause="reply",
+                )
+        return _Attempt(exc.kind, exc.message)
+
+    def _not_an_api(self, where: str, shown: str, status: int) -> FatalApiError:
+        return FatalApiError(
+            f"{where} is not an OpenAI-compatible API: it answered POST /chat/completions with {shown}. Check "
+            "--base-url (such servers usually serve under .../v1), then re-run the same command.",
+            status=status,
+            cause="endpoint",
+        )
 
 
 def _cause(exc: BaseException) -> str:

@@ -96,3 +96,17 @@ def redact(text: str, secret: str | None = None) -> str:
         if len(secret) >= 16:  # a masked echo keeps the key's start
             text = text.replace(secret[:8], "[redacted]")
     return _KEY_LIKE.sub("sk-[redacted]", text)
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters at a word boundary, with "…" when something was cut.
+
+    A message cut mid-word ("…please check your pl") reads like a bug; the last whole words read like a summary.
+    """
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    if space >= limit // 2:  # a text without spaces (a URL, a token) is cut where it must be
+        cut = cut[:space]
+    return cut.rstrip(" ,;:-(") + "…"

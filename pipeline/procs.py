@@ -197,6 +197,7 @@ def _absorb(stats: RunStats, children: list[_Child], docs: dict[int, dict[str, A
 
     stats.labeled, stats.failed, stats.read = total("labeled"), total("failed"), total("read")
     stats.calls.retries, stats.calls.rate_limited = total("retries"), total("rate_limited")
+    stats.calls.timeouts = total("timeouts")
     stats.calls.prompt_tokens, stats.calls.completion_tokens = total("prompt_tokens"), total("completion_tokens")
     expected = [doc.get("expected") for doc in docs.values()]
     known = len(docs) == len(children) and all(isinstance(e, int) for e in expected)

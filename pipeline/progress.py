@@ -54,6 +54,8 @@ class Reporter:
         parts = [f"{s.labeled} done", f"{s.failed} failed", f"{s.calls.retries} retries"]
         if s.calls.rate_limited:
             parts.append(f"{s.calls.rate_limited}×429")
+        if s.calls.timeouts:  # never folded into the 429s, even when paced like them
+            parts.append(f"{s.calls.timeouts} timeouts")
         if self.concurrency is not None:
             in_flight, limit = self.concurrency()
             parts.append(f"in flight {in_flight}/{limit}")

@@ -22,6 +22,10 @@ class ReplyError(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
+        # What the unusable reply cost by its `usage` (set by `read_reply`): it is billed like a good one.
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cached_tokens = 0
 
 
 @dataclass(frozen=True, slots=True)

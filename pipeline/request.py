@@ -20,14 +20,21 @@ TOP_LOGPROBS_MAX = 20
 
 
 def request_body(
-    prompt: Prompt, text: str, model: str, *, logprobs: bool = True, service_tier: str | None = None
+    prompt: Prompt,
+    text: str,
+    model: str,
+    *,
+    logprobs: bool = True,
+    service_tier: str | None = None,
+    max_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The `/v1/chat/completions` body that labels `text`.
 
     The messages put the part every request shares (instructions, labels, examples) first and the row's
     text last, so providers' prompt caching serves the shared part. With `logprobs` the reply carries token
     probabilities, from which the label's confidence is read; endpoints that refuse them get requests
-    without (see `LabelClient`). `service_tier` (e.g. "flex") is sent only when given.
+    without (see `LabelClient`). `service_tier` (e.g. "flex") is sent only when given. `max_tokens` replaces the
+    task's for one retry of a reply cut off at it.
     """
     cfg = prompt.config
     body: dict[str, Any] = {
@@ -35,7 +42,7 @@ def request_body(
         "messages": prompt.messages(text),
         "response_format": prompt.response_format,
         "temperature": cfg.temperature,
-        "max_completion_tokens": cfg.max_tokens,
+        "max_completion_tokens": max_tokens or cfg.max_tokens,
     }
     if logprobs:
         body["logprobs"] = True
@@ -68,13 +75,21 @@ def read_reply(prompt: Prompt, body: bytes | Mapping[str, Any]) -> Reply:
     try:
         data = orjson.loads(body) if isinstance(body, bytes | bytearray) else body
         choice = data["choices"][0]
-        answer = prompt.parse_answer(choice)
-    except ReplyError:
-        raise
+        if not isinstance(choice, Mapping):
+            raise TypeError(choice)  # noqa: TRY301 - the one handler below names every malformed reply
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
         shown = body[:120] if isinstance(body, bytes | bytearray) else str(body)[:120]
         raise ReplyError("malformed", f"the reply is not a chat completion: {shown!r}") from None
     usage = data.get("usage")
+    try:
+        answer = prompt.parse_answer(choice)
+    except ReplyError as exc:
+        # The server did the work: the caller counts (and prices) the unusable reply's tokens too.
+        exc.prompt_tokens = token_count(usage, "prompt_tokens")
+        exc.completion_tokens = token_count(usage, "completion_tokens")
+        details = usage.get("prompt_tokens_details") if isinstance(usage, Mapping) else None
+        exc.cached_tokens = token_count(details, "cached_tokens")
+        raise
     model = data.get("model")
     details = usage.get("prompt_tokens_details") if isinstance(usage, Mapping) else None
     logprobs = choice.get("logprobs")

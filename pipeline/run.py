@@ -127,7 +127,7 @@ class _Run:
                 self.stop_now()
                 return
             if self.budget is not None:
-                self.budget.settle(held, result)
+                self.budget.settle(held)
             if isinstance(result, Labeled):
                 self.stats.labeled += 1
             else:
@@ -318,7 +318,7 @@ async def _execute(
         service_tier=opts.service_tier,
     )
     if price is not None and opts.max_cost is not None:
-        run.budget = Budget(opts.max_cost, price, client.tokens.prompt_tokens, opts.config.max_tokens)
+        run.budget = Budget(opts.max_cost, price, client.tokens.prompt_tokens, opts.config.max_tokens, stats.calls)
     reporter = Reporter(
         stats, mode=opts.progress, stream=notice, concurrency=lambda: (limiter.in_flight, limiter.limit)
     )
@@ -365,7 +365,7 @@ async def _execute(
     )
     run.write_progress(state, summary=summary.as_dict(), token_scale=round(client.tokens.scale, 4))
     if error is not None:
-        print(summary.render(), file=notice)
+        print(summary.render(with_error=False), file=notice)  # the error follows once, from whoever catches it
         raise error
     if interrupted:
         print(summary.render(), file=notice)

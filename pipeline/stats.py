@@ -16,14 +16,23 @@ class CallStats:
     """Counters the client updates and the progress reporter reads."""
 
     retries: int = 0
-    rate_limited: int = 0
+    rate_limited: int = 0  # 429 answers that were rate limits (never timeouts, even when paced like them)
+    timeouts: int = 0  # attempts abandoned without a reply in time
+    held: int = 0  # of those, the ones in a cluster: read as overload (a gateway holding requests, a drowning server)
     unavailable: int = 0  # flex: 429 resource_unavailable (retried with backoff; no rate limit)
     successes: int = 0
     bad_requests_in_a_row: int = 0
     timeouts_before_any_reply: int = 0
+    # Every reply's usage, the unusable ones' included (the server did that work too).
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # the part of prompt_tokens served from the provider's prompt cache
+    unusable_replies: int = 0  # replies that came back but gave no label
+    unusable_tokens: int = 0  # their prompt and completion tokens (part of the totals above)
+    # Abandoned attempts (timed out) may still run upstream and be billed: their worst case, an upper bound.
+    abandoned_prompt_tokens: int = 0
+    abandoned_completion_tokens: int = 0
+    gateway: str | None = None  # a gateway that named itself in a reply header ("litellm")
 
 
 @dataclass(slots=True)
@@ -107,12 +116,26 @@ class RunStats:
             self.model, calls.prompt_tokens, calls.completion_tokens, tier=self.tier, cached_tokens=calls.cached_tokens
         )
         batch = cost_of(self.model, self.batch_prompt_tokens, self.batch_completion_tokens, tier="batch")
-        return None if online is None or batch is None else online + batch
+        abandoned = self.abandoned_cost
+        return None if online is None or batch is None or abandoned is None else online + batch + abandoned
+
+    @property
+    def abandoned_cost(self) -> float | None:
+        """The most the abandoned attempts may cost (each at its prompt estimate and a full max_tokens): an upper
+        bound, part of `cost`."""
+        calls = self.calls
+        return cost_of(self.model, calls.abandoned_prompt_tokens, calls.abandoned_completion_tokens, tier=self.tier)
 
     @property
     def standard_cost(self) -> float | None:
         """What the same tokens would have cost as standard online requests."""
-        return cost_of(self.model, self.prompt_tokens, self.completion_tokens, cached_tokens=self.calls.cached_tokens)
+        calls = self.calls
+        return cost_of(
+            self.model,
+            self.prompt_tokens + calls.abandoned_prompt_tokens,
+            self.completion_tokens + calls.abandoned_completion_tokens,
+            cached_tokens=calls.cached_tokens,
+        )
 
     def snapshot(self, state: str, **extra: Any) -> dict[str, Any]:
         """The progress-file document."""
@@ -132,6 +155,8 @@ class RunStats:
             "other_shards": self.other_shards,
             "retries": self.calls.retries,
             "rate_limited": self.calls.rate_limited,
+            "timeouts": self.calls.timeouts,
+            "unusable_replies": self.calls.unusable_replies,
             "rows_per_s": round(self.rate, 2),
             "eta_s": None if self.eta is None else round(self.eta, 1),
             "prompt_tokens": self.prompt_tokens,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from pipeline.errors import LabelstreamError
+from pipeline.errors import LabelstreamError, clip
 from pipeline.options import RunOptions
 from pipeline.stats import RunStats, short_duration, short_number
 
@@ -55,6 +55,12 @@ class Summary:
     shard: str | None = None  # "1/4" for a run of one shard
     other_shards: int = 0  # input rows left to the other shards
     servers: dict[str, dict[str, int]] = field(default_factory=dict)  # url → rows, errors, backoffs (fleets)
+    timeouts: int = 0  # attempts abandoned without a reply in time (never counted as 429s)
+    held: int = 0  # of those, the ones in clusters: overload, or a gateway holding requests
+    unusable_replies: int = 0  # replies that gave no label (their tokens are in the totals: they are billed)
+    unusable_tokens: int = 0
+    abandoned_cost_usd: float | None = None  # the most the timed-out attempts may cost (part of cost_usd)
+    gateway: str | None = None  # a gateway that named itself in its replies ("litellm")
 
     @classmethod
     def of(
@@ -111,6 +117,12 @@ class Summary:
             shard=opts.shard.label if opts.shard else None,
             other_shards=s.other_shards,
             servers=servers or {},
+            timeouts=s.calls.timeouts,
+            held=s.calls.held,
+            unusable_replies=s.calls.unusable_replies,
+            unusable_tokens=s.calls.unusable_tokens,
+            abandoned_cost_usd=s.abandoned_cost,
+            gateway=s.calls.gateway,
         )
 
     @classmethod
@@ -188,10 +200,16 @@ class Summary:
             "shard": self.shard,
             "other_shards": self.other_shards,
             "servers": self.servers,
+            "timeouts": self.timeouts,
+            "held": self.held,
+            "unusable_replies": self.unusable_replies,
+            "unusable_tokens": self.unusable_tokens,
+            "abandoned_cost_usd": None if self.abandoned_cost_usd is None else round(self.abandoned_cost_usd, 6),
+            "gateway": self.gateway,
         }
 
-    def render(self) -> str:
-        """The human summary printed at the end of a run."""
+    def render(self, *, with_error: bool = True) -> str:
+        """The human summary printed at the end of a run (without the error when the caller shows it next)."""
         heads = {"done": "done", "interrupted": "interrupted", "failed": "stopped", "budget": "stopped at --max-cost"}
         head = heads.get(self.state, self.state)
         if self.state == "done" and self.pending:
@@ -208,12 +226,15 @@ class Summary:
         if self.cost_usd is not None and standard is not None and standard - self.cost_usd > 5e-7:
             where = {"batch": "batch", "auto": "online and batch"}.get(self.engine, self.tier)
             priced += f" at {where} prices; ${standard:.4f} as standard online requests"
+        causes = [f"{self.rate_limited} after 429"]
+        causes += [f"{self.timeouts} after timeouts"] if self.timeouts else []
+        causes += [f"{self.unavailable} after flex had no capacity"] if self.unavailable else []
         lines.append(
             f"  tokens: {short_number(self.prompt_tokens)} prompt ({self.cache_hit_share:.0%} from the prompt cache) + "
             f"{short_number(self.completion_tokens)} completion{cost}{budget} ({priced}); "
-            f"retries: {self.retries} ({self.rate_limited} after 429"
-            + (f", {self.unavailable} after flex had no capacity)" if self.unavailable else ")")
+            f"retries: {self.retries} ({', '.join(causes)})"
         )
+        lines.extend(self._attempt_lines())
         lines.extend(self._batch_lines())
         if self.duplicates:
             examples = ", ".join(self.duplicate_samples[:3])
@@ -229,14 +250,7 @@ class Summary:
             lines.append(f"  {self.changed:,} rows already in the sink now have different text.{hint}")
         if self.truncated:
             lines.append(f"  {self.truncated:,} texts were longer than max_chars and were cut (see 'truncated')")
-        if self.failures:
-            lines.append("  failures by kind:")
-            shown = 0
-            for kind, count in sorted(self.failures.items(), key=lambda kv: -kv[1]):
-                for sample in self.samples.get(kind, [])[:1]:
-                    if shown < 5:
-                        lines.append(f"    {kind} ×{count}: {sample[:160]}")
-                        shown += 1
+        lines.extend(self._failure_lines())
         if len(self.servers) > 1:
             lines.append("  rows per server:")
             for url, counts in sorted(self.servers.items()):
@@ -244,7 +258,7 @@ class Summary:
                 lines.append(f"    {url}: {counts.get('rows', 0):,} rows{trouble if counts.get('errors') else ''}")
         where = f"{self.output}, shard {self.shard}" if self.shard else self.output
         lines.append(f"  sink: {where} (+{self.saved:,} rows this run)")
-        if self.error:
+        if self.error and with_error:
             lines.append(f"  stopped because: {self.error}")
         if self.state != "done":
             lines.append(f"  resume with: {self.resume_command}")
@@ -261,6 +275,43 @@ class Summary:
         elif self.unfinished:
             lines.append(f"  to send the {self.unfinished:,} unprocessed rows again, re-run: {self.resume_command}")
         return "\n".join(lines)
+
+    def _failure_lines(self) -> list[str]:
+        """Dead letters by kind, most frequent first, with one sample each (up to five kinds)."""
+        if not self.failures:
+            return []
+        lines = ["  failures by kind:"]
+        for kind, count in sorted(self.failures.items(), key=lambda kv: -kv[1]):
+            for sample in self.samples.get(kind, [])[:1]:
+                if len(lines) <= 5:
+                    lines.append(f"    {kind} ×{count}: {clip(sample, 160)}")
+        return lines
+
+    def _attempt_lines(self) -> list[str]:
+        """What attempts that gave no label cost, and what clustered timeouts mean."""
+        lines = []
+        if self.unusable_replies:
+            lines.append(
+                f"  {self.unusable_replies:,} unusable replies ({short_number(self.unusable_tokens)} tokens, "
+                "in the totals above: they are billed too)"
+            )
+        if self.timeouts:
+            bound = f"; up to ${self.abandoned_cost_usd:.4f} of the cost" if self.abandoned_cost_usd else ""
+            lines.append(
+                f"  {self.timeouts:,} attempts abandoned after no reply in time (may still be billed{bound}, "
+                "counted at their prompt and max_tokens as an upper bound)"
+            )
+        if self.held and self.gateway == "litellm":
+            lines.append(
+                f"  the gateway is holding requests over its limit ({self.held:,} attempts timed out while it "
+                "retried them): set `num_retries: 0` in its router settings so it answers 429 at once"
+            )
+        elif self.held:
+            lines.append(
+                f"  {self.held:,} attempts timed out in clusters: the server (or a gateway in front of it) is "
+                "overloaded or holding requests; the run slowed down as for 429s"
+            )
+        return lines
 
     def _batch_lines(self) -> list[str]:
         if self.engine not in ("batch", "auto"):
@@ -280,7 +331,7 @@ class Summary:
 _WORST_STATE = {"done": 0, "interrupted": 1, "failed": 2}
 _SUMMED = (
     "labeled", "failed", "saved", "skipped_done", "duplicates", "conflicts", "changed", "truncated", "retries",
-    "rate_limited", "prompt_tokens", "completion_tokens",
+    "rate_limited", "prompt_tokens", "completion_tokens", "timeouts", "held", "unusable_replies", "unusable_tokens",
 )  # fmt: skip
 
 

@@ -116,8 +116,25 @@ def test_litellm_quota_exhaustion_stops_at_once(sim: Any, tmp_path: Path) -> Non
     sim.script([{"kind": "status", "status": 429, "code": "insufficient_quota", "message": message, "count": -1}])
     with pytest.raises(FatalApiError, match="out of quota") as caught:
         label(sim, write_csv(tmp_path / "in.csv", reviews(100)), tmp_path / "out.jsonl", concurrency=4, retry=QUICK)
-    assert "HTTP 429 throttling_error: litellm.RateLimitError" in caught.value.message
+    assert "HTTP 429 throttling_error: You exceeded your current quota" in caught.value.message
+    assert "litellm.RateLimitError" not in caught.value.message, "the gateway's exception prefixes are dropped"
     assert sim.stats()["requests"] <= 8
+
+
+def test_a_fatal_message_is_printed_once_and_cut_at_a_word(sim: Any, tmp_path: Path) -> None:
+    """A long gateway error that stops the run is printed once (the `error:` line, no "stopped because" copy),
+    without the gateway's exception prefixes, and cut after a whole word."""
+    sim.configure(gateway="litellm")
+    message = "You exceeded your current quota, please check your plan and billing details. " * 6
+    sim.script([{"kind": "status", "status": 429, "code": "insufficient_quota", "message": message, "count": -1}])
+    source = write_csv(tmp_path / "in.csv", reviews(20))
+    out = tmp_path / "out.jsonl"
+    result = cli("label", "--input", str(source), "--output", str(out), "--base-url", sim.base_url, "--no-progress")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("out of quota") == 1, result.stderr
+    assert "stopped because" not in result.stderr and "RateLimitError" not in result.stderr
+    shown = result.stderr.split("throttling_error: ")[1].split("). Add credit")[0]
+    assert shown.endswith("…") and message.startswith(shown[:-1]) and message[len(shown) - 1] == " "
 
 
 @pytest.mark.parametrize("what", ["model", "key"])
@@ -160,7 +177,8 @@ def test_a_mistyped_model_neither_fixes_the_sink_nor_returns_in_the_resume_comma
 
 def test_requests_held_by_a_gateway_past_the_timeout_count_as_rate_limiting(sim: Any, tmp_path: Path) -> None:
     """A gateway that holds over-limit requests past --timeout: the timeouts slow the run like 429s instead of
-    using up rows' retries, and every row ends labeled."""
+    using up rows' retries, and every row ends labeled; the summary calls them timeouts (no 429 came), counts the
+    abandoned attempts' worst case into the cost as an upper bound, and tells LiteLLM users what to set."""
     sim.configure(gateway="litellm", hold_seconds=30, rpm=600, window_seconds=6, latency_ms=20)
     retry = RetryPolicy(max_attempts=3, base_wait=0.001, max_wait=0.01, timeout=1.5)
     out = tmp_path / "out.jsonl"
@@ -169,7 +187,12 @@ def test_requests_held_by_a_gateway_past_the_timeout_count_as_rate_limiting(sim:
     )
     assert dead_letters(out) == []
     assert summary.exit_code == 0 and len(set(sink_ids(out))) == 150
-    assert summary.rate_limited > 0
+    assert summary.rate_limited == 0 and summary.held > 0 and summary.timeouts >= summary.held
+    text = summary.render()
+    assert f"(0 after 429, {summary.timeouts} after timeouts)" in text
+    assert f"{summary.timeouts:,} attempts abandoned after no reply in time (may still be billed" in text
+    assert "the gateway is holding requests" in text and "`num_retries: 0`" in text
+    assert summary.abandoned_cost_usd and summary.cost_usd and summary.cost_usd > summary.abandoned_cost_usd > 0
 
 
 def test_a_server_slower_than_the_timeout_stops_the_run_with_what_to_do(sim: Any, tmp_path: Path) -> None:

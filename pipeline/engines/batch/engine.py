@@ -296,7 +296,7 @@ async def _execute(run: _BatchRun) -> Summary:
     )
     run.write_progress(state, summary=summary.as_dict())
     if error is not None:
-        print(summary.render(), file=run.notice)
+        print(summary.render(with_error=False), file=run.notice)  # the error follows once, from whoever catches it
         raise error
     if interrupted:
         print(summary.render(), file=run.notice)

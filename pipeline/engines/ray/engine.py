@@ -87,7 +87,7 @@ def run_ray(opts: RunOptions, *, actors: int, notice: IO[str] | None = None) -> 
             stats.snapshot(state, input=str(opts.input), output=str(opts.output), run=run_id, engine="ray"),
         )
     if error is not None or state == "interrupted":
-        print(summary.render(), file=notice)
+        print(summary.render(with_error=error is None), file=notice)  # the raised error is printed once, after
     if error is not None:
         raise error
     if state == "interrupted":
