@@ -19,18 +19,8 @@ import orjson
 
 from pipeline.api_errors import Meaning, classify
 from pipeline.endpoints import Endpoint, EndpointPool, Outcome
-from pipeline.errors import FatalApiError, clip, redact
-from pipeline.failures import (
-    DETERMINISTIC,
-    NOT_API_BREAKER,
-    STREAK_BREAKER,
-    Streak,
-    advice,
-    connection_problem,
-    gateway_of,
-    not_an_api,
-    roomier,
-)
+from pipeline.errors import FatalApiError, redact
+from pipeline.failures import FailureWatch, advice, connection_problem, gateway_of, roomier
 from pipeline.limits import Limiter, RetryPolicy, Sleep
 from pipeline.prompt import Prompt, ReplyError
 from pipeline.ratelimit_headers import retry_after_seconds
@@ -96,8 +86,6 @@ class LabelClient:
         self.exact_tokens = exact_tokens
         self.logprobs = True  # turned off for the run when the endpoint refuses them
         self.timeouts = AdaptiveTimeout(retry.timeout)
-        self._streak = Streak()  # unusable replies of one kind in a row, before any success
-        self._unreachable: set[str] = set()  # endpoints no connection could be made to, before any success
         self._secret = api_key
         urls = [base_url] if base_url is None or isinstance(base_url, str) else list(base_url)
         # The SDK's pool holds 1,000 connections; at high tiers and slow models more may be in flight.
@@ -113,12 +101,18 @@ class LabelClient:
             for url in urls
         ]
         self.endpoints = EndpointPool([(str(sdk.base_url).rstrip("/"), sdk) for sdk in sdks])
+        self.watch = FailureWatch(self.stats, len(sdks))  # failures that say every row would fail alike
 
     @property
     def _sdk(self) -> openai.AsyncOpenAI:
         """The SDK client of the server this worker's attempt goes to."""
         endpoint = _ENDPOINT.get()
         return (endpoint or self.endpoints.first).client
+
+    @property
+    def _where(self) -> str:
+        """The base URL of the server this worker's attempt goes to."""
+        return f"{self._sdk.base_url}".rstrip("/")
 
     async def aclose(self) -> None:
         """Close the HTTP connections."""
@@ -208,6 +202,9 @@ class LabelClient:
             except TimeoutError:
                 self._abandoned(estimate - max_tokens, max_tokens)
                 raise self._timed_out(limit) from None
+            except asyncio.CancelledError:  # the run is stopping (or a copy lost): it may still run upstream
+                self._abandoned(estimate - max_tokens, max_tokens, timed_out=False)
+                raise
             except openai.APIStatusError as exc:
                 raise self._status_failure(exc) from None
             except openai.APIConnectionError as exc:  # also APITimeoutError, which a refused connection raises
@@ -220,7 +217,8 @@ class LabelClient:
             try:
                 reply = read_reply(self.prompt, body)
             except ReplyError as exc:
-                raise self._unusable(exc, body, response.headers.get("content-type")) from None
+                self.watch.unusable(exc, body, response.headers.get("content-type"), self._where)
+                raise _Attempt(exc.kind, exc.message) from None
             prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
             if prompt_tokens:
                 # Providers reserve max_tokens for the reply; only the prompt part of our estimate can be off.
@@ -269,15 +267,9 @@ class LabelClient:
         return _Attempt("timeout", f"no reply within {limit:.3g} s{recent}")
 
     def _status_failure(self, exc: openai.APIStatusError) -> _Attempt:
-        where = f"{self._sdk.base_url}".rstrip("/")
+        where, status = self._where, exc.status_code
         self.stats.gateway = self.stats.gateway or gateway_of(exc.response.headers)
-        status = exc.status_code
-        first = self.stats.successes == 0 and 400 <= status < 500 and status not in (408, 409, 429)
-        shown = (
-            not_an_api(status, exc.response.headers.get("content-type"), exc.body) if first or status == 404 else None
-        )
-        if shown:
-            raise self._not_an_api(where, shown, status)
+        self.watch.error_reply(status, exc.response.headers.get("content-type"), exc.body, where)
         error = classify(status, exc.body, str(exc.message))
         meaning = error.meaning
         text = redact(error.describe(), self._secret)
@@ -329,58 +321,20 @@ class LabelClient:
         return _Attempt("bad_request", text, status=status, retry=False)
 
     def _connection_failure(self, exc: openai.APIConnectionError, prompt_tokens: int, max_tokens: int) -> _Attempt:
-        where = f"{self._sdk.base_url}".rstrip("/")
         if (problem := connection_problem(exc)) is not None:
-            what, check = problem
-            if self.stats.successes:  # a server that answered before is retried as any passing trouble
-                return _Attempt("connection", f"cannot connect to {where}: {what}")
-            self._unreachable.add(where)
-            if len(self._unreachable) >= len(self.endpoints.endpoints):
-                raise FatalApiError(
-                    f"cannot connect to {', '.join(sorted(self._unreachable))}: {what}; {check} Nothing was sent; "
-                    "re-run the same command once the server answers.",
-                    cause="unreachable",
-                )
-            return _Attempt("unreachable", f"cannot connect to {where}: {what}")
+            kind = self.watch.no_connection(self._where, problem)
+            return _Attempt(kind, f"cannot connect to {self._where}: {problem[0]}")
         if isinstance(exc, openai.APITimeoutError):
             self._abandoned(prompt_tokens, max_tokens)
             return _Attempt("timeout", f"no reply within {self.retry.timeout:g} s")
         return _Attempt("connection", f"connection failed: {_cause(exc)}")
 
-    def _abandoned(self, prompt_tokens: int, max_tokens: int) -> None:
+    def _abandoned(self, prompt_tokens: int, max_tokens: int, *, timed_out: bool = True) -> None:
         # The request may still run upstream and be billed: count its worst case (an upper bound).
-        self.stats.timeouts += 1
+        self.stats.abandoned += 1
+        self.stats.timeouts += timed_out
         self.stats.abandoned_prompt_tokens += max(0, prompt_tokens)
         self.stats.abandoned_completion_tokens += max_tokens
-
-    def _unusable(self, exc: ReplyError, body: bytes, content_type: str | None) -> _Attempt:
-        stats = self.stats
-        stats.unusable_replies += 1
-        stats.unusable_tokens += exc.prompt_tokens + exc.completion_tokens
-        stats.prompt_tokens += exc.prompt_tokens
-        stats.completion_tokens += exc.completion_tokens
-        stats.cached_tokens += exc.cached_tokens
-        if stats.successes == 0:
-            # Nothing has worked yet: the same failure again and again is the request's or the server's, not luck.
-            shown = not_an_api(200, content_type, body) if exc.kind == "malformed" else None
-            streak = self._streak.note("not_api" if shown else exc.kind)
-            if shown and streak >= NOT_API_BREAKER:
-                raise self._not_an_api(f"{self._sdk.base_url}".rstrip("/"), shown, 200)
-            if exc.kind in DETERMINISTIC and streak >= STREAK_BREAKER:
-                raise FatalApiError(
-                    f"the first {streak} replies were all unusable the same way ({exc.kind}: {clip(exc.message, 120)})"
-                    f"; retrying will not help: {advice(exc.kind)}. Then re-run the same command to resume.",
-                    cause="reply",
-                )
-        return _Attempt(exc.kind, exc.message)
-
-    def _not_an_api(self, where: str, shown: str, status: int) -> FatalApiError:
-        return FatalApiError(
-            f"{where} is not an OpenAI-compatible API: it answered POST /chat/completions with {shown}. Check "
-            "--base-url (such servers usually serve under .../v1), then re-run the same command.",
-            status=status,
-            cause="endpoint",
-        )
 
 
 def _cause(exc: BaseException) -> str:

@@ -17,7 +17,9 @@ import ssl
 from collections.abc import Mapping
 from typing import Final
 
-from pipeline.errors import clip
+from pipeline.errors import FatalApiError, clip
+from pipeline.prompt import ReplyError
+from pipeline.stats import CallStats
 
 # Unusable replies of one kind in a row, with no success at all, after which the run stops.
 STREAK_BREAKER: Final = 20
@@ -83,6 +85,70 @@ class Streak:
     def reset(self) -> None:
         """Something else happened (a success, another kind of failure)."""
         self.kind, self.count = None, 0
+
+
+class FailureWatch:
+    """Counts what failed attempts cost, and stops the run (FatalApiError) when, with nothing succeeded yet, they
+    say every row would fail the same way: no endpoint can be reached, the server is no API, or the replies are
+    unusable the same way again and again."""
+
+    def __init__(self, stats: CallStats, endpoints: int) -> None:
+        self.stats = stats
+        self.endpoints = endpoints
+        self.streak = Streak()
+        self.unreachable: set[str] = set()  # endpoints no connection could be made to, before any success
+
+    def unusable(self, error: ReplyError, body: bytes, content_type: str | None, where: str) -> None:
+        """An unusable reply: its tokens are billed like a good one's; a streak of its kind may end the run."""
+        stats = self.stats
+        stats.unusable_replies += 1
+        stats.unusable_tokens += error.prompt_tokens + error.completion_tokens
+        stats.prompt_tokens += error.prompt_tokens
+        stats.completion_tokens += error.completion_tokens
+        stats.cached_tokens += error.cached_tokens
+        if stats.successes:
+            return
+        shown = not_an_api(200, content_type, body) if error.kind == "malformed" else None
+        streak = self.streak.note("not_api" if shown else error.kind)
+        if shown and streak >= NOT_API_BREAKER:
+            raise no_api(where, shown, 200)
+        if error.kind in DETERMINISTIC and streak >= STREAK_BREAKER:
+            raise FatalApiError(
+                f"the first {streak} replies were all unusable the same way ({error.kind}: "
+                f"{clip(error.message, 120)}); retrying will not help: {advice(error.kind)}. Then re-run the same "
+                "command to resume.",
+                cause="reply",
+            )
+
+    def error_reply(self, status: int, content_type: str | None, body: object, where: str) -> None:
+        """An error reply: a web page or a framework's 404 where the API should be ends the run."""
+        first = self.stats.successes == 0 and 400 <= status < 500 and status not in (408, 409, 429)
+        if (first or status == 404) and (shown := not_an_api(status, content_type, body)):
+            raise no_api(where, shown, status)
+
+    def no_connection(self, where: str, problem: tuple[str, str]) -> str:
+        """The failure kind of an attempt that could not connect; the run ends once no endpoint can be reached."""
+        if self.stats.successes:  # a server that answered before is retried as any passing trouble
+            return "connection"
+        self.unreachable.add(where)
+        if len(self.unreachable) >= self.endpoints:
+            what, check = problem
+            raise FatalApiError(
+                f"cannot connect to {', '.join(sorted(self.unreachable))}: {what}; {check} Nothing was sent; "
+                "re-run the same command once the server answers.",
+                cause="unreachable",
+            )
+        return "unreachable"
+
+
+def no_api(where: str, shown: str, status: int) -> FatalApiError:
+    """The stop for an endpoint that answers, but not as an OpenAI-compatible API."""
+    return FatalApiError(
+        f"{where} is not an OpenAI-compatible API: it answered POST /chat/completions with {shown}. Check "
+        "--base-url (such servers usually serve under .../v1), then re-run the same command.",
+        status=status,
+        cause="endpoint",
+    )
 
 
 def connection_problem(exc: BaseException) -> tuple[str, str] | None:

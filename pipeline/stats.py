@@ -29,7 +29,9 @@ class CallStats:
     cached_tokens: int = 0  # the part of prompt_tokens served from the provider's prompt cache
     unusable_replies: int = 0  # replies that came back but gave no label
     unusable_tokens: int = 0  # their prompt and completion tokens (part of the totals above)
-    # Abandoned attempts (timed out) may still run upstream and be billed: their worst case, an upper bound.
+    # Abandoned attempts (timed out, or cut off by a stop) may still run upstream and be billed: their worst case,
+    # an upper bound.
+    abandoned: int = 0
     abandoned_prompt_tokens: int = 0
     abandoned_completion_tokens: int = 0
     gateway: str | None = None  # a gateway that named itself in a reply header ("litellm")
@@ -156,6 +158,7 @@ class RunStats:
             "retries": self.calls.retries,
             "rate_limited": self.calls.rate_limited,
             "timeouts": self.calls.timeouts,
+            "abandoned": self.calls.abandoned,
             "unusable_replies": self.calls.unusable_replies,
             "rows_per_s": round(self.rate, 2),
             "eta_s": None if self.eta is None else round(self.eta, 1),

@@ -59,7 +59,8 @@ class Summary:
     held: int = 0  # of those, the ones in clusters: overload, or a gateway holding requests
     unusable_replies: int = 0  # replies that gave no label (their tokens are in the totals: they are billed)
     unusable_tokens: int = 0
-    abandoned_cost_usd: float | None = None  # the most the timed-out attempts may cost (part of cost_usd)
+    abandoned: int = 0  # attempts left without a reply: timed out, or cut off by a stop (may still be billed)
+    abandoned_cost_usd: float | None = None  # the most they may cost (part of cost_usd)
     gateway: str | None = None  # a gateway that named itself in its replies ("litellm")
 
     @classmethod
@@ -121,6 +122,7 @@ class Summary:
             held=s.calls.held,
             unusable_replies=s.calls.unusable_replies,
             unusable_tokens=s.calls.unusable_tokens,
+            abandoned=s.calls.abandoned,
             abandoned_cost_usd=s.abandoned_cost,
             gateway=s.calls.gateway,
         )
@@ -204,6 +206,7 @@ class Summary:
             "held": self.held,
             "unusable_replies": self.unusable_replies,
             "unusable_tokens": self.unusable_tokens,
+            "abandoned": self.abandoned,
             "abandoned_cost_usd": None if self.abandoned_cost_usd is None else round(self.abandoned_cost_usd, 6),
             "gateway": self.gateway,
         }
@@ -295,10 +298,10 @@ class Summary:
                 f"  {self.unusable_replies:,} unusable replies ({short_number(self.unusable_tokens)} tokens, "
                 "in the totals above: they are billed too)"
             )
-        if self.timeouts:
+        if self.abandoned:
             bound = f"; up to ${self.abandoned_cost_usd:.4f} of the cost" if self.abandoned_cost_usd else ""
             lines.append(
-                f"  {self.timeouts:,} attempts abandoned after no reply in time (may still be billed{bound}, "
+                f"  {self.abandoned:,} attempts abandoned without a reply (may still be billed{bound}, "
                 "counted at their prompt and max_tokens as an upper bound)"
             )
         if self.held and self.gateway == "litellm":
@@ -332,6 +335,7 @@ _WORST_STATE = {"done": 0, "interrupted": 1, "failed": 2}
 _SUMMED = (
     "labeled", "failed", "saved", "skipped_done", "duplicates", "conflicts", "changed", "truncated", "retries",
     "rate_limited", "prompt_tokens", "completion_tokens", "timeouts", "held", "unusable_replies", "unusable_tokens",
+    "abandoned",
 )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from pipeline.errors import BatchError
+from pipeline.limits import RetryPolicy
 from pipeline.pricing import cost_of
 from pipeline.simulator import SimulatorConfig, SimulatorThread
 
@@ -209,8 +210,9 @@ def test_auto_sends_no_batch_when_the_online_slice_fails(sim: Any, tmp_path: Pat
     sim.script([{"kind": "label_outside", "count": -1}])
     source = write_csv(tmp_path / "in.csv", reviews(60))
     out = tmp_path / "out.jsonl"
+    once = RetryPolicy(max_attempts=1, base_wait=0.001, max_wait=0.01, timeout=5.0)  # 10 replies: under the streak stop
     with pytest.raises(BatchError, match="no batch was sent"):
-        label_batch(sim, source, out, engine="auto", online_rows=10)
+        label_batch(sim, source, out, engine="auto", online_rows=10, retry=once)
     assert sim.batch_summary()["batches"] == []
 
 

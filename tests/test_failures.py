@@ -18,7 +18,7 @@ from pipeline.progress import Reporter
 from pipeline.sinks import open_sink
 from pipeline.stats import CallStats, RunStats
 
-from .helpers import SENTIMENT, cli, dead_letters, label, reviews, write_csv
+from .helpers import SENTIMENT, cli, dead_letters, label, progress, reviews, write_csv
 
 RETRY = RetryPolicy(max_attempts=6, base_wait=0.001, max_wait=0.01, timeout=10.0)
 MAX_TOKENS = SENTIMENT.max_tokens
@@ -54,8 +54,15 @@ def test_every_reply_padded_stops_the_run_with_one_message(sim: Any, tmp_path: P
     assert "Raise max_tokens" in result.stderr and "disable_any_whitespace" in result.stderr
     assert result.stderr.count("were all unusable") == 1, "the message is printed once"
     assert "stopped because" not in result.stderr
-    assert sim.stats()["requests"] <= STREAK_BREAKER + 8
+    served = sim.stats()
+    assert served["requests"] <= STREAK_BREAKER + 8
     assert len(dead_letters(out)) <= STREAK_BREAKER // 2
+    summary = progress(out)["summary"]
+    assert summary["unusable_replies"] >= STREAK_BREAKER and summary["completion_tokens"] >= STREAK_BREAKER * MAX_TOKENS
+    price = load_prices().price_of("gpt-4o-mini")
+    assert price is not None
+    billed = price.cost(served["prompt_tokens"], served["completion_tokens"])
+    assert summary["cost_usd"] >= round(billed, 6), "requests cut off by the stop are in the cost as an upper bound"
 
 
 @pytest.mark.parametrize(("kind", "advice"), [("label_outside", "labels outside"), ("bad_json_content", "JSON")])
