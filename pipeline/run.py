@@ -163,8 +163,7 @@ class _Run:
             labeled, failed = [], []
             deadline = loop.time() + self.checkpoint_seconds
             if batch:
-                await self.sink.append(batch)
-                self.stats.saved += len(batch)
+                await self.sink.append(batch, saved=self.stats.count_saved)
             if dead:
                 await self.sink.append_dead_letters(dead, self.run_id)
 

@@ -59,6 +59,10 @@ class RunStats:
     failures: dict[str, list[str]] = field(default_factory=dict)  # kind → up to 3 sample messages
     failure_counts: dict[str, int] = field(default_factory=dict)
 
+    def count_saved(self, rows: int) -> None:
+        """Count rows the sink now holds."""
+        self.saved += rows
+
     def record_failure(self, kind: str, row_id: str, message: str) -> None:
         """Count a dead letter and keep a few samples of each kind."""
         self.failed += 1
