@@ -5,16 +5,25 @@ probabilities, exp(sum of logprobs). Where the reply also lists alternatives (`t
 went to tokens which would have begun a *different* label, at the point where the label starts, is set beside
 it and the confidence is renormalised over the labels: p / (p + p_other). Mass on tokens that begin no label
 is left out: a strict schema could not have chosen them. For several labels (multi-label) the confidence is
-that of the least sure one. Replies without logprobs, or whose tokens do not spell the content, give None."""
+that of the least sure one. Replies without logprobs, or whose tokens do not spell the content, give None.
+
+The tokens may hold more than the content: self-hosted servers (vLLM) end `logprobs.content` with the stop token
+(`</s>`, `<|eot_id|>`, `<|im_end|>`), which the message text leaves out, and a grammar-constrained model may pad
+the JSON with whitespace that a server or gateway trims from the text. The content is looked for inside the
+tokens' text with nothing but such tokens around it (`locate`)."""
 
 from __future__ import annotations
 
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import orjson
+
+# Why a labeled row has no confidence, as far as a sink can tell: it keeps no trace of which case it was (the run's
+# summary says when logprobs came and could not be read), so never claim "the endpoint sent none".
+WHY_NO_CONFIDENCE: Final = "their replies carried no logprobs, or logprobs that do not spell the reply"
 
 
 def label_confidence(
@@ -32,17 +41,19 @@ def label_confidence(
     # Usually the token strings spell the content; a token that splits a character needs its bytes instead.
     texts: list[Any] = [t.get("token") for t in tokens]
     pieces: Sequence[Any]  # all str, or all bytes
-    data: Any
+    data: Any  # the tokens' whole text, in which the content starts at `offset`
     encode: Callable[[str], Any]
-    if all(isinstance(x, str) for x in texts) and "".join(texts) == content:
-        pieces, data, encode = texts, content, _same
+    at = locate(texts, content, texts) if all(isinstance(x, str) for x in texts) else None
+    if at is not None:
+        pieces, data, encode, offset = texts, "".join(texts), _same, at
     else:
         raw = _token_bytes(tokens)
-        data = content.encode("utf-8")
-        if raw is None or b"".join(raw) != data:
+        at = locate(raw, content.encode("utf-8"), texts) if raw is not None else None
+        if raw is None or at is None:
             return None  # the tokens do not spell the content: nothing can be located in it
-        pieces, encode = raw, _utf8
+        pieces, data, encode, offset = raw, b"".join(raw), _utf8, at
         spans = [(len(content[:a].encode()), len(content[:b].encode()), v) for a, b, v in spans]
+    spans = [(a + offset, b + offset, v) for a, b, v in spans]
     starts = list(itertools.accumulate((len(x) for x in pieces), initial=0))
     wanted = {label.casefold() for label in ([chosen] if isinstance(chosen, str) else chosen)}
     sure: list[float] = []
@@ -63,6 +74,37 @@ def label_confidence(
         # Without alternatives to compare (top_logprobs not asked for), the raw probability is all there is.
         sure.append(p if other is None else p / (p + other) if p + other > 0 else 0.0)
     return round(min(sure), 4) if sure else None
+
+
+def locate(pieces: Sequence[Any], content: Any, names: Sequence[Any]) -> int | None:
+    """Where `content` starts in the joined `pieces` (all str or all bytes), or None when they do not spell it.
+
+    Around the content there may be only padding: stop or special tokens (`names[i]`, the token's string, looks
+    like `<...>`: `</s>`, `<|eot_id|>`, `<|im_end|>`), and whitespace (also the whitespace part of a token that
+    straddles the content's edge). Anything else means the tokens belong to another text.
+    """
+    joined = pieces[0][:0].join(pieces) if pieces else content[:0]
+    if joined == content:
+        return 0
+    at = joined.find(content) if content else -1
+    if at < 0:
+        return None
+    end = at + len(content)
+    start = 0
+    for piece, name in zip(pieces, names, strict=True):
+        stop = start + len(piece)
+        if stop <= at or start >= end:  # wholly outside the content: whitespace or a special token
+            if piece.strip() and not _special(name):
+                return None
+        elif (start < at and piece[: at - start].strip()) or (stop > end and piece[end - start :].strip()):
+            return None  # a token reaching past the content's edge may only bring whitespace
+        start = stop
+    return at
+
+
+def _special(name: Any) -> bool:
+    """Whether a token's string is a special token's (`</s>`, `<|eot_id|>`, `<end_of_turn>`), never message text."""
+    return isinstance(name, str) and len(name) >= 3 and name.startswith("<") and name.endswith(">")
 
 
 def _same(text: str) -> str:

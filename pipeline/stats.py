@@ -24,6 +24,7 @@ class CallStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # the part of prompt_tokens served from the provider's prompt cache
+    logprobs_unread: int = 0  # labeled replies whose logprobs came but gave no confidence
 
 
 @dataclass(slots=True)

@@ -55,6 +55,7 @@ class Summary:
     shard: str | None = None  # "1/4" for a run of one shard
     other_shards: int = 0  # input rows left to the other shards
     servers: dict[str, dict[str, int]] = field(default_factory=dict)  # url → rows, errors, backoffs (fleets)
+    logprobs_unread: int = 0  # rows labeled without confidence although their reply carried logprobs
 
     @classmethod
     def of(
@@ -111,6 +112,7 @@ class Summary:
             shard=opts.shard.label if opts.shard else None,
             other_shards=s.other_shards,
             servers=servers or {},
+            logprobs_unread=s.calls.logprobs_unread,
         )
 
     @classmethod
@@ -188,6 +190,7 @@ class Summary:
             "shard": self.shard,
             "other_shards": self.other_shards,
             "servers": self.servers,
+            "logprobs_unread": self.logprobs_unread,
         }
 
     def render(self) -> str:
@@ -227,6 +230,11 @@ class Summary:
         if self.changed:
             hint = " Re-run with --relabel-changed to label them again." if self.relabel_hint else ""
             lines.append(f"  {self.changed:,} rows already in the sink now have different text.{hint}")
+        if self.logprobs_unread:
+            lines.append(
+                f"  {self.logprobs_unread:,} rows have no confidence although their replies carried logprobs: the "
+                "tokens do not spell the reply text (please report it with a sample reply)"
+            )
         if self.truncated:
             lines.append(f"  {self.truncated:,} texts were longer than max_chars and were cut (see 'truncated')")
         if self.failures:

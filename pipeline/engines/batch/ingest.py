@@ -159,6 +159,7 @@ class Merger:
         return tally
 
     def _labeled(self, row: Row, reply: Reply, latency_ms: float) -> Labeled:
+        self.stats.calls.logprobs_unread += reply.logprobs_unread
         return Labeled(
             row=row,
             label=reply.label,
@@ -168,6 +169,9 @@ class Merger:
             latency_ms=latency_ms,
             attempts=1,
             labeled_at=now_iso(),
+            cached_tokens=reply.cached_tokens,
+            confidence=reply.confidence,
+            extras=reply.extras,
         )
 
     async def _append(self, labeled: list[Labeled], tally: Tally) -> None:
