@@ -145,5 +145,5 @@ def test_a_vllm_flavoured_reply_validates_and_ends_its_logprobs_with_the_stop_to
     content = body["choices"][0]["message"]["content"]
     tokens = body["choices"][0]["logprobs"]["content"]
     assert content.endswith("\n\n\n}") and json.loads(content)["label"]
-    assert tokens[-1]["token"] == "</s>" and bytes(tokens[-1]["bytes"]) == b"</s>"
+    assert bytes(tokens[-1]["bytes"]) == tokens[-1]["token"].encode() == b"</s>"
     assert "".join(t["token"] for t in tokens[:-1]) == content
