@@ -3,8 +3,10 @@ validated exactly like an online reply (`request.read_reply`), joined to its row
 come in any order), and appended at most once: a row already in the sink is skipped and counted.
 
 A result line is `{"custom_id": ..., "response": {"status_code": ..., "body": ...} | null, "error": ... | null}`.
-A 200 body is a chat completion; another status, or an `error` (an object with code and message, or
-vLLM's plain string), fails the row. Code `batch_expired` (and `batch_cancelled`) means the request never ran:
+A 200 body is a chat completion; another status, or an `error`, fails the row, with the message read from
+wherever the runner put it: OpenAI's `response.body.error` or `error: {code, message}`, vLLM `run_batch`'s
+whole error response under `error` (`{"error": {"message", "type", "code": 400}}`, body null), or its
+older plain string. Code `batch_expired` (and `batch_cancelled`) means the request never ran:
 the row is not failed but unfinished, and the next run sends it again.
 """
 
@@ -59,9 +61,9 @@ def read_result(prompt: Prompt, line: bytes) -> tuple[str, Outcome] | None:
         return custom_id, Outcome(None, "malformed", "the result line has neither a response nor an error")
     status, body = response.get("status_code"), response.get("body")
     if status != 200:
-        code, message = _error_parts(body.get("error") if isinstance(body, dict) else error)
+        code, message = _error_parts(body if isinstance(body, dict) and body.get("error") else error)
         status = status if isinstance(status, int) else None
-        text = f"HTTP {status} {code or ''}: {message}".replace("  ", " ")
+        text = f"HTTP {status}{f' {code}' if code else ''}: {message}"
         return custom_id, Outcome(None, _status_kind(status), text, status=status)
     try:
         return custom_id, Outcome(read_reply(prompt, body if isinstance(body, dict) else {}), status=200)
@@ -187,10 +189,17 @@ class Merger:
 
 
 def _error_parts(error: Any) -> tuple[str | None, str]:
-    """(code, message) of an error object, vLLM's plain string, or nothing."""
+    """(code, message) of an error object, one wrapped in `{"error": ...}` (vLLM nests it), a plain string,
+    or nothing."""
+    for _ in range(3):  # unwrap {"error": {"error": {...}}}, never forever
+        if isinstance(error, dict) and isinstance(error.get("error"), dict | str) and not error.get("message"):
+            error = error["error"]
     if isinstance(error, dict):
-        code = error.get("code") or error.get("type")
-        return (str(code) if code else None), str(error.get("message") or "")[:300]
+        # A string code names the failure; vLLM's `code` repeats the HTTP status, so its `type` says more.
+        code = error.get("code") if isinstance(error.get("code"), str) else None
+        code = code or error.get("type")
+        message = error.get("message") or error.get("detail") or ""
+        return (str(code) if code else None), str(message)[:300] or "no reason given"
     if error:
         return None, str(error)[:300]
     return None, "no reason given"
