@@ -5,6 +5,9 @@ that never got there, and requests refused as sent not sent again unchanged."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,7 @@ from pipeline.config import load_config
 from pipeline.engines.batch.ingest import read_result
 from pipeline.prompt import Prompt
 
-from .helpers import ROOT, dead_letters, label_batch, reviews, write_csv
+from .helpers import ROOT, cli, dead_letters, label_batch, reviews, write_csv
 
 PROMPT = Prompt(load_config(ROOT / "configs" / "sentiment.toml"))
 CONTEXT = "This model's maximum context length is 2048 tokens. However, you requested 9000 tokens."
@@ -56,3 +59,48 @@ def test_the_batch_engine_keeps_the_message_of_vllm_shaped_error_lines(sim: Any,
     assert (summary.labeled, summary.failed) == (5, 1)
     (letter,) = dead_letters(out)
     assert letter["id"] == "r00002" and letter["status"] == 400 and CONTEXT in letter["message"]
+
+
+def prepare(source: Path, folder: Path, *extra: str) -> Any:
+    """`labelstream batch prepare` of the sentiment task (model gpt-4o-mini) into `folder`."""
+    config = str(ROOT / "configs" / "sentiment.toml")
+    return cli("batch", "prepare", "--input", str(source), "--config", config, "--to", str(folder), *extra)
+
+
+def test_prepare_prints_a_run_batch_command_that_loads_a_model_and_serves_the_alias(tmp_path: Path) -> None:
+    """The printed run_batch command passes weights to --model (a placeholder, or --model-path) and the name the
+    requests ask for to --served-model-name: given the alias as --model, vLLM would try to download it."""
+    source = write_csv(tmp_path / "in.csv", reviews(5))
+    done = prepare(source, tmp_path / "req")
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stdout.splitlines() if "vllm.entrypoints.openai.run_batch" in x)
+    argv = shlex.split(line)
+    assert argv[:3] == ["python", "-m", "vllm.entrypoints.openai.run_batch"]
+    options = dict(zip(argv[3::2], argv[4::2], strict=True))
+    assert options == {"-i": str(tmp_path / "req" / "requests-0001.jsonl"),
+                       "-o": str(tmp_path / "req" / "results-0001.jsonl"),
+                       "--model": "/path/to/model", "--served-model-name": "gpt-4o-mini"}  # fmt: skip
+    assert "put the model's folder" in done.stdout
+    given = prepare(source, tmp_path / "req2", "--model-path", "/models/tiny llama")
+    assert "--model '/models/tiny llama' --served-model-name gpt-4o-mini" in given.stdout
+    assert "put the model's folder" not in given.stdout
+
+
+def test_the_printed_loop_runs_every_request_file_into_its_results_file(tmp_path: Path) -> None:
+    """With several request files, the printed shell loop runs each one into the results file ingest expects."""
+    source = write_csv(tmp_path / "in.csv", reviews(45))
+    folder = tmp_path / "my requests"
+    done = prepare(source, folder, "--batch-size", "20", "--model-path", "/m")
+    assert done.returncode == 0, done.stderr
+    loop = next(x for x in done.stdout.splitlines() if "vllm.entrypoints.openai.run_batch" in x).strip()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    # A stand-in for python: writes the arguments it got into the file named after -o.
+    script = '#!/bin/sh\nfor a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done\necho "$*" > "$out"\n'
+    (fake / "python").write_text(script)
+    (fake / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    subprocess.run(["sh", "-c", loop], check=True, env=env, timeout=30)
+    made = sorted(p.name for p in folder.glob("results-*.jsonl"))
+    assert made == ["results-0001.jsonl", "results-0002.jsonl", "results-0003.jsonl"]
+    assert all("--model /m --served-model-name gpt-4o-mini" in (folder / name).read_text() for name in made)

@@ -27,6 +27,10 @@ def register(sub: Any) -> None:
     prepare.add_argument("--output", type=Path, help="sink whose rows (and running batches) to leave out")
     prepare.add_argument("--batch-size", type=positive_int, help="requests per file (at most and default 50,000)")
     prepare.add_argument("--limit", type=positive_int, help="write at most N rows")
+    prepare.add_argument(
+        "--model-path",
+        help="the weights vLLM's run_batch should load (a folder or hub name), for the command printed at the end",
+    )
     prepare.set_defaults(handler=run_prepare)
 
     ingest = actions.add_parser("ingest", help="merge result files from a batch runner into a sink, once per row")
@@ -95,8 +99,6 @@ def run_prepare(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         f"{done.problems:,} unusable rows"
     )
     if done.files:
-        first = done.files[0].path
-        results = first.with_name("results-0001.jsonl")
         ingest = " ".join(
             [
                 shlex.join(["labelstream", "batch", "ingest", str(output)]),
@@ -104,13 +106,35 @@ def run_prepare(args: argparse.Namespace, _argv: Sequence[str]) -> int:
                 shlex.join(["--input", str(args.input), "--config", str(args.config), "--model", opts.model]),
             ]
         )
-        print(
-            "run each file, e.g. with vLLM:\n"
-            f"  python -m vllm.entrypoints.openai.run_batch -i {shlex.quote(str(first))} -o "
-            f"{shlex.quote(str(results))} --model {shlex.quote(opts.model)}\n"
-            f"then merge the results:\n  {ingest}"
-        )
+        print(f"{_run_batch_lines(done.files, opts.model, args.model_path)}\nthen merge the results:\n  {ingest}")
     return 0
+
+
+# What `run_batch` loads when no --model-path is given: the user puts the model's folder there.
+_MODEL_PLACEHOLDER = "/path/to/model"
+
+
+def _run_batch_lines(files: Sequence[Any], model: str, model_path: str | None) -> str:
+    """How to run the request files with vLLM's run_batch: `--model` is what it loads (a path or hub name),
+    `--served-model-name` the name the requests ask for; given only the alias, vLLM tries to download it."""
+    options = shlex.join(["--model", model_path or _MODEL_PLACEHOLDER, "--served-model-name", model])
+    run = "python -m vllm.entrypoints.openai.run_batch"
+    where = (
+        ""
+        if model_path
+        else f" (put the model's folder or hub name, as given to `vllm serve`, for {_MODEL_PLACEHOLDER})"
+    )
+    if len(files) == 1:
+        first = files[0].path
+        results = first.with_name(first.name.replace("requests-", "results-", 1))
+        return (
+            f"run it with vLLM{where}:\n  {run} -i {shlex.quote(str(first))} -o {shlex.quote(str(results))} {options}"
+        )
+    folder = shlex.quote(str(files[0].path.parent))
+    # POSIX sh: requests-0001.jsonl → results-0001.jsonl beside it.
+    target = '"${f%requests-*}results-${f##*requests-}"'
+    loop = f'for f in {folder}/requests-*.jsonl; do {run} -i "$f" -o {target} {options}; done'
+    return f"run each file with vLLM{where}:\n  {loop}"
 
 
 def run_ingest(args: argparse.Namespace, _argv: Sequence[str]) -> int:
