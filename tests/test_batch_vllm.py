@@ -15,9 +15,12 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.engines.batch.ingest import read_result
+from pipeline.engines.batch.ledger import Ledger, Submission
+from pipeline.errors import BatchError
 from pipeline.prompt import Prompt
+from pipeline.sinks import SinkMeta
 
-from .helpers import ROOT, cli, dead_letters, label_batch, reviews, write_csv
+from .helpers import ROOT, cli, dead_letters, label_batch, ledger, reviews, write_csv
 
 PROMPT = Prompt(load_config(ROOT / "configs" / "sentiment.toml"))
 CONTEXT = "This model's maximum context length is 2048 tokens. However, you requested 9000 tokens."
@@ -104,3 +107,50 @@ def test_the_printed_loop_runs_every_request_file_into_its_results_file(tmp_path
     made = sorted(p.name for p in folder.glob("results-*.jsonl"))
     assert made == ["results-0001.jsonl", "results-0002.jsonl", "results-0003.jsonl"]
     assert all("--model /m --served-model-name gpt-4o-mini" in (folder / name).read_text() for name in made)
+
+
+def test_a_batch_run_whose_upload_fails_leaves_no_rows_said_to_be_at_the_provider(sim: Any, tmp_path: Path) -> None:
+    """An --engine batch run against a server without a Files API (vLLM) leaves no submission behind: status
+    shows no rows held, and the `batch prepare` the error recommends writes every row."""
+    source = write_csv(tmp_path / "in.csv", reviews(5))
+    out = tmp_path / "out.jsonl"
+
+    class Elsewhere:
+        base_url = sim.base_url + "/nothing-here"
+
+    with pytest.raises(BatchError, match="batch prepare"):
+        label_batch(Elsewhere(), source, out)
+    assert ledger(out)["submissions"] == []
+    assert not list((tmp_path / "out.jsonl.meta" / "batches").iterdir())
+    status = cli("status", str(out))
+    assert "running batches hold" not in status.stdout and "batches:" not in status.stdout
+    prepared = prepare(source, tmp_path / "req", "--output", str(out))
+    assert "wrote 5 requests in 1 files" in prepared.stdout and "0 in its running batches" in prepared.stdout
+
+
+def test_a_request_file_a_crash_left_unuploaded_is_reported_as_such_and_planned_afresh(
+    sim: Any, tmp_path: Path
+) -> None:
+    """A submission left `prepared` (killed before its upload was recorded) holds no rows: status and batch status
+    say nothing is at the provider, and the next run plans its rows afresh into one batch, each row once."""
+    sim.configure(batch_seconds=0)
+    source = write_csv(tmp_path / "in.csv", reviews(8))
+    out = tmp_path / "out.jsonl"
+    label_batch(sim, source, out, max_rows=2)  # makes the sink and its ledger
+    book = Ledger(SinkMeta(out))
+    book.ensure()
+    sub = Submission(id="sub_leftover", model="gpt-4o-mini", requests=3, bytes=10)
+    book.requests_path(sub.id).write_text("{}\n")
+    book.rows_path(sub.id).write_text("".join(json.dumps({"id": f"r0000{i}", "line": i, "text": "x"}) + "\n"
+                                              for i in range(2, 5)))  # fmt: skip
+    book.add(sub)
+    assert "running batches hold" not in cli("status", str(out)).stdout
+    offline = cli("batch", "status", str(out), "--offline")
+    assert "0 not yet collected (0 rows)" in offline.stdout and "never uploaded" in offline.stdout
+    before = sim.batch_summary()["submissions"]
+    summary = label_batch(sim, source, out)
+    assert (summary.labeled, summary.batches, summary.pending) == (6, 1, 0)
+    after = sim.batch_summary()["submissions"]
+    sent = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+    assert sent == {f"r0000{i}": 1 for i in range(2, 8)}
+    assert [s["id"] for s in ledger(out)["submissions"]].count("sub_leftover") == 0

@@ -323,7 +323,7 @@ async def _engine_run(args: argparse.Namespace, opts: Any) -> Any:
 
     live = 0
     with contextlib.suppress(LabelstreamError):  # a note only: a damaged ledger is the batch engine's to report
-        live = sum(sub.requests for sub in Ledger(SinkMeta(opts.output)).live)
+        live = sum(sub.requests for sub in Ledger(SinkMeta(opts.output)).held)
     if live and opts.progress != "off":
         print(
             f"labelstream: note: {live:,} rows of {opts.output} are in batches still running; labeling them online "

@@ -75,6 +75,10 @@ class _BatchRun:
         """Bring the ledger up to date, send what is left, and wait unless told not to."""
         self.ledger.ensure()
         self.ledger.check_endpoint(self.api.where, str(self.opts.output))
+        for sub in self.ledger.live:
+            if sub.state == PREPARED:
+                # Never uploaded (an earlier run failed or was killed first): its rows are planned afresh below.
+                self.ledger.discard(sub)
         self.ledger.tidy()
         for sub in self.ledger.live:
             if sub.state != SUBMITTED and not self.stopping.is_set():
@@ -108,11 +112,7 @@ class _BatchRun:
         stats.failures.clear()
 
     async def resume_submission(self, sub: Submission) -> None:
-        """Finish a submission an earlier run left before `submitted`."""
-        if sub.state == PREPARED and not self.ledger.requests_path(sub.id).exists():
-            # Its request file is gone before it reached the provider: give its rows back.
-            self.ledger.record(sub, state=COLLECTED, errors=["the request file was lost before upload"])
-            return
+        """Finish a submission an earlier run left uploaded or creating."""
         self.say(f"resuming {sub.id} ({sub.requests:,} rows), left {sub.state} by an earlier run")
         batch = await submit(self.api, self.ledger, sub, settle=self.settle)
         self.say(f"batch {batch.id} holds {sub.id}")
@@ -148,9 +148,15 @@ class _BatchRun:
                 )
                 ledger.add(sub)
                 if self.stopping.is_set():
-                    break  # stopping: the file is recorded, and the next run sends it
+                    ledger.discard(sub)  # stopping: nothing was sent, so the next run plans these rows afresh
+                    break
                 self.say(f"sending {sub.requests:,} rows ({written.bytes / 1e6:.1f} MB) as {sub.id}")
-                batch = await submit(self.api, ledger, sub, settle=self.settle)
+                try:
+                    batch = await submit(self.api, ledger, sub, settle=self.settle)
+                except LabelstreamError:
+                    if sub.state == PREPARED:  # the upload failed, or the create was refused: none is at the provider
+                        ledger.discard(sub)
+                    raise
                 self.stats.batches += 1
                 self.stats.submitted += sub.requests
                 self.say(f"batch {batch.id} created for {sub.id}: {batch.status}")
@@ -206,7 +212,7 @@ class _BatchRun:
 
     def write_progress(self, state: str, **extra: Any) -> None:
         """Replace the progress file (never fatal)."""
-        self.stats.pending = sum(s.requests for s in self.ledger.live)
+        self.stats.pending = sum(s.requests for s in self.ledger.held)
         with contextlib.suppress(LabelstreamError):
             self.sink.meta.write_json_atomic(
                 self.sink.meta.progress_path,
@@ -284,7 +290,7 @@ async def _execute(run: _BatchRun) -> Summary:
         run.progress.close()
     interrupted = run.stopping.is_set() or run.hard_stop
     state = "failed" if error else "interrupted" if interrupted else "done"
-    run.stats.pending = sum(s.requests for s in run.ledger.live)
+    run.stats.pending = sum(s.requests for s in run.ledger.held)
     summary = Summary.of(
         run.stats,
         opts=run.opts,
