@@ -154,3 +154,54 @@ def test_a_request_file_a_crash_left_unuploaded_is_reported_as_such_and_planned_
     sent = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
     assert sent == {f"r0000{i}": 1 for i in range(2, 8)}
     assert [s["id"] for s in ledger(out)["submissions"]].count("sub_leftover") == 0
+
+
+def test_a_request_refused_as_sent_gets_advice_and_is_not_sent_again_unchanged(sim: Any, tmp_path: Path) -> None:
+    """A context-length 400 in a batch is dead-lettered as context_length with advice on what to change, not on
+    re-running; the next run leaves that row out (exit 1, saying why) until its request changes, then sends it."""
+    sim.configure(batch_seconds=0, server="vllm")
+    sim.script([{"kind": "status", "status": 400, "match": "review 2: fine", "message": CONTEXT, "count": -1}])
+    rows = reviews(6)
+    source = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "out.jsonl"
+    first = label_batch(sim, source, out)
+    assert (first.labeled, first.failed, first.refused, first.exit_code) == (5, 1, 1, 1)
+    assert [(d["id"], d["kind"], bool(d.get("request_sha"))) for d in dead_letters(out)] == [
+        ("r00002", "context_length", True)
+    ]
+    shown = first.render()
+    assert "1 rows were refused as sent" in shown and "max_chars" in shown and "longer context" in shown
+    assert "to retry" not in shown and "re-run" not in shown.split("dead letters:")[-1]
+    again = label_batch(sim, source, out)
+    assert (again.labeled, again.failed, again.refused_before, again.batches, again.exit_code) == (0, 0, 1, 0, 1)
+    assert "1 rows left out, refused as sent before" in again.render()
+    assert sim.batch_summary()["submissions"]["r00002"] == 1
+    write_csv(source, [(i, lang, "review 2: shorter" if i == "r00002" else text) for i, lang, text in rows])
+    changed = label_batch(sim, source, out)
+    assert (changed.labeled, changed.refused_before, changed.exit_code) == (1, 0, 0)
+    assert sim.batch_summary()["submissions"]["r00002"] == 2
+
+
+def test_ingest_advises_on_a_context_length_error_and_prepare_then_leaves_the_row_out(tmp_path: Path) -> None:
+    """batch ingest of vLLM's context-length error says what to change; the next batch prepare leaves the row out
+    and says why, while a row that merely failed (an invalid reply) is written again."""
+    source = write_csv(tmp_path / "in.csv", reviews(3))
+    out = tmp_path / "out.jsonl"
+    assert prepare(source, tmp_path / "req", "--output", str(out)).returncode == 0
+    refused = {"error": {"message": CONTEXT, "type": "BadRequestError", "param": None, "code": 400}}
+    lines = [
+        {"id": "v0", "custom_id": "r00000", "response": {"status_code": 400, "body": None}, "error": refused},
+        {"id": "v1", "custom_id": "r00001", "response": {"status_code": 200, "body": {
+            "model": "gpt-4o-mini", "choices": [{"message": {"content": '{"label": "ecstatic"}'}}]}}, "error": None},
+    ]  # fmt: skip
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = str(ROOT / "configs" / "sentiment.toml")
+    ingest = cli("batch", "ingest", str(out), str(results), "--input", str(source), "--config", config)
+    assert ingest.returncode == 1, ingest.stderr
+    assert "context_length: the text does not fit the model's context" in ingest.stderr
+    assert "--max-model-len" in ingest.stderr and "leaves these rows out" in ingest.stderr
+    left = prepare(source, tmp_path / "left", "--output", str(out))
+    assert "wrote 2 requests in 1 files" in left.stdout and "also left out 1 rows" in left.stdout
+    written = [json.loads(x)["custom_id"] for x in (tmp_path / "left" / "requests-0001.jsonl").read_text().splitlines()]
+    assert written == ["r00001", "r00002"]

@@ -98,6 +98,12 @@ def run_prepare(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         f"already in {output}, {done.in_batches:,} in its running batches, {done.repeats:,} repeated ids and "
         f"{done.problems:,} unusable rows"
     )
+    if done.refused_before:
+        print(
+            f"also left out {done.refused_before:,} rows whose very request a server refused before (see the dead "
+            f"letters of {output}): it would fail the same way. Shorten their text (max_chars in the task file), "
+            "use a model with a longer context, or fix what the message names, and they are written again."
+        )
     if done.files:
         ingest = " ".join(
             [
@@ -152,8 +158,22 @@ def run_ingest(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         f"{done.unreadable:,} unreadable lines, {done.repeated:,} repeated results"
     )
     if done.failures:
+        from pipeline.engines.batch.ingest import REFUSED_ADVICE  # noqa: PLC0415
+
         kinds = ", ".join(f"{kind} ×{n}" for kind, n in sorted(done.failures.items(), key=lambda kv: -kv[1]))
         print(f"  failures: {kinds}; details in {done.dead_letters}", file=sys.stderr)
+        for kind in sorted(set(done.failures) & set(REFUSED_ADVICE)):
+            print(
+                f"  {kind}: {REFUSED_ADVICE[kind]}. Sent again unchanged, it fails the same way, so `batch prepare` "
+                "leaves these rows out until their request changes.",
+                file=sys.stderr,
+            )
+    if done.logprobs_unread:
+        print(
+            f"  {done.logprobs_unread:,} rows have no confidence although their replies carried logprobs: the tokens "
+            "do not spell the reply text",
+            file=sys.stderr,
+        )
     return done.exit_code
 
 

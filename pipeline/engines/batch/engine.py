@@ -23,7 +23,7 @@ from openai.types import Batch
 
 from pipeline.engines.batch.api import BatchApi
 from pipeline.engines.batch.files import RequestFiles, read_rows
-from pipeline.engines.batch.ingest import Merger, Outcome, Tally, read_results
+from pipeline.engines.batch.ingest import Merger, Outcome, Tally, read_results, refused_requests
 from pipeline.engines.batch.ledger import COLLECTED, PREPARED, SUBMITTED, Ledger, Submission, new_submission_id
 from pipeline.engines.batch.poll import BatchProgress, refresh, wait_for_batches
 from pipeline.engines.batch.settings import BatchSettings
@@ -58,7 +58,7 @@ class _BatchRun:
         self.ledger = Ledger(self.sink.meta)
         self.prompt = Prompt(opts.config)
         self.run_id = uuid.uuid4().hex[:12]
-        self.merger = Merger(self.sink, prepared.done, stats, self.run_id, opts.model)
+        self.merger = Merger(self.sink, prepared.done, stats, self.run_id, opts.model, prompt=self.prompt)
         self.stopping = asyncio.Event()
         self.stop_planning = threading.Event()
         self.signals = 0
@@ -104,10 +104,12 @@ class _BatchRun:
         so they are not this run's final failures: count them out of the summary (the dead letters keep them)."""
         stats = self.stats
         if stats.failed or stats.unfinished:
+            refused = f"; {stats.refused:,} refused as sent are not" if stats.refused else ""
             self.say(
-                f"{stats.failed:,} failed and {stats.unfinished:,} unprocessed rows of ended batches are sent again"
+                f"{stats.failed - stats.refused:,} failed and {stats.unfinished:,} unprocessed rows of ended batches "
+                f"are sent again{refused}"
             )
-        stats.failed = stats.unfinished = 0
+        stats.failed = stats.unfinished = stats.refused = 0  # the planner counts the refused ones as left out
         stats.failure_counts.clear()
         stats.failures.clear()
 
@@ -136,7 +138,8 @@ class _BatchRun:
         )
         gate = RowGate(self.prepared.done, self.stats, opts.max_rows, shard=opts.shard)
         live = ledger.live_ids()
-        planner = Planner.over(self.prepared.source.batches(), gate, live, self.stats, files)
+        refused = await asyncio.to_thread(refused_requests, self.sink.meta)
+        planner = Planner.over(self.prepared.source.batches(), gate, live, self.stats, files, refused=refused)
         try:
             while not self.stopping.is_set():
                 written = await asyncio.to_thread(planner.next_file, self.stop_planning)

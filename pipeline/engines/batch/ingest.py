@@ -8,10 +8,16 @@ wherever the runner put it: OpenAI's `response.body.error` or `error: {code, mes
 whole error response under `error` (`{"error": {"message", "type", "code": 400}}`, body null), or its
 older plain string. Code `batch_expired` (and `batch_cancelled`) means the request never ran:
 the row is not failed but unfinished, and the next run sends it again.
+
+A request the server refused as sent (400, 404, 413, 422: the context is too long, a parameter is wrong) fails
+the same way every time, so its dead letter keeps the request's fingerprint (`files.request_sha`), and batch runs
+and `batch prepare` leave the row out while its request is unchanged (`refused_requests`). A context too long
+gets its own kind, `context_length`, and advice on what to change (`REFUSED_ADVICE`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +25,29 @@ from typing import Any, Final
 
 import orjson
 
+from pipeline.engines.batch.files import request_sha
 from pipeline.idset import IdSet
 from pipeline.prompt import Prompt, ReplyError
 from pipeline.request import Reply, read_reply
 from pipeline.results import Failed, Labeled, Row, now_iso, sha_tag
-from pipeline.sinks import Sink
+from pipeline.sinks import Sink, SinkMeta
 from pipeline.stats import RunStats
 
 UNFINISHED_CODES: Final = frozenset({"batch_expired", "batch_cancelled"})
 _APPEND_EVERY: Final = 5000
+# Statuses that refuse the request itself: sent again unchanged, it fails again (429, 408, 409, 5xx are luck).
+_REFUSING: Final = frozenset({400, 404, 413, 422})
+# How OpenAI, vLLM and others say a prompt does not fit the model's context.
+_TOO_LONG: Final = re.compile(
+    r"context.length|maximum context|context window|max_model_len|prompt is too long|too many (input )?tokens",
+    re.IGNORECASE,
+)
+REFUSED_ADVICE: Final = {
+    "context_length": "the text does not fit the model's context: shorten it (max_chars in the task file) or use a "
+    "model with a longer context (vLLM: a larger --max-model-len)",
+    "bad_request": "the server refused the request as sent: fix what its message names (the model name, a setting "
+    "in the task file)",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +59,7 @@ class Outcome:
     message: str = ""
     status: int | None = None
     unfinished: bool = False  # the request never ran (its batch expired or was cancelled)
+    refused: bool = False  # refused as sent: the same request fails the same way
 
 
 def read_result(prompt: Prompt, line: bytes) -> tuple[str, Outcome] | None:
@@ -64,6 +85,10 @@ def read_result(prompt: Prompt, line: bytes) -> tuple[str, Outcome] | None:
         code, message = _error_parts(body if isinstance(body, dict) and body.get("error") else error)
         status = status if isinstance(status, int) else None
         text = f"HTTP {status}{f' {code}' if code else ''}: {message}"
+        if status in _REFUSING:
+            too_long = code == "context_length_exceeded" or _TOO_LONG.search(message) is not None
+            kind = "context_length" if too_long else "bad_request"
+            return custom_id, Outcome(None, kind, text, status=status, refused=True)
         return custom_id, Outcome(None, _status_kind(status), text, status=status)
     try:
         return custom_id, Outcome(read_reply(prompt, body if isinstance(body, dict) else {}), status=200)
@@ -111,11 +136,23 @@ class Tally:
         return {"labeled": self.labeled, "failed": self.failed, "unfinished": self.unfinished, "skipped": self.skipped}
 
 
-class Merger:
-    """Turns outcomes into sink records and dead letters, appending each id at most once."""
+def refused_requests(meta: SinkMeta) -> dict[str, str]:
+    """Row id → fingerprint of its request that a server refused as sent (the latest refusal of each row)."""
+    refused: dict[str, str] = {}
+    for letter in meta.read_dead_letters():
+        sha = letter.get("request_sha")
+        if isinstance(sha, str) and isinstance(letter.get("id"), str):
+            refused[letter["id"]] = sha
+    return refused
 
-    def __init__(self, sink: Sink, done: IdSet, stats: RunStats, run_id: str, model: str) -> None:
+
+class Merger:
+    """Turns outcomes into sink records and dead letters, appending each id at most once; `prompt` fingerprints
+    the requests refused as sent."""
+
+    def __init__(self, sink: Sink, done: IdSet, stats: RunStats, run_id: str, model: str, *, prompt: Prompt) -> None:
         self.sink, self.done, self.stats, self.run_id, self.model = sink, done, stats, run_id, model
+        self.prompt = prompt
 
     async def merge(
         self,
@@ -150,7 +187,9 @@ class Merger:
                     await self._append(labeled, tally)
                     labeled = []
             else:
-                failed.append(Failed(row, outcome.kind, outcome.message, 1, outcome.status, now_iso()))
+                sha = request_sha(self.prompt, row, self.model) if outcome.refused else None
+                failed.append(Failed(row, outcome.kind, outcome.message, 1, outcome.status, now_iso(), sha))
+                self.stats.refused += outcome.refused
         await self._append(labeled, tally)
         if failed:
             await self.sink.append_dead_letters(failed, self.run_id)
