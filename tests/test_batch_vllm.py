@@ -18,9 +18,10 @@ from pipeline.engines.batch.ingest import read_result
 from pipeline.engines.batch.ledger import Ledger, Submission
 from pipeline.errors import BatchError
 from pipeline.prompt import Prompt
-from pipeline.sinks import SinkMeta
+from pipeline.sinks import SinkMeta, open_sink
 
 from .helpers import ROOT, cli, dead_letters, label_batch, ledger, reviews, write_csv
+from .test_batch_cli import run_like_vllm
 
 PROMPT = Prompt(load_config(ROOT / "configs" / "sentiment.toml"))
 CONTEXT = "This model's maximum context length is 2048 tokens. However, you requested 9000 tokens."
@@ -205,3 +206,19 @@ def test_ingest_advises_on_a_context_length_error_and_prepare_then_leaves_the_ro
     assert "wrote 2 requests in 1 files" in left.stdout and "also left out 1 rows" in left.stdout
     written = [json.loads(x)["custom_id"] for x in (tmp_path / "left" / "requests-0001.jsonl").read_text().splitlines()]
     assert written == ["r00001", "r00002"]
+
+
+def test_results_run_by_vllm_and_ingested_keep_their_confidence(sim: Any, tmp_path: Path) -> None:
+    """prepare → replies shaped like vLLM's (stop token after the logprobs) → ingest: every row has a confidence."""
+    sim.configure(server="vllm")
+    source = write_csv(tmp_path / "in.csv", reviews(12))
+    out = tmp_path / "out.parquet"
+    assert prepare(source, tmp_path / "req", "--output", str(out)).returncode == 0
+    results = tmp_path / "req" / "results-0001.jsonl"
+    run_like_vllm(sim, tmp_path / "req" / "requests-0001.jsonl", results, fail="", spoil="")
+    assert "</s>" in results.read_text()
+    config = str(ROOT / "configs" / "sentiment.toml")
+    ingest = cli("batch", "ingest", str(out), str(results), "--input", str(source), "--config", config)
+    assert ingest.returncode == 0, ingest.stderr
+    confidences = [r["confidence"] for r in open_sink(out).iter_records()]
+    assert len(confidences) == 12 and all(c is not None and 0 < c <= 1 for c in confidences)
