@@ -299,7 +299,8 @@ class Summary:
             lines.append(
                 f"  {' and '.join(x for x in (now, before) if x)} (see failures and the dead letters): the same "
                 "request fails the same way, so re-runs leave them out until it changes: shorten the text "
-                "(max_chars in the task file), use a model with a longer context, or fix what the message names"
+                "(max_chars in the task file), use a model with a longer context, or fix what the message names "
+                "(after changing the server instead, re-run with --retry-refused)"
             )
         return lines
 

@@ -159,7 +159,8 @@ def test_a_request_file_a_crash_left_unuploaded_is_reported_as_such_and_planned_
 
 def test_a_request_refused_as_sent_gets_advice_and_is_not_sent_again_unchanged(sim: Any, tmp_path: Path) -> None:
     """A context-length 400 in a batch is dead-lettered as context_length with advice on what to change, not on
-    re-running; the next run leaves that row out (exit 1, saying why) until its request changes, then sends it."""
+    re-running; the next run leaves that row out (exit 1, saying why) until its request changes, then sends it;
+    --retry-refused sends it anyway (for a server that changed)."""
     sim.configure(batch_seconds=0, server="vllm")
     sim.script([{"kind": "status", "status": 400, "match": "review 2: fine", "message": CONTEXT, "count": -1}])
     rows = reviews(6)
@@ -177,15 +178,18 @@ def test_a_request_refused_as_sent_gets_advice_and_is_not_sent_again_unchanged(s
     assert (again.labeled, again.failed, again.refused_before, again.batches, again.exit_code) == (0, 0, 1, 0, 1)
     assert "1 rows left out, refused as sent before" in again.render()
     assert sim.batch_summary()["submissions"]["r00002"] == 1
+    retried = label_batch(sim, source, out, retry_refused=True)  # e.g. after the server's context grew
+    assert (retried.failed, retried.refused_before, sim.batch_summary()["submissions"]["r00002"]) == (1, 0, 2)
     write_csv(source, [(i, lang, "review 2: shorter" if i == "r00002" else text) for i, lang, text in rows])
     changed = label_batch(sim, source, out)
     assert (changed.labeled, changed.refused_before, changed.exit_code) == (1, 0, 0)
-    assert sim.batch_summary()["submissions"]["r00002"] == 2
+    assert sim.batch_summary()["submissions"]["r00002"] == 3
 
 
 def test_ingest_advises_on_a_context_length_error_and_prepare_then_leaves_the_row_out(tmp_path: Path) -> None:
     """batch ingest of vLLM's context-length error says what to change; the next batch prepare leaves the row out
-    and says why, while a row that merely failed (an invalid reply) is written again."""
+    and says why (--retry-refused writes it too), while a row that merely failed (an invalid reply) is written
+    again."""
     source = write_csv(tmp_path / "in.csv", reviews(3))
     out = tmp_path / "out.jsonl"
     assert prepare(source, tmp_path / "req", "--output", str(out)).returncode == 0
@@ -206,6 +210,8 @@ def test_ingest_advises_on_a_context_length_error_and_prepare_then_leaves_the_ro
     assert "wrote 2 requests in 1 files" in left.stdout and "also left out 1 rows" in left.stdout
     written = [json.loads(x)["custom_id"] for x in (tmp_path / "left" / "requests-0001.jsonl").read_text().splitlines()]
     assert written == ["r00001", "r00002"]
+    anyway = prepare(source, tmp_path / "all", "--output", str(out), "--retry-refused")
+    assert "wrote 3 requests in 1 files" in anyway.stdout and "also left out" not in anyway.stdout
 
 
 def test_results_run_by_vllm_and_ingested_keep_their_confidence(sim: Any, tmp_path: Path) -> None:

@@ -28,6 +28,9 @@ def register(sub: Any) -> None:
     prepare.add_argument("--batch-size", type=positive_int, help="requests per file (at most and default 50,000)")
     prepare.add_argument("--limit", type=positive_int, help="write at most N rows")
     prepare.add_argument(
+        "--retry-refused", action="store_true", help="write rows whose request a server refused as sent before, too"
+    )
+    prepare.add_argument(
         "--model-path",
         help="the weights vLLM's run_batch should load (a folder or hub name), for the command printed at the end",
     )
@@ -92,7 +95,8 @@ def run_prepare(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         raise UsageError(f"--batch-size may be at most {_MAX_BATCH:,} (the Batch API's limit per file).")
     output = args.output or args.input.with_suffix(".labels.jsonl")
     opts = _options(args, output, max_rows=args.limit)
-    done = prepare_requests(opts, args.to, BatchSettings(max_requests=args.batch_size or _MAX_BATCH))
+    settings = BatchSettings(max_requests=args.batch_size or _MAX_BATCH, retry_refused=args.retry_refused)
+    done = prepare_requests(opts, args.to, settings)
     print(
         f"wrote {done.rows:,} requests in {len(done.files)} files to {args.to}; left out {done.skipped_done:,} rows "
         f"already in {output}, {done.in_batches:,} in its running batches, {done.repeats:,} repeated ids and "
@@ -102,7 +106,8 @@ def run_prepare(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         print(
             f"also left out {done.refused_before:,} rows whose very request a server refused before (see the dead "
             f"letters of {output}): it would fail the same way. Shorten their text (max_chars in the task file), "
-            "use a model with a longer context, or fix what the message names, and they are written again."
+            "use a model with a longer context, or fix what the message names, and they are written again; after "
+            "changing the server instead (vLLM: a larger --max-model-len), add --retry-refused."
         )
     if done.files:
         ingest = " ".join(
@@ -165,7 +170,7 @@ def run_ingest(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         for kind in sorted(set(done.failures) & set(REFUSED_ADVICE)):
             print(
                 f"  {kind}: {REFUSED_ADVICE[kind]}. Sent again unchanged, it fails the same way, so `batch prepare` "
-                "leaves these rows out until their request changes.",
+                "leaves these rows out until their request changes (or, after changing the server, --retry-refused).",
                 file=sys.stderr,
             )
     if done.logprobs_unread:

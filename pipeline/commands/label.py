@@ -171,6 +171,7 @@ def _engine_flags(engine: Any) -> None:
         default=100,
         help="auto: rows labeled online first, to check the prompt and measure tokens (default: %(default)s)",
     )
+    engine.add_argument("--retry-refused", action="store_true", help="batch/auto: resend requests refused as sent")
     engine.add_argument(
         "--poll-interval",
         type=positive_float,
@@ -275,6 +276,7 @@ def batch_settings(args: argparse.Namespace) -> Any:
         poll_max_seconds=max(60.0, args.poll_interval),
         max_requests=args.batch_size or MAX_BATCH_REQUESTS,
         online_rows=args.online_rows,
+        retry_refused=args.retry_refused,
     )
 
 

@@ -138,7 +138,7 @@ class _BatchRun:
         )
         gate = RowGate(self.prepared.done, self.stats, opts.max_rows, shard=opts.shard)
         live = ledger.live_ids()
-        refused = await asyncio.to_thread(refused_requests, self.sink.meta)
+        refused = {} if self.settings.retry_refused else await asyncio.to_thread(refused_requests, self.sink.meta)
         planner = Planner.over(self.prepared.source.batches(), gate, live, self.stats, files, refused=refused)
         try:
             while not self.stopping.is_set():

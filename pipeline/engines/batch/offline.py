@@ -68,8 +68,9 @@ def prepare_requests(opts: RunOptions, to: Path, settings: BatchSettings) -> Pre
             max_bytes=settings.max_bytes,
         )
         live = Ledger(run.sink.meta).live_ids()
+        refused = {} if settings.retry_refused else refused_requests(run.sink.meta)
         gate = RowGate(run.done, stats, opts.max_rows, shard=opts.shard)
-        planner = Planner.over(run.source.batches(), gate, live, stats, files, refused=refused_requests(run.sink.meta))
+        planner = Planner.over(run.source.batches(), gate, live, stats, files, refused=refused)
         out = Prepared()
         never = threading.Event()
         try:
