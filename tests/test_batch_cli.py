@@ -124,6 +124,7 @@ def test_status_and_cancel_while_batches_run(sim: Any, tmp_path: Path) -> None:
     ("flags", "message"),
     [
         (["--no-wait"], "--engine batch or auto"),
+        (["--retry-refused"], "--engine batch or auto"),
         (["--engine", "batch", "--service-tier", "flex"], "--service-tier applies to online requests"),
         (["--engine", "batch", "--batch-size", "60000"], "at most 50,000"),
     ],

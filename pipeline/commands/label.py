@@ -256,8 +256,8 @@ def _timeout(args: argparse.Namespace) -> float:
 
 def _check_engine_flags(args: argparse.Namespace) -> None:
     """Refuse engine flags that make no sense together, saying what to do instead."""
-    if args.engine in ("online", "ray") and (args.no_wait or args.batch_size):
-        raise UsageError("--no-wait and --batch-size are for --engine batch or auto; add one of them.")
+    if args.engine in ("online", "ray") and (args.no_wait or args.batch_size or args.retry_refused):
+        raise UsageError("--no-wait, --batch-size and --retry-refused are for --engine batch or auto; add one of them.")
     if args.engine == "ray" and args.procs:
         raise UsageError("--engine ray spreads the rows over Ray's actors itself; drop --procs (see --ray-actors).")
     if args.engine == "batch" and args.service_tier:
