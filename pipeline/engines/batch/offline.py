@@ -1,10 +1,11 @@
 """`labelstream batch prepare` and `batch ingest`: batches run somewhere else (vLLM's `run_batch`, or any
 runner that reads OpenAI batch request files), and their results merged back with the same guarantees.
 
-`prepare` writes the request files the batch engine would upload (rows already in the sink, or in one of its
-running batches, are left out). `ingest` reads result files (lines in any order, joined by `custom_id`),
-validates every reply like the online path, and appends each row at most once: a result whose row is already
-in the sink is skipped and counted, so ingesting the same file twice changes nothing.
+`prepare` writes the request files the batch engine would upload (rows already in the sink, in one of its
+running batches, or whose unchanged request a server refused as sent, are left out). `ingest` reads result files
+(lines in any order, joined by `custom_id`), validates every reply like the online path, and appends each row at
+most once: a result whose row is already in the sink is skipped and counted, so ingesting the same file twice
+changes nothing.
 """
 
 from __future__ import annotations
