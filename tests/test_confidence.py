@@ -219,3 +219,17 @@ def test_eval_does_not_blame_the_endpoint_for_a_missing_confidence(sim: Any, tmp
     assert scored.returncode == 0, scored.stderr
     assert "no logprobs from the endpoint" not in scored.stdout
     assert "5 labeled rows have no confidence (their replies carried no logprobs, or logprobs" in scored.stdout
+
+
+def test_tokens_that_lost_their_leading_space_still_place_the_label() -> None:
+    """Tokens decoded one by one without their leading space (SentencePiece: `▁"` comes back as `"`), ending with
+    `</s>`, still give the label's probability, renormalised against rivals compared without whitespace."""
+    spaced = '{"label": "negative"}'
+    tokens = [tok('{"', 0), tok("label", 0), tok('":', 0), tok('"', 0), tok("neg", math.log(0.8)),
+              tok("ative", math.log(0.9)), tok('"}', 0), tok("</s>", 0)]  # fmt: skip
+    assert label_confidence(spaced, tokens, "negative", "label", LABELS) == pytest.approx(0.72)
+    first = tok('"pos', math.log(0.6), ('"pos', math.log(0.6)), ('"neg', math.log(0.2)), ("{", math.log(0.1)))
+    rivals = [tok('{"label":', 0), first, tok('itive"', 0), tok("}", 0), tok("</s>", 0)]
+    assert label_confidence('{"label": "positive"\n}', rivals, "positive", "label", LABELS) == pytest.approx(0.75)
+    other_text = [*tokens[:-2], tok('"', 0), tok("x", 0), tok("}", 0)]
+    assert label_confidence(spaced, other_text, "negative", "label", LABELS) is None
