@@ -211,6 +211,7 @@ class LabelClient:
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
         self.stats.cached_tokens += reply.cached_tokens
+        self.stats.logprobs_unread += reply.logprobs_unread
         return Labeled(
             row=row,
             label=reply.label,

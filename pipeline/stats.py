@@ -24,6 +24,7 @@ class CallStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # the part of prompt_tokens served from the provider's prompt cache
+    logprobs_unread: int = 0  # labeled replies whose logprobs came but gave no confidence
 
 
 @dataclass(slots=True)
@@ -54,6 +55,8 @@ class RunStats:
     in_batches: int = 0  # rows skipped because a batch still running holds them
     pending: int = 0  # rows in batches still running when the run ended
     unfinished: int = 0  # rows whose batch ended without them (expired, cancelled): sent again next run
+    refused: int = 0  # failed rows whose request a server refused as sent (batch): not sent again unchanged
+    refused_before: int = 0  # rows left out: their unchanged request was refused as sent before
     duplicate_samples: list[str] = field(default_factory=list)
     conflict_samples: list[str] = field(default_factory=list)
     failures: dict[str, list[str]] = field(default_factory=dict)  # kind → up to 3 sample messages

@@ -55,6 +55,9 @@ class Summary:
     shard: str | None = None  # "1/4" for a run of one shard
     other_shards: int = 0  # input rows left to the other shards
     servers: dict[str, dict[str, int]] = field(default_factory=dict)  # url → rows, errors, backoffs (fleets)
+    logprobs_unread: int = 0  # rows labeled without confidence although their reply carried logprobs
+    refused: int = 0  # of `failed`: batch requests refused as sent, which re-runs do not send again unchanged
+    refused_before: int = 0  # rows left out because their unchanged request was refused as sent before
 
     @classmethod
     def of(
@@ -111,6 +114,9 @@ class Summary:
             shard=opts.shard.label if opts.shard else None,
             other_shards=s.other_shards,
             servers=servers or {},
+            logprobs_unread=s.calls.logprobs_unread,
+            refused=s.refused,
+            refused_before=s.refused_before,
         )
 
     @classmethod
@@ -124,8 +130,9 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        """0: all labeled (or, with --no-wait, sent); 1: some rows dead-lettered or back unprocessed."""
-        return 1 if self.failed or self.unfinished else 0
+        """0: all labeled (or, with --no-wait, sent); 1: some rows dead-lettered, back unprocessed, or left out
+        because their request was refused before."""
+        return 1 if self.failed or self.unfinished or self.refused_before else 0
 
     @property
     def failure_rate(self) -> float:
@@ -188,6 +195,9 @@ class Summary:
             "shard": self.shard,
             "other_shards": self.other_shards,
             "servers": self.servers,
+            "logprobs_unread": self.logprobs_unread,
+            "refused": self.refused,
+            "refused_before": self.refused_before,
         }
 
     def render(self) -> str:
@@ -214,7 +224,7 @@ class Summary:
             f"retries: {self.retries} ({self.rate_limited} after 429"
             + (f", {self.unavailable} after flex had no capacity)" if self.unavailable else ")")
         )
-        lines.extend(self._batch_lines())
+        lines.extend(self._batch_lines() + self._confidence_lines())
         if self.duplicates:
             examples = ", ".join(self.duplicate_samples[:3])
             lines.append(f"  {self.duplicates:,} repeated ids skipped (each labeled once), e.g. {examples}")
@@ -254,13 +264,22 @@ class Summary:
                 f"  see how the batches are doing: labelstream batch status {self.output}"
             )
         elif self.failed:
+            retry = self.failed - self.refused  # rows refused as sent would fail the same way: not worth a re-run
             lines.append(
-                f"  dead letters: {self.dead_letters}; to retry the {self.failed:,} failed rows, re-run: "
-                f"{self.resume_command}"
+                f"  dead letters: {self.dead_letters}"
+                + (f"; to retry the {retry:,} failed rows, re-run: {self.resume_command}" if retry else "")
             )
         elif self.unfinished:
             lines.append(f"  to send the {self.unfinished:,} unprocessed rows again, re-run: {self.resume_command}")
         return "\n".join(lines)
+
+    def _confidence_lines(self) -> list[str]:
+        if not self.logprobs_unread:
+            return []
+        return [
+            f"  {self.logprobs_unread:,} rows have no confidence although their replies carried logprobs: the "
+            "tokens do not spell the reply text (please report it with a sample reply)"
+        ]
 
     def _batch_lines(self) -> list[str]:
         if self.engine not in ("batch", "auto"):
@@ -273,6 +292,15 @@ class Summary:
             lines.append(
                 f"  {self.unfinished:,} rows came back unprocessed (their batch expired or was cancelled); "
                 "the next run sends them again"
+            )
+        if self.refused or self.refused_before:
+            now = f"{self.refused:,} rows were refused as sent" if self.refused else ""
+            before = f"{self.refused_before:,} rows left out, refused as sent before" if self.refused_before else ""
+            lines.append(
+                f"  {' and '.join(x for x in (now, before) if x)} (see failures and the dead letters): the same "
+                "request fails the same way, so re-runs leave them out until it changes: shorten the text "
+                "(max_chars in the task file), use a model with a longer context, or fix what the message names "
+                "(after changing the server instead, re-run with --retry-refused)"
             )
         return lines
 

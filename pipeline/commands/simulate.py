@@ -30,6 +30,16 @@ def register(sub: Any) -> None:
         default="full",
         help="answer logprobs requests with logprobs, ignore them, or refuse them with a 400 (default: %(default)s)",
     )
+    sim.add_argument(
+        "--server",
+        choices=("openai", "vllm"),
+        default="openai",
+        help="answer as OpenAI, or as vLLM where it differs: logprobs end with the stop token </s>, batch error "
+        "lines in run_batch's shape (default: %(default)s)",
+    )
+    sim.add_argument(
+        "--pad-whitespace", type=count, default=0, help="newlines a grammar-bound model pads its JSON with"
+    )
     sim.add_argument("--reasoning-tokens", type=count, default=0, help="hidden reasoning tokens billed per reply")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument(
@@ -96,6 +106,8 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             malformed_rate=args.malformed_rate,
             seed=args.seed,
             logprobs=args.logprobs,
+            server=args.server,
+            pad_whitespace=args.pad_whitespace,
             reasoning_tokens=args.reasoning_tokens,
             window_seconds=args.window_seconds,
             quantum=args.quantum,

@@ -23,10 +23,12 @@ few-shot examples share the most with the text (`judge.py`); other enums, and te
 chosen by a hash of the last user message (an array of an enum gives 1-2 distinct values). Without a schema:
 {"label": "positive" | "negative" | "neutral"}. `logprobs: true` (with `top_logprobs` 0..20) gets token
 logprobs whose label token carries the judge's probability and its rivals (config `logprobs`: "ignore"
-sends none, "reject" answers 400 as reasoning models do). Usage: prompt = ceil(characters / 4) + 3 per
-message, completion = ceil(len(content) / 4) plus `reasoning_tokens`; a prompt prefix of 1,024+ tokens
-seen in the last 5 minutes is reported as cached in steps of 128 (`caching.py`). A request's TPM cost is its
-prompt plus max_completion_tokens (or max_tokens, or the completion). stream=true is refused with a 400.
+sends none, "reject" answers 400 as reasoning models do; `server` "vllm" ends them with the stop token `</s>`,
+and `pad_whitespace` pads the JSON with newlines, as vLLM under a grammar does). Usage: prompt =
+ceil(characters / 4) + 3 per message, completion = ceil(len(content) / 4) plus `reasoning_tokens`; a prompt
+prefix of 1,024+ tokens seen in the last 5 minutes is reported as cached in steps of 128 (`caching.py`). A
+request's TPM cost is its prompt plus max_completion_tokens (or max_tokens, or the completion). stream=true is
+refused with a 400.
 
 Fault kinds: status, hang, reset, close_after_headers, slow_body, delay (the exchange itself) and
 not_json, bad_json_content, label_outside, empty_content, extra_text, length, content_filter,

@@ -10,6 +10,9 @@ from typing import Any, Final
 EVENTS_KEPT: Final = 100_000
 RATE_HEADERS: Final = ("full", "retry-after", "none")
 LOGPROBS_MODES: Final = ("full", "ignore", "reject")
+SERVERS: Final = ("openai", "vllm")
+# What vLLM lists last in `logprobs.content` (the model's end-of-sequence token) and leaves out of the text.
+VLLM_STOP_TOKEN: Final = "</s>"  # noqa: S105 - a token of text, not a secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +26,11 @@ class SimulatorConfig:
     hang_seconds: how long a hang holds the reply unless the client goes away first.
     logprobs: "full" answers `logprobs: true` with token logprobs; "ignore" sends none (logprobs: null), as
         some servers do; "reject" refuses the parameter with a 400, as OpenAI's reasoning models do.
+    server: "openai" answers as OpenAI does; "vllm" as vLLM does where it differs: `logprobs.content` ends with
+        the stop token (`</s>`) that the message text leaves out, and the Batch API's error lines take the shape of
+        vLLM `run_batch`'s (`response.body` null, the message under `error.error`).
+    pad_whitespace: newlines a grammar-constrained model puts into its JSON before the closing brace (kept in the
+        text and in the logprobs, as vLLM keeps them).
     reasoning_tokens: hidden reasoning tokens billed with every reply (completion_tokens includes them, up to
         the request's max_completion_tokens), as reasoning models bill them.
     window_seconds: length of the rate windows; limits scale with it (rpm 600 over 2 s allows 20) while
@@ -63,6 +71,8 @@ class SimulatorConfig:
     gateway: str = "none"
     hold_seconds: float = 0.0
     logprobs: str = "full"
+    server: str = "openai"
+    pad_whitespace: int = 0
     reasoning_tokens: int = 0
     flex_unavailable_rate: float = 0.0
     batch_seconds: float = 2.0
@@ -92,6 +102,10 @@ class SimulatorConfig:
                 raise ValueError(f"{name} must be at least 1 (or None for no limit), got {value}")
         if self.logprobs not in LOGPROBS_MODES:
             raise ValueError(f"logprobs must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs!r}")
+        if self.server not in SERVERS:
+            raise ValueError(f"server must be one of {', '.join(SERVERS)}, got {self.server!r}")
+        if not 0 <= self.pad_whitespace <= 1000:
+            raise ValueError(f"pad_whitespace must lie in 0..1000, got {self.pad_whitespace}")
         if self.reasoning_tokens < 0:
             raise ValueError(f"reasoning_tokens must not be negative, got {self.reasoning_tokens}")
         rates = (self.error_rate, self.hang_rate, self.malformed_rate)
@@ -153,6 +167,8 @@ _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "gateway": (str,),
     "hold_seconds": _NUMBER,
     "logprobs": (str,),
+    "server": (str,),
+    "pad_whitespace": (int,),
     "reasoning_tokens": (int,),
     "flex_unavailable_rate": _NUMBER,
     "batch_seconds": _NUMBER,
