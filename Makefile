@@ -48,7 +48,7 @@ test-compat: $(STAMP)
 	COMPAT_VENV=$(COMPAT_VENV) bash scripts/compat_setup.sh
 	@rm -f $(COMPAT_VENV)/compat-results.jsonl
 	COMPAT_VENV=$(COMPAT_VENV) LABELSTREAM_COMPAT=1 $(BIN)/python -m pytest -q -m compat -p no:cacheprovider \
-		--timeout 1800 --durations 10 tests/compat
+		--timeout 1800 --durations 10 --basetemp $(COMPAT_VENV)/tmp tests/compat
 	@test ! -f $(COMPAT_VENV)/compat-results.jsonl || cat $(COMPAT_VENV)/compat-results.jsonl
 
 lint: $(STAMP)

@@ -78,6 +78,6 @@ def test_upstream_rate_limits_pass_through(proxy_no_retries: LiteLLM, limited: S
     ids = sink_ids(out)
     assert len(ids) == rows == len(set(ids))
     stats = limited.stats(events=False)
-    assert stats["rate_limited"] > 0, stats
+    assert stats["rate_limited"]["requests"] > 0, stats
     assert "after 429" in done.stdout + done.stderr
     assert " 0 after 429" not in done.stdout + done.stderr
