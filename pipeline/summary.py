@@ -58,6 +58,7 @@ class Summary:
     logprobs_unread: int = 0  # rows labeled without confidence although their reply carried logprobs
     refused: int = 0  # of `failed`: batch requests refused as sent, which re-runs do not send again unchanged
     refused_before: int = 0  # rows left out because their unchanged request was refused as sent before
+    hedged: int = 0  # copies sent of the run's last stragglers
 
     @classmethod
     def of(
@@ -117,6 +118,7 @@ class Summary:
             logprobs_unread=s.calls.logprobs_unread,
             refused=s.refused,
             refused_before=s.refused_before,
+            hedged=s.calls.hedged,
         )
 
     @classmethod
@@ -198,6 +200,7 @@ class Summary:
             "logprobs_unread": self.logprobs_unread,
             "refused": self.refused,
             "refused_before": self.refused_before,
+            "hedged": self.hedged,
         }
 
     def render(self) -> str:
@@ -237,6 +240,8 @@ class Summary:
         if self.changed:
             hint = " Re-run with --relabel-changed to label them again." if self.relabel_hint else ""
             lines.append(f"  {self.changed:,} rows already in the sink now have different text.{hint}")
+        if self.hedged:
+            lines.append(f"  {self.hedged:,} hedged: the last stragglers got a second request (the first reply won)")
         if self.truncated:
             lines.append(f"  {self.truncated:,} texts were longer than max_chars and were cut (see 'truncated')")
         if self.failures:
@@ -308,7 +313,7 @@ class Summary:
 _WORST_STATE = {"done": 0, "interrupted": 1, "failed": 2}
 _SUMMED = (
     "labeled", "failed", "saved", "skipped_done", "duplicates", "conflicts", "changed", "truncated", "retries",
-    "rate_limited", "prompt_tokens", "completion_tokens",
+    "rate_limited", "prompt_tokens", "completion_tokens", "hedged",
 )  # fmt: skip
 
 
