@@ -59,11 +59,13 @@ class Hedger:
         self._send = send
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._ended = False  # the input has ended: only then are late attempts stragglers
 
     def input_ended(self) -> None:
         """No more rows will come: from now on, look for stragglers."""
+        self._ended = True
         if self._timer is None and not self._closed:
-            self._check()
+            self._tick()
 
     def close(self) -> None:
         """Stop looking (the run is over)."""
@@ -77,24 +79,27 @@ class Hedger:
         p99 = self.timeouts.p99
         return None if p99 is None else max(FLOOR, MULTIPLE * p99)
 
-    def _check(self) -> None:
-        """Copy the stragglers the run has room for, then look again a fraction of the delay later."""
-        loop = asyncio.get_running_loop()
+    def check(self) -> None:
+        """Copy the stragglers the run has room for now (the timer looks a fraction of the delay apart)."""
         delay = self.delay()
         limiter = self.limiter
-        if delay is not None and limiter.in_flight <= FEW * limiter.limit:
-            now = loop.time()
-            sent = 0
-            for attempt in sorted(self.timeouts.live, key=lambda a: a.started):
-                if not isinstance(attempt, Attempt) or attempt.original is not None or attempt.copy is not None:
-                    continue
-                if now - attempt.started < delay:
-                    break  # the oldest come first: the rest are younger still
-                if limiter.in_flight + sent >= limiter.limit or not limiter.has_room(attempt.estimate):
-                    break
-                self._launch(attempt)
-                sent += 1
-        self._timer = loop.call_later((delay or FLOOR) / CHECKS, self._check)
+        if not self._ended or delay is None or limiter.in_flight > FEW * limiter.limit:
+            return
+        now = asyncio.get_running_loop().time()
+        sent = 0
+        for attempt in sorted(self.timeouts.live, key=lambda a: a.started):
+            if not isinstance(attempt, Attempt) or attempt.original is not None or attempt.copy is not None:
+                continue
+            if now - attempt.started < delay:
+                break  # the oldest come first: the rest are younger still
+            if limiter.in_flight + sent >= limiter.limit or not limiter.has_room(attempt.estimate):
+                break
+            self._launch(attempt)
+            sent += 1
+
+    def _tick(self) -> None:
+        self.check()
+        self._timer = asyncio.get_running_loop().call_later((self.delay() or FLOOR) / CHECKS, self._tick)
 
     def _launch(self, attempt: Attempt) -> None:
         copy = Attempt(self.timeouts, attempt.row, attempt.estimate, attempt.number, original=attempt)

@@ -55,6 +55,7 @@ class WorkerPool:
 
     def cancel(self) -> None:
         """Close the pool and cancel every worker."""
+        self.on_close = None  # its rows are abandoned, not hedged
         self.close()
         for task in self.tasks:
             task.cancel()

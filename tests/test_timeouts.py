@@ -9,8 +9,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.limits import RetryPolicy
+from pipeline.hedging import Attempt, Hedger
+from pipeline.limits import Limiter, LimitSettings, RetryPolicy
+from pipeline.results import Labeled, Row, now_iso
 from pipeline.sinks import open_sink
+from pipeline.stats import CallStats
 from pipeline.timeouts import FLOOR, SAMPLES, AdaptiveTimeout, Deadline
 
 from .helpers import label, reviews, sink_ids, write_csv
@@ -79,6 +82,55 @@ def test_small_moves_of_the_p99_leave_the_deadlines_in_flight_alone() -> None:
             assert (timeouts.seconds, deadline.limit) == (pytest.approx(4.2), pytest.approx(4.0))
             learn(timeouts, 2.0, replies=64)  # 8 s: followed, also by the attempt in flight
             assert (timeouts.seconds, deadline.limit) == (8.0, pytest.approx(8.0))
+
+    run(scenario())
+
+
+def test_a_straggler_is_copied_only_at_the_end_when_old_and_few_remain() -> None:
+    """No copy before the input ends, while many are in flight or before 3 × p99; then one, and its reply wins."""
+
+    async def scenario() -> None:
+        timeouts = AdaptiveTimeout(60.0)
+        limiter = Limiter(LimitSettings(concurrency=8))
+        stats = CallStats()
+        row = Row("r1", "review 1: fine", 1)
+        reply = asyncio.Event()
+        copies: list[Attempt] = []
+
+        async def send(copy: Attempt) -> Labeled:
+            copies.append(copy)
+            await reply.wait()
+            return Labeled(row, "positive", "m", 1, 1, 1.0, copy.number, now_iso())
+
+        hedger = Hedger(timeouts, limiter, stats, send)
+        learn(timeouts, 0.01)  # p99 10 ms: a copy after the 0.5 s floor
+        original = Attempt(timeouts, row, 10, 1)
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            with pytest.raises(TimeoutError):
+                async with original:
+                    loop = asyncio.get_running_loop()
+                    original.started -= 1.0  # 1 s old: twice the hedging delay
+                    limiter.in_flight = 1
+                    hedger.check()
+                    assert stats.hedged == 0, "the input has not ended"
+                    limiter.in_flight = 3  # more than a quarter of the window of 8
+                    hedger.input_ended()  # looks at once, then on a timer
+                    assert stats.hedged == 0, "many still in flight: not the end yet"
+                    limiter.in_flight = 1
+                    original.started = loop.time() - 0.3
+                    hedger.check()
+                    assert stats.hedged == 0, "0.3 s old: not a straggler yet"
+                    original.started -= 1.0
+                    hedger.check()
+                    hedger.check()
+                    assert stats.hedged == 1, "one copy, once"
+                    reply.set()  # the copy replies: the original is cut
+                    await never
+            assert original.won is not None and original.won.attempts == 1
+            assert [c.original for c in copies] == [original]
+        finally:
+            hedger.close()
 
     run(scenario())
 
