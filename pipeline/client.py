@@ -161,7 +161,8 @@ class LabelClient:
         outcome, latency = Outcome.NEUTRAL, None
         try:
             result = await self._attempt(live)
-            outcome, latency = Outcome.OK, result.latency_ms / 1000
+            if result is not live.won:  # a copy's reply says nothing of this server, which did not answer
+                outcome, latency = Outcome.OK, result.latency_ms / 1000
             return result
         except _Attempt as failure:
             if failure.kind in _SERVER_TROUBLE:
