@@ -3,6 +3,7 @@
     python scripts/bench_soak.py                  # 50,000 rows at 50 ms (a few minutes a run)
     python scripts/bench_soak.py --quick          # 5,000 rows
     python scripts/bench_soak.py --rows 20000 --hang-rate 0.002 --hang-first --no-seed-design   # issue 19, item 6
+    python scripts/bench_soak.py --rows 20000 --hang-rate 0.002 --hang-late --no-seed-design    # a late straggler
 
 Faults: 1% HTTP 500s, 0.1% requests that never get an answer, 2% unusable replies (the simulator's
 --error-rate, --hang-rate, --malformed-rate). Measured: wall time with faults ÷ wall time without (target
@@ -16,21 +17,31 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import threading
 import urllib.request
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
-from benchlib import PY, labelstream_cmd, make_csv, run_child, simulator
+from benchlib import PY, labelstream_cmd, make_csv, run_child, sim_stats, simulator
 
 
-def hang_first_request(base_url: str) -> None:
-    """Script the simulator to hold the run's first request (sent before any timeout can be learned)."""
+def hang_next_request(base_url: str) -> None:
+    """Script the simulator to hold the next request it gets (before the run starts: its first, sent unlearned)."""
     root = base_url.removesuffix("/v1")
     body = json.dumps({"faults": [{"kind": "hang", "count": 1}]}).encode()
     request = urllib.request.Request(f"{root}/control/faults", method="POST", data=body)  # noqa: S310
     with urllib.request.urlopen(request, timeout=10):  # noqa: S310 - loopback only
         pass
+
+
+def hang_late_request(base_url: str, rows: int, stop: threading.Event) -> None:
+    """Once the simulator has seen `rows` requests (about 97% through, with the faults' retries), hold the next."""
+    while not stop.is_set():
+        if int(sim_stats(base_url)["requests"]) >= rows:  # type: ignore[call-overload]
+            hang_next_request(base_url)
+            return
+        stop.wait(0.05)
 
 
 def faults(hang_rate: float) -> tuple[str, ...]:
@@ -68,12 +79,15 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=50)
     parser.add_argument("--hang-rate", type=float, default=0.001, help="share of requests that never get an answer")
     parser.add_argument("--hang-first", action="store_true", help="the faulty run's first request also hangs")
+    parser.add_argument("--hang-late", action="store_true", help="a request near the end of the faulty run hangs")
     parser.add_argument("--seed-design", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     rows = 5000 if args.quick else args.rows
     print(
         f"# soak: {rows} rows, {args.latency_ms:g} ms latency; faults: 1% 500s, "
-        f"{args.hang_rate:.1%} hangs, 2% unusable replies" + ("; the first request hangs" if args.hang_first else "")
+        f"{args.hang_rate:.1%} hangs, 2% unusable replies"
+        + ("; the first request hangs" if args.hang_first else "")
+        + ("; a request near the end hangs" if args.hang_late else "")
     )
     print("| design | faults | elapsed s | ÷ fault-free | rows lost | duplicates | retries | last wait s | hedged |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -87,7 +101,11 @@ def main() -> None:
                 sim_args = ["--latency-ms", str(args.latency_ms), *(faults(args.hang_rate) if faulty else ())]
                 with simulator(*sim_args) as base_url:
                     if faulty and args.hang_first:
-                        hang_first_request(base_url)
+                        hang_next_request(base_url)
+                    stop = threading.Event()
+                    if faulty and args.hang_late:
+                        late = (base_url, rows, stop)
+                        threading.Thread(target=hang_late_request, args=late, daemon=True).start()
                     out = work / f"{design[:4]}-{int(faulty)}.jsonl"
                     if design == "labelstream":
                         cmd = labelstream_cmd(source, out, base_url)
@@ -96,6 +114,7 @@ def main() -> None:
                         cmd = [PY, "scripts/seed_baseline.py", str(source), str(out), "--base-url", base_url,
                                "--max_concurrent", "100"]  # fmt: skip
                     measured = run_child(cmd, timeout=max(600.0, rows / 50))
+                    stop.set()
                 counts = sink_counts(out) if design == "labelstream" else seed_counts(out)
                 lost = rows - len(counts)
                 duplicates = sum(n - 1 for n in counts.values() if n > 1)
