@@ -227,7 +227,7 @@ class Summary:
             f"retries: {self.retries} ({self.rate_limited} after 429"
             + (f", {self.unavailable} after flex had no capacity)" if self.unavailable else ")")
         )
-        lines.extend(self._batch_lines() + self._confidence_lines())
+        lines.extend(self._batch_lines() + self._confidence_lines() + self._hedge_lines())
         if self.duplicates:
             examples = ", ".join(self.duplicate_samples[:3])
             lines.append(f"  {self.duplicates:,} repeated ids skipped (each labeled once), e.g. {examples}")
@@ -240,8 +240,6 @@ class Summary:
         if self.changed:
             hint = " Re-run with --relabel-changed to label them again." if self.relabel_hint else ""
             lines.append(f"  {self.changed:,} rows already in the sink now have different text.{hint}")
-        if self.hedged:
-            lines.append(f"  {self.hedged:,} hedged: the last stragglers got a second request (the first reply won)")
         if self.truncated:
             lines.append(f"  {self.truncated:,} texts were longer than max_chars and were cut (see 'truncated')")
         if self.failures:
@@ -277,6 +275,11 @@ class Summary:
         elif self.unfinished:
             lines.append(f"  to send the {self.unfinished:,} unprocessed rows again, re-run: {self.resume_command}")
         return "\n".join(lines)
+
+    def _hedge_lines(self) -> list[str]:
+        if not self.hedged:
+            return []
+        return [f"  {self.hedged:,} hedged: the last stragglers got a second request (the first reply won)"]
 
     def _confidence_lines(self) -> list[str]:
         if not self.logprobs_unread:
