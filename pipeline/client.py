@@ -20,6 +20,7 @@ import orjson
 from pipeline.api_errors import Meaning, classify
 from pipeline.endpoints import Endpoint, EndpointPool, Outcome
 from pipeline.errors import FatalApiError, redact
+from pipeline.hedging import Attempt, Hedger
 from pipeline.limits import Limiter, RetryPolicy, Sleep
 from pipeline.prompt import Prompt, ReplyError
 from pipeline.ratelimit_headers import retry_after_seconds
@@ -84,6 +85,7 @@ class LabelClient:
         self.exact_tokens = exact_tokens
         self.logprobs = True  # turned off for the run when the endpoint refuses them
         self.timeouts = AdaptiveTimeout(retry.timeout)
+        self.hedger = Hedger(self.timeouts, limiter, self.stats, self._attempt_on_endpoint)
         self._secret = api_key
         urls = [base_url] if base_url is None or isinstance(base_url, str) else list(base_url)
         # The SDK's pool holds 1,000 connections; at high tiers and slow models more may be in flight.
@@ -108,6 +110,7 @@ class LabelClient:
 
     async def aclose(self) -> None:
         """Close the HTTP connections."""
+        self.hedger.close()
         for endpoint in self.endpoints.endpoints:
             await endpoint.client.close()
 
@@ -117,15 +120,22 @@ class LabelClient:
             self.tokens.load_exact()  # from now on counts matter; until it has loaded, the estimate serves
         return self.tokens.prompt_tokens(row.text) + self.prompt.config.max_tokens
 
+    def input_ended(self) -> None:
+        """The run has no more rows to send: its last stragglers may be hedged from now on."""
+        self.hedger.input_ended()
+
     async def label(self, row: Row) -> Labeled | Failed:
         """Label one row, retrying what may succeed on a later attempt."""
         estimate = self.estimate_tokens(row)
         attempt = limited = 0
         while True:
             attempt += 1
+            live = Attempt(self.timeouts, row, estimate, attempt)
             try:
-                return await self._attempt_on_endpoint(row, estimate, attempt)
+                return await self._attempt_on_endpoint(live)
             except _Attempt as failure:
+                if (copied := await self.hedger.outcome(live)) is not None:
+                    return copied  # this attempt failed, but its copy replied
                 # 429s say "later", not "never": they do not use up the row's retries (up to a sanity cap).
                 limited += failure.kind in _FREE_RETRIES
                 spent = attempt - limited
@@ -141,15 +151,18 @@ class LabelClient:
                 self.stats.retries += 1
                 if failure.kind not in _PAUSED:  # after a 429 the limiter already pauses everyone
                     await self.sleep(self.retry.backoff(attempt, self.rng))
+            finally:
+                self.hedger.drop(live)
 
-    async def _attempt_on_endpoint(self, row: Row, estimate: int, attempt: int) -> Labeled:
+    async def _attempt_on_endpoint(self, live: Attempt) -> Labeled:
         """One attempt on the server the pool picks (the only one, usually); tells the pool how it went."""
         endpoint = self.endpoints.pick()
         token = _ENDPOINT.set(endpoint)
         outcome, latency = Outcome.NEUTRAL, None
         try:
-            result = await self._attempt(row, estimate, attempt)
-            outcome, latency = Outcome.OK, result.latency_ms / 1000
+            result = await self._attempt(live)
+            if result is not live.won:  # a copy's reply says nothing of this server, which did not answer
+                outcome, latency = Outcome.OK, result.latency_ms / 1000
             return result
         except _Attempt as failure:
             if failure.kind in _SERVER_TROUBLE:
@@ -159,13 +172,12 @@ class LabelClient:
             _ENDPOINT.reset(token)
             self.endpoints.done(endpoint, outcome, latency)
 
-    async def _attempt(self, row: Row, estimate: int, attempt: int) -> Labeled:
-        cfg = self.prompt.config
-        async with self.limiter.slot(estimate) as permit:
+    async def _attempt(self, live: Attempt) -> Labeled:
+        cfg, row = self.prompt.config, live.row
+        async with self.limiter.slot(live.estimate) as permit:
             started = time.perf_counter()
-            limit = self.timeouts.seconds
             try:
-                async with asyncio.timeout(limit):
+                async with live:  # ends at its start + the timeout, even when the timeout is learned later
                     # The SDK's documented low-level post: same auth, errors and transport as
                     # chat.completions.create, minus its per-request walk of the params against
                     # their TypedDicts, which cost more CPU than everything else a row needs.
@@ -185,7 +197,9 @@ class LabelClient:
                     )
                     body = await response.aread()
             except TimeoutError:
-                raise self._timed_out(limit) from None
+                if live.won is not None:
+                    return live.won  # a copy replied first (hedging.py)
+                raise self._timed_out(live.limit) from None
             except openai.APIStatusError as exc:
                 raise self._status_failure(exc) from None
             except openai.APITimeoutError:
@@ -219,7 +233,7 @@ class LabelClient:
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             latency_ms=round(latency_ms, 1),
-            attempts=attempt,
+            attempts=live.number,
             labeled_at=now_iso(),
             cached_tokens=reply.cached_tokens,
             confidence=reply.confidence,

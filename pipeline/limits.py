@@ -215,6 +215,10 @@ class Limiter:
             self.in_flight -= 1
             self._freed.set()
 
+    def has_room(self, estimated_tokens: int) -> bool:
+        """Whether a request could start now without waiting for the window, a pause or a bucket."""
+        return self.in_flight < self.limit and not self._queued and self._time_gate(estimated_tokens) <= 1e-6
+
     def on_success(self, permit: Permit) -> None:
         """A request succeeded: correct the TPM estimate, note its latency, and let the pacer adjust."""
         if permit.used_tokens is not None:

@@ -332,7 +332,7 @@ async def _execute(
             async with asyncio.TaskGroup() as group:
                 group.create_task(run.count_input())
                 run.pool = WorkerPool(group, lambda: run.label_rows(client), ceiling=limiter.ceiling)
-                limiter.on_grow = run.pool.grew
+                limiter.on_grow, run.pool.on_close = run.pool.grew, client.input_ended
                 group.create_task(staff(run.pool, lambda: limiter.limit))
                 run.reader_task = group.create_task(run.read_rows())
                 group.create_task(run.await_workers())

@@ -18,6 +18,7 @@ class CallStats:
     retries: int = 0
     rate_limited: int = 0
     unavailable: int = 0  # flex: 429 resource_unavailable (retried with backoff; no rate limit)
+    hedged: int = 0  # copies sent of a run's last stragglers (hedging.py); each is a request, counted in tokens
     successes: int = 0
     bad_requests_in_a_row: int = 0
     timeouts_before_any_reply: int = 0

@@ -58,6 +58,7 @@ class Summary:
     logprobs_unread: int = 0  # rows labeled without confidence although their reply carried logprobs
     refused: int = 0  # of `failed`: batch requests refused as sent, which re-runs do not send again unchanged
     refused_before: int = 0  # rows left out because their unchanged request was refused as sent before
+    hedged: int = 0  # copies sent of the run's last stragglers
 
     @classmethod
     def of(
@@ -117,6 +118,7 @@ class Summary:
             logprobs_unread=s.calls.logprobs_unread,
             refused=s.refused,
             refused_before=s.refused_before,
+            hedged=s.calls.hedged,
         )
 
     @classmethod
@@ -198,6 +200,7 @@ class Summary:
             "logprobs_unread": self.logprobs_unread,
             "refused": self.refused,
             "refused_before": self.refused_before,
+            "hedged": self.hedged,
         }
 
     def render(self) -> str:
@@ -224,7 +227,7 @@ class Summary:
             f"retries: {self.retries} ({self.rate_limited} after 429"
             + (f", {self.unavailable} after flex had no capacity)" if self.unavailable else ")")
         )
-        lines.extend(self._batch_lines() + self._confidence_lines())
+        lines.extend(self._batch_lines() + self._confidence_lines() + self._hedge_lines())
         if self.duplicates:
             examples = ", ".join(self.duplicate_samples[:3])
             lines.append(f"  {self.duplicates:,} repeated ids skipped (each labeled once), e.g. {examples}")
@@ -273,6 +276,11 @@ class Summary:
             lines.append(f"  to send the {self.unfinished:,} unprocessed rows again, re-run: {self.resume_command}")
         return "\n".join(lines)
 
+    def _hedge_lines(self) -> list[str]:
+        if not self.hedged:
+            return []
+        return [f"  {self.hedged:,} hedged: the last stragglers got a second request (the first reply won)"]
+
     def _confidence_lines(self) -> list[str]:
         if not self.logprobs_unread:
             return []
@@ -308,7 +316,7 @@ class Summary:
 _WORST_STATE = {"done": 0, "interrupted": 1, "failed": 2}
 _SUMMED = (
     "labeled", "failed", "saved", "skipped_done", "duplicates", "conflicts", "changed", "truncated", "retries",
-    "rate_limited", "prompt_tokens", "completion_tokens",
+    "rate_limited", "prompt_tokens", "completion_tokens", "hedged",
 )  # fmt: skip
 
 
