@@ -17,8 +17,10 @@ one round trip (the replies that come back within one recent latency):
   so it cannot creep up however the latency drifts; probes that do not pay come rarer (every 4 rounds, doubling
   up to every `MAX_HOLD_ROUNDS`), so a probe every so often finds a server that got faster.
 - **Baseline**: the lowest round latency within `BASE_SECONDS` (by time, not per reply, so a queue that lasts
-  does not become the new normal in a few hundred replies). A round above `QUEUE_RATIO` × the baseline is a
-  queue whatever the throughput says: the window shrinks at once, in proportion.
+  does not become the new normal in a few hundred replies). When two rounds in a row at a held window are
+  `QUEUE_RATIO` times slower (against the baseline) than that window was, something queues (another client
+  on the server, a server that slowed down): a smaller window is tried at once, and kept if it loses no
+  throughput.
 
 A provider whose latency does not depend on load (OpenAI's API) never shows a knee: startup grows the window
 until something else (a 429, a known limit, `--concurrency`, the safety cap) stops it.
@@ -37,11 +39,11 @@ STEP: Final = 0.15  # a probe moves the window by this share, doubling with each
 MAX_STEP: Final = 0.25  # ...up to this share (a knee far above the startup's end is reached in a few probes)
 ELASTIC: Final = 0.4  # a probe pays when throughput moves by at least this × the window's share
 DOWN_RATIO: Final = 1.25  # latency above this × the baseline may be queueing: try smaller windows too
-QUEUE_RATIO: Final = 2.0  # latency this × what the held window had (vs the baseline) is queueing: shrink at once
+QUEUE_RATIO: Final = 2.0  # latency this × what the held window had (vs the baseline): try a smaller window now
 BASE_SECONDS: Final = 30.0  # the baseline is the lowest round latency this recent
 MIN_HOLD_ROUNDS: Final = 4  # rounds between probes, doubling while they do not pay...
 MAX_HOLD_ROUNDS: Final = 32  # ...up to this many
-FAST_WEIGHT: Final = 0.1  # startup watches the average of about the last ten replies
+FAST_WEIGHT: Final = 0.25  # startup watches the average of about the last four replies
 SETTLE_ROUNDS: Final = 2  # rounds after a change still show the old window, then the burst it sent
 MEASURE_ROUNDS: Final = 2  # a window's throughput is the mean of this many rounds (one round's count is noisy)
 
@@ -84,6 +86,7 @@ class Knee:
         self._held_rate: float | None = None  # throughput at the held window
         self._held_ratio = 1.0  # its latency ÷ the baseline
         self._paid = 0  # probes in a row that paid
+        self._slow = 0  # held rounds in a row slower than QUEUE_RATIO × what the window had
         self._hold_rounds = 1  # the first probe comes soon after startup, which may stop short of the knee
         self._held = 0
 
@@ -115,8 +118,10 @@ class Knee:
             return
         rate = current.replies / max(now - current.start, 1e-9)
         ratio = mean / (self.base or mean)
-        if self.phase != "startup" and ratio > QUEUE_RATIO * self._held_ratio:
-            self._move(self.window * max(0.5, QUEUE_RATIO * self._held_ratio / ratio), "hold")
+        slow = self.phase == "hold" and ratio > QUEUE_RATIO * self._held_ratio
+        self._slow = self._slow + 1 if slow else 0
+        if self._slow >= 2:  # twice in a row, so one stall of our own (a GC pause, a busy machine) is not a queue
+            self._probe("down")
         elif self.phase == "startup":
             self._startup_round(rate, mean, ratio)
         elif self._settle > 0:
