@@ -7,13 +7,15 @@ one round trip (the replies that come back within one recent latency):
 
 - **Startup**: the window grows by half each round trip (one slot per two successes that found it full; doubling
   would overshoot the knee by a whole window before the first queued reply shows it), until a round's throughput
-  rose by less than `STARTUP_GAIN` twice, or its latency passed `STARTUP_RATIO` × the baseline. The window then
+  rose by less than `STARTUP_GAIN` twice, the last few replies are `STARTUP_RATIO` × slower than the last round
+  (latency growing about as fast as the window: a queue), or a round is `QUEUE_RATIO` × the baseline. The window then
   becomes what the best round had in flight (Little's law: its throughput × its latency), which drains the queue
   the overshoot built.
 - **Steady: probe, keep what pays.** Every few rounds the window is raised by `STEP`; if the throughput rose by at
   least `ELASTIC` × that share, the step stays and the next comes at once, otherwise the window goes back. While
-  latency sits above `DOWN_RATIO` × the baseline (some of it may be queueing) a cut by `STEP` is tried as well,
-  and kept if the throughput fell by less than `ELASTIC` × `STEP`. Only measured throughput raises the window,
+  latency sits above `DOWN_RATIO` × the baseline (some of it may be queueing), or once up probes have not paid
+  for `DOWN_HOLD_ROUNDS`, a cut by `STEP` is tried as well, and kept if the throughput fell by less than
+  `ELASTIC` × `STEP`. Only measured throughput raises the window,
   so it cannot creep up however the latency drifts; probes that do not pay come rarer (every 4 rounds, doubling
   up to every `MAX_HOLD_ROUNDS`), so a probe every so often finds a server that got faster.
 - **Baseline**: the lowest round latency within `BASE_SECONDS` (by time, not per reply, so a queue that lasts
@@ -33,12 +35,14 @@ from collections import deque
 from typing import Final
 
 STARTUP_GROWTH: Final = 0.5  # slots added per success that found the window full: ×1.5 a round trip
+STARTUP_CARE: Final = 4.0  # ...divided by (latency ÷ baseline) to this power: 1.2× slower, half the growth
 STARTUP_GAIN: Final = 1.1  # a startup round whose throughput rose less than this (twice) has found the knee
-STARTUP_RATIO: Final = 1.25  # ...as has one whose recent replies are this × slower than the baseline
+STARTUP_RATIO: Final = 1.25  # ...as has one whose last few replies are this × slower than the last round's
 STEP: Final = 0.15  # a probe moves the window by this share, doubling with each that paid in a row...
 MAX_STEP: Final = 0.25  # ...up to this share (a knee far above the startup's end is reached in a few probes)
 ELASTIC: Final = 0.4  # a probe pays when throughput moves by at least this × the window's share
 DOWN_RATIO: Final = 1.25  # latency above this × the baseline may be queueing: try smaller windows too
+DOWN_HOLD_ROUNDS: Final = 8  # ...as when up probes have not paid for this many rounds (the baseline may be stale)
 QUEUE_RATIO: Final = 2.0  # latency this × what the held window had (vs the baseline): try a smaller window now
 BASE_SECONDS: Final = 30.0  # the baseline is the lowest round latency this recent
 MIN_HOLD_ROUNDS: Final = 4  # rounds between probes, doubling while they do not pay...
@@ -149,18 +153,21 @@ class Knee:
     def _startup_reply(self, latency: float, window_limited: bool) -> None:
         """Grow; stop as soon as the recent replies are slower than the baseline (the first queued ones are back)."""
         fast = self._fast = latency if self._fast is None else self._fast + FAST_WEIGHT * (latency - self._fast)
-        base = self.base
-        if base is not None and fast > STARTUP_RATIO * base and self._best is not None:
+        # Against the last round, not the baseline: batching makes replies slower as the window grows (but by less
+        # than the window grew, so throughput still rises); a queue makes them slower as fast as the window grows.
+        if self._rtt is not None and fast > STARTUP_RATIO * self._rtt and self._best is not None:
             self._found()
         elif window_limited:
-            self.window = min(self.ceiling, self.window + STARTUP_GROWTH)
+            # Slower replies than the baseline (batching, or the first queued ones): grow more carefully.
+            slower = fast / self.base if self.base else 1.0
+            self.window = min(self.ceiling, self.window + STARTUP_GROWTH / max(1.0, slower) ** STARTUP_CARE)
 
     def _startup_round(self, rate: float, latency: float, ratio: float) -> None:
         if self._best is None or rate > self._best[0]:
             self._best = (rate, latency)
         self._flat = self._flat + 1 if rate < STARTUP_GAIN * self._last_rate else 0
         self._last_rate = max(self._last_rate, rate)
-        if ratio > STARTUP_RATIO or self._flat >= 2:
+        if ratio > QUEUE_RATIO or self._flat >= 2:
             self._found()
 
     def _found(self) -> None:
@@ -196,7 +203,7 @@ class Knee:
             went = self.phase
             self._move(self._before, "hold")
             self._held_rate = held
-            if went == "up" and self._held_ratio > DOWN_RATIO:
+            if went == "up" and (self._held_ratio > DOWN_RATIO or self._hold_rounds >= DOWN_HOLD_ROUNDS):
                 self._probe("down")
             else:
                 self._hold_rounds = min(MAX_HOLD_ROUNDS, 2 * self._hold_rounds)

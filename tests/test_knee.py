@@ -103,14 +103,15 @@ def test_the_window_does_not_creep_up_over_minutes_at_the_knee() -> None:
     """Ten minutes against 64 slots: the window stays near the slots (a baseline that drifted up with every reply
     let the queue grow without end)."""
     run = serve(slots=64, seconds=600.0, warmup=60.0)
-    assert run.max_in_flight <= 1.75 * 64
-    assert 0.9 * 64 <= run.final_window <= 1.3 * 64
+    assert run.max_in_flight <= 1.5 * 64
+    assert run.rate >= 0.95 * 64 / 0.2
 
 
 def test_a_server_whose_latency_does_not_depend_on_load_gets_the_whole_ceiling() -> None:
-    """Auto keeps growing against a provider that serves everything at once (OpenAI-like): no knee, no stop."""
+    """Auto keeps growing against a provider that serves everything at once (OpenAI-like): no knee, no stop short
+    of the safety cap."""
     run = serve(slots=math.inf, latency=0.5, seconds=30.0)
-    assert run.final_window == 4096
+    assert run.max_in_flight == 4096 and run.final_window >= 0.95 * 4096
 
 
 def test_the_baseline_is_the_lowest_round_latency_within_its_time_window() -> None:
