@@ -6,6 +6,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pipeline.limits import LimitSettings
 from pipeline.simulator.slots import Slots
 
@@ -49,10 +51,13 @@ def test_the_simulator_queues_what_its_slots_cannot_take(sim: Any, tmp_path: Pat
     assert slots["slots"] == 2 and slots["busy"] == 0 and slots["max_queued"] >= 4
 
 
-def test_auto_concurrency_keeps_in_flight_near_the_slots_without_timeouts(sim: Any, tmp_path: Path) -> None:
-    """--concurrency auto against 16 slots at 50 ms (no rate headers, no 429s): every row labeled, at most twice
-    the slots in flight at the server, and no timeouts or retries."""
-    sim.configure(slots=16, latency_ms=50, rate_headers="none")
+@pytest.mark.parametrize("gateway", ["none", "litellm"])
+def test_auto_concurrency_keeps_in_flight_near_the_slots_without_timeouts(
+    sim: Any, tmp_path: Path, gateway: str
+) -> None:
+    """--concurrency auto against 16 slots at 50 ms, direct or through a LiteLLM-like proxy (no rate headers, no
+    429s): every row labeled, at most twice the slots in flight (a crash abandons no more), no timeouts or retries."""
+    sim.configure(slots=16, latency_ms=50, rate_headers="none", gateway=gateway)
     out = tmp_path / "out.jsonl"
     summary = label(sim, write_csv(tmp_path / "in.csv", reviews(1500)), out, limits=LimitSettings.automatic())
     stats = sim.stats(events=False)
