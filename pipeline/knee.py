@@ -5,24 +5,25 @@ the rest. Past that knee every extra request in flight adds waiting and no throu
 of them (a gateway still completes them upstream, and they are paid). The `Knee` sizes the window in rounds of
 one round trip (the replies that come back within one recent latency):
 
-- **Startup**: the window grows by half each round trip (one slot per two successes that found it full; doubling
-  would overshoot the knee by a whole window before the first queued reply shows it), until a round's throughput
-  rose by less than `STARTUP_GAIN` twice, the last few replies are `STARTUP_RATIO` × slower than the last round
-  (latency growing about as fast as the window: a queue), or a round is `QUEUE_RATIO` × the baseline. The window then
-  becomes what the best round had in flight (Little's law: its throughput × its latency), which drains the queue
-  the overshoot built.
-- **Steady: probe, keep what pays.** Every few rounds the window is raised by `STEP`; if the throughput rose by at
-  least `ELASTIC` × that share, the step stays and the next comes at once, otherwise the window goes back. While
-  latency sits above `DOWN_RATIO` × the baseline (some of it may be queueing), or once up probes have not paid
-  for `DOWN_HOLD_ROUNDS`, a cut by `STEP` is tried as well, and kept if the throughput fell by less than
-  `ELASTIC` × `STEP`. Only measured throughput raises the window,
-  so it cannot creep up however the latency drifts; probes that do not pay come rarer (every 4 rounds, doubling
-  up to every `MAX_HOLD_ROUNDS`), so a probe every so often finds a server that got faster.
+- **Startup**: the window grows by half each round trip (one slot per two successes that found it full;
+  doubling would overshoot the knee by a whole window before the first queued reply shows it), and less as
+  replies get slower than the baseline (÷ (latency ÷ baseline) ** `STARTUP_CARE`). It stops when the last few
+  replies are `STARTUP_RATIO` × slower than the last round (latency growing about as fast as the window: a
+  queue), when a round's throughput rose by less than `STARTUP_GAIN` twice, or when a round is `QUEUE_RATIO` ×
+  the baseline. The window then becomes what the best round had in flight (Little's law: its throughput × its
+  latency), which drains the queue the overshoot built.
+- **Steady: probe, keep what pays.** Every few rounds the window is raised by `STEP`; if the throughput rose by
+  at least `ELASTIC` × that share, the step stays and the next comes at once, in longer strides (up to
+  `MAX_STEP`), otherwise the window goes back. While latency sits above `DOWN_RATIO` × the baseline (some of it
+  may be queueing), or once up probes have not paid for `DOWN_HOLD_ROUNDS`, a cut by `STEP` is tried as well,
+  and kept if the throughput fell by less than `ELASTIC` × `STEP`. Only measured throughput raises the window,
+  so it cannot creep up however the latency drifts; probes that do not pay come rarer (every
+  `MIN_HOLD_ROUNDS`, doubling up to every `MAX_HOLD_ROUNDS`), so a probe every so often finds a server that
+  got faster.
 - **Baseline**: the lowest round latency within `BASE_SECONDS` (by time, not per reply, so a queue that lasts
   does not become the new normal in a few hundred replies). When two rounds in a row at a held window are
-  `QUEUE_RATIO` times slower (against the baseline) than that window was, something queues (another client
-  on the server, a server that slowed down): a smaller window is tried at once, and kept if it loses no
-  throughput.
+  `QUEUE_RATIO` times slower (against the baseline) than that window was, something queues (another client on
+  the server, a server that slowed down): a smaller window is tried at once, and kept if it loses no throughput.
 
 A provider whose latency does not depend on load (OpenAI's API) never shows a knee: startup grows the window
 until something else (a 429, a known limit, `--concurrency`, the safety cap) stops it.
@@ -151,7 +152,7 @@ class Knee:
             lows.popleft()
 
     def _startup_reply(self, latency: float, window_limited: bool) -> None:
-        """Grow; stop as soon as the recent replies are slower than the baseline (the first queued ones are back)."""
+        """Grow; stop as soon as the last few replies are much slower than the last round (queued ones are back)."""
         fast = self._fast = latency if self._fast is None else self._fast + FAST_WEIGHT * (latency - self._fast)
         # Against the last round, not the baseline: batching makes replies slower as the window grows (but by less
         # than the window grew, so throughput still rises); a queue makes them slower as fast as the window grows.
