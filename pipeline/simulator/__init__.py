@@ -1,13 +1,14 @@
 """An OpenAI-compatible chat completions server on loopback, for the demo, the tests and the benchmarks.
 
 Endpoints:
-    POST /v1/chat/completions   a deterministic label honouring `response_format`, with latency,
+    POST /v1/chat/completions   a deterministic label honouring `response_format`, with latency (with `slots`,
+                                a self-hosted server's: a fixed number at once, the rest queued, `slots.py`),
                                 sliding-window RPM/TPM limits (429 + retry-after) and faults
     GET  /v1/models             the model list
     POST /v1/files              upload (multipart: file, purpose); GET /v1/files/{id}, GET .../content, DELETE
     POST /v1/batches            a batch over an uploaded request file; GET /v1/batches (newest first, limit,
                                 after), GET /v1/batches/{id}, POST /v1/batches/{id}/cancel
-    GET  /stats                 counters, window use, CPU time, events (`?events=0` leaves them out)
+    GET  /stats                 counters, window and slot use, CPU time, events (`?events=0` leaves them out)
     POST /stats/reset           zero the counters
     GET|POST|DELETE /control/faults
                                 faults for the next requests, in order (POST appends; "replace": true first clears):

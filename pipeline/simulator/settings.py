@@ -51,6 +51,11 @@ class SimulatorConfig:
     batch_cancel_seconds: how long a cancelled batch stays `cancelling`.
     upload_reply_seconds, create_reply_seconds, content_reply_seconds: hold the reply of a file upload, a
         batch creation or a file download this long after the work is done (crash tests kill clients there).
+    slots: serve like a self-hosted server (vLLM's max_num_seqs): at most this many chat requests are worked on
+        at once, the rest wait in an unbounded FIFO queue, so latency grows with the load past the knee (see
+        slots.py); None: every request is served at once (a provider whose latency does not depend on load).
+    slot_cost: batching cost with `slots`: a request's latency grows by this share when every slot is busy
+        (0.5: 1.5× the latency at a full batch), so throughput rises ever less steeply up to the knee.
     """
 
     latency_ms: float = 200.0
@@ -82,6 +87,8 @@ class SimulatorConfig:
     upload_reply_seconds: float = 0.0
     create_reply_seconds: float = 0.0
     content_reply_seconds: float = 0.0
+    slots: int | None = None
+    slot_cost: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rate_headers not in RATE_HEADERS:
@@ -97,7 +104,7 @@ class SimulatorConfig:
         for name in _SECONDS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("rpm", "tpm"):
+        for name in ("rpm", "tpm", "slots"):
             if (value := getattr(self, name)) is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (or None for no limit), got {value}")
         if self.logprobs not in LOGPROBS_MODES:
@@ -146,6 +153,7 @@ _SECONDS: Final = (
     "upload_reply_seconds",
     "create_reply_seconds",
     "content_reply_seconds",
+    "slot_cost",
 )
 _NUMBER = (int, float)
 _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
@@ -178,6 +186,8 @@ _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "upload_reply_seconds": _NUMBER,
     "create_reply_seconds": _NUMBER,
     "content_reply_seconds": _NUMBER,
+    "slots": (int, type(None)),
+    "slot_cost": _NUMBER,
 }
 
 
