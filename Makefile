@@ -13,7 +13,7 @@ CONCURRENCY ?= auto
 ARGS        ?=
 PORT        ?= 8787
 
-.PHONY: install demo test chromium lint fmt bench bench-quick label simulate clean
+.PHONY: install demo test test-compat chromium lint fmt bench bench-quick label simulate clean
 
 install: $(STAMP)
 
@@ -39,6 +39,17 @@ chromium:
 	    { apt-get update -q >/dev/null 2>&1 && \
 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
 	echo "make: chromium is not installed and cannot be installed here; the report rendering test will be skipped"
+
+# Real servers on loopback (vLLM's CPU build with a tiny model it builds, a LiteLLM proxy): installs them into
+# .venv-compat (~4 GB, ~4 min on a warm pip cache) and runs tests/compat (~10 min on 2 cores). Not part of `make test`.
+COMPAT_VENV ?= .venv-compat
+
+test-compat: $(STAMP)
+	COMPAT_VENV=$(COMPAT_VENV) bash scripts/compat_setup.sh
+	@rm -f $(COMPAT_VENV)/compat-results.jsonl
+	COMPAT_VENV=$(COMPAT_VENV) LABELSTREAM_COMPAT=1 $(BIN)/python -m pytest -q -m compat -p no:cacheprovider \
+		--timeout 1800 --durations 10 --basetemp $(COMPAT_VENV)/tmp tests/compat
+	@test ! -f $(COMPAT_VENV)/compat-results.jsonl || cat $(COMPAT_VENV)/compat-results.jsonl
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check pipeline tests scripts

@@ -21,6 +21,7 @@ from pipeline.api_errors import Meaning, classify
 from pipeline.endpoints import Endpoint, EndpointPool, Outcome
 from pipeline.errors import FatalApiError, redact
 from pipeline.failures import FailureWatch, advice, connection_problem, gateway_of, roomier
+from pipeline.hedging import Attempt, Hedger
 from pipeline.limits import Limiter, RetryPolicy, Sleep
 from pipeline.prompt import Prompt, ReplyError
 from pipeline.ratelimit_headers import retry_after_seconds
@@ -86,6 +87,7 @@ class LabelClient:
         self.exact_tokens = exact_tokens
         self.logprobs = True  # turned off for the run when the endpoint refuses them
         self.timeouts = AdaptiveTimeout(retry.timeout)
+        self.hedger = Hedger(self.timeouts, limiter, self.stats, self._attempt_on_endpoint)
         self._secret = api_key
         urls = [base_url] if base_url is None or isinstance(base_url, str) else list(base_url)
         # The SDK's pool holds 1,000 connections; at high tiers and slow models more may be in flight.
@@ -116,6 +118,7 @@ class LabelClient:
 
     async def aclose(self) -> None:
         """Close the HTTP connections."""
+        self.hedger.close()
         for endpoint in self.endpoints.endpoints:
             await endpoint.client.close()
 
@@ -125,6 +128,10 @@ class LabelClient:
             self.tokens.load_exact()  # from now on counts matter; until it has loaded, the estimate serves
         return self.tokens.prompt_tokens(row.text) + self.prompt.config.max_tokens
 
+    def input_ended(self) -> None:
+        """The run has no more rows to send: its last stragglers may be hedged from now on."""
+        self.hedger.input_ended()
+
     async def label(self, row: Row) -> Labeled | Failed:
         """Label one row, retrying what may succeed on a later attempt."""
         estimate = self.estimate_tokens(row)
@@ -132,9 +139,12 @@ class LabelClient:
         max_tokens = self.prompt.config.max_tokens
         while True:
             attempt += 1
+            live = Attempt(self.timeouts, row, estimate, attempt, max_tokens=max_tokens)
             try:
-                return await self._attempt_on_endpoint(row, estimate, attempt, max_tokens)
+                return await self._attempt_on_endpoint(live)
             except _Attempt as failure:
+                if (copied := await self.hedger.outcome(live)) is not None:
+                    return copied  # this attempt failed, but its copy replied
                 # 429s say "later", not "never": they do not use up the row's retries (up to a sanity cap).
                 limited += failure.kind in _FREE_RETRIES
                 spent = attempt - limited
@@ -156,15 +166,18 @@ class LabelClient:
                 self.stats.retries += 1
                 if failure.kind not in _PAUSED:  # after a 429 the limiter already pauses everyone
                     await self.sleep(self.retry.backoff(attempt, self.rng))
+            finally:
+                self.hedger.drop(live)
 
-    async def _attempt_on_endpoint(self, row: Row, estimate: int, attempt: int, max_tokens: int) -> Labeled:
+    async def _attempt_on_endpoint(self, live: Attempt) -> Labeled:
         """One attempt on the server the pool picks (the only one, usually); tells the pool how it went."""
         endpoint = self.endpoints.pick()
         token = _ENDPOINT.set(endpoint)
         outcome, latency = Outcome.NEUTRAL, None
         try:
-            result = await self._attempt(row, estimate, attempt, max_tokens)
-            outcome, latency = Outcome.OK, result.latency_ms / 1000
+            result = await self._attempt(live)
+            if result is not live.won:  # a copy's reply says nothing of this server, which did not answer
+                outcome, latency = Outcome.OK, result.latency_ms / 1000
             return result
         except _Attempt as failure:
             if failure.kind in _SERVER_TROUBLE:
@@ -174,12 +187,12 @@ class LabelClient:
             _ENDPOINT.reset(token)
             self.endpoints.done(endpoint, outcome, latency)
 
-    async def _attempt(self, row: Row, estimate: int, attempt: int, max_tokens: int) -> Labeled:
-        async with self.limiter.slot(estimate) as permit:
+    async def _attempt(self, live: Attempt) -> Labeled:
+        row, max_tokens = live.row, live.max_tokens or self.prompt.config.max_tokens
+        async with self.limiter.slot(live.estimate) as permit:
             started = time.perf_counter()
-            limit = self.timeouts.seconds
             try:
-                async with asyncio.timeout(limit):
+                async with live:  # ends at its start + the timeout, even when the timeout is learned later
                     # The SDK's documented low-level post: same auth, errors and transport as
                     # chat.completions.create, minus its per-request walk of the params against
                     # their TypedDicts, which cost more CPU than everything else a row needs.
@@ -200,15 +213,17 @@ class LabelClient:
                     )
                     body = await response.aread()
             except TimeoutError:
-                self._abandoned(estimate - max_tokens, max_tokens)
-                raise self._timed_out(limit) from None
-            except asyncio.CancelledError:  # the run is stopping (or a copy lost): it may still run upstream
-                self._abandoned(estimate - max_tokens, max_tokens, timed_out=False)
+                self._abandoned(live.estimate - max_tokens, max_tokens, timed_out=live.won is None)
+                if live.won is not None:
+                    return live.won  # a copy replied first (hedging.py)
+                raise self._timed_out(live.limit) from None
+            except asyncio.CancelledError:  # the run is stopping, or a copy lost: it may still run upstream
+                self._abandoned(live.estimate - max_tokens, max_tokens, timed_out=False)
                 raise
             except openai.APIStatusError as exc:
                 raise self._status_failure(exc) from None
             except openai.APIConnectionError as exc:  # also APITimeoutError, which a refused connection raises
-                raise self._connection_failure(exc, estimate - max_tokens, max_tokens) from None
+                raise self._connection_failure(exc, live.estimate - max_tokens, max_tokens) from None
             replied = time.perf_counter()
             latency_ms = (replied - started) * 1000
             self.timeouts.note_reply(replied - started, replied)
@@ -230,6 +245,7 @@ class LabelClient:
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
         self.stats.cached_tokens += reply.cached_tokens
+        self.stats.logprobs_unread += reply.logprobs_unread
         return Labeled(
             row=row,
             label=reply.label,
@@ -237,7 +253,7 @@ class LabelClient:
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             latency_ms=round(latency_ms, 1),
-            attempts=attempt,
+            attempts=live.number,
             labeled_at=now_iso(),
             cached_tokens=reply.cached_tokens,
             confidence=reply.confidence,

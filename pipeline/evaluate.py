@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.confidence import WHY_NO_CONFIDENCE
 from pipeline.config import TaskConfig
 from pipeline.errors import InputError, SinkError, UsageError
 from pipeline.export import input_reader
@@ -156,9 +157,7 @@ class Evaluation:
             ]
             lines += table(["confidence", "rows", "accuracy", "mean confidence"], rows)
         if self.without_confidence:
-            lines.append(
-                f"  {self.without_confidence:,} labeled rows have no confidence (no logprobs from the endpoint)"
-            )
+            lines.append(f"  {self.without_confidence:,} labeled rows have no confidence ({WHY_NO_CONFIDENCE})")
         return "\n".join(lines)
 
 

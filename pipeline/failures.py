@@ -30,8 +30,9 @@ NOT_API_BREAKER: Final = 3
 UNREACHABLE_BREAKER: Final = 3
 # A retry of a reply cut off at max_tokens asks for twice as many, up to this (or the task's, if larger).
 ROOMIER_CAP: Final = 8192
-# Gateways that name themselves in a reply header.
-_GATEWAY_HEADERS: Final = (("x-litellm-version", "litellm"),)
+# Gateways that name themselves in reply headers (LiteLLM 1.108.7: x-litellm-version on replies, x-litellm-call-id
+# on errors too, as recorded in tests/data/compat).
+_GATEWAY_HEADERS: Final = (("x-litellm-version", "litellm"), ("x-litellm-call-id", "litellm"))
 _TITLE: Final = re.compile(rb"<title[^>]*>\s*(.*?)\s*</title>", re.I | re.S)
 
 _ADVICE: Final[dict[str, str]] = {

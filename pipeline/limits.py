@@ -4,7 +4,8 @@ One `Limiter` is shared by all workers of a run. A worker takes a slot right bef
 slot waits for (1) a global pause after a 429 or when the provider says its window is spent, (2) the
 requests-per-minute and tokens-per-minute buckets, and (3) the concurrency window. What the window and
 the paced rate should be is the `Pacer`'s job (`pacing.py`): Little's law once a limit is known, slow
-start before, a rate learned from 429s when the provider says nothing.
+start before (in auto mode the `Knee` of `knee.py`, which stops at a self-hosted server's knee), a rate
+learned from 429s when the provider says nothing.
 
 - Buckets run at 95% of the limits given (`--rpm`, `--tpm`) or learned from `x-ratelimit-limit-*`
   headers, whichever is lower, times this process's share of the key (`share`), so the run stays under
@@ -214,6 +215,10 @@ class Limiter:
         finally:
             self.in_flight -= 1
             self._freed.set()
+
+    def has_room(self, estimated_tokens: int) -> bool:
+        """Whether a request could start now without waiting for the window, a pause or a bucket."""
+        return self.in_flight < self.limit and not self._queued and self._time_gate(estimated_tokens) <= 1e-6
 
     def on_success(self, permit: Permit) -> None:
         """A request succeeded: correct the TPM estimate, note its latency, and let the pacer adjust."""

@@ -7,8 +7,9 @@ The limiter (`limits.py`) enforces what the `Pacer` decides:
   window jumps to rate × latency × 1.5: the limit is reached in the second round trip, at any latency, and
   the token bucket, not the window, spaces the requests.
 - **No limit known: slow start.** The window doubles every round trip (one more slot per success that found
-  the window full) until the first 429, or until replies slow down (auto mode watches latency, so a
-  self-hosted server that slows under load is not pushed further).
+  the window full) until the first 429. In auto mode the `Knee` (`knee.py`) sizes the window instead until a
+  rate is known: it grows while throughput follows and stops at a self-hosted server's knee, where more in
+  flight would only queue.
 - **A 429 under a known limit is a stray burst** when it finds the pace at that limit and no other overload
   came in the minute (or two round trips) before:
   providers also hold their limits over short intervals, and jitter on the way can bunch requests that left
@@ -33,6 +34,8 @@ import math
 from collections import deque
 from typing import Final
 
+from pipeline.knee import Knee
+
 START_WINDOW: Final = 10
 LITTLE_MARGIN: Final = 1.5  # in flight = rate × latency × margin: replies vary, the bucket does the spacing
 CUT: Final = 0.95  # after an overload, pace at this share of what the provider admitted
@@ -46,33 +49,18 @@ STRAY_SECONDS: Final = 60.0  # a 429 under a known limit with none this long bef
 
 
 class Latency:
-    """Recent reply latency: a fast moving average, and the lowest level it has held lately."""
+    """Recent reply latency: a fast moving average."""
 
-    __slots__ = ("base", "fast", "samples")
+    __slots__ = ("fast", "samples")
 
     def __init__(self) -> None:
         self.fast: float | None = None
-        self.base: float | None = None
         self.samples = 0
 
     def note(self, latency: float) -> None:
         """Fold in one successful request's latency (seconds)."""
         self.samples += 1
-        if self.fast is None or self.base is None:
-            self.fast = self.base = latency
-            return
-        self.fast += 0.2 * (latency - self.fast)
-        if self.fast < self.base:
-            self.base = self.fast
-        else:  # drift up slowly, so a lasting change of the server's speed becomes the new normal
-            self.base += 0.002 * (self.fast - self.base)
-
-    @property
-    def ratio(self) -> float:
-        """How many times slower replies are now than their recent base (1.0 when unknown)."""
-        if self.fast is None or not self.base:
-            return 1.0
-        return self.fast / self.base
+        self.fast = latency if self.fast is None else self.fast + 0.2 * (latency - self.fast)
 
 
 class Pacer:
@@ -95,6 +83,7 @@ class Pacer:
         self._measured: float | None = None  # the admitted rate the last overload without a known limit showed
         self._confirmed = 0  # overloads in a row that showed that same rate (see _grow_probe)
         self._starts: deque[float] = deque()  # when recent successful requests were sent
+        self.knee = Knee(self.window, floor=1.0, ceiling=float(self.ceiling), now=clock_start)
 
     # --- what the limiter asks ---------------------------------------------------------------------
 
@@ -124,7 +113,9 @@ class Pacer:
             self._starts.popleft()
         self._grow_probe(now)
         self._fit_window()
-        if self.auto and self._slow_replies(now):
+        if self.auto and self.rate() is None:  # no limit known: find the server's knee
+            self.knee.on_reply(latency, window_limited=window_limited, now=now)
+            self.window = self.knee.window
             return
         if window_limited and self.window < self.ceiling:
             step = 1.0 if self.window < self.threshold else 1.0 / self.window
@@ -148,6 +139,7 @@ class Pacer:
         if current is None:  # nothing admitted yet to learn from: halve the window, like TCP
             self.window = max(1.0, self.window / 2)
             self.threshold = self.window
+            self.knee.restart(self.window)
         else:
             self.peak = current
             self.probe_rate = current * CUT
@@ -242,11 +234,3 @@ class Pacer:
             self.probe_rate = self.peak = None  # back at the known limit: nothing left to probe
             return
         self.probe_rate = rate
-
-    def _slow_replies(self, now: float) -> bool:
-        """Auto mode: True while latency is well above its base (then the window does not grow)."""
-        ratio = self.latency.ratio
-        if ratio > 3.0 and now >= self.last_cut and self.window > START_WINDOW and self.rate() is None:
-            self.window = max(float(START_WINDOW), self.window * 0.9)
-            self.last_cut = now + (self.latency.fast or 0.0)
-        return ratio > 2.0

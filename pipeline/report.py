@@ -15,6 +15,7 @@ from html import escape
 from pathlib import Path
 from typing import Final
 
+from pipeline.confidence import WHY_NO_CONFIDENCE
 from pipeline.errors import StorageError
 from pipeline.evaluate import Evaluation
 from pipeline.overview import BINS, Overview, overview
@@ -210,7 +211,7 @@ def _vbars(counts: Sequence[int], ticks: Sequence[str], colour: str, *, tip: Seq
 
 def _confidence(view: Overview, ev: Evaluation | None) -> str:
     if view.rows == view.without_confidence:
-        body = '<p class="note">No confidence: the endpoint sent no logprobs for these rows.</p>'
+        body = f'<p class="note">No confidence for these rows: {WHY_NO_CONFIDENCE}.</p>'
     else:
         ticks = [f"{i / BINS:.1f}" if i % 4 == 0 else "" for i in range(BINS)]
         tips = [f"confidence {i / BINS:.2f}–{(i + 1) / BINS:.2f}" for i in range(BINS)]

@@ -68,6 +68,9 @@ class Reply:
     cached_tokens: int = 0
     confidence: float | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # Logprobs came but no confidence could be read from them (tokens that do not spell the reply): worth a
+    # note, since "the endpoint sent no logprobs" would then be false.
+    logprobs_unread: bool = False
 
 
 def read_reply(prompt: Prompt, body: bytes | Mapping[str, Any]) -> Reply:
@@ -95,14 +98,16 @@ def read_reply(prompt: Prompt, body: bytes | Mapping[str, Any]) -> Reply:
     logprobs = choice.get("logprobs")
     tokens = logprobs.get("content") if isinstance(logprobs, Mapping) else None
     cfg = prompt.config
+    confidence = label_confidence(answer.content, tokens, answer.label, prompt.field, cfg.labels)
     return Reply(
         label=answer.label,
         model=str(model) if model else None,
         prompt_tokens=token_count(usage, "prompt_tokens"),
         completion_tokens=token_count(usage, "completion_tokens"),
         cached_tokens=token_count(details, "cached_tokens"),
-        confidence=label_confidence(answer.content, tokens, answer.label, prompt.field, cfg.labels),
+        confidence=confidence,
         extras=answer.extras,
+        logprobs_unread=confidence is None and isinstance(tokens, list) and bool(tokens),
     )
 
 

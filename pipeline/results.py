@@ -82,6 +82,9 @@ class Failed:
     attempts: int
     status: int | None
     failed_at: str
+    # The fingerprint of a batch request the provider refused as sent (context too long, bad request): the same
+    # request would fail the same way, so batch runs leave the row out until its request changes.
+    request_sha: str | None = None
 
 
 Result = Labeled | Failed
@@ -142,4 +145,5 @@ def dead_letter(item: Failed, run_id: str) -> dict[str, Any]:
         "status": item.status,
         "failed_at": item.failed_at,
         "run": run_id,
+        **({"request_sha": item.request_sha} if item.request_sha else {}),
     }

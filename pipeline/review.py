@@ -17,6 +17,7 @@ from typing import IO, Any
 
 import orjson
 
+from pipeline.confidence import WHY_NO_CONFIDENCE
 from pipeline.errors import LabelstreamError, StorageError
 from pipeline.export import input_reader
 from pipeline.idset import IdMap
@@ -99,6 +100,6 @@ def note_review(opts: RunOptions, notice: IO[str]) -> None:
         return
     line = f"labelstream: review: {review.rows:,} rows with confidence under {opts.review_below:g} → {review.path}"
     if review.unknown:
-        line += f" ({review.unknown:,} labeled rows have no confidence: the endpoint sent no logprobs)"
+        line += f" ({review.unknown:,} labeled rows have no confidence: {WHY_NO_CONFIDENCE})"
     if opts.progress != "off":
         print(line, file=notice)

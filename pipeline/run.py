@@ -163,8 +163,7 @@ class _Run:
             labeled, failed = [], []
             deadline = loop.time() + self.checkpoint_seconds
             if batch:
-                await self.sink.append(batch)
-                self.stats.saved += len(batch)
+                await self.sink.append(batch, saved=self.stats.count_saved)
             if dead:
                 await self.sink.append_dead_letters(dead, self.run_id)
 
@@ -333,7 +332,7 @@ async def _execute(
             async with asyncio.TaskGroup() as group:
                 group.create_task(run.count_input())
                 run.pool = WorkerPool(group, lambda: run.label_rows(client), ceiling=limiter.ceiling)
-                limiter.on_grow = run.pool.grew
+                limiter.on_grow, run.pool.on_close = run.pool.grew, client.input_ended
                 group.create_task(staff(run.pool, lambda: limiter.limit))
                 run.reader_task = group.create_task(run.read_rows())
                 group.create_task(run.await_workers())

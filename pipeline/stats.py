@@ -20,6 +20,7 @@ class CallStats:
     timeouts: int = 0  # attempts abandoned without a reply in time
     held: int = 0  # of those, the ones in a cluster: read as overload (a gateway holding requests, a drowning server)
     unavailable: int = 0  # flex: 429 resource_unavailable (retried with backoff; no rate limit)
+    hedged: int = 0  # copies sent of a run's last stragglers (hedging.py); each is a request, counted in tokens
     successes: int = 0
     bad_requests_in_a_row: int = 0
     timeouts_before_any_reply: int = 0
@@ -27,6 +28,7 @@ class CallStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # the part of prompt_tokens served from the provider's prompt cache
+    logprobs_unread: int = 0  # labeled replies whose logprobs came but gave no confidence
     unusable_replies: int = 0  # replies that came back but gave no label
     unusable_tokens: int = 0  # their prompt and completion tokens (part of the totals above)
     # Abandoned attempts (timed out, or cut off by a stop) may still run upstream and be billed: their worst case,
@@ -65,10 +67,16 @@ class RunStats:
     in_batches: int = 0  # rows skipped because a batch still running holds them
     pending: int = 0  # rows in batches still running when the run ended
     unfinished: int = 0  # rows whose batch ended without them (expired, cancelled): sent again next run
+    refused: int = 0  # failed rows whose request a server refused as sent (batch): not sent again unchanged
+    refused_before: int = 0  # rows left out: their unchanged request was refused as sent before
     duplicate_samples: list[str] = field(default_factory=list)
     conflict_samples: list[str] = field(default_factory=list)
     failures: dict[str, list[str]] = field(default_factory=dict)  # kind → up to 3 sample messages
     failure_counts: dict[str, int] = field(default_factory=dict)
+
+    def count_saved(self, rows: int) -> None:
+        """Count rows the sink now holds."""
+        self.saved += rows
 
     def record_failure(self, kind: str, row_id: str, message: str) -> None:
         """Count a dead letter and keep a few samples of each kind."""

@@ -53,7 +53,7 @@ def _one(sink: Sink, now: datetime) -> dict[str, Any]:
     total = len(done) + len(pending)
     identity = manifest.identity if manifest else None
     book = Ledger(sink.meta)
-    live = book.live
+    live = book.held  # a request file never uploaded holds no rows at the provider
     return {
         "output": str(sink.output),
         "shard": sink.shard.label if sink.shard else None,

@@ -55,6 +55,10 @@ class Summary:
     shard: str | None = None  # "1/4" for a run of one shard
     other_shards: int = 0  # input rows left to the other shards
     servers: dict[str, dict[str, int]] = field(default_factory=dict)  # url → rows, errors, backoffs (fleets)
+    logprobs_unread: int = 0  # rows labeled without confidence although their reply carried logprobs
+    refused: int = 0  # of `failed`: batch requests refused as sent, which re-runs do not send again unchanged
+    refused_before: int = 0  # rows left out because their unchanged request was refused as sent before
+    hedged: int = 0  # copies sent of the run's last stragglers
     timeouts: int = 0  # attempts abandoned without a reply in time (never counted as 429s)
     held: int = 0  # of those, the ones in clusters: overload, or a gateway holding requests
     unusable_replies: int = 0  # replies that gave no label (their tokens are in the totals: they are billed)
@@ -118,6 +122,10 @@ class Summary:
             shard=opts.shard.label if opts.shard else None,
             other_shards=s.other_shards,
             servers=servers or {},
+            logprobs_unread=s.calls.logprobs_unread,
+            refused=s.refused,
+            refused_before=s.refused_before,
+            hedged=s.calls.hedged,
             timeouts=s.calls.timeouts,
             held=s.calls.held,
             unusable_replies=s.calls.unusable_replies,
@@ -138,8 +146,9 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        """0: all labeled (or, with --no-wait, sent); 1: some rows dead-lettered or back unprocessed."""
-        return 1 if self.failed or self.unfinished else 0
+        """0: all labeled (or, with --no-wait, sent); 1: some rows dead-lettered, back unprocessed, or left out
+        because their request was refused before."""
+        return 1 if self.failed or self.unfinished or self.refused_before else 0
 
     @property
     def failure_rate(self) -> float:
@@ -202,6 +211,10 @@ class Summary:
             "shard": self.shard,
             "other_shards": self.other_shards,
             "servers": self.servers,
+            "logprobs_unread": self.logprobs_unread,
+            "refused": self.refused,
+            "refused_before": self.refused_before,
+            "hedged": self.hedged,
             "timeouts": self.timeouts,
             "held": self.held,
             "unusable_replies": self.unusable_replies,
@@ -238,7 +251,7 @@ class Summary:
             f"retries: {self.retries} ({', '.join(causes)})"
         )
         lines.extend(self._attempt_lines())
-        lines.extend(self._batch_lines())
+        lines.extend(self._batch_lines() + self._confidence_lines() + self._hedge_lines())
         if self.duplicates:
             examples = ", ".join(self.duplicate_samples[:3])
             lines.append(f"  {self.duplicates:,} repeated ids skipped (each labeled once), e.g. {examples}")
@@ -271,9 +284,10 @@ class Summary:
                 f"  see how the batches are doing: labelstream batch status {self.output}"
             )
         elif self.failed:
+            retry = self.failed - self.refused  # rows refused as sent would fail the same way: not worth a re-run
             lines.append(
-                f"  dead letters: {self.dead_letters}; to retry the {self.failed:,} failed rows, re-run: "
-                f"{self.resume_command}"
+                f"  dead letters: {self.dead_letters}"
+                + (f"; to retry the {retry:,} failed rows, re-run: {self.resume_command}" if retry else "")
             )
         elif self.unfinished:
             lines.append(f"  to send the {self.unfinished:,} unprocessed rows again, re-run: {self.resume_command}")
@@ -281,40 +295,37 @@ class Summary:
 
     def _failure_lines(self) -> list[str]:
         """Dead letters by kind, most frequent first, with one sample each (up to five kinds)."""
-        if not self.failures:
-            return []
-        lines = ["  failures by kind:"]
-        for kind, count in sorted(self.failures.items(), key=lambda kv: -kv[1]):
-            for sample in self.samples.get(kind, [])[:1]:
-                if len(lines) <= 5:
-                    lines.append(f"    {kind} ×{count}: {clip(sample, 160)}")
-        return lines
+        kinds = sorted(self.failures.items(), key=lambda kv: -kv[1])
+        shown = [f"    {kind} ×{n}: {clip(one, 160)}" for kind, n in kinds for one in self.samples.get(kind, [])[:1]]
+        return ["  failures by kind:", *shown[:5]] if self.failures else []
 
     def _attempt_lines(self) -> list[str]:
         """What attempts that gave no label cost, and what clustered timeouts mean."""
-        lines = []
-        if self.unusable_replies:
-            lines.append(
-                f"  {self.unusable_replies:,} unusable replies ({short_number(self.unusable_tokens)} tokens, "
-                "in the totals above: they are billed too)"
-            )
-        if self.abandoned:
-            bound = f"; up to ${self.abandoned_cost_usd:.4f} of the cost" if self.abandoned_cost_usd else ""
-            lines.append(
-                f"  {self.abandoned:,} attempts abandoned without a reply (may still be billed{bound}, "
-                "counted at their prompt and max_tokens as an upper bound)"
-            )
-        if self.held and self.gateway == "litellm":
-            lines.append(
-                f"  the gateway is holding requests over its limit ({self.held:,} attempts timed out while it "
-                "retried them): set `num_retries: 0` in its router settings so it answers 429 at once"
-            )
-        elif self.held:
-            lines.append(
-                f"  {self.held:,} attempts timed out in clusters: the server (or a gateway in front of it) is "
-                "overloaded or holding requests; the run slowed down as for 429s"
-            )
-        return lines
+        bound = f"; up to ${self.abandoned_cost_usd:.4f} of the cost" if self.abandoned_cost_usd else ""
+        holding = "the server (or a gateway in front of it) is overloaded or holding requests: paced as for 429s"
+        if self.gateway == "litellm":
+            holding = "the gateway is holding requests: set `num_retries: 0` in its router settings (429 at once)"
+        return [line for show, line in (
+                (self.unusable_replies, f"  {self.unusable_replies:,} unusable replies, billed too: their "
+                 f"{short_number(self.unusable_tokens)} tokens are in the totals above"),
+                (self.abandoned, f"  {self.abandoned:,} attempts abandoned without a reply (may still be billed{bound}"
+                 ", counted at their prompt and max_tokens as an upper bound)"),
+                (self.held, f"  {self.held:,} attempts timed out in clusters: {holding}"),
+            ) if show
+        ]  # fmt: skip
+
+    def _hedge_lines(self) -> list[str]:
+        if not self.hedged:
+            return []
+        return [f"  {self.hedged:,} hedged: the last stragglers got a second request (the first reply won)"]
+
+    def _confidence_lines(self) -> list[str]:
+        if not self.logprobs_unread:
+            return []
+        return [
+            f"  {self.logprobs_unread:,} rows have no confidence although their replies carried logprobs: the "
+            "tokens do not spell the reply text (please report it with a sample reply)"
+        ]
 
     def _batch_lines(self) -> list[str]:
         if self.engine not in ("batch", "auto"):
@@ -328,14 +339,23 @@ class Summary:
                 f"  {self.unfinished:,} rows came back unprocessed (their batch expired or was cancelled); "
                 "the next run sends them again"
             )
+        if self.refused or self.refused_before:
+            now = f"{self.refused:,} rows were refused as sent" if self.refused else ""
+            before = f"{self.refused_before:,} rows left out, refused as sent before" if self.refused_before else ""
+            lines.append(
+                f"  {' and '.join(x for x in (now, before) if x)} (see failures and the dead letters): the same "
+                "request fails the same way, so re-runs leave them out until it changes: shorten the text "
+                "(max_chars in the task file), use a model with a longer context, or fix what the message names "
+                "(after changing the server instead, re-run with --retry-refused)"
+            )
         return lines
 
 
 _WORST_STATE = {"done": 0, "interrupted": 1, "failed": 2}
 _SUMMED = (
     "labeled", "failed", "saved", "skipped_done", "duplicates", "conflicts", "changed", "truncated", "retries",
-    "rate_limited", "prompt_tokens", "completion_tokens", "timeouts", "held", "unusable_replies", "unusable_tokens",
-    "abandoned",
+    "rate_limited", "prompt_tokens", "completion_tokens", "hedged", "timeouts", "held", "unusable_replies",
+    "unusable_tokens", "abandoned",
 )  # fmt: skip
 
 
@@ -372,6 +392,7 @@ def combine(parts: Sequence[Summary], *, output: str, dead_letters: str, resume:
         conflict_samples=[x for p in parts for x in p.conflict_samples][:5],
         relabel_hint=parts[0].relabel_hint,
         error=next((p.error for p in parts if p.error), None),
+        gateway=next((p.gateway for p in parts if p.gateway), None),
         servers=servers,
         **totals,
     )

@@ -25,6 +25,7 @@ class WorkerPool:
         self.tasks: list[asyncio.Task[None]] = []
         self.closed = False
         self.changed = asyncio.Event()  # set when the window grew (see `grew`) or the pool closed
+        self.on_close: Callable[[], None] | None = None  # told once the input has ended (the client hedges then)
 
     def ensure(self, wanted: int) -> None:
         """Have at least `wanted` workers (never more than the ceiling, none once closed)."""
@@ -39,6 +40,8 @@ class WorkerPool:
 
     def close(self) -> int:
         """Start no more workers; return how many there are (each needs its own end-of-input sentinel)."""
+        if not self.closed and self.on_close is not None:
+            self.on_close()
         self.closed = True
         self.changed.set()
         return len(self.tasks)
@@ -52,6 +55,7 @@ class WorkerPool:
 
     def cancel(self) -> None:
         """Close the pool and cancel every worker."""
+        self.on_close = None  # its rows are abandoned, not hedged
         self.close()
         for task in self.tasks:
             task.cancel()

@@ -74,7 +74,9 @@ def test_prepare_run_elsewhere_ingest_round_trip_exactly_once(sim: Any, tmp_path
     assert len(sink_ids(out)) == 43
     left = cli("batch", "prepare", "--input", str(source), "--config", config, "--to", str(tmp_path / "left"),
                "--output", str(out))  # fmt: skip
-    assert left.returncode == 0 and "wrote 2 requests in 1 files" in left.stdout
+    # The row vLLM refused (400) would be refused again: only the one with an invalid reply is written.
+    assert left.returncode == 0 and "wrote 1 requests in 1 files" in left.stdout
+    assert "also left out 1 rows whose very request a server refused before" in left.stdout
     refused = cli("batch", "prepare", "--input", str(source), "--config", config, "--to", str(folder))
     assert refused.returncode == 2 and "already holds request files" in refused.stderr
 
@@ -122,6 +124,7 @@ def test_status_and_cancel_while_batches_run(sim: Any, tmp_path: Path) -> None:
     ("flags", "message"),
     [
         (["--no-wait"], "--engine batch or auto"),
+        (["--retry-refused"], "--engine batch or auto"),
         (["--engine", "batch", "--service-tier", "flex"], "--service-tier applies to online requests"),
         (["--engine", "batch", "--batch-size", "60000"], "at most 50,000"),
     ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,20 @@ import pyarrow.dataset as ds
 import pytest
 
 from pipeline.confidence import label_confidence
+from pipeline.prompt import Prompt
+from pipeline.request import read_reply
 from pipeline.sinks import open_sink
+from pipeline.summary import Summary
 
-from .helpers import ROOT, cli, dead_letters, label, reviews, sink_ids, write_csv
+from .helpers import ROOT, SENTIMENT, cli, dead_letters, label, label_batch, reviews, sink_ids, write_csv
 from .test_cli import label_args
 
 LABELS = ("positive", "negative", "neutral")
+
+
+def summary_of() -> Summary:
+    """A summary of a small done run, to render."""
+    return Summary("done", "in.csv", "out.jsonl", "dl.jsonl", 3, 0, 3, 0, 0, 0, 0, 0, 0, 0, 1.0, 10, 2, None, "m", "")
 
 
 def tok(token: str, logprob: float, *alternatives: tuple[str, float]) -> dict[str, Any]:
@@ -137,3 +146,90 @@ def test_review_file_covers_earlier_runs_without_repeats(sim: Any, tmp_path: Pat
     assert sorted(ids) == sorted(r["id"] for r in records if r["confidence"] < 0.9)
     assert len(ids) == len(set(ids))
     assert len(sink_ids(out)) == 300
+
+
+LABEL_TOKENS = [tok('{"', 0), tok("label", 0), tok('":"', 0), tok("neg", math.log(0.8)), tok("ative", math.log(0.9)),
+                tok('"}', 0)]  # fmt: skip
+
+
+@pytest.mark.parametrize("stop", ["</s>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>"])
+def test_a_stop_token_after_the_content_is_not_part_of_it(stop: str) -> None:
+    """vLLM ends logprobs.content with the stop token the text leaves out: the label's confidence is read anyway."""
+    tokens = [*LABEL_TOKENS, tok(stop, -0.01)]
+    assert label_confidence('{"label":"negative"}', tokens, "negative", "label", LABELS) == pytest.approx(0.72)
+
+
+def test_whitespace_padding_outside_the_text_is_skipped() -> None:
+    """Whitespace tokens around the JSON that the text lacks (trimmed by a server or gateway), even one that
+    straddles the JSON's last brace, do not hide the label; padding inside the text is part of it."""
+    tokens = [tok("\n", 0), *LABEL_TOKENS[:-1], tok('"}\n\n', 0), tok("</s>", 0)]
+    assert label_confidence('{"label":"negative"}', tokens, "negative", "label", LABELS) == pytest.approx(0.72)
+    inside = [*LABEL_TOKENS[:-1], tok('"', 0), tok("\n\n", -0.2), tok("}", 0), tok("<|im_end|>", 0)]
+    assert label_confidence('{"label":"negative"\n\n}', inside, "negative", "label", LABELS) == pytest.approx(0.72)
+
+
+@pytest.mark.parametrize(
+    "extra", [[tok(" Hope this helps", -0.1)], [tok("x", 0), tok("</s>", 0)]], ids=["text_after", "text_then_stop"]
+)
+def test_tokens_beyond_the_text_that_are_not_padding_give_no_confidence(extra: list[dict[str, Any]]) -> None:
+    """Tokens after the text that are neither whitespace nor a special token mean the tokens spell another text."""
+    assert label_confidence('{"label":"negative"}', [*LABEL_TOKENS, *extra], "negative", "label", LABELS) is None
+
+
+def test_logprobs_that_came_but_do_not_spell_the_reply_are_flagged() -> None:
+    """A reply whose logprobs do not spell its text is labeled without confidence and flagged as such; a reply
+    without logprobs is not flagged (that is the endpoint's choice, not a misreading)."""
+    prompt = Prompt(SENTIMENT)
+    body = {"model": "m", "choices": [{"message": {"content": '{"label":"negative"}'}, "finish_reason": "stop"}]}
+    assert read_reply(prompt, body).logprobs_unread is False
+    body["choices"][0]["logprobs"] = {"content": [tok("something else", -0.1)]}
+    reply = read_reply(prompt, body)
+    assert (reply.label, reply.confidence, reply.logprobs_unread) == ("negative", None, True)
+    assert "their replies carried logprobs" in replace(summary_of(), logprobs_unread=3).render()
+
+
+@pytest.mark.parametrize("engine", ["online", "batch"])
+def test_a_vllm_server_gives_every_row_a_confidence(sim: Any, tmp_path: Path, engine: str) -> None:
+    """Against a server that answers like vLLM (stop token after the logprobs, JSON padded with whitespace),
+    online and batch runs store a confidence for every row, the same one OpenAI's shape gives."""
+    rows = reviews(20)
+    source = write_csv(tmp_path / "in.csv", rows)
+    run = label if engine == "online" else label_batch
+    if engine == "batch":
+        sim.configure(batch_seconds=0)
+    plain = tmp_path / "openai.jsonl"
+    run(sim, source, plain)
+    sim.configure(server="vllm", pad_whitespace=2)
+    out = tmp_path / "vllm.jsonl"
+    summary = run(sim, source, out)
+    assert (summary.labeled, summary.logprobs_unread) == (20, 0)
+    got = {r["id"]: r["confidence"] for r in open_sink(out).iter_records()}
+    assert all(c is not None and 0 < c <= 1 for c in got.values()), got
+    assert got == {r["id"]: r["confidence"] for r in open_sink(plain).iter_records()}
+
+
+def test_eval_does_not_blame_the_endpoint_for_a_missing_confidence(sim: Any, tmp_path: Path) -> None:
+    """eval names both reasons a row can lack a confidence rather than claiming the endpoint sent no logprobs."""
+    sim.configure(logprobs="ignore")
+    source = write_csv(tmp_path / "in.csv", [(i, lang, text, "neutral") for i, lang, text in reviews(5)],
+                       header=("id", "lang", "text", "gold"))  # fmt: skip
+    out = tmp_path / "out.jsonl"
+    assert label(sim, source, out).labeled == 5
+    scored = cli("eval", str(out), "--gold", str(source), "--gold-column", "gold")
+    assert scored.returncode == 0, scored.stderr
+    assert "no logprobs from the endpoint" not in scored.stdout
+    assert "5 labeled rows have no confidence (their replies carried no logprobs, or logprobs" in scored.stdout
+
+
+def test_tokens_that_lost_their_leading_space_still_place_the_label() -> None:
+    """Tokens decoded one by one without their leading space (SentencePiece: `▁"` comes back as `"`), ending with
+    `</s>`, still give the label's probability, renormalised against rivals compared without whitespace."""
+    spaced = '{"label": "negative"}'
+    tokens = [tok('{"', 0), tok("label", 0), tok('":', 0), tok('"', 0), tok("neg", math.log(0.8)),
+              tok("ative", math.log(0.9)), tok('"}', 0), tok("</s>", 0)]  # fmt: skip
+    assert label_confidence(spaced, tokens, "negative", "label", LABELS) == pytest.approx(0.72)
+    first = tok('"pos', math.log(0.6), ('"pos', math.log(0.6)), ('"neg', math.log(0.2)), ("{", math.log(0.1)))
+    rivals = [tok('{"label":', 0), first, tok('itive"', 0), tok("}", 0), tok("</s>", 0)]
+    assert label_confidence('{"label": "positive"\n}', rivals, "positive", "label", LABELS) == pytest.approx(0.75)
+    other_text = [*tokens[:-2], tok('"', 0), tok("x", 0), tok("}", 0)]
+    assert label_confidence(spaced, other_text, "negative", "label", LABELS) is None

@@ -28,7 +28,7 @@ def test_a_hung_request_costs_a_few_latencies_not_the_full_timeout(sim: Any, tmp
     summary = label(sim, write_csv(tmp_path / "in.csv", reviews(300)), out, concurrency=8, retry=QUICK)
     elapsed = time.monotonic() - started
     assert summary.exit_code == 0 and len(set(sink_ids(out))) == 300
-    assert summary.retries == 1
+    assert summary.retries + summary.hedged == 1  # cut by the adaptive timeout, or hedged near the end of the input
     assert elapsed < 20, f"the hung request held the run for {elapsed:.0f} s"
 
 

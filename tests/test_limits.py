@@ -164,27 +164,26 @@ def test_spent_provider_window_pauses_until_its_reset() -> None:
     assert limiter.pause_until == pytest.approx(1.5)
 
 
-def test_auto_stops_growing_and_backs_off_when_latency_climbs() -> None:
-    """Auto mode grows while latency is flat, holds above 2× the base latency and shrinks above 3×."""
+def test_auto_grows_by_half_a_round_trip_and_stops_when_replies_slow_down() -> None:
+    """Auto mode with no limit known: the window grows by half each round trip while replies keep their latency,
+    and startup ends (back to what the best round had in flight) once they come back 1.25× slower."""
     clock = VirtualClock()
     limiter = Limiter(LimitSettings.automatic(), clock=clock, sleep=clock.sleep)
 
-    def reply(latency: float) -> None:
-        clock.now += latency
-        limiter.on_success(Permit(estimated_tokens=1, started=clock.now - latency, window_limited=True))
+    def round_trip(latency: float) -> None:
+        replies = limiter.limit
+        for _ in range(replies):  # a full window's replies, evenly over one round trip
+            clock.now += latency / replies
+            limiter.on_success(Permit(estimated_tokens=1, started=clock.now - latency, window_limited=True))
 
-    for _ in range(30):
-        reply(0.2)
-    assert limiter.window >= 39
-    for _ in range(15):
-        reply(0.5)  # the moving average climbs past 2× the base within a few replies...
-    grown = limiter.window
-    for _ in range(10):
-        reply(0.5)  # ...and from then on the window holds
-    assert limiter.window == grown
-    for _ in range(30):
-        reply(1.0)  # 5×: shrink
-    assert limiter.window < grown
+    sizes = []
+    for _ in range(4):
+        round_trip(0.2)
+        sizes.append(limiter.limit)
+    assert all(1.4 <= b / a <= 1.6 for a, b in itertools.pairwise([10, *sizes])), sizes
+    round_trip(0.3)
+    assert limiter.limit <= sizes[-1]
+    assert limiter.pacer.knee.phase == "hold"
 
 
 def test_concurrency_is_a_ceiling() -> None:

@@ -153,3 +153,17 @@ def test_reasoning_tokens_are_billed_within_the_completion_budget(sim: Simulator
     check(body, COMPLETION)
     capped = ask(sim, "fine", max_completion_tokens=8)[1]["usage"]
     assert capped["completion_tokens"] <= 8
+
+
+def test_a_vllm_flavoured_reply_validates_and_ends_its_logprobs_with_the_stop_token(sim: SimulatorThread) -> None:
+    """server="vllm" lists the stop token after the tokens that spell the text, and pad_whitespace pads the JSON
+    with newlines kept in the text and the tokens; the reply still validates against the API description."""
+    sim.configure(server="vllm", pad_whitespace=3)
+    status, body = ask(sim, "The app crashes and support never answers", logprobs=True, top_logprobs=2)
+    assert status == 200
+    check(body, COMPLETION)
+    content = body["choices"][0]["message"]["content"]
+    tokens = body["choices"][0]["logprobs"]["content"]
+    assert content.endswith("\n\n\n}") and json.loads(content)["label"]
+    assert bytes(tokens[-1]["bytes"]) == tokens[-1]["token"].encode() == b"</s>"
+    assert "".join(t["token"] for t in tokens[:-1]) == content

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -273,3 +275,41 @@ def test_a_failed_append_leaves_no_torn_record_behind(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     subprocess.run([sys.executable, "-c", _FILL_UNTIL_REFUSED, str(path)], check=True, cwd=ROOT, timeout=60)
     assert path.read_bytes() == b'{"id":"1"}\n{"id":"3"}\n'
+
+
+class _GatedSink(JsonlSink):
+    """A JSONL sink whose writes wait for a gate, so a test can cancel the writer while its thread writes."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.started = threading.Event()
+        self.gate = threading.Event()
+
+    def write_batch(self, items: Sequence[Labeled]) -> None:
+        self.started.set()
+        self.gate.wait(timeout=30)
+        super().write_batch(items)
+
+
+def test_a_cancelled_append_ends_only_after_its_write(tmp_path: Path) -> None:
+    """Cancelling a writer whose batch is on the I/O thread lets the cancellation through only once the batch is in
+    the file, and the batch is still reported saved, so the run's count matches what the sink holds."""
+
+    async def scenario() -> tuple[list[str], list[int]]:
+        sink = _GatedSink(tmp_path / "out.jsonl")
+        sink.load_done()
+        sink.bind_schema(["lang"], multi_label=False)
+        reported: list[int] = []
+        task = asyncio.create_task(sink.append([labeled("1"), labeled("2")], saved=reported.append))
+        await asyncio.to_thread(sink.started.wait, 30)
+        task.cancel()
+        await asyncio.sleep(0)  # let the cancellation reach the append before the gate opens
+        assert not task.done()
+        sink.gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        held = ids_in(sink)
+        await sink.close()
+        return held, reported
+
+    assert asyncio.run(scenario()) == (["1", "2"], [2])

@@ -27,6 +27,13 @@ def register(sub: Any) -> None:
     prepare.add_argument("--output", type=Path, help="sink whose rows (and running batches) to leave out")
     prepare.add_argument("--batch-size", type=positive_int, help="requests per file (at most and default 50,000)")
     prepare.add_argument("--limit", type=positive_int, help="write at most N rows")
+    prepare.add_argument(
+        "--retry-refused", action="store_true", help="write rows whose request a server refused as sent before, too"
+    )
+    prepare.add_argument(
+        "--model-path",
+        help="the weights vLLM's run_batch should load (a folder or hub name), for the command printed at the end",
+    )
     prepare.set_defaults(handler=run_prepare)
 
     ingest = actions.add_parser("ingest", help="merge result files from a batch runner into a sink, once per row")
@@ -88,15 +95,21 @@ def run_prepare(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         raise UsageError(f"--batch-size may be at most {_MAX_BATCH:,} (the Batch API's limit per file).")
     output = args.output or args.input.with_suffix(".labels.jsonl")
     opts = _options(args, output, max_rows=args.limit)
-    done = prepare_requests(opts, args.to, BatchSettings(max_requests=args.batch_size or _MAX_BATCH))
+    settings = BatchSettings(max_requests=args.batch_size or _MAX_BATCH, retry_refused=args.retry_refused)
+    done = prepare_requests(opts, args.to, settings)
     print(
         f"wrote {done.rows:,} requests in {len(done.files)} files to {args.to}; left out {done.skipped_done:,} rows "
         f"already in {output}, {done.in_batches:,} in its running batches, {done.repeats:,} repeated ids and "
         f"{done.problems:,} unusable rows"
     )
+    if done.refused_before:
+        print(
+            f"also left out {done.refused_before:,} rows whose very request a server refused before (see the dead "
+            f"letters of {output}): it would fail the same way. Shorten their text (max_chars in the task file), "
+            "use a model with a longer context, or fix what the message names, and they are written again; after "
+            "changing the server instead (vLLM: a larger --max-model-len), add --retry-refused."
+        )
     if done.files:
-        first = done.files[0].path
-        results = first.with_name("results-0001.jsonl")
         ingest = " ".join(
             [
                 shlex.join(["labelstream", "batch", "ingest", str(output)]),
@@ -104,13 +117,35 @@ def run_prepare(args: argparse.Namespace, _argv: Sequence[str]) -> int:
                 shlex.join(["--input", str(args.input), "--config", str(args.config), "--model", opts.model]),
             ]
         )
-        print(
-            "run each file, e.g. with vLLM:\n"
-            f"  python -m vllm.entrypoints.openai.run_batch -i {shlex.quote(str(first))} -o "
-            f"{shlex.quote(str(results))} --model {shlex.quote(opts.model)}\n"
-            f"then merge the results:\n  {ingest}"
-        )
+        print(f"{_run_batch_lines(done.files, opts.model, args.model_path)}\nthen merge the results:\n  {ingest}")
     return 0
+
+
+# What `run_batch` loads when no --model-path is given: the user puts the model's folder there.
+_MODEL_PLACEHOLDER = "/path/to/model"
+
+
+def _run_batch_lines(files: Sequence[Any], model: str, model_path: str | None) -> str:
+    """How to run the request files with vLLM's run_batch: `--model` is what it loads (a path or hub name),
+    `--served-model-name` the name the requests ask for; given only the alias, vLLM tries to download it."""
+    options = shlex.join(["--model", model_path or _MODEL_PLACEHOLDER, "--served-model-name", model])
+    run = "python -m vllm.entrypoints.openai.run_batch"
+    where = (
+        ""
+        if model_path
+        else f" (put the model's folder or hub name, as given to `vllm serve`, for {_MODEL_PLACEHOLDER})"
+    )
+    if len(files) == 1:
+        first = files[0].path
+        results = first.with_name(first.name.replace("requests-", "results-", 1))
+        return (
+            f"run it with vLLM{where}:\n  {run} -i {shlex.quote(str(first))} -o {shlex.quote(str(results))} {options}"
+        )
+    folder = shlex.quote(str(files[0].path.parent))
+    # POSIX sh: requests-0001.jsonl → results-0001.jsonl beside it.
+    target = '"${f%requests-*}results-${f##*requests-}"'
+    loop = f'for f in {folder}/requests-*.jsonl; do {run} -i "$f" -o {target} {options}; done'
+    return f"run each file with vLLM{where}:\n  {loop}"
 
 
 def run_ingest(args: argparse.Namespace, _argv: Sequence[str]) -> int:
@@ -128,8 +163,22 @@ def run_ingest(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         f"{done.unreadable:,} unreadable lines, {done.repeated:,} repeated results"
     )
     if done.failures:
+        from pipeline.engines.batch.ingest import REFUSED_ADVICE  # noqa: PLC0415
+
         kinds = ", ".join(f"{kind} ×{n}" for kind, n in sorted(done.failures.items(), key=lambda kv: -kv[1]))
         print(f"  failures: {kinds}; details in {done.dead_letters}", file=sys.stderr)
+        for kind in sorted(set(done.failures) & set(REFUSED_ADVICE)):
+            print(
+                f"  {kind}: {REFUSED_ADVICE[kind]}. Sent again unchanged, it fails the same way, so `batch prepare` "
+                "leaves these rows out until their request changes (or, after changing the server, --retry-refused).",
+                file=sys.stderr,
+            )
+    if done.logprobs_unread:
+        print(
+            f"  {done.logprobs_unread:,} rows have no confidence although their replies carried logprobs: the tokens "
+            "do not spell the reply text",
+            file=sys.stderr,
+        )
     return done.exit_code
 
 

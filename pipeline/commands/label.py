@@ -171,6 +171,7 @@ def _engine_flags(engine: Any) -> None:
         default=100,
         help="auto: rows labeled online first, to check the prompt and measure tokens (default: %(default)s)",
     )
+    engine.add_argument("--retry-refused", action="store_true", help="batch/auto: resend requests refused as sent")
     engine.add_argument(
         "--poll-interval",
         type=positive_float,
@@ -255,8 +256,8 @@ def _timeout(args: argparse.Namespace) -> float:
 
 def _check_engine_flags(args: argparse.Namespace) -> None:
     """Refuse engine flags that make no sense together, saying what to do instead."""
-    if args.engine in ("online", "ray") and (args.no_wait or args.batch_size):
-        raise UsageError("--no-wait and --batch-size are for --engine batch or auto; add one of them.")
+    if args.engine in ("online", "ray") and (args.no_wait or args.batch_size or args.retry_refused):
+        raise UsageError("--no-wait, --batch-size and --retry-refused are for --engine batch or auto; add one of them.")
     if args.engine == "ray" and args.procs:
         raise UsageError("--engine ray spreads the rows over Ray's actors itself; drop --procs (see --ray-actors).")
     if args.engine == "batch" and args.service_tier:
@@ -275,6 +276,7 @@ def batch_settings(args: argparse.Namespace) -> Any:
         poll_max_seconds=max(60.0, args.poll_interval),
         max_requests=args.batch_size or MAX_BATCH_REQUESTS,
         online_rows=args.online_rows,
+        retry_refused=args.retry_refused,
     )
 
 
@@ -323,7 +325,7 @@ async def _engine_run(args: argparse.Namespace, opts: Any) -> Any:
 
     live = 0
     with contextlib.suppress(LabelstreamError):  # a note only: a damaged ledger is the batch engine's to report
-        live = sum(sub.requests for sub in Ledger(SinkMeta(opts.output)).live)
+        live = sum(sub.requests for sub in Ledger(SinkMeta(opts.output)).held)
     if live and opts.progress != "off":
         print(
             f"labelstream: note: {live:,} rows of {opts.output} are in batches still running; labeling them online "

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.commands.args import count, positive_float, positive_int, seconds, share
+from pipeline.commands.args import count, number, positive_float, positive_int, seconds, share
 from pipeline.errors import UsageError
 
 
@@ -19,6 +19,19 @@ def register(sub: Any) -> None:
     sim.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     sim.add_argument("--latency-ms", type=seconds, default=200.0)
     sim.add_argument("--latency-jitter-ms", type=seconds, default=0.0)
+    sim.add_argument(
+        "--slots",
+        type=positive_int,
+        help="serve like a self-hosted server (vLLM's max_num_seqs): at most N requests at once, the rest wait "
+        "in a FIFO queue, so latency grows with the load (default: no limit, latency independent of load)",
+    )
+    sim.add_argument(
+        "--slot-cost",
+        type=number(float, at_least=0),
+        default=0.0,
+        help="with --slots: batching cost, the share by which a request's latency grows when every slot is busy "
+        "(0.5: 1.5x at a full batch; default: %(default)s)",
+    )
     sim.add_argument("--rpm", type=positive_int, help="requests per minute before 429")
     sim.add_argument("--tpm", type=positive_int, help="tokens per minute before 429")
     sim.add_argument("--error-rate", type=share, default=0.0, help="share of requests answered 500/502/503")
@@ -29,6 +42,16 @@ def register(sub: Any) -> None:
         choices=("full", "ignore", "reject"),
         default="full",
         help="answer logprobs requests with logprobs, ignore them, or refuse them with a 400 (default: %(default)s)",
+    )
+    sim.add_argument(
+        "--server",
+        choices=("openai", "vllm"),
+        default="openai",
+        help="answer as OpenAI, or as vLLM where it differs: logprobs end with the stop token </s>, batch error "
+        "lines in run_batch's shape (default: %(default)s)",
+    )
+    sim.add_argument(
+        "--pad-whitespace", type=count, default=0, help="newlines a grammar-bound model pads its JSON with"
     )
     sim.add_argument(
         "--length-rate",
@@ -104,6 +127,8 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             length_rate=args.length_rate,
             seed=args.seed,
             logprobs=args.logprobs,
+            server=args.server,
+            pad_whitespace=args.pad_whitespace,
             reasoning_tokens=args.reasoning_tokens,
             window_seconds=args.window_seconds,
             quantum=args.quantum,
@@ -114,6 +139,8 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             batch_seconds=args.batch_seconds,
             batch_error_rate=args.batch_error_rate,
             batch_window_seconds=args.batch_window_seconds,
+            slots=args.slots,
+            slot_cost=args.slot_cost,
             api_key=args.api_key,
             models=frozenset(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
         )

@@ -1,13 +1,14 @@
 """An OpenAI-compatible chat completions server on loopback, for the demo, the tests and the benchmarks.
 
 Endpoints:
-    POST /v1/chat/completions   a deterministic label honouring `response_format`, with latency,
+    POST /v1/chat/completions   a deterministic label honouring `response_format`, with latency (with `slots`,
+                                a self-hosted server's: a fixed number at once, the rest queued, `slots.py`),
                                 sliding-window RPM/TPM limits (429 + retry-after) and faults
     GET  /v1/models             the model list
     POST /v1/files              upload (multipart: file, purpose); GET /v1/files/{id}, GET .../content, DELETE
     POST /v1/batches            a batch over an uploaded request file; GET /v1/batches (newest first, limit,
                                 after), GET /v1/batches/{id}, POST /v1/batches/{id}/cancel
-    GET  /stats                 counters, window use, CPU time, events (`?events=0` leaves them out)
+    GET  /stats                 counters, window and slot use, CPU time, events (`?events=0` leaves them out)
     POST /stats/reset           zero the counters
     GET|POST|DELETE /control/faults
                                 faults for the next requests, in order (POST appends; "replace": true first clears):
@@ -23,10 +24,12 @@ few-shot examples share the most with the text (`judge.py`); other enums, and te
 chosen by a hash of the last user message (an array of an enum gives 1-2 distinct values). Without a schema:
 {"label": "positive" | "negative" | "neutral"}. `logprobs: true` (with `top_logprobs` 0..20) gets token
 logprobs whose label token carries the judge's probability and its rivals (config `logprobs`: "ignore"
-sends none, "reject" answers 400 as reasoning models do). Usage: prompt = ceil(characters / 4) + 3 per
-message, completion = ceil(len(content) / 4) plus `reasoning_tokens`; a prompt prefix of 1,024+ tokens
-seen in the last 5 minutes is reported as cached in steps of 128 (`caching.py`). A request's TPM cost is its
-prompt plus max_completion_tokens (or max_tokens, or the completion). stream=true is refused with a 400.
+sends none, "reject" answers 400 as reasoning models do; `server` "vllm" ends them with the stop token `</s>`,
+and `pad_whitespace` pads the JSON with newlines, as vLLM under a grammar does). Usage: prompt =
+ceil(characters / 4) + 3 per message, completion = ceil(len(content) / 4) plus `reasoning_tokens`; a prompt
+prefix of 1,024+ tokens seen in the last 5 minutes is reported as cached in steps of 128 (`caching.py`). A
+request's TPM cost is its prompt plus max_completion_tokens (or max_tokens, or the completion). stream=true is
+refused with a 400.
 
 Fault kinds: status, hang, reset, close_after_headers, slow_body, delay (the exchange itself) and
 not_json, bad_json_content, label_outside, empty_content, extra_text, length, content_filter,

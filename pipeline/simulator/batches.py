@@ -5,7 +5,8 @@ requests; a bad file makes a `failed` batch, as the real API does) and every req
 same logic as `/v1/chat/completions` (`chat.py`; scripted faults apply, `batch_error_rate` adds 500s). The
 requests finish one by one in shuffled order, evenly over `batch_seconds`; what a look at the batch shows
 follows from the clock. At the end the output file holds the answered requests and the error file the failed
-ones, both in that shuffled order; an expired batch lists its unfinished requests in the error file with code
+ones, both in that shuffled order (with `server` "vllm", error lines as vLLM `run_batch` writes them: no
+body, the error response under `error`); an expired batch lists its unfinished requests in the error file with code
 `batch_expired`; a cancelled one keeps what finished and leaves the rest out.
 
 `submissions` counts how often each custom_id was submitted in an accepted batch, so tests can prove that a
@@ -227,6 +228,10 @@ class BatchStore:
 
     def _line(self, batch: _Batch, item: _Item) -> bytes:
         request_id = b"req_%s%08x" % (batch.id[-10:].encode(), item.number)
+        if item.status != 200 and self._settings().server == "vllm":
+            # vLLM `run_batch`: no body, and its whole error response ({"error": {...}}) under `error`.
+            tail = b'"response":{"status_code":%d,"request_id":"vllm-batch-%s","body":null},"error":%s}\n'
+            return self._head(batch, item) + tail % (item.status, request_id, item.body)
         tail = b'"response":{"status_code":%d,"request_id":"%s","body":%s},"error":null}\n'
         return self._head(batch, item) + tail % (item.status, request_id, item.body)
 

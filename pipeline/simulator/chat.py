@@ -24,9 +24,9 @@ from pipeline.simulator.completion import (
     top_logprobs_asked,
 )
 from pipeline.simulator.http import BAD_JSON
-from pipeline.simulator.judge import Judge, token_logprobs
+from pipeline.simulator.judge import Judge, stop_token, token_logprobs
 from pipeline.simulator.replies import Choice, LabelMaker
-from pipeline.simulator.settings import SimulatorConfig
+from pipeline.simulator.settings import VLLM_STOP_TOKEN, SimulatorConfig
 from pipeline.simulator.tokens import TokenCounter
 
 SERVICE_TIERS: Final = ("auto", "default", "flex", "scale", "priority", "fast")
@@ -127,6 +127,8 @@ class Responder:
         content: str | None
         content, choices = made if made is not None else self.content(chat)
         finish, refusal = "stop", None
+        if config.pad_whitespace and content and content.endswith("}"):
+            content = content[:-1] + "\n" * config.pad_whitespace + "}"
         if kind == "pad":
             content, finish = padded(chat.completion_budget)[0], "length"
             choices = []  # no label in it: every token is a nearly certain newline
@@ -138,6 +140,10 @@ class Responder:
         budget, reasoning = chat.completion_budget, config.reasoning_tokens
         reasoning = min(reasoning, max(0, budget - completion)) if budget is not None else reasoning
         top = chat.top_logprobs if config.logprobs == "full" and content else None
+        logprobs = None if top is None else token_logprobs(content or "", choices, top)
+        if logprobs is not None and config.server == "vllm":
+            # vLLM lists the stop token it sampled, though the text leaves it out.
+            logprobs.append(stop_token(VLLM_STOP_TOKEN, top or 0))
         payload = completion_body(
             completion_id,
             chat.model,
@@ -148,7 +154,7 @@ class Responder:
             completion_tokens=completion + reasoning,
             cached_tokens=self._cache.cached_tokens(chat.model, chat.messages),
             reasoning_tokens=reasoning,
-            logprobs=None if top is None else token_logprobs(content or "", choices, top),
+            logprobs=logprobs,
             service_tier=served_tier(chat.service_tier),
         )
         return payload, completion + reasoning

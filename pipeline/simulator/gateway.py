@@ -12,6 +12,7 @@ at once, as `hold_seconds=0` does here).
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -22,8 +23,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 GATEWAYS: Final = ("none", "litellm")
 _RENAMED: Final = ("retry-after", "retry-after-ms", "x-ratelimit-")
 _PREFIX: Final = "llm_provider-"
-# LiteLLM names itself on every reply; clients can tell a gateway's held requests from a provider's slowness.
+# LiteLLM names itself: its version on a reply, a call id on every answer (errors included), as 1.108.7 does.
 VERSION_HEADER: Final = ("x-litellm-version", "1.108.7")
+CALL_ID_HEADER: Final = "x-litellm-call-id"
 
 
 def _reshape_error(status: int, body: bytes, model_hint: str) -> tuple[int, bytes]:
@@ -80,7 +82,9 @@ def gateway_middleware(
             response.set_status(status)
             response.body = body
         _rename_headers(response)
-        response.headers[VERSION_HEADER[0]] = VERSION_HEADER[1]
+        response.headers[CALL_ID_HEADER] = str(uuid.uuid4())
+        if response.status == 200:
+            response.headers[VERSION_HEADER[0]] = VERSION_HEADER[1]
         return response
 
     return reshape

@@ -180,6 +180,13 @@ def token_logprobs(content: str, choices: Sequence[tuple[str, float, Rivals]], t
     return out
 
 
+def stop_token(token: str, top: int) -> dict[str, Any]:
+    """The `logprobs.content` entry of a stop token a server lists after the text (vLLM's `</s>`)."""
+    entry = _alternative(token, _SURE)
+    entry["top_logprobs"] = [_alternative(token, _SURE)] if top else []
+    return entry
+
+
 @functools.lru_cache(maxsize=4096)
 def _certain(token: str, top: int) -> dict[str, Any]:
     """The entry of a token the schema leaves no choice about; shared between replies (never mutated)."""

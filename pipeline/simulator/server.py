@@ -38,6 +38,7 @@ from pipeline.simulator.http import check_auth, error_reply, json_reply
 from pipeline.simulator.judge import Judge
 from pipeline.simulator.replies import LabelMaker
 from pipeline.simulator.settings import Exchange, SimulatorConfig, Stats
+from pipeline.simulator.slots import Slots
 from pipeline.simulator.windows import Clock, RateLimits
 
 DEFAULT_MODELS: Final = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano")
@@ -77,6 +78,7 @@ class Simulator:
         self._cache = PromptCache(clock)
         self._script = FaultScript()
         self._stats = Stats()
+        self._slots = Slots()
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = asyncio.Event()
@@ -106,6 +108,7 @@ class Simulator:
         self._jitter_rng = random.Random(config.seed + 1)
         self._flex_rng = random.Random(config.seed + 2)
         self._fault_rate = config.error_rate + config.hang_rate + config.malformed_rate
+        self._slots.resize(config.slots)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen on `host`:`port` (0 picks a free port) and return the bound port."""
@@ -176,6 +179,7 @@ class Simulator:
         """Counters, window use, CPU time and (unless `events` is False) the events as [t, status, fault]."""
         out = self._stats.to_json(events=events)
         out["window"] = self._limits.usage()
+        out["slots"] = self._slots.usage()
         out["uptime_seconds"] = self._clock() - self._t0
         # Whole process, and the thread running this event loop alone (the server, in SimulatorThread).
         out["cpu_seconds"] = time.process_time()
@@ -185,12 +189,14 @@ class Simulator:
     def reset_stats(self) -> None:
         """Zero the counters and forget the events."""
         self._stats.clear()
+        self._slots.clear_max()
 
     def reset(self) -> None:
         """Back to the starting config, with no stats, scripted faults, rate-window use, files or batches."""
         self._apply(self._initial)
         self._script.clear()
         self._stats.clear()
+        self._slots.clear_max()
         self._cache.clear()
         self._files.clear()
         self._batches.clear()
@@ -325,8 +331,14 @@ class Simulator:
         delay = config.latency_ms
         if config.latency_jitter_ms:
             delay += self._jitter_rng.uniform(-config.latency_jitter_ms, config.latency_jitter_ms)
-        if delay > 0:
-            await asyncio.sleep(delay / 1000)
+        if config.slots is None:
+            if delay > 0:
+                await asyncio.sleep(delay / 1000)
+            return
+        async with self._slots.hold() as busy:  # a self-hosted engine: queue for a slot, then share a batch
+            delay *= 1 + config.slot_cost * busy / config.slots
+            if delay > 0:
+                await asyncio.sleep(delay / 1000)
 
     async def _models(self, request: web.Request) -> web.Response:
         headers = self._request_id(next(self._ids))

@@ -10,6 +10,9 @@ from typing import Any, Final
 EVENTS_KEPT: Final = 100_000
 RATE_HEADERS: Final = ("full", "retry-after", "none")
 LOGPROBS_MODES: Final = ("full", "ignore", "reject")
+SERVERS: Final = ("openai", "vllm")
+# What vLLM lists last in `logprobs.content` (the model's end-of-sequence token) and leaves out of the text.
+VLLM_STOP_TOKEN: Final = "</s>"  # noqa: S105 - a token of text, not a secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +26,11 @@ class SimulatorConfig:
     hang_seconds: how long a hang holds the reply unless the client goes away first.
     logprobs: "full" answers `logprobs: true` with token logprobs; "ignore" sends none (logprobs: null), as
         some servers do; "reject" refuses the parameter with a 400, as OpenAI's reasoning models do.
+    server: "openai" answers as OpenAI does; "vllm" as vLLM does where it differs: `logprobs.content` ends with
+        the stop token (`</s>`) that the message text leaves out, and the Batch API's error lines take the shape of
+        vLLM `run_batch`'s (`response.body` null, the message under `error.error`).
+    pad_whitespace: newlines a grammar-constrained model puts into its JSON before the closing brace (kept in the
+        text and in the logprobs, as vLLM keeps them).
     reasoning_tokens: hidden reasoning tokens billed with every reply (completion_tokens includes them, up to
         the request's max_completion_tokens), as reasoning models bill them.
     window_seconds: length of the rate windows; limits scale with it (rpm 600 over 2 s allows 20) while
@@ -45,6 +53,11 @@ class SimulatorConfig:
     batch_cancel_seconds: how long a cancelled batch stays `cancelling`.
     upload_reply_seconds, create_reply_seconds, content_reply_seconds: hold the reply of a file upload, a
         batch creation or a file download this long after the work is done (crash tests kill clients there).
+    slots: serve like a self-hosted server (vLLM's max_num_seqs): at most this many chat requests are worked on
+        at once, the rest wait in an unbounded FIFO queue, so latency grows with the load past the knee (see
+        slots.py); None: every request is served at once (a provider whose latency does not depend on load).
+    slot_cost: batching cost with `slots`: a request's latency grows by this share when every slot is busy
+        (0.5: 1.5× the latency at a full batch), so throughput rises ever less steeply up to the knee.
     """
 
     latency_ms: float = 200.0
@@ -65,6 +78,8 @@ class SimulatorConfig:
     gateway: str = "none"
     hold_seconds: float = 0.0
     logprobs: str = "full"
+    server: str = "openai"
+    pad_whitespace: int = 0
     reasoning_tokens: int = 0
     flex_unavailable_rate: float = 0.0
     length_rate: float = 0.0
@@ -75,6 +90,8 @@ class SimulatorConfig:
     upload_reply_seconds: float = 0.0
     create_reply_seconds: float = 0.0
     content_reply_seconds: float = 0.0
+    slots: int | None = None
+    slot_cost: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rate_headers not in RATE_HEADERS:
@@ -90,11 +107,15 @@ class SimulatorConfig:
         for name in _SECONDS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("rpm", "tpm"):
+        for name in ("rpm", "tpm", "slots"):
             if (value := getattr(self, name)) is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (or None for no limit), got {value}")
         if self.logprobs not in LOGPROBS_MODES:
             raise ValueError(f"logprobs must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs!r}")
+        if self.server not in SERVERS:
+            raise ValueError(f"server must be one of {', '.join(SERVERS)}, got {self.server!r}")
+        if not 0 <= self.pad_whitespace <= 1000:
+            raise ValueError(f"pad_whitespace must lie in 0..1000, got {self.pad_whitespace}")
         if self.reasoning_tokens < 0:
             raise ValueError(f"reasoning_tokens must not be negative, got {self.reasoning_tokens}")
         rates = (self.error_rate, self.hang_rate, self.malformed_rate)
@@ -135,6 +156,7 @@ _SECONDS: Final = (
     "upload_reply_seconds",
     "create_reply_seconds",
     "content_reply_seconds",
+    "slot_cost",
 )
 _NUMBER = (int, float)
 _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
@@ -156,6 +178,8 @@ _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "gateway": (str,),
     "hold_seconds": _NUMBER,
     "logprobs": (str,),
+    "server": (str,),
+    "pad_whitespace": (int,),
     "reasoning_tokens": (int,),
     "flex_unavailable_rate": _NUMBER,
     "length_rate": _NUMBER,
@@ -166,6 +190,8 @@ _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "upload_reply_seconds": _NUMBER,
     "create_reply_seconds": _NUMBER,
     "content_reply_seconds": _NUMBER,
+    "slots": (int, type(None)),
+    "slot_cost": _NUMBER,
 }
 
 

@@ -21,6 +21,8 @@ from pipeline.shard import Shard
 from pipeline.sinks.meta import SinkMeta
 
 T = TypeVar("T")
+# Seconds a cancelled append waits for its write to end (a stuck disk must not hold a hard stop for ever).
+CANCEL_WAIT = 10.0
 
 
 class Sink(ABC):
@@ -90,10 +92,26 @@ class Sink(ABC):
         """Fix the record layout for this run (typed sinks check it against what they hold); `outputs` are the
         task's extra output fields as (name, logical kind)."""
 
-    async def append(self, items: Sequence[Labeled]) -> None:
-        """Durably add a batch of records on the I/O thread."""
-        if items:
-            await self.in_io_thread(self.write_batch, items)
+    async def append(self, items: Sequence[Labeled], *, saved: Callable[[int], None] | None = None) -> None:
+        """Durably add a batch of records on the I/O thread; then `saved(len(items))`.
+
+        Cancelling the caller cannot stop a write the thread has begun, so the cancellation waits (up to
+        `CANCEL_WAIT` seconds) for it to end and still reports the rows as saved: the caller's count then matches
+        what the sink holds. A failed write raises its own error; a stuck one, or a second cancellation (a hard
+        stop), gives up waiting at once and reports nothing.
+        """
+        if not items:
+            return
+        write = asyncio.get_running_loop().run_in_executor(self.io, self.write_batch, items)
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            done, _ = await asyncio.wait([write], timeout=CANCEL_WAIT)
+            if done and write.exception() is None and saved is not None:
+                saved(len(items))
+            raise
+        if saved is not None:
+            saved(len(items))
 
     async def append_dead_letters(self, items: Sequence[Failed], run_id: str) -> None:
         """Add failed rows to the dead-letter file beside the sink."""

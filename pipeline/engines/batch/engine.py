@@ -23,7 +23,7 @@ from openai.types import Batch
 
 from pipeline.engines.batch.api import BatchApi
 from pipeline.engines.batch.files import RequestFiles, read_rows
-from pipeline.engines.batch.ingest import Merger, Outcome, Tally, read_results
+from pipeline.engines.batch.ingest import Merger, Outcome, Tally, read_results, refused_requests
 from pipeline.engines.batch.ledger import COLLECTED, PREPARED, SUBMITTED, Ledger, Submission, new_submission_id
 from pipeline.engines.batch.poll import BatchProgress, refresh, wait_for_batches
 from pipeline.engines.batch.settings import BatchSettings
@@ -58,7 +58,7 @@ class _BatchRun:
         self.ledger = Ledger(self.sink.meta)
         self.prompt = Prompt(opts.config)
         self.run_id = uuid.uuid4().hex[:12]
-        self.merger = Merger(self.sink, prepared.done, stats, self.run_id, opts.model)
+        self.merger = Merger(self.sink, prepared.done, stats, self.run_id, opts.model, prompt=self.prompt)
         self.stopping = asyncio.Event()
         self.stop_planning = threading.Event()
         self.signals = 0
@@ -75,6 +75,10 @@ class _BatchRun:
         """Bring the ledger up to date, send what is left, and wait unless told not to."""
         self.ledger.ensure()
         self.ledger.check_endpoint(self.api.where, str(self.opts.output))
+        for sub in self.ledger.live:
+            if sub.state == PREPARED:
+                # Never uploaded (an earlier run failed or was killed first): its rows are planned afresh below.
+                self.ledger.discard(sub)
         self.ledger.tidy()
         for sub in self.ledger.live:
             if sub.state != SUBMITTED and not self.stopping.is_set():
@@ -100,19 +104,17 @@ class _BatchRun:
         so they are not this run's final failures: count them out of the summary (the dead letters keep them)."""
         stats = self.stats
         if stats.failed or stats.unfinished:
+            refused = f"; {stats.refused:,} refused as sent are not" if stats.refused else ""
             self.say(
-                f"{stats.failed:,} failed and {stats.unfinished:,} unprocessed rows of ended batches are sent again"
+                f"{stats.failed - stats.refused:,} failed and {stats.unfinished:,} unprocessed rows of ended batches "
+                f"are sent again{refused}"
             )
-        stats.failed = stats.unfinished = 0
+        stats.failed = stats.unfinished = stats.refused = 0  # the planner counts the refused ones as left out
         stats.failure_counts.clear()
         stats.failures.clear()
 
     async def resume_submission(self, sub: Submission) -> None:
-        """Finish a submission an earlier run left before `submitted`."""
-        if sub.state == PREPARED and not self.ledger.requests_path(sub.id).exists():
-            # Its request file is gone before it reached the provider: give its rows back.
-            self.ledger.record(sub, state=COLLECTED, errors=["the request file was lost before upload"])
-            return
+        """Finish a submission an earlier run left uploaded or creating."""
         self.say(f"resuming {sub.id} ({sub.requests:,} rows), left {sub.state} by an earlier run")
         batch = await submit(self.api, self.ledger, sub, settle=self.settle)
         self.say(f"batch {batch.id} holds {sub.id}")
@@ -136,7 +138,8 @@ class _BatchRun:
         )
         gate = RowGate(self.prepared.done, self.stats, opts.max_rows, shard=opts.shard)
         live = ledger.live_ids()
-        planner = Planner.over(self.prepared.source.batches(), gate, live, self.stats, files)
+        refused = {} if self.settings.retry_refused else await asyncio.to_thread(refused_requests, self.sink.meta)
+        planner = Planner.over(self.prepared.source.batches(), gate, live, self.stats, files, refused=refused)
         try:
             while not self.stopping.is_set():
                 written = await asyncio.to_thread(planner.next_file, self.stop_planning)
@@ -148,9 +151,15 @@ class _BatchRun:
                 )
                 ledger.add(sub)
                 if self.stopping.is_set():
-                    break  # stopping: the file is recorded, and the next run sends it
+                    ledger.discard(sub)  # stopping: nothing was sent, so the next run plans these rows afresh
+                    break
                 self.say(f"sending {sub.requests:,} rows ({written.bytes / 1e6:.1f} MB) as {sub.id}")
-                batch = await submit(self.api, ledger, sub, settle=self.settle)
+                try:
+                    batch = await submit(self.api, ledger, sub, settle=self.settle)
+                except LabelstreamError:
+                    if sub.state == PREPARED:  # the upload failed, or the create was refused: none is at the provider
+                        ledger.discard(sub)
+                    raise
                 self.stats.batches += 1
                 self.stats.submitted += sub.requests
                 self.say(f"batch {batch.id} created for {sub.id}: {batch.status}")
@@ -206,7 +215,7 @@ class _BatchRun:
 
     def write_progress(self, state: str, **extra: Any) -> None:
         """Replace the progress file (never fatal)."""
-        self.stats.pending = sum(s.requests for s in self.ledger.live)
+        self.stats.pending = sum(s.requests for s in self.ledger.held)
         with contextlib.suppress(LabelstreamError):
             self.sink.meta.write_json_atomic(
                 self.sink.meta.progress_path,
@@ -284,7 +293,7 @@ async def _execute(run: _BatchRun) -> Summary:
         run.progress.close()
     interrupted = run.stopping.is_set() or run.hard_stop
     state = "failed" if error else "interrupted" if interrupted else "done"
-    run.stats.pending = sum(s.requests for s in run.ledger.live)
+    run.stats.pending = sum(s.requests for s in run.ledger.held)
     summary = Summary.of(
         run.stats,
         opts=run.opts,

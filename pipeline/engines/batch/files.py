@@ -10,6 +10,7 @@ records without the input. Both are written under a temporary name and renamed o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +32,11 @@ def request_line(prompt: Prompt, row: Row, model: str) -> bytes:
     """One line of a request file (with its newline)."""
     body = request_body(prompt, row.text, model)
     return orjson.dumps({"custom_id": row.id, "method": "POST", "url": ENDPOINT, "body": body}) + b"\n"
+
+
+def request_sha(prompt: Prompt, row: Row, model: str) -> str:
+    """A fingerprint of the request a row sends: it changes with the text, the model and every task setting."""
+    return hashlib.blake2b(request_line(prompt, row, model), digest_size=8).hexdigest()
 
 
 def row_line(row: Row) -> bytes:

@@ -3,13 +3,21 @@ validated exactly like an online reply (`request.read_reply`), joined to its row
 come in any order), and appended at most once: a row already in the sink is skipped and counted.
 
 A result line is `{"custom_id": ..., "response": {"status_code": ..., "body": ...} | null, "error": ... | null}`.
-A 200 body is a chat completion; another status, or an `error` (an object with code and message, or
-vLLM's plain string), fails the row. Code `batch_expired` (and `batch_cancelled`) means the request never ran:
+A 200 body is a chat completion; another status, or an `error`, fails the row, with the message read from
+wherever the runner put it: OpenAI's `response.body.error` or `error: {code, message}`, vLLM `run_batch`'s
+whole error response under `error` (`{"error": {"message", "type", "code": 400}}`, body null), or its
+older plain string. Code `batch_expired` (and `batch_cancelled`) means the request never ran:
 the row is not failed but unfinished, and the next run sends it again.
+
+A request the server refused as sent (400, 404, 413, 422: the context is too long, a parameter is wrong) fails
+the same way every time, so its dead letter keeps the request's fingerprint (`files.request_sha`), and batch runs
+and `batch prepare` leave the row out while its request is unchanged (`refused_requests`). A context too long
+gets its own kind, `context_length`, and advice on what to change (`REFUSED_ADVICE`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +25,29 @@ from typing import Any, Final
 
 import orjson
 
+from pipeline.engines.batch.files import request_sha
 from pipeline.idset import IdSet
 from pipeline.prompt import Prompt, ReplyError
 from pipeline.request import Reply, read_reply
 from pipeline.results import Failed, Labeled, Row, now_iso, sha_tag
-from pipeline.sinks import Sink
+from pipeline.sinks import Sink, SinkMeta
 from pipeline.stats import RunStats
 
 UNFINISHED_CODES: Final = frozenset({"batch_expired", "batch_cancelled"})
 _APPEND_EVERY: Final = 5000
+# Statuses that refuse the request itself: sent again unchanged, it fails again (429, 408, 409, 5xx are luck).
+_REFUSING: Final = frozenset({400, 404, 413, 422})
+# How OpenAI, vLLM and others say a prompt does not fit the model's context.
+_TOO_LONG: Final = re.compile(
+    r"context.length|maximum context|context window|max_model_len|prompt is too long|too many (input )?tokens",
+    re.IGNORECASE,
+)
+REFUSED_ADVICE: Final = {
+    "context_length": "the text does not fit the model's context: shorten it (max_chars in the task file) or use a "
+    "model with a longer context (vLLM: a larger --max-model-len)",
+    "bad_request": "the server refused the request as sent: fix what its message names (the model name, a setting "
+    "in the task file)",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +59,7 @@ class Outcome:
     message: str = ""
     status: int | None = None
     unfinished: bool = False  # the request never ran (its batch expired or was cancelled)
+    refused: bool = False  # refused as sent: the same request fails the same way
 
 
 def read_result(prompt: Prompt, line: bytes) -> tuple[str, Outcome] | None:
@@ -59,9 +82,13 @@ def read_result(prompt: Prompt, line: bytes) -> tuple[str, Outcome] | None:
         return custom_id, Outcome(None, "malformed", "the result line has neither a response nor an error")
     status, body = response.get("status_code"), response.get("body")
     if status != 200:
-        code, message = _error_parts(body.get("error") if isinstance(body, dict) else error)
+        code, message = _error_parts(body if isinstance(body, dict) and body.get("error") else error)
         status = status if isinstance(status, int) else None
-        text = f"HTTP {status} {code or ''}: {message}".replace("  ", " ")
+        text = f"HTTP {status}{f' {code}' if code else ''}: {message}"
+        if status in _REFUSING:
+            too_long = code == "context_length_exceeded" or _TOO_LONG.search(message) is not None
+            kind = "context_length" if too_long else "bad_request"
+            return custom_id, Outcome(None, kind, text, status=status, refused=True)
         return custom_id, Outcome(None, _status_kind(status), text, status=status)
     try:
         return custom_id, Outcome(read_reply(prompt, body if isinstance(body, dict) else {}), status=200)
@@ -109,11 +136,23 @@ class Tally:
         return {"labeled": self.labeled, "failed": self.failed, "unfinished": self.unfinished, "skipped": self.skipped}
 
 
-class Merger:
-    """Turns outcomes into sink records and dead letters, appending each id at most once."""
+def refused_requests(meta: SinkMeta) -> dict[str, str]:
+    """Row id → fingerprint of its request that a server refused as sent (the latest refusal of each row)."""
+    refused: dict[str, str] = {}
+    for letter in meta.read_dead_letters():
+        sha = letter.get("request_sha")
+        if isinstance(sha, str) and isinstance(letter.get("id"), str):
+            refused[letter["id"]] = sha
+    return refused
 
-    def __init__(self, sink: Sink, done: IdSet, stats: RunStats, run_id: str, model: str) -> None:
+
+class Merger:
+    """Turns outcomes into sink records and dead letters, appending each id at most once; `prompt` fingerprints
+    the requests refused as sent."""
+
+    def __init__(self, sink: Sink, done: IdSet, stats: RunStats, run_id: str, model: str, *, prompt: Prompt) -> None:
         self.sink, self.done, self.stats, self.run_id, self.model = sink, done, stats, run_id, model
+        self.prompt = prompt
 
     async def merge(
         self,
@@ -148,7 +187,9 @@ class Merger:
                     await self._append(labeled, tally)
                     labeled = []
             else:
-                failed.append(Failed(row, outcome.kind, outcome.message, 1, outcome.status, now_iso()))
+                sha = request_sha(self.prompt, row, self.model) if outcome.refused else None
+                failed.append(Failed(row, outcome.kind, outcome.message, 1, outcome.status, now_iso(), sha))
+                self.stats.refused += outcome.refused
         await self._append(labeled, tally)
         if failed:
             await self.sink.append_dead_letters(failed, self.run_id)
@@ -159,6 +200,7 @@ class Merger:
         return tally
 
     def _labeled(self, row: Row, reply: Reply, latency_ms: float) -> Labeled:
+        self.stats.calls.logprobs_unread += reply.logprobs_unread
         return Labeled(
             row=row,
             label=reply.label,
@@ -168,6 +210,9 @@ class Merger:
             latency_ms=latency_ms,
             attempts=1,
             labeled_at=now_iso(),
+            cached_tokens=reply.cached_tokens,
+            confidence=reply.confidence,
+            extras=reply.extras,
         )
 
     async def _append(self, labeled: list[Labeled], tally: Tally) -> None:
@@ -183,10 +228,17 @@ class Merger:
 
 
 def _error_parts(error: Any) -> tuple[str | None, str]:
-    """(code, message) of an error object, vLLM's plain string, or nothing."""
+    """(code, message) of an error object, one wrapped in `{"error": ...}` (vLLM nests it), a plain string,
+    or nothing."""
+    for _ in range(3):  # unwrap {"error": {"error": {...}}}, never forever
+        if isinstance(error, dict) and isinstance(error.get("error"), dict | str) and not error.get("message"):
+            error = error["error"]
     if isinstance(error, dict):
-        code = error.get("code") or error.get("type")
-        return (str(code) if code else None), str(error.get("message") or "")[:300]
+        # A string code names the failure; vLLM's `code` repeats the HTTP status, so its `type` says more.
+        code = error.get("code") if isinstance(error.get("code"), str) else None
+        code = code or error.get("type")
+        message = error.get("message") or error.get("detail") or ""
+        return (str(code) if code else None), str(message)[:300] or "no reason given"
     if error:
         return None, str(error)[:300]
     return None, "no reason given"

@@ -5,7 +5,10 @@ written (synced) before the step that depends on it starts:
 
     prepared ──upload──▶ uploaded ──(record "creating")──▶ creating ──create──▶ submitted ──collect──▶ collected
 
-- prepared: the request and rows files are on disk; nothing is at the provider yet.
+- prepared: the request and rows files are on disk; nothing is at the provider yet. Such a submission holds no
+  rows: a run that cannot upload it (or whose create is refused) discards it, and the next run discards any
+  that a crash left and plans their rows afresh (`Ledger.discard`), so no one is told rows are at the provider
+  that never got there.
 - uploaded: the input file id is recorded; no batch was asked for.
 - creating: a create request may have reached the provider. A crash here is the one gap a record cannot
   close, so the create carries the submission id in the batch's metadata, and a restart looks the batch up
@@ -14,7 +17,8 @@ written (synced) before the step that depends on it starts:
 - collected: the batch ended and its results are in the sink (or dead letters); its rows are free again,
   so those that came back without a label are sent by the next run.
 
-Rows of every submission not yet collected are "in a live batch": no run sends them again.
+Rows of every submission past `prepared` and not yet collected are "held" (in a live batch, or possibly so):
+no run sends them again.
 Nothing here talks to the network, so `labelstream status` can read the ledger cheaply.
 """
 
@@ -68,8 +72,13 @@ class Submission:
 
     @property
     def live(self) -> bool:
-        """Whether its rows are still spoken for (not yet collected)."""
+        """Whether it is still in play (not yet collected)."""
         return self.state != COLLECTED
+
+    @property
+    def held(self) -> bool:
+        """Whether its rows are at the provider, or may be: uploaded and not yet collected."""
+        return self.state not in (PREPARED, COLLECTED)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Submission:
@@ -105,6 +114,11 @@ class Ledger:
     def live(self) -> list[Submission]:
         """Submissions not yet collected, oldest first."""
         return [s for s in self.submissions if s.live]
+
+    @property
+    def held(self) -> list[Submission]:
+        """Submissions whose rows are (or may be) at the provider, oldest first."""
+        return [s for s in self.submissions if s.held]
 
     def ensure(self) -> None:
         """Create the folder for request and rows files."""
@@ -156,10 +170,18 @@ class Ledger:
                     f"{self.meta.batches_path} aside: their rows are then sent again."
                 )
 
+    def discard(self, sub: Submission) -> None:
+        """Forget a submission that never reached the provider (`prepared`), and delete its files."""
+        if sub.state != PREPARED:
+            raise BatchError(f"submission {sub.id} is {sub.state}: it may be at the provider, so it is kept")
+        self.submissions.remove(sub)
+        self.save()  # first the record, then the files: a crash in between leaves files `tidy` removes
+        self.drop_files(sub)
+
     def live_ids(self) -> IdSet:
-        """Ids of the rows in submissions not yet collected."""
+        """Ids of the rows that submissions hold (see `held`): no one sends them again."""
         ids = IdSet()
-        for sub in self.live:
+        for sub in self.held:
             for row_id in read_row_ids(self.rows_path(sub.id)):
                 ids.add(row_id)
         return ids

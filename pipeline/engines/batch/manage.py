@@ -35,7 +35,7 @@ async def batch_status(output: Path, api: BatchApi | None) -> dict[str, Any]:
             entry["status"], entry["counts"] = batch.status, counts_of(batch)
             entry["ended_waiting"] = batch.status in ENDED  # collected by the next `label` run
         subs.append(entry)
-    live = [e for e in subs if e["state"] != "collected"]
+    live = [e for e in subs if e["state"] not in ("collected", "prepared")]  # prepared: never uploaded
     return {
         "output": str(output),
         "checked_with_provider": api is not None,
@@ -82,6 +82,8 @@ def render_batch_status(report: dict[str, Any]) -> str:
         )
         status = e["status"] or "-"
         lines.append(f"  {e['id']} {e['batch_id'] or '(no batch yet)'}: {e['state']}, {status}{done}{failed}{result}")
+        if e["state"] == "prepared":
+            lines.append("    never uploaded: nothing is at the provider; the next run plans its rows afresh")
         if e.get("ended_waiting"):
             lines.append("    ended: the next `labelstream label ... --engine batch` run collects it")
         lines.extend(f"    error: {text}" for text in e["errors"][:3])

@@ -1,10 +1,11 @@
 """`labelstream batch prepare` and `batch ingest`: batches run somewhere else (vLLM's `run_batch`, or any
 runner that reads OpenAI batch request files), and their results merged back with the same guarantees.
 
-`prepare` writes the request files the batch engine would upload (rows already in the sink, or in one of its
-running batches, are left out). `ingest` reads result files (lines in any order, joined by `custom_id`),
-validates every reply like the online path, and appends each row at most once: a result whose row is already
-in the sink is skipped and counted, so ingesting the same file twice changes nothing.
+`prepare` writes the request files the batch engine would upload (rows already in the sink, in one of its
+running batches, or whose unchanged request a server refused as sent, are left out). `ingest` reads result files
+(lines in any order, joined by `custom_id`), validates every reply like the online path, and appends each row at
+most once: a result whose row is already in the sink is skipped and counted, so ingesting the same file twice
+changes nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Final
 
 from pipeline.engines.batch.files import RequestFiles, Written
-from pipeline.engines.batch.ingest import Merger, Outcome, read_result
+from pipeline.engines.batch.ingest import Merger, Outcome, read_result, refused_requests
 from pipeline.engines.batch.ledger import Ledger
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.batch.submit import Planner
@@ -44,6 +45,7 @@ class Prepared:
     in_batches: int = 0
     problems: int = 0
     repeats: int = 0
+    refused_before: int = 0  # left out: their unchanged request was refused as sent before
 
     @property
     def rows(self) -> int:
@@ -67,9 +69,9 @@ def prepare_requests(opts: RunOptions, to: Path, settings: BatchSettings) -> Pre
             max_bytes=settings.max_bytes,
         )
         live = Ledger(run.sink.meta).live_ids()
-        planner = Planner.over(
-            run.source.batches(), RowGate(run.done, stats, opts.max_rows, shard=opts.shard), live, stats, files
-        )
+        refused = {} if settings.retry_refused else refused_requests(run.sink.meta)
+        gate = RowGate(run.done, stats, opts.max_rows, shard=opts.shard)
+        planner = Planner.over(run.source.batches(), gate, live, stats, files, refused=refused)
         out = Prepared()
         never = threading.Event()
         try:
@@ -81,6 +83,7 @@ def prepare_requests(opts: RunOptions, to: Path, settings: BatchSettings) -> Pre
         run.close()
     out.skipped_done, out.in_batches = stats.skipped_done, stats.in_batches
     out.problems, out.repeats = len(planner.problems), stats.duplicates + stats.conflicts
+    out.refused_before = stats.refused_before
     return out
 
 
@@ -97,6 +100,7 @@ class Ingested:
     unfinished: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     dead_letters: str = ""
+    logprobs_unread: int = 0  # labeled without confidence though the reply carried logprobs
 
     @property
     def exit_code(self) -> int:
@@ -113,7 +117,7 @@ async def ingest_results(opts: RunOptions, results: list[Path]) -> Ingested:
     try:
         prompt = Prompt(opts.config)
         stats = RunStats(calls=CallStats(), model=opts.model)
-        merger = Merger(prepared.sink, prepared.done, stats, uuid.uuid4().hex[:12], opts.model)
+        merger = Merger(prepared.sink, prepared.done, stats, uuid.uuid4().hex[:12], opts.model, prompt=prompt)
         out = Ingested(dead_letters=str(prepared.sink.meta.dead_letters_path))
         lines = _lines(results)
         for n in itertools.count():
@@ -130,6 +134,7 @@ async def ingest_results(opts: RunOptions, results: list[Path]) -> Ingested:
             out.unfinished += tally.unfinished
             out.unknown += len(outcomes)  # what no input row took
         out.failures = dict(stats.failure_counts)
+        out.logprobs_unread = stats.calls.logprobs_unread
         return out
     finally:
         prepared.source.close()

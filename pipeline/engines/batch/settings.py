@@ -18,6 +18,8 @@ class BatchSettings:
     poll_seconds: the first wait between looks; it grows by half while nothing changes, up to poll_max_seconds.
     max_requests, max_bytes: split request files at these (never above the API's 50,000 and 200 MB).
     online_rows: --engine auto labels this many rows online before it sends the rest as batches.
+    retry_refused: send again rows whose unchanged request a server refused as sent (after the server changed,
+        e.g. vLLM with a larger --max-model-len); by default they are left out, since they would fail the same way.
     """
 
     wait: bool = True
@@ -26,6 +28,7 @@ class BatchSettings:
     max_requests: int = MAX_REQUESTS
     max_bytes: int = MAX_BYTES
     online_rows: int = ONLINE_ROWS
+    retry_refused: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_requests <= MAX_REQUESTS:

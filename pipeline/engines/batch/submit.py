@@ -18,7 +18,7 @@ from typing import Final
 from openai.types import Batch
 
 from pipeline.engines.batch.api import BatchApi, Uncertain
-from pipeline.engines.batch.files import RequestFiles, Written
+from pipeline.engines.batch.files import RequestFiles, Written, request_sha
 from pipeline.engines.batch.ledger import (
     CREATING,
     PREPARED,
@@ -44,20 +44,38 @@ _CREATE_ATTEMPTS: Final = 6
 class Planner:
     """Reads the input through the RowGate and writes request files, one file per `next_file` call.
 
-    Rows already in the sink or in a live batch are skipped, problem rows become dead letters without a
-    request. Blocking (CSV and file I/O): call it from a thread.
+    Rows already in the sink or in a live batch are skipped, and so are rows whose very request a server refused
+    as sent before (`refused`: id → request fingerprint); problem rows become dead letters without a request.
+    Blocking (CSV and file I/O): call it from a thread.
     """
 
-    def __init__(self, rows: Iterator[Row], gate: RowGate, live: IdSet, stats: RunStats, files: RequestFiles) -> None:
+    def __init__(
+        self,
+        rows: Iterator[Row],
+        gate: RowGate,
+        live: IdSet,
+        stats: RunStats,
+        files: RequestFiles,
+        *,
+        refused: dict[str, str] | None = None,
+    ) -> None:
         self.rows, self.gate, self.live, self.stats, self.files = rows, gate, live, stats, files
+        self.refused = refused or {}
         self.problems: list[Failed] = []  # handed to the dead letters by the caller
 
     @classmethod
     def over(
-        cls, batches: Iterator[list[Row]], gate: RowGate, live: IdSet, stats: RunStats, files: RequestFiles
+        cls,
+        batches: Iterator[list[Row]],
+        gate: RowGate,
+        live: IdSet,
+        stats: RunStats,
+        files: RequestFiles,
+        *,
+        refused: dict[str, str] | None = None,
     ) -> Planner:
         """A planner over a source's row batches."""
-        return cls(itertools.chain.from_iterable(batches), gate, live, stats, files)
+        return cls(itertools.chain.from_iterable(batches), gate, live, stats, files, refused=refused)
 
     def next_file(self, stop: threading.Event) -> Written | None:
         """The next complete request file; the last, partial one once the input or --limit ends; None after."""
@@ -70,6 +88,10 @@ class Planner:
                 stats.read += 1
                 stats.in_batches += 1
                 continue
+            if row.id in self.refused and row.id not in gate.done and self._refused_before(row):
+                stats.read += 1
+                stats.refused_before += 1
+                continue
             verdict = gate.sort(row)
             if verdict is Verdict.PROBLEM:
                 failure = Failed(row, row.problem or "bad_row", row.detail, 0, None, now_iso())
@@ -81,6 +103,10 @@ class Planner:
             self.files.discard()  # a stop leaves no half-planned file: its rows go in the next run
             return None
         return self.files.finish()
+
+    def _refused_before(self, row: Row) -> bool:
+        """Whether this row would send the very request a server refused (its text, model and task unchanged)."""
+        return request_sha(self.files.prompt, row, self.files.model) == self.refused[row.id]
 
 
 async def submit(api: BatchApi, ledger: Ledger, sub: Submission, *, settle: float = SETTLE_SECONDS) -> Batch:

@@ -1,0 +1,231 @@
+"""Auto concurrency with no rate limit known: find the knee, where more requests in flight stop raising throughput.
+
+A self-hosted server (vLLM, TGI, a gateway in front of one) runs a fixed number of requests at once and queues
+the rest. Past that knee every extra request in flight adds waiting and no throughput, and a crash abandons all
+of them (a gateway still completes them upstream, and they are paid). The `Knee` sizes the window in rounds of
+one round trip (the replies that come back within one recent latency):
+
+- **Startup**: the window grows by half each round trip (one slot per two successes that found it full;
+  doubling would overshoot the knee by a whole window before the first queued reply shows it), and less as
+  replies get slower than the baseline (÷ (latency ÷ baseline) ** `STARTUP_CARE`). It stops when the last few
+  replies are `STARTUP_RATIO` × slower than the last round (latency growing about as fast as the window: a
+  queue), when a round's throughput rose by less than `STARTUP_GAIN` twice, or when a round is `QUEUE_RATIO` ×
+  the baseline. The window then becomes what the best round had in flight (Little's law: its throughput × its
+  latency), which drains the queue the overshoot built.
+- **Steady: probe, keep what pays.** Every few rounds the window is raised by `STEP`; if the throughput rose by
+  at least `ELASTIC` × that share, the step stays and the next comes at once, in longer strides (up to
+  `MAX_STEP`), otherwise the window goes back. While latency sits above `DOWN_RATIO` × the baseline (some of it
+  may be queueing), or once up probes have not paid for `DOWN_HOLD_ROUNDS`, a cut by `STEP` is tried as well,
+  and kept if the throughput fell by less than `ELASTIC` × `STEP`. Only measured throughput raises the window,
+  so it cannot creep up however the latency drifts; probes that do not pay come rarer (every
+  `MIN_HOLD_ROUNDS`, doubling up to every `MAX_HOLD_ROUNDS`), so a probe every so often finds a server that
+  got faster.
+- **Baseline**: the lowest round latency within `BASE_SECONDS` (by time, not per reply, so a queue that lasts
+  does not become the new normal in a few hundred replies). When two rounds in a row at a held window are
+  `QUEUE_RATIO` times slower (against the baseline) than that window was, something queues (another client on
+  the server, a server that slowed down): a smaller window is tried at once, and kept if it loses no throughput.
+
+A provider whose latency does not depend on load (OpenAI's API) never shows a knee: startup grows the window
+until something else (a 429, a known limit, `--concurrency`, the safety cap) stops it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Final
+
+STARTUP_GROWTH: Final = 0.5  # slots added per success that found the window full: ×1.5 a round trip
+STARTUP_CARE: Final = 4.0  # ...divided by (latency ÷ baseline) to this power: 1.2× slower, half the growth
+STARTUP_GAIN: Final = 1.1  # a startup round whose throughput rose less than this (twice) has found the knee
+STARTUP_RATIO: Final = 1.25  # ...as has one whose last few replies are this × slower than the last round's
+STEP: Final = 0.15  # a probe moves the window by this share, doubling with each that paid in a row...
+MAX_STEP: Final = 0.25  # ...up to this share (a knee far above the startup's end is reached in a few probes)
+ELASTIC: Final = 0.4  # a probe pays when throughput moves by at least this × the window's share
+DOWN_RATIO: Final = 1.25  # latency above this × the baseline may be queueing: try smaller windows too
+DOWN_HOLD_ROUNDS: Final = 8  # ...as when up probes have not paid for this many rounds (the baseline may be stale)
+QUEUE_RATIO: Final = 2.0  # latency this × what the held window had (vs the baseline): try a smaller window now
+BASE_SECONDS: Final = 30.0  # the baseline is the lowest round latency this recent
+MIN_HOLD_ROUNDS: Final = 4  # rounds between probes, doubling while they do not pay...
+MAX_HOLD_ROUNDS: Final = 32  # ...up to this many
+FAST_WEIGHT: Final = 0.25  # startup watches the average of about the last four replies
+SETTLE_ROUNDS: Final = 2  # rounds after a change still show the old window, then the burst it sent
+MEASURE_ROUNDS: Final = 2  # a window's throughput is the mean of this many rounds (one round's count is noisy)
+
+
+class _Round:
+    """The replies of one round trip."""
+
+    __slots__ = ("fastest", "latency", "limited", "replies", "start")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.replies = 0
+        self.limited = 0
+        self.latency = 0.0  # sum
+        self.fastest = math.inf
+
+
+class Knee:
+    """Finds the in-flight window where a server's throughput stops rising (see the module docstring).
+
+    `window` is the window to use; `on_reply` updates it.
+    """
+
+    def __init__(self, window: float, *, floor: float, ceiling: float, now: float = 0.0) -> None:
+        self.window = window
+        self._start = window
+        self.floor = floor
+        self.ceiling = ceiling
+        self.phase = "startup"  # startup, hold, up (probing a larger window) or down (a smaller one)
+        self._round = _Round(now)
+        self._rtt: float | None = None  # the last round's mean latency
+        self._lows: deque[tuple[float, float]] = deque()  # (time, round latency), increasing latencies
+        self._best: tuple[float, float] | None = None  # startup: (throughput, latency) of the best round
+        self._flat = 0  # startup rounds in a row that did not raise the throughput
+        self._last_rate = 0.0  # startup: the previous round's throughput
+        self._fast: float | None = None  # startup: a moving average of the last few replies' latency
+        self._before = window  # the window a probe started from
+        self._settle = 0
+        self._samples: list[float] = []
+        self._held_rate: float | None = None  # throughput at the held window
+        self._held_ratio = 1.0  # its latency ÷ the baseline
+        self._paid = 0  # probes in a row that paid
+        self._slow = 0  # held rounds in a row slower than QUEUE_RATIO × what the window had
+        self._hold_rounds = 1  # the first probe comes soon after startup, which may stop short of the knee
+        self._held = 0
+
+    @property
+    def base(self) -> float | None:
+        """The baseline latency: the lowest round latency of the last `BASE_SECONDS` (None before any round)."""
+        return self._lows[0][1] if self._lows else None
+
+    def on_reply(self, latency: float, *, window_limited: bool, now: float) -> None:
+        """A request succeeded after `latency` seconds; `window_limited`: it had found the window full."""
+        current = self._round
+        current.replies += 1
+        current.latency += latency
+        current.limited += window_limited
+        current.fastest = min(current.fastest, latency)
+        if self.phase == "startup":
+            self._startup_reply(latency, window_limited)
+        # A round lasts one round trip; the fastest reply of this one bounds it, so a slow first reply (connections
+        # being opened) does not make the first round last long enough for startup to overshoot.
+        rtt = current.fastest if self._rtt is None else min(self._rtt, current.fastest)
+        if now - current.start < rtt:
+            return
+        self._round = _Round(now)
+        mean = current.latency / current.replies
+        self._rtt = mean
+        self._note_base(mean, now)
+        # A round the window did not hold back (the input ran dry, a bucket paced it) says nothing about the knee.
+        if 2 * current.limited < current.replies:
+            return
+        rate = current.replies / max(now - current.start, 1e-9)
+        ratio = mean / (self.base or mean)
+        slow = self.phase == "hold" and ratio > QUEUE_RATIO * self._held_ratio
+        self._slow = self._slow + 1 if slow else 0
+        if self._slow >= 2:  # twice in a row, so one stall of our own (a GC pause, a busy machine) is not a queue
+            self._probe("down")
+        elif self.phase == "startup":
+            self._startup_round(rate, mean, ratio)
+        elif self._settle > 0:
+            self._settle -= 1
+        else:
+            self._samples.append(rate)
+            self._held_ratio = ratio if self.phase == "hold" else self._held_ratio
+            self._steady_round()
+
+    def restart(self, window: float) -> None:
+        """Something else set the window (a 429 halved it): probe from there."""
+        self.window = window
+        self._move(window, "hold")
+
+    # --- inside -----------------------------------------------------------------------------------
+
+    def _note_base(self, latency: float, now: float) -> None:
+        lows = self._lows
+        while lows and lows[-1][1] >= latency:
+            lows.pop()  # a lower, newer round makes older, higher ones irrelevant to the minimum
+        lows.append((now, latency))
+        while lows[0][0] < now - BASE_SECONDS:
+            lows.popleft()
+
+    def _startup_reply(self, latency: float, window_limited: bool) -> None:
+        """Grow; stop as soon as the last few replies are much slower than the last round (queued ones are back)."""
+        fast = self._fast = latency if self._fast is None else self._fast + FAST_WEIGHT * (latency - self._fast)
+        # Against the last round, not the baseline: batching makes replies slower as the window grows (but by less
+        # than the window grew, so throughput still rises); a queue makes them slower as fast as the window grows.
+        if self._rtt is not None and fast > STARTUP_RATIO * self._rtt and self._best is not None:
+            self._found()
+        elif window_limited:
+            # Slower replies than the baseline (batching, or the first queued ones): grow more carefully.
+            slower = fast / self.base if self.base else 1.0
+            self.window = min(self.ceiling, self.window + STARTUP_GROWTH / max(1.0, slower) ** STARTUP_CARE)
+
+    def _startup_round(self, rate: float, latency: float, ratio: float) -> None:
+        if self._best is None or rate > self._best[0]:
+            self._best = (rate, latency)
+        self._flat = self._flat + 1 if rate < STARTUP_GAIN * self._last_rate else 0
+        self._last_rate = max(self._last_rate, rate)
+        if ratio > QUEUE_RATIO or self._flat >= 2:
+            self._found()
+
+    def _found(self) -> None:
+        """Startup is over: keep what the best round had in flight (never less than the start)."""
+        best_rate, best_latency = self._best or (0.0, 0.0)
+        self._move(max(self._start, best_rate * best_latency), "hold")
+
+    def _steady_round(self) -> None:
+        """A measured round at a steady window: hold, or judge the probe under way."""
+        if len(self._samples) < MEASURE_ROUNDS:
+            return
+        rate = sum(self._samples) / len(self._samples)
+        self._samples = []
+        held = self._held_rate
+        if self.phase == "hold" or held is None:
+            self._held_rate = rate if held is None else (held + rate) / 2
+            self._held += 1
+            if self._held >= self._hold_rounds:
+                self._probe("up")
+            return
+        share = abs(self.window - self._before) / self._before
+        if self.phase == "up" and rate >= held * (1 + ELASTIC * share):
+            self._held_rate = rate
+            self._hold_rounds = MIN_HOLD_ROUNDS
+            self._paid += 1
+            self._probe("up")  # it paid: climb on at once, in longer strides
+        elif self.phase == "down" and rate >= held * (1 - ELASTIC * share):
+            self._held_rate = rate
+            self._paid += 1
+            self._probe("down")  # nothing lost: shed more
+        else:
+            self._paid = 0
+            went = self.phase
+            self._move(self._before, "hold")
+            self._held_rate = held
+            if went == "up" and (self._held_ratio > DOWN_RATIO or self._hold_rounds >= DOWN_HOLD_ROUNDS):
+                self._probe("down")
+            else:
+                self._hold_rounds = min(MAX_HOLD_ROUNDS, 2 * self._hold_rounds)
+
+    def _probe(self, direction: str) -> None:
+        step = max(1.0, self.window * min(MAX_STEP, STEP * 2**self._paid))
+        target = self.window + step if direction == "up" else self.window - step
+        if not self.floor <= target <= self.ceiling:
+            self._move(self.window, "hold")
+            return
+        before = self.window
+        self._move(target, direction)
+        self._before = before
+
+    def _move(self, window: float, phase: str) -> None:
+        self.window = min(self.ceiling, max(self.floor, float(math.ceil(window))))
+        self._before = self.window
+        self.phase = phase
+        self._settle = SETTLE_ROUNDS
+        self._samples = []
+        self._held = 0
+        if phase == "hold":
+            self._held_rate = None
+            self._paid = 0

@@ -1,0 +1,80 @@
+"""`--concurrency auto` against a real server with a fixed number of slots (vLLM queues what it cannot run)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..helpers import TEST_KEY, progress, sink_ids, start_cli
+from .common import CONFIG, latency_figures, record_result, sample_csv
+from .servers import MAX_NUM_SEQS, VLLM
+
+# Enough rows for auto to pass the server's 16 slots several times over, few enough for 2 shared cores (~30 s a run).
+ROWS = 240
+
+
+def measured_run(vllm: VLLM, folder: Path, concurrency: str) -> dict[str, Any]:
+    """Label ROWS rows at `concurrency`, watching the progress file for the most requests in flight."""
+    folder.mkdir()
+    inp = sample_csv(folder / "in.csv", ROWS)
+    out = folder / "out.jsonl"
+    args = ["--input", str(inp), "--output", str(out), "--config", str(CONFIG), "--model", "tiny"]
+    args += ["--base-url", vllm.base_url, "--concurrency", concurrency, "--no-progress"]
+    before = vllm.chat_requests()
+    started = time.monotonic()
+    proc = start_cli("label", *args, env={"OPENAI_API_KEY": TEST_KEY})
+    peak = window = 0
+    deadline = started + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        now = progress(out)
+        peak = max(peak, int(now.get("in_flight", 0) or 0))
+        window = max(window, int(now.get("window", 0) or 0))
+        time.sleep(0.2)  # sampling the progress file (written ~1/s) while the run goes on, not waiting for it
+    if proc.poll() is None:
+        proc.kill()
+    stdout, stderr = proc.communicate()
+    wall = time.monotonic() - started
+    assert proc.returncode == 0, stdout + stderr
+    assert len(sink_ids(out)) == ROWS
+    return {
+        "concurrency": concurrency,
+        "rows_per_s": round(ROWS / wall, 2),
+        "peak_in_flight": peak,
+        "peak_window": window,
+        "requests": vllm.chat_requests() - before,
+        **latency_figures(out),
+    }
+
+
+@pytest.fixture(scope="module")
+def fixed_and_auto(vllm: VLLM, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same rows at --concurrency = the server's slots, then at auto; figures go to the results file."""
+    folder = tmp_path_factory.mktemp("vllm-load")
+    fixed = measured_run(vllm, folder / "fixed", str(MAX_NUM_SEQS))
+    auto = measured_run(vllm, folder / "auto", "auto")
+    record_result("vllm_auto_vs_fixed", slots=MAX_NUM_SEQS, rows=ROWS, fixed=fixed, auto=auto)
+    return fixed, auto
+
+
+def test_fixed_concurrency_at_the_slots_stays_within_them(fixed_and_auto: tuple[dict[str, Any], ...]) -> None:
+    """At --concurrency equal to vLLM's slots every row is labeled with at most that many in flight (auto's yardstick).
+
+    Not "one request per row": on 2 cores shared with other work a reply can outlast the adaptive timeout.
+    """
+    fixed, _ = fixed_and_auto
+    assert fixed["requests"] >= ROWS
+    assert fixed["peak_in_flight"] <= MAX_NUM_SEQS
+
+
+# At this size (240 rows, 16 slots) the current code met the bar too (docs/compat.md); the overrun of item 3 shows at
+# thousands of rows and 128+ slots, which 2 shared cores cannot serve in a test. Kept as the real-server check.
+@pytest.mark.xfail(strict=False, reason="issue 19 item 3, fixed on another branch")
+def test_auto_finds_the_knee_of_the_servers_slots(fixed_and_auto: tuple[dict[str, Any], ...]) -> None:
+    """Auto reaches ≥ 0.95 of the slots' throughput with p99 ≤ 1.5× theirs and no re-sends (no queue overrun)."""
+    fixed, auto = fixed_and_auto
+    assert auto["rows_per_s"] >= 0.95 * fixed["rows_per_s"], (fixed, auto)
+    assert auto["p99_s"] <= 1.5 * fixed["p99_s"], (fixed, auto)
+    assert auto["requests"] == ROWS, (fixed, auto)

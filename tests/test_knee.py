@@ -1,0 +1,135 @@
+"""Auto concurrency against a self-hosted server: the pacer finds the knee, on a virtual clock (no test sleeps).
+
+`serve` is a discrete-event model of the simulator's slot server (`--slots`): at most `slots` requests are
+worked on at once, the rest wait first come first served, and a request takes `latency` × (1 + `cost` × busy
+slots ÷ slots), ±10% jitter. The client keeps as many requests in flight as the pacer's window allows (an
+endless input) and reports each reply to the pacer, as the limiter does.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+
+import pytest
+
+from pipeline.knee import BASE_SECONDS, Knee
+from pipeline.pacing import Pacer
+
+
+@dataclass
+class Served:
+    """What a modelled run did after its first `warmup` seconds."""
+
+    rate: float  # replies per second
+    p99: float  # seconds
+    max_in_flight: int
+    final_window: int
+
+
+def serve(
+    *,
+    slots: float,
+    latency: float = 0.2,
+    cost: float = 0.0,
+    seconds: float = 60.0,
+    fixed: int | None = None,
+    warmup: float = 5.0,
+) -> Served:
+    """Run the model for `seconds` of virtual time with auto concurrency (or `fixed` requests in flight)."""
+    rng = random.Random(7)
+    pacer = Pacer(ceiling=4096, auto=True)
+    done: list[tuple[float, int]] = []  # (when the reply comes back, request id)
+    queue: deque[int] = deque()
+    in_flight: dict[int, float] = {}
+    busy = sent = 0
+    now = 0.0
+    latencies: list[float] = []
+    peak = 0
+
+    def start(request: int) -> None:
+        nonlocal busy
+        busy += 1
+        took = latency * (1 + cost * busy / slots) * rng.uniform(0.9, 1.1)
+        heapq.heappush(done, (now + took, request))
+
+    def fill() -> None:
+        nonlocal sent, peak
+        while len(in_flight) < (fixed or pacer.limit):
+            sent += 1
+            in_flight[sent] = now
+            peak = max(peak, len(in_flight)) if now >= warmup else peak
+            if busy < slots:
+                start(sent)
+            else:
+                queue.append(sent)
+
+    fill()
+    while done and now < seconds:
+        now, request = heapq.heappop(done)
+        busy -= 1
+        if queue:
+            start(queue.popleft())
+        took = now - in_flight.pop(request)
+        if now >= warmup:
+            latencies.append(took)
+        pacer.on_success(took, window_limited=True, now=now)
+        fill()
+    latencies.sort()
+    return Served(
+        rate=len(latencies) / (seconds - warmup),
+        p99=latencies[int(0.99 * len(latencies))],
+        max_in_flight=peak,
+        final_window=fixed or pacer.limit,
+    )
+
+
+@pytest.mark.parametrize(("slots", "cost"), [(64, 0.0), (64, 0.5), (128, 0.5)])
+def test_auto_reaches_the_best_fixed_concurrency_without_its_queue(slots: int, cost: float) -> None:
+    """On a slot server (no rate headers, no 429s) auto serves ≥ 0.95 of the best fixed concurrency's throughput
+    with p99 latency ≤ 1.5× that concurrency's, and never holds more than twice the slots in flight."""
+    fixed = {n: serve(slots=slots, cost=cost, fixed=n) for n in (slots // 2, slots, 2 * slots)}
+    best = max(fixed.values(), key=lambda run: run.rate)
+    auto = serve(slots=slots, cost=cost)
+    assert auto.rate >= 0.95 * best.rate
+    assert auto.p99 <= 1.5 * best.p99
+    assert auto.max_in_flight <= 2 * slots
+
+
+def test_the_window_does_not_creep_up_over_minutes_at_the_knee() -> None:
+    """Ten minutes against 64 slots: the window stays near the slots (a baseline that drifted up with every reply
+    let the queue grow without end)."""
+    run = serve(slots=64, seconds=600.0, warmup=60.0)
+    assert run.max_in_flight <= 1.5 * 64
+    assert run.rate >= 0.95 * 64 / 0.2
+
+
+def test_a_server_whose_latency_does_not_depend_on_load_gets_the_whole_ceiling() -> None:
+    """Auto keeps growing against a provider that serves everything at once (OpenAI-like): no knee, no stop short
+    of the safety cap."""
+    run = serve(slots=math.inf, latency=0.5, seconds=30.0)
+    assert run.max_in_flight == 4096 and run.final_window >= 0.95 * 4096
+
+
+def test_the_baseline_is_the_lowest_round_latency_within_its_time_window() -> None:
+    """The baseline forgets a low round after BASE_SECONDS of time, however many replies came since, and never
+    rises while that round is recent."""
+    knee = Knee(10.0, floor=1.0, ceiling=100.0)
+    now = 0.0
+    for latency in (0.2, 0.2, 0.5):  # three rounds: two at 0.2 s, one at 0.5 s
+        for _ in range(10):
+            now += latency / 10
+            knee.on_reply(latency, window_limited=False, now=now)
+    assert knee.base == pytest.approx(0.2)
+    for _ in range(round(BASE_SECONDS / 0.5) - 4):
+        for _ in range(10):
+            now += 0.05
+            knee.on_reply(0.5, window_limited=False, now=now)
+    assert knee.base == pytest.approx(0.2), "a thousand slow replies do not move the baseline"
+    for _ in range(40):
+        now += 0.05
+        knee.on_reply(0.5, window_limited=False, now=now)
+    assert knee.base == pytest.approx(0.5)
