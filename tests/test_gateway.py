@@ -6,15 +6,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from pipeline.api_errors import Meaning, classify
 from pipeline.errors import FatalApiError
+from pipeline.failures import gateway_of
 from pipeline.limits import LimitSettings, RetryPolicy
 from pipeline.ratelimit_headers import retry_after_seconds
 from pipeline.timeouts import FLOOR, AdaptiveTimeout
 
-from .helpers import cli, dead_letters, label, reviews, sink_ids, write_csv
+from .helpers import ROOT, cli, dead_letters, label, reviews, sink_ids, write_csv
 
 QUICK = RetryPolicy(max_attempts=3, base_wait=0.001, max_wait=0.01, timeout=60.0)
 
@@ -206,3 +208,12 @@ def test_a_server_slower_than_the_timeout_stops_the_run_with_what_to_do(sim: Any
         label(sim, write_csv(tmp_path / "in.csv", reviews(60)), tmp_path / "out.jsonl", concurrency=8, retry=impatient)
     assert caught.value.cause == "timeout"
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("recorded", ["litellm_reply", "litellm_error_rate_limit", "litellm_error_bad_model"])
+def test_litellm_is_recognised_from_the_headers_it_really_sends(recorded: str) -> None:
+    """The headers LiteLLM 1.108.7 sent (recorded by the compat tier) name the gateway on a reply and on errors
+    alike (errors carry a call id but no version); an OpenAI-shaped reply's headers name none."""
+    headers = orjson.loads((ROOT / "tests" / "data" / "compat" / f"{recorded}.json").read_bytes())["headers"]
+    assert gateway_of(headers) == "litellm"
+    assert gateway_of({"content-type": "application/json", "x-request-id": "req_1"}) is None
