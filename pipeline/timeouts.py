@@ -14,7 +14,7 @@ share of it) since they last moved, so thousands of attempts in flight are walke
 the p99 is taken; meanwhile they end within a tenth of the current timeout.
 
 Timeouts that come in a cluster are a different signal: a gateway holding requests over its limit (LiteLLM
-does, by default, for up to a minute) or a provider drowning. `note_timeout` says when timeouts cluster, so
+1.108.7 does, by default, for up to ~180 s) or a provider drowning. `note_timeout` says when timeouts cluster, so
 the client treats them like a 429 (pause, slower pace, no retry used up) rather than as row failures.
 """
 
