@@ -92,3 +92,28 @@ def classify(status: int, body: Any, fallback: str) -> ApiError:
     # Gateways repeat the status as the code ("400"); then the type says more ("no_db_connection").
     shown = code if code and code != str(status) else kind
     return ApiError(status, shown, message, meaning)
+
+
+# How OpenAI, vLLM and others say a prompt does not fit the model's context.
+_TOO_LONG: Final = re.compile(
+    r"context.length|maximum context|context window|max_model_len|prompt is too long|too many (input )?tokens",
+    re.IGNORECASE,
+)
+# What to change about a request the server refused as sent (re-sent unchanged, it fails the same way), by kind.
+REFUSED_ADVICE: Final = {
+    "context_length": "the text does not fit the model's context: shorten it (max_chars in the task file) or use a "
+    "model with a longer context (vLLM: a larger --max-model-len)",
+    "bad_request": "the server refused the request as sent: fix what its message names (the model name, a setting "
+    "in the task file)",
+}
+
+
+def refusal_kind(code: str | None, message: str) -> str:
+    """The kind of a request refused as sent (a 400-like status): `context_length` or `bad_request`."""
+    too_long = code == "context_length_exceeded" or _TOO_LONG.search(message) is not None
+    return "context_length" if too_long else "bad_request"
+
+
+def refusal_advice(kind: str) -> str:
+    """A line of advice under a failure kind that re-running would not cure ("" for other kinds)."""
+    return f"\n      what to change: {REFUSED_ADVICE[kind]}" if kind in REFUSED_ADVICE else ""

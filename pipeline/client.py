@@ -17,7 +17,7 @@ import httpx2
 import openai
 import orjson
 
-from pipeline.api_errors import Meaning, classify
+from pipeline.api_errors import Meaning, classify, refusal_kind
 from pipeline.endpoints import Endpoint, EndpointPool, Outcome
 from pipeline.errors import FatalApiError, redact
 from pipeline.failures import FailureWatch, advice, connection_problem, gateway_of, roomier
@@ -334,7 +334,7 @@ class LabelClient:
                 "looks wrong for this endpoint (model, response_format, max_tokens?).",
                 status=status,
             )
-        return _Attempt("bad_request", text, status=status, retry=False)
+        return _Attempt(refusal_kind(error.code, error.message), text, status=status, retry=False)
 
     def _connection_failure(self, exc: openai.APIConnectionError, prompt_tokens: int, max_tokens: int) -> _Attempt:
         if (problem := connection_problem(exc)) is not None:

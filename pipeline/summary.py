@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from pipeline.api_errors import REFUSED_ADVICE, refusal_advice
 from pipeline.errors import LabelstreamError, clip
 from pipeline.options import RunOptions
 from pipeline.stats import RunStats, short_duration, short_number
@@ -167,62 +168,14 @@ class Summary:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON form (in the progress file and `status --json`)."""
-        return {
-            "state": self.state,
-            "labeled": self.labeled,
-            "failed": self.failed,
-            "saved": self.saved,
-            "failure_rate": round(self.failure_rate, 4),
-            "skipped_done": self.skipped_done,
-            "duplicates": self.duplicates,
-            "conflicts": self.conflicts,
-            "changed": self.changed,
-            "truncated": self.truncated,
-            "retries": self.retries,
-            "rate_limited": self.rate_limited,
-            "elapsed_s": self.elapsed_s,
-            "rows_per_s": round(self.rows_per_s, 2),
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "cached_tokens": self.cached_tokens,
-            "cache_hit_share": round(self.cache_hit_share, 4),
-            "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 6),
-            "failures": self.failures,
-            "samples": self.samples,
-            "error": self.error,
-            "engine": self.engine,
-            "tier": self.tier,
-            "standard_cost_usd": None if self.standard_cost_usd is None else round(self.standard_cost_usd, 6),
-            "batches": self.batches,
-            "submitted": self.submitted,
-            "in_batches": self.in_batches,
-            "pending": self.pending,
-            "unfinished": self.unfinished,
-            "unavailable": self.unavailable,
-            "input": self.input,
-            "output": self.output,
-            "dead_letters": self.dead_letters,
-            "model": self.model,
-            "resume_command": self.resume_command,
-            "duplicate_samples": self.duplicate_samples,
-            "conflict_samples": self.conflict_samples,
-            "relabel_hint": self.relabel_hint,
-            "shard": self.shard,
-            "other_shards": self.other_shards,
-            "servers": self.servers,
-            "logprobs_unread": self.logprobs_unread,
-            "refused": self.refused,
-            "refused_before": self.refused_before,
-            "hedged": self.hedged,
-            "timeouts": self.timeouts,
-            "held": self.held,
-            "unusable_replies": self.unusable_replies,
-            "unusable_tokens": self.unusable_tokens,
-            "abandoned": self.abandoned,
-            "abandoned_cost_usd": None if self.abandoned_cost_usd is None else round(self.abandoned_cost_usd, 6),
-            "gateway": self.gateway,
-        }
+        """JSON form (in the progress file and `status --json`): every field, costs rounded, and the rates."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("cost_usd", "standard_cost_usd", "abandoned_cost_usd"):
+            data[name] = None if data[name] is None else round(data[name], 6)
+        data["failure_rate"] = round(self.failure_rate, 4)
+        data["rows_per_s"] = round(self.rows_per_s, 2)
+        data["cache_hit_share"] = round(self.cache_hit_share, 4)
+        return data
 
     def render(self, *, with_error: bool = True) -> str:
         """The human summary printed at the end of a run (without the error when the caller shows it next)."""
@@ -284,7 +237,7 @@ class Summary:
                 f"  see how the batches are doing: labelstream batch status {self.output}"
             )
         elif self.failed:
-            retry = self.failed - self.refused  # rows refused as sent would fail the same way: not worth a re-run
+            retry = self.failed - sum(n for kind, n in self.failures.items() if kind in REFUSED_ADVICE)  # same again
             lines.append(
                 f"  dead letters: {self.dead_letters}"
                 + (f"; to retry the {retry:,} failed rows, re-run: {self.resume_command}" if retry else "")
@@ -296,7 +249,11 @@ class Summary:
     def _failure_lines(self) -> list[str]:
         """Dead letters by kind, most frequent first, with one sample each (up to five kinds)."""
         kinds = sorted(self.failures.items(), key=lambda kv: -kv[1])
-        shown = [f"    {kind} ×{n}: {clip(one, 160)}" for kind, n in kinds for one in self.samples.get(kind, [])[:1]]
+        shown = [
+            f"    {kind} ×{n}: {clip(one, 160)}{refusal_advice(kind)}"
+            for kind, n in kinds
+            for one in self.samples.get(kind, [])[:1]
+        ]
         return ["  failures by kind:", *shown[:5]] if self.failures else []
 
     def _attempt_lines(self) -> list[str]:

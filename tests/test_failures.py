@@ -121,3 +121,20 @@ def test_a_message_is_cut_at_a_word_boundary() -> None:
     assert len(cut) <= 60 and cut.endswith("…")
     assert text.startswith(cut[:-1]) and text[len(cut) - 1] == " "
     assert clip("short", 60) == "short"
+
+
+def test_a_prompt_too_long_for_the_context_gets_advice_and_no_rerun_hint(sim: Any, tmp_path: Path) -> None:
+    """A 400 that says the prompt exceeds the context (vLLM's wording) is dead-lettered as `context_length` after one
+    attempt, with what to change in the summary, and the summary does not offer a re-run that would fail again."""
+    message = (
+        "This model's maximum context length is 2048 tokens. However, your prompt contains at least 2049 input "
+        "tokens, which exceeds this limit even without any output tokens."
+    )
+    sim.script([{"kind": "status", "status": 400, "message": message, "count": -1, "match": "review 2:"}])
+    out = tmp_path / "out.jsonl"
+    summary = label(sim, write_csv(tmp_path / "in.csv", reviews(4)), out, retry=RETRY)
+    [letter] = dead_letters(out)
+    assert (letter["kind"], letter["attempts"]) == ("context_length", 1)
+    text = summary.render()
+    assert "max_chars in the task file" in text
+    assert "to retry the" not in text

@@ -163,7 +163,7 @@ def run_ingest(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         f"{done.unreadable:,} unreadable lines, {done.repeated:,} repeated results"
     )
     if done.failures:
-        from pipeline.engines.batch.ingest import REFUSED_ADVICE  # noqa: PLC0415
+        from pipeline.api_errors import REFUSED_ADVICE  # noqa: PLC0415
 
         kinds = ", ".join(f"{kind} ×{n}" for kind, n in sorted(done.failures.items(), key=lambda kv: -kv[1]))
         print(f"  failures: {kinds}; details in {done.dead_letters}", file=sys.stderr)

@@ -34,7 +34,6 @@ def test_labels_every_row(labeled: tuple[int, str, Path, Path]) -> None:
     assert all(r["model"] == "tiny" and r["completion_tokens"] > 0 for r in rows)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 19 item 1, fixed on another branch")
 def test_confidence_despite_stop_token_in_logprobs(labeled: tuple[int, str, Path, Path]) -> None:
     """vLLM's logprobs.content ends with the stop token `</s>`; confidence is still read for every row."""
     code, text, _, out = labeled
@@ -83,7 +82,6 @@ def test_context_length_row_is_dead_lettered_after_one_attempt(vllm: VLLM, tmp_p
     assert "maximum context length" in letter["message"]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 19 item 8, fixed on another branch")
 def test_context_length_advice_does_not_say_rerun(vllm: VLLM, tmp_path: Path) -> None:
     """A context-length failure is deterministic: the summary advises shortening (max_chars), not re-running."""
     inp = sample_csv(tmp_path / "in.csv", 3, extra=[long_row()])
@@ -124,7 +122,6 @@ def test_hung_server_sigstop_then_sigcont_run_completes(vllm: VLLM, tmp_path: Pa
     assert len(ids) == rows == len(set(ids))
 
 
-@pytest.mark.xfail(strict=False, reason="issue 19 item 2, fixed on another branch")
 def test_length_reply_retried_at_most_once(logs: Path, tmp_path: Path) -> None:
     """vLLM's default grammar lets a weak model pad whitespace to max_tokens: one retry at most, not six per row."""
     rows = 6

@@ -87,14 +87,12 @@ def test_batch_round_labels_every_row_run_batch_answered(batch: Batch) -> None:
     assert {r["label"] for r in records(batch.out)} <= LABELS
 
 
-@pytest.mark.xfail(strict=False, reason="issue 19 item 8, fixed on another branch")
 def test_batch_ingest_keeps_vllm_error_text(batch: Batch) -> None:
     """vLLM 0.32's error line (`response.body` null, text under `error.error.message`) reaches the dead letter."""
     (letter,) = [x for x in dead_letters(batch.out) if x["id"] == "too-long"]
     assert "maximum context length" in letter["message"], letter
 
 
-@pytest.mark.xfail(strict=False, reason="issue 19 item 1, fixed on another branch")
 def test_batch_results_carry_confidence(batch: Batch) -> None:
     """Batch results from vLLM end their logprobs with `</s>` too; confidence is still read for every row."""
     rows = records(batch.out)
@@ -102,7 +100,6 @@ def test_batch_results_carry_confidence(batch: Batch) -> None:
     assert all(r["confidence"] is not None for r in rows)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 19 item 8, fixed on another branch")
 def test_batch_prepare_prints_a_runnable_run_batch_command(batch: Batch) -> None:
     """The printed run_batch command names a model PATH plus --served-model-name (an alias alone is downloaded)."""
     argv = batch.printed_run_batch()

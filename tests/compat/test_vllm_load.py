@@ -71,7 +71,6 @@ def test_fixed_concurrency_at_the_slots_stays_within_them(fixed_and_auto: tuple[
 
 # At this size (240 rows, 16 slots) the current code met the bar too (docs/compat.md); the overrun of item 3 shows at
 # thousands of rows and 128+ slots, which 2 shared cores cannot serve in a test. Kept as the real-server check.
-@pytest.mark.xfail(strict=False, reason="issue 19 item 3, fixed on another branch")
 def test_auto_finds_the_knee_of_the_servers_slots(fixed_and_auto: tuple[dict[str, Any], ...]) -> None:
     """Auto reaches ≥ 0.95 of the slots' throughput with p99 ≤ 1.5× theirs and no re-sends (no queue overrun)."""
     fixed, auto = fixed_and_auto

@@ -17,7 +17,6 @@ gets its own kind, `context_length`, and advice on what to change (`REFUSED_ADVI
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Final
 
 import orjson
 
+from pipeline.api_errors import refusal_kind
 from pipeline.engines.batch.files import request_sha
 from pipeline.idset import IdSet
 from pipeline.prompt import Prompt, ReplyError
@@ -37,17 +37,6 @@ UNFINISHED_CODES: Final = frozenset({"batch_expired", "batch_cancelled"})
 _APPEND_EVERY: Final = 5000
 # Statuses that refuse the request itself: sent again unchanged, it fails again (429, 408, 409, 5xx are luck).
 _REFUSING: Final = frozenset({400, 404, 413, 422})
-# How OpenAI, vLLM and others say a prompt does not fit the model's context.
-_TOO_LONG: Final = re.compile(
-    r"context.length|maximum context|context window|max_model_len|prompt is too long|too many (input )?tokens",
-    re.IGNORECASE,
-)
-REFUSED_ADVICE: Final = {
-    "context_length": "the text does not fit the model's context: shorten it (max_chars in the task file) or use a "
-    "model with a longer context (vLLM: a larger --max-model-len)",
-    "bad_request": "the server refused the request as sent: fix what its message names (the model name, a setting "
-    "in the task file)",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +75,7 @@ def read_result(prompt: Prompt, line: bytes) -> tuple[str, Outcome] | None:
         status = status if isinstance(status, int) else None
         text = f"HTTP {status}{f' {code}' if code else ''}: {message}"
         if status in _REFUSING:
-            too_long = code == "context_length_exceeded" or _TOO_LONG.search(message) is not None
-            kind = "context_length" if too_long else "bad_request"
-            return custom_id, Outcome(None, kind, text, status=status, refused=True)
+            return custom_id, Outcome(None, refusal_kind(code, message), text, status=status, refused=True)
         return custom_id, Outcome(None, _status_kind(status), text, status=status)
     try:
         return custom_id, Outcome(read_reply(prompt, body if isinstance(body, dict) else {}), status=200)
