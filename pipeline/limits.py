@@ -242,7 +242,7 @@ class Limiter:
     def on_rate_limited(self, retry_after: float | None) -> None:
         """A 429 arrived: pause every worker for `retry_after`, and (once per overload) slow the pace."""
         now = self.clock()
-        wait = retry_after if retry_after is not None and retry_after > 0 else DEFAULT_PAUSE
+        wait = retry_after if retry_after is not None and retry_after > 0 else self.pacer.quiet_pause(now)
         self.pause_until = max(self.pause_until, now + wait)
         if self.pacer.on_overload(now, until=self.pause_until):
             self._pace()

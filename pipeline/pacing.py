@@ -25,6 +25,10 @@ The limiter (`limits.py`) enforces what the `Pacer` decides:
   longer no 429 comes (a cubic, like TCP CUBIC): an underestimate is outgrown in a minute, and overloads
   stay rare. Each costs about one round trip of refused requests, so at ordinary latencies the share of
   429s stays around 1-3%.
+- **A window longer than a second** (10 s, a minute) admits a burst whole and then refuses everything, refused
+  requests included, until the burst has left it: a lockout (`admissions.py`). Its pauses grow, its end sets the
+  pace to what the whole cycle admitted, the hold lasts at least as long as the lockout did, and later overloads
+  count over that length instead of the busiest second.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from typing import Final
+
+from pipeline.admissions import Admissions
 
 START_WINDOW: Final = 10
 LITTLE_MARGIN: Final = 1.5  # in flight = rate × latency × margin: replies vary, the bucket does the spacing
@@ -95,6 +101,8 @@ class Pacer:
         self._measured: float | None = None  # the admitted rate the last overload without a known limit showed
         self._confirmed = 0  # overloads in a row that showed that same rate (see _grow_probe)
         self._starts: deque[float] = deque()  # when recent successful requests were sent
+        self.admissions = Admissions(clock_start)  # the last minutes' admissions, for windows longer than a second
+        self._lockout_rate = False  # the pace was measured at the end of a lockout
 
     # --- what the limiter asks ---------------------------------------------------------------------
 
@@ -119,6 +127,8 @@ class Pacer:
         """A request succeeded after `latency` seconds; `window_limited`: it had filled the window."""
         self.latency.note(latency)
         self._starts.append(now - latency)
+        if self.admissions.note(now - latency):
+            self._after_lockout(now, sent=now - latency)
         horizon = now - 4 * max(1.0, min(self.round_trip, 10.0)) - self.round_trip
         while self._starts and self._starts[0] < horizon:
             self._starts.popleft()
@@ -139,12 +149,15 @@ class Pacer:
         if now < self.last_cut:
             return False
         self.last_cut = max(until, now + self.round_trip)
+        locked_out = self.admissions.on_overload(now) >= 2
+        self._lockout_rate = False
         current = self.rate()
         quiet = now - self._last_overload > max(STRAY_SECONDS, 2 * self.round_trip)
         self._last_overload = now
         self._stray = self.known_rate is not None and current == self.known_rate and quiet
         if current is None:
             current = self.admitted_rate(now)
+        current = self._sustained(now, current)
         if current is None:  # nothing admitted yet to learn from: halve the window, like TCP
             self.window = max(1.0, self.window / 2)
             self.threshold = self.window
@@ -152,11 +165,11 @@ class Pacer:
             self.peak = current
             self.probe_rate = current * CUT
         self._overload_at = now
-        if self.known_rate is None:
-            # 429s come back at once, the successes of requests sent just before them a round trip later: only
-            # then does the admitted rate show. (With a known limit, a 429 is a stray burst or another client on
-            # the key: the known rate is the measure, and the cut from it stands.)
-            self._remeasure_at = now + self.round_trip + 0.05
+        # 429s come back at once, the successes of requests sent just before them a round trip later: only then
+        # does the admitted rate show. (With a known limit, a 429 is a stray burst or another client on the key: the
+        # known rate is the measure, and the cut from it stands. In a lockout the busiest second is the burst that
+        # filled the window: the end of the lockout measures instead.)
+        self._remeasure_at = now + self.round_trip + 0.05 if self.known_rate is None and not locked_out else None
         return True
 
     def admitted_rate(self, until: float) -> float | None:
@@ -198,7 +211,37 @@ class Pacer:
             if value is not None:
                 setattr(self, name, value * ratio)
 
+    def quiet_pause(self, now: float) -> float:
+        """Seconds to pause after a 429 that does not say: longer for each overload in a row that nothing got past."""
+        streak = self.admissions.streak if now < self.last_cut else self.admissions.next_streak()
+        return self.admissions.pause(streak)
+
     # --- inside -----------------------------------------------------------------------------------
+
+    def _sustained(self, now: float, current: float | None) -> float | None:
+        """In a lockout (see admissions.py), no more than the rate admitted over the last minutes."""
+        if self.admissions.streak < 2 or self.known_rate is not None:
+            return current
+        sustained = self.admissions.rate(now, shortest=self._span)
+        if sustained is None:
+            return current
+        return sustained if current is None else min(current, sustained)
+
+    def _after_lockout(self, now: float, *, sent: float) -> None:
+        """A request sent at `sent` got past a lockout: pace from the rate admitted over the window's whole cycle
+        (up to that moment: the lockout ended then), and hold it."""
+        if self.known_rate is not None:
+            return
+        rate = self.admissions.rate(sent, shortest=self._span)
+        self.admissions.new_cycle(now)
+        if rate is None:
+            return
+        self.peak = self._measured = rate
+        self.probe_rate = rate * CUT
+        self._lockout_rate = True  # a lower bound (the lockout's end shows late): probe after one window
+        self._confirmed = 0
+        self._overload_at = now
+        self._remeasure_at = None
 
     def _fit_window(self) -> None:
         """Little's law: enough in flight to send at the paced rate for one round trip, with a margin."""
@@ -213,6 +256,11 @@ class Pacer:
         if self._remeasure_at is not None and now >= self._remeasure_at:
             self._remeasure_at = None
             admitted = self.admitted_rate(self._overload_at)
+            window = self.admissions.window
+            if admitted is not None and window > self._span:
+                # The provider's window is longer than the span (a lockout showed it): it admits bursts that its
+                # whole window does not sustain, so count over the window.
+                admitted = min(admitted, self.admissions.busiest(self._overload_at, window) or admitted)
             if admitted is not None:
                 # An overload at the rate the last one showed confirms the limit: probe half as often.
                 # (Give or take one request per span: the count of a short span is a small integer.)
@@ -227,7 +275,9 @@ class Pacer:
         rtt = self.round_trip
         elapsed = now - self._overload_at
         shortest, longest = PLATEAU_SECONDS
-        plateau = min(longest, max(shortest, PLATEAU_ROUND_TRIPS * rtt) * 2**self._confirmed)
+        # A window as long as the lockouts were is slow to show an overshoot: hold and probe on its time scale.
+        hold = max(shortest, self.admissions.window, 0 if self._lockout_rate else PLATEAU_ROUND_TRIPS * rtt)
+        plateau = min(longest, hold * 2**self._confirmed)
         if self._stray:  # back at the known limit a round trip later
             if elapsed >= rtt:
                 self.probe_rate = self.peak = None
