@@ -9,8 +9,9 @@ keeps the window full, and the busiest second shows the burst, many times the ra
 So the `Pacer` keeps this log beside it:
 
 - **A lockout** is an overload that follows another with nothing admitted in between. Its pause doubles
-  (`LOCKOUT_PAUSE`: 1 s, 2 s, 4 s, then 4 s at most), so a minute of refusals costs about twenty 429s, not sixty
-  rounds of them.
+  (`LOCKOUT_PAUSE`: 1 s, then 2 s at most), and the bucket paces at the rate below, so a minute of refusals costs
+  about thirty 429s, not a round of them every second. (Longer pauses would cost fewer, but the lockout's end
+  would show later, and a pace measured over a cycle that looks longer than it was is too slow.)
 - **The sustained rate** is what was admitted, by send time, over the last `HORIZON` seconds (or since the run
   began), the lockout included. Over a window's whole cycle (its burst and its lockout) that is the window's limit
   over its length, whatever the length; when the lockout ends, the pace starts there.
@@ -22,7 +23,7 @@ import math
 from typing import Final
 
 HORIZON: Final = 120.0  # seconds of admissions kept: a 60 s window's burst and lockout both fit
-LOCKOUT_PAUSE: Final = (1.0, 4.0)  # the pause after a silent 429: the first, and the most it doubles to
+LOCKOUT_PAUSE: Final = (1.0, 2.0)  # the pause after a silent 429: the first, and the most it doubles to
 
 
 class Admissions:

@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from pipeline.pacing import START_WINDOW, Pacer
 from pipeline.ratelimit_headers import number, parse_duration, provider_view
@@ -131,6 +131,18 @@ class LimitSettings:
         return cls(concurrency=AUTO_CEILING, auto=True, rpm=rpm, tpm=tpm, share=share)
 
 
+class LimitStore(Protocol):
+    """Where the limits a run learns are kept for the next run (a sink's `limits.json`): the key's figures."""
+
+    def recall(self) -> dict[str, float]:
+        """Remembered `rpm`, `tpm` (announced), `rate` (requests/s taught by 429s) and `window`, where fresh."""
+        ...
+
+    def keep(self, figures: Mapping[str, float | None]) -> None:
+        """Remember these figures (None: not learned)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Capped exponential backoff with full jitter; `max_attempts` counts the first try."""
@@ -175,15 +187,20 @@ class Limiter:
         self._queued = 0  # requests waiting for their turn
         self.on_grow: Callable[[], None] | None = None  # called when the window grows (the run adds workers)
         self._freed = asyncio.Event()
+        self._memory: LimitStore | None = None
+        self._remembered: dict[str, float] = {}  # the key's figures an earlier run learned (see remembering)
         self._refit()
 
     @property
     def _known_rpm(self) -> float | None:
-        return self._key_rpm * self.share if self._key_rpm else None
+        # Announced by headers or given beats remembered: the provider may have changed the limit since.
+        key = self._key_rpm or self._remembered.get("rpm")
+        return key * self.share if key else None
 
     @property
     def _known_tpm(self) -> float | None:
-        return self._key_tpm * self.share if self._key_tpm else None
+        key = self._key_tpm or self._remembered.get("tpm")
+        return key * self.share if key else None
 
     @property
     def ceiling(self) -> int:
@@ -231,8 +248,10 @@ class Limiter:
                 else:
                     self._tpm.take(-surplus)
         now = self.clock()
-        before, limit = self.pacer.rate(), self.limit
+        before, limit, learned = self.pacer.rate(), self.limit, self.pacer.learned_rate
         self.pacer.on_success(now - permit.started, window_limited=permit.window_limited, now=now)
+        if self.pacer.learned_rate != learned:
+            self._keep()
         if self._known_tpm or self.pacer.rate() != before:
             self._pace()  # a TPM limit's request rate follows the tokens a request really costs
         if self.limit > limit and self.on_grow is not None:
@@ -266,6 +285,7 @@ class Limiter:
             self._key_tpm = known
         if changed:
             self._refit()
+            self._keep()
         # The key's window is spent (others share it, or the provider counts differently): wait for its reset.
         remaining = number(headers.get("x-ratelimit-remaining-requests"))
         if remaining is not None and remaining < 1:
@@ -279,6 +299,28 @@ class Limiter:
             self.pacer.rescale(share / self.share)
             self.share = share
             self._refit()
+
+    def remembering(self, memory: LimitStore) -> Limiter:
+        """Start from the limits `memory` recalls (at this process's share) and keep there what is learned."""
+        self._memory, self._remembered = memory, memory.recall()
+        if rate := self._remembered.get("rate"):
+            self.pacer.recall(rate * self.share, window=self._remembered.get("window", 0.0))
+        self._refit()
+        return self
+
+    def _keep(self) -> None:
+        """Tell the memory what was learned (rare: the first headers, an overload's measure), as the key's figures."""
+        if self._memory is None:
+            return
+        settings, remembered, learned = self.settings, self._remembered, self.pacer.learned_rate
+        self._memory.keep(
+            {
+                "rpm": self._key_rpm if self._key_rpm != settings.rpm else remembered.get("rpm"),
+                "tpm": self._key_tpm if self._key_tpm != settings.tpm else remembered.get("tpm"),
+                "rate": learned / self.share if learned else None,
+                "window": self.pacer.admissions.window or None,
+            }
+        )
 
     def _refit(self) -> None:
         """The known limits are new or changed: size the token bucket, the pace and the window to them."""

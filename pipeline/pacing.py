@@ -103,6 +103,7 @@ class Pacer:
         self._starts: deque[float] = deque()  # when recent successful requests were sent
         self.admissions = Admissions(clock_start)  # the last minutes' admissions, for windows longer than a second
         self._lockout_rate = False  # the pace was measured at the end of a lockout
+        self._recalled = False  # the pace came from a rate an earlier run learned (see recall)
 
     # --- what the limiter asks ---------------------------------------------------------------------
 
@@ -150,7 +151,7 @@ class Pacer:
             return False
         self.last_cut = max(until, now + self.round_trip)
         locked_out = self.admissions.on_overload(now) >= 2
-        self._lockout_rate = False
+        self._lockout_rate = self._recalled = False
         current = self.rate()
         quiet = now - self._last_overload > max(STRAY_SECONDS, 2 * self.round_trip)
         self._last_overload = now
@@ -199,6 +200,9 @@ class Pacer:
     def set_known_rate(self, rate: float | None) -> None:
         """The request rate the known limits allow (requests/s), or None."""
         self.known_rate = rate
+        if rate is not None and self._recalled:  # a limit announced or given beats one remembered
+            self.probe_rate = self.peak = self._measured = None
+            self._recalled = False
         self._fit_window()
 
     def rescale(self, ratio: float) -> None:
@@ -210,6 +214,19 @@ class Pacer:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value * ratio)
+
+    @property
+    def learned_rate(self) -> float | None:
+        """The rate the provider's 429s showed it admits (requests/s, this process's part), when no limit is known."""
+        return self._measured if self.known_rate is None else None
+
+    def recall(self, rate: float, *, window: float) -> None:
+        """Start at a rate an earlier run learned from 429s (and the window its lockouts showed): hold just under
+        it from the start, as after an overload, instead of spending the first round trips finding it again."""
+        self.peak = self._measured = rate
+        self.probe_rate = rate * NEAR_PEAK
+        self.admissions.window = max(self.admissions.window, window)
+        self._recalled = True
 
     def quiet_pause(self, now: float) -> float:
         """Seconds to pause after a 429 that does not say: longer for each overload in a row that nothing got past."""

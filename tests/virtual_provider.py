@@ -8,6 +8,7 @@ HTTP, the SDK and the sink; the limiter and the provider's windows are the code 
 from __future__ import annotations
 
 import asyncio
+import random
 import selectors
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,8 +80,13 @@ def run_against(
     settings: LimitSettings | None = None,
     prepare: Callable[[Limiter], Any] | None = None,
 ) -> Outcome:
-    """Label `rows` rows through a `Limiter` against a provider that says nothing but a bare 429."""
+    """Label `rows` rows through a `Limiter` against a provider that says nothing but a bare 429.
+
+    Replies take `latency` ± 20% (seeded), so that requests do not all leave at the same instant as they would
+    if every reply came back together.
+    """
     loop = VirtualLoop()
+    jitter = random.Random(7)
     outcome = Outcome(rpm=rpm)
     provider = RateLimits(rpm, None, clock=loop.time, window_seconds=window_seconds, quantum=quantum, headers="none")
 
@@ -105,7 +111,7 @@ def run_against(
                     limiter.on_rate_limited(None)
                     return False
                 outcome.admitted.append(loop.now)
-                await asyncio.sleep(latency)
+                await asyncio.sleep(latency * jitter.uniform(0.8, 1.2))
                 limiter.on_success(permit)
                 return True
 
