@@ -467,3 +467,12 @@ def test_limits_announced_by_headers_beat_remembered_ones(tmp_path: Path) -> Non
     assert taught.pacer.rate() == pytest.approx(5.0 * 0.97)
     taught.observe_headers({"x-ratelimit-limit-requests": "1200"})
     assert taught.pacer.rate() == pytest.approx(1200 * SAFETY / 60)
+
+
+def test_the_memory_names_its_endpoint_without_anything_that_may_carry_a_key(tmp_path: Path) -> None:
+    """A base URL with a user, password or query is recorded by scheme, host, port and path only."""
+    meta = SinkMeta(tmp_path / "out.jsonl")
+    meta.limit_memory(["https://user:sk-secret@llm.example.com:8443/v1/?key=sk-other"], "m").keep({"rate": 3.0})
+    text = meta.limits_path.read_text()
+    assert "sk-" not in text and "user" not in text
+    assert orjson.loads(text)["endpoint"] == "https://llm.example.com:8443/v1"

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -25,6 +26,15 @@ _FIGURES: Final = ("rpm", "tpm", "rate", "window")
 
 Write = Callable[[Path, Mapping[str, Any]], None]
 WallClock = Callable[[], float]
+
+
+def endpoint_name(url: str) -> str:
+    """The endpoint as the record names it: scheme, host, port and path, never a user, password or query (which
+    may carry a key)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
 class LimitMemory:

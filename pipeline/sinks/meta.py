@@ -21,7 +21,7 @@ from pipeline.errors import SinkError, SinkMismatchError, StorageError
 from pipeline.results import now_iso
 from pipeline.shard import Shard
 from pipeline.sinks.files import Appender, replace_atomically
-from pipeline.sinks.limit_memory import LimitMemory
+from pipeline.sinks.limit_memory import LimitMemory, endpoint_name
 
 SCHEMA_VERSION: Final = 3  # 2: records carry text_sha; 3: confidence, cached_tokens, extra output fields
 _IDENTITY_KEYS: Final = ("model", "prompt", "labels", "multi_label", "id_source")
@@ -236,7 +236,7 @@ class SinkMeta:
 
     def limit_memory(self, endpoints: Sequence[str | None], model: str) -> LimitMemory:
         """The rate limits learned against these endpoints (None: the SDK's default) and this model."""
-        endpoint = ",".join(url.rstrip("/") if url else "default" for url in endpoints)
+        endpoint = ",".join(endpoint_name(url) if url else "default" for url in endpoints)
         return LimitMemory(self.limits_path, self.write_json_atomic, endpoint=endpoint, model=model)
 
     def append_dead_letters(self, data: bytes) -> None:
