@@ -100,7 +100,7 @@ class Pacer:
         self._remeasure_at: float | None = None  # when the replies sent before the overload are back
         self._measured: float | None = None  # the admitted rate the last overload without a known limit showed
         self._confirmed = 0  # overloads in a row that showed that same rate (see _grow_probe)
-        self._starts: deque[float] = deque()  # when recent successful requests were sent
+        self._replies: deque[float] = deque()  # when recent successful requests came back
         self.admissions = Admissions(clock_start)  # the last minutes' admissions, for windows longer than a second
         self._lockout_rate = False  # the pace was measured at the end of a lockout
         self._recalled = False  # the pace came from a rate an earlier run learned (see recall)
@@ -127,12 +127,12 @@ class Pacer:
     def on_success(self, latency: float, *, window_limited: bool, now: float) -> None:
         """A request succeeded after `latency` seconds; `window_limited`: it had filled the window."""
         self.latency.note(latency)
-        self._starts.append(now - latency)
+        self._replies.append(now)
         if self.admissions.note(now - latency):
             self._after_lockout(now, sent=now - latency)
         horizon = now - 4 * max(1.0, min(self.round_trip, 10.0)) - self.round_trip
-        while self._starts and self._starts[0] < horizon:
-            self._starts.popleft()
+        while self._replies and self._replies[0] < horizon:
+            self._replies.popleft()
         self._grow_probe(now)
         self._fit_window()
         if self.auto and self._slow_replies(now):
@@ -181,8 +181,10 @@ class Pacer:
         the limit, which is what it admits. (Averaging over quieter spans, a ramp or a pause, would underestimate
         it, and an underestimate takes a long probe to outgrow.)
         """
-        span = self._span
-        sent = sorted(t for t in self._starts if until - 3 * span <= t < until)
+        span, shift = self._span, self.round_trip
+        # When each reached the provider: its reply less the recent latency, not its own (that also holds what
+        # delayed it on the way: a run's first requests wait for their connections, and would look spread out).
+        sent = sorted(t - shift for t in self._replies if until - 3 * span <= t - shift < until)
         if not sent:
             return None
         busiest, first = 0, 0

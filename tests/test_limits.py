@@ -476,3 +476,21 @@ def test_the_memory_names_its_endpoint_without_anything_that_may_carry_a_key(tmp
     text = meta.limits_path.read_text()
     assert "sk-" not in text and "user" not in text
     assert orjson.loads(text)["endpoint"] == "https://llm.example.com:8443/v1"
+
+
+def test_the_first_requests_slow_connections_do_not_halve_the_rate_a_429_teaches() -> None:
+    """A run's first 10 requests wait 1.45 s for their connections, then reach the provider in the same second as
+    the next 10 (20 admitted a second, then a 429): the rate learned is 20 a second, not 10 (counted by when each
+    reached the provider, its reply less the recent latency, not by when it left)."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings.automatic(), clock=clock, sleep=clock.sleep)
+    clock.now = 1.5
+    successes(limiter, clock, 10, latency=1.5)
+    for _ in range(10):
+        clock.now += 0.005
+        successes(limiter, clock, 1, latency=0.05)
+    limiter.on_rate_limited(None)
+    for _ in range(40):  # the round trip after the 429: the last replies, at the usual latency
+        clock.now += 0.01
+        successes(limiter, clock, 1, latency=0.05)
+    assert limiter.pacer.peak is not None and limiter.pacer.peak >= 18
