@@ -17,11 +17,11 @@ The limiter (`limits.py`) enforces what the `Pacer` decides:
   client on the key): then the pace is handled as below, from the rate it was at.
 - **A 429 teaches a rate.** The pace drops to 95% of what it was. With no known limit, a round trip
   later, when the replies of the requests sent just before the 429 are back, the rate the provider really
-  admitted (by send time, in the busiest second, or round trip if longer) sets the pace, again at 95%.
-  The pace returns to 97% of that point within a round trip, holds there for a while
-  (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not held back for half
-  an hour; twice as long each time an overload shows the same rate again, so a limit confirmed is probed
-  rarely instead of sawed at), and only then probes upward, slowly at first and faster the
+  admitted (by arrival: send time, or reply less the usual latency for a slow one; in the busiest second, or
+  round trip if longer) sets the pace, again at 95%. The pace returns to 97% of that point within a round trip,
+  holds there for a while (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not
+  held back for half an hour; twice as long each time an overload shows the same rate again, so a limit
+  confirmed is probed rarely instead of sawed at), and only then probes upward, slowly at first and faster the
   longer no 429 comes (a cubic, like TCP CUBIC): an underestimate is outgrown in a minute, and overloads
   stay rare. Each costs about one round trip of refused requests, so at ordinary latencies the share of
   429s stays around 1-3%.
@@ -100,7 +100,7 @@ class Pacer:
         self._remeasure_at: float | None = None  # when the replies sent before the overload are back
         self._measured: float | None = None  # the admitted rate the last overload without a known limit showed
         self._confirmed = 0  # overloads in a row that showed that same rate (see _grow_probe)
-        self._replies: deque[float] = deque()  # when recent successful requests came back
+        self._replies: deque[tuple[float, float]] = deque()  # when recent successful requests left and came back
         self.admissions = Admissions(clock_start)  # the last minutes' admissions, for windows longer than a second
         self._lockout_rate = False  # the pace was measured at the end of a lockout
         self._recalled = False  # the pace came from a rate an earlier run learned (see recall)
@@ -127,11 +127,11 @@ class Pacer:
     def on_success(self, latency: float, *, window_limited: bool, now: float) -> None:
         """A request succeeded after `latency` seconds; `window_limited`: it had filled the window."""
         self.latency.note(latency)
-        self._replies.append(now)
+        self._replies.append((now - latency, now))
         if self.admissions.note(now - latency):
             self._after_lockout(now, sent=now - latency)
         horizon = now - 4 * max(1.0, min(self.round_trip, 10.0)) - self.round_trip
-        while self._replies and self._replies[0] < horizon:
+        while self._replies and self._replies[0][1] < horizon:
             self._replies.popleft()
         self._grow_probe(now)
         self._fit_window()
@@ -174,17 +174,18 @@ class Pacer:
         return True
 
     def admitted_rate(self, until: float) -> float | None:
-        """The most requests per second the provider accepted lately: successful requests counted by send time in
+        """The most requests per second the provider accepted lately: successful requests counted by arrival in
         the busiest span (a round trip, 1–10 s) of the three spans before `until`.
 
         Providers hold their limits per second as well as per minute; the busiest span is when we pushed against
         the limit, which is what it admits. (Averaging over quieter spans, a ramp or a pause, would underestimate
         it, and an underestimate takes a long probe to outgrow.)
         """
-        span, shift = self._span, self.round_trip
-        # When each reached the provider: its reply less the recent latency, not its own (that also holds what
-        # delayed it on the way: a run's first requests wait for their connections, and would look spread out).
-        sent = sorted(t - shift for t in self._replies if until - 3 * span <= t - shift < until)
+        span, usual = self._span, self.round_trip
+        # When each reached the provider: when it left, unless it took far longer than usual: then its reply less
+        # the usual latency (a run's first requests wait for their connections, and would look a second early).
+        arrived = (sent if reply - sent <= 2 * usual else reply - usual for sent, reply in self._replies)
+        sent = sorted(t for t in arrived if until - 3 * span <= t < until)
         if not sent:
             return None
         busiest, first = 0, 0

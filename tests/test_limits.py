@@ -480,8 +480,8 @@ def test_the_memory_names_its_endpoint_without_anything_that_may_carry_a_key(tmp
 
 def test_the_first_requests_slow_connections_do_not_halve_the_rate_a_429_teaches() -> None:
     """A run's first 10 requests wait 1.45 s for their connections, then reach the provider in the same second as
-    the next 10 (20 admitted a second, then a 429): the rate learned is 20 a second, not 10 (counted by when each
-    reached the provider, its reply less the recent latency, not by when it left)."""
+    the next 10 (20 admitted a second, then a 429): the rate learned is 20 a second, not 10 (a request that took
+    far longer than usual is counted from its reply less the usual latency, not from when it left)."""
     clock = VirtualClock()
     limiter = Limiter(LimitSettings.automatic(), clock=clock, sleep=clock.sleep)
     clock.now = 1.5
