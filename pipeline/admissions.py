@@ -8,7 +8,7 @@ keeps the window full, and the busiest second shows the burst, many times the ra
 
 So the `Pacer` keeps this log beside it:
 
-- **A lockout** is an overload that follows another with nothing admitted in between. Its pause doubles
+- **A lockout** is a run of overloads with nothing admitted in between, lasting 5 s or more. The pause doubles
   (`LOCKOUT_PAUSE`: 1 s, then 2 s at most), and the bucket paces at the rate below, so a minute of refusals costs
   about thirty 429s, not a round of them every second. (Longer pauses would cost fewer, but the lockout's end
   would show later, and a pace measured over a cycle that looks longer than it was is too slow.)
@@ -23,7 +23,10 @@ import math
 from typing import Final
 
 HORIZON: Final = 120.0  # seconds of admissions kept: a 60 s window's burst and lockout both fit
-LOCKOUT_PAUSE: Final = (1.0, 2.0)  # the pause after a silent 429: the first, and the most it doubles to
+LOCKOUT_PAUSE: Final = (1.0, 2.0)
+# A refusal right after a pause can come from a 1 s window still holding the refusals that opened it (a slow
+# 429 lets more requests out first): only a lockout this long shows a window longer than a second.
+LONG_LOCKOUT: Final = 5.0  # the pause after a silent 429: the first, and the most it doubles to
 
 
 class Admissions:
@@ -51,10 +54,15 @@ class Admissions:
         self._last_sent = max(self._last_sent, sent)
         ended = False
         if self._overload_at is not None and sent >= self._overload_at:
-            ended, self.streak, self._overload_at = self.streak >= 2, 0, None
+            ended = self.locked_out(sent)
+            self.streak, self._overload_at = 0, None
             if ended:
                 self.window = max(self.window, sent - self._streak_start)
         return ended
+
+    def locked_out(self, now: float) -> bool:
+        """Whether overloads have come in a row, nothing admitted between them, for `LONG_LOCKOUT` or longer."""
+        return self.streak >= 2 and now - self._streak_start >= LONG_LOCKOUT
 
     def new_cycle(self, now: float) -> None:
         """A lockout ended and its rate was measured: the next one is measured from here."""
@@ -66,7 +74,7 @@ class Admissions:
         return self.streak + 1 if locked else 1
 
     def on_overload(self, now: float) -> int:
-        """A new overload opened at `now`; return the streak it makes (2 or more: a lockout)."""
+        """A new overload opened at `now`; return the streak it makes (see `locked_out`)."""
         self.streak = self.next_streak()
         if self.streak == 1:
             self._streak_start = now

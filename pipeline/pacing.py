@@ -150,7 +150,8 @@ class Pacer:
         if now < self.last_cut:
             return False
         self.last_cut = max(until, now + self.round_trip)
-        locked_out = self.admissions.on_overload(now) >= 2
+        self.admissions.on_overload(now)
+        locked_out = self.admissions.locked_out(now)
         self._lockout_rate = self._recalled = False
         current = self.rate()
         quiet = now - self._last_overload > max(STRAY_SECONDS, 2 * self.round_trip)
@@ -240,7 +241,7 @@ class Pacer:
 
     def _sustained(self, now: float, current: float | None) -> float | None:
         """In a lockout (see admissions.py), no more than the rate admitted over the last minutes."""
-        if self.admissions.streak < 2 or self.known_rate is not None:
+        if not self.admissions.locked_out(now) or self.known_rate is not None:
             return current
         sustained = self.admissions.rate(now, shortest=self._span)
         if sustained is None:

@@ -45,3 +45,23 @@ def test_a_lockout_backs_off_and_ends_at_the_rate_of_the_whole_cycle() -> None:
     rate = limiter.pacer.rate()
     assert rate is not None and rate == pytest.approx(601 / sent * CUT, rel=0.05)
     assert limiter._rpm is not None and limiter._rpm.per_minute == pytest.approx(rate * 60)
+
+
+def test_a_429_right_after_the_pause_is_no_lockout_under_a_one_second_window() -> None:
+    """A 1 s window still holding the refusals that opened an overload refuses the first request after the pause
+    too: two overloads a second apart are no lockout, so the pace still comes from the busiest second (20/s), not
+    from the average since the run began (a ramp at 10/s, then 20/s)."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings.automatic(), clock=clock, sleep=clock.sleep)
+    for step in [0.1] * 100 + [0.05] * 40:
+        clock.now += step
+        limiter.on_success(Permit(estimated_tokens=1, started=clock.now - 0.2, window_limited=True))
+    limiter.on_rate_limited(None)
+    clock.now = limiter.pause_until
+    limiter.on_rate_limited(None)
+    clock.now = limiter.pause_until
+    for _ in range(5):
+        clock.now += 0.05
+        limiter.on_success(Permit(estimated_tokens=1, started=clock.now - 0.2, window_limited=True))
+    peak = limiter.pacer.peak
+    assert peak is not None and peak >= 18
