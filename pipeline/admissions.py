@@ -23,10 +23,10 @@ import math
 from typing import Final
 
 HORIZON: Final = 120.0  # seconds of admissions kept: a 60 s window's burst and lockout both fit
-LOCKOUT_PAUSE: Final = (1.0, 2.0)
+LOCKOUT_PAUSE: Final = (1.0, 2.0)  # the pause after a silent 429: the first, and the most it doubles to
 # A refusal right after a pause can come from a 1 s window still holding the refusals that opened it (a slow
 # 429 lets more requests out first): only a lockout this long shows a window longer than a second.
-LONG_LOCKOUT: Final = 5.0  # the pause after a silent 429: the first, and the most it doubles to
+LONG_LOCKOUT: Final = 5.0
 
 
 class Admissions:
