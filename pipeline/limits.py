@@ -28,12 +28,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
+from pipeline.buckets import Clock, TokenBucket
 from pipeline.pacing import START_WINDOW, Pacer
 from pipeline.ratelimit_headers import number, parse_duration, provider_view
 
-Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 # Stay this far under a known limit: the provider's window and ours never line up exactly.
@@ -52,70 +52,6 @@ DEFAULT_PAUSE: Final = 1.0  # seconds to pause after a 429 that says nothing abo
 __all__ = ["AUTO_CEILING", "SAFETY", "START_WINDOW", "LimitSettings", "Limiter", "Permit", "RetryPolicy", "TokenBucket"]
 
 
-class TokenBucket:
-    """A token bucket that may go into debt, so one request larger than the bucket still passes.
-
-    `per_minute` is the sustained rate; up to `burst_seconds` of it may be spent at once.
-    """
-
-    def __init__(
-        self, per_minute: float, clock: Clock, *, burst_seconds: float = 1.0, slack: float = 0.0, full: bool = True
-    ) -> None:
-        self.clock = clock
-        self.burst_seconds = burst_seconds
-        self.slack = slack
-        self.per_minute = per_minute
-        self._level = self.capacity if full else 0.0
-        self._stamp = clock()
-
-    @property
-    def rate(self) -> float:
-        """Tokens added per second."""
-        return self.per_minute / 60.0
-
-    @property
-    def capacity(self) -> float:
-        """The most the bucket holds: `burst_seconds` of the rate, or one request's worth and `slack` seconds."""
-        return max(1.0 + self.rate * self.slack, self.rate * self.burst_seconds)
-
-    def set_rate(self, per_minute: float) -> None:
-        """Change the sustained rate, keeping what is already in the bucket."""
-        self._refill()
-        self.per_minute = per_minute
-        self._level = min(self._level, self.capacity)
-
-    def delay(self, amount: float) -> float:
-        """Seconds until `amount` may be taken (0 if now); a request larger than the bucket waits for a full one."""
-        self._refill()
-        need = min(amount, self.capacity)
-        # The epsilon keeps float rounding from producing waits too small to move the clock.
-        return 0.0 if self._level >= need - 1e-9 else (need - self._level) / self.rate
-
-    def take(self, amount: float) -> None:
-        """Spend `amount` (possibly going into debt)."""
-        self._refill()
-        self._level -= amount
-
-    def drain(self, until: float | None = None) -> None:
-        """Empty the bucket and let nothing accrue before `until` (after an overload: the provider's own window
-        is full, so the pause must not save up a burst for the moment it ends)."""
-        self._refill()
-        self._level = min(self._level, 0.0)
-        if until is not None:
-            self._stamp = max(self._stamp, until)
-
-    def give_back(self, amount: float) -> None:
-        """Return `amount` (an over-estimate corrected after the reply)."""
-        self._refill()
-        self._level = min(self.capacity, self._level + amount)
-
-    def _refill(self) -> None:
-        now = self.clock()
-        if now > self._stamp:
-            self._level = min(self.capacity, self._level + (now - self._stamp) * self.rate)
-            self._stamp = now
-
-
 @dataclass(frozen=True, slots=True)
 class LimitSettings:
     """Run-level limits: a concurrency ceiling (or auto), optional RPM/TPM, and this process's share of them."""
@@ -130,6 +66,18 @@ class LimitSettings:
     def automatic(cls, *, rpm: float | None = None, tpm: float | None = None, share: float = 1.0) -> LimitSettings:
         """`--concurrency auto`: start at 10 and find the level the provider sustains, up to a safety cap."""
         return cls(concurrency=AUTO_CEILING, auto=True, rpm=rpm, tpm=tpm, share=share)
+
+
+class LimitStore(Protocol):
+    """Where the limits a run learns are kept for the next run (a sink's `limits.json`): the key's figures."""
+
+    def recall(self) -> dict[str, float]:
+        """Remembered `rpm`, `tpm` (announced), `rate` (requests/s taught by 429s) and `window`, where fresh."""
+        ...
+
+    def keep(self, figures: Mapping[str, float | None]) -> None:
+        """Remember these figures (None: not learned)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,15 +124,20 @@ class Limiter:
         self._queued = 0  # requests waiting for their turn
         self.on_grow: Callable[[], None] | None = None  # called when the window grows (the run adds workers)
         self._freed = asyncio.Event()
+        self._memory: LimitStore | None = None
+        self._remembered: dict[str, float] = {}  # the key's figures an earlier run learned (see remembering)
         self._refit()
 
     @property
     def _known_rpm(self) -> float | None:
-        return self._key_rpm * self.share if self._key_rpm else None
+        # Announced by headers or given beats remembered: the provider may have changed the limit since.
+        key = self._key_rpm or self._remembered.get("rpm")
+        return key * self.share if key else None
 
     @property
     def _known_tpm(self) -> float | None:
-        return self._key_tpm * self.share if self._key_tpm else None
+        key = self._key_tpm or self._remembered.get("tpm")
+        return key * self.share if key else None
 
     @property
     def ceiling(self) -> int:
@@ -236,8 +189,10 @@ class Limiter:
                 else:
                     self._tpm.take(-surplus)
         now = self.clock()
-        before, limit = self.pacer.rate(), self.limit
+        before, limit, learned = self.pacer.rate(), self.limit, self.pacer.learned_rate
         self.pacer.on_success(now - permit.started, window_limited=permit.window_limited, now=now)
+        if self.pacer.learned_rate != learned:
+            self._keep()
         if self._known_tpm or self.pacer.rate() != before:
             self._pace()  # a TPM limit's request rate follows the tokens a request really costs
         if self.limit > limit and self.on_grow is not None:
@@ -247,7 +202,7 @@ class Limiter:
     def on_rate_limited(self, retry_after: float | None) -> None:
         """A 429 arrived: pause every worker for `retry_after`, and (once per overload) slow the pace."""
         now = self.clock()
-        wait = retry_after if retry_after is not None and retry_after > 0 else DEFAULT_PAUSE
+        wait = retry_after if retry_after is not None and retry_after > 0 else self.pacer.quiet_pause(now)
         self.pause_until = max(self.pause_until, now + wait)
         if self.pacer.on_overload(now, until=self.pause_until):
             self._pace()
@@ -271,6 +226,7 @@ class Limiter:
             self._key_tpm = known
         if changed:
             self._refit()
+            self._keep()
         # The key's window is spent (others share it, or the provider counts differently): wait for its reset.
         remaining = number(headers.get("x-ratelimit-remaining-requests"))
         if remaining is not None and remaining < 1:
@@ -284,6 +240,28 @@ class Limiter:
             self.pacer.rescale(share / self.share)
             self.share = share
             self._refit()
+
+    def remembering(self, memory: LimitStore) -> Limiter:
+        """Start from the limits `memory` recalls (at this process's share) and keep there what is learned."""
+        self._memory, self._remembered = memory, memory.recall()
+        if rate := self._remembered.get("rate"):
+            self.pacer.recall(rate * self.share, window=self._remembered.get("window", 0.0))
+        self._refit()
+        return self
+
+    def _keep(self) -> None:
+        """Tell the memory what was learned (rare: the first headers, an overload's measure), as the key's figures."""
+        if self._memory is None:
+            return
+        settings, remembered, learned = self.settings, self._remembered, self.pacer.learned_rate
+        self._memory.keep(
+            {
+                "rpm": self._key_rpm if self._key_rpm != settings.rpm else remembered.get("rpm"),
+                "tpm": self._key_tpm if self._key_tpm != settings.tpm else remembered.get("tpm"),
+                "rate": learned / self.share if learned else None,
+                "window": self.pacer.admissions.window or None,
+            }
+        )
 
     def _refit(self) -> None:
         """The known limits are new or changed: size the token bucket, the pace and the window to them."""

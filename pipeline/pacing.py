@@ -18,14 +18,18 @@ The limiter (`limits.py`) enforces what the `Pacer` decides:
   client on the key): then the pace is handled as below, from the rate it was at.
 - **A 429 teaches a rate.** The pace drops to 95% of what it was. With no known limit, a round trip
   later, when the replies of the requests sent just before the 429 are back, the rate the provider really
-  admitted (by send time, in the busiest second, or round trip if longer) sets the pace, again at 95%.
-  The pace returns to 97% of that point within a round trip, holds there for a while
-  (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not held back for half
-  an hour; twice as long each time an overload shows the same rate again, so a limit confirmed is probed
-  rarely instead of sawed at), and only then probes upward, slowly at first and faster the
+  admitted (by arrival: send time, or reply less the usual latency for a slow one; in the busiest second, or
+  round trip if longer) sets the pace, again at 95%. The pace returns to 97% of that point within a round trip,
+  holds there for a while (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not
+  held back for half an hour; twice as long each time an overload shows the same rate again, so a limit
+  confirmed is probed rarely instead of sawed at), and only then probes upward, slowly at first and faster the
   longer no 429 comes (a cubic, like TCP CUBIC): an underestimate is outgrown in a minute, and overloads
   stay rare. Each costs about one round trip of refused requests, so at ordinary latencies the share of
   429s stays around 1-3%.
+- **A window longer than a second** (10 s, a minute) admits a burst whole and then refuses everything, refused
+  requests included, until the burst has left it: a lockout (`admissions.py`). Its pauses grow, its end sets the
+  pace to what the whole cycle admitted, the hold lasts at least as long as the lockout did, and later overloads
+  count over that length instead of the busiest second.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import math
 from collections import deque
 from typing import Final
 
+from pipeline.admissions import Admissions
 from pipeline.knee import Knee
 
 START_WINDOW: Final = 10
@@ -82,7 +87,10 @@ class Pacer:
         self._remeasure_at: float | None = None  # when the replies sent before the overload are back
         self._measured: float | None = None  # the admitted rate the last overload without a known limit showed
         self._confirmed = 0  # overloads in a row that showed that same rate (see _grow_probe)
-        self._starts: deque[float] = deque()  # when recent successful requests were sent
+        self._replies: deque[tuple[float, float]] = deque()  # when recent successful requests left and came back
+        self.admissions = Admissions(clock_start)  # the last minutes' admissions, for windows longer than a second
+        self._lockout_rate = False  # the pace was measured at the end of a lockout
+        self._recalled = False  # the pace came from a rate an earlier run learned (see recall)
         self.knee = Knee(self.window, floor=1.0, ceiling=float(self.ceiling), now=clock_start)
 
     # --- what the limiter asks ---------------------------------------------------------------------
@@ -107,10 +115,12 @@ class Pacer:
     def on_success(self, latency: float, *, window_limited: bool, now: float) -> None:
         """A request succeeded after `latency` seconds; `window_limited`: it had filled the window."""
         self.latency.note(latency)
-        self._starts.append(now - latency)
+        self._replies.append((now - latency, now))
+        if self.admissions.note(now - latency):
+            self._after_lockout(now, sent=now - latency)
         horizon = now - 4 * max(1.0, min(self.round_trip, 10.0)) - self.round_trip
-        while self._starts and self._starts[0] < horizon:
-            self._starts.popleft()
+        while self._replies and self._replies[0][1] < horizon:
+            self._replies.popleft()
         self._grow_probe(now)
         self._fit_window()
         if self.auto and self.rate() is None:  # no limit known: find the server's knee
@@ -130,12 +140,16 @@ class Pacer:
         if now < self.last_cut:
             return False
         self.last_cut = max(until, now + self.round_trip)
+        self.admissions.on_overload(now)
+        locked_out = self.admissions.locked_out(now)
+        self._lockout_rate = self._recalled = False
         current = self.rate()
         quiet = now - self._last_overload > max(STRAY_SECONDS, 2 * self.round_trip)
         self._last_overload = now
         self._stray = self.known_rate is not None and current == self.known_rate and quiet
         if current is None:
             current = self.admitted_rate(now)
+        current = self._sustained(now, current)
         if current is None:  # nothing admitted yet to learn from: halve the window, like TCP
             self.window = max(1.0, self.window / 2)
             self.threshold = self.window
@@ -144,23 +158,26 @@ class Pacer:
             self.peak = current
             self.probe_rate = current * CUT
         self._overload_at = now
-        if self.known_rate is None:
-            # 429s come back at once, the successes of requests sent just before them a round trip later: only
-            # then does the admitted rate show. (With a known limit, a 429 is a stray burst or another client on
-            # the key: the known rate is the measure, and the cut from it stands.)
-            self._remeasure_at = now + self.round_trip + 0.05
+        # 429s come back at once, the successes of requests sent just before them a round trip later: only then
+        # does the admitted rate show. (With a known limit, a 429 is a stray burst or another client on the key: the
+        # known rate is the measure, and the cut from it stands. In a lockout the busiest second is the burst that
+        # filled the window: the end of the lockout measures instead.)
+        self._remeasure_at = now + self.round_trip + 0.05 if self.known_rate is None and not locked_out else None
         return True
 
     def admitted_rate(self, until: float) -> float | None:
-        """The most requests per second the provider accepted lately: successful requests counted by send time in
+        """The most requests per second the provider accepted lately: successful requests counted by arrival in
         the busiest span (a round trip, 1–10 s) of the three spans before `until`.
 
         Providers hold their limits per second as well as per minute; the busiest span is when we pushed against
         the limit, which is what it admits. (Averaging over quieter spans, a ramp or a pause, would underestimate
         it, and an underestimate takes a long probe to outgrow.)
         """
-        span = self._span
-        sent = sorted(t for t in self._starts if until - 3 * span <= t < until)
+        span, usual = self._span, self.round_trip
+        # When each reached the provider: when it left, unless it took far longer than usual: then its reply less
+        # the usual latency (a run's first requests wait for their connections, and would look a second early).
+        arrived = (sent if reply - sent <= 2 * usual else reply - usual for sent, reply in self._replies)
+        sent = sorted(t for t in arrived if until - 3 * span <= t < until)
         if not sent:
             return None
         busiest, first = 0, 0
@@ -178,6 +195,9 @@ class Pacer:
     def set_known_rate(self, rate: float | None) -> None:
         """The request rate the known limits allow (requests/s), or None."""
         self.known_rate = rate
+        if rate is not None and self._recalled:  # a limit announced or given beats one remembered
+            self.probe_rate = self.peak = self._measured = None
+            self._recalled = False
         self._fit_window()
 
     def rescale(self, ratio: float) -> None:
@@ -190,7 +210,50 @@ class Pacer:
             if value is not None:
                 setattr(self, name, value * ratio)
 
+    @property
+    def learned_rate(self) -> float | None:
+        """The rate the provider's 429s showed it admits (requests/s, this process's part), when no limit is known."""
+        return self._measured if self.known_rate is None else None
+
+    def recall(self, rate: float, *, window: float) -> None:
+        """Start at a rate an earlier run learned from 429s (and the window its lockouts showed): hold just under
+        it from the start, as after an overload, instead of spending the first round trips finding it again."""
+        self.peak = self._measured = rate
+        self.probe_rate = rate * NEAR_PEAK
+        self.admissions.window = max(self.admissions.window, window)
+        self._recalled = True
+
+    def quiet_pause(self, now: float) -> float:
+        """Seconds to pause after a 429 that does not say: longer for each overload in a row that nothing got past."""
+        streak = self.admissions.streak if now < self.last_cut else self.admissions.next_streak()
+        return self.admissions.pause(streak)
+
     # --- inside -----------------------------------------------------------------------------------
+
+    def _sustained(self, now: float, current: float | None) -> float | None:
+        """In a lockout (see admissions.py), no more than the rate admitted over the last minutes."""
+        if not self.admissions.locked_out(now) or self.known_rate is not None:
+            return current
+        sustained = self.admissions.rate(now, shortest=self._span)
+        if sustained is None:
+            return current
+        return sustained if current is None else min(current, sustained)
+
+    def _after_lockout(self, now: float, *, sent: float) -> None:
+        """A request sent at `sent` got past a lockout: pace from the rate admitted over the window's whole cycle
+        (up to that moment: the lockout ended then), and hold it."""
+        if self.known_rate is not None:
+            return
+        rate = self.admissions.rate(sent, shortest=self._span)
+        self.admissions.new_cycle(now)
+        if rate is None:
+            return
+        self.peak = self._measured = rate
+        self.probe_rate = rate * CUT
+        self._lockout_rate = True  # a lower bound (the lockout's end shows late): probe after one window
+        self._confirmed = 0
+        self._overload_at = now
+        self._remeasure_at = None
 
     def _fit_window(self) -> None:
         """Little's law: enough in flight to send at the paced rate for one round trip, with a margin."""
@@ -205,6 +268,11 @@ class Pacer:
         if self._remeasure_at is not None and now >= self._remeasure_at:
             self._remeasure_at = None
             admitted = self.admitted_rate(self._overload_at)
+            window = self.admissions.window
+            if admitted is not None and window > self._span:
+                # The provider's window is longer than the span (a lockout showed it): it admits bursts that its
+                # whole window does not sustain, so count over the window.
+                admitted = min(admitted, self.admissions.busiest(self._overload_at, window) or admitted)
             if admitted is not None:
                 # An overload at the rate the last one showed confirms the limit: probe half as often.
                 # (Give or take one request per span: the count of a short span is a small integer.)
@@ -219,7 +287,9 @@ class Pacer:
         rtt = self.round_trip
         elapsed = now - self._overload_at
         shortest, longest = PLATEAU_SECONDS
-        plateau = min(longest, max(shortest, PLATEAU_ROUND_TRIPS * rtt) * 2**self._confirmed)
+        # A window as long as the lockouts were is slow to show an overshoot: hold and probe on its time scale.
+        hold = max(shortest, self.admissions.window, 0 if self._lockout_rate else PLATEAU_ROUND_TRIPS * rtt)
+        plateau = min(longest, hold * 2**self._confirmed)
         if self._stray:  # back at the known limit a round trip later
             if elapsed >= rtt:
                 self.probe_rate = self.peak = None

@@ -304,7 +304,7 @@ async def _execute(
     price: Price | None,
 ) -> Summary:
     opts, stats = run.opts, run.stats
-    limiter = run.limiter = Limiter(opts.limits)
+    limiter = run.limiter = Limiter(opts.limits).remembering(run.sink.meta.limit_memory(base_urls, opts.model))
     client = LabelClient(
         prompt=prompt,
         limiter=limiter,

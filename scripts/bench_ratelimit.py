@@ -12,6 +12,14 @@ Scenarios (the simulator counts refused requests against the minute and holds ea
     retry-after  600 RPM, 200 ms, only retry-after on 429s         no flags
     rpm-given    600 RPM, 200 ms, no headers                       --rpm 600
     in-flight-2000  13,000 RPM, 10 s latency, headers              --concurrency 2000 (memory and CPU at 2,000)
+    no-headers-1s   1,200 RPM over any 1 s, 200 ms, a bare 429      no flags
+    no-headers-10s  1,200 RPM over any 10 s (Azure-style), no headers  no flags
+    no-headers-60s  1,200 RPM over any 60 s, no headers             no flags
+
+The three window scenarios hold the limit over one window only (`--window-seconds W --quantum 0`: R×W/60 requests
+in any W seconds, a burst admitted whole), count refused requests, and say nothing. They are bounded by their row
+count: 2,400 rows at 1,200 RPM take two minutes, two whole windows of 60 s, in real time (the window is not
+shortened: the pacer's holds and pauses are in seconds, so shortening it would change the dynamics).
 
 Measured per run: whole-run goodput (labeled rows per second ÷ the limit, process start to exit: it includes
 the first round trip, spent learning the limit, and the last, spent waiting for the last replies); steady-state
@@ -46,6 +54,8 @@ class Scenario:
     quick_rows: int
     headers: str = "full"
     flags: tuple[str, ...] = ()
+    window_seconds: float = 60.0
+    quantum: float = 1.0
 
 
 SCENARIOS = {
@@ -58,6 +68,9 @@ SCENARIOS = {
         Scenario("retry-after", 600, 200, 3000, 600, headers="retry-after"),
         Scenario("rpm-given", 600, 200, 3000, 600, headers="none", flags=("--rpm", "600")),
         Scenario("in-flight-2000", 13_000, 10_000, 10_000, 3000, flags=("--concurrency", "2000")),
+        Scenario("no-headers-1s", 1200, 200, 2400, 800, headers="none", window_seconds=1, quantum=0),
+        Scenario("no-headers-10s", 1200, 200, 2400, 800, headers="none", window_seconds=10, quantum=0),
+        Scenario("no-headers-60s", 1200, 200, 2400, 800, headers="none", window_seconds=60, quantum=0),
     )
 }
 
@@ -111,6 +124,10 @@ def run(scenario: Scenario, rows: int, *, seed_design: bool, work: Path) -> None
         str(scenario.rpm),
         "--rate-headers",
         scenario.headers,
+        "--window-seconds",
+        str(scenario.window_seconds),
+        "--quantum",
+        str(scenario.quantum),
     ]
     ideal_s = rows / (scenario.rpm / 60)
     in_flight = math.ceil(scenario.rpm / 60 * latency_s * 1.2)

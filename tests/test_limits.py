@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from pipeline.limits import SAFETY, Limiter, LimitSettings, Permit, TokenBucket
 from pipeline.pacing import Pacer
 from pipeline.ratelimit_headers import parse_duration, retry_after_seconds
+from pipeline.sinks.limit_memory import LimitMemory
+from pipeline.sinks.meta import SinkMeta
 
 
 class VirtualClock:
@@ -400,3 +405,91 @@ def test_a_stray_429_ends_after_a_round_trip_even_when_the_known_rate_moved_mean
     pacer.set_known_rate(11.0)
     pacer.on_success(1.0, window_limited=False, now=6.5)
     assert pacer.rate() == pytest.approx(11.0)
+
+
+class WallClock:
+    """A wall clock for the limit memory's freshness, set by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def memory_at(tmp_path: Path, clock: WallClock, *, endpoint: str = "http://127.0.0.1:9/v1", model: str = "m") -> Any:
+    meta = SinkMeta(tmp_path / "out.jsonl")
+    return LimitMemory(meta.limits_path, meta.write_json_atomic, endpoint=endpoint, model=model, clock=clock)
+
+
+def test_a_remembered_rate_starts_the_pace_at_this_processs_share(tmp_path: Path) -> None:
+    """A run that learned 20 requests/s from 429s (the whole key's rate) remembers it; a run with --rate-share 1/2
+    starts pacing at half of it, just under (97%), before any request."""
+    wall = WallClock()
+    learner = Limiter(LimitSettings.automatic()).remembering(memory_at(tmp_path, wall))
+    learner.pacer.recall(20.0, window=60.0)
+    learner._keep()
+    clock = VirtualClock()
+    resumed = Limiter(LimitSettings.automatic(share=0.5), clock=clock, sleep=clock.sleep)
+    resumed.remembering(memory_at(tmp_path, wall))
+    assert resumed.pacer.rate() == pytest.approx(10.0 * 0.97)
+    assert resumed._rpm is not None and resumed._rpm.per_minute == pytest.approx(10.0 * 0.97 * 60)
+    assert resumed.pacer.admissions.window == 60.0, "the window its lockouts showed is remembered too"
+
+
+@pytest.mark.parametrize(
+    ("age", "endpoint", "model"),
+    [(2 * 86_400, "http://127.0.0.1:9/v1", "m"), (0, "http://127.0.0.1:8/v1", "m"), (0, "http://127.0.0.1:9/v1", "n")],
+    ids=["a day old", "another endpoint", "another model"],
+)
+def test_a_stale_or_foreign_memory_is_ignored(tmp_path: Path, age: float, endpoint: str, model: str) -> None:
+    """Limits remembered more than a day ago, or for another endpoint or model, leave the run to learn afresh."""
+    wall = WallClock()
+    memory_at(tmp_path, wall).keep({"rate": 20.0, "rpm": 600.0})
+    wall.now += age
+    limiter = Limiter(LimitSettings.automatic()).remembering(memory_at(tmp_path, wall, endpoint=endpoint, model=model))
+    assert limiter.pacer.rate() is None
+
+
+def test_limits_announced_by_headers_beat_remembered_ones(tmp_path: Path) -> None:
+    """A remembered 600 RPM paces the run from the start; the first headers that announce 1,200 RPM replace it,
+    and a rate remembered from 429s gives way to an announced limit too."""
+    wall = WallClock()
+    memory_at(tmp_path, wall).keep({"rpm": 600.0})
+    limiter = Limiter(LimitSettings.automatic()).remembering(memory_at(tmp_path, wall))
+    assert limiter.pacer.rate() == pytest.approx(600 * SAFETY / 60)
+    limiter.observe_headers({"x-ratelimit-limit-requests": "1200"})
+    assert limiter.pacer.rate() == pytest.approx(1200 * SAFETY / 60)
+    assert orjson.loads(SinkMeta(tmp_path / "out.jsonl").limits_path.read_bytes())["rpm"] == 1200
+    memory_at(tmp_path, wall).keep({"rate": 5.0})
+    taught = Limiter(LimitSettings.automatic()).remembering(memory_at(tmp_path, wall))
+    assert taught.pacer.rate() == pytest.approx(5.0 * 0.97)
+    taught.observe_headers({"x-ratelimit-limit-requests": "1200"})
+    assert taught.pacer.rate() == pytest.approx(1200 * SAFETY / 60)
+
+
+def test_the_memory_names_its_endpoint_without_anything_that_may_carry_a_key(tmp_path: Path) -> None:
+    """A base URL with a user, password or query is recorded by scheme, host, port and path only."""
+    meta = SinkMeta(tmp_path / "out.jsonl")
+    meta.limit_memory(["https://user:sk-secret@llm.example.com:8443/v1/?key=sk-other"], "m").keep({"rate": 3.0})
+    text = meta.limits_path.read_text()
+    assert "sk-" not in text and "user" not in text
+    assert orjson.loads(text)["endpoint"] == "https://llm.example.com:8443/v1"
+
+
+def test_the_first_requests_slow_connections_do_not_halve_the_rate_a_429_teaches() -> None:
+    """A run's first 10 requests wait 1.45 s for their connections, then reach the provider in the same second as
+    the next 10 (20 admitted a second, then a 429): the rate learned is 20 a second, not 10 (a request that took
+    far longer than usual is counted from its reply less the usual latency, not from when it left)."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings.automatic(), clock=clock, sleep=clock.sleep)
+    clock.now = 1.5
+    successes(limiter, clock, 10, latency=1.5)
+    for _ in range(10):
+        clock.now += 0.005
+        successes(limiter, clock, 1, latency=0.05)
+    limiter.on_rate_limited(None)
+    for _ in range(40):  # the round trip after the 429: the last replies, at the usual latency
+        clock.now += 0.01
+        successes(limiter, clock, 1, latency=0.05)
+    assert limiter.pacer.peak is not None and limiter.pacer.peak >= 18

@@ -6,6 +6,7 @@ still speak per minute, as a provider's do.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 from pipeline.errors import FatalApiError
 from pipeline.limits import LimitSettings, RetryPolicy
+from pipeline.sinks.meta import SinkMeta
 
 from .helpers import dead_letters, label, reviews, sink_ids, write_csv
 
@@ -176,3 +178,25 @@ def test_the_http_pool_holds_more_than_a_thousand_requests(sim: Any, tmp_path: P
     summary = label(sim, write_csv(tmp_path / "in.csv", reviews(1200)), out, limits=limits, retry=patient)
     assert summary.exit_code == 0
     assert sim.stats(events=False)["max_in_flight"] > 1000
+
+
+def test_a_resumed_run_starts_at_the_rate_the_last_one_learned(sim: Any, tmp_path: Path) -> None:
+    """A provider that says nothing, 1,200 RPM: the first run learns the rate from its 429s and keeps it in the sink's
+    side folder; the resumed run paces at it from its first request, so no 429 and no slow start to relearn it."""
+    sim.configure(rpm=1200, latency_ms=50, rate_headers="none")
+    rows = reviews(400)
+    out = tmp_path / "out.jsonl"
+    first = label(sim, write_csv(tmp_path / "first.csv", rows[:150]), out, limits=LimitSettings.automatic())
+    assert first.exit_code == 0 and share_429(sim.stats(events=False)) > 0, "the first run learns from 429s"
+    remembered = json.loads(SinkMeta(out).limits_path.read_text())
+    assert remembered["model"] == "gpt-4o-mini" and "x-api-key" not in str(remembered)
+    rate = remembered["rate"]
+    sim.reset()
+    sim.configure(rpm=1200, latency_ms=50, rate_headers="none")
+    resumed = label(sim, write_csv(tmp_path / "all.csv", rows), out, limits=LimitSettings.automatic())
+    assert resumed.exit_code == 0 and len(set(sink_ids(out))) == 400
+    stats = sim.stats()
+    assert stats["by_status"].get("429", 0) == 0
+    start = min(t for t, _, _ in stats["events"])
+    first_second = sum(1 for t, status, _ in stats["events"] if status == 200 and t < start + 1.0)
+    assert 0.8 * rate <= first_second <= rate + 1, (first_second, rate)

@@ -63,7 +63,11 @@ def register(sub: Any) -> None:
     sim.add_argument("--reasoning-tokens", type=count, default=0, help="hidden reasoning tokens billed per reply")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument(
-        "--window-seconds", type=positive_float, default=60.0, help="rate window length (tests shorten it)"
+        "--window-seconds",
+        type=positive_float,
+        default=60.0,
+        help="hold --rpm/--tpm over any this many seconds at their per-minute rate (R×W/60 in any W s, refused "
+        "requests counted): 60 like OpenAI, 10 or 1 like Azure (with --quantum 0); headers still say per minute",
     )
     sim.add_argument(
         "--rate-headers",

@@ -33,8 +33,10 @@ class SimulatorConfig:
         text and in the logprobs, as vLLM keeps them).
     reasoning_tokens: hidden reasoning tokens billed with every reply (completion_tokens includes them, up to
         the request's max_completion_tokens), as reasoning models bill them.
-    window_seconds: length of the rate windows; limits scale with it (rpm 600 over 2 s allows 20) while
-        headers keep speaking per minute, so tests can exercise a full window in seconds, not minutes.
+    window_seconds: length of the sliding rate windows; each limit holds over any this many seconds at its
+        per-minute rate (rpm 600 over 10 s admits 100 in any 10 s, refused requests counted), while headers keep
+        speaking per minute. 60 is OpenAI's minute; 10 or 1 (with quantum 0) a provider like Azure that holds its
+        limits over shorter windows; tests also shorten it to see a whole window in seconds, not minutes.
     quantum: the request limit also holds over every this many seconds, at its per-minute rate (1 s: a 600 RPM
         limit takes at most 10 requests in any second), as OpenAI does; 0 turns the short interval off.
     tokenizer: "auto" counts prompt tokens with the model's BPE when `bpe-openai` is installed (as the API does),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -21,6 +21,7 @@ from pipeline.errors import SinkError, SinkMismatchError, StorageError
 from pipeline.results import now_iso
 from pipeline.shard import Shard
 from pipeline.sinks.files import Appender, replace_atomically
+from pipeline.sinks.limit_memory import LimitMemory, endpoint_name
 
 SCHEMA_VERSION: Final = 3  # 2: records carry text_sha; 3: confidence, cached_tokens, extra output fields
 _IDENTITY_KEYS: Final = ("model", "prompt", "labels", "multi_label", "id_source")
@@ -138,6 +139,7 @@ class SinkMeta:
         self.tmp_dir = self.dir / "tmp"
         self.batches_path = self.dir / "batches.json"  # the batch engine's ledger: files and batches it made
         self.batches_dir = self.dir / "batches"  # its request files and the rows each batch holds
+        self.limits_path = self.dir / "limits.json"  # rate limits learned, for the next run (limit_memory.py)
         self._lock: IO[bytes] | None = None
         self._dead_letters = Appender(self.dead_letters_path)
 
@@ -231,6 +233,11 @@ class SinkMeta:
         """Replace `path` with `data` as JSON so that readers never see half a file (`durable`: synced to disk
         before this returns, for records a later step depends on)."""
         replace_atomically(path, orjson.dumps(data, option=orjson.OPT_INDENT_2), self.tmp_dir, durable=durable)
+
+    def limit_memory(self, endpoints: Sequence[str | None], model: str) -> LimitMemory:
+        """The rate limits learned against these endpoints (None: the SDK's default) and this model."""
+        endpoint = ",".join(endpoint_name(url) if url else "default" for url in endpoints)
+        return LimitMemory(self.limits_path, self.write_json_atomic, endpoint=endpoint, model=model)
 
     def append_dead_letters(self, data: bytes) -> None:
         """Append encoded dead letters durably (blocking: call it on the sink's I/O thread)."""

@@ -1,0 +1,67 @@
+"""Silent providers with windows of any length, on a virtual clock: the real limiter against the simulator's windows."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.limits import Limiter, LimitSettings, Permit
+from pipeline.pacing import CUT
+
+from .test_limits import VirtualClock
+from .virtual_provider import run_against
+
+
+@pytest.mark.parametrize(("rpm", "latency", "window"), [(600, 0.5, 10), (600, 0.2, 60)], ids=["10s", "60s"])
+def test_silent_windows_longer_than_a_second_keep_429s_rare_and_goodput_high(
+    rpm: int, latency: float, window: int
+) -> None:
+    """A limit held over any 10 s or 60 s (refused requests counted, no headers, no retry-after): ≤ 2% of requests
+    are refused and the run admits ≥ 0.9 of the limit, start to finish (before: 0.63 of the limit over 10 s at
+    500 ms replies; 3.2% refused and 0.80 of the limit over 60 s)."""
+    outcome = run_against(rpm, window_seconds=window, quantum=0, rows=rpm * 5, latency=latency)
+    assert outcome.refused_share <= 0.02
+    assert outcome.goodput >= 0.9
+
+
+def test_a_lockout_backs_off_and_ends_at_the_rate_of_the_whole_cycle() -> None:
+    """A burst of 600 admitted in the first second, then bare 429s until it leaves a 60 s window: the pauses grow
+    (1 s, then 2 s), and the first success after them sets the pace to what the whole minute admitted
+    (600 over ~61 s), not the burst's 600 a second."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings.automatic(), clock=clock, sleep=clock.sleep)
+    for i in range(600):
+        clock.now = 0.2 + i / 600
+        limiter.on_success(Permit(estimated_tokens=1, started=clock.now - 0.2, window_limited=True))
+    pauses = []
+    while clock.now < 61.0:
+        limiter.on_rate_limited(None)
+        pauses.append(round(limiter.pause_until - clock.now, 3))
+        clock.now = limiter.pause_until + 0.001
+    assert pauses[:4] == [1.0, 2.0, 2.0, 2.0]
+    assert len(pauses) <= 32, "a minute locked out costs a probe every two seconds, not a round of them a second"
+    sent = clock.now
+    clock.now += 0.2
+    limiter.on_success(Permit(estimated_tokens=1, started=sent, window_limited=False))
+    rate = limiter.pacer.rate()
+    assert rate is not None and rate == pytest.approx(601 / sent * CUT, rel=0.05)
+    assert limiter._rpm is not None and limiter._rpm.per_minute == pytest.approx(rate * 60)
+
+
+def test_a_429_right_after_the_pause_is_no_lockout_under_a_one_second_window() -> None:
+    """A 1 s window still holding the refusals that opened an overload refuses the first request after the pause
+    too: two overloads a second apart are no lockout, so the pace still comes from the busiest second (20/s), not
+    from the average since the run began (a ramp at 10/s, then 20/s)."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings.automatic(), clock=clock, sleep=clock.sleep)
+    for step in [0.1] * 100 + [0.05] * 40:
+        clock.now += step
+        limiter.on_success(Permit(estimated_tokens=1, started=clock.now - 0.2, window_limited=True))
+    limiter.on_rate_limited(None)
+    clock.now = limiter.pause_until
+    limiter.on_rate_limited(None)
+    clock.now = limiter.pause_until
+    for _ in range(5):
+        clock.now += 0.05
+        limiter.on_success(Permit(estimated_tokens=1, started=clock.now - 0.2, window_limited=True))
+    peak = limiter.pacer.peak
+    assert peak is not None and peak >= 18
