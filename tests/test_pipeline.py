@@ -202,7 +202,8 @@ def test_fatal_error_mid_run_saves_everything_already_finished(sim: Any, tmp_pat
     summary = progress(out)["summary"]
     ids = sink_ids(out)
     assert len(ids) == len(set(ids)) == summary["labeled"] == summary["saved"] > 0
-    assert summary["labeled"] >= 0.9 * sim.stats(events=False)["completed_ok"]  # only in-flight replies abandoned
+    # Only replies still in flight at the stop are abandoned: at most one per worker.
+    assert sim.stats(events=False)["completed_ok"] - summary["labeled"] <= 64
 
 
 def test_restart_never_moves_a_sink_that_another_run_is_writing(sim: Any, tmp_path: Path) -> None:
