@@ -8,18 +8,20 @@ one round trip (the replies that come back within one recent latency):
 - **Startup**: the window grows by half each round trip (one slot per two successes that found it full;
   doubling would overshoot the knee by a whole window before the first queued reply shows it), and less as
   replies get slower than the baseline (÷ (latency ÷ baseline) ** `STARTUP_CARE`). It stops when the last few
-  replies are `STARTUP_RATIO` × slower than the last round (latency growing about as fast as the window: a
-  queue), when a round's throughput rose by less than `STARTUP_GAIN` twice, or when a round is `QUEUE_RATIO` ×
-  the baseline. The window then becomes what the best round had in flight (Little's law: its throughput × its
+  replies are slower than the last round by `STARTUP_RATIO` × or by `STARTUP_SHARE` of what the window grew in
+  it, whichever is more (latency growing as fast as the window: a queue; batching slows replies by less),
+  when a round's throughput rose by less than `STARTUP_GAIN` twice, or when a round is `QUEUE_RATIO` × the
+  baseline. The window then becomes what the best round had in flight (Little's law: its throughput × its
   latency), which drains the queue the overshoot built.
 - **Steady: probe, keep what pays.** Every few rounds the window is raised by `STEP`; if the throughput rose by
   at least `ELASTIC` × that share, the step stays and the next comes at once, in longer strides (up to
-  `MAX_STEP`), otherwise the window goes back. While latency sits above `DOWN_RATIO` × the baseline (some of it
-  may be queueing), or once up probes have not paid for `DOWN_HOLD_ROUNDS`, a cut by `STEP` is tried as well,
-  and kept if the throughput fell by less than `ELASTIC` × `STEP`. Only measured throughput raises the window,
-  so it cannot creep up however the latency drifts; probes that do not pay come rarer (every
-  `MIN_HOLD_ROUNDS`, doubling up to every `MAX_HOLD_ROUNDS`), so a probe every so often finds a server that
-  got faster.
+  `MAX_STEP`), otherwise the window goes back. A window's throughput is the window ÷ its replies' mean latency
+  (Little's law), steadier than a count of replies per round. While latency sits above `DOWN_RATIO` × the
+  baseline (some of it may be queueing), or once up probes have not paid for `DOWN_HOLD_ROUNDS`, a cut by
+  `STEP` is tried as well, and kept if the throughput fell by less than `ELASTIC` × `STEP`. Only measured
+  throughput raises the window, so it cannot creep up however the latency drifts; probes that do not pay come
+  rarer (every `MIN_HOLD_ROUNDS`, doubling up to every `MAX_HOLD_ROUNDS`), so a probe every so often finds a
+  server that got faster.
 - **Baseline**: the lowest round latency within `BASE_SECONDS` (by time, not per reply, so a queue that lasts
   does not become the new normal in a few hundred replies). When two rounds in a row at a held window are
   `QUEUE_RATIO` times slower (against the baseline) than that window was, something queues (another client on
@@ -39,9 +41,10 @@ STARTUP_GROWTH: Final = 0.5  # slots added per success that found the window ful
 STARTUP_CARE: Final = 4.0  # ...divided by (latency ÷ baseline) to this power: 1.2× slower, half the growth
 STARTUP_GAIN: Final = 1.1  # a startup round whose throughput rose less than this (twice) has found the knee
 STARTUP_RATIO: Final = 1.25  # ...as has one whose last few replies are this × slower than the last round's
+STARTUP_SHARE: Final = 0.8  # ...or slower by this share of what the window grew in it, if that is more
 STEP: Final = 0.15  # a probe moves the window by this share, doubling with each that paid in a row...
 MAX_STEP: Final = 0.25  # ...up to this share (a knee far above the startup's end is reached in a few probes)
-ELASTIC: Final = 0.4  # a probe pays when throughput moves by at least this × the window's share
+ELASTIC: Final = 0.3  # a probe pays when throughput moves by at least this × the window's share
 DOWN_RATIO: Final = 1.25  # latency above this × the baseline may be queueing: try smaller windows too
 DOWN_HOLD_ROUNDS: Final = 8  # ...as when up probes have not paid for this many rounds (the baseline may be stale)
 QUEUE_RATIO: Final = 2.0  # latency this × what the held window had (vs the baseline): try a smaller window now
@@ -80,6 +83,8 @@ class Knee:
         self.phase = "startup"  # startup, hold, up (probing a larger window) or down (a smaller one)
         self._round = _Round(now)
         self._rtt: float | None = None  # the last round's mean latency
+        self._round_window = window  # the window when this round began
+        self._grown = 1.0  # how much the window grew in the last round
         self._lows: deque[tuple[float, float]] = deque()  # (time, round latency), increasing latencies
         self._best: tuple[float, float] | None = None  # startup: (throughput, latency) of the best round
         self._flat = 0  # startup rounds in a row that did not raise the throughput
@@ -115,6 +120,8 @@ class Knee:
         if now - current.start < rtt:
             return
         self._round = _Round(now)
+        self._grown = self.window / max(self._round_window, 1.0)
+        self._round_window = self.window
         mean = current.latency / current.replies
         self._rtt = mean
         self._note_base(mean, now)
@@ -132,7 +139,10 @@ class Knee:
         elif self._settle > 0:
             self._settle -= 1
         else:
-            self._samples.append(rate)
+            # Little's law: the window over the mean latency of a round's replies is its throughput, measured on
+            # every reply; counting replies per round adds the noise of where the round's edges fall, which hides
+            # the small gains a probe makes on a server whose batches get much slower as they fill.
+            self._samples.append(self.window / mean)
             self._held_ratio = ratio if self.phase == "hold" else self._held_ratio
             self._steady_round()
 
@@ -155,8 +165,13 @@ class Knee:
         """Grow; stop as soon as the last few replies are much slower than the last round (queued ones are back)."""
         fast = self._fast = latency if self._fast is None else self._fast + FAST_WEIGHT * (latency - self._fast)
         # Against the last round, not the baseline: batching makes replies slower as the window grows (but by less
-        # than the window grew, so throughput still rises); a queue makes them slower as fast as the window grows.
-        if self._rtt is not None and fast > STARTUP_RATIO * self._rtt and self._best is not None:
+        # than the window grew, so throughput still rises); a queue makes them slower as fast as the window grows,
+        # so a rise within the window's last growth is not yet a queue.
+        if (
+            self._rtt is not None
+            and fast > max(STARTUP_RATIO, 1 + STARTUP_SHARE * (self._grown - 1)) * self._rtt
+            and self._best is not None
+        ):
             self._found()
         elif window_limited:
             # Slower replies than the baseline (batching, or the first queued ones): grow more carefully.

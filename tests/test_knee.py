@@ -87,7 +87,8 @@ def serve(
     )
 
 
-@pytest.mark.parametrize(("slots", "cost"), [(64, 0.0), (64, 0.5), (128, 0.5)])
+# cost 2.0: a request is 3× slower in a full batch (vLLM on CPU), so near the knee a larger window pays little.
+@pytest.mark.parametrize(("slots", "cost"), [(64, 0.0), (64, 0.5), (128, 0.5), (32, 2.0), (64, 2.0)])
 def test_auto_reaches_the_best_fixed_concurrency_without_its_queue(slots: int, cost: float) -> None:
     """On a slot server (no rate headers, no 429s) auto serves ≥ 0.95 of the best fixed concurrency's throughput
     with p99 latency ≤ 1.5× that concurrency's, and never holds more than twice the slots in flight."""
