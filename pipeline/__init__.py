@@ -14,7 +14,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.config import TaskConfig, load_config
     from pipeline.errors import (
         BatchError,
         ConfigError,
@@ -28,11 +27,12 @@ if TYPE_CHECKING:
         StorageError,
         UsageError,
     )
-    from pipeline.limits import LimitSettings, RetryPolicy
-    from pipeline.options import RunOptions
+    from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
     from pipeline.results import Row
-    from pipeline.run import label_csv, run_label
-    from pipeline.summary import Summary
+    from pipeline.run.lifecycle import label_csv, run_label
+    from pipeline.run.options import RunOptions
+    from pipeline.run.summary import Summary
+    from pipeline.task.config import TaskConfig, load_config
 
 _WHERE = {
     "BatchError": "pipeline.errors",
@@ -46,15 +46,15 @@ _WHERE = {
     "SinkMismatchError": "pipeline.errors",
     "StorageError": "pipeline.errors",
     "UsageError": "pipeline.errors",
-    "LimitSettings": "pipeline.limits",
-    "RetryPolicy": "pipeline.limits",
+    "LimitSettings": "pipeline.ratelimit.limiter",
+    "RetryPolicy": "pipeline.ratelimit.limiter",
     "Row": "pipeline.results",
-    "RunOptions": "pipeline.options",
-    "Summary": "pipeline.summary",
-    "TaskConfig": "pipeline.config",
-    "load_config": "pipeline.config",
-    "label_csv": "pipeline.run",
-    "run_label": "pipeline.run",
+    "RunOptions": "pipeline.run.options",
+    "Summary": "pipeline.run.summary",
+    "TaskConfig": "pipeline.task.config",
+    "load_config": "pipeline.task.config",
+    "label_csv": "pipeline.run.lifecycle",
+    "run_label": "pipeline.run.lifecycle",
 }
 __all__ = [
     "BatchError",

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.pricing import Tier, cost_of
+from pipeline.api.pricing import Tier, cost_of
 from pipeline.results import now_iso
 
 

@@ -19,10 +19,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.confidence import label_confidence  # noqa: E402
-from pipeline.config import load_config  # noqa: E402 - after the path is set
-from pipeline.prompt import Prompt  # noqa: E402
+from pipeline.api.confidence import label_confidence  # noqa: E402
 from pipeline.simulator import SimulatorConfig, SimulatorThread  # noqa: E402
+from pipeline.task.config import load_config  # noqa: E402 - after the path is set
+from pipeline.task.prompt import Prompt  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "openai": {},

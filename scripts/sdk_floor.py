@@ -22,8 +22,8 @@ import openai
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.config import load_config
-from pipeline.prompt import Prompt
+from pipeline.task.config import load_config
+from pipeline.task.prompt import Prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import orjson
 
-from pipeline.config import TaskConfig, load_config
-from pipeline.limits import LimitSettings, RetryPolicy
-from pipeline.options import RunOptions
-from pipeline.run import run_label
+from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
+from pipeline.run.lifecycle import run_label
+from pipeline.run.options import RunOptions
+from pipeline.run.summary import Summary
 from pipeline.sinks import open_sink
-from pipeline.summary import Summary
+from pipeline.task.config import TaskConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTIMENT = load_config(ROOT / "configs" / "sentiment.toml")

@@ -81,17 +81,33 @@ def reaches(start: str) -> set[str]:
     return seen
 
 
+COMMANDS = ("pipeline.commands", "pipeline.cli")
+ABOVE_RUN = ("pipeline.run", "pipeline.engines", "pipeline.analysis", "pipeline.commands", "pipeline.cli")
+
+
 @pytest.mark.parametrize(
     ("lower", "banned"),
     [
         ("pipeline.results", {"pipeline"}),
         ("pipeline.errors", {"pipeline"}),
-        ("pipeline.config", {"pipeline.source", "pipeline.sinks", "pipeline.client", "pipeline.run"}),
-        ("pipeline.sinks", {"pipeline.client", "pipeline.limits", "pipeline.prepare", "pipeline.run", "pipeline.cli"}),
-        ("pipeline.client", {"pipeline.sinks", "pipeline.prepare", "pipeline.run", "pipeline.cli"}),
+        ("pipeline.task", {"pipeline.input", "pipeline.sinks", "pipeline.api", "pipeline.ratelimit", *ABOVE_RUN}),
+        ("pipeline.input", {"pipeline.sinks", "pipeline.api", "pipeline.ratelimit", *ABOVE_RUN}),
+        ("pipeline.sinks", {"pipeline.api.client", "pipeline.ratelimit", *ABOVE_RUN}),
+        ("pipeline.api", {"pipeline.sinks", *ABOVE_RUN}),
+        ("pipeline.ratelimit", {"pipeline.api.client", *ABOVE_RUN}),
         ("pipeline.run", {"pipeline.cli", "pipeline.commands", "pipeline.simulator", "pipeline.engines"}),
         ("pipeline.engines", {"pipeline.cli", "pipeline.commands", "pipeline.simulator"}),
-        ("pipeline.engines.batch.ledger", {"pipeline.engines.batch.api", "pipeline.client", "pipeline.run"}),
+        ("pipeline.engines.batch.ledger", {"pipeline.engines.batch.api", "pipeline.api.client", "pipeline.run"}),
+        (
+            "pipeline.analysis",
+            {
+                "pipeline.api.client",
+                "pipeline.engines.ray",
+                "pipeline.engines.batch.api",
+                "pipeline.cli",
+                "pipeline.commands",
+            },
+        ),
         ("pipeline.commands", {"pipeline.cli"}),
     ],
 )

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from pipeline.api.pricing import cost_of
 from pipeline.errors import BatchError
-from pipeline.limits import RetryPolicy
-from pipeline.pricing import cost_of
+from pipeline.ratelimit.limiter import RetryPolicy
 from pipeline.simulator import SimulatorConfig, SimulatorThread
 
 from .helpers import cli, dead_letters, label_batch, ledger, reviews, sink_ids, write_csv
@@ -251,10 +251,10 @@ def test_a_create_that_gets_no_reply_is_looked_up_not_repeated(sim: Any, tmp_pat
     from pipeline.engines.batch.files import request_line  # noqa: PLC0415
     from pipeline.engines.batch.ledger import Ledger, Submission  # noqa: PLC0415
     from pipeline.engines.batch.submit import submit  # noqa: PLC0415
-    from pipeline.limits import RetryPolicy  # noqa: PLC0415
-    from pipeline.prompt import Prompt  # noqa: PLC0415
+    from pipeline.ratelimit.limiter import RetryPolicy  # noqa: PLC0415
     from pipeline.results import Row  # noqa: PLC0415
     from pipeline.sinks import SinkMeta  # noqa: PLC0415
+    from pipeline.task.prompt import Prompt  # noqa: PLC0415
 
     from .helpers import SENTIMENT  # noqa: PLC0415
 

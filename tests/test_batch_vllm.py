@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import load_config
 from pipeline.engines.batch.ingest import read_result
 from pipeline.engines.batch.ledger import Ledger, Submission
 from pipeline.errors import BatchError
-from pipeline.prompt import Prompt
 from pipeline.sinks import SinkMeta, open_sink
+from pipeline.task.config import load_config
+from pipeline.task.prompt import Prompt
 
 from .helpers import ROOT, cli, dead_letters, label_batch, ledger, reviews, write_csv
 from .test_batch_cli import run_like_vllm

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.estimate import estimate_run
-from pipeline.options import RunOptions
-from pipeline.prepare import prepare_run
-from pipeline.pricing import cost_of
+from pipeline.api.pricing import cost_of
+from pipeline.run.estimate import estimate_run
+from pipeline.run.options import RunOptions
+from pipeline.run.prepare import prepare_run
 from pipeline.sinks import open_sink
+from pipeline.task.config import load_config
 
 from .helpers import ROOT, cli, progress, reviews, sink_ids, write_csv
 from .test_cli import label_args

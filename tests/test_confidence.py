@@ -12,11 +12,11 @@ from typing import Any
 import pyarrow.dataset as ds
 import pytest
 
-from pipeline.confidence import label_confidence
-from pipeline.prompt import Prompt
-from pipeline.request import read_reply
+from pipeline.api.confidence import label_confidence
+from pipeline.api.request import read_reply
+from pipeline.run.summary import Summary
 from pipeline.sinks import open_sink
-from pipeline.summary import Summary
+from pipeline.task.prompt import Prompt
 
 from .helpers import ROOT, SENTIMENT, cli, dead_letters, label, label_batch, reviews, sink_ids, write_csv
 from .test_cli import label_args

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config, parse_config
 from pipeline.errors import ConfigError
+from pipeline.task.config import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {

@@ -13,8 +13,8 @@ from typing import Any
 import pyarrow.dataset as ds
 import yaml
 
+from pipeline.analysis.status import sink_status
 from pipeline.cli import build_parser
-from pipeline.status import sink_status
 
 from .helpers import ROOT, cli_env, reviews, write_csv
 

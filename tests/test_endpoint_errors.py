@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from pipeline.client import LabelClient
+from pipeline.api.client import LabelClient
+from pipeline.api.failures import connection_problem
 from pipeline.errors import FatalApiError
-from pipeline.failures import connection_problem
-from pipeline.limits import Limiter, LimitSettings, RetryPolicy
-from pipeline.prompt import Prompt
+from pipeline.ratelimit.limiter import Limiter, LimitSettings, RetryPolicy
 from pipeline.results import Failed, Row
+from pipeline.task.prompt import Prompt
 
 from .helpers import SENTIMENT, cli, dead_letters, label, progress, reviews, sink_ids, write_csv
 

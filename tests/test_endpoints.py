@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.endpoints import FAIL_BACKOFF, MAX_BACKOFF, SLOW_BACKOFF, Endpoint, EndpointPool, Outcome
+from pipeline.api.endpoints import FAIL_BACKOFF, MAX_BACKOFF, SLOW_BACKOFF, Endpoint, EndpointPool, Outcome
 from pipeline.simulator import SimulatorConfig, SimulatorThread
 
 from .helpers import cli, label, reviews, sink_ids, write_csv

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.metrics import MultiLabel, SingleLabel, buckets, macro_f1
+from pipeline.analysis.metrics import MultiLabel, SingleLabel, buckets, macro_f1
 
 from .helpers import ROOT, cli, label, reviews, write_csv
 from .test_cli import label_args

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from pipeline.budget import Budget
+from pipeline.api.failures import STREAK_BREAKER, roomier
+from pipeline.api.pricing import load_prices
 from pipeline.errors import FatalApiError, clip
-from pipeline.failures import STREAK_BREAKER, roomier
-from pipeline.limits import RetryPolicy
-from pipeline.pricing import load_prices
-from pipeline.progress import Reporter
+from pipeline.ratelimit.limiter import RetryPolicy
+from pipeline.run.budget import Budget
+from pipeline.run.progress import Reporter
 from pipeline.sinks import open_sink
 from pipeline.stats import CallStats, RunStats
 

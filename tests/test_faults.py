@@ -13,8 +13,8 @@ import pytest
 
 from pipeline import cli as cli_module
 from pipeline.commands import sinks as sinks_commands
-from pipeline.limits import RetryPolicy
-from pipeline.progress import Reporter
+from pipeline.ratelimit.limiter import RetryPolicy
+from pipeline.run.progress import Reporter
 from pipeline.sinks import open_sink
 from pipeline.stats import CallStats, RunStats
 

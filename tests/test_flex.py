@@ -6,12 +6,12 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from pipeline.api.client import LabelClient
 from pipeline.cli import build_parser
-from pipeline.client import LabelClient
 from pipeline.commands.label import _run_options
-from pipeline.limits import Limiter, LimitSettings
-from pipeline.prompt import Prompt
+from pipeline.ratelimit.limiter import Limiter, LimitSettings
 from pipeline.results import Labeled, Row
+from pipeline.task.prompt import Prompt
 
 from .helpers import FAST_RETRY, SENTIMENT, cli, reviews, sink_ids, write_csv
 

@@ -9,12 +9,12 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.api_errors import Meaning, classify
+from pipeline.api.errors import Meaning, classify
+from pipeline.api.failures import gateway_of
+from pipeline.api.timeouts import FLOOR, AdaptiveTimeout
 from pipeline.errors import FatalApiError
-from pipeline.failures import gateway_of
-from pipeline.limits import LimitSettings, RetryPolicy
-from pipeline.ratelimit_headers import retry_after_seconds
-from pipeline.timeouts import FLOOR, AdaptiveTimeout
+from pipeline.ratelimit.headers import retry_after_seconds
+from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
 
 from .helpers import ROOT, cli, dead_letters, label, reviews, sink_ids, write_csv
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.idset import IdMap, IdSet
+from pipeline.input.ids import IdMap, IdSet
 
 
 @given(st.lists(st.text(max_size=12), max_size=3000))

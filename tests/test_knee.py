@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline.knee import BASE_SECONDS, Knee
-from pipeline.pacing import Pacer
+from pipeline.ratelimit.knee import BASE_SECONDS, Knee
+from pipeline.ratelimit.pacing import Pacer
 
 
 @dataclass

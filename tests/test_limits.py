@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.limits import SAFETY, Limiter, LimitSettings, Permit, TokenBucket
-from pipeline.pacing import Pacer
-from pipeline.ratelimit_headers import parse_duration, retry_after_seconds
+from pipeline.ratelimit.headers import parse_duration, retry_after_seconds
+from pipeline.ratelimit.limiter import SAFETY, Limiter, LimitSettings, Permit, TokenBucket
+from pipeline.ratelimit.pacing import Pacer
 from pipeline.sinks.limit_memory import LimitMemory
 from pipeline.sinks.meta import SinkMeta
 

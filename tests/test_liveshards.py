@@ -1,4 +1,4 @@
-"""Shards on one key pass on their part of its limits when they end (liveshards.py), no coordinator involved."""
+"""Shards on one key pass on their part of its limits when they end (ratelimit/share.py), no coordinator involved."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.limits import SAFETY, Limiter, LimitSettings
-from pipeline.liveshards import READS_PER_LOOK, START_GRACE, ShareFollower
-from pipeline.shard import Shard, shard_of
+from pipeline.input.shards import Shard, shard_of
+from pipeline.ratelimit.limiter import SAFETY, Limiter, LimitSettings
+from pipeline.ratelimit.share import READS_PER_LOOK, START_GRACE, ShareFollower
 from pipeline.sinks.meta import SinkMeta
 
 from .helpers import label, reviews, write_csv

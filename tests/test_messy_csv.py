@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from pipeline.analysis.export import export_labels
 from pipeline.errors import InputError
-from pipeline.export import export_labels
 from pipeline.sinks import open_sink
 
 from .helpers import cli, dead_letters, label, sink_ids

@@ -9,10 +9,10 @@ from typing import Any
 import pyarrow.dataset as ds
 import pytest
 
-from pipeline.config import parse_config
 from pipeline.errors import ConfigError, SinkMismatchError
-from pipeline.prompt import Prompt, ReplyError
 from pipeline.sinks import open_sink
+from pipeline.task.config import parse_config
+from pipeline.task.prompt import Prompt, ReplyError
 
 from .helpers import dead_letters, label, reviews, write_csv
 

@@ -9,12 +9,12 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.config import RESERVED_FIELDS, load_config, parse_config
 from pipeline.errors import FatalApiError, InputError, SinkError, SinkMismatchError
-from pipeline.limits import RetryPolicy
+from pipeline.ratelimit.limiter import RetryPolicy
 from pipeline.results import Labeled, Row, record, text_sha
 from pipeline.sinks import open_sink
 from pipeline.sinks.parquet import record_schema
+from pipeline.task.config import RESERVED_FIELDS, load_config, parse_config
 
 from .helpers import ROOT, SENTIMENT, dead_letters, label, progress, reviews, sink_ids, write_csv
 

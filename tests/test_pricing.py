@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from pipeline.api.pricing import PRICES_ENV, cost_of, load_prices, parse_prices, price_of
 from pipeline.errors import ConfigError
-from pipeline.pricing import PRICES_ENV, cost_of, load_prices, parse_prices, price_of
-from pipeline.prompt import Prompt
 from pipeline.sinks import open_sink
+from pipeline.task.prompt import Prompt
 
 from .helpers import SENTIMENT, cli, label, progress, reviews, write_csv
 from .test_cli import label_args

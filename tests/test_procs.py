@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.procs import split_limit, worst_exit
-from pipeline.shard import Shard
+from pipeline.input.shards import Shard
+from pipeline.run.procs import split_limit, worst_exit
 from pipeline.sinks import SinkMeta, open_shards
 
 from .helpers import cli, reviews, start_cli, wait_for, write_csv

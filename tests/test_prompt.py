@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.config import parse_config
-from pipeline.prompt import Prompt, ReplyError
+from pipeline.task.config import parse_config
+from pipeline.task.prompt import Prompt, ReplyError
 
 LABELS = {"positive": "good", "negative": "bad", "neutral": "neither"}
 SINGLE = Prompt(

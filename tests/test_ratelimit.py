@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from pipeline.errors import FatalApiError
-from pipeline.limits import LimitSettings, RetryPolicy
+from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
 from pipeline.sinks.meta import SinkMeta
 
 from .helpers import dead_letters, label, reviews, sink_ids, write_csv

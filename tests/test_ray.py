@@ -19,7 +19,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from pipeline.engines.ray.limit import SharedLimit
-from pipeline.limits import SAFETY
+from pipeline.ratelimit.limiter import SAFETY
 
 from .helpers import ROOT, SENTIMENT, TEST_KEY, cli, cli_env, dead_letters, reviews, wait_for, write_csv
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.limits import LimitSettings
+from pipeline.ratelimit.limiter import LimitSettings
 from pipeline.simulator.slots import Slots
 
 from .helpers import label, reviews, sink_ids, write_csv

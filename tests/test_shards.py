@@ -17,13 +17,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.analysis.status import sink_status
 from pipeline.errors import SinkError, SinkMismatchError, UsageError
-from pipeline.idset import IdSet
-from pipeline.shard import Shard, parse_shard, shard_of
+from pipeline.input.ids import IdSet
+from pipeline.input.shards import Shard, parse_shard, shard_of
 from pipeline.sinks import open_shards, open_sink
 from pipeline.sinks.layout import MERGING, part_shard
 from pipeline.sinks.parquet import ParquetSink
-from pipeline.status import sink_status
 
 from .helpers import SENTIMENT, cli, label, reviews, start_cli, wait_for, write_csv
 

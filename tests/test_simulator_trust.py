@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.prompt import Prompt
 from pipeline.simulator import SimulatorThread
 from pipeline.simulator.judge import Judge
+from pipeline.task.config import load_config
+from pipeline.task.prompt import Prompt
 
 from .helpers import ROOT, cli
 from .test_simulator import COMPLETION, call, check

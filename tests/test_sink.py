@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import SinkError, SinkMismatchError, UsageError
-from pipeline.idset import IdSet
+from pipeline.input.ids import IdSet
 from pipeline.results import Labeled, Row
 from pipeline.sinks import Identity, JsonlSink, Sink, open_sink
 from pipeline.sinks.compact import compact

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import TaskConfig, parse_config
 from pipeline.errors import InputError
+from pipeline.input.sources import CsvSource, content_id
 from pipeline.results import Row
-from pipeline.source import CsvSource, content_id
+from pipeline.task.config import TaskConfig, parse_config
 
 CONFIG = parse_config(
     {"instructions": "x", "labels": {"a": "a", "b": "b"}, "input": {"carry": ["lang"], "max_chars": 50}}

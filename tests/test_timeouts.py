@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from pipeline.hedging import Attempt, Hedger
-from pipeline.limits import Limiter, LimitSettings, RetryPolicy
+from pipeline.api.hedging import Attempt, Hedger
+from pipeline.api.timeouts import FLOOR, SAMPLES, AdaptiveTimeout, Deadline
+from pipeline.ratelimit.limiter import Limiter, LimitSettings, RetryPolicy
 from pipeline.results import Labeled, Row, now_iso
 from pipeline.sinks import open_sink
 from pipeline.stats import CallStats
-from pipeline.timeouts import FLOOR, SAMPLES, AdaptiveTimeout, Deadline
 
 from .helpers import label, reviews, sink_ids, write_csv
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.tokens import TokenEstimator, encoding_name, estimate
+from pipeline.api.tokens import TokenEstimator, encoding_name, estimate
 
 PREFIX = [{"role": "system", "content": "Label the sentiment: positive, negative or neutral."}]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.limits import Limiter, LimitSettings, Permit
-from pipeline.pacing import CUT
+from pipeline.ratelimit.limiter import Limiter, LimitSettings, Permit
+from pipeline.ratelimit.pacing import CUT
 
 from .test_limits import VirtualClock
 from .virtual_provider import run_against

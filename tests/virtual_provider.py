@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.limits import Limiter, LimitSettings
+from pipeline.ratelimit.limiter import Limiter, LimitSettings
 from pipeline.simulator.windows import RateLimits
 
 # A refusal comes back faster than a reply: the provider answers it before any model runs.

@@ -68,8 +68,8 @@ def _task_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def _options(args: argparse.Namespace, output: Path, **extra: Any) -> Any:
-    from pipeline.config import load_config  # noqa: PLC0415 - commands load what they need
-    from pipeline.options import RunOptions  # noqa: PLC0415
+    from pipeline.run.options import RunOptions  # noqa: PLC0415
+    from pipeline.task.config import load_config  # noqa: PLC0415 - commands load what they need
 
     config = load_config(args.config).with_overrides(
         model=args.model, text_column=args.text_column, id_column=args.id_column
@@ -163,7 +163,7 @@ def run_ingest(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         f"{done.unreadable:,} unreadable lines, {done.repeated:,} repeated results"
     )
     if done.failures:
-        from pipeline.api_errors import REFUSED_ADVICE  # noqa: PLC0415
+        from pipeline.api.errors import REFUSED_ADVICE  # noqa: PLC0415
 
         kinds = ", ".join(f"{kind} ×{n}" for kind, n in sorted(done.failures.items(), key=lambda kv: -kv[1]))
         print(f"  failures: {kinds}; details in {done.dead_letters}", file=sys.stderr)
@@ -204,7 +204,7 @@ def _defaults_from_sink(args: argparse.Namespace) -> None:
 
 def _api(base_url: str | None) -> Any:
     from pipeline.engines.batch.api import BatchApi  # noqa: PLC0415
-    from pipeline.options import resolve_credentials  # noqa: PLC0415
+    from pipeline.run.options import resolve_credentials  # noqa: PLC0415
 
     try:
         key, url = resolve_credentials(None, base_url)

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
     """Print the evaluation (and write the report)."""
     import orjson  # noqa: PLC0415 - commands load what they need
 
-    from pipeline.evaluate import evaluate  # noqa: PLC0415
+    from pipeline.analysis.evaluate import evaluate  # noqa: PLC0415
 
     result = evaluate(args.output, args.gold, args.gold_column)
     if args.json:
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
     else:
         print(result.render())
     if args.report is not None:
-        from pipeline.report import write_report  # noqa: PLC0415
+        from pipeline.analysis.report import write_report  # noqa: PLC0415
 
         write_report(args.report, args.output, evaluation=result)
         print(f"report: {args.report}", file=sys.stderr if args.json else sys.stdout)

@@ -23,8 +23,8 @@ from pipeline.commands.args import (
     share,
 )
 from pipeline.commands.signals import interrupt_on_term
-from pipeline.config import DEFAULT_MODEL
 from pipeline.errors import LabelstreamError, UsageError
+from pipeline.task.config import DEFAULT_MODEL
 
 FLEX_TIMEOUT = 900.0  # seconds: flex requests may wait in line for minutes
 MAX_BATCH_REQUESTS = 50_000
@@ -182,13 +182,13 @@ def _engine_flags(engine: Any) -> None:
 
 def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
     """RunOptions from the `label` flags: the one place that maps flags to options."""
-    from pipeline.config import load_config  # noqa: PLC0415 - commands load what they need
-    from pipeline.limits import LimitSettings, RetryPolicy  # noqa: PLC0415
-    from pipeline.options import RunOptions  # noqa: PLC0415
-    from pipeline.shard import parse_shard  # noqa: PLC0415
+    from pipeline.input.shards import parse_shard  # noqa: PLC0415
+    from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy  # noqa: PLC0415
+    from pipeline.run.options import RunOptions  # noqa: PLC0415
+    from pipeline.task.config import load_config  # noqa: PLC0415 - commands load what they need
 
     if args.prices is not None:
-        from pipeline.pricing import PRICES_ENV, load_prices  # noqa: PLC0415
+        from pipeline.api.pricing import PRICES_ENV, load_prices  # noqa: PLC0415
 
         # Through the environment, so that every process of the run (and a resume hint's) reads the same table.
         os.environ[PRICES_ENV] = str(args.prices.resolve())
@@ -289,7 +289,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.procs and args.procs > 1:
         return _run_procs(args, opts)
     if args.dry_run:
-        from pipeline.plan import dry_run  # noqa: PLC0415
+        from pipeline.run.plan import dry_run  # noqa: PLC0415
 
         print(dry_run(opts))
         return 0
@@ -320,7 +320,7 @@ async def _engine_run(args: argparse.Namespace, opts: Any) -> Any:
 
         return await run_auto(opts, batch_settings(args))
     from pipeline.engines.batch.ledger import Ledger  # noqa: PLC0415 - light: no SDK
-    from pipeline.run import run_label  # noqa: PLC0415
+    from pipeline.run.lifecycle import run_label  # noqa: PLC0415
     from pipeline.sinks import SinkMeta  # noqa: PLC0415
 
     live = 0
@@ -337,7 +337,7 @@ async def _engine_run(args: argparse.Namespace, opts: Any) -> Any:
 
 def _run_procs(args: argparse.Namespace, opts: Any) -> int:
     """--procs N: the shards as child processes of this one."""
-    from pipeline.procs import dry_run_procs, run_procs  # noqa: PLC0415 - commands load what they need
+    from pipeline.run.procs import dry_run_procs, run_procs  # noqa: PLC0415 - commands load what they need
 
     def child_args(shard: Any, limit: int | None) -> list[str]:
         words = [*_passed_on(args), "--output", str(opts.output), "--shard", shard.label, "--quiet"]

@@ -38,7 +38,7 @@ def run_status(args: argparse.Namespace, _argv: Sequence[str]) -> int:
     """Print what a sink holds."""
     import orjson  # noqa: PLC0415 - commands load what they need
 
-    from pipeline.status import ensure_finished, render_status, sink_status  # noqa: PLC0415
+    from pipeline.analysis.status import ensure_finished, render_status, sink_status  # noqa: PLC0415
 
     report = sink_status(args.output)
     if args.json:
@@ -46,7 +46,7 @@ def run_status(args: argparse.Namespace, _argv: Sequence[str]) -> int:
     else:
         print(render_status(report))
     if args.report is not None:
-        from pipeline.report import write_report  # noqa: PLC0415
+        from pipeline.analysis.report import write_report  # noqa: PLC0415
 
         ensure_finished(args.output)
         write_report(args.report, args.output)
@@ -56,7 +56,7 @@ def run_status(args: argparse.Namespace, _argv: Sequence[str]) -> int:
 
 def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
     """Join labels back onto the input."""
-    from pipeline.export import export_labels  # noqa: PLC0415 - commands load what they need
+    from pipeline.analysis.export import export_labels  # noqa: PLC0415 - commands load what they need
 
     result = export_labels(args.output, args.input, args.to)
     print(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.errors import UsageError
-from pipeline.shard import Shard
+from pipeline.input.shards import Shard
 from pipeline.sinks.base import Sink
 from pipeline.sinks.jsonl import JsonlSink
 from pipeline.sinks.layout import Layout, check_layout, discover, is_jsonl

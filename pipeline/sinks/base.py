@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import orjson
 
-from pipeline.idset import IdSet
+from pipeline.input.ids import IdSet
+from pipeline.input.shards import Shard
 from pipeline.results import Failed, Labeled, dead_letter
-from pipeline.shard import Shard
 from pipeline.sinks.meta import SinkMeta
 
 T = TypeVar("T")

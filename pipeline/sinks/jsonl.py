@@ -12,9 +12,9 @@ from typing import IO, Any, Final
 import orjson
 
 from pipeline.errors import SinkError, StorageError, UsageError
-from pipeline.idset import IdSet
+from pipeline.input.ids import IdSet
+from pipeline.input.shards import Shard
 from pipeline.results import Labeled, record, sha_tag
-from pipeline.shard import Shard
 from pipeline.sinks.base import Sink
 from pipeline.sinks.files import Appender, fsync_dir
 from pipeline.sinks.layout import shard_file

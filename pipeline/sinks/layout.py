@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Final
 
 from pipeline.errors import SinkMismatchError
-from pipeline.shard import Shard
+from pipeline.input.shards import Shard
 from pipeline.sinks.meta import meta_dir_for
 
 PART: Final = re.compile(r"^part-(?:s(\d+)of(\d+)-)?(\d{6})-[0-9a-f]+\.parquet$")

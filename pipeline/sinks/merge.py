@@ -18,8 +18,8 @@ from pathlib import Path
 import orjson
 
 from pipeline.errors import SinkError, SinkMismatchError, StorageError
+from pipeline.input.shards import Shard
 from pipeline.results import now_iso
-from pipeline.shard import Shard
 from pipeline.sinks.layout import MERGING, Layout, part_shard
 from pipeline.sinks.meta import Manifest, SinkMeta
 from pipeline.sinks.parquet import ParquetSink, rewrite_parts, target_schema

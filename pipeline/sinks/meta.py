@@ -18,8 +18,8 @@ from typing import IO, Any, Final
 import orjson
 
 from pipeline.errors import SinkError, SinkMismatchError, StorageError
+from pipeline.input.shards import Shard
 from pipeline.results import now_iso
-from pipeline.shard import Shard
 from pipeline.sinks.files import Appender, replace_atomically
 from pipeline.sinks.limit_memory import LimitMemory, endpoint_name
 

@@ -24,9 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import SinkError, SinkMismatchError, StorageError, UsageError
-from pipeline.idset import IdSet
+from pipeline.input.ids import IdSet
+from pipeline.input.shards import Shard
 from pipeline.results import GETTERS, LEADING, TRAILING, Labeled, sha_tag
-from pipeline.shard import Shard
 from pipeline.sinks.base import Sink
 from pipeline.sinks.files import fsync_dir
 from pipeline.sinks.layout import PART, part_number, part_shard

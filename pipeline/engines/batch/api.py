@@ -20,7 +20,7 @@ from openai.types import Batch
 
 from pipeline.engines.batch.files import ENDPOINT
 from pipeline.errors import BatchError, FatalApiError, redact
-from pipeline.limits import RetryPolicy, Sleep
+from pipeline.ratelimit.limiter import RetryPolicy, Sleep
 
 T = TypeVar("T")
 # Batch API calls are few; a patient policy costs nothing and rides out a provider's bad minute.

@@ -12,15 +12,15 @@ import dataclasses
 import sys
 from typing import IO, Final
 
+from pipeline.api.pricing import cost_of
 from pipeline.engines.batch.engine import run_batch
 from pipeline.engines.batch.ledger import Ledger
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.errors import BatchError
-from pipeline.options import RunOptions
-from pipeline.pricing import cost_of
-from pipeline.run import run_label
+from pipeline.run.lifecycle import run_label
+from pipeline.run.options import RunOptions
+from pipeline.run.summary import Summary
 from pipeline.sinks import SinkMeta
-from pipeline.summary import Summary
 
 # More of the online slice failing than this stops the run before any batch is sent.
 MAX_FAILED_SHARE: Final = 0.2

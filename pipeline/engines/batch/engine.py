@@ -29,12 +29,12 @@ from pipeline.engines.batch.poll import BatchProgress, refresh, wait_for_batches
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.batch.submit import SETTLE_SECONDS, Planner, counts_of, submit
 from pipeline.errors import BatchError, Interrupted, LabelstreamError, UsageError
-from pipeline.options import RunOptions, resolve_credentials
-from pipeline.prepare import Prepared, RowGate, prepare_run
-from pipeline.prompt import Prompt
 from pipeline.results import Failed
+from pipeline.run.options import RunOptions, resolve_credentials
+from pipeline.run.prepare import Prepared, RowGate, prepare_run
+from pipeline.run.summary import Summary
 from pipeline.stats import CallStats, RunStats
-from pipeline.summary import Summary
+from pipeline.task.prompt import Prompt
 
 _ROWS_AT_ONCE = 5000  # rows of a batch read and settled at a time
 

@@ -19,11 +19,11 @@ from typing import IO, Final
 
 import orjson
 
+from pipeline.api.request import request_body
 from pipeline.errors import StorageError
-from pipeline.prompt import Prompt
-from pipeline.request import request_body
 from pipeline.results import Row
 from pipeline.sinks.files import fsync_dir
+from pipeline.task.prompt import Prompt
 
 ENDPOINT: Final = "/v1/chat/completions"
 

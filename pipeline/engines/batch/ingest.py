@@ -24,14 +24,14 @@ from typing import Any, Final
 
 import orjson
 
-from pipeline.api_errors import refusal_kind
+from pipeline.api.errors import refusal_kind
+from pipeline.api.request import Reply, read_reply
 from pipeline.engines.batch.files import request_sha
-from pipeline.idset import IdSet
-from pipeline.prompt import Prompt, ReplyError
-from pipeline.request import Reply, read_reply
+from pipeline.input.ids import IdSet
 from pipeline.results import Failed, Labeled, Row, now_iso, sha_tag
 from pipeline.sinks import Sink, SinkMeta
 from pipeline.stats import RunStats
+from pipeline.task.prompt import Prompt, ReplyError
 
 UNFINISHED_CODES: Final = frozenset({"batch_expired", "batch_cancelled"})
 _APPEND_EVERY: Final = 5000

@@ -34,7 +34,7 @@ import orjson
 
 from pipeline.engines.batch.files import read_row_ids
 from pipeline.errors import BatchError, SinkError, StorageError
-from pipeline.idset import IdSet
+from pipeline.input.ids import IdSet
 from pipeline.results import now_iso
 from pipeline.sinks.meta import SinkMeta
 

@@ -26,11 +26,11 @@ from pipeline.engines.batch.ledger import Ledger
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.batch.submit import Planner
 from pipeline.errors import LabelstreamError, UsageError
-from pipeline.options import RunOptions
-from pipeline.prepare import RowGate, prepare_run
-from pipeline.prompt import Prompt
 from pipeline.results import Row
+from pipeline.run.options import RunOptions
+from pipeline.run.prepare import RowGate, prepare_run
 from pipeline.stats import CallStats, RunStats
+from pipeline.task.prompt import Prompt
 
 # Results held in memory at once; a bigger set is merged in several passes over the input.
 RESULTS_PER_PASS: Final = 100_000

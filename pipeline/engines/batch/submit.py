@@ -29,9 +29,9 @@ from pipeline.engines.batch.ledger import (
     Submission,
 )
 from pipeline.errors import BatchError
-from pipeline.idset import IdSet
-from pipeline.prepare import RowGate, Verdict
+from pipeline.input.ids import IdSet
 from pipeline.results import Failed, Row, now_iso
+from pipeline.run.prepare import RowGate, Verdict
 from pipeline.stats import RunStats
 
 # How far back (seconds) to look for a batch before the moment its create was sent: clocks differ.

@@ -22,13 +22,13 @@ import orjson
 import pyarrow as pa
 
 from pipeline.errors import FatalApiError, Interrupted, LabelstreamError, UsageError
-from pipeline.options import RunOptions, resume_after
-from pipeline.prepare import Prepared, RowGate, Verdict, prepare_run
 from pipeline.results import Failed, Row, dead_letter, now_iso
+from pipeline.run.options import RunOptions, resume_after
+from pipeline.run.prepare import Prepared, RowGate, Verdict, prepare_run
+from pipeline.run.summary import Summary
 from pipeline.sinks.layout import is_jsonl
 from pipeline.sinks.parquet import ParquetSink
 from pipeline.stats import CallStats, RunStats
-from pipeline.summary import Summary
 
 ROWS_PER_TABLE: Final = 500  # rows per block put into Ray's object store: small enough to spread over actors
 
@@ -184,8 +184,8 @@ def _start_ray(opts: RunOptions, say: Any) -> bool:
 def _label(prepared: Prepared, opts: RunOptions, refs: list[Any], stats: RunStats, **how: Any) -> None:
     import ray  # noqa: PLC0415
 
+    from pipeline.engines.ray.dataset import ROWS_PER_FILE, label_rows  # noqa: PLC0415
     from pipeline.engines.ray.output import write_args  # noqa: PLC0415
-    from pipeline.ray import ROWS_PER_FILE, label_rows  # noqa: PLC0415
 
     sink = prepared.sink
     assert isinstance(sink, ParquetSink) and sink.schema is not None  # noqa: S101 - _check, prepare_run

@@ -21,10 +21,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import TaskConfig
-from pipeline.limits import LimitSettings, RetryPolicy
+from pipeline.input.sources import content_id
+from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
 from pipeline.results import RECORD_FIELDS, Failed, Labeled, Row, dead_letter, now_iso
-from pipeline.source import content_id
+from pipeline.task.config import TaskConfig
 
 # Columns of the rows a Labeler takes; every other column is carried into the records.
 ROW_COLUMNS: Final = ("id", "text", "line", "truncated", "problem")
@@ -91,10 +91,10 @@ class Labeler:
 
     def _start(self) -> Any:
         # On the actor's event loop: the HTTP session and the limiter's primitives belong to it.
-        from pipeline.client import LabelClient  # noqa: PLC0415 - the SDK loads in the actor, not the driver
+        from pipeline.api.client import LabelClient  # noqa: PLC0415 - the SDK loads in the actor, not the driver
         from pipeline.engines.ray.limit import SharedLimiter  # noqa: PLC0415
-        from pipeline.options import resolve_credentials  # noqa: PLC0415
-        from pipeline.prompt import Prompt  # noqa: PLC0415
+        from pipeline.run.options import resolve_credentials  # noqa: PLC0415
+        from pipeline.task.prompt import Prompt  # noqa: PLC0415
 
         # The key comes from the actor's environment (never through Ray's task arguments, which Ray stores).
         api_key, base_url = resolve_credentials(None, self.base_url)

@@ -18,9 +18,9 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
-from pipeline.buckets import Clock
-from pipeline.limits import DEFAULT_PAUSE, REQUEST_BURST, SAFETY, Limiter, LimitSettings, Permit, Sleep
-from pipeline.ratelimit_headers import number, provider_view
+from pipeline.ratelimit.buckets import Clock
+from pipeline.ratelimit.headers import number, provider_view
+from pipeline.ratelimit.limiter import DEFAULT_PAUSE, REQUEST_BURST, SAFETY, Limiter, LimitSettings, Permit, Sleep
 
 TOKEN_BURST: Final = 1.0  # seconds of the token rate that may go out at once (the local bucket allows the same)
 COUNTERS: Final = (

@@ -1,0 +1,1 @@
+"""Reading a sink: status, export, eval, report, review."""

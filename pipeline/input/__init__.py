@@ -1,0 +1,1 @@
+"""Rows in: streamed sources, compact id sets, shards."""

@@ -1,0 +1,1 @@
+"""A labeling run: options, preparation, progress, budget, estimate, summary, several processes."""

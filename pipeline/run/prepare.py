@@ -1,0 +1,307 @@
+"""Getting a sink ready for a run, and deciding row by row what the run does; shared by the run and `--dry-run`.
+
+`prepare_run` takes the lock, moves an old sink aside (`--skip_labeled False`), repairs what a crash left,
+loads the done ids, checks the resume guard, drops superseded records (`--relabel-changed`) and writes the
+manifest. `RowGate` then sorts each input row: already done, a repeat, unusable, or to send; since the dry
+run uses the same gate, it counts exactly what the run will send.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import SinkMismatchError, UsageError
+from pipeline.input.ids import IdSet
+from pipeline.input.shards import Shard
+from pipeline.input.sources import CsvSource
+from pipeline.results import Row, now_iso, sha_tag
+from pipeline.run.options import RunOptions
+from pipeline.sinks import Identity, Manifest, Sink, check_layout, open_sink
+from pipeline.sinks.layout import move_aside
+from pipeline.stats import RunStats
+
+_HEAD_BYTES = 1 << 16
+
+
+def open_source(opts: RunOptions) -> CsvSource:
+    """The run's CSV reader (not yet opened)."""
+    return CsvSource(
+        opts.input,
+        opts.config,
+        encoding=opts.io.encoding,
+        delimiter=opts.io.delimiter,
+        require_id_column=opts.io.require_id_column,
+    )
+
+
+def identity_of(opts: RunOptions, source: CsvSource) -> Identity:
+    """What the resume guard compares: model, prompt fingerprint, labels, and how ids are made."""
+    return Identity(
+        model=opts.model,
+        prompt=opts.config.prompt_fingerprint(),
+        labels=opts.config.labels,
+        multi_label=opts.config.multi_label,
+        id_source=source.id_source,
+    )
+
+
+def input_fingerprint(path: Path) -> dict[str, Any]:
+    """What identifies an input file across runs: its path, size and a hash of its first 64 KiB."""
+    with path.open("rb") as handle:
+        head = handle.read(_HEAD_BYTES)
+    return {
+        "path": str(path.resolve()),
+        "size": path.stat().st_size,
+        "head_sha": hashlib.blake2b(head, digest_size=8).hexdigest(),
+    }
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A sink ready for a run: opened source, locked sink, done ids, and the manifest as written."""
+
+    source: CsvSource
+    sink: Sink
+    done: IdSet
+    manifest: Manifest
+    notes: list[str] = field(default_factory=list)
+    relabeled: int = 0  # rows whose text changed, labeled again for --relabel-changed
+    redo: IdSet = field(default_factory=IdSet)  # done ids to label again (a dry run keeps them in `done`)
+
+    def close(self) -> None:
+        """Close the input and release the lock (the run closes the sink's files itself)."""
+        self.source.close()
+        self.sink.meta.unlock()
+
+
+def prepare_run(opts: RunOptions, *, dry_run: bool = False) -> Prepared:
+    """Open the input and make the sink ready; a dry run checks the same things and changes nothing."""
+    if opts.restart and opts.shard is not None:
+        raise UsageError(
+            "--skip_labeled False would start one shard over while the others keep theirs. Move the output "
+            "aside (or use a new --output) and run every shard again; --procs N --skip_labeled False does both."
+        )
+    source = open_source(opts)
+    source.open()
+    sink = open_sink(opts.output, opts.shard)
+    try:
+        return _prepare(opts, source, sink, dry_run=dry_run)
+    except BaseException:
+        source.close()
+        sink.meta.unlock()
+        raise
+
+
+def _prepare(opts: RunOptions, source: CsvSource, sink: Sink, *, dry_run: bool) -> Prepared:
+    notes: list[str] = []
+    claimed = sink.meta.claims()
+    if not dry_run:
+        # Lock first, so a run still writing this sink is never moved aside from under it; the lock file
+        # moves with the old side files, so take a fresh one on the new folder afterwards.
+        sink.meta.lock()
+        if opts.restart:
+            # Never move a sharded output aside from under its shards (--procs N --skip_labeled False does it
+            # with every shard's lock held).
+            try:
+                check_layout(opts.output, None)
+            except SinkMismatchError:
+                sink.meta.unlock()
+                sink.meta.withdraw(claimed)
+                raise
+            backup = move_aside(opts.output)
+            sink.meta.unlock()
+            sink.meta.lock()
+            if backup is not None:
+                notes.append(f"moved the previous output to {backup} (--skip_labeled False)")
+    if not (opts.restart and dry_run):
+        # After the lock: a run claims its place first, then looks for runs of another layout (layout.py).
+        try:
+            check_layout(opts.output, opts.shard)
+        except SinkMismatchError:
+            if not dry_run:
+                sink.meta.unlock()
+                sink.meta.withdraw(claimed)
+            raise
+    fresh = opts.restart and dry_run  # the real run would move the sink aside and start empty
+    done = IdSet() if fresh else sink.load_done(repair=not dry_run)
+    notes.extend(sink.notes)
+    identity = identity_of(opts, source)
+    has_rows = not fresh and (len(done) > 0 or sink.has_rows())
+    manifest = sink.meta.check_identity(identity, has_rows=has_rows, force=opts.force, sink_name=sink.meta.what)
+    if opts.shard is not None and not has_rows and not opts.force:
+        _check_siblings(opts, opts.shard, identity)
+    notes.extend(_input_notes(opts, source, manifest))
+    outputs = [(f.name, f.kind) for f in opts.config.outputs]
+    sink.bind_schema(source.carry, multi_label=opts.config.multi_label, outputs=outputs)
+    prepared = Prepared(source, sink, done, manifest, notes)
+    if opts.relabel_changed and len(done):
+        _relabel_changed(prepared, dry_run=dry_run)
+    manifest.input = {
+        "id_column": source.id_column,
+        "text_column": opts.config.text_column,
+        "template": opts.config.template,
+        "encoding": source.encoding,
+        "delimiter": source.delimiter,
+        "file": input_fingerprint(opts.input),
+        # The task file, so that `batch ingest` can validate results without being told again.
+        "config": str(Path(opts.config.source).resolve()) if Path(opts.config.source).is_file() else None,
+    }
+    if not dry_run:
+        manifest.runs.append({"started_at": now_iso(), "model": opts.model})
+        sink.meta.write_manifest(manifest)
+    return prepared
+
+
+def _relabel_changed(prepared: Prepared, *, dry_run: bool) -> None:
+    """--relabel-changed: find the done rows whose text changed; a real run drops their labels first."""
+    source, sink = prepared.source, prepared.sink
+    changed = changed_ids(source, prepared.done)
+    prepared.relabeled = len(changed)
+    if len(changed) and not dry_run:
+        # Drop first, then label: a crash in between leaves those rows unlabeled, never twice in the sink.
+        sink.drop_ids(changed)
+        prepared.done = sink.load_done()
+        prepared.notes.append(f"--relabel-changed: dropped the labels of {len(changed):,} rows whose text changed")
+    else:
+        prepared.redo = changed
+    source.close()
+    source.open()
+
+
+def _check_siblings(opts: RunOptions, shard: Shard, identity: Identity) -> None:
+    """A shard that has labeled nothing yet still joins an output whose other shards fixed its setup."""
+    for index in range(shard.count):
+        if index == shard.index:
+            continue
+        sibling = open_sink(opts.output, Shard(index, shard.count))
+        recorded = sibling.meta.read_manifest()
+        if recorded is None or recorded.identity is None or not sibling.has_rows():
+            continue
+        if diffs := identity.differences(recorded.identity):
+            raise SinkMismatchError(
+                f"{sibling.meta.what} was labeled with {recorded.identity.model} and prompt "
+                f"{recorded.identity.prompt}; this shard differs: {'; '.join(diffs)}. All shards of one output use "
+                "one setup: use a new --output, or --force to mix them."
+            )
+        return
+
+
+def _input_notes(opts: RunOptions, source: CsvSource, manifest: Manifest) -> list[str]:
+    notes = []
+    cfg = opts.config
+    if cfg.id_column and source.id_column is None:
+        notes.append(
+            f"id column {cfg.id_column!r} is not in the input; ids are content hashes of the text "
+            "(stable across runs; identical texts share one label)"
+        )
+    if source.missing_carry:
+        notes.append(f"carry columns {list(source.missing_carry)} are not in the input; left out")
+    before = manifest.input.get("file") if manifest.runs else None
+    if isinstance(before, dict):
+        with contextlib.suppress(OSError):
+            now = input_fingerprint(opts.input)
+            if before.get("path") != now["path"]:
+                notes.append(
+                    f"this sink was labeled from {before.get('path')}; this run reads {now['path']} "
+                    "(allowed: ids already in the sink are skipped)"
+                )
+            elif before.get("head_sha") != now["head_sha"]:
+                notes.append(f"{opts.input} has changed since the last run (its first lines differ)")
+    return notes
+
+
+def changed_ids(source: CsvSource, done: IdSet) -> IdSet:
+    """Done ids whose text in the input differs from the text they were labeled with (one pass over the input)."""
+    changed = IdSet()
+    for batch in source.batches():
+        for row in batch:
+            if row.problem:
+                continue
+            tag = done.tag_of(row.id)
+            if tag and tag != sha_tag(row.sha):
+                changed.add(row.id)
+    return changed
+
+
+class Verdict(Enum):
+    """What a run does with one input row."""
+
+    DONE = "done"  # already in the sink
+    REPEAT = "repeat"  # the same id (and text) came earlier in this input
+    CONFLICT = "conflict"  # the same id came earlier with different text: labeled once, by the first
+    PROBLEM = "problem"  # unusable (empty text, bad bytes, ragged): dead-lettered without a request
+    OTHER_SHARD = "other_shard"  # another shard labels it (--shard)
+    SEND = "send"
+
+
+class RowGate:
+    """Sorts input rows for a run; counts what it saw into `stats`. `full` once `max_rows` rows were let through.
+
+    Problem rows do not count against `max_rows`: they cost no request, and a file whose first N rows are
+    unusable must still move forward batch by batch.
+    """
+
+    def __init__(
+        self,
+        done: IdSet,
+        stats: RunStats,
+        max_rows: int | None,
+        *,
+        redo: IdSet | None = None,
+        shard: Shard | None = None,
+    ) -> None:
+        self.done = done
+        self.shard = shard if shard is not None and shard.count > 1 else None
+        self.redo = redo if redo is not None and len(redo) else None
+        self.seen = IdSet()
+        self.stats = stats
+        self.max_rows = max_rows
+        self.sent = 0
+        self.problems = 0
+
+    @property
+    def full(self) -> bool:
+        """Whether --limit has been reached."""
+        return self.max_rows is not None and self.sent >= self.max_rows
+
+    @property
+    def admitted(self) -> int:
+        """Rows this run finishes (sent, or dead-lettered as problems)."""
+        return self.sent + self.problems
+
+    def sort(self, row: Row) -> Verdict:
+        """Decide what happens to `row` (call in input order, and not once `full`)."""
+        stats = self.stats
+        stats.read += 1
+        if self.shard is not None and not self.shard.holds(row.id):
+            stats.other_shards += 1
+            return Verdict.OTHER_SHARD
+        tag = 0 if row.problem else sha_tag(row.sha)
+        held = self.done.tag_of(row.id)
+        if held is not None and not (self.redo is not None and row.id in self.redo):
+            stats.skipped_done += 1
+            if held and tag and held != tag:
+                stats.changed += 1
+            return Verdict.DONE
+        if not self.seen.add(row.id, tag):
+            first = self.seen.tag_of(row.id)
+            if first and tag and first != tag:
+                stats.conflicts += 1
+                if len(stats.conflict_samples) < 5:
+                    stats.conflict_samples.append(f"{row.id} (line {row.line})")
+                return Verdict.CONFLICT
+            stats.duplicates += 1
+            if len(stats.duplicate_samples) < 5:
+                stats.duplicate_samples.append(f"{row.id} (line {row.line})")
+            return Verdict.REPEAT
+        if row.problem:
+            self.problems += 1
+            return Verdict.PROBLEM
+        self.sent += 1
+        stats.truncated += row.truncated
+        return Verdict.SEND

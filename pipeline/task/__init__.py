@@ -1,0 +1,1 @@
+"""The task: its file (config), typed extra outputs, and the prompt built from them."""
