@@ -34,7 +34,8 @@ def register(sub: Any) -> None:
     """Add the `label` subcommand."""
     label = sub.add_parser("label", help="label a CSV into a JSONL or Parquet sink (resumes what it holds)")
     io = label.add_argument_group("input and output")
-    io.add_argument("--input", "--input_csv", dest="input", required=True, help="CSV file to label")
+    io.add_argument("--input", "--input_csv", dest="input", required=True, help="CSV/TSV, JSONL or Parquet (or s3://)")
+    io.add_argument("--input-format", choices=("csv", "tsv", "jsonl", "parquet"), help="default: by extension")
     io.add_argument("--output", help="OUT.jsonl or OUT.parquet (default: INPUT.labels.jsonl)")
     io.add_argument("--config", default="configs/sentiment.toml", help="task file (default: %(default)s)")
     io.add_argument("--text-column", help="override the config's text column")
@@ -182,6 +183,7 @@ def _engine_flags(engine: Any) -> None:
 
 def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
     """RunOptions from the `label` flags: the one place that maps flags to options."""
+    from pipeline.input.location import default_output  # noqa: PLC0415
     from pipeline.input.shards import parse_shard  # noqa: PLC0415
     from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy  # noqa: PLC0415
     from pipeline.run.options import RunOptions  # noqa: PLC0415
@@ -218,12 +220,12 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
         share = 1 / args.procs if args.procs else 1 / shard.count if shared and shard else 1.0
     limits = dataclasses.replace(limits, share=share)
     urls = args.base_url or []
-    input_path = Path(args.input)
-    output = Path(args.output) if args.output else input_path.with_suffix(".labels.jsonl")
+    output = Path(args.output) if args.output else default_output(args.input)
     return RunOptions.build(
-        input_path,
+        args.input,
         output,
         config,
+        input_format=args.input_format,
         encoding=args.encoding,
         delimiter=args.delimiter,
         require_id_column=bool(args.id_column),
