@@ -20,10 +20,13 @@ def register(sub: Any) -> None:
     status.add_argument("--report", type=Path, help="write a self-contained HTML report of a finished run here")
     status.set_defaults(handler=run_status)
 
-    export = sub.add_parser("export", help="join labels back onto the input rows (CSV or Parquet)")
+    export = sub.add_parser("export", help="join labels back onto the input rows (CSV, JSONL or Parquet)")
     export.add_argument("output", type=Path, help="the sink (OUT.jsonl or OUT.parquet)")
-    export.add_argument("--input", "--input_csv", dest="input", type=Path, required=True, help="the labeled CSV")
-    export.add_argument("--to", type=Path, required=True, help="labeled.csv or labeled.parquet")
+    export.add_argument("--input", "--input_csv", dest="input", required=True, help="the labeled input (any format)")
+    export.add_argument(
+        "--input-format", choices=("csv", "tsv", "jsonl", "parquet"), help="input format (default: by extension)"
+    )
+    export.add_argument("--to", type=Path, required=True, help="labeled.csv, labeled.jsonl or labeled.parquet")
     export.set_defaults(handler=run_export)
 
     compact = sub.add_parser(
@@ -58,7 +61,7 @@ def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
     """Join labels back onto the input."""
     from pipeline.analysis.export import export_labels  # noqa: PLC0415 - commands load what they need
 
-    result = export_labels(args.output, args.input, args.to)
+    result = export_labels(args.output, args.input, args.to, input_format=args.input_format)
     print(
         f"wrote {result.output}: {result.rows:,} rows, {result.labeled:,} labeled, "
         f"{result.unlabeled:,} without a label (left empty)"
