@@ -50,7 +50,8 @@ def _zstd(data: bytes) -> bytes:
 
 def _csv_bytes(rows: list[dict[str, Any]], delimiter: str = ",") -> bytes:
     lines: list[str] = []
-    writer = csv.writer(_Lines(lines), delimiter=delimiter, lineterminator="\n")
+    # The default "\r\n" line end makes the writer quote a lone "\r" too, as a CSV reader needs.
+    writer = csv.writer(_Lines(lines), delimiter=delimiter)
     writer.writerow(list(rows[0]))
     writer.writerows([render(v) for v in row.values()] for row in rows)
     return "".join(lines).encode()
@@ -303,3 +304,16 @@ def test_parquet_without_the_text_column_names_its_columns(tmp_path: Path) -> No
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no Parquet files"):
         _read(tmp_path / "empty")
+
+
+def test_a_corrupt_parquet_file_or_a_stray_file_in_a_dataset_stops_before_any_request(tmp_path: Path) -> None:
+    """A truncated Parquet file, or a non-Parquet file inside a dataset directory, is an error naming that file."""
+    good = _write(_folder(tmp_path, "good"), "parquet")
+    truncated = tmp_path / "cut.parquet"
+    truncated.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(InputError, match=r"cannot read .*cut\.parquet as Parquet: .*pass --input-format"):
+        _read(truncated)
+    folder = _write(_folder(tmp_path, "ds"), "parquet-dir")
+    (folder / "part-99.parquet").write_text("id,text\n1,x\n")
+    with pytest.raises(InputError, match=r"part-99\.parquet.*if a directory holds other files, move them out"):
+        _read(folder)

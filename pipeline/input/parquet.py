@@ -7,9 +7,13 @@ so a file written with one huge row group costs that row group). Files of a dire
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from typing import Any
+
+# This module is imported only for a Parquet input, so CSV and JSONL runs never load these.
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from pipeline.errors import InputError
 from pipeline.input.location import InputFile, check_format
@@ -30,8 +34,11 @@ class ParquetSource(Source):
         super().__init__(file, config, require_id_column=require_id_column)
         self._dataset: Any = None
         self._batches: Iterator[Any] | None = None
-        self._pending: Iterator[tuple[list[str], dict[str, Any] | None]] = iter(())
         self._columns: list[str] = []
+        self._total = 0
+        self._fields: list[list[str]] = []  # the current record batch, as text cells
+        self._typed: list[dict[str, Any]] | None = None  # ... and as typed values (objects() only)
+        self._at = 0
 
     @property
     def lines_read(self) -> int:
@@ -45,9 +52,6 @@ class ParquetSource(Source):
 
     def open(self) -> None:
         """Open the dataset (again, from the start) and check its columns."""
-        import pyarrow as pa  # noqa: PLC0415 - CSV runs do not pay for pyarrow
-        import pyarrow.dataset as ds  # noqa: PLC0415
-
         self.close()
         self._line = 0
         if not self.file.is_dir:
@@ -61,70 +65,84 @@ class ParquetSource(Source):
         self.header = list(self._dataset.schema.names)
         hint = " (the directory holds no Parquet files)" if self.file.is_dir and not self.header else ""
         self._check_columns(hint)
+        try:
+            # Reads every file's footer: a file that is not Parquet stops the run here, before any request.
+            self._total = int(self._dataset.count_rows())
+        except (OSError, pa.ArrowException) as exc:
+            raise self._unreadable(exc) from None
         self._batches = None
 
     def close(self) -> None:
         """Forget the scan (safe to call twice); the next `open` starts over."""
         self._batches = None
-        self._pending = iter(())
+        self._fields, self._typed, self._at = [], None, 0
 
     def count_lines(self, stop: Any = None) -> int:
-        """Rows in the dataset, from the files' footers (no data is read)."""
-        return int(self._dataset.count_rows())
+        """Rows in the dataset, from the files' footers (counted when opened; no data is read)."""
+        return self._total
 
     def records(self) -> Iterator[tuple[list[str], Row]]:
         """Each remaining row as (every cell as text, its Row)."""
-        for fields, _ in self._rows(full=True, typed=False):
+        while self._fill(full=True, typed=False):
+            fields, self._at = self._fields[self._at], self._at + 1
+            self._line += 1
             yield fields, self._make_row(fields)
 
     def objects(self) -> Iterator[tuple[dict[str, Any], Row]]:
         """Each remaining row as (column → typed value, its Row)."""
-        for fields, typed in self._rows(full=True, typed=True):
-            yield typed or {}, self._make_row(fields)
+        while self._fill(full=True, typed=True):
+            at, self._at = self._at, self._at + 1
+            self._line += 1
+            yield (self._typed[at] if self._typed else {}), self._make_row(self._fields[at])
 
     def read_batch(self, size: int = 512) -> list[Row]:
         """Read up to `size` rows, decoding only the columns a Row is made of; empty when the input has ended."""
-        return [self._make_row(fields) for fields, _ in itertools.islice(self._rows(full=False, typed=False), size)]
+        rows: list[Row] = []
+        while len(rows) < size and self._fill(full=False, typed=False):
+            take = self._fields[self._at : self._at + size - len(rows)]
+            self._at += len(take)
+            for fields in take:
+                self._line += 1
+                rows.append(self._make_row(fields))
+        return rows
 
-    def _rows(self, *, full: bool, typed: bool) -> Iterator[tuple[list[str], dict[str, Any] | None]]:
-        import pyarrow as pa  # noqa: PLC0415
-
+    def _fill(self, *, full: bool, typed: bool) -> bool:
+        """Make sure rows of the current record batch remain (reading the next one if needed); False at the end."""
         if self._dataset is None:
             raise RuntimeError("ParquetSource.open() must be called first")
         if self._batches is None:
             # One scan per open, of every column (export) or only the ones Rows need (a run).
             self._columns = self.header if full else self.used_columns
             # Read-ahead kept small: memory is bounded by a few batches, not by the file.
-            self._batches = iter(
-                self._dataset.to_batches(
-                    columns=self._columns, batch_size=_BATCH_ROWS, batch_readahead=2, fragment_readahead=1
+            scan = self._dataset.to_batches
+            self._batches = iter(())
+            try:
+                self._batches = iter(
+                    scan(columns=self._columns, batch_size=_BATCH_ROWS, batch_readahead=2, fragment_readahead=1)
                 )
-            )
-        while True:
-            for item in self._pending:
-                self._line += 1
-                yield item
+            except (OSError, pa.ArrowException) as exc:
+                raise self._unreadable(exc) from None
+        while self._at >= len(self._fields):
             try:
                 batch = next(self._batches, None)
             except (OSError, pa.ArrowException) as exc:
                 raise self._unreadable(exc) from None
             if batch is None:
-                return
-            self._pending = self._split(batch, typed)
+                return False
+            self._fields, self._at = self._split(batch), 0
+            self._typed = batch.to_pylist(maps_as_pydicts="lossy") if typed else None
+        return True
 
-    def _split(self, batch: Any, typed: bool) -> Iterator[tuple[list[str], dict[str, Any] | None]]:
+    def _split(self, batch: Any) -> list[list[str]]:
+        """The batch's rows as header-wide lists of text cells (columns not read stay empty)."""
         width, index = len(self.header), self._index
         rendered = [_render_column(batch.column(i)) for i in range(batch.num_columns)]
-        places = [index[name] for name in self._columns]
-        values = batch.to_pylist(maps_as_pydicts="lossy") if typed else None
-        for at, cells in enumerate(zip(*rendered, strict=True)):
-            fields = [""] * width
-            for place, cell in zip(places, cells, strict=True):
-                fields[place] = cell
-            yield fields, (values[at] if values is not None else None)
+        by_place = {index[name]: cells for name, cells in zip(self._columns, rendered, strict=True)}
+        empty = [""] * batch.num_rows  # columns not read (zip keeps the per-row work in C)
+        return [list(cells) for cells in zip(*(by_place.get(i, empty) for i in range(width)), strict=True)]
 
     def _unreadable(self, exc: BaseException) -> InputError:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
         return InputError(
             f"cannot read {self.path} as Parquet: {reason}. If it holds another format, pass "
             "--input-format csv|tsv|jsonl; if a directory holds other files, move them out."
@@ -132,14 +150,13 @@ class ParquetSource(Source):
 
 
 def _render_column(column: Any) -> list[str]:
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.compute as pc  # noqa: PLC0415
-
     kind = column.type
     if pa.types.is_dictionary(kind):
         column, kind = column.dictionary_decode(), kind.value_type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return ["" if v is None else v for v in column.to_pylist()]
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind):
+        # Arrow writes integers as str() does; null → "" here too, in C rather than per value.
+        texts = column if not pa.types.is_integer(kind) else pc.cast(column, pa.string())
+        return list((texts.fill_null("") if texts.null_count else texts).to_pylist())
     if pa.types.is_float16(kind) or pa.types.is_float32(kind):
         # As a double, float32 0.1 is 0.10000000149011612; Arrow's text of it is the shortest that round-trips.
         texts = pc.cast(column, pa.string()).to_pylist()
