@@ -317,3 +317,17 @@ def test_a_corrupt_parquet_file_or_a_stray_file_in_a_dataset_stops_before_any_re
     (folder / "part-99.parquet").write_text("id,text\n1,x\n")
     with pytest.raises(InputError, match=r"part-99\.parquet.*if a directory holds other files, move them out"):
         _read(folder)
+
+
+def test_parquet_dataset_reads_hive_partitions_and_files_missing_a_column(tmp_path: Path) -> None:
+    """A `key=value` folder becomes a column; a file without a carry column gives empty cells there."""
+    config = parse_config({"instructions": "x", "labels": {"a": "a", "b": "b"}, "input": {"carry": ["lang", "n"]}})
+    root = tmp_path / "ds"
+    for lang, rows in (("en", [{"id": 1, "text": "a", "n": 5}]), ("ko", [{"id": 2, "text": "b"}])):
+        (root / f"lang={lang}").mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows), root / f"lang={lang}" / "part.parquet")
+    rows = _read(root, config)
+    assert [(r.id, r.text, dict(r.carry)) for r in rows] == [
+        ("1", "a", {"lang": "en", "n": "5"}),
+        ("2", "b", {"lang": "ko", "n": ""}),
+    ]

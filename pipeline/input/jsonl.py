@@ -35,6 +35,7 @@ class JsonlSource(Source):
         self._lines: Iterator[tuple[int, bytes]] | None = None
         self._first: tuple[int, dict[str, Any]] | None = None
         self._physical = 0
+        self._used: list[tuple[int, str]] = []  # (place, name) of the columns a Row is made of
 
     @property
     def lines_read(self) -> int:
@@ -55,6 +56,7 @@ class JsonlSource(Source):
             self._first = self._first_object()
             self.header = list(self._first[1])
             self._check_columns()
+            self._used = [(self._index[name], name) for name in self.used_columns]
         except BaseException:
             self.close()
             raise
@@ -104,10 +106,10 @@ class JsonlSource(Source):
 
     def _row(self, obj: dict[str, Any]) -> Row:
         # Only the columns a Row is made of are rendered; the others stay empty (records() renders all).
-        index = self._index
         fields = [""] * len(self.header)
-        for name in self.used_columns:
-            fields[index[name]] = render(obj.get(name))
+        for place, name in self._used:
+            value = obj.get(name)
+            fields[place] = value if type(value) is str else render(value)
         return self._make_row(fields)
 
     def _first_object(self) -> tuple[int, dict[str, Any]]:

@@ -36,7 +36,7 @@ class ParquetSource(Source):
         self._batches: Iterator[Any] | None = None
         self._columns: list[str] = []
         self._total = 0
-        self._fields: list[list[str]] = []  # the current record batch, as text cells
+        self._fields: list[tuple[str, ...]] = []  # the current record batch, as text cells
         self._typed: list[dict[str, Any]] | None = None  # ... and as typed values (objects() only)
         self._at = 0
 
@@ -84,7 +84,7 @@ class ParquetSource(Source):
     def records(self) -> Iterator[tuple[list[str], Row]]:
         """Each remaining row as (every cell as text, its Row)."""
         while self._fill(full=True, typed=False):
-            fields, self._at = self._fields[self._at], self._at + 1
+            fields, self._at = list(self._fields[self._at]), self._at + 1
             self._line += 1
             yield fields, self._make_row(fields)
 
@@ -113,19 +113,12 @@ class ParquetSource(Source):
         if self._batches is None:
             # One scan per open, of every column (export) or only the ones Rows need (a run).
             self._columns = self.header if full else self.used_columns
-            # Read-ahead kept small: memory is bounded by a few batches, not by the file.
-            scan = self._dataset.to_batches
-            self._batches = iter(())
-            try:
-                self._batches = iter(
-                    scan(columns=self._columns, batch_size=_BATCH_ROWS, batch_readahead=2, fragment_readahead=1)
-                )
-            except (OSError, pa.ArrowException) as exc:
-                raise self._unreadable(exc) from None
+            self._batches = self._scan()
         while self._at >= len(self._fields):
             try:
                 batch = next(self._batches, None)
             except (OSError, pa.ArrowException) as exc:
+                self._batches = iter(())
                 raise self._unreadable(exc) from None
             if batch is None:
                 return False
@@ -133,13 +126,42 @@ class ParquetSource(Source):
             self._typed = batch.to_pylist(maps_as_pydicts="lossy") if typed else None
         return True
 
-    def _split(self, batch: Any) -> list[list[str]]:
+    def _scan(self) -> Iterator[Any]:
+        """Record batches of the scanned columns, file by file in name order, each read only when asked for.
+
+        pyarrow.dataset finds the files, the schema and the partition values; each file is then read with
+        `ParquetFile.iter_batches`, which reads nothing ahead. The dataset's own scanner reads ahead of a consumer
+        as slow as a labeling run: measured peak RSS 198 MB for 200k rows and 276 MB for 1M; this reads both
+        within a few MB of each other (scripts/bench_inputs.py).
+        """
+        import pyarrow.parquet as pq  # noqa: PLC0415 - only a scan needs the file reader
+
+        for fragment in self._dataset.get_fragments():
+            keys = ds.get_partition_keys(fragment.partition_expression) or {}
+            with self.file.filesystem.open_input_file(fragment.path) as handle:
+                reader = pq.ParquetFile(handle, pre_buffer=False)
+                present = set(reader.schema_arrow.names)
+                wanted = [c for c in self._columns if c in present and c not in keys]
+                for batch in reader.iter_batches(batch_size=_BATCH_ROWS, columns=wanted, use_threads=False):
+                    arrays = [self._column(batch, name, keys) for name in self._columns]
+                    yield pa.RecordBatch.from_arrays(arrays, names=self._columns)
+
+    def _column(self, batch: Any, name: str, keys: dict[str, Any]) -> Any:
+        """One scanned column of a file's batch, in the dataset's terms."""
+        kind = self._dataset.schema.field(name).type
+        if name in keys:  # a hive partition value (a `key=value` folder): the same on every row
+            return pa.array([keys[name]] * batch.num_rows, kind)
+        if name not in batch.schema.names:  # a file written before the column existed
+            return pa.nulls(batch.num_rows, kind)
+        return batch.column(name)
+
+    def _split(self, batch: Any) -> list[tuple[str, ...]]:
         """The batch's rows as header-wide lists of text cells (columns not read stay empty)."""
         width, index = len(self.header), self._index
         rendered = [_render_column(batch.column(i)) for i in range(batch.num_columns)]
         by_place = {index[name]: cells for name, cells in zip(self._columns, rendered, strict=True)}
         empty = [""] * batch.num_rows  # columns not read (zip keeps the per-row work in C)
-        return [list(cells) for cells in zip(*(by_place.get(i, empty) for i in range(width)), strict=True)]
+        return list(zip(*(by_place.get(i, empty) for i in range(width)), strict=True))
 
     def _unreadable(self, exc: BaseException) -> InputError:
         reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__

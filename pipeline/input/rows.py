@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from hashlib import blake2b
 from types import TracebackType
 from typing import Any, Self
@@ -131,7 +131,7 @@ class Source(ABC):
         used = {*self.config.template_columns, *self.carry, *([self.id_column] if self.id_column else [])}
         return [name for name in self.header if name in used]
 
-    def _make_row(self, fields: list[str]) -> Row:
+    def _make_row(self, fields: Sequence[str]) -> Row:
         cfg, idx, n = self.config, self._index, len(self.header)
 
         def value(column: str) -> str:
