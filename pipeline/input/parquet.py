@@ -7,6 +7,7 @@ so a file written with one huge row group costs that row group). Files of a dire
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,7 +78,7 @@ class ParquetSource(Source):
         self._batches = None
         self._fields, self._typed, self._at = [], None, 0
 
-    def count_lines(self, stop: Any = None) -> int:
+    def count_lines(self, stop: threading.Event | None = None) -> int:
         """Rows in the dataset, from the files' footers (counted when opened; no data is read)."""
         return self._total
 

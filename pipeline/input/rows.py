@@ -8,6 +8,7 @@ the problem rows (empty text, missing id, bad bytes) are decided here, once, so 
 from __future__ import annotations
 
 import itertools
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from hashlib import blake2b
@@ -84,7 +85,7 @@ class Source(ABC):
         for fields, row in self.records():
             yield dict(zip(self.header, fields[:width], strict=False)), row
 
-    def count_lines(self, stop: Any = None) -> int:
+    def count_lines(self, stop: threading.Event | None = None) -> int:
         """The input's size in the unit of `lines_read`, for the progress estimate (see run/rowcount.py)."""
         return self.file.count_lines(stop)
 

@@ -12,11 +12,10 @@ import contextlib
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
 from pipeline.errors import SinkMismatchError, UsageError
 from pipeline.input.ids import IdSet
-from pipeline.input.location import ReadOptions, open_input
+from pipeline.input.location import ReadOptions
 from pipeline.input.shards import Shard
 from pipeline.input.sources import Source, input_source
 from pipeline.results import Row, now_iso, sha_tag
@@ -42,11 +41,6 @@ def identity_of(opts: RunOptions, source: Source) -> Identity:
         multi_label=opts.config.multi_label,
         id_source=source.id_source,
     )
-
-
-def input_fingerprint(path: str | Path) -> dict[str, Any]:
-    """What identifies an input across runs: its path, size and a hash of its first 64 KiB (or its listing)."""
-    return open_input(path).fingerprint()
 
 
 @dataclass(slots=True)
@@ -136,7 +130,7 @@ def _prepare(opts: RunOptions, source: Source, sink: Sink, *, dry_run: bool) -> 
         "encoding": source.encoding,
         "delimiter": source.delimiter,
         "format": source.format,
-        "file": input_fingerprint(opts.input),
+        "file": source.file.fingerprint(),
         # The task file, so that `batch ingest` can validate results without being told again.
         "config": str(Path(opts.config.source).resolve()) if Path(opts.config.source).is_file() else None,
     }
@@ -193,7 +187,7 @@ def _input_notes(opts: RunOptions, source: Source, manifest: Manifest) -> list[s
     before = manifest.input.get("file") if manifest.runs else None
     if isinstance(before, dict):
         with contextlib.suppress(OSError):
-            now = input_fingerprint(opts.input)
+            now = source.file.fingerprint()
             if before.get("path") != now["path"]:
                 notes.append(
                     f"this sink was labeled from {before.get('path')}; this run reads {now['path']} "
