@@ -331,3 +331,17 @@ def test_parquet_dataset_reads_hive_partitions_and_files_missing_a_column(tmp_pa
         ("1", "a", {"lang": "en", "n": "5"}),
         ("2", "b", {"lang": "ko", "n": ""}),
     ]
+
+
+def test_compression_is_recognised_from_the_content_not_only_the_name(tmp_path: Path) -> None:
+    """A gzip file named plain `.csv` and a zstd file named `.jsonl` are decompressed from their magic bytes."""
+    (tmp_path / "in.csv").write_bytes(gzip.compress(_csv_bytes(ROWS)))
+    (tmp_path / "in.jsonl").write_bytes(_zstd(_jsonl_bytes(ROWS)))
+    expected = [str(r["id"]) for r in ROWS]
+    assert [r.id for r in _read(tmp_path / "in.csv")] == [r.id for r in _read(tmp_path / "in.jsonl")] == expected
+
+
+def test_a_uri_input_needs_an_output(tmp_path: Path) -> None:
+    """With an s3:// input there is no folder beside it for the labels: --output is asked for, nothing is opened."""
+    result = cli("label", "--input", "s3://bucket/reviews.parquet", "--base-url", "http://127.0.0.1:9/v1")
+    assert result.returncode == 2 and "is a URI" in result.stderr and "pass --output" in result.stderr
