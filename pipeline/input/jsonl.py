@@ -55,7 +55,7 @@ class JsonlSource(Source):
         try:
             self._first = self._first_object()
             self.header = list(self._first[1])
-            self._check_columns()
+            self._check_columns(f" (a JSONL file's columns are the keys of its first object, line {self._first[0]})")
             self._used = [(self._index[name], name) for name in self.used_columns]
         except BaseException:
             self.close()
