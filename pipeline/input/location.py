@@ -194,8 +194,11 @@ def _filesystem(location: str | Path, options: ReadOptions) -> tuple[Any, str]:
     try:
         filesystem, path = fs.FileSystem.from_uri(uri)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a URI it cannot use
+        reason = _reason(exc)
+        for value in options.storage_options.values():  # a secret given as an option never reaches a message
+            reason = reason.replace(value, "***") if len(value) >= 6 else reason  # no secret is that short
         raise InputError(
-            f"cannot open input {location}: {_reason(exc)}. Local paths, s3:// and gs:// URIs are supported."
+            f"cannot open input {location}: {reason}. Local paths, s3:// and gs:// URIs are supported."
         ) from None
     return options.filesystem or filesystem, path
 

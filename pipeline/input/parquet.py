@@ -1,8 +1,9 @@
-"""Parquet (a file or a dataset directory) → `Row`s, by record batches through `pyarrow.dataset`.
+"""Parquet (a file or a dataset directory) → `Row`s, by record batches.
 
-Never the whole file: a labeling run reads only the columns a Row is made of, a few thousand rows at a time
-with little read-ahead, so memory stays flat however long the input is (a row group is still decoded whole,
-so a file written with one huge row group costs that row group). Files of a directory are read in name order.
+`pyarrow.dataset` finds the files (in name order), the schema, hive partition values and the row count; each
+file is then pulled a few thousand rows at a time, reading only the columns a Row is made of, so memory stays
+flat however long the input is (a row group is still decoded whole: a file written as one huge row group costs
+that row group).
 """
 
 from __future__ import annotations
