@@ -345,3 +345,20 @@ def test_a_uri_input_needs_an_output(tmp_path: Path) -> None:
     """With an s3:// input there is no folder beside it for the labels: --output is asked for, nothing is opened."""
     result = cli("label", "--input", "s3://bucket/reviews.parquet", "--base-url", "http://127.0.0.1:9/v1")
     assert result.returncode == 2 and "is a URI" in result.stderr and "pass --output" in result.stderr
+
+
+def test_jsonl_keys_only_later_objects_have_are_named_by_a_csv_export_and_kept_by_a_jsonl_one(
+    sim: Any, tmp_path: Path
+) -> None:
+    """Keys the first object lacks are not CSV columns: export says which lines had them; a JSONL export keeps them."""
+    rows = [dict(row) for row in ROWS[:4]]
+    rows[2]["extra"] = "kept"
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(_jsonl_bytes(rows))
+    out = tmp_path / "out.jsonl"
+    assert label(sim, source, out).exit_code == 0
+    to_csv = cli("export", str(out), "--input", str(source), "--to", str(tmp_path / "x.csv"))
+    assert to_csv.returncode == 0 and "1 JSONL rows have keys the first line does not (lines 3…)" in to_csv.stderr
+    to_jsonl = cli("export", str(out), "--input", str(source), "--to", str(tmp_path / "x.jsonl"))
+    assert to_jsonl.returncode == 0 and not to_jsonl.stderr
+    assert json.loads((tmp_path / "x.jsonl").read_text().splitlines()[2])["extra"] == "kept"

@@ -40,6 +40,8 @@ class ExportResult:
     labeled: int = 0
     ragged: int = 0
     ragged_lines: list[int] = field(default_factory=list)
+    unlisted: int = 0  # JSONL rows with keys the first object lacks (not columns of a CSV or Parquet export)
+    unlisted_lines: list[int] = field(default_factory=list)
 
     @property
     def unlabeled(self) -> int:
@@ -107,6 +109,7 @@ def export_labels(
             column = "label" if "label" not in source.header else "labelstream_label"
             header = [*source.header, column]
             _WRITERS[kind](tmp, header, source, labels=labels, multi=multi, result=result)
+            result.unlisted, result.unlisted_lines = source.unlisted, source.unlisted_lines
         tmp.replace(to)
     except OSError as exc:
         with contextlib.suppress(OSError):

@@ -73,6 +73,12 @@ def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             "in the export: quote the fields that contain the delimiter",
             file=sys.stderr,
         )
+    if result.unlisted:
+        print(
+            f"  {result.unlisted:,} JSONL rows have keys the first line does not (lines "
+            f"{', '.join(map(str, result.unlisted_lines))}…); they are not columns here: export to .jsonl to keep them",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -70,8 +70,13 @@ class JsonlSource(Source):
 
     def records(self) -> Iterator[tuple[list[str], Row]]:
         """Each remaining line as (its cells as text, in header order, and its Row)."""
+        header = self.header
         for obj, row in self._objects():
-            yield [render(obj.get(name)) for name in self.header], row
+            if len(obj) > len(header) or any(key not in self._index for key in obj):
+                self.unlisted += 1
+                if len(self.unlisted_lines) < 5:
+                    self.unlisted_lines.append(row.line)
+            yield [render(obj.get(name)) for name in header], row
 
     def objects(self) -> Iterator[tuple[dict[str, Any], Row]]:
         """Each remaining line as (the object as read, its Row); a line that is no object gives `{}`."""

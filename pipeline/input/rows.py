@@ -45,6 +45,9 @@ class Source(ABC):
         self.carry: tuple[str, ...] = ()
         self.missing_carry: tuple[str, ...] = ()
         self.nul_bytes = 0
+        # Records with cells outside the header (JSONL keys the first object lacks): how many, the first lines.
+        self.unlisted = 0
+        self.unlisted_lines: list[int] = []
         self._index: dict[str, int] = {}
         self._line = 0
 
