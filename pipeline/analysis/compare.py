@@ -20,7 +20,6 @@ from typing import Any
 from pipeline.analysis.evaluate import evaluate
 from pipeline.analysis.overview import overview
 from pipeline.analysis.report import card, page, shade
-from pipeline.analysis.status import sink_status
 from pipeline.sinks import open_sink
 from pipeline.tables import table
 from pipeline.task.config import TaskConfig
@@ -114,8 +113,16 @@ def score(candidate: Candidate, sample: Path, gold_column: str) -> Score:
         result.cost_1k = None if standard is None else standard * 1000 / view.rows
         result.batch_1k = None if batch is None else batch * 1000 / view.rows
     result.p50_ms, result.p95_ms = view.latency_ms.get("p50"), view.latency_ms.get("p95")
-    result.failed = int(sink_status(candidate.sink).get("failed_unlabeled", 0))
+    result.failed = failed_unlabeled(candidate.sink)
     return result
+
+
+def failed_unlabeled(path: Path) -> int:
+    """Rows dead-lettered and not labeled since (what `status` calls failed_unlabeled)."""
+    sink = open_sink(path)
+    done = sink.load_done(repair=False)
+    letters = sink.meta.read_dead_letters()
+    return len({row_id for letter in letters if (row_id := str(letter.get("id"))) not in done})
 
 
 def agreement(sinks: Sequence[Path]) -> list[list[float | None]]:
