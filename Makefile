@@ -13,7 +13,7 @@ CONCURRENCY ?= auto
 ARGS        ?=
 PORT        ?= 8787
 
-.PHONY: install demo test test-compat chromium lint fmt bench bench-quick label simulate clean
+.PHONY: install demo compare-demo test test-compat chromium lint fmt bench bench-quick label simulate clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+# labelstream compare on the bundled gold sample: three models of simulated quality, the table, the report (< 1 min).
+compare-demo: $(STAMP)
+	$(BIN)/python scripts/compare_demo.py
 
 test: lint chromium
 	$(BIN)/python -m pytest -q
