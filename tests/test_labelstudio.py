@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
+import subprocess
+import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,7 @@ import pytest
 from pipeline import cli as cli_module
 from pipeline.task.config import TaskConfig, load_config
 
-from .helpers import ROOT, SENTIMENT, label, write_csv
+from .helpers import ROOT, SENTIMENT, label, wait_for, write_csv
 
 TOPICS = dataclasses.replace(load_config(ROOT / "configs" / "topics.toml"), template=None, id_column="id")
 ROWS = [
@@ -159,3 +163,100 @@ def test_export_flags_that_do_not_go_together(sim: Any, tmp_path: Path, capsys: 
     words = ["export", str(out), "--input", str(data), "--to", csv_to, "--format", "label-studio"]
     assert cli_module.main(words) == 2
     assert "ending in .json" in capsys.readouterr().err
+
+
+LIVE_BIN = os.environ.get("LABEL_STUDIO_BIN", "")
+TOKEN = "labelstream-test-token-0123456789"  # noqa: S105 - a throwaway token of a Label Studio the test starts
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def call(base: str, method: str, path: str, body: Any = None) -> Any:
+    """One Label Studio API call with the test's token; the JSON reply."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(base + path, data=data, method=method)  # noqa: S310 - loopback only
+    request.add_header("Authorization", f"Token {TOKEN}")
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=120) as reply:  # noqa: S310 - loopback only
+        return json.loads(reply.read())
+
+
+@pytest.mark.compat
+@pytest.mark.timeout(1200)
+@pytest.mark.skipif(
+    os.environ.get("LABELSTREAM_COMPAT") != "1" or not Path(LIVE_BIN).is_file(),
+    reason="a real Label Studio: set LABELSTREAM_COMPAT=1 and LABEL_STUDIO_BIN to its label-studio executable "
+    "(pip install label-studio into a venv of its own)",
+)
+def test_a_real_label_studio_imports_the_tasks_and_its_export_is_gold(sim: Any, tmp_path: Path, capsys: Any) -> None:
+    """Label Studio on loopback accepts the labeling config and the tasks, keeps every prediction's label and score,
+    and its JSON export of the annotations made there is read by `eval` as gold."""
+    data, out = labeled(sim, tmp_path)
+    to = tmp_path / "tasks.json"
+    assert cli_module.main(["export", str(out), "--input", str(data), "--to", str(to)]) == 0
+    assert cli_module.main(["label-studio-config", str(ROOT / "configs" / "sentiment.toml")]) == 0
+    config = capsys.readouterr().out
+    port = free_port()
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_BASE_DATA_DIR": str(tmp_path / "ls"),
+        "LATEST_VERSION_CHECK": "false",  # it would ask PyPI for its latest version: the test stays on loopback
+        "COLLECT_ANALYTICS": "false",
+        # Label Studio 1.2x refuses legacy tokens unless this flag is off; a test has no browser for a JWT.
+        "fflag__feature_develop__prompts__dia_1829_jwt_token_auth": "false",
+    }
+    words = [LIVE_BIN, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)]
+    words += ["--username", "tester@example.com", "--password", "labelstream-test", "--user-token", TOKEN]
+    log = (tmp_path / "ls.log").open("wb")
+    server = subprocess.Popen(words, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as reply:  # noqa: S310 - loopback only
+                    return reply.status == 200
+            except OSError:
+                assert server.poll() is None, (tmp_path / "ls.log").read_text(errors="replace")[-2000:]
+                return False
+
+        wait_for(healthy, timeout=900, what="Label Studio to start")
+        project = call(base, "POST", "/api/projects", {"title": "labelstream review", "label_config": config})
+        imported = call(base, "POST", f"/api/projects/{project['id']}/import", to.read_bytes())
+        assert (imported["task_count"], imported["prediction_count"]) == (4, 4)
+        done = records(out)
+        predictions = call(base, "GET", f"/api/predictions/?project={project['id']}")
+        tasks = call(base, "GET", f"/api/projects/{project['id']}/export?exportType=JSON&download_all_tasks=true")
+        by_task = {t["id"]: t["data"]["labelstream_id"] for t in tasks}
+        for made in predictions:
+            row = done[by_task[made["task"]]]
+            assert made["result"][0]["value"]["choices"] == [row["label"]]
+            assert made["score"] == pytest.approx(row["confidence"], abs=1e-6)
+            assert made["model_version"] == "gpt-4o-mini"
+        for task_id, row_id in by_task.items():
+            region = {"from_name": "label", "to_name": "text", "type": "choices"}
+            choice = "neutral" if row_id == "r1" else done[row_id]["label"]  # a reviewer corrects one row
+            call(
+                base,
+                "POST",
+                f"/api/tasks/{task_id}/annotations/",
+                {"result": [{**region, "value": {"choices": [choice]}}]},
+            )
+        export = tmp_path / "export.json"
+        export.write_bytes(
+            json.dumps(call(base, "GET", f"/api/projects/{project['id']}/export?exportType=JSON")).encode()
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    capsys.readouterr()
+    assert cli_module.main(["eval", str(out), "--gold", str(export), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = 0.75 if done["r1"]["label"] != "neutral" else 1.0
+    assert (result["gold_rows"], result["accuracy"]) == (4, expected)
