@@ -14,28 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+from demo import start_simulator  # scripts/ is on the path when a script runs
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "compare"
 GOLD = ROOT / "configs" / "sample_reviews.csv"
 CONFIG = ROOT / "configs" / "sentiment.toml"
 QUALITY = "gpt-4o-mini=0.8,gpt-4.1-mini=0.97,gpt-4.1=0.98"  # a simulation, not a measurement of these models
-
-
-def start_simulator(port_file: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Start `labelstream simulate` with the simulated qualities on a free port; wait (at most 20 s) for it."""
-    port_file.unlink(missing_ok=True)
-    words = ["simulate", "--port", "0", "--port-file", str(port_file), "--latency-ms", "120"]
-    words += ["--latency-jitter-ms", "80", "--model-quality", QUALITY]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *words], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if port_file.exists() and port_file.read_text().strip():
-            return proc, int(port_file.read_text())
-        if proc.poll() is not None:
-            raise SystemExit("the simulator exited before listening; see the error above")
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("the simulator did not start within 20 s")
 
 
 def compare(port: int) -> int:
@@ -51,7 +36,8 @@ def main() -> int:
     """Compare, then compare again (a resume: nothing sent), then stop the simulator."""
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
-    proc, port = start_simulator(OUT.parent / ".compare-demo-port")
+    flags = ["--latency-ms", "120", "--latency-jitter-ms", "80", "--model-quality", QUALITY]
+    proc, port = start_simulator(OUT.parent / ".compare-demo-port", flags)
     try:
         print(f"$ labelstream compare … (simulated qualities: {QUALITY})\n", flush=True)
         started = time.monotonic()
