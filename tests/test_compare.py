@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import re
+import signal
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from pipeline.analysis.compare import Candidate, Comparison, Score, candidates
 from pipeline.analysis.sample import draw_sample
 from pipeline.errors import InputError, UsageError
 
-from .helpers import ROOT, SENTIMENT, write_csv
+from .helpers import ROOT, SENTIMENT, wait_for, write_csv
 
 SAMPLE = ROOT / "configs" / "sample_reviews.csv"
 CONFIG = str(ROOT / "configs" / "sentiment.toml")
@@ -202,3 +203,32 @@ def test_candidates_of_one_model_share_its_limits(tmp_path: Path) -> None:
     mixed = dataclasses.replace(settings, configs=[Path(CONFIG)], models=["gpt-4o-mini", "gpt-4.1-mini"])
     sample, chosen = prepare_compare(mixed)
     assert [o.limits.share for o in candidate_options(mixed, sample, chosen)] == [1.0, 1.0]
+
+
+def test_ctrl_c_saves_every_candidate_and_the_rerun_finishes(sim: Any, tmp_path: Path) -> None:
+    """Ctrl-C during a compare exits 130 with one resume line and no traceback, leaves every sink readable without
+    repeated ids, and the same command then finishes the comparison."""
+    from .helpers import sink_ids, start_cli  # noqa: PLC0415 - only this test runs the CLI in a subprocess
+
+    sim.configure(latency_ms=100)
+    out = tmp_path / "cmp"
+    words = compare(sim, out)
+    words[words.index("--concurrency") + 1] = "2"
+    proc = start_cli(*words)
+    sinks = [out / "sentiment.gpt-4o-mini.jsonl", out / "sentiment.gpt-4.1-mini.jsonl"]
+
+    def some_saved() -> bool:
+        return all(path.exists() and path.stat().st_size > 0 for path in sinks)
+
+    wait_for(some_saved, what="both candidates to save rows")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "re-run the same compare to resume" in stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    for path in sinks:
+        saved = sink_ids(path)
+        assert 0 < len(saved) < 120 and len(saved) == len(set(saved))
+    sim.configure(latency_ms=0)
+    assert cli_module.main(words) == 0
+    assert all(sorted(sink_ids(path)) == sorted(set(sink_ids(path))) and len(sink_ids(path)) == 120 for path in sinks)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -114,9 +113,9 @@ async def label_candidates(options: Sequence[RunOptions], notice: IO[str]) -> di
     errors: dict[str, str] = {}
 
     async def one(opts: RunOptions) -> None:
-        quiet = io.StringIO()  # each run's own notes and summary: the comparison prints one line per candidate
         try:
-            summary = await run_label(opts, notice=quiet)
+            # Progress is off: a run speaks only when it fails or is stopped (Ctrl-C), and then to the user.
+            summary = await run_label(opts, notice=notice)
         except Interrupted:
             raise
         except LabelstreamError as exc:
@@ -129,9 +128,13 @@ async def label_candidates(options: Sequence[RunOptions], notice: IO[str]) -> di
             file=notice,
         )
 
-    async with asyncio.TaskGroup() as group:
-        for opts in options:
-            group.create_task(one(opts))
+    try:
+        async with asyncio.TaskGroup() as group:
+            for opts in options:
+                group.create_task(one(opts))
+    except* Interrupted as stopped:
+        # The run that took the signal stopped; the group cancelled the others, whose writers saved what was done.
+        raise Interrupted("interrupted; re-run the same compare to resume every candidate's sink.") from stopped
     return errors
 
 
