@@ -232,3 +232,24 @@ def test_ctrl_c_saves_every_candidate_and_the_rerun_finishes(sim: Any, tmp_path:
     sim.configure(latency_ms=0)
     assert cli_module.main(words) == 0
     assert all(sorted(sink_ids(path)) == sorted(set(sink_ids(path))) and len(sink_ids(path)) == 120 for path in sinks)
+
+
+def test_multi_label_tasks_compare_on_label_sets(sim: Any, tmp_path: Path, capsys: Any) -> None:
+    """A multi-label task's gold cells (lists or `;`-separated) are sampled by label set and scored; the table
+    shows exact-match accuracy for every candidate."""
+    topics = str(ROOT / "configs" / "topics.toml")
+    texts = [
+        ("Charged twice", "Please refund the second charge on my invoice", "billing"),
+        ("Where is my parcel", "Tracking has not moved for a week, delivery late", "shipping"),
+        ("Cannot log in", "Password reset does not work for my account", "account"),
+        ("Refund for a lost parcel", "The parcel was lost; I want my money back", "billing;shipping"),
+    ]
+    rows = [(f"t{i}", "email", s, b, g) for i in range(40) for s, b, g in [texts[i % 4]]]
+    gold = write_csv(tmp_path / "gold.csv", rows, header=("ticket_id", "channel", "subject", "body", "topics"))
+    words = ["compare", "--input", str(gold), "--gold-column", "topics", "--config", topics, "--sample", "20"]
+    words += ["--model", "gpt-4o-mini", "--model", "gpt-4.1-mini", "--base-url", sim.base_url]
+    assert cli_module.main([*words, "--out", str(tmp_path / "cmp"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [c["coverage"] for c in result["candidates"]] == [1.0, 1.0]
+    sample = json.loads((tmp_path / "cmp" / "sample.json").read_text(encoding="utf-8"))
+    assert sample["per_label"] == {"account": 5, "billing": 5, "billing+shipping": 5, "shipping": 5}

@@ -263,7 +263,8 @@ class Comparison:
         for name, line in zip(names, self.agreement, strict=True):
             cells = []
             for other, value in zip(names, line, strict=True):
-                background, ink = shade(value or 0.0, True)
+                # Shaded from 50% (pale) to 100% (deep): candidates rarely agree on less than half the rows.
+                background, ink = shade(max(0.0, (value or 0.0) - 0.5) * 2, True)
                 tip = f"{name} and {other} agree on {_share(value)} of the rows both labeled"
                 cells.append(
                     f'<td style="background:{background};color:{ink}" title="{escape(tip)}">{_share(value)}</td>'
