@@ -107,6 +107,21 @@ def test_every_flag_the_docs_name_is_one_labelstream_has() -> None:
     assert unknown == [], "flags no command has (renamed? removed?):\n" + "\n".join(unknown)
 
 
+def test_every_test_and_script_the_docs_cite_exists() -> None:
+    """A cited `test_x.py::test_y` is defined in that test file, and a cited script is in scripts/."""
+    missing = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for match in re.finditer(r"(?<![\w/.])(?:tests/(?:compat/)?)?(test_\w+\.py)(?:::(test_\w+))?", text):
+            files = list((ROOT / "tests").rglob(match.group(1)))
+            name = match.group(2)
+            if not files or (name and not any(re.search(rf"def {name}\b", f.read_text("utf-8")) for f in files)):
+                missing.append(f"{page.name}: {match.group(0)}")
+        scripts = re.findall(r"(?<![\w.])(?:scripts/)?((?:bench|check)_\w+\.py|scripts/\w+\.(?:py|sh))", text)
+        missing += [f"{page.name}: {s}" for s in scripts if not (ROOT / "scripts" / Path(s).name).exists()]
+    assert missing == [], "cited but not there (renamed? moved?):\n" + "\n".join(missing)
+
+
 def test_readme_is_at_most_12_kb() -> None:
     """README.md stays a front page (what it is, two commands, a first run, the library, links) of ≤ 12 KB."""
     size = len(README.read_bytes())
