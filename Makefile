@@ -55,6 +55,11 @@ test-compat: $(STAMP)
 		--timeout 1800 --durations 10 --basetemp $(COMPAT_VENV)/tmp tests/compat
 	@test ! -f $(COMPAT_VENV)/compat-results.jsonl || cat $(COMPAT_VENV)/compat-results.jsonl
 
+# docs/cli.md is generated from the parser; tests/test_docs.py fails when it is stale.
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/python scripts/cli_reference.py
+
 lint: $(STAMP)
 	$(BIN)/ruff format --check pipeline tests scripts
 	$(BIN)/ruff check pipeline tests scripts
