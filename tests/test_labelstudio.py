@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -182,8 +183,11 @@ def call(base: str, method: str, path: str, body: Any = None) -> Any:
     request = urllib.request.Request(base + path, data=data, method=method)  # noqa: S310 - loopback only
     request.add_header("Authorization", f"Token {TOKEN}")
     request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=120) as reply:  # noqa: S310 - loopback only
-        return json.loads(reply.read())
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:  # noqa: S310 - loopback only
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"{method} {path}: {exc.code} {exc.read()[:500]!r}") from None
 
 
 @pytest.mark.compat
@@ -199,6 +203,7 @@ def test_a_real_label_studio_imports_the_tasks_and_its_export_is_gold(sim: Any, 
     data, out = labeled(sim, tmp_path)
     to = tmp_path / "tasks.json"
     assert cli_module.main(["export", str(out), "--input", str(data), "--to", str(to)]) == 0
+    capsys.readouterr()
     assert cli_module.main(["label-studio-config", str(ROOT / "configs" / "sentiment.toml")]) == 0
     config = capsys.readouterr().out
     port = free_port()
