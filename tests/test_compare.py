@@ -3,6 +3,7 @@ the pick, resuming, pricing, and the errors of bad input."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -253,3 +254,39 @@ def test_multi_label_tasks_compare_on_label_sets(sim: Any, tmp_path: Path, capsy
     assert [c["coverage"] for c in result["candidates"]] == [1.0, 1.0]
     sample = json.loads((tmp_path / "cmp" / "sample.json").read_text(encoding="utf-8"))
     assert sample["per_label"] == {"account": 5, "billing": 5, "billing+shipping": 5, "shipping": 5}
+
+
+def test_a_failing_candidate_is_reported_and_the_others_compared(sim: Any, tmp_path: Path, capsys: Any) -> None:
+    """A candidate the endpoint refuses (unknown model) is named with the provider's reason, the other candidates
+    are still compared, and the exit code is 1."""
+    sim.configure(models=["gpt-4o-mini", "gpt-4.1-mini"])
+    words = compare(sim, tmp_path / "cmp", models=("gpt-4o-mini", "gpt-4.1-mini", "no-such-model"))
+    assert cli_module.main([*words, "--json"]) == 1
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert "sentiment.no-such-model.jsonl: failed:" in captured.err and "no-such-model" in captured.err
+    assert {c["model"]: c["coverage"] for c in result["candidates"]}["gpt-4o-mini"] == 1.0
+    assert result["pick"] is not None and "no-such-model" not in result["pick"]
+
+
+def test_without_a_key_for_a_remote_endpoint_compare_stops_before_any_work(tmp_path: Path, capsys: Any) -> None:
+    """No API key and a non-local endpoint: one error saying what to set, before a sample is drawn."""
+    words = ["compare", "--input", str(SAMPLE), "--gold-column", "gold", "--config", CONFIG, "--model", "a"]
+    words += ["--model", "b", "--base-url", "https://api.example.com/v1", "--out", str(tmp_path / "cmp")]
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("OPENAI_API_KEY", raising=False)
+        assert cli_module.main(words) == 2
+    assert "OPENAI_API_KEY is not set" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_model_quality_settings_are_checked() -> None:
+    """A quality outside 0..1 is refused by the simulator's settings and by `simulate --model-quality`."""
+    from pipeline.commands.simulate import model_quality  # noqa: PLC0415
+    from pipeline.simulator import SimulatorConfig  # noqa: PLC0415
+
+    assert model_quality("gpt-4o-mini=0.8, org/m:1=1") == {"gpt-4o-mini": 0.8, "org/m:1": 1.0}
+    with pytest.raises(ValueError, match="model_quality of 'm' must lie in 0..1"):
+        SimulatorConfig(model_quality={"m": 1.5})
+    with pytest.raises(argparse.ArgumentTypeError, match="MODEL=Q"):
+        model_quality("0.8")

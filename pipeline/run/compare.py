@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError, Interrupted, LabelstreamError, UsageErr
 from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
 from pipeline.run.estimate import estimate_run
 from pipeline.run.lifecycle import run_label
-from pipeline.run.options import RunOptions
+from pipeline.run.options import RunOptions, resolve_endpoints
 from pipeline.run.prepare import prepare_run
 from pipeline.task.config import TaskConfig, load_config
 
@@ -140,6 +140,7 @@ async def label_candidates(options: Sequence[RunOptions], notice: IO[str]) -> di
 
 def run_compare(settings: CompareSettings, notice: IO[str]) -> tuple[Comparison, dict[str, str]]:
     """Label what is missing, then score every candidate that has labels; also returns failed candidates."""
+    resolve_endpoints(settings.api_key, (settings.base_url,) if settings.base_url else ())  # no key: one error, now
     sample, chosen = prepare_compare(settings)
     print(
         f"compare: {sample.rows:,} of {sample.gold_rows:,} gold rows sampled ({_per_label(sample)}) → {sample.path}; "
