@@ -286,7 +286,7 @@ def test_model_quality_settings_are_checked() -> None:
     from pipeline.simulator import SimulatorConfig  # noqa: PLC0415
 
     assert model_quality("gpt-4o-mini=0.8, org/m:1=1") == {"gpt-4o-mini": 0.8, "org/m:1": 1.0}
-    with pytest.raises(ValueError, match="model_quality of 'm' must lie in 0..1"):
+    with pytest.raises(ValueError, match=r"model_quality of 'm' must lie in 0\.\.1"):
         SimulatorConfig(model_quality={"m": 1.5})
     with pytest.raises(argparse.ArgumentTypeError, match="MODEL=Q"):
         model_quality("0.8")
