@@ -244,8 +244,14 @@ def _gold_labels(raw: str, canonical: dict[str, str], *, multi: bool, unknown: d
 
 
 def gold_rows(manifest: Manifest, path: str | Path, column: str) -> Iterator[tuple[str, str]]:
-    """(id, gold cell) for each row of a gold CSV, JSONL or Parquet file, ids made the way the sink's runs made them."""
-    header = _columns(path)
+    """(id, gold cell) for each row of a gold CSV, JSONL or Parquet file (or a Label Studio JSON export), with ids
+    made the way the sink's runs made them."""
+    if str(path).lower().endswith(".json"):  # a Label Studio JSON export: its annotations are the gold
+        from pipeline.analysis.labelstudio import export_gold  # noqa: PLC0415 - only for JSON gold
+
+        yield from export_gold(Path(path), manifest, column)
+        return
+    header = _header(path)
     if column not in header:
         raise UsageError(f"{path} has no column {column!r}; its columns are {header}. Pass --gold-column NAME.")
     id_column = manifest.input.get("id_column")
@@ -274,7 +280,7 @@ def _bare_config(*, id_column: str | None = None, text_column: str = "text", tem
     )  # fmt: skip
 
 
-def _columns(path: str | Path) -> list[str]:
+def _header(path: str | Path) -> list[str]:
     """The gold file's columns (an empty template asks for none, so opening checks nothing)."""
     with input_source(path, _bare_config(template="")) as source:
         return source.header
