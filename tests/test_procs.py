@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from pipeline.errors import ExitCode
 from pipeline.input.shards import Shard
 from pipeline.run.procs import split_limit, worst_exit
 from pipeline.sinks import SinkMeta, open_shards
@@ -43,6 +44,31 @@ def test_worst_exit_and_limit_split() -> None:
     assert worst_exit([3, 2]) == 3
     assert worst_exit([0, -9, 3]) == 137
     assert split_limit(7, 3) == [3, 2, 2] and split_limit(1, 2) == [1, 0] and split_limit(None, 2) == [None, None]
+
+
+@pytest.mark.parametrize(
+    ("codes", "worst"),
+    [
+        ([ExitCode.OK, ExitCode.DEAD_LETTERS], ExitCode.DEAD_LETTERS),
+        ([ExitCode.DEAD_LETTERS, ExitCode.INTERRUPTED], ExitCode.INTERRUPTED),
+        ([ExitCode.INTERRUPTED, ExitCode.BUDGET], ExitCode.BUDGET),
+        ([ExitCode.OK, ExitCode.BUDGET], ExitCode.BUDGET),
+        ([ExitCode.BUDGET, ExitCode.USAGE], ExitCode.USAGE),
+        ([ExitCode.USAGE, ExitCode.BUDGET], ExitCode.USAGE),
+        ([ExitCode.BUDGET, ExitCode.STORAGE], ExitCode.STORAGE),
+        ([ExitCode.STORAGE, ExitCode.BUG], ExitCode.BUG),
+        ([ExitCode.BUDGET, -9], 137),
+    ],
+)
+def test_a_shard_stopped_by_each_cause_gives_the_parent_its_code(codes: list[int], worst: int) -> None:
+    """A shard stopped at its part of --max-cost exits the parent with 4 over Ctrl-C, under a usage error."""
+    assert worst_exit(codes) == worst
+
+
+@pytest.mark.parametrize("code", [c for c in ExitCode if c is not ExitCode.BUG])
+def test_every_exit_code_is_ranked(code: ExitCode) -> None:
+    """Every documented exit code ranks below an unknown one (a bug, a signal), none counts as a crash."""
+    assert worst_exit([code, 99]) == 99 and worst_exit([code, ExitCode.OK]) == code
 
 
 @pytest.mark.parametrize("name", ["out.jsonl", "out.parquet"])

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commands.args import positive_int
-from pipeline.errors import UsageError
+from pipeline.errors import ExitCode, UsageError
 
 _MAX_BATCH = 50_000
 
@@ -118,7 +118,7 @@ def run_prepare(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             ]
         )
         print(f"{_run_batch_lines(done.files, opts.model, args.model_path)}\nthen merge the results:\n  {ingest}")
-    return 0
+    return ExitCode.OK
 
 
 # What `run_batch` loads when no --model-path is given: the user puts the model's folder there.
@@ -237,7 +237,7 @@ def run_status(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print(render_batch_status(report))
-    return 0
+    return ExitCode.OK
 
 
 def run_cancel(args: argparse.Namespace, _argv: Sequence[str]) -> int:
@@ -260,4 +260,4 @@ def run_cancel(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         print(f"{batch_id}: {status}")
     if cancelled:
         print("what they finished is kept: the next `labelstream label` run collects it (and sends the rest again)")
-    return 0
+    return ExitCode.OK

@@ -23,7 +23,7 @@ from pipeline.commands.args import (
     share,
 )
 from pipeline.commands.signals import interrupt_on_term
-from pipeline.errors import LabelstreamError, UsageError
+from pipeline.errors import ExitCode, LabelstreamError, UsageError
 from pipeline.task.config import DEFAULT_MODEL
 
 FLEX_TIMEOUT = 900.0  # seconds: flex requests may wait in line for minutes
@@ -292,7 +292,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from pipeline.run.plan import dry_run  # noqa: PLC0415
 
         print(dry_run(opts))
-        return 0
+        return ExitCode.OK
     if args.engine == "ray":
         from pipeline.engines.ray.engine import run_ray  # noqa: PLC0415 - needs the ray extra
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commands.args import positive_int
-from pipeline.errors import UsageError
+from pipeline.errors import ExitCode, UsageError
 
 
 def register(sub: Any) -> None:
@@ -51,7 +51,7 @@ def run_status(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         ensure_finished(args.output)
         write_report(args.report, args.output)
         print(f"report: {args.report}", file=sys.stderr if args.json else sys.stdout)
-    return 0
+    return ExitCode.OK
 
 
 def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
@@ -70,7 +70,7 @@ def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             "in the export: quote the fields that contain the delimiter",
             file=sys.stderr,
         )
-    return 0
+    return ExitCode.OK
 
 
 def run_compact(args: argparse.Namespace, _argv: Sequence[str]) -> int:
@@ -84,4 +84,4 @@ def run_compact(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         )
     before, after = compact(args.output, rows_per_part=args.rows_per_part)
     print(f"{args.output}: {before} parts → {after}")
-    return 0
+    return ExitCode.OK

@@ -25,6 +25,7 @@ from pipeline.results import Row
 from pipeline.run.options import RunOptions
 from pipeline.run.prepare import Prepared, RowGate, Verdict, open_source
 from pipeline.sinks import Sink
+from pipeline.sinks.progress_file import read_progress
 from pipeline.stats import CallStats, RunStats, short_duration
 from pipeline.task.prompt import Prompt
 
@@ -56,10 +57,8 @@ def read_history(sink: Sink) -> History:
                 latencies.append(float(item["latency_ms"]))
             if isinstance(item.get("completion_tokens"), int):
                 completions.append(item["completion_tokens"])
-    scale = None
-    with contextlib.suppress(OSError, orjson.JSONDecodeError, AttributeError):
-        value = orjson.loads(sink.meta.progress_path.read_bytes()).get("token_scale")
-        scale = float(value) if isinstance(value, int | float) and value > 0 else None
+    value = (read_progress(sink.meta.progress_path) or {}).get("token_scale")
+    scale = float(value) if isinstance(value, int | float) and value > 0 else None
     return History(
         rows=len(completions),
         latency_s=statistics.median(latencies) / 1000 if latencies else None,

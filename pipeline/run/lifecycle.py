@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import sys
 import threading
 import uuid
@@ -34,6 +33,7 @@ from pipeline.run.progress import Reporter
 from pipeline.run.rowcount import count_lines, estimate_expected
 from pipeline.run.summary import Summary
 from pipeline.run.workers import WorkerPool, staff
+from pipeline.sinks.progress_file import RunState, end_state, write_progress
 from pipeline.stats import CallStats, RunStats
 from pipeline.task.config import TaskConfig, load_config
 from pipeline.task.prompt import Prompt
@@ -205,7 +205,9 @@ class _Run:
                 async with asyncio.timeout(self.opts.progress_every):
                     await self.finished.wait()
             reporter.update()
-            await asyncio.to_thread(self.write_progress, "stopping" if self.stopping.is_set() else "running")
+            await asyncio.to_thread(
+                self.write_progress, RunState.STOPPING if self.stopping.is_set() else RunState.RUNNING
+            )
             if self.share is not None and self.limiter is not None:
                 share = await asyncio.to_thread(self.share.refresh)
                 if share is not None:
@@ -217,7 +219,7 @@ class _Run:
         if not self.counting.is_set():
             self._estimate_expected()
 
-    def write_progress(self, state: str, **extra: Any) -> None:
+    def write_progress(self, state: RunState, **extra: Any) -> None:
         """Replace the progress file (never fatal: progress is a convenience, the sink is the record)."""
         if self.opts.shard is not None:
             extra.setdefault("shard", self.opts.shard.label)
@@ -225,18 +227,12 @@ class _Run:
         if self.limiter is not None:
             extra.setdefault("in_flight", self.limiter.in_flight)
             extra.setdefault("window", self.limiter.limit)
-        with contextlib.suppress(LabelstreamError):
-            self.sink.meta.write_json_atomic(
-                self.sink.meta.progress_path,
-                self.stats.snapshot(
-                    state,
-                    input=str(self.opts.input),
-                    output=str(self.opts.output),
-                    run=self.run_id,
-                    host=socket.gethostname(),
-                    **extra,
-                ),
-            )
+        write_progress(
+            self.sink.meta,
+            self.stats.snapshot(
+                state, input=str(self.opts.input), output=str(self.opts.output), run=self.run_id, **extra
+            ),
+        )
 
     def on_signal(self, main: asyncio.Task[Any], notice: IO[str]) -> None:
         """Ctrl-C/SIGTERM. First: stop reading, give in-flight rows the grace period. Second: abandon them now
@@ -251,7 +247,7 @@ class _Run:
                 flush=True,
             )
             asyncio.get_running_loop().call_later(self.opts.grace_seconds, self.stop_now)
-            self.write_progress("stopping")
+            self.write_progress(RunState.STOPPING)
         elif self.signals == 2:
             self.stop_now()
         else:
@@ -326,7 +322,7 @@ async def _execute(
     assert main is not None  # noqa: S101 - run_label is always awaited inside a task
     handled = _install_signals(loop, lambda: run.on_signal(main, notice))
     error: LabelstreamError | None = None
-    await asyncio.to_thread(run.write_progress, "running")  # before any request: siblings see it at once
+    await asyncio.to_thread(run.write_progress, RunState.RUNNING)  # before any request: siblings see it at once
     try:
         try:
             async with asyncio.TaskGroup() as group:
@@ -351,7 +347,7 @@ async def _execute(
     error = error or run.fatal
     interrupted = run.stopping.is_set() or run.hard_stop
     over = run.budget is not None and run.budget.stopped
-    state = "failed" if error else "budget" if over else "interrupted" if interrupted else "done"
+    state = end_state(failed=error is not None, over_budget=over, interrupted=interrupted)
     resume = resume_after(opts.resume_command, error)
     summary = Summary.of(
         stats,

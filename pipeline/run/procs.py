@@ -24,19 +24,28 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import IO, Any
 
-import orjson
-
-from pipeline.errors import UsageError
+from pipeline.errors import ExitCode, UsageError
 from pipeline.input.shards import Shard
 from pipeline.run.options import RunOptions
 from pipeline.run.progress import Reporter
 from pipeline.run.summary import Summary, combine
 from pipeline.sinks import SinkMeta, check_layout, discover, meta_dir_for
 from pipeline.sinks.layout import move_aside
+from pipeline.sinks.progress_file import read_progress
 from pipeline.stats import CallStats, RunStats
 
 ChildArgs = Callable[[Shard, int | None], list[str]]  # the `label` arguments of shard k (and its --limit)
-_EXIT_RANK = {0: 0, 1: 1, 130: 2, 2: 3, 3: 4}  # worse to the right; anything else (a bug, a signal) is worst
+# Worse to the right; anything else (a bug, a death by signal) is worse than all. A shard stopped at its part
+# of --max-cost is worse than an interrupted one (resuming needs a higher cap, not just the same command),
+# and better than one that could not run at all.
+_EXIT_RANK = (
+    ExitCode.OK,
+    ExitCode.DEAD_LETTERS,
+    ExitCode.INTERRUPTED,
+    ExitCode.BUDGET,
+    ExitCode.USAGE,
+    ExitCode.STORAGE,
+)
 _TAIL_LINES = 200
 
 
@@ -50,17 +59,16 @@ class _Child:
 
     def progress(self) -> dict[str, Any] | None:
         """This child's progress file, if this child wrote it (not a run before it)."""
-        try:
-            doc = orjson.loads(self.progress_path.read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            return None
-        return doc if isinstance(doc, dict) and doc.get("pid") == self.proc.pid else None
+        doc = read_progress(self.progress_path)
+        return doc if doc is not None and doc.get("pid") == self.proc.pid else None
 
 
 def worst_exit(codes: Sequence[int]) -> int:
-    """The exit code of the worst child: a bug or a death by signal, then 3, 2, 130, 1, 0."""
+    """The exit code of the worst child: a bug or a death by signal, then storage, usage, budget, interrupted,
+    dead letters, OK (a child killed by signal s counts as 128 + s, as a shell reports it)."""
     normal = [128 - c if c < 0 else c for c in codes]
-    return max(normal, key=lambda c: _EXIT_RANK.get(c, 5), default=0)
+    rank = {int(code): i for i, code in enumerate(_EXIT_RANK)}
+    return max(normal, key=lambda c: rank.get(c, len(rank)), default=ExitCode.OK)
 
 
 def split_limit(limit: int | None, count: int) -> list[int | None]:
@@ -246,8 +254,8 @@ def _report_failures(children: list[_Child], notice: IO[str]) -> None:
     seen: dict[str, list[str]] = {}
     for child in children:
         code = child.proc.returncode
-        if code in (0, 1, 130):
-            continue  # their counts are in the summary
+        if code in (ExitCode.OK, ExitCode.DEAD_LETTERS, ExitCode.INTERRUPTED, ExitCode.BUDGET):
+            continue  # their counts (and why they stopped) are in the summary
         errors = [line for line in child.tail if line.startswith("labelstream: error:")]
         for line in errors or list(child.tail)[-20:] or [f"exited with code {code}"]:
             seen.setdefault(line, []).append(child.shard.label)

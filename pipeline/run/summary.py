@@ -7,8 +7,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipeline.api.errors import REFUSED_ADVICE, refusal_advice
-from pipeline.errors import LabelstreamError, clip
+from pipeline.errors import ExitCode, LabelstreamError, clip
 from pipeline.run.options import RunOptions
+from pipeline.sinks.progress_file import RunState, worst_state
 from pipeline.stats import RunStats, short_duration, short_number
 
 
@@ -146,10 +147,10 @@ class Summary:
         return cls(**values)
 
     @property
-    def exit_code(self) -> int:
-        """0: all labeled (or, with --no-wait, sent); 1: some rows dead-lettered, back unprocessed, or left out
-        because their request was refused before."""
-        return 1 if self.failed or self.unfinished or self.refused_before else 0
+    def exit_code(self) -> ExitCode:
+        """OK: all labeled (or, with --no-wait, sent); DEAD_LETTERS: some rows dead-lettered, back unprocessed, or
+        left out because their request was refused before."""
+        return ExitCode.DEAD_LETTERS if self.failed or self.unfinished or self.refused_before else ExitCode.OK
 
     @property
     def failure_rate(self) -> float:
@@ -179,9 +180,9 @@ class Summary:
 
     def render(self, *, with_error: bool = True) -> str:
         """The human summary printed at the end of a run (without the error when the caller shows it next)."""
-        heads = {"done": "done", "interrupted": "interrupted", "failed": "stopped", "budget": "stopped at --max-cost"}
+        heads: dict[str, str] = {RunState.FAILED: "stopped", RunState.BUDGET: "stopped at --max-cost"}
         head = heads.get(self.state, self.state)
-        if self.state == "done" and self.pending:
+        if self.state == RunState.DONE and self.pending:
             head = "submitted"
         lines = [
             f"labelstream {head}: {self.labeled:,} labeled, {self.failed:,} failed "
@@ -229,7 +230,7 @@ class Summary:
         lines.append(f"  sink: {where} (+{self.saved:,} rows this run)")
         if self.error and with_error:
             lines.append(f"  stopped because: {self.error}")
-        if self.state != "done":
+        if self.state != RunState.DONE:
             lines.append(f"  resume with: {self.resume_command}")
         elif self.pending:
             lines.append(
@@ -308,7 +309,6 @@ class Summary:
         return lines
 
 
-_WORST_STATE = {"done": 0, "interrupted": 1, "failed": 2}
 _SUMMED = (
     "labeled", "failed", "saved", "skipped_done", "duplicates", "conflicts", "changed", "truncated", "retries",
     "rate_limited", "prompt_tokens", "completion_tokens", "hedged", "timeouts", "held", "unusable_replies",
@@ -316,8 +316,17 @@ _SUMMED = (
 )  # fmt: skip
 
 
-def combine(parts: Sequence[Summary], *, output: str, dead_letters: str, resume: str, elapsed_s: float) -> Summary:
-    """One summary for the shards of one run (`--procs`): counts added up, the worst state, the first error."""
+def combine(
+    parts: Sequence[Summary],
+    *,
+    output: str,
+    dead_letters: str,
+    resume: str,
+    elapsed_s: float,
+    max_cost: float | None = None,
+) -> Summary:
+    """One summary for the shards of one run (`--procs`): counts added up, the worst state, the first error;
+    `max_cost` is the whole run's cap (each shard had its part of it)."""
     if not parts:
         raise ValueError("nothing to combine")
     totals = {name: sum(getattr(p, name) for p in parts) for name in _SUMMED}
@@ -333,9 +342,9 @@ def combine(parts: Sequence[Summary], *, output: str, dead_letters: str, resume:
             for key, n in counts.items():
                 into[key] = into.get(key, 0) + n
     costs = [p.cost_usd for p in parts if p.cost_usd is not None]
-    worst = max(parts, key=lambda p: _WORST_STATE.get(p.state, 2))
     return Summary(
-        state=worst.state,
+        state=worst_state([p.state for p in parts]),
+        max_cost=max_cost,
         input=parts[0].input,
         output=output,
         dead_letters=dead_letters,

@@ -28,6 +28,7 @@ from pipeline.run.prepare import Prepared, RowGate, Verdict, prepare_run
 from pipeline.run.summary import Summary
 from pipeline.sinks.layout import is_jsonl
 from pipeline.sinks.parquet import ParquetSink
+from pipeline.sinks.progress_file import RunState, write_progress
 from pipeline.stats import CallStats, RunStats
 
 ROWS_PER_TABLE: Final = 500  # rows per block put into Ray's object store: small enough to spread over actors
@@ -41,7 +42,7 @@ def run_ray(opts: RunOptions, *, actors: int, notice: IO[str] | None = None) -> 
     stats = RunStats(calls=CallStats(), model=opts.model, tier="flex" if opts.service_tier == "flex" else "standard")
     run_id = os.urandom(6).hex()
     error: LabelstreamError | None = None
-    state = "done"
+    state = RunState.DONE
     started_ray = False
     try:
         say = _sayer(opts, notice)
@@ -61,9 +62,9 @@ def run_ray(opts: RunOptions, *, actors: int, notice: IO[str] | None = None) -> 
             try:
                 _label(prepared, opts, refs, stats, actors=actors, run_id=run_id)
             except KeyboardInterrupt:
-                state = "interrupted"
+                state = RunState.INTERRUPTED
     except LabelstreamError as exc:
-        error, state = exc, "failed"
+        error, state = exc, RunState.FAILED
     finally:
         prepared.source.close()
         prepared.sink.meta.close()
@@ -81,16 +82,15 @@ def run_ray(opts: RunOptions, *, actors: int, notice: IO[str] | None = None) -> 
         resume=resume_after(opts.resume_command, error),
         engine="ray",
     )
-    with contextlib.suppress(LabelstreamError):
-        prepared.sink.meta.write_json_atomic(
-            prepared.sink.meta.progress_path,
-            stats.snapshot(state, input=str(opts.input), output=str(opts.output), run=run_id, engine="ray"),
-        )
-    if error is not None or state == "interrupted":
+    write_progress(
+        prepared.sink.meta,
+        stats.snapshot(state, input=str(opts.input), output=str(opts.output), run=run_id, engine="ray"),
+    )
+    if error is not None or state is RunState.INTERRUPTED:
         print(summary.render(with_error=error is None), file=notice)  # the raised error is printed once, after
     if error is not None:
         raise error
-    if state == "interrupted":
+    if state is RunState.INTERRUPTED:
         raise Interrupted(f"interrupted; resume with: {opts.resume_command}")
     return summary
 
