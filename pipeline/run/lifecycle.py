@@ -14,7 +14,6 @@ import contextlib
 import signal
 import sys
 import threading
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -25,7 +24,7 @@ from pipeline.api.pricing import Price
 from pipeline.errors import FatalApiError, Interrupted, LabelstreamError
 from pipeline.ratelimit.limiter import Limiter
 from pipeline.ratelimit.share import ShareFollower
-from pipeline.results import Failed, Labeled, Result, Row, now_iso
+from pipeline.results import Failed, Labeled, Result, Row, new_run_id, problem_failure
 from pipeline.run.budget import Budget, check_before_start
 from pipeline.run.options import RunOptions, resolve_endpoints, resume_after
 from pipeline.run.prepare import Prepared, RowGate, Verdict, prepare_run
@@ -50,7 +49,7 @@ class _Run:
         self.sink = prepared.sink
         self.gate = RowGate(prepared.done, stats, opts.max_rows, shard=opts.shard)
         self.stats = stats
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = new_run_id()
         # Bounded, so a slow API slows the reader; a few hundred rows keep even thousands of workers fed (the
         # reader refills them a 512-row batch at a time) without holding thousands of texts in memory.
         self.rows: asyncio.Queue[Row | None] = asyncio.Queue(maxsize=min(512, 2 * opts.limits.concurrency))
@@ -86,7 +85,7 @@ class _Run:
             for row in batch:
                 verdict = gate.sort(row)
                 if verdict is Verdict.PROBLEM:
-                    failure = Failed(row, row.problem or "bad_row", row.detail, 0, None, now_iso())
+                    failure = problem_failure(row)
                     stats.record_failure(failure.kind, row.id, failure.message)
                     await self.results.put(failure)
                 elif verdict is Verdict.SEND:

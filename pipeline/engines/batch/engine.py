@@ -15,7 +15,6 @@ import itertools
 import signal
 import sys
 import threading
-import uuid
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,7 +28,7 @@ from pipeline.engines.batch.poll import BatchProgress, refresh, wait_for_batches
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.batch.submit import SETTLE_SECONDS, Planner, counts_of, submit
 from pipeline.errors import BatchError, Interrupted, LabelstreamError, UsageError
-from pipeline.results import Failed
+from pipeline.results import Failed, new_run_id
 from pipeline.run.options import RunOptions, resolve_credentials
 from pipeline.run.prepare import Prepared, RowGate, prepare_run
 from pipeline.run.summary import Summary
@@ -58,7 +57,7 @@ class _BatchRun:
         self.sink = prepared.sink
         self.ledger = Ledger(self.sink.meta)
         self.prompt = Prompt(opts.config)
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = new_run_id()
         self.merger = Merger(self.sink, prepared.done, stats, self.run_id, opts.model, prompt=self.prompt)
         self.stopping = asyncio.Event()
         self.stop_planning = threading.Event()

@@ -18,11 +18,10 @@ import sys
 from collections.abc import Iterator
 from typing import IO, Any, Final
 
-import orjson
 import pyarrow as pa
 
 from pipeline.errors import FatalApiError, Interrupted, LabelstreamError, UsageError
-from pipeline.results import Failed, Row, dead_letter, now_iso
+from pipeline.results import Failed, Row, new_run_id, problem_failure
 from pipeline.run.options import RunOptions, resume_after
 from pipeline.run.prepare import Prepared, RowGate, Verdict, prepare_run
 from pipeline.run.summary import Summary
@@ -40,7 +39,7 @@ def run_ray(opts: RunOptions, *, actors: int, notice: IO[str] | None = None) -> 
     _check(opts)
     prepared = prepare_run(opts)
     stats = RunStats(calls=CallStats(), model=opts.model, tier="flex" if opts.service_tier == "flex" else "standard")
-    run_id = os.urandom(6).hex()
+    run_id = new_run_id()
     error: LabelstreamError | None = None
     state = RunState.DONE
     started_ray = False
@@ -123,14 +122,13 @@ def _put_rows(prepared: Prepared, opts: RunOptions, stats: RunStats, run_id: str
     carry = list(prepared.source.carry)
     refs: list[Any] = []
     chunk: list[Row] = []
-    problems: list[bytes] = []
+    problems: list[Failed] = []
     for row in _rows(prepared, gate):
         verdict = gate.sort(row)
         if verdict is Verdict.PROBLEM:
-            failed = Failed(row=row, kind=row.problem or "problem", message=row.detail, attempts=0, status=None,
-                            failed_at=now_iso())  # fmt: skip
+            failed = problem_failure(row)
             stats.record_failure(failed.kind, row.id, failed.message)
-            problems.append(orjson.dumps(dead_letter(failed, run_id)) + b"\n")
+            problems.append(failed)
         elif verdict is Verdict.SEND:
             chunk.append(row)
             if len(chunk) >= ROWS_PER_TABLE:
@@ -139,7 +137,7 @@ def _put_rows(prepared: Prepared, opts: RunOptions, stats: RunStats, run_id: str
     if chunk:
         refs.append(put(_table(chunk, carry)))
     if problems:
-        prepared.sink.meta.append_dead_letters(b"".join(problems))
+        prepared.sink.meta.append_dead_letters(problems, run_id)
     stats.expected, stats.expected_exact = gate.admitted, True
     return refs
 
