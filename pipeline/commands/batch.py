@@ -13,8 +13,6 @@ from typing import Any
 from pipeline.commands.args import positive_int
 from pipeline.errors import ExitCode, UsageError
 
-_MAX_BATCH = 50_000
-
 
 def register(sub: Any) -> None:
     """Add the `batch` subcommand and its four actions."""
@@ -89,13 +87,13 @@ def _options(args: argparse.Namespace, output: Path, **extra: Any) -> Any:
 def run_prepare(args: argparse.Namespace, _argv: Sequence[str]) -> int:
     """Write request files; print what to run next."""
     from pipeline.engines.batch.offline import prepare_requests  # noqa: PLC0415
-    from pipeline.engines.batch.settings import BatchSettings  # noqa: PLC0415
+    from pipeline.engines.batch.settings import MAX_REQUESTS, BatchSettings  # noqa: PLC0415
 
-    if args.batch_size and args.batch_size > _MAX_BATCH:
-        raise UsageError(f"--batch-size may be at most {_MAX_BATCH:,} (the Batch API's limit per file).")
+    if args.batch_size and args.batch_size > MAX_REQUESTS:
+        raise UsageError(f"--batch-size may be at most {MAX_REQUESTS:,} (the Batch API's limit per file).")
     output = args.output or args.input.with_suffix(".labels.jsonl")
     opts = _options(args, output, max_rows=args.limit)
-    settings = BatchSettings(max_requests=args.batch_size or _MAX_BATCH, retry_refused=args.retry_refused)
+    settings = BatchSettings(max_requests=args.batch_size or MAX_REQUESTS, retry_refused=args.retry_refused)
     done = prepare_requests(opts, args.to, settings)
     print(
         f"wrote {done.rows:,} requests in {len(done.files)} files to {args.to}; left out {done.skipped_done:,} rows "

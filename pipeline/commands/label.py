@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import shlex
 import sys
@@ -23,11 +22,9 @@ from pipeline.commands.args import (
     share,
 )
 from pipeline.commands.signals import interrupt_on_term
+from pipeline.engines.batch.settings import MAX_REQUESTS
 from pipeline.errors import ExitCode, LabelstreamError, UsageError
 from pipeline.task.config import DEFAULT_MODEL
-
-FLEX_TIMEOUT = 900.0  # seconds: flex requests may wait in line for minutes
-MAX_BATCH_REQUESTS = 50_000
 
 
 def register(sub: Any) -> None:
@@ -183,7 +180,7 @@ def _engine_flags(engine: Any) -> None:
 def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
     """RunOptions from the `label` flags: the one place that maps flags to options."""
     from pipeline.input.shards import parse_shard  # noqa: PLC0415
-    from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy  # noqa: PLC0415
+    from pipeline.ratelimit.limiter import LimitSettings  # noqa: PLC0415
     from pipeline.run.options import RunOptions  # noqa: PLC0415
     from pipeline.task.config import load_config  # noqa: PLC0415 - commands load what they need
 
@@ -210,13 +207,6 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
         limits = LimitSettings.automatic(rpm=args.rpm, tpm=args.tpm)
     else:
         limits = LimitSettings(concurrency=int(args.concurrency), rpm=args.rpm, tpm=args.tpm)
-    share = args.rate_share
-    if share is None:
-        # Shards given --rpm/--tpm were given the key's limit: each takes its part. Without them each shard
-        # learns the limit from headers, which --procs children share (see procs.py) and machines may not.
-        shared = shard is not None and (args.rpm or args.tpm)
-        share = 1 / args.procs if args.procs else 1 / shard.count if shared and shard else 1.0
-    limits = dataclasses.replace(limits, share=share)
     urls = args.base_url or []
     input_path = Path(args.input)
     output = Path(args.output) if args.output else input_path.with_suffix(".labels.jsonl")
@@ -230,7 +220,9 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
         checkpoint_rows=args.checkpoint_every,
         checkpoint_seconds=args.checkpoint_seconds,
         limits=limits,
-        retry=RetryPolicy(max_attempts=args.max_retries + 1, timeout=_timeout(args)),
+        rate_share=args.rate_share,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
         base_url=urls[0] if len(urls) == 1 else tuple(urls) or None,
         max_rows=max_rows,
         force=args.force,
@@ -247,13 +239,6 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
     )
 
 
-def _timeout(args: argparse.Namespace) -> float:
-    """Seconds per request: --timeout, else 60, or 15 minutes for flex (its replies may queue that long)."""
-    if args.timeout is not None:
-        return float(args.timeout)
-    return FLEX_TIMEOUT if args.service_tier == "flex" else 60.0
-
-
 def _check_engine_flags(args: argparse.Namespace) -> None:
     """Refuse engine flags that make no sense together, saying what to do instead."""
     if args.engine in ("online", "ray") and (args.no_wait or args.batch_size or args.retry_refused):
@@ -262,8 +247,8 @@ def _check_engine_flags(args: argparse.Namespace) -> None:
         raise UsageError("--engine ray spreads the rows over Ray's actors itself; drop --procs (see --ray-actors).")
     if args.engine == "batch" and args.service_tier:
         raise UsageError("--service-tier applies to online requests; the Batch API has its own (half) price. Drop it.")
-    if args.batch_size and args.batch_size > MAX_BATCH_REQUESTS:
-        raise UsageError(f"--batch-size may be at most {MAX_BATCH_REQUESTS:,} (the Batch API's limit per batch).")
+    if args.batch_size and args.batch_size > MAX_REQUESTS:
+        raise UsageError(f"--batch-size may be at most {MAX_REQUESTS:,} (the Batch API's limit per batch).")
 
 
 def batch_settings(args: argparse.Namespace) -> Any:
@@ -274,7 +259,7 @@ def batch_settings(args: argparse.Namespace) -> Any:
         wait=not args.no_wait,
         poll_seconds=args.poll_interval,
         poll_max_seconds=max(60.0, args.poll_interval),
-        max_requests=args.batch_size or MAX_BATCH_REQUESTS,
+        max_requests=args.batch_size or MAX_REQUESTS,
         online_rows=args.online_rows,
         retry_refused=args.retry_refused,
     )
