@@ -92,13 +92,15 @@ def test_procs_2_labels_every_id_once_with_one_summary(sim: Any, tmp_path: Path,
     assert rerun.returncode == 0 and "0 labeled" in rerun.stderr and sim.stats()["requests"] == 400
 
 
-def test_procs_splits_limit_and_dry_run_plans_each_shard(sim: Any, tmp_path: Path) -> None:
-    """--limit is for the whole run (split over the shards); --dry-run prints each shard's plan and sends nothing."""
+def test_procs_splits_limit_and_dry_run_plans_the_whole_run(sim: Any, tmp_path: Path) -> None:
+    """--limit is for the whole run (split over the shards); --dry-run prints one plan for the run, sends nothing."""
     source = write_csv(tmp_path / "in.csv", reviews(200))
     out = tmp_path / "out.jsonl"
-    planned = cli(*procs_args(sim, source, out, "--dry-run"))
+    planned = cli(*procs_args(sim, source, out, "--dry-run", "--max-cost", "5"))
     assert planned.returncode == 0, planned.stderr
-    assert planned.stdout.count("dry run:") == 2 and "shard 1/2:" in planned.stdout
+    assert planned.stdout.count("dry run:") == 1 and "2 shard processes" in planned.stdout, planned.stdout
+    assert "200 rows to label" in planned.stdout and planned.stdout.count("cost: standard") == 1
+    assert "--max-cost $5 (split over the 2 shards: each stops at its part): within it" in planned.stdout
     assert sim.stats()["requests"] == 0
     limited = cli(*procs_args(sim, source, out, "--limit", "31"))
     assert limited.returncode == 0, limited.stderr

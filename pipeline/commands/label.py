@@ -322,7 +322,7 @@ async def _engine_run(args: argparse.Namespace, opts: Any) -> Any:
 
 def _run_procs(args: argparse.Namespace, opts: Any) -> int:
     """--procs N: the shards as child processes of this one."""
-    from pipeline.run.procs import dry_run_procs, run_procs  # noqa: PLC0415 - commands load what they need
+    from pipeline.run.procs import run_procs  # noqa: PLC0415 - commands load what they need
 
     def child_args(shard: Any, limit: int | None) -> list[str]:
         words = [*_passed_on(args), "--output", str(opts.output), "--shard", shard.label, "--quiet"]
@@ -330,7 +330,10 @@ def _run_procs(args: argparse.Namespace, opts: Any) -> int:
         return words + (["--limit", str(limit)] if limit is not None else [])
 
     if args.dry_run:
-        return dry_run_procs(args.procs, child_args)
+        from pipeline.run.plan import dry_run  # noqa: PLC0415
+
+        print(dry_run(opts, procs=args.procs))
+        return ExitCode.OK
     summary, code = run_procs(opts, args.procs, child_args)
     if summary is not None and (not args.quiet or code):
         print(summary.render(), file=sys.stderr)
@@ -339,7 +342,19 @@ def _run_procs(args: argparse.Namespace, opts: Any) -> int:
 
 # Flags the --procs parent settles itself (or gives each child its own value of).
 _PARENT_ONLY = frozenset(
-    {"procs", "shard", "skip_labeled", "limit", "mode", "no_progress", "quiet", "dry_run", "output", "rate_share"}
+    {
+        "procs",
+        "shard",
+        "skip_labeled",
+        "limit",
+        "mode",
+        "no_progress",
+        "quiet",
+        "dry_run",
+        "output",
+        "rate_share",
+        "max_cost",
+    }
 )
 
 

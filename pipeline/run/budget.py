@@ -9,6 +9,7 @@ it (in-flight requests finish, the sink is flushed), and the next run resumes wh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import IO
 
@@ -18,6 +19,21 @@ from pipeline.run.estimate import estimate_run
 from pipeline.run.options import RunOptions
 from pipeline.run.prepare import Prepared
 from pipeline.stats import CallStats
+
+
+def split_budget(limit: float | None, count: int) -> list[float | None]:
+    """--max-cost over the N processes of one run (`--procs N`): an equal part each, rounded down to a
+    micro-dollar so that the parts never add up past the limit.
+
+    Each process then keeps its own spending under its part, with the guarantees of one run (in-flight requests
+    at their worst case), so the run's total stays under the limit with no coordination between processes.
+    Reading the siblings' spending from their progress files instead would use an uneven split better, but
+    two shards reading each other's totals a second old could both spend the same remaining dollars.
+    """
+    if limit is None:
+        return [None] * count
+    part = math.floor(limit / count * 1e6) / 1e6
+    return [part] * count
 
 
 def price_for_budget(model: str, tier: str = "standard") -> Price:

@@ -1,5 +1,7 @@
 """`--procs N`: N shard processes on one machine under one parent, with one progress display and one summary.
 
+`--limit` and `--max-cost` are the whole run's: each child gets its part of them (see split_budget).
+
 Each child is an ordinary `labelstream label ... --shard k/N` process, so everything a shard guarantees
 (its own lock, resume, kill -9 safety) holds unchanged; the parent only starts them, shows their
 progress files as one, forwards Ctrl-C/SIGTERM, and ends with the worst child's exit code.
@@ -26,6 +28,7 @@ from typing import IO, Any
 
 from pipeline.errors import ExitCode, UsageError
 from pipeline.input.shards import Shard
+from pipeline.run.budget import split_budget
 from pipeline.run.options import RunOptions
 from pipeline.run.progress import Reporter
 from pipeline.run.summary import Summary, combine
@@ -110,14 +113,15 @@ def run_procs(
             print(f"labelstream: {note}", file=notice)
     started = time.monotonic()
     limits = split_limit(opts.max_rows, count)
+    started_shards = [k for k in range(count) if limits[k] != 0]  # --limit smaller than N: some have nothing to do
+    costs = split_budget(opts.max_cost, len(started_shards))
     preexec = _die_with_parent()
     children = []
-    for k in range(count):
-        if limits[k] == 0:
-            continue  # --limit smaller than N: this shard has nothing to do
+    for k, cost in zip(started_shards, costs, strict=True):
         shard = Shard(k, count)
+        budget = [] if cost is None else ["--max-cost", repr(cost)]
         proc = subprocess.Popen(  # noqa: S603 - our own CLI; the arguments are the user's parsed flags
-            [sys.executable, "-m", "pipeline", *child_args(shard, limits[k])],
+            [sys.executable, "-m", "pipeline", *child_args(shard, limits[k]), *budget],
             stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -146,6 +150,12 @@ def run_procs(
         reporter.close()
     codes = [child.proc.returncode for child in children]
     _report_failures(children, notice)
+    if ExitCode.BUDGET in codes:  # the children's own messages name their part of the cap, not the run's
+        print(
+            f"labelstream: stopped before passing --max-cost ${opts.max_cost:g} (each of the {len(children)} shards "
+            "at its part); finished rows are saved: raise --max-cost and re-run the same command to resume.",
+            file=notice,
+        )
     parts = [Summary.from_dict(doc["summary"]) for doc in docs.values() if isinstance(doc.get("summary"), dict)]
     if not parts:
         return None, worst_exit(codes)
@@ -155,26 +165,9 @@ def run_procs(
         dead_letters=str(meta_dir_for(opts.output) / "shard-*" / "dead_letters.jsonl"),
         resume=opts.resume_command,
         elapsed_s=time.monotonic() - started,
+        max_cost=opts.max_cost,
     )
     return summary, worst_exit(codes)
-
-
-def dry_run_procs(count: int, child_args: ChildArgs, *, out: IO[str] | None = None) -> int:
-    """`--procs N --dry-run`: the plan of each shard, one after another."""
-    out = out or sys.stdout
-    codes = []
-    for k in range(count):
-        done = subprocess.run(  # noqa: S603 - our own CLI; the arguments are the user's parsed flags
-            [sys.executable, "-m", "pipeline", *child_args(Shard(k, count), None), "--dry-run"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        out.write(done.stdout)
-        if done.returncode:
-            out.write(done.stderr)
-        codes.append(done.returncode)
-    return worst_exit(codes)
 
 
 def _drain(child: _Child) -> None:
