@@ -180,15 +180,30 @@ class Summary:
 
     def render(self, *, with_error: bool = True) -> str:
         """The human summary printed at the end of a run (without the error when the caller shows it next)."""
+        lines = [self._head_line(), self._token_line(), *self._attempt_lines()]
+        lines.extend(self._batch_lines() + self._confidence_lines() + self._hedge_lines())
+        lines.extend(self._row_lines() + self._failure_lines() + self._server_lines())
+        where = f"{self.output}, shard {self.shard}" if self.shard else self.output
+        lines.append(f"  sink: {where} (+{self.saved:,} rows this run)")
+        if self.error and with_error:
+            lines.append(f"  stopped because: {self.error}")
+        lines.extend(self._next_lines())
+        return "\n".join(lines)
+
+    def _head_line(self) -> str:
+        """How the run ended, and its counts and speed."""
         heads: dict[str, str] = {RunState.FAILED: "stopped", RunState.BUDGET: "stopped at --max-cost"}
         head = heads.get(self.state, self.state)
         if self.state == RunState.DONE and self.pending:
             head = "submitted"
-        lines = [
+        return (
             f"labelstream {head}: {self.labeled:,} labeled, {self.failed:,} failed "
             f"({self.failure_rate:.1%}), {self.skipped_done:,} already in the sink, "
             f"in {short_duration(self.elapsed_s)} ({self.rows_per_s:.1f} rows/s)"
-        ]
+        )
+
+    def _token_line(self) -> str:
+        """Tokens, what they cost (against --max-cost, and at standard prices when cheaper), and retries."""
         cost = f" ≈ ${self.cost_usd:.4f}" if self.cost_usd is not None else ", no price in the price table"
         budget = f" of --max-cost ${self.max_cost:g}" if self.max_cost is not None and self.cost_usd is not None else ""
         priced = self.model
@@ -199,13 +214,15 @@ class Summary:
         causes = [f"{self.rate_limited} after 429"]
         causes += [f"{self.timeouts} after timeouts"] if self.timeouts else []
         causes += [f"{self.unavailable} after flex had no capacity"] if self.unavailable else []
-        lines.append(
+        return (
             f"  tokens: {short_number(self.prompt_tokens)} prompt ({self.cache_hit_share:.0%} from the prompt cache) + "
             f"{short_number(self.completion_tokens)} completion{cost}{budget} ({priced}); "
             f"retries: {self.retries} ({', '.join(causes)})"
         )
-        lines.extend(self._attempt_lines())
-        lines.extend(self._batch_lines() + self._confidence_lines() + self._hedge_lines())
+
+    def _row_lines(self) -> list[str]:
+        """What the input held besides rows to label: repeated ids, edited rows, cut texts."""
+        lines = []
         if self.duplicates:
             examples = ", ".join(self.duplicate_samples[:3])
             lines.append(f"  {self.duplicates:,} repeated ids skipped (each labeled once), e.g. {examples}")
@@ -220,32 +237,36 @@ class Summary:
             lines.append(f"  {self.changed:,} rows already in the sink now have different text.{hint}")
         if self.truncated:
             lines.append(f"  {self.truncated:,} texts were longer than max_chars and were cut (see 'truncated')")
-        lines.extend(self._failure_lines())
-        if len(self.servers) > 1:
-            lines.append("  rows per server:")
-            for url, counts in sorted(self.servers.items()):
-                trouble = f", {counts.get('errors', 0):,} errors, backed off {counts.get('backoffs', 0):,}×"
-                lines.append(f"    {url}: {counts.get('rows', 0):,} rows{trouble if counts.get('errors') else ''}")
-        where = f"{self.output}, shard {self.shard}" if self.shard else self.output
-        lines.append(f"  sink: {where} (+{self.saved:,} rows this run)")
-        if self.error and with_error:
-            lines.append(f"  stopped because: {self.error}")
+        return lines
+
+    def _server_lines(self) -> list[str]:
+        """Rows, errors and back-offs per server of a fleet."""
+        if len(self.servers) <= 1:
+            return []
+        lines = ["  rows per server:"]
+        for url, counts in sorted(self.servers.items()):
+            trouble = f", {counts.get('errors', 0):,} errors, backed off {counts.get('backoffs', 0):,}×"
+            lines.append(f"    {url}: {counts.get('rows', 0):,} rows{trouble if counts.get('errors') else ''}")
+        return lines
+
+    def _next_lines(self) -> list[str]:
+        """What to run next: resume, collect batches, or retry the dead letters."""
         if self.state != RunState.DONE:
-            lines.append(f"  resume with: {self.resume_command}")
-        elif self.pending:
-            lines.append(
+            return [f"  resume with: {self.resume_command}"]
+        if self.pending:
+            return [
                 f"  collect the results (and send what is left) with: {self.resume_command}\n"
                 f"  see how the batches are doing: labelstream batch status {self.output}"
-            )
-        elif self.failed:
+            ]
+        if self.failed:
             retry = self.failed - sum(n for kind, n in self.failures.items() if kind in REFUSED_ADVICE)  # same again
-            lines.append(
+            return [
                 f"  dead letters: {self.dead_letters}"
                 + (f"; to retry the {retry:,} failed rows, re-run: {self.resume_command}" if retry else "")
-            )
-        elif self.unfinished:
-            lines.append(f"  to send the {self.unfinished:,} unprocessed rows again, re-run: {self.resume_command}")
-        return "\n".join(lines)
+            ]
+        if self.unfinished:
+            return [f"  to send the {self.unfinished:,} unprocessed rows again, re-run: {self.resume_command}"]
+        return []
 
     def _failure_lines(self) -> list[str]:
         """Dead letters by kind, most frequent first, with one sample each (up to five kinds)."""
