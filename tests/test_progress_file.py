@@ -22,7 +22,7 @@ GARBLED = [b"", b'{"state": "do', b"\xff\xfe not json", b"[1, 2]", b'"done"']
 
 def test_the_states_are_the_strings_old_files_hold() -> None:
     """Files written before the enum keep their meaning: each state is still the same string on disk."""
-    old = {"running", "stopping", "waiting", "done", "interrupted", "failed", "budget", "stale"}
+    old = {"running", "stopping", "waiting", "done", "interrupted", "failed", "budget", "stale", "not started"}
     assert {state.value for state in RunState} == old
     assert orjson.loads(orjson.dumps({"state": RunState.BUDGET})) == {"state": "budget"}
 

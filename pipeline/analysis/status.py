@@ -34,7 +34,7 @@ def sink_status(path: Path, *, now: datetime | None = None) -> dict[str, Any]:
 
 def _one(sink: Sink, now: datetime) -> dict[str, Any]:
     if not sink.exists():
-        return {"shard": sink.shard.label if sink.shard else None, "state": "not started", "labeled": 0}
+        return {"shard": sink.shard.label if sink.shard else None, "state": RunState.NOT_STARTED.value, "labeled": 0}
     done = sink.load_done(repair=False)
     pending: dict[str, dict[str, Any]] = {}
     for letter in sink.meta.read_dead_letters():
@@ -78,7 +78,7 @@ def _one(sink: Sink, now: datetime) -> dict[str, Any]:
 
 def _combined(path: Path, reports: list[dict[str, Any]]) -> dict[str, Any]:
     """One report for N shards: totals, and each shard's counts and state."""
-    started = [r for r in reports if r["state"] != "not started"]
+    started = [r for r in reports if r["state"] != RunState.NOT_STARTED]
     labeled = sum(r["labeled"] for r in started)
     failed = sum(r["failed_unlabeled"] for r in started)
     kinds: dict[str, int] = {}

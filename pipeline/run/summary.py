@@ -15,7 +15,7 @@ from pipeline.stats import RunStats, short_duration, short_number
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """What a run did; `exit_code` is 0 when every row it tried is labeled, 1 when some were dead-lettered."""
+    """What a run did; `exit_code` is OK when every row it tried is labeled, DEAD_LETTERS when some were not."""
 
     state: str
     input: str

@@ -41,6 +41,7 @@ class RunState(StrEnum):
     FAILED = "failed"  # stopped by an error (its message is in the summary)
     BUDGET = "budget"  # stopped before passing --max-cost
     STALE = "stale"  # read side only: the file says running, but nobody has updated it for a while
+    NOT_STARTED = "not started"  # read side only: no side files at all
 
 
 _STALE: Final = RunState.STALE.value
@@ -86,7 +87,7 @@ def read_progress(path: Path) -> dict[str, Any] | None:
 def last_state(meta: SinkMeta) -> str:
     """What the last run of this sink (or shard) wrote as its state, or why there is none."""
     if not meta.dir.is_dir():
-        return "not started"
+        return RunState.NOT_STARTED.value
     doc = read_progress(meta.progress_path)
     return "no progress file" if doc is None else str(doc.get("state"))
 

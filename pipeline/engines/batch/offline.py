@@ -24,7 +24,7 @@ from pipeline.engines.batch.ingest import Merger, Outcome, read_result, refused_
 from pipeline.engines.batch.ledger import Ledger
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.batch.submit import Planner
-from pipeline.errors import LabelstreamError, UsageError
+from pipeline.errors import ExitCode, LabelstreamError, UsageError
 from pipeline.results import Row, new_run_id
 from pipeline.run.options import RunOptions
 from pipeline.run.prepare import RowGate, prepare_run
@@ -102,9 +102,9 @@ class Ingested:
     logprobs_unread: int = 0  # labeled without confidence though the reply carried logprobs
 
     @property
-    def exit_code(self) -> int:
-        """0 when every result labeled its row (or was already in the sink); 1 when some were dead-lettered."""
-        return 1 if self.failed else 0
+    def exit_code(self) -> ExitCode:
+        """OK when every result labeled its row (or was already in the sink); DEAD_LETTERS when some were not."""
+        return ExitCode.DEAD_LETTERS if self.failed else ExitCode.OK
 
 
 async def ingest_results(opts: RunOptions, results: list[Path]) -> Ingested:
