@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pipeline.api.pricing import cost_of
-from pipeline.input.shards import Shard
+from pipeline.input.shards import Shard, shard_of
 from pipeline.run.estimate import estimate_run
 from pipeline.run.options import RunOptions
 from pipeline.run.prepare import prepare_run
@@ -121,3 +121,25 @@ def test_procs_share_one_budget(sim: Any, tmp_path: Path) -> None:
     assert [doc.get("state") for doc in shards] == ["budget", "budget"]
     assert sum(doc["summary"]["cost_usd"] for doc in shards) <= limit
     assert sum(spent(sink.output, sink.shard) for sink in open_shards(out)) <= limit
+
+
+def test_procs_refuse_a_run_over_the_cap_once(sim: Any, tmp_path: Path) -> None:
+    """--procs 2 with the run's estimate over --max-cost: one refusal for the whole run, no child, no request."""
+    source = write_csv(tmp_path / "in.csv", reviews(50))
+    result = cli(*label_args(sim, source, tmp_path / "out.jsonl", "--max-cost", "0.0001", "--procs", "2"))
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.count("exceeds --max-cost $0.0001; nothing was sent") == 1, result.stderr
+    assert "[shard" not in result.stderr
+    assert sim.stats()["requests"] == 0
+
+
+def test_procs_split_the_cap_by_each_shards_work(sim: Any, tmp_path: Path) -> None:
+    """All rows in one shard: it gets the cap (not half of it), so a run within --max-cost is labeled whole."""
+    rows = [r for r in reviews(400) if shard_of(r[0], 2) == 0][:60]
+    source = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "out.jsonl"
+    limit = round(estimated_cost(source, out, ROOT / "configs" / "sentiment.toml") * 1.5, 6)
+    result = cli(*label_args(sim, source, out, "--max-cost", f"{limit}", "--procs", "2"))
+    assert result.returncode == 0, result.stderr
+    labeled = [r["id"] for sink in open_shards(out) for r in sink.iter_records(columns=["id"])]
+    assert sorted(labeled) == sorted(r[0] for r in rows)

@@ -100,7 +100,10 @@ def test_procs_splits_limit_and_dry_run_plans_the_whole_run(sim: Any, tmp_path: 
     assert planned.returncode == 0, planned.stderr
     assert planned.stdout.count("dry run:") == 1 and "2 shard processes" in planned.stdout, planned.stdout
     assert "200 rows to label" in planned.stdout and planned.stdout.count("cost: standard") == 1
-    assert "--max-cost $5 (split over the 2 shards: each stops at its part): within it" in planned.stdout
+    assert (
+        "--max-cost $5 (split over the 2 shards by their estimates: each stops at its part): within it"
+        in planned.stdout
+    )
     assert sim.stats()["requests"] == 0
     limited = cli(*procs_args(sim, source, out, "--limit", "31"))
     assert limited.returncode == 0, limited.stderr

@@ -6,15 +6,14 @@ part of --limit, its share of the key), and the parts are added up into one esti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from pipeline.errors import UsageError
-from pipeline.input.shards import Shard
 from pipeline.results import Row
 from pipeline.run.estimate import Estimate, combine_estimates, estimate_run
 from pipeline.run.options import RunOptions, resolve_endpoints
 from pipeline.run.prepare import prepare_run
-from pipeline.run.procs import split_limit
+from pipeline.run.procs import shard_options
 from pipeline.stats import CallStats, RunStats
 from pipeline.task.prompt import Prompt
 
@@ -38,7 +37,7 @@ def dry_run(opts: RunOptions, *, procs: int | None = None) -> str:
         key_note = "API key: found"
     except UsageError as exc:
         key_note = f"API key: MISSING: {exc.message}"
-    parts = [_plan(part) for part in _processes(opts, procs)]
+    parts = [_plan(part) for part in (shard_options(opts, procs) if procs else [opts])]
     plan = combine_estimates([p.plan for p in parts])
     stats = [p.stats for p in parts]
     duplicates, conflicts = sum(s.duplicates for s in stats), sum(s.conflicts for s in stats)
@@ -57,7 +56,7 @@ def dry_run(opts: RunOptions, *, procs: int | None = None) -> str:
     ]
     if opts.max_cost is not None and plan.cost is not None:
         verdict = "over it: the run would refuse to start" if plan.cost > opts.max_cost else "within it"
-        split = f" (split over the {procs} shards: each stops at its part)" if procs else ""
+        split = f" (split over the {procs} shards by their estimates: each stops at its part)" if procs else ""
         lines.append(f"  --max-cost ${opts.max_cost:g}{split}: {verdict}")
     lines.append(f"  {key_note}")
     if changed := sum(p.changed for p in parts):
@@ -67,19 +66,6 @@ def dry_run(opts: RunOptions, *, procs: int | None = None) -> str:
     if plan.first is not None:
         lines.extend(_first_request(Prompt(opts.config), plan.first))
     return "\n".join(lines)
-
-
-def _processes(opts: RunOptions, procs: int | None) -> list[RunOptions]:
-    """The options of each process of the run: itself, or the N shards as `--procs N` starts them."""
-    if not procs:
-        return [opts]
-    # As the children are started: --rate-share if given, else 1/N of the key each.
-    limits = replace(opts.limits, share=opts.limits.share if opts.limits.share != 1.0 else 1 / procs)
-    return [
-        replace(opts, shard=Shard(k, procs), max_rows=rows, limits=limits, restart=False)
-        for k, rows in enumerate(split_limit(opts.max_rows, procs))
-        if rows != 0
-    ]
 
 
 def _plan(opts: RunOptions) -> _Part:

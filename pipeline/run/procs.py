@@ -1,6 +1,6 @@
 """`--procs N`: N shard processes on one machine under one parent, with one progress display and one summary.
 
-`--limit` and `--max-cost` are the whole run's: each child gets its part of them (see split_budget).
+`--limit` and `--max-cost` are the whole run's: each child gets its part of them (see budget.split_budget).
 
 Each child is an ordinary `labelstream label ... --shard k/N` process, so everything a shard guarantees
 (its own lock, resume, kill -9 safety) holds unchanged; the parent only starts them, shows their
@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import IO, Any
 
@@ -81,6 +81,18 @@ def split_limit(limit: int | None, count: int) -> list[int | None]:
     return [limit // count + (k < limit % count) for k in range(count)]
 
 
+def shard_options(opts: RunOptions, count: int) -> list[RunOptions]:
+    """The options of each child of `--procs N` as it runs: its shard, its part of --limit, its share of the key
+    (--rate-share, else 1/N). A shard left no row by a small --limit is not started, so not listed."""
+    share = opts.limits.share if opts.limits.share != 1.0 else 1 / count
+    limits = replace(opts.limits, share=share)
+    return [
+        replace(opts, shard=Shard(k, count), max_rows=rows, limits=limits, restart=False)
+        for k, rows in enumerate(split_limit(opts.max_rows, count))
+        if rows != 0
+    ]
+
+
 def prepare_output(opts: RunOptions, count: int) -> list[str]:
     """Make the output ready for N shards: moved aside for --skip_labeled False, then checked; return notes."""
     notes = []
@@ -112,26 +124,8 @@ def run_procs(
         if opts.progress != "off":
             print(f"labelstream: {note}", file=notice)
     started = time.monotonic()
-    limits = split_limit(opts.max_rows, count)
-    started_shards = [k for k in range(count) if limits[k] != 0]  # --limit smaller than N: some have nothing to do
-    costs = split_budget(opts.max_cost, len(started_shards))
-    preexec = _die_with_parent()
-    children = []
-    for k, cost in zip(started_shards, costs, strict=True):
-        shard = Shard(k, count)
-        budget = [] if cost is None else ["--max-cost", repr(cost)]
-        proc = subprocess.Popen(  # noqa: S603 - our own CLI; the arguments are the user's parsed flags
-            [sys.executable, "-m", "pipeline", *child_args(shard, limits[k]), *budget],
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            process_group=0,
-            preexec_fn=preexec,  # noqa: PLW1509 - async-signal-safe: one prctl call, no threads started yet
-        )
-        children.append(_Child(shard, proc, SinkMeta(opts.output, shard).progress_path))
-    for child in children:  # readers start only once every child is forked (see preexec_fn)
-        child.reader = threading.Thread(target=_drain, args=(child,), daemon=True)
-        child.reader.start()
+    processes = shard_options(opts, count)
+    children = _start(processes, split_budget(opts.max_cost, processes, notice), child_args)
     stats = RunStats(calls=CallStats(), model=opts.model, started=started)
     docs: dict[int, dict[str, Any]] = {}
     reporter = Reporter(stats, mode=opts.progress, stream=notice, concurrency=lambda: _in_flight(docs))
@@ -168,6 +162,28 @@ def run_procs(
         max_cost=opts.max_cost,
     )
     return summary, worst_exit(codes)
+
+
+def _start(processes: list[RunOptions], costs: list[float | None], child_args: ChildArgs) -> list[_Child]:
+    """Start one child per shard, each with its part of --limit and of --max-cost."""
+    preexec = _die_with_parent()
+    children = []
+    for process, cost in zip(processes, costs, strict=True):
+        assert process.shard is not None  # noqa: S101 - shard_options gives every process its shard
+        budget = [] if cost is None else ["--max-cost", repr(cost)]
+        proc = subprocess.Popen(  # noqa: S603 - our own CLI; the arguments are the user's parsed flags
+            [sys.executable, "-m", "pipeline", *child_args(process.shard, process.max_rows), *budget],
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            process_group=0,
+            preexec_fn=preexec,  # noqa: PLW1509 - async-signal-safe: one prctl call, no threads started yet
+        )
+        children.append(_Child(process.shard, proc, SinkMeta(process.output, process.shard).progress_path))
+    for child in children:  # readers start only once every child is forked (see preexec_fn)
+        child.reader = threading.Thread(target=_drain, args=(child,), daemon=True)
+        child.reader.start()
+    return children
 
 
 def _drain(child: _Child) -> None:
