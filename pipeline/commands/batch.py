@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commands.args import positive_int
+from pipeline.engines.batch.settings import MAX_REQUESTS
 from pipeline.errors import ExitCode, UsageError
 
 
@@ -23,7 +24,9 @@ def register(sub: Any) -> None:
     _task_arguments(prepare, required=True)
     prepare.add_argument("--to", type=Path, required=True, help="folder for requests-0001.jsonl, ...")
     prepare.add_argument("--output", type=Path, help="sink whose rows (and running batches) to leave out")
-    prepare.add_argument("--batch-size", type=positive_int, help="requests per file (at most and default 50,000)")
+    prepare.add_argument(
+        "--batch-size", type=positive_int, help=f"requests per file (at most and default {MAX_REQUESTS:,})"
+    )
     prepare.add_argument("--limit", type=positive_int, help="write at most N rows")
     prepare.add_argument(
         "--retry-refused", action="store_true", help="write rows whose request a server refused as sent before, too"
@@ -87,7 +90,7 @@ def _options(args: argparse.Namespace, output: Path, **extra: Any) -> Any:
 def run_prepare(args: argparse.Namespace, _argv: Sequence[str]) -> int:
     """Write request files; print what to run next."""
     from pipeline.engines.batch.offline import prepare_requests  # noqa: PLC0415
-    from pipeline.engines.batch.settings import MAX_REQUESTS, BatchSettings  # noqa: PLC0415
+    from pipeline.engines.batch.settings import BatchSettings  # noqa: PLC0415
 
     if args.batch_size and args.batch_size > MAX_REQUESTS:
         raise UsageError(f"--batch-size may be at most {MAX_REQUESTS:,} (the Batch API's limit per file).")
