@@ -83,7 +83,9 @@ def run_ray(opts: RunOptions, *, actors: int, notice: IO[str] | None = None) -> 
     )
     write_progress(
         prepared.sink.meta,
-        stats.snapshot(state, input=str(opts.input), output=str(opts.output), run=run_id, engine="ray"),
+        stats.snapshot(
+            state, input=str(opts.input), output=str(opts.output), run=run_id, engine="ray", summary=summary.as_dict()
+        ),
     )
     if error is not None or state is RunState.INTERRUPTED:
         print(summary.render(with_error=error is None), file=notice)  # the raised error is printed once, after
