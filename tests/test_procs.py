@@ -15,7 +15,7 @@ from pipeline.input.shards import Shard
 from pipeline.run.procs import split_limit, worst_exit
 from pipeline.sinks import SinkMeta, open_shards
 
-from .helpers import cli, reviews, start_cli, wait_for, write_csv
+from .helpers import ROOT, cli, reviews, start_cli, wait_for, write_csv
 
 
 def procs_args(sim: Any, source: Path, output: Path, *extra: str) -> list[str]:
@@ -188,3 +188,22 @@ def test_the_shards_stop_gracefully_when_the_parent_is_killed(sim: Any, tmp_path
         wait_for(lambda k=k: shard_progress(out, k).get("state") == "interrupted", what=f"shard {k} to stop")
     saved = all_ids(out)
     assert len(saved) == len(set(saved)) == sum(shard_progress(out, k)["saved"] for k in range(2))
+
+
+def test_a_shard_stopped_at_its_budget_ranks_under_a_shard_that_could_not_run(sim: Any, tmp_path: Path) -> None:
+    """Shard 0 stops at its part of --max-cost (4), shard 1 cannot start (2): the parent exits 2, not as a crash."""
+    source = write_csv(tmp_path / "in.csv", reviews(300))
+    out = tmp_path / "out.jsonl"
+    config = tmp_path / "sentiment.toml"  # room for hidden reasoning tokens in a reply's worst case
+    text = (ROOT / "configs" / "sentiment.toml").read_text(encoding="utf-8")
+    config.write_text(text.replace("max_tokens = 20", "max_tokens = 200"), encoding="utf-8")
+    sim.configure(reasoning_tokens=150)
+    held = SinkMeta(out, Shard(1, 2))
+    held.lock()
+    try:
+        result = cli(*procs_args(sim, source, out, "--config", str(config), "--max-cost", "0.03"))
+    finally:
+        held.unlock()
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert shard_progress(out, 0)["state"] == "budget"
+    assert "[shard 1/2] labelstream: error: another labelstream run" in result.stderr
