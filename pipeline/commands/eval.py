@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ExitCode
+
 
 def register(sub: Any) -> None:
     """Add the `eval` subcommand."""
@@ -38,4 +40,4 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
 
         write_report(args.report, args.output, evaluation=result)
         print(f"report: {args.report}", file=sys.stderr if args.json else sys.stdout)
-    return 0
+    return ExitCode.OK

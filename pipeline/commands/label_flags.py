@@ -20,6 +20,7 @@ from pipeline.commands.args import (
     seconds,
     share,
 )
+from pipeline.engines.batch.settings import MAX_REQUESTS
 from pipeline.task.config import DEFAULT_MODEL
 
 
@@ -122,7 +123,7 @@ def _engine_flags(engine: Any) -> None:
         help="batch/auto: return once the batches are sent; the same command later collects them",
     )
     engine.add_argument(
-        "--batch-size", type=positive_int, help="batch/auto: requests per batch (at most and default 50,000)"
+        "--batch-size", type=positive_int, help=f"batch/auto: requests per batch (at most and default {MAX_REQUESTS:,})"
     )
     engine.add_argument(
         "--online-rows",

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commands.args import positive_int, share
-from pipeline.errors import UsageError
+from pipeline.errors import ExitCode, UsageError
 
 
 def register(sub: Any) -> None:
@@ -63,7 +63,7 @@ def run_status(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         ensure_finished(args.output)
         write_report(args.report, args.output)
         print(f"report: {args.report}", file=sys.stderr if args.json else sys.stdout)
-    return 0
+    return ExitCode.OK
 
 
 def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
@@ -91,7 +91,7 @@ def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             f"{', '.join(map(str, result.unlisted_lines))}…); they are not columns here: export to .jsonl to keep them",
             file=sys.stderr,
         )
-    return 0
+    return ExitCode.OK
 
 
 def _export_tasks(args: argparse.Namespace, kind: str) -> int:
@@ -105,7 +105,7 @@ def _export_tasks(args: argparse.Namespace, kind: str) -> int:
         f"wrote {written.path}: {written.tasks:,} Label Studio tasks{which}, {written.predicted:,} with the model's "
         "label as a prediction (import them into a project set up with `labelstream label-studio-config`)"
     )
-    return 0
+    return ExitCode.OK
 
 
 def run_compact(args: argparse.Namespace, _argv: Sequence[str]) -> int:
@@ -119,4 +119,4 @@ def run_compact(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         )
     before, after = compact(args.output, rows_per_part=args.rows_per_part)
     print(f"{args.output}: {before} parts → {after}")
-    return 0
+    return ExitCode.OK
