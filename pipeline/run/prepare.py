@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -19,7 +20,7 @@ from pipeline.errors import SinkMismatchError, UsageError
 from pipeline.input.ids import IdSet
 from pipeline.input.shards import Shard
 from pipeline.input.sources import CsvSource
-from pipeline.results import Row, now_iso, sha_tag
+from pipeline.results import Failed, Row, now_iso, sha_tag
 from pipeline.run.options import RunOptions
 from pipeline.sinks import Identity, Manifest, Sink, check_layout, open_sink
 from pipeline.sinks.layout import move_aside
@@ -236,11 +237,13 @@ class Verdict(Enum):
     CONFLICT = "conflict"  # the same id came earlier with different text: labeled once, by the first
     PROBLEM = "problem"  # unusable (empty text, bad bytes, ragged): dead-lettered without a request
     OTHER_SHARD = "other_shard"  # another shard labels it (--shard)
+    HELD = "held"  # --max-cost cannot cover it: left for the next run, and the gate is full from now on
     SEND = "send"
 
 
 class RowGate:
-    """Sorts input rows for a run; counts what it saw into `stats`. `full` once `max_rows` rows were let through.
+    """Sorts input rows for a run; counts what it saw into `stats`. `full` once `max_rows` rows were let through,
+    or once `admit` (the run's budget) refused a row.
 
     Problem rows do not count against `max_rows`: they cost no request, and a file whose first N rows are
     unusable must still move forward batch by batch.
@@ -254,8 +257,11 @@ class RowGate:
         *,
         redo: IdSet | None = None,
         shard: Shard | None = None,
+        admit: Callable[[Row], bool] | None = None,
     ) -> None:
         self.done = done
+        self.admit = admit
+        self.held = False  # `admit` refused a row: nothing more passes
         self.shard = shard if shard is not None and shard.count > 1 else None
         self.redo = redo if redo is not None and len(redo) else None
         self.seen = IdSet()
@@ -267,12 +273,18 @@ class RowGate:
     @property
     def full(self) -> bool:
         """Whether --limit has been reached."""
-        return self.max_rows is not None and self.sent >= self.max_rows
+        return self.held or (self.max_rows is not None and self.sent >= self.max_rows)
 
     @property
     def admitted(self) -> int:
         """Rows this run finishes (sent, or dead-lettered as problems)."""
         return self.sent + self.problems
+
+    def failure(self, row: Row) -> Failed:
+        """The dead letter of a row sorted as PROBLEM (it costs no request), counted in the stats."""
+        failure = Failed(row, row.problem or "bad_row", row.detail, 0, None, now_iso())
+        self.stats.record_failure(failure.kind, row.id, failure.message)
+        return failure
 
     def sort(self, row: Row) -> Verdict:
         """Decide what happens to `row` (call in input order, and not once `full`)."""
@@ -288,6 +300,10 @@ class RowGate:
             if held and tag and held != tag:
                 stats.changed += 1
             return Verdict.DONE
+        if self.admit is not None and not row.problem and row.id not in self.seen and not self.admit(row):
+            self.held = True  # not this run's: the next run sends it
+            stats.read -= 1
+            return Verdict.HELD
         if not self.seen.add(row.id, tag):
             first = self.seen.tag_of(row.id)
             if first and tag and first != tag:

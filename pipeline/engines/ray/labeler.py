@@ -113,6 +113,8 @@ class Labeler:
         from pipeline.sinks.parquet import labeled_table  # noqa: PLC0415
 
         client = self._client or self._start()
+        if await self.shared.stopped.remote():
+            return labeled_table([], self.schema, self.outputs)  # stopping: these rows are left for the next run
         rows = _rows(batch, self.carry)
         results = await asyncio.gather(*(self._one(client, row) for row in rows))
         labeled = [r for r in results if isinstance(r, Labeled)]

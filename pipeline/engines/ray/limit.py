@@ -45,6 +45,7 @@ class SharedLimit:
         self._tokens_at = 0.0
         self.pause_until = 0.0
         self.counters = dict.fromkeys(COUNTERS, 0)
+        self.stopping = False
 
     def reserve(self, tokens: int) -> float:
         """Book one request of about `tokens` tokens; return the seconds the caller waits before sending it."""
@@ -75,6 +76,14 @@ class SharedLimit:
             self.rpm = min(self.rpm or math.inf, rpm)
         if tpm:
             self.tpm = min(self.tpm or math.inf, tpm)
+
+    def stop(self) -> None:
+        """The run is stopping (Ctrl-C): actors label no further batch; the rows already started finish."""
+        self.stopping = True
+
+    def stopped(self) -> bool:
+        """Whether the run is stopping."""
+        return self.stopping
 
     def add(self, counts: Mapping[str, int]) -> None:
         """Fold in one batch's counters (the driver reads the job's totals with `totals`)."""
