@@ -157,6 +157,11 @@ class Labeler:
         self.shared.add.remote(counts)
 
 
+def gate_rows(batch: pa.Table) -> list[Row]:
+    """The rows of a batch in the Labeler's columns, as the RowGate sorts them (id, text, problem)."""
+    return _rows(batch, ())
+
+
 def _rows(batch: pa.Table, carry: Sequence[str]) -> list[Row]:
     columns: Mapping[str, list[Any]] = {name: batch.column(name).to_pylist() for name in (*ROW_COLUMNS, *carry)}
     return [
