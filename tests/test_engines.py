@@ -13,7 +13,6 @@ import importlib.util
 import io
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -60,9 +59,8 @@ def ray_here() -> Iterator[None]:
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A short folder for Ray's files: it puts Unix sockets there, and their paths are limited to 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="lseng"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="lseng", ignore_cleanup_errors=True) as path:
+        yield Path(path)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import threading
 from typing import IO, Any
 
 from pipeline.api.client import LabelClient
+from pipeline.engines.workers import WorkerPool, staff
 from pipeline.errors import FatalApiError, LabelstreamError
 from pipeline.ratelimit.limiter import Limiter
 from pipeline.ratelimit.share import ShareFollower
@@ -26,7 +27,6 @@ from pipeline.run.prepare import RowGate, Verdict
 from pipeline.run.progress import Reporter
 from pipeline.run.rowcount import count_lines, estimate_expected
 from pipeline.run.summary import Summary
-from pipeline.run.workers import WorkerPool, staff
 
 _FIRST_BATCH = 64  # rows: the first request should leave within a second
 _BATCH = 512

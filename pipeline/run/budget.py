@@ -83,7 +83,9 @@ class Budget:
     def error(self, resume: str) -> OverBudget:
         """The error a run stopped by the limit ends with."""
         return OverBudget(
-            f"stopped at --max-cost ${self.limit:g}: spent ${self.spent:.4f}, and the next request could pass it. "
+            # `held` stays with the requests a batch or a Ray job was given: their worst case, not yet settled.
+            f"stopped at --max-cost ${self.limit:g}: spent up to ${self.spent + self.held:.4f}, and the next request "
+            "could pass it. "
             "Every finished row is saved; the rest are left for the next run. To continue, raise --max-cost (it "
             f"counts each run's own spending) and re-run: {resume}"
         )
