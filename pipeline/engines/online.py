@@ -40,6 +40,7 @@ class OnlineEngine:
 
     def __init__(self) -> None:
         self.tier = "standard"
+        self.share = 1.0
         self.api_key = ""
         self.base_urls: tuple[str | None, ...] = ()
         self.client: LabelClient | None = None
@@ -49,6 +50,7 @@ class OnlineEngine:
     def check(self, opts: RunOptions) -> None:
         """A missing key or a bad endpoint is an error before the sink is touched."""
         self.tier = "flex" if opts.service_tier == "flex" else "standard"
+        self.share = opts.limits.share  # what the progress file says before the limiter exists
         self.api_key, self.base_urls = resolve_endpoints(opts.api_key, opts.base_urls)
 
     async def execute(self, run: Run) -> None:
@@ -119,7 +121,7 @@ class OnlineEngine:
     def progress(self) -> dict[str, Any]:
         """The window and this process's rate share (siblings on one key read them: ratelimit/share.py)."""
         limiter = self.limiter
-        fields: dict[str, Any] = {"rate_share": limiter.share if limiter else None}
+        fields: dict[str, Any] = {"rate_share": limiter.share if limiter else self.share}
         if limiter is not None:
             fields.update(in_flight=limiter.in_flight, window=limiter.limit)
         if self.client is not None:

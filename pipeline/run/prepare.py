@@ -272,7 +272,7 @@ class RowGate:
 
     @property
     def full(self) -> bool:
-        """Whether --limit has been reached."""
+        """Whether --limit has been reached, or the budget refused a row."""
         return self.held or (self.max_rows is not None and self.sent >= self.max_rows)
 
     @property

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipeline.engines.ray.labeler import Labeler, gate_rows, new_run_id, rows_table
+from pipeline.engines.ray.labeler import Labeler, new_run_id, rows_table
 from pipeline.engines.ray.limit import SharedLimit
 from pipeline.engines.ray.output import done_ids, is_remote, local_path, write_args
 from pipeline.errors import UsageError
@@ -82,7 +83,7 @@ def label_dataset(
     `concurrency` is the job's requests in flight, split over `actors` (None: auto, each actor finds its own
     window under the shared limit). `rpm`/`tpm` are the key's limits, shared by all actors (also learned
     from `x-ratelimit-*` headers). Rows whose id is in a complete part of `skip_done` are not sent, and an id
-    repeated in `ds` is labeled once (its first row). Failed
+    repeated in `ds` is labeled once (its first row to reach an actor). Failed
     rows are left out of the result and, with `dead_letters` (a local or shared file path), appended there
     as labelstream dead letters; a later run sends them again.
     """
@@ -100,8 +101,8 @@ def label_dataset(
     )
     outputs = [(f.name, f.kind) for f in task.outputs]
     schema = record_schema(carry, multi_label=task.multi_label, outputs=outputs)
-    done = done_ids(str(skip_done)) if skip_done is not None else pa.array([], pa.string())
-    rows = gate_ids(rows, done)
+    if skip_done is not None:
+        rows = skip_ids(rows, done_ids(str(skip_done)))
     labeled, _ = label_rows(
         rows,
         task,
@@ -159,42 +160,26 @@ def _write_manifest(path: Path, job: _Job) -> None:
     meta.write_manifest(manifest)
 
 
-def gate_ids(rows: ray.data.Dataset, done: pa.Array) -> ray.data.Dataset:
-    """`rows` through the run's RowGate: ids in `done` (a sink's complete parts) and repeats of an id seen
-    before are dropped before any actor labels them, so a repeated id is labeled once, by its first row.
-    One actor sees every row (the gate must see them all; it only compares ids)."""
+def skip_ids(rows: ray.data.Dataset, done: pa.Array) -> ray.data.Dataset:
+    """`rows` without the ids in `done` (labelstream's done-id filter, applied before any actor sees them)."""
+    if not len(done):
+        return rows
     import ray  # noqa: PLC0415 - the caller has Ray
 
+    held = ray.put(done)
     return rows.map_batches(
-        _Gate,
-        fn_constructor_kwargs={"done": [ray.put(done)]},
+        _without,  # type: ignore[arg-type]  # ray's protocol does not admit keyword arguments
+        fn_kwargs={"done": [held]},
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=ACTOR_CPUS,
     )
 
 
-class _Gate:
-    """The Ray Data stage of `gate_ids`: one RowGate for the whole dataset."""
+def _without(batch: pa.Table, done: list[Any]) -> pa.Table:
+    import ray  # noqa: PLC0415
 
-    def __init__(self, done: list[Any]) -> None:
-        import ray  # noqa: PLC0415
-
-        from pipeline.input.ids import IdSet  # noqa: PLC0415 - loads in the actor
-        from pipeline.run.prepare import RowGate  # noqa: PLC0415
-        from pipeline.stats import CallStats, RunStats  # noqa: PLC0415
-
-        ids = IdSet()
-        for row_id in ray.get(done[0]).to_pylist():
-            ids.add(row_id)
-        self.gate = RowGate(ids, RunStats(calls=CallStats(), model=""), None)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.run.prepare import Verdict  # noqa: PLC0415
-
-        passing = (Verdict.SEND, Verdict.PROBLEM)  # problem rows go on to be dead-lettered
-        keep = [self.gate.sort(row) in passing for row in gate_rows(batch)]
-        return batch.filter(pa.array(keep, pa.bool_()))
+    ids: pa.Array = ray.get(done[0])
+    return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=ids)))
 
 
 def label_rows(
