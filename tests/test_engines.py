@@ -37,7 +37,8 @@ from .helpers import FAST_RETRY, ROOT, SENTIMENT, cli_env, dead_letters, reviews
 from .test_budget import estimated_cost, reasoning_task
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
-ENGINES = ["online", "batch", pytest.param("ray", marks=pytest.mark.skipif(not HAS_RAY, reason="no ray extra"))]
+NEEDS_RAY = pytest.mark.skipif(not HAS_RAY, reason="no ray extra")
+ENGINES = ["online", "batch", pytest.param("ray", marks=NEEDS_RAY)]
 FLAGS = {"online": [], "batch": ["--poll-interval", "0.05"], "ray": ["--ray-actors", "1"]}
 TIER = {"online": "standard", "batch": "batch", "ray": "standard"}
 
@@ -89,21 +90,23 @@ def run(engine: str, sim: Any, source: Path, out: Path, *, config: TaskConfig = 
     return asyncio.run(run_engine(engine, opts, batch=batch, actors=1, notice=io.StringIO()))
 
 
-@pytest.mark.parametrize("engine", ENGINES)  # not indirect: the processes start their own Ray
+# Not indirect: the processes start their own Ray (two Ray starts make the ray case slow).
+@pytest.mark.parametrize("engine", ["online", "batch", pytest.param("ray", marks=[NEEDS_RAY, pytest.mark.slow])])
 def test_kill_9_then_the_same_command_labels_each_id_exactly_once(
     engine: str, sim: Any, tmp_path: Path, short_tmp: Path
 ) -> None:
     """kill -9 (the process group: Ray with it) once part of the work is saved; the same command then
     completes the sink with every id exactly once."""
-    sim.configure(latency_ms=20)
-    rows = reviews(600)
+    # Ray starts its actors, then labels 4 rows at a time: 50 ms replies (80 rows/s) let a kill land mid-job.
+    sim.configure(latency_ms=50 if engine == "ray" else 20)
+    rows = reviews(800 if engine == "ray" else 400)
     source = write_csv(tmp_path / "in.csv", rows)
     out = tmp_path / "out.parquet"
     args = ["label", "--input", str(source), "--output", str(out), "--base-url", sim.base_url, "--engine", engine,
             "--concurrency", "4", "--checkpoint-every", "50", "--checkpoint-seconds", "0.2", "--quiet",
             *FLAGS[engine]]  # fmt: skip
     if engine == "batch":
-        sim.configure(batch_seconds=0.5)  # twelve batches of 50 rows end one after another
+        sim.configure(batch_seconds=0.5)  # eight batches of 50 rows end one after another
         args += ["--batch-size", "50"]
     env = cli_env({"RAY_TMPDIR": str(short_tmp)})
     command = [sys.executable, "-m", "pipeline", *args]
@@ -201,7 +204,7 @@ def spent(output: Path, tier: str) -> float:
     return total
 
 
-@pytest.mark.skipif(not HAS_RAY, reason="no ray extra")
+@NEEDS_RAY
 def test_label_dataset_labels_an_id_repeated_in_the_dataset_once(sim: Any, ray_here: None, tmp_path: Path) -> None:
     """The Ray library path goes through the run's RowGate too: a repeated id in a dataset is labeled once."""
     import ray  # noqa: PLC0415 - the ray extra is optional

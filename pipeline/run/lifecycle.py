@@ -122,7 +122,8 @@ class Run:
             error = await self._drive()
             return self._finish(error)
         finally:
-            await self._teardown(prepared)
+            review = self.opts.review_below is not None
+            await prepared.finish(then=(lambda: note_review(self.opts, self.notice)) if review else None)
 
     async def _drive(self) -> LabelstreamError | None:
         """The engine's part, under this run's signal handlers and progress file; the error that ended it."""
@@ -178,17 +179,6 @@ class Run:
             note = getattr(self.engine, "after_stop", "")
             raise Interrupted(f"interrupted; {note}resume with: {resume}")
         return summary
-
-    async def _teardown(self, prepared: Prepared) -> None:
-        """Close the input and the sink, write the review file, release the lock, whatever happened."""
-        prepared.source.close()
-        try:
-            with contextlib.suppress(LabelstreamError):
-                await prepared.sink.close()
-            if self.opts.review_below is not None:
-                note_review(self.opts, self.notice)
-        finally:
-            prepared.sink.meta.unlock()
 
     async def _keep_progress(self) -> None:
         """Refresh the progress file about once a second while the engine works."""

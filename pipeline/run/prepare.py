@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import SinkMismatchError, UsageError
+from pipeline.errors import LabelstreamError, SinkMismatchError, UsageError
 from pipeline.input.ids import IdSet
 from pipeline.input.shards import Shard
 from pipeline.input.sources import CsvSource
@@ -75,9 +75,21 @@ class Prepared:
     redo: IdSet = field(default_factory=IdSet)  # done ids to label again (a dry run keeps them in `done`)
 
     def close(self) -> None:
-        """Close the input and release the lock (the run closes the sink's files itself)."""
+        """Close the input and release the lock (after a dry run, which opened none of the sink's files)."""
         self.source.close()
         self.sink.meta.unlock()
+
+    async def finish(self, then: Callable[[], None] | None = None) -> None:
+        """Close the input and the sink's files, run `then` (still holding the lock), release the lock: the one
+        teardown of everything that wrote to a sink, whatever ended it."""
+        self.source.close()
+        try:
+            with contextlib.suppress(LabelstreamError):  # a sink that cannot close has said so already
+                await self.sink.close()
+            if then is not None:
+                then()
+        finally:
+            self.sink.meta.unlock()
 
 
 def prepare_run(opts: RunOptions, *, dry_run: bool = False) -> Prepared:
