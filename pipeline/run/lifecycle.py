@@ -38,6 +38,7 @@ class Engine(Protocol):
 
     name: str  # as --engine spells it; also the summary's and the progress file's `engine`
     tier: str  # the price tier of its requests ("standard", "flex", "batch"): what --max-cost counts
+    after_stop: str  # what an interrupted run adds before "resume with", e.g. that batches keep running
 
     def check(self, opts: RunOptions) -> None:
         """Refuse options this engine cannot honour (and resolve credentials), before the sink is touched."""
@@ -59,13 +60,11 @@ class Engine(Protocol):
 class Run:
     """The state of one run that every engine shares: options, sink, stats, budget, stop requests."""
 
-    def __init__(
-        self, opts: RunOptions, engine: Engine, *, notice: IO[str] | None = None, stats: RunStats | None = None
-    ) -> None:
+    def __init__(self, opts: RunOptions, engine: Engine, *, notice: IO[str] | None = None) -> None:
         self.opts = opts
         self.engine = engine
         self.notice = notice or sys.stderr
-        self.stats = stats or RunStats(
+        self.stats = RunStats(
             calls=CallStats(), model=opts.model, tier="flex" if opts.service_tier == "flex" else "standard"
         )
         self.run_id = uuid.uuid4().hex[:12]  # marks this run's dead letters and progress file
@@ -176,8 +175,7 @@ class Run:
             raise self.budget.error(resume)
         if interrupted:
             print(summary.render(), file=self.notice)
-            note = getattr(self.engine, "after_stop", "")
-            raise Interrupted(f"interrupted; {note}resume with: {resume}")
+            raise Interrupted(f"interrupted; {self.engine.after_stop}resume with: {resume}")
         return summary
 
     async def _keep_progress(self) -> None:
