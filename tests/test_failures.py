@@ -9,14 +9,16 @@ from typing import Any
 
 import pytest
 
-from pipeline.api.failures import STREAK_BREAKER, roomier
+from pipeline.api.failures import STREAK_BREAKER, FailureWatch, roomier
 from pipeline.api.pricing import load_prices
 from pipeline.errors import FatalApiError, clip
 from pipeline.ratelimit.limiter import RetryPolicy
+from pipeline.results import Failed, Labeled, Row
 from pipeline.run.budget import Budget
 from pipeline.run.progress import Reporter
 from pipeline.sinks import open_sink
 from pipeline.stats import CallStats, RunStats
+from pipeline.task.prompt import ReplyError
 
 from .helpers import SENTIMENT, cli, dead_letters, label, progress, reviews, write_csv
 
@@ -56,13 +58,49 @@ def test_every_reply_padded_stops_the_run_with_one_message(sim: Any, tmp_path: P
     assert "stopped because" not in result.stderr
     served = sim.stats()
     assert served["requests"] <= STREAK_BREAKER + 8
-    assert len(dead_letters(out)) <= STREAK_BREAKER // 2
+    assert dead_letters(out) == [], "no row is blamed for an endpoint-wide problem"
     summary = progress(out)["summary"]
     assert summary["unusable_replies"] >= STREAK_BREAKER and summary["completion_tokens"] >= STREAK_BREAKER * MAX_TOKENS
     price = load_prices().price_of("gpt-4o-mini")
     assert price is not None
     billed = price.cost(served["prompt_tokens"], served["completion_tokens"])
     assert summary["cost_usd"] >= round(billed, 6), "requests cut off by the stop are in the cost as an upper bound"
+
+
+def test_rows_that_failed_in_the_streak_that_stopped_the_run_are_no_dead_letters(sim: Any, tmp_path: Path) -> None:
+    """Rows cut off twice before the 20-in-a-row stop fired are neither dead letters nor failed rows in the summary:
+    the stop names the one cause (the endpoint's), and the rows stay for the next run."""
+    sim.configure(length_rate=1.0)
+    source = write_csv(tmp_path / "in.csv", reviews(50))
+    out = tmp_path / "out.jsonl"
+    result = cli("label", "--input", str(source), "--output", str(out), "--base-url", sim.base_url, "--no-progress",
+                 "--concurrency", "2")  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert sim.stats()["requests"] >= STREAK_BREAKER, "rows had their two attempts each before the stop"
+    assert dead_letters(out) == []
+    summary = progress(out)["summary"]
+    assert (summary["failed"], summary["failures"]) == (0, {})
+
+
+def test_rows_held_back_during_a_streak_are_dead_letters_when_the_run_goes_on() -> None:
+    """A row that failed like every reply before it is held back; a later success or the end of a run that no streak
+    stopped makes it a dead letter after all; a streak stop drops only the rows of the stopping kind."""
+    stats = CallStats()
+    watch = FailureWatch(stats, endpoints=1)
+    row = Row("r1", "text", 2)
+    cut = Failed(row, "length", "cut off", 2, None, "t")
+    odd = Failed(row, "invalid_label", "no such label", 6, None, "t")
+    timeout = Failed(row, "timeout", "no reply", 6, None, "t")
+    assert watch.sift(cut) == [] and watch.sift(timeout) == [timeout], "only deterministic kinds wait"
+    stats.successes = 1
+    done = Labeled(row, "positive", "m", 1, 1, 1.0, 1, "t")
+    assert watch.sift(done) == [cut, done] and watch.settle() == []
+    stats.successes = 0
+    assert watch.sift(cut) == [] and watch.sift(odd) == []
+    with pytest.raises(FatalApiError):
+        for _ in range(STREAK_BREAKER):
+            watch.unusable(ReplyError("length", "cut off"), b"{}", "application/json", "http://x/v1")
+    assert watch.settle() == [odd]
 
 
 @pytest.mark.parametrize(("kind", "advice"), [("label_outside", "labels outside"), ("bad_json_content", "JSON")])

@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -86,9 +86,7 @@ class _Run:
             for row in batch:
                 verdict = gate.sort(row)
                 if verdict is Verdict.PROBLEM:
-                    failure = Failed(row, row.problem or "bad_row", row.detail, 0, None, now_iso())
-                    stats.record_failure(failure.kind, row.id, failure.message)
-                    await self.results.put(failure)
+                    await self.pass_on([Failed(row, row.problem or "bad_row", row.detail, 0, None, now_iso())])
                 elif verdict is Verdict.SEND:
                     await self.rows.put(row)
                     if self.stopping.is_set() or gate.full:
@@ -128,20 +126,23 @@ class _Run:
                 return
             if self.budget is not None:
                 self.budget.settle(held)
-            if isinstance(result, Labeled):
-                self.stats.labeled += 1
-            else:
-                self.stats.record_failure(result.kind, row.id, result.message)
+            await self.pass_on(client.watch.sift(result))  # a row failed as all replies so far waits (failures.py)
+
+    async def pass_on(self, results: Sequence[Result]) -> None:
+        """Count finished rows and hand them to the writer."""
+        self.stats.count(*results)
+        for at, result in enumerate(results):
             try:
                 await self.results.put(result)
             except asyncio.CancelledError:
-                self.stranded.append(result)  # finished work is saved even when its worker is cancelled
+                self.stranded.extend(results[at:])  # finished work is saved even when its worker is cancelled
                 raise
 
-    async def await_workers(self) -> None:
+    async def await_workers(self, client: LabelClient) -> None:
         """Tell the writer when every worker has ended (normally or cancelled after the grace period)."""
         assert self.pool is not None  # noqa: S101 - started before this task
         await self.pool.wait()
+        await self.pass_on(client.watch.settle())  # rows held back: dead letters unless a streak stopped us
         await self.results.put(_DONE)
 
     async def write_results(self) -> None:
@@ -335,7 +336,7 @@ async def _execute(
                 limiter.on_grow, run.pool.on_close = run.pool.grew, client.input_ended
                 group.create_task(staff(run.pool, lambda: limiter.limit))
                 run.reader_task = group.create_task(run.read_rows())
-                group.create_task(run.await_workers())
+                group.create_task(run.await_workers(client))
                 group.create_task(run.write_results())
                 group.create_task(run.report_progress(reporter))
         except* LabelstreamError as group_error:
