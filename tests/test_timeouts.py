@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 
 from pipeline.api.hedging import Attempt, Hedger
+from pipeline.api.pricing import load_prices
 from pipeline.api.timeouts import FLOOR, SAMPLES, AdaptiveTimeout, Deadline
 from pipeline.ratelimit.limiter import Limiter, LimitSettings, RetryPolicy
 from pipeline.results import Labeled, Row, now_iso
+from pipeline.run.budget import Budget
 from pipeline.sinks import open_sink
 from pipeline.stats import CallStats
 
@@ -131,6 +133,50 @@ def test_a_straggler_is_copied_only_at_the_end_when_old_and_few_remain() -> None
             assert [c.original for c in copies] == [original]
         finally:
             hedger.close()
+
+    run(scenario())
+
+
+def test_a_hedge_copy_holds_its_worst_case_in_the_budget_or_is_not_sent() -> None:
+    """Under --max-cost a copy reserves its worst case like any request and releases it when it is over; when the
+    budget cannot cover it, no copy is sent and the run is not stopped for it."""
+
+    async def scenario() -> None:
+        timeouts = AdaptiveTimeout(60.0)
+        limiter = Limiter(LimitSettings(concurrency=8))
+        stats = CallStats()
+        row = Row("r1", "review 1: fine", 1)
+        reply = asyncio.Event()
+
+        async def send(copy: Attempt) -> Labeled:
+            await reply.wait()
+            return Labeled(row, "positive", "m", 1, 1, 1.0, copy.number, now_iso())
+
+        price = load_prices().price_of("gpt-4o-mini")
+        assert price is not None
+        worst = price.cost(len(row.text), 100) or 0.0
+        hedger = Hedger(timeouts, limiter, stats, send)
+        hedger.budget = budget = Budget(1.5 * worst, price, len, 100, stats)
+        budget.held = worst  # the original's own reservation: room for half a copy only
+        learn(timeouts, 0.01)
+        original = Attempt(timeouts, row, 10, 1)
+        try:
+            with pytest.raises(TimeoutError):
+                async with original:
+                    original.started -= 1.0
+                    limiter.in_flight = 1
+                    hedger.input_ended()
+                    assert (stats.hedged, budget.stopped, budget.held) == (0, False, worst), "no room: no copy"
+                    budget.limit = 2.5 * worst
+                    hedger.check()
+                    assert stats.hedged == 1, "room for a copy now"
+                    assert budget.held == pytest.approx(2 * worst), "the copy holds its worst case"
+                    reply.set()
+                    await asyncio.Event().wait()  # cut by the copy's reply
+        finally:
+            hedger.close()
+        assert original.won is not None
+        assert budget.held == pytest.approx(worst), "released once the copy was over"
 
     run(scenario())
 

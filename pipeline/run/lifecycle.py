@@ -27,7 +27,7 @@ from pipeline.errors import FatalApiError, Interrupted, LabelstreamError
 from pipeline.ratelimit.limiter import Limiter
 from pipeline.ratelimit.share import ShareFollower
 from pipeline.results import Failed, Labeled, Result, Row, now_iso
-from pipeline.run.budget import Budget, check_before_start
+from pipeline.run.budget import Budget, budget_for, check_before_start
 from pipeline.run.options import RunOptions, resolve_endpoints, resume_after
 from pipeline.run.prepare import Prepared, RowGate, Verdict, prepare_run
 from pipeline.run.progress import Reporter
@@ -318,7 +318,7 @@ async def _execute(
         service_tier=opts.service_tier,
     )
     if price is not None and opts.max_cost is not None:
-        run.budget = Budget(opts.max_cost, price, client.tokens.prompt_tokens, opts.config.max_tokens, stats.calls)
+        run.budget = budget_for(opts.max_cost, price, client)
     reporter = Reporter(
         stats, mode=opts.progress, stream=notice, concurrency=lambda: (limiter.in_flight, limiter.limit)
     )
