@@ -192,6 +192,9 @@ def _label(prepared: Prepared, opts: RunOptions, refs: list[Any], stats: RunStat
     schema = sink.schema
     rows = ray.data.from_arrow_refs(refs)
     limits = opts.limits
+    # Limits learned by earlier runs, named as the online run names them (limit_memory.py), recalled and kept.
+    url = opts.base_urls[0] if opts.base_urls else os.environ.get("OPENAI_BASE_URL")
+    memory = sink.meta.limit_memory([url], opts.model)
     labeled, shared = label_rows(
         rows,
         opts.config,
@@ -207,6 +210,7 @@ def _label(prepared: Prepared, opts: RunOptions, refs: list[Any], stats: RunStat
         dead_letters=str(prepared.sink.meta.dead_letters_path),
         service_tier=opts.service_tier,
         run_id=how["run_id"],
+        remembered=memory.recall(),
     )
     where = str(opts.output)
     try:
@@ -216,7 +220,10 @@ def _label(prepared: Prepared, opts: RunOptions, refs: list[Any], stats: RunStat
         raise _labelstream_error(exc) from None
     finally:
         with contextlib.suppress(Exception):
-            _fold(stats, ray.get(shared.totals.remote(), timeout=30))
+            totals = ray.get(shared.totals.remote(), timeout=30)
+            _fold(stats, totals)
+            if totals.get("learned"):
+                memory.keep(totals["learned"])
 
 
 def _fold(stats: RunStats, totals: dict[str, Any]) -> None:
