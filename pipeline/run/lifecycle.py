@@ -31,7 +31,7 @@ from pipeline.run.budget import Budget, budget_for, check_before_start
 from pipeline.run.options import RunOptions, resolve_endpoints, resume_after
 from pipeline.run.prepare import Prepared, RowGate, Verdict, prepare_run
 from pipeline.run.progress import Reporter
-from pipeline.run.rowcount import count_lines, estimate_expected
+from pipeline.run.rowcount import estimate_expected
 from pipeline.run.summary import Summary
 from pipeline.run.workers import WorkerPool, staff
 from pipeline.stats import CallStats, RunStats
@@ -214,7 +214,7 @@ class _Run:
 
     async def count_input(self) -> None:
         """Count the input's lines beside the reader: the base of the estimate shown until the reader is done."""
-        self.lines = await asyncio.to_thread(count_lines, self.source.path, self.counting)
+        self.lines = await asyncio.to_thread(self.source.count_lines, self.counting)
         if not self.counting.is_set():
             self._estimate_expected()
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from pipeline.errors import UsageError
+from pipeline.input.location import is_uri
 from pipeline.input.shards import Shard
 from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
 from pipeline.task.config import TaskConfig
@@ -27,8 +28,9 @@ ProgressMode = Literal["auto", "log", "off"]
 class IoOptions:
     """Where rows come from and where labels go, and how to read the input."""
 
-    input: Path
+    input: Path | str  # a str only for a URI (s3://…), which Path would mangle
     output: Path
+    input_format: str | None = None  # csv, tsv, jsonl or parquet; None: by the input's extension
     encoding: str = "utf-8"
     delimiter: str | None = None
     require_id_column: bool = False  # the id column was named explicitly: its absence is an error, not a fallback
@@ -72,7 +74,8 @@ class RunOptions:
         """Options from flat settings: `encoding`, `delimiter`, `require_id_column` go to `io`,
         `checkpoint_rows`/`checkpoint_seconds` to `checkpoint`; the rest are RunOptions fields."""
         io_names = {f.name for f in fields(IoOptions)} - {"input", "output"}
-        io = IoOptions(Path(input), Path(output), **{k: settings.pop(k) for k in list(settings) if k in io_names})
+        where = input if is_uri(input) else Path(input)
+        io = IoOptions(where, Path(output), **{k: settings.pop(k) for k in list(settings) if k in io_names})
         checkpoint = settings.pop("checkpoint", None) or CheckpointOptions(
             rows=settings.pop("checkpoint_rows", None), seconds=settings.pop("checkpoint_seconds", None)
         )
@@ -82,8 +85,8 @@ class RunOptions:
         return cls(io=io, config=config, checkpoint=checkpoint, **settings)
 
     @property
-    def input(self) -> Path:
-        """The CSV to label."""
+    def input(self) -> Path | str:
+        """The input to label (a local path, or a URI)."""
         return self.io.input
 
     @property
