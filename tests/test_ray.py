@@ -4,6 +4,7 @@ kill, one rate limit for all actors, and an output the other commands read."""
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,9 @@ import pyarrow.dataset as pads
 import pytest
 
 from pipeline.engines.ray.limit import SharedLimit
-from pipeline.ratelimit.limiter import SAFETY
+from pipeline.ratelimit.limiter import REQUEST_BURST, SAFETY
 from pipeline.sinks import SinkMeta
+from pipeline.sinks.limit_memory import LimitMemory, endpoint_name
 from pipeline.sinks.progress_file import SCHEMA, read_progress
 
 from .helpers import ROOT, SENTIMENT, TEST_KEY, cli, cli_env, dead_letters, reviews, wait_for, write_csv
@@ -70,6 +73,24 @@ def test_the_shared_schedule_spaces_requests_and_tokens_for_every_caller() -> No
     assert first == 0.0 and second == pytest.approx(2000 * 60 / (60_000 * SAFETY) - 1.0)
     tokens.settle(2000, 200)  # the first reply showed 200 tokens: the schedule gives the rest back
     assert tokens.reserve(10) == pytest.approx((2000 + 200) * 60 / (60_000 * SAFETY) - 1.0)
+
+
+def test_the_shared_schedule_starts_at_remembered_limits_and_headers_override_them() -> None:
+    """Limits an earlier run learned pace the job from its first reservation (an RPM, or a rate its 429s taught);
+    limits given or announced win over them; what the job learns (announced, the actors' rates summed) is kept."""
+    now = [100.0]
+    remembered = SharedLimit(rpm=None, tpm=None, remembered={"rpm": 600, "rate": 4.0}, clock=lambda: now[0])
+    assert (remembered.rpm, remembered.learned()) == (600, None), "nothing learned: nothing to keep"
+    remembered.learn(1200, None)  # the provider now says 1,200 (a new tier)
+    assert remembered.rpm == 1200
+    remembered.learned_rate("actor-1", 3.0)
+    remembered.learned_rate("actor-2", 4.0)
+    assert remembered.learned() == {"rpm": 1200, "tpm": None, "rate": 7.0, "window": None}
+    silent = SharedLimit(rpm=None, tpm=None, remembered={"rate": 10.0}, clock=lambda: now[0])
+    waits = [silent.reserve(10) for _ in range(11)]
+    assert waits[-1] == pytest.approx(1.0 - REQUEST_BURST), "paced at the remembered 10 requests/s"
+    given = SharedLimit(rpm=300, tpm=None, remembered={"rpm": 600, "tpm": 90_000}, clock=lambda: now[0])
+    assert (given.rpm, given.tpm) == (300, 90_000)
 
 
 def test_label_dataset_labels_each_row_once_and_the_output_reads_as_a_sink(
@@ -136,6 +157,28 @@ def test_two_actors_share_one_600_rpm_limit(sim: Any, local_ray: Any, tmp_path: 
     per_second = (len(times) - 1) / (times[-1] - times[0])
     assert per_second <= 10.5, f"{per_second:.1f} requests/s against a limit of 10"
     assert per_second >= 0.8 * 10 * SAFETY, f"only {per_second:.1f} requests/s"
+
+
+def test_engine_ray_starts_at_the_limits_a_run_remembered_and_keeps_what_it_learns(
+    sim: Any, tmp_path: Path, short_tmp: Path
+) -> None:
+    """`label --engine ray` reads and keeps the sink's remembered limits as the online run does: the remembered RPM
+    reaches the shared schedule and stays in the record, beside the rate the actors' 429s teach them against a
+    silent provider (the schedule's pacing from recalled figures: test_the_shared_schedule_starts_at_remembered...)."""
+    sim.configure(latency_ms=20, rpm=600, rate_headers="none")
+    source = write_csv(tmp_path / "in.csv", reviews(150))
+    out = tmp_path / "out.parquet"
+    meta = SinkMeta(out)
+    meta.ensure()
+    hour_ago = time.time() - 3600
+    LimitMemory(meta.limits_path, meta.write_json_atomic, endpoint=endpoint_name(sim.base_url), model="gpt-4o-mini",
+                clock=lambda: hour_ago).keep({"rpm": 1200})  # fmt: skip
+    result = cli("label", "--input", str(source), "--output", str(out), "--base-url", sim.base_url, "--engine", "ray",
+                 "--concurrency", "40", "--ray-actors", "2", "--quiet", env={"RAY_TMPDIR": str(short_tmp)},
+                 timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    kept = json.loads(meta.limits_path.read_text())
+    assert kept["rpm"] == 1200 and kept.get("rate", 0) > 0 and kept["saved_at"] > hour_ago + 60, kept
 
 
 def test_engine_ray_resumes_after_kill_9_with_each_row_once(sim: Any, tmp_path: Path, short_tmp: Path) -> None:
