@@ -70,6 +70,7 @@ def test_the_shared_schedule_spaces_requests_and_tokens_for_every_caller() -> No
     assert tokens.reserve(10) == pytest.approx((2000 + 200) * 60 / (60_000 * SAFETY) - 1.0)
 
 
+@pytest.mark.ray
 def test_label_dataset_labels_each_row_once_and_the_output_reads_as_a_sink(
     sim: Any, local_ray: Any, tmp_path: Path
 ) -> None:
@@ -112,6 +113,8 @@ def test_label_dataset_labels_each_row_once_and_the_output_reads_as_a_sink(
     assert sim.stats(events=False)["requests"] == 1, "only the row that failed at the API is sent again"
 
 
+@pytest.mark.ray
+@pytest.mark.wallclock
 def test_two_actors_share_one_600_rpm_limit(sim: Any, local_ray: Any, tmp_path: Path) -> None:
     """Two actors, each able to send far more, stay under the key's 600 RPM together (the simulator enforces it
     per second, as OpenAI does, and says nothing in headers): almost no 429s, at close to the limit."""
@@ -136,6 +139,8 @@ def test_two_actors_share_one_600_rpm_limit(sim: Any, local_ray: Any, tmp_path: 
     assert per_second >= 0.8 * 10 * SAFETY, f"only {per_second:.1f} requests/s"
 
 
+@pytest.mark.ray
+@pytest.mark.crash
 def test_engine_ray_resumes_after_kill_9_with_each_row_once(sim: Any, tmp_path: Path, short_tmp: Path) -> None:
     """`label --engine ray` killed (the whole process group, Ray with it) once a part is written; the same
     command finishes the job: every id once, and only rows of unwritten parts are paid for again."""

@@ -135,6 +135,7 @@ def test_a_straggler_is_copied_only_at_the_end_when_old_and_few_remain() -> None
     run(scenario())
 
 
+@pytest.mark.wallclock
 def test_an_early_hung_request_ends_at_the_learned_timeout(sim: Any, tmp_path: Path) -> None:
     """The run's first request hangs: it is abandoned ~2 s after it was sent (not after --timeout) and retried."""
     sim.configure(latency_ms=25)  # 400 rows through 3 free slots: the input lasts past the learned timeout
