@@ -14,14 +14,11 @@ from pipeline.input.shards import Shard
 from pipeline.run.procs import split_limit, worst_exit
 from pipeline.sinks import SinkMeta, open_shards
 
-from .helpers import cli, reviews, start_cli, wait_for, write_csv
+from .helpers import cli, label_args, reviews, start_cli, wait_for, write_csv
 
 
 def procs_args(sim: Any, source: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "label", "--input", str(source), "--output", str(output), "--base-url", sim.base_url, "--no-progress",
-        "--procs", "2", *extra,
-    ]  # fmt: skip
+    return label_args(sim, source, output, "--procs", "2", *extra)
 
 
 def all_ids(output: Path) -> list[str]:
@@ -45,6 +42,7 @@ def test_worst_exit_and_limit_split() -> None:
     assert split_limit(7, 3) == [3, 2, 2] and split_limit(1, 2) == [1, 0] and split_limit(None, 2) == [None, None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["out.jsonl", "out.parquet"])
 def test_procs_2_labels_every_id_once_with_one_summary(sim: Any, tmp_path: Path, name: str) -> None:
     """--procs 2: two shard children label every row once; the parent prints one summary and each child took 1/2."""
@@ -66,6 +64,7 @@ def test_procs_2_labels_every_id_once_with_one_summary(sim: Any, tmp_path: Path,
     assert rerun.returncode == 0 and "0 labeled" in rerun.stderr and sim.stats()["requests"] == 400
 
 
+@pytest.mark.slow
 def test_procs_splits_limit_and_dry_run_plans_each_shard(sim: Any, tmp_path: Path) -> None:
     """--limit is for the whole run (split over the shards); --dry-run prints each shard's plan and sends nothing."""
     source = write_csv(tmp_path / "in.csv", reviews(200))
@@ -79,6 +78,7 @@ def test_procs_splits_limit_and_dry_run_plans_each_shard(sim: Any, tmp_path: Pat
     assert len(all_ids(out)) == 31 == sim.stats()["requests"]
 
 
+@pytest.mark.crash
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_reaches_every_shard_once_and_the_rerun_completes(sim: Any, tmp_path: Path, sig: int) -> None:
     """Ctrl-C/SIGTERM on the parent: both children stop gracefully (one signal each), one summary, exit 130."""
@@ -127,6 +127,7 @@ def test_the_parent_exits_with_the_worst_childs_code(sim: Any, tmp_path: Path) -
     assert shard_progress(out, 0)["state"] == "done"
 
 
+@pytest.mark.slow
 def test_procs_refuses_an_output_of_another_layout(sim: Any, tmp_path: Path) -> None:
     """--procs 2 on an output of 3 shards is refused once, before any child starts; --skip_labeled False moves it."""
     source = write_csv(tmp_path / "in.csv", reviews(30))
@@ -143,6 +144,7 @@ def test_procs_refuses_an_output_of_another_layout(sim: Any, tmp_path: Path) -> 
     assert list(tmp_path.glob("out.shard-0-of-3.jsonl.bak-*"))
 
 
+@pytest.mark.crash
 def test_the_shards_stop_gracefully_when_the_parent_is_killed(sim: Any, tmp_path: Path) -> None:
     """kill -9 of the parent: the kernel sends each child SIGTERM, so none runs on unsupervised; each one saves."""
     sim.configure(latency_ms=100)
