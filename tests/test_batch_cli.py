@@ -42,6 +42,7 @@ def run_like_vllm(sim: Any, requests: Path, results: Path, *, fail: str, spoil: 
     results.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+@pytest.mark.slow
 def test_prepare_run_elsewhere_ingest_round_trip_exactly_once(sim: Any, tmp_path: Path) -> None:
     """prepare writes request files; results in vLLM's format merge in once; a second ingest adds nothing."""
     rows = reviews(45)
@@ -94,6 +95,7 @@ def test_label_engine_batch_logs_progress_and_status_shows_the_batches(sim: Any,
     assert "batches: 3" in overall.stdout
 
 
+@pytest.mark.slow
 def test_status_and_cancel_while_batches_run(sim: Any, tmp_path: Path) -> None:
     """After --no-wait, batch status shows them running; batch cancel cancels them; a re-run finishes the job."""
     sim.configure(batch_seconds=3600)

@@ -231,6 +231,7 @@ def test_export_reads_every_shard_as_one(sim: Any, tmp_path: Path, name: str) ->
     assert "50 rows, 50 labeled" in result.stdout
 
 
+@pytest.mark.slow
 def test_status_tells_done_running_stale_and_not_started_shards(sim: Any, tmp_path: Path) -> None:
     """`status` of 4 shards: totals, and each shard done, running (with ETA), stale after kill -9, or not started."""
     rows = reviews(3000)
@@ -271,6 +272,7 @@ def progress_of(meta: Path, k: int) -> dict[str, Any]:
         return {}
 
 
+@pytest.mark.slow
 def test_compact_merges_a_finished_sharded_dataset_into_one_sink(sim: Any, tmp_path: Path) -> None:
     """`compact` refuses unfinished shards; once all are done it makes one ordinary sink that resumes as one."""
     rows = reviews(90)
