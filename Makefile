@@ -16,7 +16,7 @@ CONCURRENCY ?= auto
 ARGS        ?=
 PORT        ?= 8787
 
-.PHONY: install demo test test-fast test-compat chromium lint fmt bench bench-quick label simulate clean
+.PHONY: install demo compare-demo test test-fast test-compat chromium lint fmt bench bench-quick label simulate clean
 
 # `make install` is the developer's install (everything); demo, label and simulate need only $(RUN_STAMP).
 install: $(DEV_STAMP)
@@ -36,6 +36,10 @@ $(DEV_STAMP): pyproject.toml
 
 demo: $(RUN_STAMP)
 	$(BIN)/python scripts/demo.py
+
+# labelstream compare on the bundled gold sample: three models of simulated quality, the table, the report (< 1 min).
+compare-demo: $(RUN_STAMP)
+	$(BIN)/python scripts/compare_demo.py
 
 # make test (CI): lint, then every test (tests/compat skips itself; see test-compat), printing the 20 slowest.
 test: lint chromium
@@ -69,6 +73,11 @@ test-compat: $(DEV_STAMP)
 	COMPAT_VENV=$(COMPAT_VENV) LABELSTREAM_COMPAT=1 $(BIN)/python -m pytest -q -m compat -p no:cacheprovider \
 		--timeout 1800 --durations 10 --basetemp $(COMPAT_VENV)/tmp tests/compat
 	@test ! -f $(COMPAT_VENV)/compat-results.jsonl || cat $(COMPAT_VENV)/compat-results.jsonl
+
+# docs/cli.md is generated from the parser; tests/test_docs.py fails when it is stale.
+.PHONY: docs
+docs: $(RUN_STAMP)
+	$(BIN)/python scripts/cli_reference.py
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff format --check pipeline tests scripts

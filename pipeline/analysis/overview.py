@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import orjson
-
 from pipeline.api.pricing import TIERS, load_prices
 from pipeline.errors import SinkError
 from pipeline.sinks import open_sink
+from pipeline.sinks.progress_file import read_progress
 
 BINS: Final = 20  # confidence histogram: 0.00-0.05, ..., 0.95-1.00
 _COLUMNS: Final = ("label", "confidence", "prompt_tokens", "completion_tokens", "cached_tokens", "latency_ms", "model")
@@ -35,7 +33,7 @@ class Overview:
     cached_tokens: int = 0
     costs: dict[str, float | None] = field(default_factory=dict)
     prices: str = ""
-    latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p90, p99, max, mean
+    latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p90, p95, p99, max, mean
     latency_bins: list[tuple[float, int]] = field(default_factory=list)  # (upper edge in ms, rows)
     last_run: dict[str, Any] | None = None
 
@@ -76,9 +74,7 @@ def overview(sink_path: str | Path) -> Overview:
         models[model] = models.get(model, 0) + 1
     _price(result, max(models, key=models.__getitem__) if models else identity.model)
     _latency(result, sorted(latencies))
-    with contextlib.suppress(OSError, orjson.JSONDecodeError):
-        progress = orjson.loads(sink.meta.progress_path.read_bytes())
-        result.last_run = progress if isinstance(progress, dict) else None
+    result.last_run = read_progress(sink.meta.progress_path)
     return result
 
 
@@ -100,6 +96,7 @@ def _latency(result: Overview, ordered: list[float]) -> None:
     result.latency_ms = {
         "p50": ordered[n // 2],
         "p90": ordered[min(n - 1, n * 9 // 10)],
+        "p95": ordered[min(n - 1, n * 95 // 100)],
         "p99": ordered[min(n - 1, n * 99 // 100)],
         "max": ordered[-1],
         "mean": sum(ordered) / n,

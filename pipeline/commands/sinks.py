@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.commands.args import positive_int
-from pipeline.errors import UsageError
+from pipeline.commands.args import positive_int, share
+from pipeline.errors import ExitCode, UsageError
 
 
 def register(sub: Any) -> None:
@@ -20,10 +20,22 @@ def register(sub: Any) -> None:
     status.add_argument("--report", type=Path, help="write a self-contained HTML report of a finished run here")
     status.set_defaults(handler=run_status)
 
-    export = sub.add_parser("export", help="join labels back onto the input rows (CSV or Parquet)")
+    export = sub.add_parser("export", help="join labels back onto the input rows (CSV, JSONL or Parquet)")
     export.add_argument("output", type=Path, help="the sink (OUT.jsonl or OUT.parquet)")
-    export.add_argument("--input", "--input_csv", dest="input", type=Path, required=True, help="the labeled CSV")
-    export.add_argument("--to", type=Path, required=True, help="labeled.csv or labeled.parquet")
+    export.add_argument("--input", "--input_csv", dest="input", required=True, help="the labeled input (any format)")
+    export.add_argument(
+        "--input-format", choices=("csv", "tsv", "jsonl", "parquet"), help="input format (default: by extension)"
+    )
+    export.add_argument("--to", type=Path, required=True, help="labeled.csv, .jsonl or .parquet, or tasks.json")
+    export.add_argument(
+        "--format",
+        choices=["table", "label-studio"],
+        help="table: the input with a label column (.csv/.jsonl/.parquet); label-studio: tasks with the labels as "
+        "predictions scored by confidence (default: label-studio for a .json --to, else table)",
+    )
+    export.add_argument(
+        "--below", type=share, metavar="P", help="label-studio: only rows whose confidence is under P (to review)"
+    )
     export.set_defaults(handler=run_export)
 
     compact = sub.add_parser(
@@ -51,14 +63,17 @@ def run_status(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         ensure_finished(args.output)
         write_report(args.report, args.output)
         print(f"report: {args.report}", file=sys.stderr if args.json else sys.stdout)
-    return 0
+    return ExitCode.OK
 
 
 def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
-    """Join labels back onto the input."""
+    """Join labels back onto the input (or write Label Studio tasks)."""
     from pipeline.analysis.export import export_labels  # noqa: PLC0415 - commands load what they need
 
-    result = export_labels(args.output, args.input, args.to)
+    kind = args.format or ("label-studio" if args.to.suffix.lower() == ".json" else "table")
+    if kind == "label-studio" or args.below is not None:
+        return _export_tasks(args, kind)
+    result = export_labels(args.output, args.input, args.to, input_format=args.input_format)
     print(
         f"wrote {result.output}: {result.rows:,} rows, {result.labeled:,} labeled, "
         f"{result.unlabeled:,} without a label (left empty)"
@@ -70,7 +85,27 @@ def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             "in the export: quote the fields that contain the delimiter",
             file=sys.stderr,
         )
-    return 0
+    if result.unlisted:
+        print(
+            f"  {result.unlisted:,} JSONL rows have keys the first line does not (lines "
+            f"{', '.join(map(str, result.unlisted_lines))}…); they are not columns here: export to .jsonl to keep them",
+            file=sys.stderr,
+        )
+    return ExitCode.OK
+
+
+def _export_tasks(args: argparse.Namespace, kind: str) -> int:
+    """`export --format label-studio`: tasks for review in Label Studio."""
+    from pipeline.analysis.labelstudio import check_tasks_target, write_tasks  # noqa: PLC0415
+
+    check_tasks_target(args.to, args.below, kind)
+    written = write_tasks(args.output, args.input, args.to, below=args.below)
+    which = f" with confidence under {args.below:g}" if args.below is not None else ""
+    print(
+        f"wrote {written.path}: {written.tasks:,} Label Studio tasks{which}, {written.predicted:,} with the model's "
+        "label as a prediction (import them into a project set up with `labelstream label-studio-config`)"
+    )
+    return ExitCode.OK
 
 
 def run_compact(args: argparse.Namespace, _argv: Sequence[str]) -> int:
@@ -84,4 +119,4 @@ def run_compact(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         )
     before, after = compact(args.output, rows_per_part=args.rows_per_part)
     print(f"{args.output}: {before} parts → {after}")
-    return 0
+    return ExitCode.OK
