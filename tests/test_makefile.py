@@ -15,7 +15,7 @@ from .helpers import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 
-LABELING = [["demo"], ["label", "INPUT=in.csv"], ["simulate"]]
+LABELING = [["demo"], ["compare-demo"], ["label", "INPUT=in.csv"], ["simulate"], ["docs"]]
 DEVELOPING = [["install"], ["test"], ["test-fast"], ["lint"], ["fmt"], ["bench"], ["bench-quick"], ["test-compat"]]
 
 
@@ -29,7 +29,7 @@ def planned_installs(venv: Path, *target: str) -> list[str]:
 
 @pytest.mark.parametrize("target", LABELING, ids=lambda t: t[0])
 def test_labeling_targets_install_the_package_without_dev_tools_or_ray(tmp_path: Path, target: list[str]) -> None:
-    """`make demo`, `make label` and `make simulate` on a fresh machine install the package with no extras."""
+    """`make demo`, `make label`, `make simulate` (and compare-demo, docs) on a fresh machine install no extras."""
     assert planned_installs(tmp_path / "venv", *target) == ["."]
 
 
