@@ -78,6 +78,7 @@ def test_prepare_run_elsewhere_ingest_round_trip_exactly_once(sim: Any, tmp_path
     assert refused.returncode == 2 and "already holds request files" in refused.stderr
 
 
+@pytest.mark.slow
 def test_label_engine_batch_logs_progress_and_status_shows_the_batches(sim: Any, tmp_path: Path) -> None:
     """`label --engine batch` logs batch states and request counts; `status` and `batch status` show the batches."""
     sim.configure(batch_seconds=0.5)
