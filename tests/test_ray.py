@@ -93,6 +93,7 @@ def test_the_shared_schedule_starts_at_remembered_limits_and_headers_override_th
     assert (given.rpm, given.tpm) == (300, 90_000)
 
 
+@pytest.mark.ray
 def test_label_dataset_labels_each_row_once_and_the_output_reads_as_a_sink(
     sim: Any, local_ray: Any, tmp_path: Path
 ) -> None:
@@ -135,6 +136,8 @@ def test_label_dataset_labels_each_row_once_and_the_output_reads_as_a_sink(
     assert sim.stats(events=False)["requests"] == 1, "only the row that failed at the API is sent again"
 
 
+@pytest.mark.ray
+@pytest.mark.wallclock
 def test_two_actors_share_one_600_rpm_limit(sim: Any, local_ray: Any, tmp_path: Path) -> None:
     """Two actors, each able to send far more, stay under the key's 600 RPM together (the simulator enforces it
     per second, as OpenAI does, and says nothing in headers): almost no 429s, at close to the limit."""
@@ -159,6 +162,7 @@ def test_two_actors_share_one_600_rpm_limit(sim: Any, local_ray: Any, tmp_path: 
     assert per_second >= 0.8 * 10 * SAFETY, f"only {per_second:.1f} requests/s"
 
 
+@pytest.mark.ray
 def test_engine_ray_starts_at_the_limits_a_run_remembered_and_keeps_what_it_learns(
     sim: Any, tmp_path: Path, short_tmp: Path
 ) -> None:
@@ -181,6 +185,8 @@ def test_engine_ray_starts_at_the_limits_a_run_remembered_and_keeps_what_it_lear
     assert kept["rpm"] == 1200 and kept.get("rate", 0) > 0 and kept["saved_at"] > hour_ago + 60, kept
 
 
+@pytest.mark.ray
+@pytest.mark.crash
 def test_engine_ray_resumes_after_kill_9_with_each_row_once(sim: Any, tmp_path: Path, short_tmp: Path) -> None:
     """`label --engine ray` killed (the whole process group, Ray with it) once a part is written; the same
     command finishes the job: every id once, and only rows of unwritten parts are paid for again."""
@@ -219,6 +225,7 @@ def test_engine_ray_resumes_after_kill_9_with_each_row_once(sim: Any, tmp_path: 
     assert not [p for p in logs if TEST_KEY.encode() in p.read_bytes()], "the API key leaked into Ray's files"
 
 
+@pytest.mark.ray
 def test_engine_ray_writes_the_same_progress_file_as_the_other_engines(
     sim: Any, tmp_path: Path, short_tmp: Path
 ) -> None:

@@ -178,6 +178,7 @@ def test_a_hedge_copy_holds_its_worst_case_in_the_budget_or_is_not_sent() -> Non
     run(scenario())
 
 
+@pytest.mark.wallclock
 def test_an_early_hung_request_ends_at_the_learned_timeout(sim: Any, tmp_path: Path) -> None:
     """The run's first request hangs: it is abandoned ~2 s after it was sent (not after --timeout) and retried."""
     sim.configure(latency_ms=25)  # 400 rows through 3 free slots: the input lasts past the learned timeout
