@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -185,10 +185,14 @@ class SinkMeta:
             self._lock.close()
             self._lock = None
 
+    def read_bytes(self, path: Path) -> bytes:
+        """The whole of one side file (FileNotFoundError when there is none)."""
+        return path.read_bytes()
+
     def read_manifest(self) -> Manifest | None:
         """The manifest, or None when there is none yet."""
         try:
-            data = orjson.loads(self.manifest_path.read_bytes())
+            data = orjson.loads(self.read_bytes(self.manifest_path))
         except FileNotFoundError:
             return None
         except orjson.JSONDecodeError:
@@ -260,8 +264,13 @@ class SinkMeta:
         except FileNotFoundError:
             return
         with handle:
-            for line in handle:
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    item = orjson.loads(line)
-                    if isinstance(item, dict):
-                        yield item
+            yield from parse_dead_letters(handle)
+
+
+def parse_dead_letters(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The records of dead-letter lines (a torn or foreign line is skipped)."""
+    for line in lines:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            item = orjson.loads(line)
+            if isinstance(item, dict):
+                yield item

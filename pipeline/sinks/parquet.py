@@ -95,6 +95,11 @@ class ParquetSink(Sink):
         self._outputs: frozenset[str] = frozenset()
         self._next_part = 1
         self._run_tag = os.urandom(4).hex()
+        self.filesystem: Any = None  # the pyarrow filesystem parts are read from (None: the local one)
+
+    def locate(self, part: Path) -> str | Path:
+        """Where pyarrow finds a part on `filesystem` (here the path itself; an object sink gives its key)."""
+        return part
 
     def parts(self) -> list[Path]:
         """This sink's complete part files in write order (a shard's own parts only)."""
@@ -119,7 +124,7 @@ class ParquetSink(Sink):
         # A shard that has written nothing yet must still match its siblings: one directory, one schema.
         parts = self.parts() or self.all_parts()
         if parts:
-            have = pq.read_schema(parts[-1])
+            have = pq.read_schema(self.locate(parts[-1]), filesystem=self.filesystem)
             if not have.equals(wanted, check_metadata=False):
                 missing = [n for n in wanted.names if n not in have.names]
                 if (
@@ -152,8 +157,10 @@ class ParquetSink(Sink):
     def _entries(self) -> Iterator[tuple[str, int]]:
         for part in self.parts():
             try:
-                names = pq.read_schema(part).names
-                table = pq.read_table(part, columns=[c for c in ("id", "text_sha") if c in names])
+                names = pq.read_schema(self.locate(part), filesystem=self.filesystem).names
+                table = pq.read_table(
+                    self.locate(part), filesystem=self.filesystem, columns=[c for c in ("id", "text_sha") if c in names]
+                )
             except (OSError, pa.ArrowException) as exc:
                 raise SinkError(
                     f"{part} is not a readable Parquet part ({exc}). Move it out of {self.path} and re-run; "
@@ -179,7 +186,7 @@ class ParquetSink(Sink):
 
     def iter_records(self, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
         for part in self.parts():
-            handle = pq.ParquetFile(part)
+            handle = pq.ParquetFile(self.locate(part), filesystem=self.filesystem)
             present = set(handle.schema_arrow.names)
             wanted = [c for c in columns if c in present] if columns else None
             for batch in handle.iter_batches(columns=wanted, batch_size=8192):

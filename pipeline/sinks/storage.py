@@ -1,0 +1,275 @@
+"""Where an output lives when it is not on a local disk: a prefix in an object store (s3://, gs://).
+
+Data goes through `pyarrow.fs`, which pandas, duckdb and polars users already have; the lease's conditional
+writes (`If-None-Match: *`, `If-Match: <etag>`) go through boto3, because pyarrow.fs cannot send them.
+
+Credentials come from where the provider's own tools look (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, instance
+roles, ...) or from `--storage-option key=value`; they are handed to the clients and never kept anywhere
+else, printed or written. `endpoint_override` (or `AWS_ENDPOINT_URL`) points at an S3-compatible store.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Any, Final
+
+from pipeline.errors import StorageError, UsageError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+SCHEMES: Final = ("s3", "gs")
+# Storage options a user may pass; anything else is a typo that would otherwise be ignored silently.
+OPTION_NAMES: Final = frozenset(
+    {"endpoint_override", "region", "access_key", "secret_key", "session_token", "profile", "lease_seconds"}
+)
+_SECRET_OPTIONS: Final = frozenset({"access_key", "secret_key", "session_token"})
+CONNECT_TIMEOUT: Final = 5.0  # seconds: a wrong endpoint fails within seconds, not after minutes of retries
+REQUEST_TIMEOUT: Final = 60.0
+
+# Set once per process by the CLI (`--storage-option`), like the AWS_* environment it complements.
+_configured: dict[str, str] = {}
+
+
+def configure(options: Mapping[str, str]) -> None:
+    """Use these storage options for every object store this process opens (from `--storage-option`)."""
+    unknown = sorted(set(options) - OPTION_NAMES)
+    if unknown:
+        raise UsageError(f"--storage-option {unknown[0]}: unknown; use one of {', '.join(sorted(OPTION_NAMES))}.")
+    _configured.clear()
+    _configured.update(options)
+
+
+def parse_option(text: str) -> tuple[str, str]:
+    """`key=value` from the command line (the value is never echoed: it may be a secret)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--storage-option {key.strip() or text[:20]!r}: write it as key=value.")
+    return key.strip(), value
+
+
+def object_uri(path: str | PurePath) -> str | None:
+    """`s3://bucket/key` when `path` names an object, else None.
+
+    A `Path` folds `s3://b/k` to `s3:/b/k`, and outputs travel through the run as Paths, so both spellings
+    are recognised here, in one place.
+    """
+    text = str(path)
+    for scheme in SCHEMES:
+        for head in (f"{scheme}://", f"{scheme}:/"):
+            if text.startswith(head):
+                return f"{scheme}://{text[len(head) :]}"
+    return None
+
+
+def _endpoint(options: Mapping[str, str]) -> str | None:
+    return (
+        options.get("endpoint_override") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One object as a listing or a read shows it; `now` is the store's clock when it answered."""
+
+    data: bytes
+    etag: str
+    modified: datetime
+    now: datetime
+
+
+class ObjectStore:
+    """One bucket of an object store: whole-object puts, reads, listings and deletes, with clear errors.
+
+    Keys are `bucket/path/inside` (pyarrow's spelling). A put is atomic: readers see the old object or the new
+    one, never part of it; that is what replaces write-then-rename here.
+    """
+
+    def __init__(self, uri: str, options: Mapping[str, str] | None = None) -> None:
+        self.uri = uri
+        self.scheme, _, rest = uri.partition("://")
+        self.bucket = rest.split("/", 1)[0]
+        if not self.bucket:
+            raise UsageError(f"{uri}: name a bucket, as in {self.scheme}://BUCKET/prefix/labels.parquet.")
+        self._options = dict(_configured if options is None else options)
+        self.endpoint = _endpoint(self._options) if self.scheme == "s3" else self._options.get("endpoint_override")
+        self._fs: pafs.FileSystem | None = None
+        self._s3: Any = None
+
+    @property
+    def where(self) -> str:
+        """The store as messages name it: the bucket and the endpoint (never a credential)."""
+        return f"bucket {self.bucket!r} at {self.endpoint or 'the default ' + self.scheme + ' endpoint'}"
+
+    def key(self, path: str | PurePath) -> str:
+        """The pyarrow key of a location given as a URI or a Path (`s3:/b/k` → `b/k`)."""
+        uri = object_uri(path)
+        if uri is None:
+            raise ValueError(f"not an object location: {path}")
+        return uri.partition("://")[2]
+
+    def uri_of(self, key: str) -> str:
+        """The URI of a key, for messages."""
+        return f"{self.scheme}://{key}"
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long a writer's lease lasts unless renewed (`--storage-option lease_seconds=N`)."""
+        raw = self._options.get("lease_seconds", "60")
+        try:
+            seconds = float(raw)
+        except ValueError:
+            raise UsageError(f"--storage-option lease_seconds={raw}: give a number of seconds.") from None
+        return max(seconds, 0.0)
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        """The pyarrow filesystem of this store (made on first use)."""
+        if self._fs is None:
+            self._fs = self._make_fs()
+        return self._fs
+
+    def _make_fs(self) -> pafs.FileSystem:
+        import pyarrow.fs as pafs  # noqa: PLC0415 - pyarrow is slow to import; JSONL runs never need it
+
+        opts = self._options
+        if self.scheme == "gs":
+            return pafs.GcsFileSystem(endpoint_override=opts.get("endpoint_override"))
+        kwargs: dict[str, Any] = {
+            "connect_timeout": CONNECT_TIMEOUT,
+            "request_timeout": REQUEST_TIMEOUT,
+            "allow_bucket_creation": False,
+            "allow_bucket_deletion": False,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        }
+        if self.endpoint:
+            scheme, sep, host = self.endpoint.partition("://")
+            kwargs["endpoint_override"] = host if sep else self.endpoint
+            kwargs["scheme"] = scheme if sep else "https"
+        region = opts.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        if opts.get("access_key"):
+            kwargs.update(access_key=opts["access_key"], secret_key=opts.get("secret_key", ""))
+            if opts.get("session_token"):
+                kwargs["session_token"] = opts["session_token"]
+        return pafs.S3FileSystem(**kwargs)
+
+    def s3(self) -> Any:
+        """A boto3 S3 client for the conditional writes of the lease (boto3 is the optional extra `s3`)."""
+        if self.scheme != "s3":
+            raise UsageError(
+                f"{self.uri}: writing to {self.scheme}:// needs a lease object written conditionally, which "
+                "labelstream can do only on S3-compatible stores. Use s3:// (for Google Cloud Storage: its "
+                "S3-compatible endpoint, --storage-option endpoint_override=https://storage.googleapis.com "
+                "with HMAC keys), or write to a local --output."
+            )
+        if self._s3 is None:
+            try:
+                import boto3  # noqa: PLC0415 - optional: only writers on s3:// need it
+                from botocore.config import Config  # noqa: PLC0415
+            except ImportError:
+                raise UsageError(
+                    f"writing {self.uri} needs boto3 for its lease: pip install 'labelstream[s3]' (or pip install "
+                    "boto3), then re-run."
+                ) from None
+            opts = self._options
+            session = boto3.session.Session(profile_name=opts.get("profile") or None)
+            self._s3 = session.client(
+                "s3",
+                endpoint_url=self.endpoint or None,
+                region_name=opts.get("region") or None,
+                aws_access_key_id=opts.get("access_key") or None,
+                aws_secret_access_key=opts.get("secret_key") or None,
+                aws_session_token=opts.get("session_token") or None,
+                config=Config(
+                    connect_timeout=CONNECT_TIMEOUT,
+                    read_timeout=REQUEST_TIMEOUT,
+                    retries={"max_attempts": 3, "mode": "standard"},
+                ),
+            )
+        return self._s3
+
+    def s3_errors(self) -> tuple[type[Exception], ...]:
+        """What the boto3 client raises when the store refuses or cannot be reached."""
+        from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415 - after s3() checked boto3
+
+        return (BotoCoreError, ClientError)
+
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        """Write one whole object (atomic: it appears complete or not at all)."""
+        try:
+            with self.fs.open_output_stream(key, metadata={}) as handle:
+                handle.write(data)
+        except OSError as exc:
+            raise self.error(f"cannot write {self.uri_of(key)}", exc) from None
+
+    def get(self, key: str) -> bytes:
+        """The whole object; FileNotFoundError when there is none."""
+        try:
+            with self.fs.open_input_stream(key) as handle:
+                return bytes(handle.read())
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if "NO_SUCH_KEY" in str(exc) or "Path does not exist" in str(exc):
+                raise FileNotFoundError(key) from None
+            raise self.error(f"cannot read {self.uri_of(key)}", exc) from None
+
+    def list(self, prefix: str) -> list[tuple[str, int]]:
+        """(name, size) of the objects directly under `prefix/` (nothing when there are none)."""
+        import pyarrow.fs as pafs  # noqa: PLC0415
+
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(prefix, allow_not_found=True))
+        except OSError as exc:
+            raise self.error(f"cannot list {self.uri_of(prefix)}", exc) from None
+        return [(i.base_name, i.size or 0) for i in infos if i.type == pafs.FileType.File]
+
+    def delete(self, key: str) -> None:
+        """Delete an object (no error when it is gone already)."""
+        try:
+            self.fs.delete_file(key)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self.error(f"cannot delete {self.uri_of(key)}", exc) from None
+
+    def error(self, what: str, exc: BaseException) -> StorageError:
+        """A StorageError that says what failed on this store and what to do (never a credential)."""
+        text = str(exc)
+        if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
+            where = self.endpoint or "the default endpoint"
+            hint = f"the bucket {self.bucket!r} does not exist at {where}. Create it, or fix --output."
+        elif "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text:
+            hint = (
+                f"no permission on {self.where}. Check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / "
+                "--storage-option) and the bucket policy."
+            )
+        elif "NETWORK_CONNECTION" in text or "connect" in text.lower() or "Could not connect" in text:
+            hint = (
+                f"cannot reach {self.endpoint or 'the ' + self.scheme + ' endpoint'}. Check AWS_ENDPOINT_URL or "
+                "--storage-option endpoint_override, and the network."
+            )
+        else:
+            hint = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''} ({self.where})."
+        return StorageError(f"{what}: {hint} Parts written before are complete; re-run to resume.")
+
+
+def is_precondition_failure(exc: BaseException) -> bool:
+    """Whether a boto3 error is the store refusing a conditional write (412, or 409 on a concurrent one)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return False
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = response.get("Error", {}).get("Code")
+    return status in {409, 412} or code in {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+def redacted(options: Mapping[str, str]) -> dict[str, str]:
+    """Storage options fit to show: secrets replaced by `***`."""
+    return {k: ("***" if k in _SECRET_OPTIONS else v) for k, v in options.items()}
