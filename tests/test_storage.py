@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import random
+import signal
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
 
-from .helpers import cli, reviews, write_csv
+from pipeline.errors import StorageError
+from pipeline.sinks.lease import Lease
+from pipeline.sinks.storage import ObjectStore
+
+from .helpers import cli, reviews, start_cli, wait_for, write_csv
 
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
@@ -103,4 +112,126 @@ def test_label_into_s3_then_resume_sends_nothing(sim: Any, tmp_path: Path, bucke
     sim.reset()
     again = cli(*label_args(sim, source, out), env=bucket.env)
     assert again.returncode == 0, again.stderr
+    assert sim.stats()["requests"] == 0
+
+
+def put_lease(bucket: Bucket, key: str, *, host: str, pid: int, seconds: float) -> None:
+    """Leave a lease object as another writer would have written it."""
+    body = orjson.dumps({"host": host, "pid": pid, "token": "feedbeef", "seconds": seconds})
+    bucket.client.put_object(Bucket=bucket.name, Key=key, Body=body)
+
+
+def test_kill_9_mid_run_then_resume_gives_each_id_once(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """SIGKILLs at random moments into s3://: readers never see an id twice; the last run completes the set."""
+    rng = random.Random("crash-s3")
+    sim.configure(latency_ms=20)
+    rows = reviews(1500)
+    wanted = sorted(r[0] for r in rows)
+    source = write_csv(tmp_path / "in.csv", rows)
+    out = bucket.uri("crash/out.parquet")
+    kills = 0
+    while kills < 4:
+        proc = start_cli(*label_args(sim, source, out, "--concurrency", "8"), env=bucket.env)
+        time.sleep(rng.uniform(1.0, 3.0))  # the moment of the kill is random: any moment must be safe
+        proc.kill()
+        proc.communicate(timeout=30)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL
+        kills += 1
+        seen = bucket.ids("crash/out.parquet")
+        assert len(seen) == len(set(seen)), "an id was written twice"
+    assert kills >= 2, "too few kills landed mid-run to test anything"
+    # The killed runs' leases name a dead pid on this host, so the resume takes over without waiting.
+    result = cli(*label_args(sim, source, out), env=bucket.env)
+    assert result.returncode == 0, result.stderr
+    assert sorted(bucket.ids("crash/out.parquet")) == wanted
+    assert not [k for k in bucket.keys("crash/") if "tmp" in k]
+
+
+def test_second_writer_is_refused_while_the_first_holds_the_lease(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """A second run on the same s3:// output stops at once, naming the holder's pid and host and the lease's end."""
+    sim.configure(latency_ms=200)
+    source = write_csv(tmp_path / "in.csv", reviews(400))
+    out = bucket.uri("two/out.parquet")
+    first = start_cli(*label_args(sim, source, out, "--concurrency", "2"), env=bucket.env)
+    try:
+        wait_for(lambda: "two/out.parquet.meta/lease.json" in bucket.keys("two/"), what="the first run's lease")
+        second = cli(*label_args(sim, source, out), env=bucket.env, timeout=60)
+        assert first.poll() is None, "the first run ended before the second started"
+    finally:
+        first.kill()
+        first.communicate(timeout=30)
+    assert second.returncode == 2
+    assert f"pid {first.pid} on {socket.gethostname()}" in second.stderr
+    assert "holds the lease until" in second.stderr
+
+
+def test_expired_lease_of_a_crashed_writer_elsewhere_is_taken_over(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """A lease another host stopped renewing (expired by the store's clock) is taken over, and the run says so."""
+    source = write_csv(tmp_path / "in.csv", reviews(30))
+    put_lease(bucket, "exp/out.parquet.meta/lease.json", host="node-that-died", pid=4242, seconds=0)
+    result = cli(*label_args(sim, source, bucket.uri("exp/out.parquet")), env=bucket.env)
+    assert result.returncode == 0, result.stderr
+    assert "took over the lease" in result.stderr and "pid 4242 on node-that-died" in result.stderr
+    assert len(bucket.ids("exp/out.parquet")) == 30
+
+
+def test_live_lease_of_a_writer_elsewhere_is_not_taken_over(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """A lease held by a run on another host, still within its lifetime, refuses this run and labels nothing."""
+    source = write_csv(tmp_path / "in.csv", reviews(30))
+    put_lease(bucket, "live/out.parquet.meta/lease.json", host="busy-node", pid=7, seconds=3600)
+    result = cli(*label_args(sim, source, bucket.uri("live/out.parquet")), env=bucket.env)
+    assert result.returncode == 2
+    assert "pid 7 on busy-node" in result.stderr and "until" in result.stderr
+    assert sim.stats()["requests"] == 0
+    assert bucket.keys("live/out.parquet/") == []
+
+
+def test_a_holder_whose_lease_was_taken_stops_writing(bucket: Bucket) -> None:
+    """When another writer took the lease over, the next renewal notices and every later write is refused."""
+    store = ObjectStore(bucket.uri("x"), {"endpoint_override": bucket.endpoint, "region": "us-east-1",
+                                          "access_key": ACCESS_KEY, "secret_key": SECRET_KEY})  # fmt: skip
+    lease = Lease(store, f"{bucket.name}/lost/lease.json", "s3://lost")
+    lease.acquire()
+    try:
+        lease.check()  # held: writing is allowed
+        put_lease(bucket, "lost/lease.json", host="thief", pid=1, seconds=60)
+        lease.renew()
+        with pytest.raises(StorageError, match="lost its lease"):
+            lease.check()
+    finally:
+        lease.release()
+    assert bucket.keys("lost/") == ["lost/lease.json"], "released the other writer's lease"
+
+
+def test_missing_bucket_is_a_clear_error(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """An output in a bucket that does not exist fails before any request, naming the bucket and the endpoint."""
+    source = write_csv(tmp_path / "in.csv", reviews(5))
+    result = cli(*label_args(sim, source, "s3://no-such-bucket-here/out.parquet"), env=bucket.env)
+    assert result.returncode == 3, result.stderr
+    assert "'no-such-bucket-here' does not exist" in result.stderr and bucket.endpoint in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sim.stats()["requests"] == 0
+
+
+def test_wrong_endpoint_fails_within_seconds_naming_it(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """An endpoint nothing listens on (connection refused) fails in seconds with a message that names it."""
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    source = write_csv(tmp_path / "in.csv", reviews(5))
+    started = time.monotonic()
+    result = cli(*label_args(sim, source, bucket.uri("out.parquet")), env={**bucket.env, "AWS_ENDPOINT_URL": dead})
+    assert time.monotonic() - started < 30
+    assert result.returncode == 3, result.stderr
+    assert f"cannot reach {dead}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_jsonl_output_on_object_storage_is_refused_naming_parquet(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """--output s3://…/x.jsonl is refused before any request, pointing at the .parquet dataset instead."""
+    source = write_csv(tmp_path / "in.csv", reviews(5))
+    result = cli(*label_args(sim, source, bucket.uri("out.jsonl")), env=bucket.env)
+    assert result.returncode == 2
+    assert "Parquet dataset only" in result.stderr and ".parquet" in result.stderr
     assert sim.stats()["requests"] == 0

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from pipeline.errors import UsageError
 from pipeline.input.shards import Shard
 from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
+from pipeline.sinks.storage import as_path
 from pipeline.task.config import TaskConfig
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -72,7 +73,7 @@ class RunOptions:
         """Options from flat settings: `encoding`, `delimiter`, `require_id_column` go to `io`,
         `checkpoint_rows`/`checkpoint_seconds` to `checkpoint`; the rest are RunOptions fields."""
         io_names = {f.name for f in fields(IoOptions)} - {"input", "output"}
-        io = IoOptions(Path(input), Path(output), **{k: settings.pop(k) for k in list(settings) if k in io_names})
+        io = IoOptions(Path(input), as_path(output), **{k: settings.pop(k) for k in list(settings) if k in io_names})
         checkpoint = settings.pop("checkpoint", None) or CheckpointOptions(
             rows=settings.pop("checkpoint_rows", None), seconds=settings.pop("checkpoint_seconds", None)
         )

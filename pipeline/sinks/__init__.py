@@ -18,7 +18,7 @@ from pipeline.sinks.base import Sink
 from pipeline.sinks.jsonl import JsonlSink
 from pipeline.sinks.layout import Layout, check_layout, discover, is_jsonl
 from pipeline.sinks.meta import Identity, Manifest, SinkMeta, meta_dir_for
-from pipeline.sinks.storage import object_uri
+from pipeline.sinks.storage import as_path, object_uri
 
 __all__ = [
     "Identity",
@@ -38,7 +38,7 @@ __all__ = [
 def open_sink(path: str | Path, shard: Shard | None = None) -> Sink:
     """The sink for an output path, chosen by suffix (.jsonl or .parquet); with `shard`, that shard of it."""
     uri = object_uri(path)
-    path = Path(path)
+    path = as_path(path)
     if uri is not None:
         return _open_object_sink(uri, path, shard)
     if is_jsonl(path):

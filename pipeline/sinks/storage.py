@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import PurePath
+from pathlib import Path, PosixPath, PurePath
 from typing import TYPE_CHECKING, Any, Final
 
 from pipeline.errors import StorageError, UsageError
@@ -64,6 +64,21 @@ def object_uri(path: str | PurePath) -> str | None:
             if text.startswith(head):
                 return f"{scheme}://{text[len(head) :]}"
     return None
+
+
+class ObjectPath(PosixPath):
+    """An object location carried where the run carries Paths (`/`, `.name`, `.with_name` keep working); its
+    str() is the URI again, so messages, the manifest and the progress file name it as the user wrote it."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return object_uri(text) or text
+
+
+def as_path(location: str | PurePath) -> Path:
+    """A local Path, or an ObjectPath for an s3:// or gs:// location (also one a Path has folded)."""
+    uri = object_uri(location)
+    return ObjectPath(uri) if uri is not None else Path(location)
 
 
 def _endpoint(options: Mapping[str, str]) -> str | None:
