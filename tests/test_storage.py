@@ -108,6 +108,7 @@ def test_label_into_s3_then_resume_sends_nothing(sim: Any, tmp_path: Path, bucke
     meta = bucket.keys("runs/labels.parquet.meta/")
     assert "runs/labels.parquet.meta/manifest.json" in meta
     assert "runs/labels.parquet.meta/lease.json" not in meta, "the lease outlived the run"
+    assert not [k for k in bucket.keys("runs/") if k.endswith("/")], "an empty 'folder' marker object"
     assert all(k.endswith(".parquet") for k in bucket.keys("runs/labels.parquet/"))
     sim.reset()
     again = cli(*label_args(sim, source, out), env=bucket.env)
@@ -235,3 +236,25 @@ def test_jsonl_output_on_object_storage_is_refused_naming_parquet(sim: Any, tmp_
     assert result.returncode == 2
     assert "Parquet dataset only" in result.stderr and ".parquet" in result.stderr
     assert sim.stats()["requests"] == 0
+
+
+def test_storage_credentials_are_never_written_or_printed(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """Keys given as --storage-option reach the store but no object, local file, progress file or output line."""
+    sim.script([{"kind": "status", "status": 500, "count": -1, "match": "review 2:"}])  # a dead letter, too
+    source = write_csv(tmp_path / "in.csv", reviews(40))
+    env = {k: v for k, v in bucket.env.items() if k not in {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}}
+    options = [
+        "--storage-option", f"access_key={ACCESS_KEY}", f"--storage-option=secret_key={SECRET_KEY}",
+        "--storage-option", f"endpoint_override={bucket.endpoint}", "--max-retries", "0",
+    ]  # fmt: skip
+    result = cli(*label_args(sim, source, bucket.uri("sec/out.parquet"), *options), env=env)
+    assert result.returncode == 1, result.stderr  # 1: some rows failed
+    assert len(bucket.ids("sec/out.parquet")) == 39
+    keys = bucket.keys("sec/")
+    assert any("/dead/" in k for k in keys) and "sec/out.parquet.meta/progress.json" in keys
+    written = [bucket.client.get_object(Bucket=bucket.name, Key=k)["Body"].read() for k in keys]
+    written += [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
+    assert "'--storage-option=secret_key=***'" in result.stderr  # the resume hint still names the option
+    for secret in (ACCESS_KEY, SECRET_KEY):
+        assert secret not in result.stdout + result.stderr
+        assert not [blob for blob in written if secret.encode() in blob]

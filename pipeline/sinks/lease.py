@@ -99,9 +99,12 @@ class Lease:
             etag, self._etag = self._etag, None
         if etag is None or self._lost is not None:
             return
-        current = self._read()
-        if current is not None and current.etag == etag:
-            self.store.delete(self.key)
+        bucket, _, key = self.key.partition("/")
+        try:  # boto3, not pyarrow.fs: pyarrow leaves an empty `.meta/` marker object behind a delete
+            self.store.s3().delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+        except self.store.s3_errors() as exc:
+            if not is_precondition_failure(exc):
+                raise self.store.error(f"cannot delete the lease {self.store.uri_of(self.key)}", exc) from None
 
     @property
     def store_timeout(self) -> float:

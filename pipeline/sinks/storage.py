@@ -11,7 +11,7 @@ else, printed or written. `endpoint_override` (or `AWS_ENDPOINT_URL`) points at 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PosixPath, PurePath
@@ -285,6 +285,19 @@ def is_precondition_failure(exc: BaseException) -> bool:
     return status in {409, 412} or code in {"PreconditionFailed", "ConditionalRequestConflict"}
 
 
-def redacted(options: Mapping[str, str]) -> dict[str, str]:
-    """Storage options fit to show: secrets replaced by `***`."""
-    return {k: ("***" if k in _SECRET_OPTIONS else v) for k, v in options.items()}
+def redact_argv(words: Sequence[str]) -> list[str]:
+    """A command line fit to show or write: the values of secret `--storage-option`s replaced by `***`."""
+    out: list[str] = []
+    follows = False
+    for word in words:
+        if word.startswith("--storage-option="):
+            out.append(f"--storage-option={_redact_option(word.partition('=')[2])}")
+        else:
+            out.append(_redact_option(word) if follows else word)
+        follows = word == "--storage-option"
+    return out
+
+
+def _redact_option(text: str) -> str:
+    key, eq, _ = text.partition("=")
+    return f"{key}=***" if eq and key.strip() in _SECRET_OPTIONS else text
