@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pandas as pd
+import polars as pl
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
@@ -62,15 +64,19 @@ class Bucket:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
         return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
-    def ids(self, key: str) -> list[str]:
-        """The ids a reader sees in the dataset right now (through pyarrow.dataset on the bucket)."""
-        fs = pafs.S3FileSystem(
+    @property
+    def fs(self) -> pafs.S3FileSystem:
+        """The bucket's store as pyarrow (and pandas through it) reads it."""
+        return pafs.S3FileSystem(
             endpoint_override=self.endpoint.removeprefix("http://"), scheme="http", access_key=ACCESS_KEY,
             secret_key=SECRET_KEY, region="us-east-1",
         )  # fmt: skip
+
+    def ids(self, key: str) -> list[str]:
+        """The ids a reader sees in the dataset right now (through pyarrow.dataset on the bucket)."""
         if not any(k.endswith(".parquet") for k in self.keys(key + "/")):
             return []
-        data = ds.dataset(f"{self.name}/{key}", format="parquet", filesystem=fs)
+        data = ds.dataset(f"{self.name}/{key}", format="parquet", filesystem=self.fs)
         return list(data.to_table(columns=["id"]).column("id").to_pylist())
 
 
@@ -258,3 +264,50 @@ def test_storage_credentials_are_never_written_or_printed(sim: Any, tmp_path: Pa
     for secret in (ACCESS_KEY, SECRET_KEY):
         assert secret not in result.stdout + result.stderr
         assert not [blob for blob in written if secret.encode() in blob]
+
+
+def test_status_export_and_eval_read_an_s3_output(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """status, export and eval read a sink on s3:// through the same storage layer as the run (dead letters too)."""
+    rows = reviews(40)
+    source = write_csv(tmp_path / "in.csv", rows)
+    out = bucket.uri("read/out.parquet")
+    sim.script([{"kind": "label_outside", "count": -1, "match": "review 6:"}])
+    assert cli(*label_args(sim, source, out, "--max-retries", "0"), env=bucket.env).returncode == 1
+    status = cli("status", out, "--json", env=bucket.env)
+    assert status.returncode == 0, status.stderr
+    report = orjson.loads(status.stdout)
+    assert (report["labeled"], report["failed_unlabeled"]) == (39, 1)
+    assert report["output"] == out and report["progress"]["state"] == "done"
+    exported = tmp_path / "labeled.csv"
+    result = cli("export", out, "--input", str(source), "--to", str(exported), env=bucket.env)
+    assert result.returncode == 0, result.stderr
+    assert "40 rows, 39 labeled, 1 without a label" in result.stdout
+    gold = write_csv(tmp_path / "gold.csv", [(r[0], "positive") for r in rows], header=("id", "label"))
+    scored = cli("eval", out, "--gold", str(gold), "--json", env=bucket.env)
+    assert scored.returncode == 0, scored.stderr
+    assert orjson.loads(scored.stdout)["labeled"] == 39
+    refused = cli("compact", out, env=bucket.env)
+    assert refused.returncode == 2 and "not supported yet" in refused.stderr
+
+
+def test_pandas_pyarrow_and_polars_read_the_bucket_mid_run(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """While a run writes s3://, pyarrow.dataset, pandas and polars read whole parts from the bucket, no id twice."""
+    sim.configure(latency_ms=20)
+    source = write_csv(tmp_path / "in.csv", reviews(1500))
+    proc = start_cli(*label_args(sim, source, bucket.uri("mid/out.parquet"), "--concurrency", "8"), env=bucket.env)
+    try:
+        wait_for(lambda: len(bucket.ids("mid/out.parquet")) >= 100, what="parts in the bucket")
+        seen = bucket.ids("mid/out.parquet")
+        frame = pd.read_parquet(f"{bucket.name}/mid/out.parquet", filesystem=bucket.fs)
+        options = {
+            "aws_endpoint_url": bucket.endpoint, "aws_allow_http": "true", "aws_region": "us-east-1",
+            "aws_access_key_id": ACCESS_KEY, "aws_secret_access_key": SECRET_KEY,
+        }  # fmt: skip
+        lazy = pl.scan_parquet(f"s3://{bucket.name}/mid/out.parquet/*.parquet", storage_options=options)
+        polars_ids = lazy.select("id").collect()["id"].to_list()
+        assert proc.poll() is None, "the run ended before the readers read it mid-run"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    for ids in (seen, list(frame["id"]), polars_ids):
+        assert len(ids) >= 100 and len(ids) == len(set(ids))

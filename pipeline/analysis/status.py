@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.engines.batch.ledger import Ledger
 from pipeline.errors import SinkError, UsageError
-from pipeline.ratelimit.share import RUNNING, read_progress, run_state
+from pipeline.ratelimit.share import RUNNING, run_state
 from pipeline.sinks import Sink, discover, open_shards, open_sink
 from pipeline.stats import short_duration
 
@@ -48,7 +48,7 @@ def _one(sink: Sink, now: datetime) -> dict[str, Any]:
         kind = str(letter.get("kind"))
         kinds[kind] = kinds.get(kind, 0) + 1
     recent = sorted(pending.values(), key=lambda x: str(x.get("failed_at")), reverse=True)[:5]
-    progress = read_progress(sink.meta.progress_path)
+    progress = sink.meta.read_json(sink.meta.progress_path)  # through the sink: it may be on object storage
     manifest = sink.meta.read_manifest()
     total = len(done) + len(pending)
     identity = manifest.identity if manifest else None

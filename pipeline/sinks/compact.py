@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.errors import SinkError, StorageError
+from pipeline.errors import SinkError, StorageError, UsageError
 from pipeline.sinks.layout import discover
 from pipeline.sinks.merge import merge_shards
 from pipeline.sinks.parquet import ParquetSink, rewrite_parts, target_schema
+from pipeline.sinks.storage import object_uri
 from pipeline.sinks.swap import fresh_rewrite_dir, recover_swap, swap_in
 
 
@@ -23,6 +24,12 @@ def compact(path: str | Path, *, rows_per_part: int = 1_000_000) -> tuple[int, i
     The new set is written beside the dataset and swapped in by one atomic directory exchange, so a
     reader, or a crash, sees either the old set or the new one: never both, never neither.
     """
+    if object_uri(path) is not None:
+        raise UsageError(
+            f"labelstream compact {object_uri(path)}: compaction on object storage is not supported yet (it needs a "
+            "rewrite that readers never see half of). Readers handle many parts; or copy the dataset to a local "
+            "folder, compact it there and copy it back."
+        )
     layout = discover(Path(path))
     if layout.sharded or layout.merging:
         return merge_shards(Path(path), layout, rows_per_part=rows_per_part)

@@ -189,6 +189,14 @@ class SinkMeta:
         """The whole of one side file (FileNotFoundError when there is none)."""
         return path.read_bytes()
 
+    def read_json(self, path: Path) -> dict[str, Any] | None:
+        """A side file's JSON object (the progress file, say), or None when it is missing or unreadable."""
+        try:
+            doc = orjson.loads(self.read_bytes(path))
+        except (OSError, orjson.JSONDecodeError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
     def read_manifest(self) -> Manifest | None:
         """The manifest, or None when there is none yet."""
         try:

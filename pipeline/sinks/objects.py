@@ -50,6 +50,18 @@ class ObjectMeta(SinkMeta):
         self._tag = os.urandom(4).hex()
         self._dead_batches = 0
 
+    @property
+    def batches_dir(self) -> Path:
+        """Refused: the batch engine keeps request files in a local folder beside the sink."""
+        raise UsageError(
+            f"--engine batch keeps its request files beside the sink, which is not possible on object storage "
+            f"({self.what}) yet. Label online (the default engine), or into a local --output."
+        )
+
+    @batches_dir.setter
+    def batches_dir(self, _: Path) -> None:
+        pass  # SinkMeta.__init__ sets it; the getter refuses
+
     def ensure(self) -> None:
         """Nothing to create: an object store has no folders."""
 
