@@ -3,6 +3,7 @@ name flags labelstream has, and, run as the scheduler would run them, label ever
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,7 +17,10 @@ import yaml
 from pipeline.analysis.status import sink_status
 from pipeline.cli import build_parser
 
-from .helpers import ROOT, cli_env, reviews, write_csv
+from .helpers import ROOT, cli, cli_env, reviews, write_csv
+from .s3 import Bucket
+from .s3 import bucket as bucket  # noqa: PLC0414 - the fixtures, re-exported by the names tests ask for
+from .s3 import s3_server as s3_server  # noqa: PLC0414
 
 K8S = ROOT / "deploy" / "k8s" / "indexed-job.yaml"
 SLURM = ROOT / "deploy" / "slurm" / "label.sbatch"
@@ -179,3 +183,94 @@ def test_the_indexed_job_labels_every_row_once(sim: Any, tmp_path: Path) -> None
     out = data / "labels.parquet"
     assert sorted(ds.dataset(out).to_table(columns=["id"]).column("id").to_pylist()) == sorted(r[0] for r in rows)
     assert sink_status(out)["shard_count"] == job["spec"]["completions"]
+
+
+K8S_S3 = ROOT / "deploy" / "k8s" / "indexed-job-s3.yaml"
+POD_SPEC_S3 = {*POD_SPEC, "initContainers"}
+CONTAINER_S3 = {*CONTAINER, "envFrom"}
+
+
+def s3_job() -> dict[str, Any]:
+    (job,) = [doc for doc in yaml.safe_load_all(K8S_S3.read_text()) if doc]
+    assert job["kind"] == "Job" and job["apiVersion"] == "batch/v1"
+    return dict(job)
+
+
+def test_the_s3_indexed_job_needs_no_shared_volume_and_keeps_credentials_in_secrets() -> None:
+    """The bucket variant: Indexed, retried per index, output in a bucket, only an emptyDir, keys from Secrets."""
+    spec = s3_job()["spec"]
+    assert set(spec) <= JOB_SPEC and spec["completionMode"] == "Indexed" and spec["backoffLimitPerIndex"] >= 1
+    assert 1 <= spec["parallelism"] <= spec["completions"]
+    pod = spec["template"]["spec"]
+    assert set(pod) <= POD_SPEC_S3 and pod["restartPolicy"] == "Never"
+    (volume,) = pod["volumes"]
+    assert volume == {"name": "work", "emptyDir": {}}  # nothing shared between nodes
+    (fetch,) = pod["initContainers"]
+    (container,) = pod["containers"]
+    assert set(container) <= CONTAINER_S3
+    env = {e["name"]: e for e in container["env"]}
+    assert int(env["LABELSTREAM_SHARDS"]["value"]) == spec["completions"]
+    assert "value" not in env["OPENAI_API_KEY"]
+    for box in (fetch, container):
+        assert [source["secretRef"]["name"] for source in box["envFrom"]] == ["labelstream-bucket"]
+        assert not [e for e in box.get("env", []) if e["name"].startswith("AWS_") and "KEY" in e["name"]]
+    args = s3_args()
+    assert args[args.index("--output") + 1].startswith("s3://")
+    assert args[args.index("--shard") + 1] == "auto"
+    assert {target for _, target in fetched(fetch)} == {
+        args[args.index("--input") + 1],
+        args[args.index("--config") + 1],
+    }
+    assert pod["terminationGracePeriodSeconds"] > float(args[args.index("--grace") + 1])
+    assert build_parser().parse_args(args).shard == "auto"
+
+
+def s3_args() -> list[str]:
+    (container,) = s3_job()["spec"]["template"]["spec"]["containers"]
+    assert container["command"][0] == "labelstream"
+    return [*container["command"][1:], *container["args"]]
+
+
+def fetched(init: dict[str, Any]) -> list[tuple[str, str]]:
+    """(s3 source, local target) of each `aws s3 cp` the init container runs."""
+    script = " ".join(init["command"][2:]) if init["command"][:2] == ["sh", "-c"] else ""
+    return re.findall(r"aws s3 cp (s3://\S+) (\S+)", script)
+
+
+def test_the_s3_indexed_job_labels_every_row_once_into_the_bucket(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """Run as Kubernetes would (init copy, then one pod per index) against a loopback S3: each row once, 8 shards."""
+    rows = reviews(160)
+    job = s3_job()
+    pod = job["spec"]["template"]["spec"]
+    (fetch,) = pod["initContainers"]
+    (container,) = pod["containers"]
+    prefix = "s3://your-bucket/"
+    local = {"in.csv": write_csv(tmp_path / "in.csv", rows), "sentiment.toml": ROOT / "configs" / "sentiment.toml"}
+    for source, _ in fetched(fetch):  # what the user uploads before applying the Job
+        key = source.removeprefix(prefix)
+        bucket.client.upload_file(str(local[key.rsplit("/", 1)[1]]), bucket.name, key)
+    work = tmp_path / "work"
+    work.mkdir()
+    for source, target in fetched(fetch):  # the init container's copy into the emptyDir
+        bucket.client.download_file(bucket.name, source.removeprefix(prefix), target.replace("/work/", f"{work}/"))
+    args = [a.replace("/work/", f"{work}/").replace(prefix, f"s3://{bucket.name}/") for a in s3_args()]
+    env = cli_env({**bucket.env, **{e["name"]: e["value"] for e in container["env"] if "value" in e}})
+    pods = [
+        subprocess.Popen(
+            [str(LABELSTREAM), *args, "--base-url", sim.base_url, "--concurrency", "4"],
+            env={**env, "JOB_COMPLETION_INDEX": str(index)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(job["spec"]["completions"])
+    ]
+    for running in pods:
+        _, stderr = running.communicate(timeout=120)
+        assert running.returncode == 0, stderr
+    output = args[args.index("--output") + 1]
+    key = output.removeprefix(f"s3://{bucket.name}/")
+    assert sorted(bucket.ids(key)) == sorted(r[0] for r in rows)
+    status = cli("status", output, "--json", env=bucket.env)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["shard_count"] == job["spec"]["completions"]

@@ -93,7 +93,7 @@ class ObjectMeta(SinkMeta):
 
     def read_dead_letters(self) -> Iterator[dict[str, Any]]:
         prefix = self.store.key(self.dead_letters_path)
-        for name, _ in sorted(self.store.list(prefix)):
+        for name, _ in sorted(self.store.objects(prefix)):
             if name.endswith(".jsonl"):
                 yield from parse_dead_letters(self.store.get(f"{prefix}/{name}").splitlines())
 
@@ -114,12 +114,12 @@ class ObjectParquetSink(ParquetSink):
         return self.store.key(part)
 
     def all_parts(self) -> list[Path]:
-        names = [name for name, _ in self.store.list(self.store.key(self.path)) if PART.match(name)]
+        names = [name for name, _ in self.store.objects(self.store.key(self.path)) if PART.match(name)]
         return [self.path / name for name in sorted(names)]
 
     def exists(self) -> bool:
         held = bool(self.all_parts()) if self.shard is None else bool(self.parts())
-        return held or bool(self.store.list(self.store.key(self.meta.dir)))
+        return held or bool(self.store.objects(self.store.key(self.meta.dir)))
 
     def load_done(self, *, repair: bool = True) -> IdSet:
         self.notes.extend(self.meta.notes)

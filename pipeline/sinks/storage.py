@@ -235,15 +235,19 @@ class ObjectStore:
                 raise FileNotFoundError(key) from None
             raise self.error(f"cannot read {self.uri_of(key)}", exc) from None
 
-    def list(self, prefix: str) -> list[tuple[str, int]]:
+    def objects(self, prefix: str) -> list[tuple[str, int]]:
         """(name, size) of the objects directly under `prefix/` (nothing when there are none)."""
+        return [(name, size) for name, size, is_dir in self.entries(prefix) if not is_dir]
+
+    def entries(self, prefix: str) -> list[tuple[str, int, bool]]:
+        """(name, size, is a "folder") of what is directly under `prefix/`: objects and common prefixes."""
         import pyarrow.fs as pafs  # noqa: PLC0415
 
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(prefix, allow_not_found=True))
         except OSError as exc:
             raise self.error(f"cannot list {self.uri_of(prefix)}", exc) from None
-        return [(i.base_name, i.size or 0) for i in infos if i.type == pafs.FileType.File]
+        return [(i.base_name, i.size or 0, i.type == pafs.FileType.Directory) for i in infos]
 
     def delete(self, key: str) -> None:
         """Delete an object (no error when it is gone already)."""
