@@ -159,6 +159,9 @@ class ObjectStore:
             "request_timeout": REQUEST_TIMEOUT,
             "allow_bucket_creation": False,
             "allow_bucket_deletion": False,
+            # A small object is then sent as one PutObject at close, not a 3-request multipart upload (whose
+            # abandoned halves a kill -9 would leave behind); errors still surface, at close, inside put().
+            "allow_delayed_open": True,
             "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
         }
         if self.endpoint:
