@@ -22,6 +22,7 @@ from .helpers import cli, reviews, start_cli, wait_for, write_csv
 from .s3 import ACCESS_KEY, SECRET_KEY, Bucket
 from .s3 import bucket as bucket  # noqa: PLC0414 - the fixtures, re-exported by the names tests ask for
 from .s3 import s3_server as s3_server  # noqa: PLC0414
+from .s3 import strict_s3 as strict_s3  # noqa: PLC0414
 
 
 def label_args(sim: Any, source: Path, output: str, *extra: str) -> list[str]:
@@ -239,3 +240,20 @@ def test_pandas_pyarrow_and_polars_read_the_bucket_mid_run(sim: Any, tmp_path: P
         proc.communicate(timeout=30)
     for ids in (seen, list(frame["id"]), polars_ids):
         assert len(ids) >= 100 and len(ids) == len(set(ids))
+
+
+def test_no_permission_and_unknown_keys_are_clear_errors(
+    sim: Any, tmp_path: Path, strict_s3: tuple[Bucket, dict[str, str]]
+) -> None:
+    """A store that checks credentials: a read-only user, then unknown keys, each fail before any request, saying so."""
+    bucket, reader = strict_s3
+    source = write_csv(tmp_path / "in.csv", reviews(5))
+    out = bucket.uri("out.parquet")
+    denied = cli(*label_args(sim, source, out), env={**bucket.env, **reader})
+    assert denied.returncode == 3, denied.stderr
+    assert "no permission on bucket 'strict-bucket'" in denied.stderr and "Traceback" not in denied.stderr
+    unknown = cli(*label_args(sim, source, out), env={**bucket.env, "AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY0000000"})
+    assert unknown.returncode == 3, unknown.stderr
+    assert "does not accept these credentials" in unknown.stderr
+    assert sim.stats()["requests"] == 0
+    assert reader["AWS_SECRET_ACCESS_KEY"] not in denied.stderr + unknown.stderr

@@ -264,22 +264,35 @@ class ObjectStore:
     def error(self, what: str, exc: BaseException) -> StorageError:
         """A StorageError that says what failed on this store and what to do (never a credential)."""
         text = str(exc)
-        if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
-            where = self.endpoint or "the default endpoint"
-            hint = f"the bucket {self.bucket!r} does not exist at {where}. Create it, or fix --output."
-        elif "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text:
+        response = getattr(exc, "response", None)  # a boto3 ClientError: the store's own code and status
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            text = f"{text} {response.get('Error', {}).get('Code', '')} {status}"
+        endpoint = self.endpoint or f"the default {self.scheme} endpoint"
+        if _mentions(text, "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            hint = (
+                f"{self.where} does not accept these credentials. Check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE, --storage-option access_key/secret_key)."
+            )
+        elif _mentions(text, "NO_SUCH_BUCKET", "NoSuchBucket"):
+            hint = f"the bucket {self.bucket!r} does not exist at {endpoint}. Create it, or fix --output."
+        elif _mentions(text, "ACCESS_DENIED", "AccessDenied", " 403"):
             hint = (
                 f"no permission on {self.where}. Check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / "
-                "--storage-option) and the bucket policy."
+                "--storage-option) and the bucket policy: a writer needs to list, get, put and delete objects."
             )
-        elif "NETWORK_CONNECTION" in text or "connect" in text.lower() or "Could not connect" in text:
+        elif _mentions(text, "NETWORK_CONNECTION", "Could not connect", "connect timeout", "Connect timeout"):
             hint = (
-                f"cannot reach {self.endpoint or 'the ' + self.scheme + ' endpoint'}. Check AWS_ENDPOINT_URL or "
-                "--storage-option endpoint_override, and the network."
+                f"cannot reach {endpoint}. Check AWS_ENDPOINT_URL or --storage-option endpoint_override, and the "
+                "network."
             )
         else:
             hint = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''} ({self.where})."
         return StorageError(f"{what}: {hint} Parts written before are complete; re-run to resume.")
+
+
+def _mentions(text: str, *markers: str) -> bool:
+    return any(marker in text for marker in markers)
 
 
 def is_precondition_failure(exc: BaseException) -> bool:
