@@ -257,3 +257,35 @@ def test_no_permission_and_unknown_keys_are_clear_errors(
     assert "does not accept these credentials" in unknown.stderr
     assert sim.stats()["requests"] == 0
     assert reader["AWS_SECRET_ACCESS_KEY"] not in denied.stderr + unknown.stderr
+
+
+def test_four_shards_killed_and_restarted_fill_one_bucket_dataset_once(
+    sim: Any, tmp_path: Path, bucket: Bucket
+) -> None:
+    """Shards 0-3 of one s3:// output, all killed -9 mid-run, then restarted: every id once, status sees 4 shards."""
+    sim.configure(latency_ms=20)
+    rows = reviews(1200)
+    source = write_csv(tmp_path / "in.csv", rows)
+    out = bucket.uri("shards/out.parquet")
+
+    def start_shards() -> list[Any]:
+        return [
+            start_cli(*label_args(sim, source, out, "--shard", f"{i}/4", "--concurrency", "4"), env=bucket.env)
+            for i in range(4)
+        ]
+
+    shards = start_shards()
+    try:
+        wait_for(lambda: len(bucket.ids("shards/out.parquet")) >= 100, what="parts from the shards")
+    finally:
+        for proc in shards:
+            proc.kill()
+            proc.communicate(timeout=30)
+    seen = bucket.ids("shards/out.parquet")
+    assert len(seen) == len(set(seen)) and len(seen) < len(rows), "the kill came too late to test anything"
+    for proc in start_shards():  # the dead shards' leases name dead pids here: taken over at once
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+    assert sorted(bucket.ids("shards/out.parquet")) == sorted(r[0] for r in rows)
+    report = orjson.loads(cli("status", out, "--json", env=bucket.env).stdout)
+    assert report["shard_count"] == 4 and report["labeled"] == len(rows)
