@@ -167,6 +167,14 @@ def test_the_indexed_job_labels_every_row_once(sim: Any, tmp_path: Path) -> None
     (container,) = job["spec"]["template"]["spec"]["containers"]
     args = [a.replace("/data/", f"{data}/") for a in container_args()]
     env = cli_env({e["name"]: e["value"] for e in container["env"] if "value" in e})
+    run_pods(sim, args, env, job["spec"]["completions"])
+    out = data / "labels.parquet"
+    assert sorted(ds.dataset(out).to_table(columns=["id"]).column("id").to_pylist()) == sorted(r[0] for r in rows)
+    assert sink_status(out)["shard_count"] == job["spec"]["completions"]
+
+
+def run_pods(sim: Any, args: list[str], env: dict[str, str], completions: int) -> None:
+    """Run the Job's container command once per completion index, all at once, as Kubernetes would; all exit 0."""
     pods = [
         subprocess.Popen(
             [str(LABELSTREAM), *args, "--base-url", sim.base_url, "--concurrency", "4"],
@@ -175,14 +183,11 @@ def test_the_indexed_job_labels_every_row_once(sim: Any, tmp_path: Path) -> None
             stderr=subprocess.PIPE,
             text=True,
         )
-        for index in range(job["spec"]["completions"])
+        for index in range(completions)
     ]
     for pod in pods:
         _, stderr = pod.communicate(timeout=120)
         assert pod.returncode == 0, stderr
-    out = data / "labels.parquet"
-    assert sorted(ds.dataset(out).to_table(columns=["id"]).column("id").to_pylist()) == sorted(r[0] for r in rows)
-    assert sink_status(out)["shard_count"] == job["spec"]["completions"]
 
 
 K8S_S3 = ROOT / "deploy" / "k8s" / "indexed-job-s3.yaml"
@@ -255,19 +260,7 @@ def test_the_s3_indexed_job_labels_every_row_once_into_the_bucket(sim: Any, tmp_
         bucket.client.download_file(bucket.name, source.removeprefix(prefix), target.replace("/work/", f"{work}/"))
     args = [a.replace("/work/", f"{work}/").replace(prefix, f"s3://{bucket.name}/") for a in s3_args()]
     env = cli_env({**bucket.env, **{e["name"]: e["value"] for e in container["env"] if "value" in e}})
-    pods = [
-        subprocess.Popen(
-            [str(LABELSTREAM), *args, "--base-url", sim.base_url, "--concurrency", "4"],
-            env={**env, "JOB_COMPLETION_INDEX": str(index)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for index in range(job["spec"]["completions"])
-    ]
-    for running in pods:
-        _, stderr = running.communicate(timeout=120)
-        assert running.returncode == 0, stderr
+    run_pods(sim, args, env, job["spec"]["completions"])
     output = args[args.index("--output") + 1]
     key = output.removeprefix(f"s3://{bucket.name}/")
     assert sorted(bucket.ids(key)) == sorted(r[0] for r in rows)

@@ -18,7 +18,6 @@ of other machines, and how long ago this shard last read the file, do not enter 
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from datetime import datetime
@@ -28,7 +27,7 @@ from typing import Any, Final
 import orjson
 
 from pipeline.input.shards import Shard
-from pipeline.sinks.meta import SinkMeta
+from pipeline.sinks.meta import SinkMeta, pid_alive
 
 STALE_AFTER: Final = 60.0  # seconds without a progress update (written about once a second) before "stale"
 RUNNING: Final = frozenset({"running", "stopping"})
@@ -49,7 +48,7 @@ def run_state(progress: dict[str, Any] | None, now: datetime) -> str:
     if state not in RUNNING:
         return state
     pid, host = progress.get("pid"), progress.get("host")
-    if isinstance(pid, int) and host == socket.gethostname() and not _alive(pid):
+    if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
         return "stale"
     try:
         updated = datetime.fromisoformat(str(progress.get("updated_at")).replace("Z", "+00:00"))
@@ -65,16 +64,6 @@ def read_progress(path: Path) -> dict[str, Any] | None:
     except (OSError, orjson.JSONDecodeError):
         return None
     return doc if isinstance(doc, dict) else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ShareFollower:

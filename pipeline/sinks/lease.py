@@ -25,6 +25,7 @@ from typing import Any, Final
 import orjson
 
 from pipeline.errors import SinkError, StorageError
+from pipeline.sinks.meta import pid_alive
 from pipeline.sinks.storage import ObjectInfo, ObjectStore, is_precondition_failure
 
 LEASE_NAME: Final = "lease.json"
@@ -167,7 +168,7 @@ class Lease:
         if stale.now > ends:
             return f"{_owner(holder)} did not renew it after {ends:%Y-%m-%d %H:%M:%S} UTC (it crashed or was stopped)"
         pid = holder.get("pid")
-        if holder.get("host") == self.owner["host"] and isinstance(pid, int) and not _alive(pid):
+        if holder.get("host") == self.owner["host"] and isinstance(pid, int) and not pid_alive(pid):
             return f"{_owner(holder)} is no longer running"
         return None
 
@@ -195,13 +196,3 @@ def _owner(holder: dict[str, Any]) -> str:
 
 def _clock(moment: datetime) -> str:
     return f"{moment:%Y-%m-%d %H:%M:%S}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

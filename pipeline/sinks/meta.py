@@ -122,6 +122,17 @@ class Manifest:
         )
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process a side file names (lock, progress file, lease) still runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
 def meta_dir_for(sink_path: Path) -> Path:
     """`OUT.jsonl` → `OUT.jsonl.meta`, `OUT.parquet/` → `OUT.parquet.meta`."""
     return sink_path.with_name(sink_path.name + ".meta")
