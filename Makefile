@@ -13,7 +13,7 @@ CONCURRENCY ?= auto
 ARGS        ?=
 PORT        ?= 8787
 
-.PHONY: install demo test test-compat chromium lint fmt bench bench-quick label simulate clean
+.PHONY: install demo compare-demo test test-compat chromium lint fmt bench bench-quick label simulate clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+# labelstream compare on the bundled gold sample: three models of simulated quality, the table, the report (< 1 min).
+compare-demo: $(STAMP)
+	$(BIN)/python scripts/compare_demo.py
 
 test: lint chromium
 	$(BIN)/python -m pytest -q
@@ -50,6 +54,11 @@ test-compat: $(STAMP)
 	COMPAT_VENV=$(COMPAT_VENV) LABELSTREAM_COMPAT=1 $(BIN)/python -m pytest -q -m compat -p no:cacheprovider \
 		--timeout 1800 --durations 10 --basetemp $(COMPAT_VENV)/tmp tests/compat
 	@test ! -f $(COMPAT_VENV)/compat-results.jsonl || cat $(COMPAT_VENV)/compat-results.jsonl
+
+# docs/cli.md is generated from the parser; tests/test_docs.py fails when it is stale.
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/python scripts/cli_reference.py
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check pipeline tests scripts

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -23,26 +24,14 @@ SAMPLE = ROOT / "configs" / "sample_reviews.csv"
 CONFIG = ROOT / "configs" / "sentiment.toml"
 
 
-def start_simulator(port_file: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Start `labelstream simulate` on a free port and wait (at most 20 s) until it listens."""
+DEMO_SERVER = ("--latency-ms", "150", "--latency-jitter-ms", "100", "--error-rate", "0.02")
+
+
+def start_simulator(port_file: Path, flags: Sequence[str] = DEMO_SERVER) -> tuple[subprocess.Popen[bytes], int]:
+    """Start `labelstream simulate` with `flags` on a free port and wait (at most 20 s) until it listens."""
     port_file.unlink(missing_ok=True)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "simulate",
-            "--port",
-            "0",
-            "--port-file",
-            str(port_file),
-            "--latency-ms",
-            "150",
-            "--latency-jitter-ms",
-            "100",
-            "--error-rate",
-            "0.02",
-        ],
+        [sys.executable, "-m", "pipeline", "simulate", "--port", "0", "--port-file", str(port_file), *flags],
         stdout=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 20

@@ -248,6 +248,11 @@ def _gold_labels(raw: str, canonical: dict[str, str], *, multi: bool, unknown: d
 
 def gold_rows(manifest: Manifest, path: Path, column: str) -> Iterator[tuple[str, str]]:
     """(id, gold cell) for each row of a gold CSV, with ids made the way the sink's runs made them."""
+    if path.suffix.lower() == ".json":  # a Label Studio JSON export: its annotations are the gold
+        from pipeline.analysis.labelstudio import export_gold  # noqa: PLC0415 - only for JSON gold
+
+        yield from export_gold(path, manifest, column)
+        return
     header = _header(path)
     if column not in header:
         raise UsageError(f"{path} has no column {column!r}; its columns are {header}. Pass --gold-column NAME.")

@@ -35,7 +35,7 @@ class Overview:
     cached_tokens: int = 0
     costs: dict[str, float | None] = field(default_factory=dict)
     prices: str = ""
-    latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p90, p99, max, mean
+    latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p90, p95, p99, max, mean
     latency_bins: list[tuple[float, int]] = field(default_factory=list)  # (upper edge in ms, rows)
     last_run: dict[str, Any] | None = None
 
@@ -100,6 +100,7 @@ def _latency(result: Overview, ordered: list[float]) -> None:
     result.latency_ms = {
         "p50": ordered[n // 2],
         "p90": ordered[min(n - 1, n * 9 // 10)],
+        "p95": ordered[min(n - 1, n * 95 // 100)],
         "p99": ordered[min(n - 1, n * 99 // 100)],
         "max": ordered[-1],
         "mean": sum(ordered) / n,

@@ -45,11 +45,15 @@ svg text{font:12px system-ui,sans-serif;fill:#1f2328}
 
 def write_report(path: str | Path, sink_path: str | Path, *, evaluation: Evaluation | None = None) -> Path:
     """Write the report of a sink (with an evaluation, when given) to `path`, atomically."""
+    return write_page(path, render(overview(sink_path), evaluation))
+
+
+def write_page(path: str | Path, text: str) -> Path:
+    """Write an HTML page to `path` atomically (a reader never sees half a report)."""
     target = Path(path)
-    page = render(overview(sink_path), evaluation)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(page, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         tmp.replace(target)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -58,22 +62,30 @@ def write_report(path: str | Path, sink_path: str | Path, *, evaluation: Evaluat
     return target
 
 
+def page(title: str, sub: str, sections: Sequence[str]) -> str:
+    """One self-contained HTML document: the title, a subtitle line (plain text), then the sections (HTML)."""
+    return "\n".join(
+        [
+            "<!doctype html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
+            '<meta name="viewport" content="width=device-width,initial-scale=1">',
+            f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body><main>",
+            f"<h1>{escape(title)}</h1>",
+            f'<p class="sub">{escape(sub)} · written {escape(now_iso())}</p>',
+            *sections,
+            '<p class="note">Self-contained: no scripts, no network. Made by labelstream.</p></main></body></html>',
+        ]
+    )
+
+
 def render(view: Overview, evaluation: Evaluation | None = None) -> str:
     """The report as one HTML document."""
     title = f"labelstream report: {Path(view.sink).name}"
-    parts = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
-        '<meta name="viewport" content="width=device-width,initial-scale=1">',
-        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body><main>",
-        f"<h1>{escape(title)}</h1>",
-        f'<p class="sub">{escape(view.sink)} · model {escape(str(view.model))} · '
-        f"{'multi-label' if view.multi_label else 'single-label'} · written {escape(now_iso())}"
-        + (f" · gold: {escape(evaluation.gold)} ({escape(evaluation.gold_column)})" if evaluation else "")
-        + "</p>",
-        _cards(view, evaluation),
-    ]
+    sub = f"{view.sink} · model {view.model} · {'multi-label' if view.multi_label else 'single-label'}" + (
+        f" · gold: {evaluation.gold} ({evaluation.gold_column})" if evaluation else ""
+    )
+    parts = [_cards(view, evaluation)]
     if evaluation is not None:
         parts.append(_confusion(evaluation))
         parts.append(_scores(evaluation))
@@ -82,35 +94,33 @@ def render(view: Overview, evaluation: Evaluation | None = None) -> str:
     parts.append(_confidence(view, evaluation))
     parts.append("</div>")
     parts.append(_cost_latency(view))
-    parts.append(
-        '<p class="note">Self-contained: no scripts, no network. Made by labelstream.</p></main></body></html>'
-    )
-    return "\n".join(parts)
+    return page(title, sub, parts)
 
 
-def _card(value: str, what: str) -> str:
+def card(value: str, what: str) -> str:
+    """A figure with a caption, for a row of cards."""
     return f'<div class="card"><b>{escape(value)}</b><span>{escape(what)}</span></div>'
 
 
 def _cards(view: Overview, ev: Evaluation | None) -> str:
     cost = view.costs.get("standard")
-    cards = [_card(f"{view.rows:,}", "rows labeled")]
+    cards = [card(f"{view.rows:,}", "rows labeled")]
     if ev is not None:
         if ev.multi_label and ev.micro is not None:
-            cards += [_card(f"{ev.accuracy:.3f}", "exact match"), _card(f"{ev.micro.f1:.3f}", "micro-F1")]
+            cards += [card(f"{ev.accuracy:.3f}", "exact match"), card(f"{ev.micro.f1:.3f}", "micro-F1")]
         else:
-            cards += [_card(f"{ev.accuracy:.3f}", "accuracy"), _card(f"{ev.kappa or 0:.3f}", "Cohen's kappa")]
-        cards += [_card(f"{ev.macro_f1:.3f}", "macro-F1"), _card(f"{ev.coverage:.1%}", "coverage of gold rows")]
+            cards += [card(f"{ev.accuracy:.3f}", "accuracy"), card(f"{ev.kappa or 0:.3f}", "Cohen's kappa")]
+        cards += [card(f"{ev.macro_f1:.3f}", "macro-F1"), card(f"{ev.coverage:.1%}", "coverage of gold rows")]
     cards += [
-        _card(f"${cost:.4f}" if cost is not None else "no price", "cost (standard tier)"),
-        _card(f"{view.cache_hit_share:.0%}", "prompt tokens from cache"),
+        card(f"${cost:.4f}" if cost is not None else "no price", "cost (standard tier)"),
+        card(f"{view.cache_hit_share:.0%}", "prompt tokens from cache"),
     ]
     if view.latency_ms:
-        cards.append(_card(f"{view.latency_ms['p50']:.0f} ms", "median latency"))
+        cards.append(card(f"{view.latency_ms['p50']:.0f} ms", "median latency"))
     return f'<section id="summary"><div class="cards">{"".join(cards)}</div></section>'
 
 
-def _shade(share: float, right: bool) -> tuple[str, str]:
+def shade(share: float, right: bool) -> tuple[str, str]:
     """Background and text colour of a heatmap cell: green on the diagonal, red off it, deeper with the share."""
     to = (26, 127, 55) if right else (207, 34, 46)
     rgb = [round(255 - (255 - c) * share) for c in to]
@@ -125,7 +135,7 @@ def _confusion(ev: Evaluation) -> str:
         total = sum(line) or 1
         cells = []
         for predicted, count in zip(ev.classes, line, strict=True):
-            background, ink = _shade(count / total, gold == predicted)
+            background, ink = shade(count / total, gold == predicted)
             tip = f"gold {gold}, predicted {predicted}: {count} ({count / total:.0%} of gold {gold})"
             cells.append(
                 f'<td style="background:{background};color:{ink}" data-count="{count}" title="{escape(tip)}">'

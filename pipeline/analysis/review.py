@@ -18,6 +18,7 @@ from typing import IO, Any
 import orjson
 
 from pipeline.analysis.export import input_reader
+from pipeline.analysis.labelstudio import write_tasks
 from pipeline.api.confidence import WHY_NO_CONFIDENCE
 from pipeline.errors import LabelstreamError, StorageError
 from pipeline.input.ids import IdMap
@@ -95,10 +96,15 @@ def note_review(opts: RunOptions, notice: IO[str]) -> None:
     assert opts.review_below is not None  # noqa: S101 - only called with --review-below
     try:
         review = write_review(opts.output, opts.input, opts.review_below, [f.name for f in opts.config.outputs])
+        # The same rows as Label Studio tasks, for teams that review there (labelstream label-studio-config).
+        tasks = write_tasks(opts.output, opts.input, review.path.with_suffix(".json"), below=opts.review_below)
     except LabelstreamError as exc:
         print(f"labelstream: no review file: {exc.message}", file=notice)
         return
-    line = f"labelstream: review: {review.rows:,} rows with confidence under {opts.review_below:g} → {review.path}"
+    line = (
+        f"labelstream: review: {review.rows:,} rows with confidence under {opts.review_below:g} → {review.path} "
+        f"(Label Studio tasks: {tasks.path})"
+    )
     if review.unknown:
         line += f" ({review.unknown:,} labeled rows have no confidence: {WHY_NO_CONFIDENCE})"
     if opts.progress != "off":

@@ -6,6 +6,6 @@ heavy libraries inside their handlers, so `--help` stays fast.
 
 from __future__ import annotations
 
-from pipeline.commands import batch, eval, label, simulate, sinks
+from pipeline.commands import batch, compare, eval, label, labelstudio, simulate, sinks
 
-COMMANDS = (label, batch, simulate, sinks, eval)
+COMMANDS = (label, batch, simulate, sinks, eval, compare, labelstudio)

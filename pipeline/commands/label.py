@@ -12,19 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.commands.args import (
-    concurrency,
-    count,
-    fraction,
-    parse_bool,
-    positive_float,
-    positive_int,
-    seconds,
-    share,
-)
+from pipeline.commands.label_flags import add_label_flags
 from pipeline.commands.signals import interrupt_on_term
 from pipeline.errors import LabelstreamError, UsageError
-from pipeline.task.config import DEFAULT_MODEL
 
 FLEX_TIMEOUT = 900.0  # seconds: flex requests may wait in line for minutes
 MAX_BATCH_REQUESTS = 50_000
@@ -33,158 +23,8 @@ MAX_BATCH_REQUESTS = 50_000
 def register(sub: Any) -> None:
     """Add the `label` subcommand."""
     label = sub.add_parser("label", help="label a CSV into a JSONL or Parquet sink (resumes what it holds)")
-    io = label.add_argument_group("input and output")
-    io.add_argument("--input", "--input_csv", dest="input", required=True, help="CSV file to label")
-    io.add_argument("--output", help="OUT.jsonl or OUT.parquet (default: INPUT.labels.jsonl)")
-    io.add_argument("--config", default="configs/sentiment.toml", help="task file (default: %(default)s)")
-    io.add_argument("--text-column", help="override the config's text column")
-    io.add_argument("--id-column", help="override the config's id column ('' = content hashes)")
-    io.add_argument("--encoding", default="utf-8", help="input encoding (default: utf-8, BOM or not)")
-    io.add_argument("--delimiter", help="field delimiter (default: guessed from the header)")
-    io.add_argument(
-        "--storage-option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="for an s3:// --output: endpoint_override, region, profile, lease_seconds, access_key, secret_key, "
-        "session_token (repeatable; credentials are safer in AWS_* or a profile, never written anywhere)",
-    )
-
-    model = label.add_argument_group("model and endpoint")
-    model.add_argument("--model", help=f"model name (default: the config's, else {DEFAULT_MODEL})")
-    model.add_argument(
-        "--base-url",
-        action="append",
-        help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI); give it again for each server of a "
-        "fleet: requests go to the one with the fewest in flight",
-    )
-
-    pace = label.add_argument_group("pace and retries")
-    pace.add_argument(
-        "--concurrency",
-        "--max_concurrent",
-        dest="concurrency",
-        type=concurrency,
-        default="auto",
-        help="a hard ceiling on requests in flight, or 'auto': start at 10, grow while the provider keeps up "
-        "(default: %(default)s)",
-    )
-    pace.add_argument("--rpm", type=positive_float, help="stay under this many requests per minute")
-    pace.add_argument("--tpm", type=positive_float, help="stay under this many tokens per minute")
-    pace.add_argument(
-        "--exact-tokens",
-        action="store_true",
-        help="count tokens with the model's BPE under a TPM limit (pip install labelstream[tokens]; ~140 MB)",
-    )
-    pace.add_argument(
-        "--rate-share",
-        type=fraction,
-        help="this process's share of the key's limits, e.g. 1/4 (default: 1/N with --procs N, and with "
-        "--shard i/N when --rpm/--tpm are given; else 1)",
-    )
-    pace.add_argument("--max-retries", type=count, default=5, help="retries per row before it is dead-lettered")
-    pace.add_argument("--timeout", type=positive_float, help="seconds per request (default: 60; 900 with flex)")
-
-    _engine_flags(label.add_argument_group("engine and price"))
-
-    scope = label.add_argument_group("what to label")
-    scope.add_argument("--limit", type=positive_int, help="label at most N rows not yet in the sink")
-    scope.add_argument("--mode", choices=["test", "full"], help="test = --limit 50 (seed flag)")
-    scope.add_argument(
-        "--skip_labeled",
-        "--skip-labeled",
-        dest="skip_labeled",
-        type=parse_bool,
-        default=True,
-        metavar="True|False",
-        help="True (default): resume, skipping rows already in the sink. False: move the old sink aside, start over",
-    )
-    scope.add_argument("--relabel-changed", action="store_true", help="relabel done rows whose text has changed")
-    scope.add_argument("--force", action="store_true", help="resume a sink made with another model/prompt/labels")
-    scope.add_argument("--dry-run", action="store_true", help="check input, config and sink; make no API call")
-
-    spend = label.add_argument_group("cost and confidence")
-    spend.add_argument(
-        "--max-cost",
-        type=positive_float,
-        metavar="USD",
-        help="refuse to start when the estimate is higher; stop (saved, resumable, exit 4) before passing it",
-    )
-    spend.add_argument("--prices", type=Path, help="price table (default: $LABELSTREAM_PRICES or configs/prices.toml)")
-    spend.add_argument(
-        "--review-below",
-        type=share,
-        metavar="P",
-        help="write rows whose label confidence is under P to OUT.review.csv beside the sink",
-    )
-
-    scale = label.add_argument_group("scaling out")
-    scale.add_argument(
-        "--shard",
-        metavar="i/N|auto",
-        help="label only the rows whose id hashes to shard i of N (from 0), into that shard's part of --output; "
-        "auto: i from JOB_COMPLETION_INDEX (Kubernetes) or SLURM_ARRAY_TASK_ID",
-    )
-    scale.add_argument(
-        "--procs", type=positive_int, help="run N shard processes on this machine, with one progress and summary"
-    )
-
-    saving = label.add_argument_group("checkpoints and output")
-    saving.add_argument(
-        "--checkpoint-every",
-        type=positive_int,
-        help="rows per sink write (JSONL 1000, Parquet 5000, --engine ray 1000)",
-    )
-    saving.add_argument("--checkpoint-seconds", type=positive_float, help="seconds between sink writes (2 / 30)")
-    saving.add_argument("--grace", type=seconds, default=10.0, help="seconds in-flight requests get after Ctrl-C")
-    shown = saving.add_mutually_exclusive_group()
-    shown.add_argument("--no-progress", action="store_true", help="no bar: a plain log line every 10 s")
-    shown.add_argument("--quiet", action="store_true", help="no progress and no notes; the summary only on failure")
+    add_label_flags(label)
     label.set_defaults(handler=run, label_parser=label)
-
-
-def _engine_flags(engine: Any) -> None:
-    """The --engine flag and the flags of each engine."""
-    engine.add_argument(
-        "--engine",
-        choices=["online", "batch", "auto", "ray"],
-        default="online",
-        help="online (default): requests as you go. batch: the OpenAI Batch API, half price, results within "
-        "24 h. auto: the first --online-rows online to check the prompt, the rest as batches. ray: a Ray "
-        "Data job (labelstream[ray]) on the cluster in RAY_ADDRESS or a local Ray; Parquet output",
-    )
-    engine.add_argument(
-        "--ray-actors",
-        type=positive_int,
-        default=2,
-        help="ray: labeling actors; --concurrency and the rate limits are shared by all (default: %(default)s)",
-    )
-    engine.add_argument(
-        "--service-tier",
-        choices=["flex"],
-        help="online requests with service_tier flex: batch prices, slower replies (timeout 15 min); a 429 "
-        "'resource_unavailable' is retried with backoff",
-    )
-    engine.add_argument(
-        "--no-wait",
-        action="store_true",
-        help="batch/auto: return once the batches are sent; the same command later collects them",
-    )
-    engine.add_argument(
-        "--batch-size", type=positive_int, help="batch/auto: requests per batch (at most and default 50,000)"
-    )
-    engine.add_argument(
-        "--online-rows",
-        type=count,
-        default=100,
-        help="auto: rows labeled online first, to check the prompt and measure tokens (default: %(default)s)",
-    )
-    engine.add_argument("--retry-refused", action="store_true", help="batch/auto: resend requests refused as sent")
-    engine.add_argument(
-        "--poll-interval",
-        type=positive_float,
-        default=5.0,
-        help="batch/auto: seconds between looks at running batches at first; grows to 60 while nothing changes",
-    )
 
 
 def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:

@@ -110,9 +110,27 @@ def register(sub: Any) -> None:
         default=86_400.0,
         help="the completion window: requests not done by then expire (default: 24 h)",
     )
+    sim.add_argument(
+        "--model-quality",
+        type=model_quality,
+        metavar="MODEL=Q,...",
+        help="a simulation of weaker models: MODEL agrees with the simulator's judge on a share Q of rows, e.g. "
+        "gpt-4o-mini=0.8,gpt-4.1-mini=0.95 (default: every model always agrees); for demos of labelstream compare",
+    )
     sim.add_argument("--api-key", help="require this bearer key (default: accept any)")
     sim.add_argument("--models", help="comma-separated models to serve (default: any)")
     sim.set_defaults(handler=run)
+
+
+def model_quality(text: str) -> dict[str, float]:
+    """`gpt-4o-mini=0.8,gpt-4.1-mini=0.95`: each model's share of rows judged as the simulator's judge does."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        model, sep, value = part.rpartition("=")
+        if not sep or not model.strip():
+            raise argparse.ArgumentTypeError(f"expected MODEL=Q pairs such as gpt-4o-mini=0.8, got {part!r}")
+        out[model.strip()] = share(value)
+    return out
 
 
 def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
@@ -146,6 +164,7 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             slots=args.slots,
             slot_cost=args.slot_cost,
             api_key=args.api_key,
+            model_quality=args.model_quality,
             models=frozenset(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
         )
         serve(config, host=args.host, port=args.port, port_file=args.port_file)

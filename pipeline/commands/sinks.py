@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.commands.args import positive_int
+from pipeline.commands.args import positive_int, share
 from pipeline.errors import UsageError
 
 
@@ -23,7 +23,16 @@ def register(sub: Any) -> None:
     export = sub.add_parser("export", help="join labels back onto the input rows (CSV or Parquet)")
     export.add_argument("output", type=Path, help="the sink (OUT.jsonl or OUT.parquet)")
     export.add_argument("--input", "--input_csv", dest="input", type=Path, required=True, help="the labeled CSV")
-    export.add_argument("--to", type=Path, required=True, help="labeled.csv or labeled.parquet")
+    export.add_argument("--to", type=Path, required=True, help="labeled.csv, labeled.parquet or tasks.json")
+    export.add_argument(
+        "--format",
+        choices=["table", "label-studio"],
+        help="table: the input with a label column (.csv/.parquet); label-studio: tasks with the labels as "
+        "predictions scored by confidence (default: label-studio for a .json --to, else table)",
+    )
+    export.add_argument(
+        "--below", type=share, metavar="P", help="label-studio: only rows whose confidence is under P (to review)"
+    )
     export.set_defaults(handler=run_export)
 
     compact = sub.add_parser(
@@ -55,9 +64,12 @@ def run_status(args: argparse.Namespace, _argv: Sequence[str]) -> int:
 
 
 def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
-    """Join labels back onto the input."""
+    """Join labels back onto the input (or write Label Studio tasks)."""
     from pipeline.analysis.export import export_labels  # noqa: PLC0415 - commands load what they need
 
+    kind = args.format or ("label-studio" if args.to.suffix.lower() == ".json" else "table")
+    if kind == "label-studio" or args.below is not None:
+        return _export_tasks(args, kind)
     result = export_labels(args.output, args.input, args.to)
     print(
         f"wrote {result.output}: {result.rows:,} rows, {result.labeled:,} labeled, "
@@ -70,6 +82,20 @@ def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             "in the export: quote the fields that contain the delimiter",
             file=sys.stderr,
         )
+    return 0
+
+
+def _export_tasks(args: argparse.Namespace, kind: str) -> int:
+    """`export --format label-studio`: tasks for review in Label Studio."""
+    from pipeline.analysis.labelstudio import check_tasks_target, write_tasks  # noqa: PLC0415
+
+    check_tasks_target(args.to, args.below, kind)
+    written = write_tasks(args.output, args.input, args.to, below=args.below)
+    which = f" with confidence under {args.below:g}" if args.below is not None else ""
+    print(
+        f"wrote {written.path}: {written.tasks:,} Label Studio tasks{which}, {written.predicted:,} with the model's "
+        "label as a prediction (import them into a project set up with `labelstream label-studio-config`)"
+    )
     return 0
 
 

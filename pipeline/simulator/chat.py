@@ -8,7 +8,7 @@ spoiled as a malformed-reply fault asks. Transport, rate windows and exchange fa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -24,7 +24,7 @@ from pipeline.simulator.completion import (
     top_logprobs_asked,
 )
 from pipeline.simulator.http import BAD_JSON
-from pipeline.simulator.judge import Judge, stop_token, token_logprobs
+from pipeline.simulator.judge import Judge, as_model_of_quality, stop_token, token_logprobs
 from pipeline.simulator.replies import Choice, LabelMaker
 from pipeline.simulator.settings import VLLM_STOP_TOKEN, SimulatorConfig
 from pipeline.simulator.tokens import TokenCounter
@@ -116,7 +116,11 @@ class Responder:
 
     def content(self, chat: ChatRequest) -> tuple[str, list[Choice]]:
         """The good reply's content and the label choices in it (judged from the task's own words)."""
-        return self._labels.answer(chat.response_format, chat.text, scores=self._judge.scores(chat.messages))
+        scores: Mapping[str, float] | None = self._judge.scores(chat.messages)
+        quality = (self._settings().model_quality or {}).get(chat.model)
+        if scores is not None and quality is not None:
+            scores = as_model_of_quality(scores, chat.model, chat.text, quality)
+        return self._labels.answer(chat.response_format, chat.text, scores=scores)
 
     def answer(
         self, chat: ChatRequest, completion_id: str, kind: str | None, made: tuple[str, list[Choice]] | None = None

@@ -12,6 +12,7 @@ to make a demo's labels look like what the task file asks for, and scores that b
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
 import re
@@ -132,6 +133,20 @@ def _text(message: Any) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
     return content if isinstance(content, str) else ""
+
+
+def as_model_of_quality(scores: Mapping[str, float], model: str, text: str, quality: float) -> Mapping[str, float]:
+    """The scores a model of `quality` (a simulation: the share of rows it gets as the judge does) acts on.
+
+    A hash of the model and the text decides, so a row always gets the same answer from the same model and
+    different models slip on different rows; on a slip the judge's best label is ruled out and the next wins,
+    with the lower probability a near tie gives (weak models are less sure where they are wrong).
+    """
+    digest = hashlib.blake2b(f"{model}\0{text}".encode("utf-8", "replace"), digest_size=8).digest()
+    if int.from_bytes(digest) / 2**64 < quality:
+        return scores
+    best = max(scores, key=lambda label: scores[label])
+    return {label: -1.0 if label == best else score for label, score in scores.items()}
 
 
 def probabilities(scores: Mapping[str, float], values: Sequence[Any]) -> list[float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -60,6 +61,9 @@ class SimulatorConfig:
         slots.py); None: every request is served at once (a provider whose latency does not depend on load).
     slot_cost: batching cost with `slots`: a request's latency grows by this share when every slot is busy
         (0.5: 1.5× the latency at a full batch), so throughput rises ever less steeply up to the knee.
+    model_quality: a simulation of weaker and stronger models: model → the share of rows (picked by a hash of the
+        model and the text) on which it agrees with the judge; on the others the judge's best label is ruled out.
+        Models not named always agree. Not a measurement of any real model.
     """
 
     latency_ms: float = 200.0
@@ -94,6 +98,7 @@ class SimulatorConfig:
     content_reply_seconds: float = 0.0
     slots: int | None = None
     slot_cost: float = 0.0
+    model_quality: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.rate_headers not in RATE_HEADERS:
@@ -128,6 +133,9 @@ class SimulatorConfig:
                 raise ValueError(f"{name} must lie in 0..1, got {getattr(self, name)}")
         if self.batch_window_seconds <= 0:
             raise ValueError(f"batch_window_seconds must be positive, got {self.batch_window_seconds}")
+        for model, quality in (self.model_quality or {}).items():
+            if isinstance(quality, bool) or not isinstance(quality, int | float) or not 0.0 <= quality <= 1.0:
+                raise ValueError(f"model_quality of {model!r} must lie in 0..1, got {quality!r}")
 
     def replace(self, **changes: Any) -> SimulatorConfig:
         """A copy with `changes` applied, type-checked as JSON from `/control/config` (models may be a list)."""
@@ -146,6 +154,7 @@ class SimulatorConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["api_key"] = "<set>" if self.api_key is not None else None
         out["models"] = sorted(self.models) if self.models is not None else None
+        out["model_quality"] = dict(self.model_quality) if self.model_quality is not None else None
         return out
 
 
@@ -194,6 +203,7 @@ _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "content_reply_seconds": _NUMBER,
     "slots": (int, type(None)),
     "slot_cost": _NUMBER,
+    "model_quality": (dict, type(None)),
 }
 
 

@@ -63,7 +63,7 @@ def limited() -> Iterator[SimulatorThread]:
 
 @pytest.fixture(scope="module")
 def proxy_no_retries(limited: SimulatorThread, logs: Path) -> Iterator[LiteLLM]:
-    """LiteLLM with `num_retries: 0`, the setting labelstream's README advises: upstream 429s come straight back."""
+    """LiteLLM with `num_retries: 0`, the setting docs/rate-limits.md advises: upstream 429s come straight back."""
     with LiteLLM(logs / "litellm-no-retries.log", limited.base_url, num_retries=0) as proxy:
         yield proxy
 

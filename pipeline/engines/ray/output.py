@@ -9,7 +9,7 @@ pattern, so `status`, `export`, `eval` and `compact` read the directory as any l
 
 The output is the checkpoint: `done_ids` reads the ids of every complete part, and a restarted job
 filters those rows out before they reach an actor. What a crash can cost is the rows labeled but not yet
-in a written file (see the README's Ray section for the measured number).
+in a written file (see docs/engines.md, Ray, for the measured number).
 """
 
 from __future__ import annotations
