@@ -215,6 +215,10 @@ def test_status_export_and_eval_read_an_s3_output(sim: Any, tmp_path: Path, buck
     scored = cli("eval", out, "--gold", str(gold), "--json", env=bucket.env)
     assert scored.returncode == 0, scored.stderr
     assert orjson.loads(scored.stdout)["labeled"] == 39
+    html = tmp_path / "report.html"
+    reported = cli("status", out, "--report", str(html), env=bucket.env)
+    assert reported.returncode == 0, reported.stderr
+    assert "<td>last run</td><td>done: 39 rows" in html.read_text(encoding="utf-8")  # the progress file, read back
     refused = cli("compact", out, env=bucket.env)
     assert refused.returncode == 2 and "not supported yet" in refused.stderr
 

@@ -77,7 +77,7 @@ def overview(sink_path: str | Path) -> Overview:
     _price(result, max(models, key=models.__getitem__) if models else identity.model)
     _latency(result, sorted(latencies))
     with contextlib.suppress(OSError, orjson.JSONDecodeError):
-        progress = orjson.loads(sink.meta.progress_path.read_bytes())
+        progress = orjson.loads(sink.meta.read_bytes(sink.meta.progress_path))
         result.last_run = progress if isinstance(progress, dict) else None
     return result
 

@@ -58,7 +58,7 @@ def read_history(sink: Sink) -> History:
                 completions.append(item["completion_tokens"])
     scale = None
     with contextlib.suppress(OSError, orjson.JSONDecodeError, AttributeError):
-        value = orjson.loads(sink.meta.progress_path.read_bytes()).get("token_scale")
+        value = orjson.loads(sink.meta.read_bytes(sink.meta.progress_path)).get("token_scale")
         scale = float(value) if isinstance(value, int | float) and value > 0 else None
     return History(
         rows=len(completions),
