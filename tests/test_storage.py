@@ -219,8 +219,6 @@ def test_status_export_and_eval_read_an_s3_output(sim: Any, tmp_path: Path, buck
     reported = cli("status", out, "--report", str(html), env=bucket.env)
     assert reported.returncode == 0, reported.stderr
     assert "<td>last run</td><td>done: 39 rows" in html.read_text(encoding="utf-8")  # the progress file, read back
-    refused = cli("compact", out, env=bucket.env)
-    assert refused.returncode == 2 and "not supported yet" in refused.stderr
 
 
 def test_pandas_pyarrow_and_polars_read_the_bucket_mid_run(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
@@ -293,3 +291,60 @@ def test_four_shards_killed_and_restarted_fill_one_bucket_dataset_once(
     assert sorted(bucket.ids("shards/out.parquet")) == sorted(r[0] for r in rows)
     report = orjson.loads(cli("status", out, "--json", env=bucket.env).stdout)
     assert report["shard_count"] == 4 and report["labeled"] == len(rows)
+
+
+def test_compact_on_s3_merges_parts_and_a_resume_sends_nothing(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """compact rewrites an s3:// dataset's many parts as one (no marker objects, no staged leftovers); ids unchanged."""
+    rows = reviews(120)
+    source = write_csv(tmp_path / "in.csv", rows)
+    out = bucket.uri("cmp/out.parquet")
+    assert cli(*label_args(sim, source, out), env=bucket.env).returncode == 0
+    before = [k for k in bucket.keys("cmp/out.parquet/") if k.endswith(".parquet")]
+    assert len(before) > 1
+    result = cli("compact", out, env=bucket.env)
+    assert result.returncode == 0, result.stderr
+    assert f"{len(before)} parts → 1" in result.stdout
+    assert len(bucket.keys("cmp/out.parquet/")) == 1
+    assert not [k for k in bucket.keys("cmp/") if k.endswith((".tmp", "/", "drop.json"))]
+    assert sorted(bucket.ids("cmp/out.parquet")) == sorted(r[0] for r in rows)
+    sim.reset()
+    assert cli(*label_args(sim, source, out), env=bucket.env).returncode == 0
+    assert sim.stats()["requests"] == 0
+
+
+def test_a_rewrite_interrupted_after_its_journal_is_finished_by_the_next_run(
+    sim: Any, tmp_path: Path, bucket: Bucket
+) -> None:
+    """A crash between a rewrite's journal and its end (old part still there, copy staged) leaves no id twice."""
+    rows = reviews(60)
+    source = write_csv(tmp_path / "in.csv", rows)
+    out = bucket.uri("jr/out.parquet")
+    assert cli(*label_args(sim, source, out, "--checkpoint-every", "1000"), env=bucket.env).returncode == 0
+    (part,) = bucket.keys("jr/out.parquet/")
+    staged = "part-000009-0badc0de.parquet"
+    bucket.client.copy_object(Bucket=bucket.name, Key=f"jr/out.parquet.meta/tmp/{staged}.tmp",
+                              CopySource=f"{bucket.name}/{part}")  # fmt: skip
+    plan = {"remove": [part.rsplit("/", 1)[1]], "publish": [staged]}
+    bucket.client.put_object(Bucket=bucket.name, Key="jr/out.parquet.meta/drop.json", Body=orjson.dumps(plan))
+    sim.reset()
+    result = cli(*label_args(sim, source, out), env=bucket.env)
+    assert result.returncode == 0, result.stderr
+    assert "finished a rewrite of parts" in result.stderr
+    assert sim.stats()["requests"] == 0
+    assert bucket.keys("jr/out.parquet/") == [f"jr/out.parquet/{staged}"]
+    assert sorted(bucket.ids("jr/out.parquet")) == sorted(r[0] for r in rows)
+
+
+def test_relabel_changed_on_s3_relabels_only_the_changed_rows_once(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """--relabel-changed on s3:// drops the labels of rows whose text changed and labels them again: each id once."""
+    rows = reviews(60)
+    out = bucket.uri("rc/out.parquet")
+    assert cli(*label_args(sim, write_csv(tmp_path / "in.csv", rows), out), env=bucket.env).returncode == 0
+    changed = [(i, lang, text + " (edited)") if n < 5 else (i, lang, text) for n, (i, lang, text) in enumerate(rows)]
+    source = write_csv(tmp_path / "in2.csv", changed)
+    sim.reset()
+    result = cli(*label_args(sim, source, out, "--relabel-changed"), env=bucket.env)
+    assert result.returncode == 0, result.stderr
+    assert sim.stats()["requests"] == 5
+    seen = bucket.ids("rc/out.parquet")
+    assert sorted(seen) == sorted(r[0] for r in rows)

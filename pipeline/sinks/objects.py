@@ -11,7 +11,8 @@ request under a name no other run uses, so a reader (or a resume after `kill -9`
 there is nothing to repair. Dead letters cannot be appended to one object without rewriting all of it at each
 batch, so each batch is an object of its own, read back in name (= time) order.
 
-What the local sink does by rewriting parts (`--relabel-changed`, compaction) is refused here for now.
+Rewrites (`--relabel-changed`, compaction) stage their new parts under `.meta/tmp/`, then follow a journal
+(`.meta/drop.json`): delete the old parts, copy the new ones in, so no reader ever sees a row twice.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import UsageError
+from pipeline.errors import SinkError, UsageError
 from pipeline.input.ids import IdSet
 from pipeline.input.shards import Shard
-from pipeline.sinks.layout import PART
+from pipeline.sinks.layout import PART, discover
 from pipeline.sinks.lease import LEASE_NAME, Lease
 from pipeline.sinks.meta import SinkMeta, parse_dead_letters
-from pipeline.sinks.parquet import ParquetSink
+from pipeline.sinks.parquet import DROP_JOURNAL, ParquetSink, rewrite_parts, target_schema
 from pipeline.sinks.storage import ObjectStore, object_uri
 
 
@@ -127,16 +128,88 @@ class ObjectParquetSink(ParquetSink):
         return super().load_done(repair=repair)
 
     def recover(self) -> None:
-        """Nothing to repair: a part is one PUT, so a crash leaves it whole or absent."""
+        """Finish a rewrite a crash interrupted (its journal says what), and delete parts staged for none.
+
+        A part itself needs no repair: it is one PUT, so a crash leaves it whole or absent.
+        """
+        if self._finish_drop():
+            self.notes.append("finished a rewrite of parts (compaction or --relabel-changed) that a crash interrupted")
+        staged = [name for name, _ in self.store.objects(self.store.key(self.meta.tmp_dir)) if name.endswith(".tmp")]
+        for name in staged:
+            self.store.delete(self.store.key(self.meta.tmp_dir / name))
+        if staged:
+            self.notes.append(f"removed {len(staged)} staged part(s) left by an interrupted rewrite")
 
     def drop_ids(self, ids: IdSet) -> int:
-        raise UsageError(
-            f"--relabel-changed on object storage ({self.meta.what}) is not supported yet: it rewrites parts. "
-            "Label into a new --output, or copy the dataset to a local folder and run there."
+        """Rewrite the parts that hold some of `ids` through the journal (no directory to swap on a store)."""
+        return self._drop_in_own_parts(ids)
+
+    def compact(self, *, rows_per_part: int) -> tuple[int, int]:
+        """Rewrite the parts as few large ones through the same journal; return (parts before, parts after).
+
+        The new parts are staged under `.meta/tmp/`; then the journal is written, the old parts deleted and the
+        new ones copied in (a server-side copy: whole or absent). A reader may miss rows for the moments between,
+        never see one twice; a crash leaves the journal, which the next run or compaction finishes.
+        """
+        self.recover()
+        parts = [self.locate(p) for p in self.parts()]
+        schema = target_schema(parts, self.filesystem)
+        current = all(pq.read_schema(p, filesystem=self.filesystem).equals(schema, check_metadata=False) for p in parts)
+        if len(parts) <= 1 and current:
+            return len(parts), len(parts)
+        self.meta.lease.check()
+        staged_in = self.store.key(self.meta.tmp_dir)
+        names = rewrite_parts(
+            parts, schema, staged_in, rows_per_part=rows_per_part, filesystem=self.filesystem, suffix=".tmp"
         )
+        plan = {"remove": [p.rsplit("/", 1)[1] for p in parts], "publish": names}
+        self.meta.write_json_atomic(self.meta.dir / DROP_JOURNAL, plan)
+        self._finish_drop()
+        return len(parts), len(names)
+
+    def stage(self, table: pa.Table, name: str) -> None:
+        self.meta.lease.check()
+        self.store.put(self.store.key(self.meta.tmp_dir / f"{name}.tmp"), _encoded(table))
+
+    def _finish_drop(self) -> bool:
+        journal = self.meta.dir / DROP_JOURNAL
+        try:
+            plan = orjson.loads(self.meta.read_bytes(journal))
+        except FileNotFoundError:
+            return False
+        for name in plan["remove"]:
+            self.store.delete(self.store.key(self.path / name))
+        for name in plan["publish"]:
+            staged = self.store.key(self.meta.tmp_dir / f"{name}.tmp")
+            if self.store.copy(staged, self.store.key(self.path / name)):
+                self.store.delete(staged)
+        self.store.delete(self.store.key(journal))
+        return True
 
     def _publish(self, table: pa.Table, name: str) -> None:
         self.meta.lease.check()
-        buffer = pa.BufferOutputStream()
-        pq.write_table(table, buffer, compression="zstd")
-        self.store.put(self.store.key(self.path / name), memoryview(buffer.getvalue()))
+        self.store.put(self.store.key(self.path / name), _encoded(table))
+
+
+def _encoded(table: pa.Table) -> memoryview:
+    """A part as the bytes of one PUT (zstd, like parts on disk)."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression="zstd")
+    return memoryview(buffer.getvalue())
+
+
+def compact_objects(path: Path, *, rows_per_part: int) -> tuple[int, int]:
+    """`labelstream compact` for a Parquet dataset on object storage (unsharded), under the writer's lease."""
+    sink = ObjectParquetSink(path)
+    if discover(path).sharded:
+        raise UsageError(
+            f"{sink.meta.what} is split into shards; merging shards on object storage is not supported yet. "
+            "Readers take the dataset as it is (one prefix, all shards' parts)."
+        )
+    if not sink.all_parts():
+        raise SinkError(f"{sink.meta.what} holds no parts to compact.")
+    sink.meta.lock()
+    try:
+        return sink.compact(rows_per_part=rows_per_part)
+    finally:
+        sink.meta.unlock()

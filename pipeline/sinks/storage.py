@@ -253,13 +253,26 @@ class ObjectStore:
         return [(i.base_name, i.size or 0, i.type == pafs.FileType.Directory) for i in infos]
 
     def delete(self, key: str) -> None:
-        """Delete an object (no error when it is gone already)."""
+        """Delete an object (no error when it is gone already).
+
+        Through boto3, a writer's client: pyarrow's delete leaves an empty "folder" marker object behind.
+        """
+        bucket, _, name = key.partition("/")
         try:
-            self.fs.delete_file(key)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
+            self.s3().delete_object(Bucket=bucket, Key=name)
+        except self.s3_errors() as exc:
             raise self.error(f"cannot delete {self.uri_of(key)}", exc) from None
+
+    def copy(self, source: str, target: str) -> bool:
+        """Copy an object inside the store (server-side: the copy appears whole); False when `source` is gone."""
+        bucket, _, name = target.partition("/")
+        try:
+            self.s3().copy_object(Bucket=bucket, Key=name, CopySource=source)
+        except self.s3_errors() as exc:
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                return False
+            raise self.error(f"cannot copy {self.uri_of(source)}", exc) from None
+        return True
 
     def error(self, what: str, exc: BaseException) -> StorageError:
         """A StorageError that says what failed on this store and what to do (never a credential)."""
