@@ -348,3 +348,15 @@ def test_relabel_changed_on_s3_relabels_only_the_changed_rows_once(sim: Any, tmp
     assert sim.stats()["requests"] == 5
     seen = bucket.ids("rc/out.parquet")
     assert sorted(seen) == sorted(r[0] for r in rows)
+
+
+def test_procs_into_s3_fill_one_dataset_and_status_names_the_uri(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """--procs 2 into s3:// labels each row once across two shards; status reports them under the URI as written."""
+    rows = reviews(200)
+    out = bucket.uri("procs/out.parquet")
+    result = cli(*label_args(sim, write_csv(tmp_path / "in.csv", rows), out, "--procs", "2"), env=bucket.env)
+    assert result.returncode == 0, result.stderr
+    assert sorted(bucket.ids("procs/out.parquet")) == sorted(r[0] for r in rows)
+    shown = cli("status", out, env=bucket.env)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"{out}: 200 labeled") and "2 shards: 2 done" in shown.stdout

@@ -8,11 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.commands.args import location
+
 
 def register(sub: Any) -> None:
     """Add the `eval` subcommand."""
     ev = sub.add_parser("eval", help="accuracy, per-label F1, kappa and confusion of a sink against gold labels")
-    ev.add_argument("output", type=Path, help="the sink (OUT.jsonl or OUT.parquet)")
+    ev.add_argument("output", type=location, help="the sink (OUT.jsonl or OUT.parquet)")
     ev.add_argument("--gold", type=Path, required=True, help="CSV with the sink's id column and a gold label column")
     ev.add_argument("--gold-column", default="label", help="the column of gold labels (default: %(default)s)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of tables")
