@@ -16,6 +16,7 @@ import pytest
 
 from pipeline.errors import StorageError
 from pipeline.sinks.lease import Lease
+from pipeline.sinks.objects import LatestWins
 from pipeline.sinks.storage import ObjectStore
 
 from .helpers import cli, reviews, start_cli, wait_for, write_csv
@@ -360,3 +361,15 @@ def test_procs_into_s3_fill_one_dataset_and_status_names_the_uri(sim: Any, tmp_p
     shown = cli("status", out, env=bucket.env)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith(f"{out}: 200 labeled") and "2 shards: 2 done" in shown.stdout
+
+
+def test_progress_puts_leave_the_caller_at_once_and_the_last_version_wins(bucket: Bucket) -> None:
+    """Progress objects go out on their own thread; after flush the store holds the last version sent."""
+    store = ObjectStore(bucket.uri("x"), {"endpoint_override": bucket.endpoint, "region": "us-east-1",
+                                          "access_key": ACCESS_KEY, "secret_key": SECRET_KEY})  # fmt: skip
+    later = LatestWins(store)
+    for n in range(50):
+        later.send(f"{bucket.name}/p/progress.json", orjson.dumps({"n": n}))
+    later.flush()
+    body = bucket.client.get_object(Bucket=bucket.name, Key="p/progress.json")["Body"].read()
+    assert orjson.loads(body) == {"n": 49}

@@ -17,7 +17,9 @@ Rewrites (`--relabel-changed`, compaction) stage their new parts under `.meta/tm
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -27,7 +29,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import SinkError, UsageError
+from pipeline.errors import SinkError, StorageError, UsageError
 from pipeline.input.ids import IdSet
 from pipeline.input.shards import Shard
 from pipeline.sinks.layout import PART, discover
@@ -50,6 +52,7 @@ class ObjectMeta(SinkMeta):
         self.notes: list[str] = []
         self._tag = os.urandom(4).hex()
         self._dead_batches = 0
+        self._progress = LatestWins(store)
 
     @property
     def batches_dir(self) -> Path:
@@ -75,15 +78,24 @@ class ObjectMeta(SinkMeta):
         return []
 
     def unlock(self) -> None:
-        """Give the lease up."""
+        """Send the last progress file, then give the lease up."""
+        self._progress.flush()
         self.lease.release()
 
     def read_bytes(self, path: Path) -> bytes:
         return self.store.get(self.store.key(path))
 
     def write_json_atomic(self, path: Path, data: Mapping[str, Any], *, durable: bool = False) -> None:
-        """Replace the side object at `path` (one PUT: atomic and, once acknowledged, durable)."""
-        self.store.put(self.store.key(path), orjson.dumps(data, option=orjson.OPT_INDENT_2))
+        """Replace the side object at `path` (one PUT: atomic and, once acknowledged, durable).
+
+        The progress file is rewritten every second from the event loop; a PUT there would stall the loop for a
+        round trip to the store each time, so it goes out on a thread of its own instead (the latest wins).
+        """
+        body = orjson.dumps(data, option=orjson.OPT_INDENT_2)
+        if path == self.progress_path and not durable:
+            self._progress.send(self.store.key(path), body)
+        else:
+            self.store.put(self.store.key(path), body)
 
     def append_dead_letters(self, data: bytes) -> None:
         """Write a batch of encoded dead letters as an object of its own under `dead/`."""
@@ -97,6 +109,45 @@ class ObjectMeta(SinkMeta):
         for name, _ in sorted(self.store.objects(prefix)):
             if name.endswith(".jsonl"):
                 yield from parse_dead_letters(self.store.get(f"{prefix}/{name}").splitlines())
+
+
+class LatestWins:
+    """Puts objects on a thread of its own; an object rewritten before its last version went out is sent once,
+    as its latest version. Failures are dropped: it carries the progress file, a convenience, not a record."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self._pending: dict[str, bytes] = {}
+        self._idle = threading.Condition()
+        self._busy = False
+        self._running = False  # set and cleared under the lock, so a send never relies on a thread on its way out
+
+    def send(self, key: str, body: bytes) -> None:
+        """Queue `body` for `key` (replacing a version not yet sent) and return at once."""
+        with self._idle:
+            self._pending[key] = body
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="labelstream-progress", daemon=True).start()
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait (up to `timeout` seconds) until everything queued has been sent."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._pending and not self._busy, timeout=timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._idle:
+                if not self._pending:
+                    self._running = False
+                    self._idle.notify_all()
+                    return
+                key, body = self._pending.popitem()
+                self._busy = True
+            with contextlib.suppress(StorageError):
+                self.store.put(key, body)
+            with self._idle:
+                self._busy = False
 
 
 class ObjectParquetSink(ParquetSink):
