@@ -373,3 +373,16 @@ def test_progress_puts_leave_the_caller_at_once_and_the_last_version_wins(bucket
     later.flush()
     body = bucket.client.get_object(Bucket=bucket.name, Key="p/progress.json")["Body"].read()
     assert orjson.loads(body) == {"n": 49}
+
+
+def test_a_lease_shorter_than_the_run_is_renewed_while_it_runs(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """With lease_seconds=3 a run of several seconds keeps its lease by renewing it, and ends with every row."""
+    sim.configure(latency_ms=100)
+    rows = reviews(200)
+    out = bucket.uri("renew/out.parquet")
+    extra = ("--concurrency", "4", "--storage-option", "lease_seconds=3")
+    started = time.monotonic()
+    result = cli(*label_args(sim, write_csv(tmp_path / "in.csv", rows), out, *extra), env=bucket.env)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started > 5, "the run was too short to need a renewal"
+    assert sorted(bucket.ids("renew/out.parquet")) == sorted(r[0] for r in rows)

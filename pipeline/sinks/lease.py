@@ -29,6 +29,7 @@ from pipeline.sinks.meta import pid_alive
 from pipeline.sinks.storage import ObjectInfo, ObjectStore, is_precondition_failure
 
 LEASE_NAME: Final = "lease.json"
+RELEASE_WAIT: Final = 30.0  # seconds release() waits for a renewal in flight (the store's own timeouts bound it)
 
 
 class Lease:
@@ -94,7 +95,7 @@ class Lease:
         """Stop renewing and delete the lease if it is still ours."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.store_timeout)
+            self._thread.join(timeout=RELEASE_WAIT)
             self._thread = None
         with self._guard:
             etag, self._etag = self._etag, None
@@ -106,11 +107,6 @@ class Lease:
         except self.store.s3_errors() as exc:
             if not is_precondition_failure(exc):
                 raise self.store.error(f"cannot delete the lease {self.store.uri_of(self.key)}", exc) from None
-
-    @property
-    def store_timeout(self) -> float:
-        """How long release waits for a renewal in flight."""
-        return 30.0
 
     def renew(self) -> None:
         """Rewrite the lease if it is still ours; note it as lost when the store says another holds it."""

@@ -139,7 +139,7 @@ class ObjectStore:
             seconds = float(raw)
         except ValueError:
             raise UsageError(f"--storage-option lease_seconds={raw}: give a number of seconds.") from None
-        return max(seconds, 0.0)
+        return max(seconds, 1.0)  # renewed every third of it: below a second that is a busy loop
 
     @property
     def fs(self) -> pafs.FileSystem:
