@@ -33,6 +33,7 @@ REQUEST_TIMEOUT: Final = 60.0
 
 # Set once per process by the CLI (`--storage-option`), like the AWS_* environment it complements.
 _configured: dict[str, str] = {}
+_filesystems: dict[tuple[str, tuple[tuple[str, str], ...]], pafs.FileSystem] = {}
 
 
 def configure(options: Mapping[str, str]) -> None:
@@ -145,7 +146,9 @@ class ObjectStore:
     def fs(self) -> pafs.FileSystem:
         """The pyarrow filesystem of this store (made on first use)."""
         if self._fs is None:
-            self._fs = self._make_fs()
+            # One filesystem per scheme and options in a process: each costs a client and its connections.
+            key = (f"{self.scheme} {self.endpoint}", tuple(sorted(self._options.items())))
+            self._fs = _filesystems.get(key) or _filesystems.setdefault(key, self._make_fs())
         return self._fs
 
     def _make_fs(self) -> pafs.FileSystem:
