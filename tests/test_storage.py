@@ -6,6 +6,7 @@ import random
 import signal
 import socket
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ import polars as pl
 import pytest
 
 from pipeline.errors import StorageError
+from pipeline.input.shards import Shard
+from pipeline.ratelimit.share import START_GRACE, ShareFollower
 from pipeline.sinks.lease import Lease
 from pipeline.sinks.objects import LatestWins
-from pipeline.sinks.storage import ObjectStore
+from pipeline.sinks.storage import ObjectStore, as_path
 
 from .helpers import cli, reviews, start_cli, wait_for, write_csv
 from .s3 import ACCESS_KEY, SECRET_KEY, Bucket
@@ -386,3 +389,19 @@ def test_a_lease_shorter_than_the_run_is_renewed_while_it_runs(sim: Any, tmp_pat
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started > 5, "the run was too short to need a renewal"
     assert sorted(bucket.ids("renew/out.parquet")) == sorted(r[0] for r in rows)
+
+
+def test_a_shard_on_s3_takes_the_share_of_siblings_whose_progress_says_done(bucket: Bucket) -> None:
+    """Live rate sharing reads the siblings' progress objects in the bucket: two of four done → shard 0 at 1/2."""
+    now = datetime.now(UTC).isoformat()
+    for index, state in ((1, "done"), (2, "done"), (3, "running")):
+        doc = {"state": state, "pid": 1, "host": "elsewhere", "updated_at": now}
+        key = f"share/out.parquet.meta/shard-{index}-of-4/progress.json"
+        bucket.client.put_object(Bucket=bucket.name, Key=key, Body=orjson.dumps(doc))
+    clock = iter([100.0, 100.0 + START_GRACE, 100.0 + START_GRACE])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ENDPOINT_URL", bucket.endpoint)
+        for name, value in bucket.env.items():
+            patch.setenv(name, value)
+        follower = ShareFollower(as_path(bucket.uri("share/out.parquet")), Shard(0, 4), 0.25, clock=lambda: next(clock))
+        assert follower.refresh() == pytest.approx(0.5)

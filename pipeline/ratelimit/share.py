@@ -24,10 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-import orjson
-
 from pipeline.input.shards import Shard
-from pipeline.sinks.meta import SinkMeta, pid_alive
+from pipeline.sinks.meta import meta_for, pid_alive
 
 STALE_AFTER: Final = 60.0  # seconds without a progress update (written about once a second) before "stale"
 RUNNING: Final = frozenset({"running", "stopping"})
@@ -57,15 +55,6 @@ def run_state(progress: dict[str, Any] | None, now: datetime) -> str:
     return "stale" if (now - updated).total_seconds() > STALE_AFTER else "running"
 
 
-def read_progress(path: Path) -> dict[str, Any] | None:
-    """A progress file's content, or None when it is missing or unreadable."""
-    try:
-        doc = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 class ShareFollower:
     """This shard's share of the key: its given `share` while all N shards run, more as siblings end."""
 
@@ -75,7 +64,7 @@ class ShareFollower:
         self.base = share
         self._clock = clock
         self._next = clock() + START_GRACE
-        self._siblings = [SinkMeta(output, Shard(i, shard.count)).progress_path for i in range(shard.count)]
+        self._siblings = [meta_for(output, Shard(i, shard.count)) for i in range(shard.count)]
         del self._siblings[shard.index]
         # Per sibling: its last progress document (None: no file yet), when this shard first read that version,
         # and when it last read it. Silent = read unchanged across SILENT_AFTER, not merely read long ago.
@@ -88,10 +77,11 @@ class ShareFollower:
         for _ in range(min(READS_PER_LOOK, len(self._siblings))):
             i = self._cursor
             self._cursor = (i + 1) % len(self._siblings)
-            doc = read_progress(self._siblings[i])
+            sibling = self._siblings[i]
+            doc = sibling.read_json(sibling.progress_path)  # through its meta: the output may be in a bucket
             before = self._seen[i]
             if doc is None:
-                if before is None or not self._siblings[i].exists():
+                if before is None or not sibling.progress_path.exists():
                     self._seen[i] = None
                 continue  # unreadable for a moment (another writer's rename): keep what was known
             same = before is not None and before[0].get("updated_at") == doc.get("updated_at")
