@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from pipeline.input.shards import Shard
-from pipeline.sinks.meta import meta_for, pid_alive
+from pipeline.sinks import meta_for
+from pipeline.sinks.meta import pid_alive
 
 STALE_AFTER: Final = 60.0  # seconds without a progress update (written about once a second) before "stale"
 RUNNING: Final = frozenset({"running", "stopping"})

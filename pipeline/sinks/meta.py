@@ -22,7 +22,6 @@ from pipeline.input.shards import Shard
 from pipeline.results import now_iso
 from pipeline.sinks.files import Appender, replace_atomically
 from pipeline.sinks.limit_memory import LimitMemory, endpoint_name
-from pipeline.sinks.storage import ObjectStore, as_path, object_uri
 
 SCHEMA_VERSION: Final = 3  # 2: records carry text_sha; 3: confidence, cached_tokens, extra output fields
 _IDENTITY_KEYS: Final = ("model", "prompt", "labels", "multi_label", "id_source")
@@ -132,16 +131,6 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # it exists, under another user
     return True
-
-
-def meta_for(output: Path, shard: Shard | None = None) -> SinkMeta:
-    """The side files of an output (or of one shard of it), wherever the output lives (a disk or a bucket)."""
-    uri = object_uri(output)
-    if uri is None:
-        return SinkMeta(output, shard)
-    from pipeline.sinks.objects import ObjectMeta  # noqa: PLC0415 - objects.py builds on this module
-
-    return ObjectMeta(ObjectStore(uri), as_path(output), shard)
 
 
 def meta_dir_for(sink_path: Path) -> Path:
