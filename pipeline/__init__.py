@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from pipeline.errors import (
         BatchError,
         ConfigError,
+        ExitCode,
         FatalApiError,
         InputError,
         Interrupted,
@@ -32,11 +33,13 @@ if TYPE_CHECKING:
     from pipeline.run.lifecycle import label_csv, run_label
     from pipeline.run.options import RunOptions
     from pipeline.run.summary import Summary
+    from pipeline.sinks.progress_file import RunState
     from pipeline.task.config import TaskConfig, load_config
 
 _WHERE = {
     "BatchError": "pipeline.errors",
     "ConfigError": "pipeline.errors",
+    "ExitCode": "pipeline.errors",
     "FatalApiError": "pipeline.errors",
     "InputError": "pipeline.errors",
     "Interrupted": "pipeline.errors",
@@ -50,6 +53,7 @@ _WHERE = {
     "RetryPolicy": "pipeline.ratelimit.limiter",
     "Row": "pipeline.results",
     "RunOptions": "pipeline.run.options",
+    "RunState": "pipeline.sinks.progress_file",
     "Summary": "pipeline.run.summary",
     "TaskConfig": "pipeline.task.config",
     "load_config": "pipeline.task.config",
@@ -59,6 +63,7 @@ _WHERE = {
 __all__ = [
     "BatchError",
     "ConfigError",
+    "ExitCode",
     "FatalApiError",
     "InputError",
     "Interrupted",
@@ -68,6 +73,7 @@ __all__ = [
     "RetryPolicy",
     "Row",
     "RunOptions",
+    "RunState",
     "SinkError",
     "SinkMismatchError",
     "StorageError",

@@ -21,10 +21,12 @@ try:
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
     try:
         from pipeline.cli import run
+        from pipeline.errors import ExitCode
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)  # a signal that came meanwhile is raised now
 except KeyboardInterrupt:
     print("labelstream: interrupted; re-run the same command to resume.", file=sys.stderr, flush=True)
-    os._exit(130)  # as cli.run does: CPython may re-raise a caught SIGINT on the way out
+    # Signals were held while importing, so the imports above are complete when one is raised here.
+    os._exit(ExitCode.INTERRUPTED)  # as cli.run does: CPython may re-raise a caught SIGINT on the way out
 
 run()

@@ -16,10 +16,7 @@ from collections.abc import Sequence
 # flags stay fast, and a Ctrl-C while a command loads them ends with one line (see main).
 from pipeline.commands import COMMANDS
 from pipeline.commands.signals import interrupt_on_term
-from pipeline.errors import LabelstreamError, redact
-
-EXIT_BUG = 70
-EXIT_INTERRUPTED = 130
+from pipeline.errors import ExitCode, LabelstreamError, redact
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,12 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("labelstream: interrupted; re-run the same command to resume.", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a bug: show the traceback, but never the key
         text = "".join(traceback.format_exception(exc))
         print(redact(text, secret), file=sys.stderr)
         print("labelstream: this is a bug; please report it with the traceback above.", file=sys.stderr)
-        return EXIT_BUG
+        return ExitCode.BUG
 
 
 def run() -> None:
@@ -84,7 +81,7 @@ def run() -> None:
     by signal. Everything is flushed and closed by then, so an interrupted run leaves with os._exit.
     """
     code = main()
-    if code == EXIT_INTERRUPTED:
+    if code == ExitCode.INTERRUPTED:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

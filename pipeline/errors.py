@@ -1,5 +1,7 @@
 """Errors a user can cause, each with a message that says what to do next.
 
+Exit codes are the members of `ExitCode`; every way out of the CLI, and `--procs` ranking its children, uses them.
+
     LabelstreamError                 base; the CLI prints .message and exits with .exit_code
     ├── UsageError          (2)      flags that contradict each other or name nothing
     ├── ConfigError         (2)      a task file that is missing, unreadable or invalid
@@ -19,12 +21,25 @@ Anything else that escapes is a bug and shows its traceback (with the API key re
 from __future__ import annotations
 
 import re
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What a labelstream process exits with (documented in the README; scripts branch on these)."""
+
+    OK = 0  # every row labeled (or, with --no-wait, sent)
+    DEAD_LETTERS = 1  # finished, but some rows are dead letters (or came back unprocessed): re-run to retry them
+    USAGE = 2  # flags, task file, input, sink or a fatal API answer: nothing more can be done as it is
+    STORAGE = 3  # the sink cannot be written; work so far is kept
+    BUDGET = 4  # --max-cost: refused before any request, or stopped before passing it (saved, resumable)
+    BUG = 70  # an exception that is not a LabelstreamError (EX_SOFTWARE)
+    INTERRUPTED = 130  # Ctrl-C or SIGTERM, after saving (128 + SIGINT, as shells report it)
 
 
 class LabelstreamError(Exception):
     """Base of every error a user can cause; `message` tells them what to do next."""
 
-    exit_code = 2
+    exit_code: ExitCode = ExitCode.USAGE
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -67,19 +82,19 @@ class BatchError(LabelstreamError):
 class StorageError(LabelstreamError):
     """The sink or its side files cannot be written; what was written before stays readable."""
 
-    exit_code = 3
+    exit_code = ExitCode.STORAGE
 
 
 class OverBudget(LabelstreamError):  # noqa: N818 - it names what happened, like Interrupted
     """--max-cost: the run would cost more (refused before any request) or stopped before passing it."""
 
-    exit_code = 4
+    exit_code = ExitCode.BUDGET
 
 
 class Interrupted(LabelstreamError):  # noqa: N818 - it names what happened, like KeyboardInterrupt
     """The run was stopped by a signal after flushing the sink."""
 
-    exit_code = 130
+    exit_code = ExitCode.INTERRUPTED
 
 
 _KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_*.\-]{6,}")

@@ -6,11 +6,14 @@ client, both sinks, export, status) takes the record's fields from here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from hashlib import blake2b
 from typing import Any, Final
+
+import orjson
 
 
 def now_iso() -> str:
@@ -134,6 +137,24 @@ def record(item: Labeled) -> dict[str, Any]:
     return out
 
 
+# A row unusable as read (empty text, missing id, ragged) whose reader named no reason. Sinks written by the
+# Ray engine before one kind was kept call it "problem": read back as this kind.
+BAD_ROW: Final = "bad_row"
+OLD_KINDS: Final = {"problem": BAD_ROW}
+
+
+def problem_failure(row: Row) -> Failed:
+    """The dead letter of a row that is unusable as read: no request is sent for it."""
+    return Failed(
+        row=row, kind=row.problem or BAD_ROW, message=row.detail, attempts=0, status=None, failed_at=now_iso()
+    )
+
+
+def new_run_id() -> str:
+    """A short random id that marks one run's dead letters and progress file."""
+    return os.urandom(6).hex()
+
+
 def dead_letter(item: Failed, run_id: str) -> dict[str, Any]:
     """The dead-letter record of a failed row."""
     return {
@@ -147,3 +168,8 @@ def dead_letter(item: Failed, run_id: str) -> dict[str, Any]:
         "run": run_id,
         **({"request_sha": item.request_sha} if item.request_sha else {}),
     }
+
+
+def encode_dead_letters(items: Sequence[Failed], run_id: str) -> list[bytes]:
+    """Each failed row's dead letter as one JSON line (a list, so a writer can append them one write each)."""
+    return [orjson.dumps(dead_letter(item, run_id)) + b"\n" for item in items]

@@ -8,10 +8,12 @@ from typing import Any
 import pytest
 
 from pipeline.api.pricing import cost_of
+from pipeline.input.shards import Shard, shard_of
 from pipeline.run.estimate import estimate_run
 from pipeline.run.options import RunOptions
 from pipeline.run.prepare import prepare_run
-from pipeline.sinks import open_sink
+from pipeline.sinks import SinkMeta, open_shards, open_sink
+from pipeline.sinks.progress_file import read_progress
 from pipeline.task.config import load_config
 
 from .helpers import ROOT, cli, progress, reviews, sink_ids, write_csv
@@ -40,10 +42,10 @@ def estimated_cost(source: Path, output: Path, config: Path) -> float:
     return cost
 
 
-def spent(output: Path) -> float:
-    """What the rows in a sink cost by their own usage."""
+def spent(output: Path, shard: Shard | None = None) -> float:
+    """What the rows in a sink (or one shard of it) cost by their own usage."""
     total = 0.0
-    for r in open_sink(output).iter_records():
+    for r in open_sink(output, shard).iter_records():
         cost = cost_of(r["model"], r["prompt_tokens"], r["completion_tokens"], cached_tokens=r["cached_tokens"] or 0)
         total += cost or 0.0
     return total
@@ -100,3 +102,44 @@ def test_a_budget_stop_mid_run_is_flushed_and_a_resume_finishes_exactly_once(
     final = sink_ids(out)
     assert sorted(final) == sorted(r[0] for r in rows)
     assert len(final) == len(set(final))
+
+
+def test_procs_share_one_budget(sim: Any, tmp_path: Path) -> None:
+    """--procs 2 --max-cost X: the two shards together spend at most X (each stops at its half), exit 4 once."""
+    source = write_csv(tmp_path / "in.csv", reviews(300))
+    out = tmp_path / "out.jsonl"
+    config = reasoning_task(tmp_path)
+    sim.configure(reasoning_tokens=150)
+    limit = round(estimated_cost(source, out, config) * 1.2, 6)
+    args = label_args(sim, source, out, "--config", str(config), "--max-cost", f"{limit}", "--procs", "2")
+    result = cli(*args, "--concurrency", "8")
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.count("labelstream stopped at --max-cost: ") == 1, result.stderr
+    assert f"of --max-cost ${limit:g}" in result.stderr
+    assert result.stderr.count(f"stopped before passing --max-cost ${limit:g} (each of the 2 shards") == 1
+    shards = [read_progress(SinkMeta(out, Shard(k, 2)).progress_path) or {} for k in range(2)]
+    assert [doc.get("state") for doc in shards] == ["budget", "budget"]
+    assert sum(doc["summary"]["cost_usd"] for doc in shards) <= limit
+    assert sum(spent(sink.output, sink.shard) for sink in open_shards(out)) <= limit
+
+
+def test_procs_refuse_a_run_over_the_cap_once(sim: Any, tmp_path: Path) -> None:
+    """--procs 2 with the run's estimate over --max-cost: one refusal for the whole run, no child, no request."""
+    source = write_csv(tmp_path / "in.csv", reviews(50))
+    result = cli(*label_args(sim, source, tmp_path / "out.jsonl", "--max-cost", "0.0001", "--procs", "2"))
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.count("exceeds --max-cost $0.0001; nothing was sent") == 1, result.stderr
+    assert "[shard" not in result.stderr
+    assert sim.stats()["requests"] == 0
+
+
+def test_procs_split_the_cap_by_each_shards_work(sim: Any, tmp_path: Path) -> None:
+    """All rows in one shard: it gets the cap (not half of it), so a run within --max-cost is labeled whole."""
+    rows = [r for r in reviews(400) if shard_of(r[0], 2) == 0][:60]
+    source = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "out.jsonl"
+    limit = round(estimated_cost(source, out, ROOT / "configs" / "sentiment.toml") * 1.5, 6)
+    result = cli(*label_args(sim, source, out, "--max-cost", f"{limit}", "--procs", "2"))
+    assert result.returncode == 0, result.stderr
+    labeled = [r["id"] for sink in open_shards(out) for r in sink.iter_records(columns=["id"])]
+    assert sorted(labeled) == sorted(r[0] for r in rows)

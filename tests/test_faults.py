@@ -13,6 +13,7 @@ import pytest
 
 from pipeline import cli as cli_module
 from pipeline.commands import sinks as sinks_commands
+from pipeline.errors import ExitCode
 from pipeline.ratelimit.limiter import RetryPolicy
 from pipeline.run.progress import Reporter
 from pipeline.sinks import open_sink
@@ -164,7 +165,7 @@ def test_a_bug_shows_its_traceback_without_the_key(
         raise RuntimeError(f"something broke while using {TEST_KEY}")
 
     monkeypatch.setattr(sinks_commands, "run_status", broken)
-    assert cli_module.main(["status", "whatever.jsonl"]) == cli_module.EXIT_BUG
+    assert cli_module.main(["status", "whatever.jsonl"]) == ExitCode.BUG
     err = capsys.readouterr().err
     assert "Traceback" in err and "something broke" in err
     assert TEST_KEY not in err

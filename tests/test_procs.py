@@ -10,11 +10,12 @@ from typing import Any
 import orjson
 import pytest
 
+from pipeline.errors import ExitCode
 from pipeline.input.shards import Shard
 from pipeline.run.procs import split_limit, worst_exit
 from pipeline.sinks import SinkMeta, open_shards
 
-from .helpers import cli, reviews, start_cli, wait_for, write_csv
+from .helpers import ROOT, cli, reviews, start_cli, wait_for, write_csv
 
 
 def procs_args(sim: Any, source: Path, output: Path, *extra: str) -> list[str]:
@@ -45,6 +46,31 @@ def test_worst_exit_and_limit_split() -> None:
     assert split_limit(7, 3) == [3, 2, 2] and split_limit(1, 2) == [1, 0] and split_limit(None, 2) == [None, None]
 
 
+@pytest.mark.parametrize(
+    ("codes", "worst"),
+    [
+        ([ExitCode.OK, ExitCode.DEAD_LETTERS], ExitCode.DEAD_LETTERS),
+        ([ExitCode.DEAD_LETTERS, ExitCode.INTERRUPTED], ExitCode.INTERRUPTED),
+        ([ExitCode.INTERRUPTED, ExitCode.BUDGET], ExitCode.BUDGET),
+        ([ExitCode.OK, ExitCode.BUDGET], ExitCode.BUDGET),
+        ([ExitCode.BUDGET, ExitCode.USAGE], ExitCode.USAGE),
+        ([ExitCode.USAGE, ExitCode.BUDGET], ExitCode.USAGE),
+        ([ExitCode.BUDGET, ExitCode.STORAGE], ExitCode.STORAGE),
+        ([ExitCode.STORAGE, ExitCode.BUG], ExitCode.BUG),
+        ([ExitCode.BUDGET, -9], 137),
+    ],
+)
+def test_a_shard_stopped_by_each_cause_gives_the_parent_its_code(codes: list[int], worst: int) -> None:
+    """A shard stopped at its part of --max-cost exits the parent with 4 over Ctrl-C, under a usage error."""
+    assert worst_exit(codes) == worst
+
+
+@pytest.mark.parametrize("code", [c for c in ExitCode if c is not ExitCode.BUG])
+def test_every_exit_code_is_ranked(code: ExitCode) -> None:
+    """Every documented exit code ranks below an unknown one (a bug, a signal), none counts as a crash."""
+    assert worst_exit([code, 99]) == 99 and worst_exit([code, ExitCode.OK]) == code
+
+
 @pytest.mark.parametrize("name", ["out.jsonl", "out.parquet"])
 def test_procs_2_labels_every_id_once_with_one_summary(sim: Any, tmp_path: Path, name: str) -> None:
     """--procs 2: two shard children label every row once; the parent prints one summary and each child took 1/2."""
@@ -66,13 +92,18 @@ def test_procs_2_labels_every_id_once_with_one_summary(sim: Any, tmp_path: Path,
     assert rerun.returncode == 0 and "0 labeled" in rerun.stderr and sim.stats()["requests"] == 400
 
 
-def test_procs_splits_limit_and_dry_run_plans_each_shard(sim: Any, tmp_path: Path) -> None:
-    """--limit is for the whole run (split over the shards); --dry-run prints each shard's plan and sends nothing."""
+def test_procs_splits_limit_and_dry_run_plans_the_whole_run(sim: Any, tmp_path: Path) -> None:
+    """--limit is for the whole run (split over the shards); --dry-run prints one plan for the run, sends nothing."""
     source = write_csv(tmp_path / "in.csv", reviews(200))
     out = tmp_path / "out.jsonl"
-    planned = cli(*procs_args(sim, source, out, "--dry-run"))
+    planned = cli(*procs_args(sim, source, out, "--dry-run", "--max-cost", "5"))
     assert planned.returncode == 0, planned.stderr
-    assert planned.stdout.count("dry run:") == 2 and "shard 1/2:" in planned.stdout
+    assert planned.stdout.count("dry run:") == 1 and "2 shard processes" in planned.stdout, planned.stdout
+    assert "200 rows to label" in planned.stdout and planned.stdout.count("cost: standard") == 1
+    assert (
+        "--max-cost $5 (split over the 2 shards by their estimates: each stops at its part): within it"
+        in planned.stdout
+    )
     assert sim.stats()["requests"] == 0
     limited = cli(*procs_args(sim, source, out, "--limit", "31"))
     assert limited.returncode == 0, limited.stderr
@@ -157,3 +188,22 @@ def test_the_shards_stop_gracefully_when_the_parent_is_killed(sim: Any, tmp_path
         wait_for(lambda k=k: shard_progress(out, k).get("state") == "interrupted", what=f"shard {k} to stop")
     saved = all_ids(out)
     assert len(saved) == len(set(saved)) == sum(shard_progress(out, k)["saved"] for k in range(2))
+
+
+def test_a_shard_stopped_at_its_budget_ranks_under_a_shard_that_could_not_run(sim: Any, tmp_path: Path) -> None:
+    """Shard 0 stops at its part of --max-cost (4), shard 1 cannot start (2): the parent exits 2, not as a crash."""
+    source = write_csv(tmp_path / "in.csv", reviews(300))
+    out = tmp_path / "out.jsonl"
+    config = tmp_path / "sentiment.toml"  # room for hidden reasoning tokens in a reply's worst case
+    text = (ROOT / "configs" / "sentiment.toml").read_text(encoding="utf-8")
+    config.write_text(text.replace("max_tokens = 20", "max_tokens = 200"), encoding="utf-8")
+    sim.configure(reasoning_tokens=150)
+    held = SinkMeta(out, Shard(1, 2))
+    held.lock()
+    try:
+        result = cli(*procs_args(sim, source, out, "--config", str(config), "--max-cost", "0.03"))
+    finally:
+        held.unlock()
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert shard_progress(out, 0)["state"] == "budget"
+    assert "[shard 1/2] labelstream: error: another labelstream run" in result.stderr

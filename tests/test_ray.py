@@ -20,6 +20,8 @@ import pytest
 
 from pipeline.engines.ray.limit import SharedLimit
 from pipeline.ratelimit.limiter import SAFETY
+from pipeline.sinks import SinkMeta
+from pipeline.sinks.progress_file import SCHEMA, read_progress
 
 from .helpers import ROOT, SENTIMENT, TEST_KEY, cli, cli_env, dead_letters, reviews, wait_for, write_csv
 
@@ -172,3 +174,19 @@ def test_engine_ray_resumes_after_kill_9_with_each_row_once(sim: Any, tmp_path: 
     logs = [p for p in short_tmp.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".json")]
     assert logs, "Ray wrote no logs where expected"
     assert not [p for p in logs if TEST_KEY.encode() in p.read_bytes()], "the API key leaked into Ray's files"
+
+
+def test_engine_ray_writes_the_same_progress_file_as_the_other_engines(
+    sim: Any, tmp_path: Path, short_tmp: Path
+) -> None:
+    """`label --engine ray` ends with a versioned progress file carrying its state and summary, as online runs do."""
+    source = write_csv(tmp_path / "in.csv", reviews(30))
+    out = tmp_path / "out.parquet"
+    result = cli(
+        "label", "--input", str(source), "--output", str(out), "--base-url", sim.base_url, "--engine", "ray",
+        "--quiet", env={"RAY_TMPDIR": str(short_tmp)}, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    doc = read_progress(SinkMeta(out).progress_path)
+    assert doc is not None and doc["schema"] == SCHEMA and doc["state"] == "done" and doc["engine"] == "ray"
+    assert doc["summary"]["labeled"] == 30

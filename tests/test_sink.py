@@ -12,6 +12,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import orjson
 import pyarrow.dataset as ds
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 from pipeline.errors import SinkError, SinkMismatchError, UsageError
 from pipeline.input.ids import IdSet
-from pipeline.results import Labeled, Row
+from pipeline.results import Labeled, Row, problem_failure
 from pipeline.sinks import Identity, JsonlSink, Sink, open_sink
 from pipeline.sinks.compact import compact
 from pipeline.sinks.parquet import ParquetSink
@@ -275,6 +276,80 @@ def test_a_failed_append_leaves_no_torn_record_behind(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     subprocess.run([sys.executable, "-c", _FILL_UNTIL_REFUSED, str(path)], check=True, cwd=ROOT, timeout=60)
     assert path.read_bytes() == b'{"id":"1"}\n{"id":"3"}\n'
+
+
+_SHARED_DEAD_LETTERS = """
+import resource, signal, sys
+from pathlib import Path
+from pipeline.errors import StorageError
+from pipeline.results import Failed, Row
+from pipeline.sinks.meta import append_dead_letters
+
+def failed(row_id, message=""):
+    return Failed(Row(row_id, "t", 1), "http_500", message, 3, 500, "2026-12-04T00:00:00.000Z")
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full file is EFBIG, like ENOSPC on a full disk
+path = Path(sys.argv[1])
+append_dead_letters(path, [failed("1")], "run1")
+resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 20, resource.RLIM_INFINITY))
+try:
+    append_dead_letters(path, [failed("2", "x" * 100)], "run1")
+except StorageError as exc:
+    print(exc.message)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+append_dead_letters(path, [failed("3")], "run1")
+"""
+
+
+def test_a_ray_actor_dead_letter_refused_half_way_is_cut_back_and_reported(tmp_path: Path) -> None:
+    """The shared dead-letter writer (Ray actors) raises StorageError on a full disk and leaves no torn line."""
+    path = tmp_path / "dead_letters.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-c", _SHARED_DEAD_LETTERS, str(path)],
+        check=False,
+        cwd=ROOT,
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"cannot write {path}" in done.stdout
+    assert [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()] == ["1", "3"]
+
+
+_ONE_WRITER = """
+import sys
+from pathlib import Path
+from pipeline.results import Failed, Row
+from pipeline.sinks.meta import append_dead_letters
+
+who = sys.argv[2]
+for batch in range(20):
+    items = [Failed(Row(f"{who}-{batch}-{i}", "t", 1), "http_500", who * 3000, 3, 500, "now") for i in range(10)]
+    append_dead_letters(Path(sys.argv[1]), items, who)
+"""
+
+
+def test_several_processes_append_dead_letters_to_one_file_without_mixing_lines(tmp_path: Path) -> None:
+    """Four writers appending 200 large dead letters each to one file (Ray actors on a shared path) leave 800 lines."""
+    path = tmp_path / "shared" / "dead_letters.jsonl"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _ONE_WRITER, str(path), who], cwd=ROOT) for who in ("a", "b", "c", "d")
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    letters = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    assert len({x["id"] for x in letters}) == 800 and all(x["message"] == x["run"] * 3000 for x in letters)
+
+
+def test_an_old_problem_dead_letter_reads_as_bad_row(tmp_path: Path) -> None:
+    """Problem rows have one dead-letter kind; the Ray engine's old "problem" reads back as "bad_row"."""
+    sink, _ = open_for_run(tmp_path / "out.jsonl")
+    sink.meta.ensure()
+    old = {"id": "7", "line": 7, "kind": "problem", "message": "", "attempts": 0, "status": None, "run": "r"}
+    sink.meta.dead_letters_path.write_bytes(orjson.dumps(old) + b"\n")
+    assert [x["kind"] for x in sink.meta.read_dead_letters()] == ["bad_row"]
+    assert problem_failure(Row("8", "", 8)).kind == "bad_row"
+    assert problem_failure(Row("9", "", 9, problem="empty_text")).kind == "empty_text"
 
 
 class _GatedSink(JsonlSink):

@@ -45,3 +45,10 @@ def test_exact_counts_after_loading() -> None:
     short, long = tokens.prompt_tokens("hi"), tokens.prompt_tokens("hi " * 100)
     assert long - short == 100
     assert TokenEstimator("llama-3-8b").load_exact() is None
+
+
+def test_the_simulator_charges_with_the_clients_encoding_table() -> None:
+    """One model→encoding table: the simulator counts with the encodings the client assumes."""
+    from pipeline.simulator import tokens as simulator_tokens  # noqa: PLC0415 - the simulator is tested here
+
+    assert simulator_tokens.encoding_name is encoding_name

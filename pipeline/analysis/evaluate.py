@@ -1,14 +1,13 @@
 """`labelstream eval`: the sink's labels against hand-checked (gold) labels.
 
-The gold file is a CSV with the sink's id column (or, for content-hash ids, the columns the text is built
-from) and a column of gold labels: the labeled input itself with one more column will do, and so will the
+The gold file (CSV, JSONL or Parquet) has the sink's id column (or, for content-hash ids, the columns the
+text is built from) and a column of gold labels: the labeled input itself with one more column will do, and so will the
 review file that `--review-below` writes once `review_label` is filled in. Rows with an empty gold cell are
 not part of the evaluation; gold rows the sink has no label for count against coverage.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from array import array
 from collections.abc import Iterator
@@ -23,12 +22,10 @@ from pipeline.analysis.metrics import Bucket, LabelScore, MultiLabel, SingleLabe
 from pipeline.api.confidence import WHY_NO_CONFIDENCE
 from pipeline.errors import InputError, SinkError, UsageError
 from pipeline.input.ids import IdMap
-from pipeline.input.sources import CsvSource
+from pipeline.input.sources import input_source
 from pipeline.sinks import Manifest, open_sink
 from pipeline.tables import table
 from pipeline.task.config import TaskConfig
-
-_DELIMITERS = (",", "\t", ";", "|")
 
 
 class Predictions:
@@ -162,8 +159,8 @@ class Evaluation:
 
 
 def evaluate(sink_path: str | Path, gold_path: str | Path, gold_column: str = "label") -> Evaluation:
-    """Compare a sink's labels with the gold column of a CSV (see the module docstring)."""
-    sink_path, gold_path = Path(sink_path), Path(gold_path)
+    """Compare a sink's labels with the gold column of a CSV, JSONL or Parquet file (see the module docstring)."""
+    sink_path = Path(sink_path)
     sink = open_sink(sink_path)
     manifest = sink.meta.read_manifest()
     if not sink.exists() or manifest is None or manifest.identity is None:
@@ -246,12 +243,13 @@ def _gold_labels(raw: str, canonical: dict[str, str], *, multi: bool, unknown: d
     return list(dict.fromkeys(out))
 
 
-def gold_rows(manifest: Manifest, path: Path, column: str) -> Iterator[tuple[str, str]]:
-    """(id, gold cell) for each row of a gold CSV, with ids made the way the sink's runs made them."""
-    if path.suffix.lower() == ".json":  # a Label Studio JSON export: its annotations are the gold
+def gold_rows(manifest: Manifest, path: str | Path, column: str) -> Iterator[tuple[str, str]]:
+    """(id, gold cell) for each row of a gold CSV, JSONL or Parquet file (or a Label Studio JSON export), with ids
+    made the way the sink's runs made them."""
+    if str(path).lower().endswith(".json"):  # a Label Studio JSON export: its annotations are the gold
         from pipeline.analysis.labelstudio import export_gold  # noqa: PLC0415 - only for JSON gold
 
-        yield from export_gold(path, manifest, column)
+        yield from export_gold(Path(path), manifest, column)
         return
     header = _header(path)
     if column not in header:
@@ -259,11 +257,8 @@ def gold_rows(manifest: Manifest, path: Path, column: str) -> Iterator[tuple[str
     id_column = manifest.input.get("id_column")
     if id_column and id_column in header:
         # Ids come straight from the id column: the text columns need not be there.
-        config = TaskConfig(
-            name="gold", instructions="", labels=(), label_descriptions=(), id_column=id_column,
-            text_column=column, max_chars=2**31,
-        )  # fmt: skip
-        with CsvSource(path, config) as source:
+        config = _bare_config(id_column=id_column, text_column=column)
+        with input_source(path, config) as source:
             for batch in source.batches():
                 for row in batch:
                     if row.problem is None:  # empty gold cells (and rows without an id) are not gold
@@ -278,15 +273,14 @@ def gold_rows(manifest: Manifest, path: Path, column: str) -> Iterator[tuple[str
                 yield row.id, fields[where]
 
 
-def _header(path: Path) -> list[str]:
-    try:
-        with path.open("r", encoding="utf-8-sig", newline="") as handle:
-            first = handle.readline()
-    except FileNotFoundError:
-        raise InputError(f"gold file {path} not found.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read gold file {path}: {exc}") from None
-    if not first.strip():
-        raise InputError(f"{path} is empty; expected a header row with an id and a gold label column.")
-    delimiter = max(_DELIMITERS, key=first.count) if any(d in first for d in _DELIMITERS) else ","
-    return [h.strip() for h in next(csv.reader([first], delimiter=delimiter))]
+def _bare_config(*, id_column: str | None = None, text_column: str = "text", template: str | None = None) -> TaskConfig:
+    return TaskConfig(
+        name="gold", instructions="", labels=(), label_descriptions=(), id_column=id_column,
+        text_column=text_column, template=template, max_chars=2**31,
+    )  # fmt: skip
+
+
+def _header(path: str | Path) -> list[str]:
+    """The gold file's columns (an empty template asks for none, so opening checks nothing)."""
+    with input_source(path, _bare_config(template="")) as source:
+        return source.header

@@ -1,8 +1,10 @@
 """`labelstream export`: labels joined back onto the input rows, in input order, streamed.
 
-The sink is read once into a compact id → label map (~18 bytes a row); the input is then streamed
-row by row, so a million-row export needs tens of megabytes, not the whole table. Multi-label values
-are a JSON list in CSV (a label may itself contain `;` or `,`) and a list column in Parquet.
+The sink is read once into a compact id → label map (~18 bytes a row); the input (CSV, JSONL or Parquet)
+is then streamed row by row, so a million-row export needs tens of megabytes, not the whole table. The
+output's format follows `--to`'s extension: CSV (cells as text), JSONL (each input object with a label key)
+or Parquet (a Parquet input keeps its column types; text inputs give string columns). Multi-label values
+are a JSON list in CSV (a label may itself contain `;` or `,`) and a list in JSONL and Parquet.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,10 @@ import orjson
 
 from pipeline.errors import SinkError, StorageError, UsageError
 from pipeline.input.ids import IdMap
-from pipeline.input.sources import CsvSource
+from pipeline.input.location import ReadOptions, format_of, is_uri
+from pipeline.input.render import render
+from pipeline.input.sources import Source, input_source
+from pipeline.results import Row
 from pipeline.sinks import Manifest, open_shards
 from pipeline.task.config import TaskConfig
 
@@ -35,6 +40,8 @@ class ExportResult:
     labeled: int = 0
     ragged: int = 0
     ragged_lines: list[int] = field(default_factory=list)
+    unlisted: int = 0  # JSONL rows with keys the first object lacks (not columns of a CSV or Parquet export)
+    unlisted_lines: list[int] = field(default_factory=list)
 
     @property
     def unlabeled(self) -> int:
@@ -71,14 +78,19 @@ class _Labels:
         return None if slot is None else self.values[slot]
 
 
-def export_labels(sink_path: str | Path, input_path: str | Path, to: str | Path) -> ExportResult:
-    """Write `to` (.csv or .parquet): every input row with a `label` column added, empty where unlabeled."""
-    to, sink_path, input_path = Path(to), Path(sink_path), Path(input_path)
+def export_labels(
+    sink_path: str | Path, input_path: str | Path, to: str | Path, *, input_format: str | None = None
+) -> ExportResult:
+    """Write `to` (.csv, .jsonl or .parquet): every input row with a `label` added, empty where unlabeled.
+
+    `input_format` overrides the input's extension (and the format its run recorded).
+    """
+    to, sink_path = Path(to), Path(sink_path)
     kind = to.suffix.lower()
-    if kind not in {".csv", ".parquet"}:
-        raise UsageError(f"--to {to}: use a name ending in .csv or .parquet.")
+    if kind not in _WRITERS:
+        raise UsageError(f"--to {to}: use a name ending in .csv, .jsonl or .parquet.")
     for other, what in ((input_path, "the input"), (sink_path, "the sink")):
-        if to.resolve() == other.resolve():
+        if not is_uri(other) and to.resolve() == Path(other).resolve():
             raise UsageError(f"--to {to} is {what}; exporting there would overwrite it. Choose another file name.")
     sinks = open_shards(sink_path)  # a sharded output is read as one
     manifest = next((m for sink in sinks if (m := sink.meta.read_manifest()) is not None), None)
@@ -89,15 +101,15 @@ def export_labels(sink_path: str | Path, input_path: str | Path, to: str | Path)
     for sink in sinks:
         for item in sink.iter_records(columns=["id", "label"]):
             labels.add(item["id"], item["label"])
-    source = CsvSource(input_path, _reading_config(manifest), **_reading_options(manifest))
+    source = input_reader(manifest, input_path, input_format)
     tmp = to.with_name(f".{to.name}.{os.getpid()}.tmp")
     result = ExportResult(output=to)
     try:
         with source:
             column = "label" if "label" not in source.header else "labelstream_label"
             header = [*source.header, column]
-            write = _write_csv if kind == ".csv" else _write_parquet
-            write(tmp, header, source, labels=labels, multi=multi, result=result)
+            _WRITERS[kind](tmp, header, source, labels=labels, multi=multi, result=result)
+            result.unlisted, result.unlisted_lines = source.unlisted, source.unlisted_lines
         tmp.replace(to)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -110,9 +122,23 @@ def export_labels(sink_path: str | Path, input_path: str | Path, to: str | Path)
     return result
 
 
-def input_reader(manifest: Manifest, path: Path) -> CsvSource:
-    """A reader for `path` that makes ids the way the sink's runs made them (id column or content hashes)."""
-    return CsvSource(path, _reading_config(manifest), **_reading_options(manifest))
+def input_reader(manifest: Manifest, path: str | Path, input_format: str | None = None) -> Source:
+    """A reader for `path` that makes ids the way the sink's runs made them (id column or content hashes).
+
+    The format is `input_format`, else the one the run recorded if `path` is the file it read, else by extension.
+    """
+    spec = manifest.input
+    fmt = input_format or _recorded_format(spec, path) or format_of(str(path))
+    options = ReadOptions(fmt, spec.get("encoding") or "utf-8", spec.get("delimiter") if fmt == "csv" else None)
+    return input_source(path, _reading_config(manifest), options)
+
+
+def _recorded_format(spec: dict[str, Any], path: str | Path) -> str | None:
+    recorded, file = spec.get("format"), spec.get("file")
+    if not isinstance(recorded, str) or not isinstance(file, dict):
+        return None
+    where = str(path) if is_uri(path) else str(Path(path).resolve())
+    return recorded if file.get("path") == where else None
 
 
 def _reading_config(manifest: Manifest) -> TaskConfig:
@@ -127,11 +153,6 @@ def _reading_config(manifest: Manifest) -> TaskConfig:
         template=spec.get("template"),
         max_chars=2**31,
     )
-
-
-def _reading_options(manifest: Manifest) -> dict[str, Any]:
-    spec = manifest.input
-    return {"encoding": spec.get("encoding") or "utf-8", "delimiter": spec.get("delimiter")}
 
 
 def _csv_cell(value: Any, multi: bool) -> str:
@@ -156,7 +177,7 @@ def _padded(fields: list[str], width: int) -> list[str]:
 
 
 def _write_csv(
-    path: Path, header: list[str], source: CsvSource, *, labels: _Labels, multi: bool, result: ExportResult
+    path: Path, header: list[str], source: Source, *, labels: _Labels, multi: bool, result: ExportResult
 ) -> None:
     width = len(header) - 1
     # surrogateescape writes undecodable input bytes back exactly as they were read.
@@ -169,26 +190,49 @@ def _write_csv(
             result.count(fields, width, row.line, value is not None)
 
 
+def _write_jsonl(
+    path: Path, header: list[str], source: Source, *, labels: _Labels, multi: bool, result: ExportResult
+) -> None:
+    column, width = header[-1], len(header) - 1
+    with path.open("wb") as handle:
+        for obj, row in source.objects():
+            value = labels.get(row.id)
+            obj[column] = None if value is None else list(value) if multi else value
+            handle.write(orjson.dumps(obj, default=render, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE))
+            result.count([], width, row.line, value is not None)
+
+
 def _write_parquet(
-    path: Path, header: list[str], source: CsvSource, *, labels: _Labels, multi: bool, result: ExportResult
+    path: Path, header: list[str], source: Source, *, labels: _Labels, multi: bool, result: ExportResult
 ) -> None:
     import pyarrow as pa  # noqa: PLC0415 - CSV exports do not pay for pyarrow
     import pyarrow.parquet as pq  # noqa: PLC0415
 
     label_type = pa.list_(pa.string()) if multi else pa.string()
-    schema = pa.schema([*((name, pa.string()) for name in header[:-1]), (header[-1], label_type)])
+    typed = getattr(source, "schema", None)  # a Parquet input keeps its column types
+    inputs = list(typed) if typed is not None else [pa.field(name, pa.string()) for name in header[:-1]]
+    schema = pa.schema([*inputs, pa.field(header[-1], label_type)])
     width = len(header) - 1
 
     def table(columns: Sequence[list[Any]]) -> Any:
         arrays = [pa.array(values, f.type) for values, f in zip(columns, schema, strict=True)]
         return pa.Table.from_arrays(arrays, schema=schema)
 
+    def cells() -> Iterator[tuple[list[Any], list[str], Row]]:
+        """(the cells to write, the fields as read for counting ragged rows, the Row)."""
+        if typed is not None:
+            for obj, row in source.objects():
+                yield [obj.get(name) for name in header[:-1]], [], row
+        else:
+            for fields, row in source.records():
+                yield [_valid_utf8(cell) for cell in _padded(fields, width)], fields, row
+
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
         columns: list[list[Any]] = [[] for _ in header]
-        for fields, row in source.records():
+        for values, fields, row in cells():
             value = labels.get(row.id)
-            for i, cell in enumerate(_padded(fields, width)):
-                columns[i].append(_valid_utf8(cell))
+            for i, cell in enumerate(values):
+                columns[i].append(cell)
             columns[-1].append(None if value is None else list(value) if multi else value)
             result.count(fields, width, row.line, value is not None)
             if len(columns[0]) >= _BATCH:
@@ -196,3 +240,6 @@ def _write_parquet(
                 columns = [[] for _ in header]
         if columns[0] or result.rows == 0:
             writer.write_table(table(columns))
+
+
+_WRITERS = {".csv": _write_csv, ".jsonl": _write_jsonl, ".ndjson": _write_jsonl, ".parquet": _write_parquet}

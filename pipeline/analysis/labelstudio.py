@@ -74,7 +74,7 @@ class TasksWritten:
     predicted: int
 
 
-def write_tasks(sink_path: Path, input_path: Path, to: Path, *, below: float | None = None) -> TasksWritten:
+def write_tasks(sink_path: Path, input_path: str | Path, to: Path, *, below: float | None = None) -> TasksWritten:
     """Write Label Studio tasks for the input's rows (only those labeled with confidence under `below`, if given)."""
     sinks = open_shards(sink_path)
     manifest = next((m for sink in sinks if (m := sink.meta.read_manifest()) is not None), None)

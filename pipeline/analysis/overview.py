@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import orjson
-
 from pipeline.api.pricing import TIERS, load_prices
 from pipeline.errors import SinkError
 from pipeline.sinks import open_sink
+from pipeline.sinks.progress_file import read_progress
 
 BINS: Final = 20  # confidence histogram: 0.00-0.05, ..., 0.95-1.00
 _COLUMNS: Final = ("label", "confidence", "prompt_tokens", "completion_tokens", "cached_tokens", "latency_ms", "model")
@@ -76,9 +74,7 @@ def overview(sink_path: str | Path) -> Overview:
         models[model] = models.get(model, 0) + 1
     _price(result, max(models, key=models.__getitem__) if models else identity.model)
     _latency(result, sorted(latencies))
-    with contextlib.suppress(OSError, orjson.JSONDecodeError):
-        progress = orjson.loads(sink.meta.read_bytes(sink.meta.progress_path))
-        result.last_run = progress if isinstance(progress, dict) else None
+    result.last_run = read_progress(sink.meta.progress_path)
     return result
 
 

@@ -42,7 +42,7 @@ class Review:
     unknown: int
 
 
-def write_review(sink_path: Path, input_path: Path, below: float, extras: list[str]) -> Review:
+def write_review(sink_path: Path, input_path: str | Path, below: float, extras: list[str]) -> Review:
     """Write the review CSV of a sink (replacing an older one atomically); see the module docstring."""
     sink = open_sink(sink_path)
     manifest = sink.meta.read_manifest()

@@ -12,8 +12,8 @@ from typing import Any
 
 from pipeline.engines.batch.ledger import Ledger
 from pipeline.errors import SinkError, UsageError
-from pipeline.ratelimit.share import RUNNING, run_state
 from pipeline.sinks import Sink, discover, open_shards, open_sink
+from pipeline.sinks.progress_file import LIVE, RunState, read_progress, run_state
 from pipeline.stats import short_duration
 
 
@@ -34,7 +34,7 @@ def sink_status(path: Path, *, now: datetime | None = None) -> dict[str, Any]:
 
 def _one(sink: Sink, now: datetime) -> dict[str, Any]:
     if not sink.exists():
-        return {"shard": sink.shard.label if sink.shard else None, "state": "not started", "labeled": 0}
+        return {"shard": sink.shard.label if sink.shard else None, "state": RunState.NOT_STARTED.value, "labeled": 0}
     done = sink.load_done(repair=False)
     pending: dict[str, dict[str, Any]] = {}
     for letter in sink.meta.read_dead_letters():
@@ -48,7 +48,7 @@ def _one(sink: Sink, now: datetime) -> dict[str, Any]:
         kind = str(letter.get("kind"))
         kinds[kind] = kinds.get(kind, 0) + 1
     recent = sorted(pending.values(), key=lambda x: str(x.get("failed_at")), reverse=True)[:5]
-    progress = sink.meta.read_json(sink.meta.progress_path)  # through the sink: it may be on object storage
+    progress = read_progress(sink.meta.progress_path)
     manifest = sink.meta.read_manifest()
     total = len(done) + len(pending)
     identity = manifest.identity if manifest else None
@@ -78,7 +78,7 @@ def _one(sink: Sink, now: datetime) -> dict[str, Any]:
 
 def _combined(path: Path, reports: list[dict[str, Any]]) -> dict[str, Any]:
     """One report for N shards: totals, and each shard's counts and state."""
-    started = [r for r in reports if r["state"] != "not started"]
+    started = [r for r in reports if r["state"] != RunState.NOT_STARTED]
     labeled = sum(r["labeled"] for r in started)
     failed = sum(r["failed_unlabeled"] for r in started)
     kinds: dict[str, int] = {}
@@ -89,7 +89,7 @@ def _combined(path: Path, reports: list[dict[str, Any]]) -> dict[str, Any]:
         (f for r in started for f in r["recent_failures"]), key=lambda x: str(x.get("failed_at")), reverse=True
     )
     first = next((r for r in started if r["model"]), started[0] if started else {})
-    running = [r for r in reports if r["state"] == "running"]
+    running = [r for r in reports if r["state"] == RunState.RUNNING]
     etas = [r["progress"].get("eta_s") for r in running if r.get("progress")]
     by_state: dict[str, list[str]] = {}
     for report in reports:
@@ -103,8 +103,8 @@ def _combined(path: Path, reports: list[dict[str, Any]]) -> dict[str, Any]:
                 "state": r["state"],
                 "labeled": r["labeled"],
                 "failed_unlabeled": r.get("failed_unlabeled", 0),
-                "rows_per_s": progress.get("rows_per_s") if r["state"] == "running" else None,
-                "eta_s": progress.get("eta_s") if r["state"] == "running" else None,
+                "rows_per_s": progress.get("rows_per_s") if r["state"] == RunState.RUNNING else None,
+                "eta_s": progress.get("eta_s") if r["state"] == RunState.RUNNING else None,
                 "updated_at": progress.get("updated_at"),
             }
         )
@@ -144,7 +144,7 @@ def render_status(report: dict[str, Any]) -> str:
         lines.extend(_render_shards(report))
     progress = report.get("progress")
     if progress:
-        running = progress.get("state") in RUNNING
+        running = progress.get("state") in LIVE
         eta = f", ETA {short_duration(progress.get('eta_s'))}" if running else ""
         lines.append(
             f"  last run: {progress.get('state')} at {progress.get('updated_at')}, {progress.get('labeled')} labeled, "
@@ -172,7 +172,12 @@ def _render_shards(report: dict[str, Any]) -> list[str]:
     )
     lines = [f"  {report['shard_count']} shards: {states}"]
     if report["eta_s"] is not None:
-        left = [s for s, items in report["shards_by_state"].items() if s not in {"done", "running"} for _ in items]
+        left = [
+            s
+            for s, items in report["shards_by_state"].items()
+            if s not in {RunState.DONE, RunState.RUNNING}
+            for _ in items
+        ]
         caveat = f" (and {len(left)} shards not running)" if left else ""
         lines.append(f"  running at {report['rows_per_s']} rows/s, ETA {short_duration(report['eta_s'])}{caveat}")
     for shard in report["shards"]:

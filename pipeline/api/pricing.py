@@ -191,8 +191,3 @@ def cost_of(
     if price is None:
         return None
     return price.cost(prompt_tokens, completion_tokens, tier=tier, cached_tokens=cached_tokens)
-
-
-def show_cost(cost: float | None, model: str) -> str:
-    """A cost for people: "$0.0123", or "no price for MODEL" when the table has none."""
-    return f"${cost:.4f}" if cost is not None else f"no price for {model}"

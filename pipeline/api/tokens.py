@@ -12,10 +12,13 @@ Two ways to count, chosen deliberately:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+
+from pipeline.errors import UsageError
 
 _O200K = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o")
 _CL100K = ("gpt-4", "gpt-3.5", "gpt-35")
@@ -29,6 +32,15 @@ def encoding_name(model: str) -> str | None:
     if name.startswith(_CL100K):
         return "cl100k_base"
     return None
+
+
+def require_exact_tokens() -> None:
+    """Refuse --exact-tokens when `bpe-openai` is missing, instead of quietly counting with the estimate."""
+    if importlib.util.find_spec("bpe_openai") is None:
+        raise UsageError(
+            "--exact-tokens counts tokens with bpe-openai, which is not installed: pip install 'labelstream[tokens]' "
+            "(~140 MB), or drop --exact-tokens to count with the calibrated estimate."
+        )
 
 
 def estimate(text: str) -> int:

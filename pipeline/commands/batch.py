@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commands.args import positive_int
-from pipeline.errors import UsageError
-
-_MAX_BATCH = 50_000
+from pipeline.engines.batch.settings import MAX_REQUESTS
+from pipeline.errors import ExitCode, UsageError
 
 
 def register(sub: Any) -> None:
@@ -25,7 +24,9 @@ def register(sub: Any) -> None:
     _task_arguments(prepare, required=True)
     prepare.add_argument("--to", type=Path, required=True, help="folder for requests-0001.jsonl, ...")
     prepare.add_argument("--output", type=Path, help="sink whose rows (and running batches) to leave out")
-    prepare.add_argument("--batch-size", type=positive_int, help="requests per file (at most and default 50,000)")
+    prepare.add_argument(
+        "--batch-size", type=positive_int, help=f"requests per file (at most and default {MAX_REQUESTS:,})"
+    )
     prepare.add_argument("--limit", type=positive_int, help="write at most N rows")
     prepare.add_argument(
         "--retry-refused", action="store_true", help="write rows whose request a server refused as sent before, too"
@@ -91,11 +92,11 @@ def run_prepare(args: argparse.Namespace, _argv: Sequence[str]) -> int:
     from pipeline.engines.batch.offline import prepare_requests  # noqa: PLC0415
     from pipeline.engines.batch.settings import BatchSettings  # noqa: PLC0415
 
-    if args.batch_size and args.batch_size > _MAX_BATCH:
-        raise UsageError(f"--batch-size may be at most {_MAX_BATCH:,} (the Batch API's limit per file).")
+    if args.batch_size and args.batch_size > MAX_REQUESTS:
+        raise UsageError(f"--batch-size may be at most {MAX_REQUESTS:,} (the Batch API's limit per file).")
     output = args.output or args.input.with_suffix(".labels.jsonl")
     opts = _options(args, output, max_rows=args.limit)
-    settings = BatchSettings(max_requests=args.batch_size or _MAX_BATCH, retry_refused=args.retry_refused)
+    settings = BatchSettings(max_requests=args.batch_size or MAX_REQUESTS, retry_refused=args.retry_refused)
     done = prepare_requests(opts, args.to, settings)
     print(
         f"wrote {done.rows:,} requests in {len(done.files)} files to {args.to}; left out {done.skipped_done:,} rows "
@@ -118,7 +119,7 @@ def run_prepare(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             ]
         )
         print(f"{_run_batch_lines(done.files, opts.model, args.model_path)}\nthen merge the results:\n  {ingest}")
-    return 0
+    return ExitCode.OK
 
 
 # What `run_batch` loads when no --model-path is given: the user puts the model's folder there.
@@ -237,7 +238,7 @@ def run_status(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print(render_batch_status(report))
-    return 0
+    return ExitCode.OK
 
 
 def run_cancel(args: argparse.Namespace, _argv: Sequence[str]) -> int:
@@ -260,4 +261,4 @@ def run_cancel(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         print(f"{batch_id}: {status}")
     if cancelled:
         print("what they finished is kept: the next `labelstream label` run collects it (and sends the rest again)")
-    return 0
+    return ExitCode.OK

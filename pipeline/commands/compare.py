@@ -10,6 +10,7 @@ from typing import Any
 
 from pipeline.commands.args import concurrency, count, positive_float, positive_int, share
 from pipeline.commands.signals import interrupt_on_term
+from pipeline.errors import ExitCode
 
 
 def register(sub: Any) -> None:
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
     )
     if args.dry_run:
         print(dry_run_compare(settings))
-        return 0
+        return ExitCode.OK
     try:
         comparison, errors = run_compare(settings, sys.stderr)
     finally:
@@ -91,4 +92,4 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         print()
         print("\n".join(footer))
         print(f"report: {report}")
-    return 1 if errors else 0
+    return ExitCode.DEAD_LETTERS if errors else ExitCode.OK

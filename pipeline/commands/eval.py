@@ -9,13 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commands.args import location
+from pipeline.errors import ExitCode
 
 
 def register(sub: Any) -> None:
     """Add the `eval` subcommand."""
     ev = sub.add_parser("eval", help="accuracy, per-label F1, kappa and confusion of a sink against gold labels")
     ev.add_argument("output", type=location, help="the sink (OUT.jsonl or OUT.parquet)")
-    ev.add_argument("--gold", type=Path, required=True, help="CSV with the sink's id column and a gold label column")
+    ev.add_argument(
+        "--gold", required=True, help="CSV, JSONL or Parquet with the sink's id column and a gold label column"
+    )
     ev.add_argument("--gold-column", default="label", help="the column of gold labels (default: %(default)s)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of tables")
     ev.add_argument("--report", type=Path, help="also write a self-contained HTML report here")
@@ -38,4 +41,4 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
 
         write_report(args.report, args.output, evaluation=result)
         print(f"report: {args.report}", file=sys.stderr if args.json else sys.stdout)
-    return 0
+    return ExitCode.OK

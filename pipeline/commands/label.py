@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import shlex
 import sys
@@ -14,10 +13,8 @@ from typing import Any
 
 from pipeline.commands.label_flags import add_label_flags
 from pipeline.commands.signals import interrupt_on_term
-from pipeline.errors import LabelstreamError, UsageError
-
-FLEX_TIMEOUT = 900.0  # seconds: flex requests may wait in line for minutes
-MAX_BATCH_REQUESTS = 50_000
+from pipeline.engines.batch.settings import MAX_REQUESTS
+from pipeline.errors import ExitCode, LabelstreamError, UsageError
 
 
 def register(sub: Any) -> None:
@@ -29,8 +26,9 @@ def register(sub: Any) -> None:
 
 def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
     """RunOptions from the `label` flags: the one place that maps flags to options."""
+    from pipeline.input.location import default_output  # noqa: PLC0415
     from pipeline.input.shards import parse_shard  # noqa: PLC0415
-    from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy  # noqa: PLC0415
+    from pipeline.ratelimit.limiter import LimitSettings  # noqa: PLC0415
     from pipeline.run.options import RunOptions  # noqa: PLC0415
     from pipeline.task.config import load_config  # noqa: PLC0415 - commands load what they need
 
@@ -61,27 +59,22 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
         limits = LimitSettings.automatic(rpm=args.rpm, tpm=args.tpm)
     else:
         limits = LimitSettings(concurrency=int(args.concurrency), rpm=args.rpm, tpm=args.tpm)
-    share = args.rate_share
-    if share is None:
-        # Shards given --rpm/--tpm were given the key's limit: each takes its part. Without them each shard
-        # learns the limit from headers, which --procs children share (see procs.py) and machines may not.
-        shared = shard is not None and (args.rpm or args.tpm)
-        share = 1 / args.procs if args.procs else 1 / shard.count if shared and shard else 1.0
-    limits = dataclasses.replace(limits, share=share)
     urls = args.base_url or []
-    input_path = Path(args.input)
-    output = Path(args.output) if args.output else input_path.with_suffix(".labels.jsonl")
+    output = Path(args.output) if args.output else default_output(args.input)
     return RunOptions.build(
-        input_path,
+        args.input,
         output,
         config,
+        input_format=args.input_format,
         encoding=args.encoding,
         delimiter=args.delimiter,
         require_id_column=bool(args.id_column),
         checkpoint_rows=args.checkpoint_every,
         checkpoint_seconds=args.checkpoint_seconds,
         limits=limits,
-        retry=RetryPolicy(max_attempts=args.max_retries + 1, timeout=_timeout(args)),
+        rate_share=args.rate_share,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
         base_url=urls[0] if len(urls) == 1 else tuple(urls) or None,
         max_rows=max_rows,
         force=args.force,
@@ -98,13 +91,6 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
     )
 
 
-def _timeout(args: argparse.Namespace) -> float:
-    """Seconds per request: --timeout, else 60, or 15 minutes for flex (its replies may queue that long)."""
-    if args.timeout is not None:
-        return float(args.timeout)
-    return FLEX_TIMEOUT if args.service_tier == "flex" else 60.0
-
-
 def _check_engine_flags(args: argparse.Namespace) -> None:
     """Refuse engine flags that make no sense together, saying what to do instead."""
     if args.engine in ("online", "ray") and (args.no_wait or args.batch_size or args.retry_refused):
@@ -113,8 +99,8 @@ def _check_engine_flags(args: argparse.Namespace) -> None:
         raise UsageError("--engine ray spreads the rows over Ray's actors itself; drop --procs (see --ray-actors).")
     if args.engine == "batch" and args.service_tier:
         raise UsageError("--service-tier applies to online requests; the Batch API has its own (half) price. Drop it.")
-    if args.batch_size and args.batch_size > MAX_BATCH_REQUESTS:
-        raise UsageError(f"--batch-size may be at most {MAX_BATCH_REQUESTS:,} (the Batch API's limit per batch).")
+    if args.batch_size and args.batch_size > MAX_REQUESTS:
+        raise UsageError(f"--batch-size may be at most {MAX_REQUESTS:,} (the Batch API's limit per batch).")
 
 
 def batch_settings(args: argparse.Namespace) -> Any:
@@ -125,7 +111,7 @@ def batch_settings(args: argparse.Namespace) -> Any:
         wait=not args.no_wait,
         poll_seconds=args.poll_interval,
         poll_max_seconds=max(60.0, args.poll_interval),
-        max_requests=args.batch_size or MAX_BATCH_REQUESTS,
+        max_requests=args.batch_size or MAX_REQUESTS,
         online_rows=args.online_rows,
         retry_refused=args.retry_refused,
     )
@@ -143,7 +129,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from pipeline.run.plan import dry_run  # noqa: PLC0415
 
         print(dry_run(opts))
-        return 0
+        return ExitCode.OK
     if args.engine == "ray":
         from pipeline.engines.ray.engine import run_ray  # noqa: PLC0415 - needs the ray extra
 
@@ -188,7 +174,7 @@ async def _engine_run(args: argparse.Namespace, opts: Any) -> Any:
 
 def _run_procs(args: argparse.Namespace, opts: Any) -> int:
     """--procs N: the shards as child processes of this one."""
-    from pipeline.run.procs import dry_run_procs, run_procs  # noqa: PLC0415 - commands load what they need
+    from pipeline.run.procs import run_procs  # noqa: PLC0415 - commands load what they need
 
     def child_args(shard: Any, limit: int | None) -> list[str]:
         words = [*_passed_on(args), "--output", str(opts.output), "--shard", shard.label, "--quiet"]
@@ -196,7 +182,10 @@ def _run_procs(args: argparse.Namespace, opts: Any) -> int:
         return words + (["--limit", str(limit)] if limit is not None else [])
 
     if args.dry_run:
-        return dry_run_procs(args.procs, child_args)
+        from pipeline.run.plan import dry_run  # noqa: PLC0415
+
+        print(dry_run(opts, procs=args.procs))
+        return ExitCode.OK
     summary, code = run_procs(opts, args.procs, child_args)
     if summary is not None and (not args.quiet or code):
         print(summary.render(), file=sys.stderr)
@@ -205,7 +194,19 @@ def _run_procs(args: argparse.Namespace, opts: Any) -> int:
 
 # Flags the --procs parent settles itself (or gives each child its own value of).
 _PARENT_ONLY = frozenset(
-    {"procs", "shard", "skip_labeled", "limit", "mode", "no_progress", "quiet", "dry_run", "output", "rate_share"}
+    {
+        "procs",
+        "shard",
+        "skip_labeled",
+        "limit",
+        "mode",
+        "no_progress",
+        "quiet",
+        "dry_run",
+        "output",
+        "rate_share",
+        "max_cost",
+    }
 )
 
 

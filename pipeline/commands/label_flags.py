@@ -20,6 +20,7 @@ from pipeline.commands.args import (
     seconds,
     share,
 )
+from pipeline.engines.batch.settings import MAX_REQUESTS
 from pipeline.task.config import DEFAULT_MODEL
 
 
@@ -37,7 +38,16 @@ def add_label_flags(label: argparse.ArgumentParser) -> None:
 
 def _input_flags(io: Any) -> None:
     """Where the rows come from and where the labels go."""
-    io.add_argument("--input", "--input_csv", dest="input", required=True, help="CSV file to label")
+    io.add_argument(
+        "--input",
+        "--input_csv",
+        dest="input",
+        required=True,
+        help="CSV/TSV (also .gz/.zst), JSONL or Parquet (a file or a directory) to label; a local path or s3:// gs://",
+    )
+    io.add_argument(
+        "--input-format", choices=("csv", "tsv", "jsonl", "parquet"), help="the input's format (default: by extension)"
+    )
     io.add_argument("--output", help="OUT.jsonl or OUT.parquet (default: INPUT.labels.jsonl)")
     io.add_argument("--config", default="configs/sentiment.toml", help="task file (default: %(default)s)")
     io.add_argument("--text-column", help="override the config's text column")
@@ -120,7 +130,7 @@ def _engine_flags(engine: Any) -> None:
         help="batch/auto: return once the batches are sent; the same command later collects them",
     )
     engine.add_argument(
-        "--batch-size", type=positive_int, help="batch/auto: requests per batch (at most and default 50,000)"
+        "--batch-size", type=positive_int, help=f"batch/auto: requests per batch (at most and default {MAX_REQUESTS:,})"
     )
     engine.add_argument(
         "--online-rows",

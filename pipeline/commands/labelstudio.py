@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ExitCode
+
 
 def register(sub: Any) -> None:
     """Add the `label-studio-config` subcommand."""
@@ -24,4 +26,4 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
     from pipeline.task.config import load_config  # noqa: PLC0415
 
     print(labeling_config(load_config(args.config)))
-    return 0
+    return ExitCode.OK

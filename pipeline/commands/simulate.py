@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commands.args import count, number, positive_float, positive_int, seconds, share
-from pipeline.errors import UsageError
+from pipeline.errors import ExitCode, UsageError
 
 
 def register(sub: Any) -> None:
@@ -170,4 +170,4 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         serve(config, host=args.host, port=args.port, port_file=args.port_file)
     except ValueError as exc:
         raise UsageError(f"simulate: {exc}") from None
-    return 0
+    return ExitCode.OK

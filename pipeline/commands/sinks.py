@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commands.args import location, positive_int, share
-from pipeline.errors import UsageError
+from pipeline.errors import ExitCode, UsageError
 
 
 def register(sub: Any) -> None:
@@ -20,14 +20,17 @@ def register(sub: Any) -> None:
     status.add_argument("--report", type=Path, help="write a self-contained HTML report of a finished run here")
     status.set_defaults(handler=run_status)
 
-    export = sub.add_parser("export", help="join labels back onto the input rows (CSV or Parquet)")
+    export = sub.add_parser("export", help="join labels back onto the input rows (CSV, JSONL or Parquet)")
     export.add_argument("output", type=location, help="the sink (OUT.jsonl or OUT.parquet)")
-    export.add_argument("--input", "--input_csv", dest="input", type=Path, required=True, help="the labeled CSV")
-    export.add_argument("--to", type=Path, required=True, help="labeled.csv, labeled.parquet or tasks.json")
+    export.add_argument("--input", "--input_csv", dest="input", required=True, help="the labeled input (any format)")
+    export.add_argument(
+        "--input-format", choices=("csv", "tsv", "jsonl", "parquet"), help="input format (default: by extension)"
+    )
+    export.add_argument("--to", type=Path, required=True, help="labeled.csv, .jsonl or .parquet, or tasks.json")
     export.add_argument(
         "--format",
         choices=["table", "label-studio"],
-        help="table: the input with a label column (.csv/.parquet); label-studio: tasks with the labels as "
+        help="table: the input with a label column (.csv/.jsonl/.parquet); label-studio: tasks with the labels as "
         "predictions scored by confidence (default: label-studio for a .json --to, else table)",
     )
     export.add_argument(
@@ -60,7 +63,7 @@ def run_status(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         ensure_finished(args.output)
         write_report(args.report, args.output)
         print(f"report: {args.report}", file=sys.stderr if args.json else sys.stdout)
-    return 0
+    return ExitCode.OK
 
 
 def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
@@ -70,7 +73,7 @@ def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
     kind = args.format or ("label-studio" if args.to.suffix.lower() == ".json" else "table")
     if kind == "label-studio" or args.below is not None:
         return _export_tasks(args, kind)
-    result = export_labels(args.output, args.input, args.to)
+    result = export_labels(args.output, args.input, args.to, input_format=args.input_format)
     print(
         f"wrote {result.output}: {result.rows:,} rows, {result.labeled:,} labeled, "
         f"{result.unlabeled:,} without a label (left empty)"
@@ -82,7 +85,13 @@ def run_export(args: argparse.Namespace, _argv: Sequence[str]) -> int:
             "in the export: quote the fields that contain the delimiter",
             file=sys.stderr,
         )
-    return 0
+    if result.unlisted:
+        print(
+            f"  {result.unlisted:,} JSONL rows have keys the first line does not (lines "
+            f"{', '.join(map(str, result.unlisted_lines))}…); they are not columns here: export to .jsonl to keep them",
+            file=sys.stderr,
+        )
+    return ExitCode.OK
 
 
 def _export_tasks(args: argparse.Namespace, kind: str) -> int:
@@ -96,7 +105,7 @@ def _export_tasks(args: argparse.Namespace, kind: str) -> int:
         f"wrote {written.path}: {written.tasks:,} Label Studio tasks{which}, {written.predicted:,} with the model's "
         "label as a prediction (import them into a project set up with `labelstream label-studio-config`)"
     )
-    return 0
+    return ExitCode.OK
 
 
 def run_compact(args: argparse.Namespace, _argv: Sequence[str]) -> int:
@@ -110,4 +119,4 @@ def run_compact(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         )
     before, after = compact(args.output, rows_per_part=args.rows_per_part)
     print(f"{args.output}: {before} parts → {after}")
-    return 0
+    return ExitCode.OK

@@ -1,4 +1,4 @@
-"""Which runs are alive, from their progress files; and the rate share a shard takes while its siblings run.
+"""The rate share a shard takes while its siblings run, from their progress files.
 
 Shards on one key each pace at their share of its limits (1/N by default). When a shard finishes, stops or
 dies, its part would go unused and the last shards would run alone at a quarter of the limit. So each shard
@@ -18,18 +18,14 @@ of other machines, and how long ago this shard last read the file, do not enter 
 
 from __future__ import annotations
 
-import socket
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
 from pipeline.input.shards import Shard
-from pipeline.sinks import meta_for
-from pipeline.sinks.meta import pid_alive
+from pipeline.sinks.meta import SinkMeta
+from pipeline.sinks.progress_file import LIVE, read_progress
 
-STALE_AFTER: Final = 60.0  # seconds without a progress update (written about once a second) before "stale"
-RUNNING: Final = frozenset({"running", "stopping"})
 # A sibling whose progress has not changed for this long (by this shard's clock) no longer holds its part.
 SILENT_AFTER: Final = 20.0
 START_GRACE: Final = 10.0  # seconds before a shard believes a sibling's "not running"
@@ -37,23 +33,6 @@ REFRESH: Final = 3.0  # seconds between looks at the siblings' progress files
 # Progress files read per look, in turn: with a thousand shards on NFS, each reading every sibling every few
 # seconds would be a million small reads a minute. A sibling's state is then at most N/16 looks old.
 READS_PER_LOOK: Final = 16
-
-
-def run_state(progress: dict[str, Any] | None, now: datetime) -> str:
-    """A run's state from its progress file: a "running" file nobody updates any more is stale."""
-    if progress is None:
-        return "stale"  # side files but no progress yet: started, then stopped before its first update
-    state = str(progress.get("state"))
-    if state not in RUNNING:
-        return state
-    pid, host = progress.get("pid"), progress.get("host")
-    if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
-        return "stale"
-    try:
-        updated = datetime.fromisoformat(str(progress.get("updated_at")).replace("Z", "+00:00"))
-    except ValueError:
-        return "stale"
-    return "stale" if (now - updated).total_seconds() > STALE_AFTER else "running"
 
 
 class ShareFollower:
@@ -65,7 +44,7 @@ class ShareFollower:
         self.base = share
         self._clock = clock
         self._next = clock() + START_GRACE
-        self._siblings = [meta_for(output, Shard(i, shard.count)) for i in range(shard.count)]
+        self._siblings = [SinkMeta(output, Shard(i, shard.count)).progress_path for i in range(shard.count)]
         del self._siblings[shard.index]
         # Per sibling: its last progress document (None: no file yet), when this shard first read that version,
         # and when it last read it. Silent = read unchanged across SILENT_AFTER, not merely read long ago.
@@ -78,11 +57,10 @@ class ShareFollower:
         for _ in range(min(READS_PER_LOOK, len(self._siblings))):
             i = self._cursor
             self._cursor = (i + 1) % len(self._siblings)
-            sibling = self._siblings[i]
-            doc = sibling.read_json(sibling.progress_path)  # through its meta: the output may be in a bucket
+            doc = read_progress(self._siblings[i])
             before = self._seen[i]
             if doc is None:
-                if before is None or not sibling.progress_path.exists():
+                if before is None or not self._siblings[i].exists():
                     self._seen[i] = None
                 continue  # unreadable for a moment (another writer's rename): keep what was known
             same = before is not None and before[0].get("updated_at") == doc.get("updated_at")
@@ -96,7 +74,7 @@ class ShareFollower:
             if seen is None:
                 continue  # no progress file: not started yet, and it will want its part
             doc, since, checked = seen
-            if str(doc.get("state")) not in RUNNING or checked - since >= SILENT_AFTER:
+            if str(doc.get("state")) not in LIVE or checked - since >= SILENT_AFTER:
                 gone += 1
         return self.shard.count - gone
 

@@ -9,14 +9,15 @@ it (in-flight requests finish, the sink is flushed), and the next run resumes wh
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import IO
 
 from pipeline.api.pricing import Price, load_prices
 from pipeline.errors import OverBudget, UsageError
 from pipeline.run.estimate import estimate_run
 from pipeline.run.options import RunOptions
-from pipeline.run.prepare import Prepared
+from pipeline.run.prepare import Prepared, prepare_run
 from pipeline.stats import CallStats
 
 
@@ -112,3 +113,42 @@ def check_before_start(opts: RunOptions, prepared: Prepared, notice: IO[str]) ->
             file=notice,
         )
     return price
+
+
+_IDLE_PART = 1e-9  # USD: the part of a process with no estimated cost (less than any request)
+
+
+def split_budget(limit: float | None, parts: Sequence[RunOptions], notice: IO[str]) -> list[float | None]:
+    """--max-cost over the processes of one run (`--procs N`, `parts` their options): each its part, in proportion
+    to its estimated cost; the whole run is refused first when its estimate is over the limit.
+
+    Each process then keeps its own spending under its part with the guarantees of one run (requests in flight
+    at their worst case), so the run's total stays under the limit with no coordination between processes. In
+    proportion, so that a shard with more rows left is not refused (or stopped early) while others have room,
+    and so that a process's own check (its estimate against its part) passes exactly when the run's does.
+    Reading the siblings' spending from their progress files instead would race: two shards reading each
+    other's totals a second old could both spend the same remaining dollars.
+    """
+    if limit is None:
+        return [None] * len(parts)
+    price_for_budget(parts[0].model)
+    plans = []
+    for opts in parts:
+        prepared = prepare_run(opts, dry_run=True)
+        try:
+            plans.append(estimate_run(opts, prepared, exact=opts.exact_tokens))
+        finally:
+            prepared.close()
+    costs = [plan.cost or 0.0 for plan in plans]
+    total = sum(costs)
+    if total > limit:
+        raise refuse_over_estimate(total, limit, sum(p.rows for p in plans), plans[0].prompt_method)
+    if parts[0].progress != "off":
+        rows = sum(p.rows for p in plans)
+        print(f"labelstream: estimated ${total:.4f} for {rows:,} rows: within --max-cost ${limit:g}", file=notice)
+    if total <= 0:
+        return [limit / len(parts)] * len(parts)
+    # A shard with nothing to pay for (all done, or only unusable rows) still runs, and --max-cost must be > 0.
+    # Rounded down to a pico-dollar, so that the parts never add up past the limit.
+    busy = limit - _IDLE_PART * costs.count(0.0)
+    return [math.floor(busy * cost / total * 1e12) / 1e12 if cost else _IDLE_PART for cost in costs]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from pipeline.results import Row
 from pipeline.run.options import RunOptions
 from pipeline.run.prepare import Prepared, RowGate, Verdict, open_source
 from pipeline.sinks import Sink
+from pipeline.sinks.progress_file import read_progress
 from pipeline.stats import CallStats, RunStats, short_duration
 from pipeline.task.prompt import Prompt
 
@@ -56,10 +57,8 @@ def read_history(sink: Sink) -> History:
                 latencies.append(float(item["latency_ms"]))
             if isinstance(item.get("completion_tokens"), int):
                 completions.append(item["completion_tokens"])
-    scale = None
-    with contextlib.suppress(OSError, orjson.JSONDecodeError, AttributeError):
-        value = orjson.loads(sink.meta.read_bytes(sink.meta.progress_path)).get("token_scale")
-        scale = float(value) if isinstance(value, int | float) and value > 0 else None
+    value = (read_progress(sink.meta.progress_path) or {}).get("token_scale")
+    scale = float(value) if isinstance(value, int | float) and value > 0 else None
     return History(
         rows=len(completions),
         latency_s=statistics.median(latencies) / 1000 if latencies else None,
@@ -157,6 +156,36 @@ def estimate_run(
     return result
 
 
+def combine_estimates(parts: Sequence[Estimate]) -> Estimate:
+    """One estimate for processes that run side by side (`--procs`): work and costs added up, the longest time."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    total = Estimate(
+        model=first.model,
+        rows=sum(p.rows for p in parts),
+        problems=sum(p.problems for p in parts),
+        prompt_tokens=sum(p.prompt_tokens for p in parts),
+        completion_tokens=sum(p.completion_tokens for p in parts),
+        prefix_tokens=first.prefix_tokens,
+        prompt_method=first.prompt_method,
+        completion_method=first.completion_method,
+        costs={tier: _sum([p.costs.get(tier) for p in parts]) for tier in first.costs},
+        cached_cost=_sum([p.cached_cost for p in parts]),
+        prices=first.prices,
+        first=next((p.first for p in parts if p.first is not None), None),
+    )
+    slowest = max(parts, key=lambda p: p.seconds or 0.0)
+    total.seconds = slowest.seconds
+    total.time_bound = f"{slowest.time_bound}; the shards run side by side" if slowest.time_bound else ""
+    return total
+
+
+def _sum(values: Sequence[float | None]) -> float | None:
+    """The sum, or None when any part is unknown (no price, or the tier not offered)."""
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+
 def _prompt_method(counter: TokenEstimator, model: str, exact: bool, history: History) -> str:
     if counter.exact:
         return f"exact, counted with bpe-openai ({encoding_name(model)})"
@@ -216,13 +245,20 @@ def _time(result: Estimate, limits: LimitSettings, history: History, *, per_requ
     else:
         trips = math.ceil(result.rows / limits.concurrency)
         bounds = [(trips * latency, f"--concurrency {limits.concurrency}, {seen}")]
+    # A process paces at its share of the key (--rate-share, 1/N for shards).
     if limits.rpm:
-        bounds.append((result.rows / (limits.rpm * SAFETY) * 60, f"--rpm {limits.rpm:g}"))
+        rpm = limits.rpm * limits.share
+        bounds.append((result.rows / (rpm * SAFETY) * 60, f"--rpm {limits.rpm:g}" + _share(limits.share)))
     if limits.tpm:
-        bounds.append((result.rows * per_request / (limits.tpm * SAFETY) * 60, f"--tpm {limits.tpm:g}"))
+        tpm = limits.tpm * limits.share
+        bounds.append((result.rows * per_request / (tpm * SAFETY) * 60, f"--tpm {limits.tpm:g}" + _share(limits.share)))
     seconds, bound = max(bounds)
     note = "" if limits.rpm or limits.tpm else "; the provider's own rate limits may make it slower"
     result.seconds, result.time_bound = seconds, f"bound by {bound}{note}"
+
+
+def _share(share: float) -> str:
+    return "" if share == 1.0 else f" at a share of {share:.3g}"
 
 
 def _round_trips(rows: int, start: int, ceiling: int) -> int:

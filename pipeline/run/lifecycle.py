@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import sys
 import threading
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -26,14 +24,15 @@ from pipeline.api.pricing import Price
 from pipeline.errors import FatalApiError, Interrupted, LabelstreamError
 from pipeline.ratelimit.limiter import Limiter
 from pipeline.ratelimit.share import ShareFollower
-from pipeline.results import Failed, Labeled, Result, Row, now_iso
+from pipeline.results import Failed, Labeled, Result, Row, new_run_id, problem_failure
 from pipeline.run.budget import Budget, check_before_start
 from pipeline.run.options import RunOptions, resolve_endpoints, resume_after
 from pipeline.run.prepare import Prepared, RowGate, Verdict, prepare_run
 from pipeline.run.progress import Reporter
-from pipeline.run.rowcount import count_lines, estimate_expected
+from pipeline.run.rowcount import estimate_expected
 from pipeline.run.summary import Summary
 from pipeline.run.workers import WorkerPool, staff
+from pipeline.sinks.progress_file import RunState, end_state, write_progress
 from pipeline.stats import CallStats, RunStats
 from pipeline.task.config import TaskConfig, load_config
 from pipeline.task.prompt import Prompt
@@ -50,7 +49,7 @@ class _Run:
         self.sink = prepared.sink
         self.gate = RowGate(prepared.done, stats, opts.max_rows, shard=opts.shard)
         self.stats = stats
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = new_run_id()
         # Bounded, so a slow API slows the reader; a few hundred rows keep even thousands of workers fed (the
         # reader refills them a 512-row batch at a time) without holding thousands of texts in memory.
         self.rows: asyncio.Queue[Row | None] = asyncio.Queue(maxsize=min(512, 2 * opts.limits.concurrency))
@@ -86,7 +85,7 @@ class _Run:
             for row in batch:
                 verdict = gate.sort(row)
                 if verdict is Verdict.PROBLEM:
-                    failure = Failed(row, row.problem or "bad_row", row.detail, 0, None, now_iso())
+                    failure = problem_failure(row)
                     stats.record_failure(failure.kind, row.id, failure.message)
                     await self.results.put(failure)
                 elif verdict is Verdict.SEND:
@@ -205,7 +204,9 @@ class _Run:
                 async with asyncio.timeout(self.opts.progress_every):
                     await self.finished.wait()
             reporter.update()
-            await asyncio.to_thread(self.write_progress, "stopping" if self.stopping.is_set() else "running")
+            await asyncio.to_thread(
+                self.write_progress, RunState.STOPPING if self.stopping.is_set() else RunState.RUNNING
+            )
             if self.share is not None and self.limiter is not None:
                 share = await asyncio.to_thread(self.share.refresh)
                 if share is not None:
@@ -213,11 +214,11 @@ class _Run:
 
     async def count_input(self) -> None:
         """Count the input's lines beside the reader: the base of the estimate shown until the reader is done."""
-        self.lines = await asyncio.to_thread(count_lines, self.source.path, self.counting)
+        self.lines = await asyncio.to_thread(self.source.count_lines, self.counting)
         if not self.counting.is_set():
             self._estimate_expected()
 
-    def write_progress(self, state: str, **extra: Any) -> None:
+    def write_progress(self, state: RunState, **extra: Any) -> None:
         """Replace the progress file (never fatal: progress is a convenience, the sink is the record)."""
         if self.opts.shard is not None:
             extra.setdefault("shard", self.opts.shard.label)
@@ -225,18 +226,12 @@ class _Run:
         if self.limiter is not None:
             extra.setdefault("in_flight", self.limiter.in_flight)
             extra.setdefault("window", self.limiter.limit)
-        with contextlib.suppress(LabelstreamError):
-            self.sink.meta.write_json_atomic(
-                self.sink.meta.progress_path,
-                self.stats.snapshot(
-                    state,
-                    input=str(self.opts.input),
-                    output=str(self.opts.output),
-                    run=self.run_id,
-                    host=socket.gethostname(),
-                    **extra,
-                ),
-            )
+        write_progress(
+            self.sink.meta,
+            self.stats.snapshot(
+                state, input=str(self.opts.input), output=str(self.opts.output), run=self.run_id, **extra
+            ),
+        )
 
     def on_signal(self, main: asyncio.Task[Any], notice: IO[str]) -> None:
         """Ctrl-C/SIGTERM. First: stop reading, give in-flight rows the grace period. Second: abandon them now
@@ -251,7 +246,7 @@ class _Run:
                 flush=True,
             )
             asyncio.get_running_loop().call_later(self.opts.grace_seconds, self.stop_now)
-            self.write_progress("stopping")
+            self.write_progress(RunState.STOPPING)
         elif self.signals == 2:
             self.stop_now()
         else:
@@ -326,7 +321,7 @@ async def _execute(
     assert main is not None  # noqa: S101 - run_label is always awaited inside a task
     handled = _install_signals(loop, lambda: run.on_signal(main, notice))
     error: LabelstreamError | None = None
-    await asyncio.to_thread(run.write_progress, "running")  # before any request: siblings see it at once
+    await asyncio.to_thread(run.write_progress, RunState.RUNNING)  # before any request: siblings see it at once
     try:
         try:
             async with asyncio.TaskGroup() as group:
@@ -351,7 +346,7 @@ async def _execute(
     error = error or run.fatal
     interrupted = run.stopping.is_set() or run.hard_stop
     over = run.budget is not None and run.budget.stopped
-    state = "failed" if error else "budget" if over else "interrupted" if interrupted else "done"
+    state = end_state(failed=error is not None, over_budget=over, interrupted=interrupted)
     resume = resume_after(opts.resume_command, error)
     summary = Summary.of(
         stats,

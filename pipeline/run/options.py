@@ -9,27 +9,30 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlparse
+from typing import Any, Final, Literal
 
+from pipeline.api.loopback import is_loopback_url
+from pipeline.api.tokens import require_exact_tokens
 from pipeline.errors import UsageError
+from pipeline.input.location import is_uri
 from pipeline.input.shards import Shard
 from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
 from pipeline.sinks.storage import as_path
 from pipeline.task.config import TaskConfig
 
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 ProgressMode = Literal["auto", "log", "off"]
+FLEX_TIMEOUT: Final = 900.0  # seconds per request with service_tier="flex": its requests may wait in line for minutes
 
 
 @dataclass(frozen=True, slots=True)
 class IoOptions:
     """Where rows come from and where labels go, and how to read the input."""
 
-    input: Path
+    input: Path | str  # a str only for a URI (s3://…), which Path would mangle
     output: Path
+    input_format: str | None = None  # csv, tsv, jsonl or parquet; None: by the input's extension
     encoding: str = "utf-8"
     delimiter: str | None = None
     require_id_column: bool = False  # the id column was named explicitly: its absence is an error, not a fallback
@@ -70,21 +73,28 @@ class RunOptions:
 
     @classmethod
     def build(cls, input: str | Path, output: str | Path, config: TaskConfig, **settings: Any) -> RunOptions:
-        """Options from flat settings: `encoding`, `delimiter`, `require_id_column` go to `io`,
-        `checkpoint_rows`/`checkpoint_seconds` to `checkpoint`; the rest are RunOptions fields."""
+        """Options from flat settings, with the CLI's defaults: `encoding`, `delimiter`, `require_id_column` go
+        to `io`, `checkpoint_rows`/`checkpoint_seconds` to `checkpoint`, `timeout` (None: 60 s, 900 s with
+        flex) and `max_retries` to `retry`, `rate_share` (None: 1/N for a shard given --rpm/--tpm, else 1)
+        to `limits`; the rest are RunOptions fields."""
         io_names = {f.name for f in fields(IoOptions)} - {"input", "output"}
-        io = IoOptions(Path(input), as_path(output), **{k: settings.pop(k) for k in list(settings) if k in io_names})
+        where = input if is_uri(input) else Path(input)
+        io = IoOptions(where, as_path(output), **{k: settings.pop(k) for k in list(settings) if k in io_names})
         checkpoint = settings.pop("checkpoint", None) or CheckpointOptions(
             rows=settings.pop("checkpoint_rows", None), seconds=settings.pop("checkpoint_seconds", None)
         )
+        settings["retry"] = _retry(settings.get("service_tier"), **_pop(settings, "retry", "timeout", "max_retries"))
+        settings["limits"] = _limits(settings.get("shard"), **_pop(settings, "limits", "rate_share"))
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(settings) - known):
             raise TypeError(f"unknown run option(s) {unknown}; known: {sorted(known | io_names)}")
+        if settings.get("exact_tokens"):
+            require_exact_tokens()
         return cls(io=io, config=config, checkpoint=checkpoint, **settings)
 
     @property
-    def input(self) -> Path:
-        """The CSV to label."""
+    def input(self) -> Path | str:
+        """The input to label (a local path, or a URI)."""
         return self.io.input
 
     @property
@@ -115,9 +125,32 @@ class RunOptions:
         )
 
 
-def is_loopback(url: str | None) -> bool:
-    """Whether an endpoint URL points at this machine."""
-    return bool(url) and urlparse(url).hostname in LOOPBACK_HOSTS
+def _pop(settings: dict[str, Any], *names: str) -> dict[str, Any]:
+    """Take `names` out of `settings`, keeping those given (None: the default)."""
+    taken = {name: settings.pop(name, None) for name in names}
+    return {name: value for name, value in taken.items() if value is not None}
+
+
+def _retry(
+    tier: str | None, retry: RetryPolicy | None = None, timeout: float | None = None, max_retries: int | None = None
+) -> RetryPolicy:
+    """The retry policy: as given, else the default with the tier's timeout; `timeout`/`max_retries` override."""
+    retry = retry or (RetryPolicy(timeout=FLEX_TIMEOUT) if tier == "flex" else RetryPolicy())
+    if timeout is not None:
+        retry = replace(retry, timeout=float(timeout))
+    return retry if max_retries is None else replace(retry, max_attempts=max_retries + 1)
+
+
+def _limits(shard: Shard | None, limits: LimitSettings | None = None, rate_share: float | None = None) -> LimitSettings:
+    """The limits with this process's share of the key: given, else 1/N for a shard told the key's --rpm/--tpm.
+
+    Shards given --rpm/--tpm were given the key's limit: each takes its part. Without them each shard learns
+    the limit from headers, which `--procs` children share (see ratelimit/share.py) and machines may not.
+    """
+    limits = limits or LimitSettings.automatic()
+    if rate_share is None and shard is not None and (limits.rpm or limits.tpm) and limits.share == 1.0:
+        rate_share = 1 / shard.count
+    return limits if rate_share is None else replace(limits, share=rate_share)
 
 
 def resolve_endpoints(api_key: str | None, base_urls: Sequence[str]) -> tuple[str, tuple[str | None, ...]]:
@@ -125,7 +158,7 @@ def resolve_endpoints(api_key: str | None, base_urls: Sequence[str]) -> tuple[st
     if len(base_urls) <= 1:
         key, url = resolve_credentials(api_key, base_urls[0] if base_urls else None)
         return key, (url,)
-    remote = [url for url in base_urls if not is_loopback(url)]
+    remote = [url for url in base_urls if not is_loopback_url(url)]
     key, _ = resolve_credentials(api_key, remote[0] if remote else base_urls[0])
     return key, tuple(base_urls)
 
@@ -136,7 +169,7 @@ def resolve_credentials(api_key: str | None, base_url: str | None) -> tuple[str,
     url = base_url or os.environ.get("OPENAI_BASE_URL") or None
     if key:
         return key, url
-    if is_loopback(url):
+    if is_loopback_url(url):
         return "sk-local-no-key", url
     where = url or "https://api.openai.com/v1"
     raise UsageError(

@@ -9,37 +9,30 @@ run uses the same gate, it counts exactly what the run will send.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
 from pipeline.errors import SinkMismatchError, UsageError
 from pipeline.input.ids import IdSet
+from pipeline.input.location import ReadOptions
 from pipeline.input.shards import Shard
-from pipeline.input.sources import CsvSource
+from pipeline.input.sources import Source, input_source
 from pipeline.results import Row, now_iso, sha_tag
 from pipeline.run.options import RunOptions
 from pipeline.sinks import Identity, Manifest, Sink, check_layout, open_sink
 from pipeline.sinks.layout import move_aside
 from pipeline.stats import RunStats
 
-_HEAD_BYTES = 1 << 16
+
+def open_source(opts: RunOptions) -> Source:
+    """The run's input reader, CSV, JSONL or Parquet (not yet opened)."""
+    io = opts.io
+    read = ReadOptions(io.input_format, io.encoding, io.delimiter, io.require_id_column)
+    return input_source(opts.input, opts.config, read)
 
 
-def open_source(opts: RunOptions) -> CsvSource:
-    """The run's CSV reader (not yet opened)."""
-    return CsvSource(
-        opts.input,
-        opts.config,
-        encoding=opts.io.encoding,
-        delimiter=opts.io.delimiter,
-        require_id_column=opts.io.require_id_column,
-    )
-
-
-def identity_of(opts: RunOptions, source: CsvSource) -> Identity:
+def identity_of(opts: RunOptions, source: Source) -> Identity:
     """What the resume guard compares: model, prompt fingerprint, labels, and how ids are made."""
     return Identity(
         model=opts.model,
@@ -50,22 +43,11 @@ def identity_of(opts: RunOptions, source: CsvSource) -> Identity:
     )
 
 
-def input_fingerprint(path: Path) -> dict[str, Any]:
-    """What identifies an input file across runs: its path, size and a hash of its first 64 KiB."""
-    with path.open("rb") as handle:
-        head = handle.read(_HEAD_BYTES)
-    return {
-        "path": str(path.resolve()),
-        "size": path.stat().st_size,
-        "head_sha": hashlib.blake2b(head, digest_size=8).hexdigest(),
-    }
-
-
 @dataclass(slots=True)
 class Prepared:
     """A sink ready for a run: opened source, locked sink, done ids, and the manifest as written."""
 
-    source: CsvSource
+    source: Source
     sink: Sink
     done: IdSet
     manifest: Manifest
@@ -97,7 +79,7 @@ def prepare_run(opts: RunOptions, *, dry_run: bool = False) -> Prepared:
         raise
 
 
-def _prepare(opts: RunOptions, source: CsvSource, sink: Sink, *, dry_run: bool) -> Prepared:
+def _prepare(opts: RunOptions, source: Source, sink: Sink, *, dry_run: bool) -> Prepared:
     notes: list[str] = []
     claimed = sink.meta.claims()
     if not dry_run:
@@ -147,7 +129,8 @@ def _prepare(opts: RunOptions, source: CsvSource, sink: Sink, *, dry_run: bool) 
         "template": opts.config.template,
         "encoding": source.encoding,
         "delimiter": source.delimiter,
-        "file": input_fingerprint(opts.input),
+        "format": source.format,
+        "file": source.file.fingerprint(),
         # The task file, so that `batch ingest` can validate results without being told again.
         "config": str(Path(opts.config.source).resolve()) if Path(opts.config.source).is_file() else None,
     }
@@ -191,7 +174,7 @@ def _check_siblings(opts: RunOptions, shard: Shard, identity: Identity) -> None:
         return
 
 
-def _input_notes(opts: RunOptions, source: CsvSource, manifest: Manifest) -> list[str]:
+def _input_notes(opts: RunOptions, source: Source, manifest: Manifest) -> list[str]:
     notes = []
     cfg = opts.config
     if cfg.id_column and source.id_column is None:
@@ -204,7 +187,7 @@ def _input_notes(opts: RunOptions, source: CsvSource, manifest: Manifest) -> lis
     before = manifest.input.get("file") if manifest.runs else None
     if isinstance(before, dict):
         with contextlib.suppress(OSError):
-            now = input_fingerprint(opts.input)
+            now = source.file.fingerprint()
             if before.get("path") != now["path"]:
                 notes.append(
                     f"this sink was labeled from {before.get('path')}; this run reads {now['path']} "
@@ -215,7 +198,7 @@ def _input_notes(opts: RunOptions, source: CsvSource, manifest: Manifest) -> lis
     return notes
 
 
-def changed_ids(source: CsvSource, done: IdSet) -> IdSet:
+def changed_ids(source: Source, done: IdSet) -> IdSet:
     """Done ids whose text in the input differs from the text they were labeled with (one pass over the input)."""
     changed = IdSet()
     for batch in source.batches():

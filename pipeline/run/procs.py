@@ -1,5 +1,7 @@
 """`--procs N`: N shard processes on one machine under one parent, with one progress display and one summary.
 
+`--limit` and `--max-cost` are the whole run's: each child gets its part of them (see budget.split_budget).
+
 Each child is an ordinary `labelstream label ... --shard k/N` process, so everything a shard guarantees
 (its own lock, resume, kill -9 safety) holds unchanged; the parent only starts them, shows their
 progress files as one, forwards Ctrl-C/SIGTERM, and ends with the worst child's exit code.
@@ -20,23 +22,33 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import IO, Any
 
-import orjson
-
-from pipeline.errors import UsageError
+from pipeline.errors import ExitCode, UsageError
 from pipeline.input.shards import Shard
+from pipeline.run.budget import split_budget
 from pipeline.run.options import RunOptions
 from pipeline.run.progress import Reporter
 from pipeline.run.summary import Summary, combine
 from pipeline.sinks import SinkMeta, check_layout, discover, meta_dir_for
 from pipeline.sinks.layout import move_aside
+from pipeline.sinks.progress_file import read_progress
 from pipeline.stats import CallStats, RunStats
 
 ChildArgs = Callable[[Shard, int | None], list[str]]  # the `label` arguments of shard k (and its --limit)
-_EXIT_RANK = {0: 0, 1: 1, 130: 2, 2: 3, 3: 4}  # worse to the right; anything else (a bug, a signal) is worst
+# Worse to the right; anything else (a bug, a death by signal) is worse than all. A shard stopped at its part
+# of --max-cost is worse than an interrupted one (resuming needs a higher cap, not just the same command),
+# and better than one that could not run at all.
+_EXIT_RANK = (
+    ExitCode.OK,
+    ExitCode.DEAD_LETTERS,
+    ExitCode.INTERRUPTED,
+    ExitCode.BUDGET,
+    ExitCode.USAGE,
+    ExitCode.STORAGE,
+)
 _TAIL_LINES = 200
 
 
@@ -50,17 +62,16 @@ class _Child:
 
     def progress(self) -> dict[str, Any] | None:
         """This child's progress file, if this child wrote it (not a run before it)."""
-        try:
-            doc = orjson.loads(self.progress_path.read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            return None
-        return doc if isinstance(doc, dict) and doc.get("pid") == self.proc.pid else None
+        doc = read_progress(self.progress_path)
+        return doc if doc is not None and doc.get("pid") == self.proc.pid else None
 
 
 def worst_exit(codes: Sequence[int]) -> int:
-    """The exit code of the worst child: a bug or a death by signal, then 3, 2, 130, 1, 0."""
+    """The exit code of the worst child: a bug or a death by signal, then storage, usage, budget, interrupted,
+    dead letters, OK (a child killed by signal s counts as 128 + s, as a shell reports it)."""
     normal = [128 - c if c < 0 else c for c in codes]
-    return max(normal, key=lambda c: _EXIT_RANK.get(c, 5), default=0)
+    rank = {int(code): i for i, code in enumerate(_EXIT_RANK)}
+    return max(normal, key=lambda c: rank.get(c, len(rank)), default=ExitCode.OK)
 
 
 def split_limit(limit: int | None, count: int) -> list[int | None]:
@@ -68,6 +79,18 @@ def split_limit(limit: int | None, count: int) -> list[int | None]:
     if limit is None:
         return [None] * count
     return [limit // count + (k < limit % count) for k in range(count)]
+
+
+def shard_options(opts: RunOptions, count: int) -> list[RunOptions]:
+    """The options of each child of `--procs N` as it runs: its shard, its part of --limit, its share of the key
+    (--rate-share, else 1/N). A shard left no row by a small --limit is not started, so not listed."""
+    share = opts.limits.share if opts.limits.share != 1.0 else 1 / count
+    limits = replace(opts.limits, share=share)
+    return [
+        replace(opts, shard=Shard(k, count), max_rows=rows, limits=limits, restart=False)
+        for k, rows in enumerate(split_limit(opts.max_rows, count))
+        if rows != 0
+    ]
 
 
 def prepare_output(opts: RunOptions, count: int) -> list[str]:
@@ -101,25 +124,8 @@ def run_procs(
         if opts.progress != "off":
             print(f"labelstream: {note}", file=notice)
     started = time.monotonic()
-    limits = split_limit(opts.max_rows, count)
-    preexec = _die_with_parent()
-    children = []
-    for k in range(count):
-        if limits[k] == 0:
-            continue  # --limit smaller than N: this shard has nothing to do
-        shard = Shard(k, count)
-        proc = subprocess.Popen(  # noqa: S603 - our own CLI; the arguments are the user's parsed flags
-            [sys.executable, "-m", "pipeline", *child_args(shard, limits[k])],
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            process_group=0,
-            preexec_fn=preexec,  # noqa: PLW1509 - async-signal-safe: one prctl call, no threads started yet
-        )
-        children.append(_Child(shard, proc, SinkMeta(opts.output, shard).progress_path))
-    for child in children:  # readers start only once every child is forked (see preexec_fn)
-        child.reader = threading.Thread(target=_drain, args=(child,), daemon=True)
-        child.reader.start()
+    processes = shard_options(opts, count)
+    children = _start(processes, split_budget(opts.max_cost, processes, notice), child_args)
     stats = RunStats(calls=CallStats(), model=opts.model, started=started)
     docs: dict[int, dict[str, Any]] = {}
     reporter = Reporter(stats, mode=opts.progress, stream=notice, concurrency=lambda: _in_flight(docs))
@@ -138,6 +144,12 @@ def run_procs(
         reporter.close()
     codes = [child.proc.returncode for child in children]
     _report_failures(children, notice)
+    if ExitCode.BUDGET in codes:  # the children's own messages name their part of the cap, not the run's
+        print(
+            f"labelstream: stopped before passing --max-cost ${opts.max_cost:g} (each of the {len(children)} shards "
+            "at its part); finished rows are saved: raise --max-cost and re-run the same command to resume.",
+            file=notice,
+        )
     parts = [Summary.from_dict(doc["summary"]) for doc in docs.values() if isinstance(doc.get("summary"), dict)]
     if not parts:
         return None, worst_exit(codes)
@@ -147,26 +159,31 @@ def run_procs(
         dead_letters=str(meta_dir_for(opts.output) / "shard-*" / "dead_letters.jsonl"),
         resume=opts.resume_command,
         elapsed_s=time.monotonic() - started,
+        max_cost=opts.max_cost,
     )
     return summary, worst_exit(codes)
 
 
-def dry_run_procs(count: int, child_args: ChildArgs, *, out: IO[str] | None = None) -> int:
-    """`--procs N --dry-run`: the plan of each shard, one after another."""
-    out = out or sys.stdout
-    codes = []
-    for k in range(count):
-        done = subprocess.run(  # noqa: S603 - our own CLI; the arguments are the user's parsed flags
-            [sys.executable, "-m", "pipeline", *child_args(Shard(k, count), None), "--dry-run"],
-            capture_output=True,
+def _start(processes: list[RunOptions], costs: list[float | None], child_args: ChildArgs) -> list[_Child]:
+    """Start one child per shard, each with its part of --limit and of --max-cost."""
+    preexec = _die_with_parent()
+    children = []
+    for process, cost in zip(processes, costs, strict=True):
+        assert process.shard is not None  # noqa: S101 - shard_options gives every process its shard
+        budget = [] if cost is None else ["--max-cost", repr(cost)]
+        proc = subprocess.Popen(  # noqa: S603 - our own CLI; the arguments are the user's parsed flags
+            [sys.executable, "-m", "pipeline", *child_args(process.shard, process.max_rows), *budget],
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
-            check=False,
+            process_group=0,
+            preexec_fn=preexec,  # noqa: PLW1509 - async-signal-safe: one prctl call, no threads started yet
         )
-        out.write(done.stdout)
-        if done.returncode:
-            out.write(done.stderr)
-        codes.append(done.returncode)
-    return worst_exit(codes)
+        children.append(_Child(process.shard, proc, SinkMeta(process.output, process.shard).progress_path))
+    for child in children:  # readers start only once every child is forked (see preexec_fn)
+        child.reader = threading.Thread(target=_drain, args=(child,), daemon=True)
+        child.reader.start()
+    return children
 
 
 def _drain(child: _Child) -> None:
@@ -246,8 +263,8 @@ def _report_failures(children: list[_Child], notice: IO[str]) -> None:
     seen: dict[str, list[str]] = {}
     for child in children:
         code = child.proc.returncode
-        if code in (0, 1, 130):
-            continue  # their counts are in the summary
+        if code in (ExitCode.OK, ExitCode.DEAD_LETTERS, ExitCode.INTERRUPTED, ExitCode.BUDGET):
+            continue  # their counts (and why they stopped) are in the summary
         errors = [line for line in child.tail if line.startswith("labelstream: error:")]
         for line in errors or list(child.tail)[-20:] or [f"exited with code {code}"]:
             seen.setdefault(line, []).append(child.shard.label)

@@ -2,25 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from pathlib import Path
-
 from pipeline.run.prepare import RowGate
-
-
-def count_lines(path: Path, stop: threading.Event | None = None) -> int:
-    """Newlines in the file (plus one for an unterminated last line): the base of the row-count estimate.
-
-    Checks `stop` between 1 MiB chunks, so a run that is done or stopping does not wait for a huge file.
-    """
-    lines = 0
-    chunk = b""
-    with path.open("rb") as handle:
-        while not (stop is not None and stop.is_set()) and (chunk := handle.read(1 << 20)):
-            lines += chunk.count(b"\n")
-        if handle.tell() and chunk[-1:] != b"\n":
-            lines += 1
-    return lines
 
 
 def estimate_expected(gate: RowGate, read: int, lines: int | None, lines_read: int) -> int | None:

@@ -7,14 +7,15 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipeline.api.errors import REFUSED_ADVICE, refusal_advice
-from pipeline.errors import LabelstreamError, clip
+from pipeline.errors import ExitCode, LabelstreamError, clip
 from pipeline.run.options import RunOptions
+from pipeline.sinks.progress_file import RunState, worst_state
 from pipeline.stats import RunStats, short_duration, short_number
 
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """What a run did; `exit_code` is 0 when every row it tried is labeled, 1 when some were dead-lettered."""
+    """What a run did; `exit_code` is OK when every row it tried is labeled, DEAD_LETTERS when some were not."""
 
     state: str
     input: str
@@ -146,10 +147,10 @@ class Summary:
         return cls(**values)
 
     @property
-    def exit_code(self) -> int:
-        """0: all labeled (or, with --no-wait, sent); 1: some rows dead-lettered, back unprocessed, or left out
-        because their request was refused before."""
-        return 1 if self.failed or self.unfinished or self.refused_before else 0
+    def exit_code(self) -> ExitCode:
+        """OK: all labeled (or, with --no-wait, sent); DEAD_LETTERS: some rows dead-lettered, back unprocessed, or
+        left out because their request was refused before."""
+        return ExitCode.DEAD_LETTERS if self.failed or self.unfinished or self.refused_before else ExitCode.OK
 
     @property
     def failure_rate(self) -> float:
@@ -179,15 +180,30 @@ class Summary:
 
     def render(self, *, with_error: bool = True) -> str:
         """The human summary printed at the end of a run (without the error when the caller shows it next)."""
-        heads = {"done": "done", "interrupted": "interrupted", "failed": "stopped", "budget": "stopped at --max-cost"}
+        lines = [self._head_line(), self._token_line(), *self._attempt_lines()]
+        lines.extend(self._batch_lines() + self._confidence_lines() + self._hedge_lines())
+        lines.extend(self._row_lines() + self._failure_lines() + self._server_lines())
+        where = f"{self.output}, shard {self.shard}" if self.shard else self.output
+        lines.append(f"  sink: {where} (+{self.saved:,} rows this run)")
+        if self.error and with_error:
+            lines.append(f"  stopped because: {self.error}")
+        lines.extend(self._next_lines())
+        return "\n".join(lines)
+
+    def _head_line(self) -> str:
+        """How the run ended, and its counts and speed."""
+        heads: dict[str, str] = {RunState.FAILED: "stopped", RunState.BUDGET: "stopped at --max-cost"}
         head = heads.get(self.state, self.state)
-        if self.state == "done" and self.pending:
+        if self.state == RunState.DONE and self.pending:
             head = "submitted"
-        lines = [
+        return (
             f"labelstream {head}: {self.labeled:,} labeled, {self.failed:,} failed "
             f"({self.failure_rate:.1%}), {self.skipped_done:,} already in the sink, "
             f"in {short_duration(self.elapsed_s)} ({self.rows_per_s:.1f} rows/s)"
-        ]
+        )
+
+    def _token_line(self) -> str:
+        """Tokens, what they cost (against --max-cost, and at standard prices when cheaper), and retries."""
         cost = f" ≈ ${self.cost_usd:.4f}" if self.cost_usd is not None else ", no price in the price table"
         budget = f" of --max-cost ${self.max_cost:g}" if self.max_cost is not None and self.cost_usd is not None else ""
         priced = self.model
@@ -198,13 +214,15 @@ class Summary:
         causes = [f"{self.rate_limited} after 429"]
         causes += [f"{self.timeouts} after timeouts"] if self.timeouts else []
         causes += [f"{self.unavailable} after flex had no capacity"] if self.unavailable else []
-        lines.append(
+        return (
             f"  tokens: {short_number(self.prompt_tokens)} prompt ({self.cache_hit_share:.0%} from the prompt cache) + "
             f"{short_number(self.completion_tokens)} completion{cost}{budget} ({priced}); "
             f"retries: {self.retries} ({', '.join(causes)})"
         )
-        lines.extend(self._attempt_lines())
-        lines.extend(self._batch_lines() + self._confidence_lines() + self._hedge_lines())
+
+    def _row_lines(self) -> list[str]:
+        """What the input held besides rows to label: repeated ids, edited rows, cut texts."""
+        lines = []
         if self.duplicates:
             examples = ", ".join(self.duplicate_samples[:3])
             lines.append(f"  {self.duplicates:,} repeated ids skipped (each labeled once), e.g. {examples}")
@@ -219,32 +237,36 @@ class Summary:
             lines.append(f"  {self.changed:,} rows already in the sink now have different text.{hint}")
         if self.truncated:
             lines.append(f"  {self.truncated:,} texts were longer than max_chars and were cut (see 'truncated')")
-        lines.extend(self._failure_lines())
-        if len(self.servers) > 1:
-            lines.append("  rows per server:")
-            for url, counts in sorted(self.servers.items()):
-                trouble = f", {counts.get('errors', 0):,} errors, backed off {counts.get('backoffs', 0):,}×"
-                lines.append(f"    {url}: {counts.get('rows', 0):,} rows{trouble if counts.get('errors') else ''}")
-        where = f"{self.output}, shard {self.shard}" if self.shard else self.output
-        lines.append(f"  sink: {where} (+{self.saved:,} rows this run)")
-        if self.error and with_error:
-            lines.append(f"  stopped because: {self.error}")
-        if self.state != "done":
-            lines.append(f"  resume with: {self.resume_command}")
-        elif self.pending:
-            lines.append(
+        return lines
+
+    def _server_lines(self) -> list[str]:
+        """Rows, errors and back-offs per server of a fleet."""
+        if len(self.servers) <= 1:
+            return []
+        lines = ["  rows per server:"]
+        for url, counts in sorted(self.servers.items()):
+            trouble = f", {counts.get('errors', 0):,} errors, backed off {counts.get('backoffs', 0):,}×"
+            lines.append(f"    {url}: {counts.get('rows', 0):,} rows{trouble if counts.get('errors') else ''}")
+        return lines
+
+    def _next_lines(self) -> list[str]:
+        """What to run next: resume, collect batches, or retry the dead letters."""
+        if self.state != RunState.DONE:
+            return [f"  resume with: {self.resume_command}"]
+        if self.pending:
+            return [
                 f"  collect the results (and send what is left) with: {self.resume_command}\n"
                 f"  see how the batches are doing: labelstream batch status {self.output}"
-            )
-        elif self.failed:
+            ]
+        if self.failed:
             retry = self.failed - sum(n for kind, n in self.failures.items() if kind in REFUSED_ADVICE)  # same again
-            lines.append(
+            return [
                 f"  dead letters: {self.dead_letters}"
                 + (f"; to retry the {retry:,} failed rows, re-run: {self.resume_command}" if retry else "")
-            )
-        elif self.unfinished:
-            lines.append(f"  to send the {self.unfinished:,} unprocessed rows again, re-run: {self.resume_command}")
-        return "\n".join(lines)
+            ]
+        if self.unfinished:
+            return [f"  to send the {self.unfinished:,} unprocessed rows again, re-run: {self.resume_command}"]
+        return []
 
     def _failure_lines(self) -> list[str]:
         """Dead letters by kind, most frequent first, with one sample each (up to five kinds)."""
@@ -308,7 +330,6 @@ class Summary:
         return lines
 
 
-_WORST_STATE = {"done": 0, "interrupted": 1, "failed": 2}
 _SUMMED = (
     "labeled", "failed", "saved", "skipped_done", "duplicates", "conflicts", "changed", "truncated", "retries",
     "rate_limited", "prompt_tokens", "completion_tokens", "hedged", "timeouts", "held", "unusable_replies",
@@ -316,8 +337,17 @@ _SUMMED = (
 )  # fmt: skip
 
 
-def combine(parts: Sequence[Summary], *, output: str, dead_letters: str, resume: str, elapsed_s: float) -> Summary:
-    """One summary for the shards of one run (`--procs`): counts added up, the worst state, the first error."""
+def combine(
+    parts: Sequence[Summary],
+    *,
+    output: str,
+    dead_letters: str,
+    resume: str,
+    elapsed_s: float,
+    max_cost: float | None = None,
+) -> Summary:
+    """One summary for the shards of one run (`--procs`): counts added up, the worst state, the first error;
+    `max_cost` is the whole run's cap (each shard had its part of it)."""
     if not parts:
         raise ValueError("nothing to combine")
     totals = {name: sum(getattr(p, name) for p in parts) for name in _SUMMED}
@@ -333,9 +363,9 @@ def combine(parts: Sequence[Summary], *, output: str, dead_letters: str, resume:
             for key, n in counts.items():
                 into[key] = into.get(key, 0) + n
     costs = [p.cost_usd for p in parts if p.cost_usd is not None]
-    worst = max(parts, key=lambda p: _WORST_STATE.get(p.state, 2))
     return Summary(
-        state=worst.state,
+        state=worst_state([p.state for p in parts]),
+        max_cost=max_cost,
         input=parts[0].input,
         output=output,
         dead_letters=dead_letters,

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
+from pipeline.api.loopback import is_loopback_host
 
 
 def loopback_host(host: str) -> str:
     """Return `host` if it is a loopback address ("localhost" becomes 127.0.0.1), else raise ValueError."""
     if host == "localhost":
         return "127.0.0.1"  # one address, so that port 0 binds one port
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback_host(host):
         raise ValueError(f"the simulator only listens on loopback (127.0.0.1, ::1, localhost), not {host!r}")
     return host
 

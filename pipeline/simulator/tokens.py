@@ -12,22 +12,14 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Final
 
-_O200K: Final = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o")
-_CL100K: Final = ("gpt-4", "gpt-3.5", "gpt-35")
+# The one model→encoding table: the client counts with the same encodings the simulator charges.
+from pipeline.api.tokens import encoding_name
+
 _PER_MESSAGE: Final = 3
 _CACHE_SIZE: Final = 512  # system prompts and few-shot examples repeat in every request
 
 _lock = threading.Lock()
 _encoders: dict[str, Callable[[str], list[int]] | None] = {}
-
-
-def _encoding_of(model: str) -> str | None:
-    name = model.removeprefix("ft:").lower()
-    if name.startswith(_O200K):
-        return "o200k_base"
-    if name.startswith(_CL100K):
-        return "cl100k_base"
-    return None
 
 
 def _encoder(name: str) -> Callable[[str], list[int]] | None:
@@ -59,7 +51,7 @@ class TokenCounter:
     def prompt_tokens(self, model: str, contents: Sequence[str]) -> int:
         """Tokens of the message contents plus the per-message framing."""
         encode = None
-        name = _encoding_of(model) if self.exact else None
+        name = encoding_name(model) if self.exact else None
         if name is not None:
             encode = _encoder(name)
         if encode is None:

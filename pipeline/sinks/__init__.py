@@ -18,7 +18,7 @@ from pipeline.sinks.base import Sink
 from pipeline.sinks.jsonl import JsonlSink
 from pipeline.sinks.layout import Layout, check_layout, discover, is_jsonl
 from pipeline.sinks.meta import Identity, Manifest, SinkMeta, meta_dir_for
-from pipeline.sinks.storage import ObjectStore, as_path, object_uri
+from pipeline.sinks.storage import as_path, object_uri
 
 __all__ = [
     "Identity",
@@ -30,7 +30,6 @@ __all__ = [
     "check_layout",
     "discover",
     "meta_dir_for",
-    "meta_for",
     "open_shards",
     "open_sink",
 ]
@@ -62,16 +61,6 @@ def _open_object_sink(uri: str, path: Path, shard: Shard | None) -> Sink:
     from pipeline.sinks.objects import ObjectParquetSink  # noqa: PLC0415 - pyarrow and the store's client are slow to import
 
     return ObjectParquetSink(path, shard)
-
-
-def meta_for(output: str | Path, shard: Shard | None = None) -> SinkMeta:
-    """The side files of an output (or of one shard of it), wherever the output lives (a disk or a bucket)."""
-    uri = object_uri(output)
-    if uri is None:
-        return SinkMeta(Path(output), shard)
-    from pipeline.sinks.objects import ObjectMeta  # noqa: PLC0415 - the store's clients load only for buckets
-
-    return ObjectMeta(ObjectStore(uri), as_path(output), shard)
 
 
 def open_shards(path: str | Path, layout: Layout | None = None) -> list[Sink]:

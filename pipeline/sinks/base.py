@@ -13,11 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
 from pipeline.input.ids import IdSet
 from pipeline.input.shards import Shard
-from pipeline.results import Failed, Labeled, dead_letter
+from pipeline.results import Failed, Labeled
 from pipeline.sinks.meta import SinkMeta
 
 T = TypeVar("T")
@@ -116,8 +114,7 @@ class Sink(ABC):
     async def append_dead_letters(self, items: Sequence[Failed], run_id: str) -> None:
         """Add failed rows to the dead-letter file beside the sink."""
         if items:
-            data = b"".join(orjson.dumps(dead_letter(f, run_id)) + b"\n" for f in items)
-            await self.in_io_thread(self.meta.append_dead_letters, data)
+            await self.in_io_thread(self.meta.append_dead_letters, items, run_id)
 
     def release(self) -> None:
         """Close open files (blocking)."""

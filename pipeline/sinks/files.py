@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.errors import StorageError
@@ -69,8 +70,42 @@ class Appender:
                 os.fsync(fd)
             raise
 
+    def append_records(self, records: Sequence[bytes]) -> None:
+        """Append whole records to a file that other processes may append to too (Ray actors sharing one
+        dead-letter file), then fsync; on OSError the records before the failing one stay, and it is raised.
+
+        Each record goes in one write() on an O_APPEND descriptor, so records of several writers never
+        interleave. A short write (a full disk, a signal) is continued; if the rest fails, the torn record is
+        cut back when nobody appended after it, else ended with a newline so that the next record stays whole
+        (readers skip a line that is not JSON).
+        """
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = self._fd
+        for record in records:
+            view, written = memoryview(record), 0
+            try:
+                while view:
+                    n = os.write(fd, view)
+                    view, written = view[n:], written + n
+            except OSError:
+                if written:
+                    _cut_back(fd, written)
+                raise
+        os.fsync(fd)
+
     def close(self) -> None:
         """Close the file (appending again reopens it)."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+
+def _cut_back(fd: int, written: int) -> None:
+    """Undo the first `written` bytes of a torn record that ends at `fd`'s offset (an O_APPEND descriptor)."""
+    with contextlib.suppress(OSError):
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        if os.fstat(fd).st_size == end:  # nobody appended after it: the file ends with the torn record
+            os.ftruncate(fd, end - written)
+        else:
+            os.write(fd, b"\n")

@@ -23,6 +23,7 @@ from pipeline.results import now_iso
 from pipeline.sinks.layout import MERGING, Layout, part_shard
 from pipeline.sinks.meta import Manifest, SinkMeta
 from pipeline.sinks.parquet import ParquetSink, rewrite_parts, target_schema
+from pipeline.sinks.progress_file import RunState, last_state
 from pipeline.sinks.swap import fresh_rewrite_dir, recover_swap, swap_in
 
 
@@ -71,24 +72,14 @@ def merge_shards(path: Path, layout: Layout, *, rows_per_part: int = 1_000_000) 
 def _check_finished(path: Path, sinks: list[ParquetSink]) -> None:
     unfinished = []
     for sink in sinks:
-        state = _last_state(sink.meta)
-        if state != "done":
+        state = last_state(sink.meta)
+        if state != RunState.DONE:
             unfinished.append(f"{sink.shard.label if sink.shard else '?'} ({state})")
     if unfinished:
         raise SinkError(
             f"cannot merge {path} yet: shards {', '.join(unfinished)} have not finished. Run each to the end "
             "(re-run the same shard command; rows already labeled are skipped), then compact again."
         )
-
-
-def _last_state(meta: SinkMeta) -> str:
-    if not meta.dir.is_dir():
-        return "not started"
-    try:
-        progress = orjson.loads(meta.progress_path.read_bytes())
-    except (FileNotFoundError, orjson.JSONDecodeError):
-        return "no progress file"
-    return str(progress.get("state")) if isinstance(progress, dict) else "no progress file"
 
 
 def _merged_manifest(path: Path, sinks: list[ParquetSink]) -> Manifest:

@@ -19,7 +19,7 @@ import orjson
 
 from pipeline.errors import SinkError, SinkMismatchError, StorageError
 from pipeline.input.shards import Shard
-from pipeline.results import now_iso
+from pipeline.results import OLD_KINDS, Failed, encode_dead_letters, now_iso
 from pipeline.sinks.files import Appender, replace_atomically
 from pipeline.sinks.limit_memory import LimitMemory, endpoint_name
 
@@ -200,15 +200,6 @@ class SinkMeta:
         """The whole of one side file (FileNotFoundError when there is none)."""
         return path.read_bytes()
 
-    def read_json(self, path: Path) -> dict[str, Any] | None:
-        """A side file's JSON object (the progress file, say), or None when it is missing or unreadable (also for
-        a moment: a store that does not answer)."""
-        try:
-            doc = orjson.loads(self.read_bytes(path))
-        except (OSError, StorageError, orjson.JSONDecodeError):
-            return None
-        return doc if isinstance(doc, dict) else None
-
     def read_manifest(self) -> Manifest | None:
         """The manifest, or None when there is none yet."""
         try:
@@ -263,15 +254,11 @@ class SinkMeta:
         endpoint = ",".join(endpoint_name(url) if url else "default" for url in endpoints)
         return LimitMemory(self.limits_path, self.write_json_atomic, endpoint=endpoint, model=model)
 
-    def append_dead_letters(self, data: bytes) -> None:
-        """Append encoded dead letters durably (blocking: call it on the sink's I/O thread)."""
-        self.ensure()
-        try:
-            self._dead_letters.append(data)
-        except OSError as exc:
-            raise StorageError(
-                f"cannot write {self.dead_letters_path}: {exc.strerror}. Free space and re-run to resume."
-            ) from None
+    def append_dead_letters(self, items: Sequence[Failed], run_id: str) -> None:
+        """Append the dead letters of failed rows durably (blocking: call it on the sink's I/O thread)."""
+        if items:
+            self.ensure()
+            write_dead_letters(self._dead_letters, items, run_id)
 
     def close(self) -> None:
         """Close the dead-letter file."""
@@ -288,9 +275,29 @@ class SinkMeta:
 
 
 def parse_dead_letters(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
-    """The records of dead-letter lines (a torn or foreign line is skipped)."""
+    """The records of dead-letter lines (a torn or foreign line is skipped; old kinds get their new names)."""
     for line in lines:
         with contextlib.suppress(orjson.JSONDecodeError):
             item = orjson.loads(line)
             if isinstance(item, dict):
+                if item.get("kind") in OLD_KINDS:
+                    item["kind"] = OLD_KINDS[item["kind"]]
                 yield item
+
+
+def write_dead_letters(appender: Appender, items: Sequence[Failed], run_id: str) -> None:
+    """The one writer of dead letters: one record a write, safe beside other processes appending to the file."""
+    try:
+        appender.append_records(encode_dead_letters(items, run_id))
+    except OSError as exc:
+        raise StorageError(f"cannot write {appender.path}: {exc.strerror}. Free space and re-run to resume.") from None
+
+
+def append_dead_letters(path: Path, items: Sequence[Failed], run_id: str) -> None:
+    """Append dead letters to `path` from a process that holds no SinkMeta (a Ray actor); see write_dead_letters."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    appender = Appender(path)
+    try:
+        write_dead_letters(appender, items, run_id)
+    finally:
+        appender.close()

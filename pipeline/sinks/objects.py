@@ -21,7 +21,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import SinkError, StorageError, UsageError
 from pipeline.input.ids import IdSet
 from pipeline.input.shards import Shard
+from pipeline.results import Failed, encode_dead_letters
 from pipeline.sinks.layout import PART, discover
 from pipeline.sinks.lease import LEASE_NAME, Lease
 from pipeline.sinks.meta import SinkMeta, parse_dead_letters
@@ -97,9 +98,12 @@ class ObjectMeta(SinkMeta):
         else:
             self.store.put(self.store.key(path), body)
 
-    def append_dead_letters(self, data: bytes) -> None:
-        """Write a batch of encoded dead letters as an object of its own under `dead/`."""
+    def append_dead_letters(self, items: Sequence[Failed], run_id: str) -> None:
+        """Write the dead letters of a batch of failed rows as an object of its own under `dead/`."""
+        if not items:
+            return
         self.lease.check()
+        data = b"".join(encode_dead_letters(items, run_id))
         self._dead_batches += 1
         name = f"{int(time.time() * 1000):013d}-{self._tag}-{self._dead_batches:06d}.jsonl"
         self.store.put(self.store.key(self.dead_letters_path / name), data)

@@ -82,6 +82,15 @@ def as_path(location: str | PurePath) -> Path:
     return ObjectPath(uri) if uri is not None else Path(location)
 
 
+def read_location(path: Path) -> bytes:
+    """The bytes of a file or, for an s3:// or gs:// location, of an object (FileNotFoundError if there is none)."""
+    uri = object_uri(path)
+    if uri is None:
+        return path.read_bytes()
+    store = ObjectStore(uri)
+    return store.get(store.key(uri))
+
+
 def _endpoint(options: Mapping[str, str]) -> str | None:
     return (
         options.get("endpoint_override") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

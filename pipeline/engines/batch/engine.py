@@ -15,7 +15,6 @@ import itertools
 import signal
 import sys
 import threading
-import uuid
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,10 +28,11 @@ from pipeline.engines.batch.poll import BatchProgress, refresh, wait_for_batches
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.batch.submit import SETTLE_SECONDS, Planner, counts_of, submit
 from pipeline.errors import BatchError, Interrupted, LabelstreamError, UsageError
-from pipeline.results import Failed
+from pipeline.results import Failed, new_run_id
 from pipeline.run.options import RunOptions, resolve_credentials
 from pipeline.run.prepare import Prepared, RowGate, prepare_run
 from pipeline.run.summary import Summary
+from pipeline.sinks.progress_file import RunState, end_state, write_progress
 from pipeline.stats import CallStats, RunStats
 from pipeline.task.prompt import Prompt
 
@@ -57,7 +57,7 @@ class _BatchRun:
         self.sink = prepared.sink
         self.ledger = Ledger(self.sink.meta)
         self.prompt = Prompt(opts.config)
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = new_run_id()
         self.merger = Merger(self.sink, prepared.done, stats, self.run_id, opts.model, prompt=self.prompt)
         self.stopping = asyncio.Event()
         self.stop_planning = threading.Event()
@@ -88,7 +88,7 @@ class _BatchRun:
             self.resend_early_failures()
             await self.send()
         if self.settings.wait and not self.stopping.is_set() and any(s.state == SUBMITTED for s in self.ledger.live):
-            self.write_progress("waiting")
+            self.write_progress(RunState.WAITING)
             await wait_for_batches(
                 self.api,
                 self.ledger,
@@ -96,7 +96,7 @@ class _BatchRun:
                 progress=self.progress,
                 settings=self.settings,
                 stopping=self.stopping,
-                report=lambda: self.write_progress("waiting"),
+                report=lambda: self.write_progress(RunState.WAITING),
             )
 
     def resend_early_failures(self) -> None:
@@ -213,17 +213,16 @@ class _BatchRun:
             f"{tally.unfinished:,} unprocessed, {tally.skipped:,} already in the sink"
         )
 
-    def write_progress(self, state: str, **extra: Any) -> None:
+    def write_progress(self, state: RunState, **extra: Any) -> None:
         """Replace the progress file (never fatal)."""
         self.stats.pending = sum(s.requests for s in self.ledger.held)
-        with contextlib.suppress(LabelstreamError):
-            self.sink.meta.write_json_atomic(
-                self.sink.meta.progress_path,
-                self.stats.snapshot(
-                    state, input=str(self.opts.input), output=str(self.opts.output), run=self.run_id,
-                    engine="batch", batches=self.progress.as_dict(), **extra,
-                ),
-            )  # fmt: skip
+        write_progress(
+            self.sink.meta,
+            self.stats.snapshot(
+                state, input=str(self.opts.input), output=str(self.opts.output), run=self.run_id,
+                engine="batch", batches=self.progress.as_dict(), **extra,
+            ),
+        )  # fmt: skip
 
     def on_signal(self, main: asyncio.Task[Any]) -> None:
         """First Ctrl-C: finish the step under way (an upload, a create, a collection), then stop; batches keep
@@ -292,7 +291,7 @@ async def _execute(run: _BatchRun) -> Summary:
             loop.remove_signal_handler(sig)
         run.progress.close()
     interrupted = run.stopping.is_set() or run.hard_stop
-    state = "failed" if error else "interrupted" if interrupted else "done"
+    state = end_state(failed=error is not None, interrupted=interrupted)
     run.stats.pending = sum(s.requests for s in run.ledger.held)
     summary = Summary.of(
         run.stats,

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import itertools
 import threading
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,8 @@ from pipeline.engines.batch.ingest import Merger, Outcome, read_result, refused_
 from pipeline.engines.batch.ledger import Ledger
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.batch.submit import Planner
-from pipeline.errors import LabelstreamError, UsageError
-from pipeline.results import Row
+from pipeline.errors import ExitCode, LabelstreamError, UsageError
+from pipeline.results import Row, new_run_id
 from pipeline.run.options import RunOptions
 from pipeline.run.prepare import RowGate, prepare_run
 from pipeline.stats import CallStats, RunStats
@@ -103,9 +102,9 @@ class Ingested:
     logprobs_unread: int = 0  # labeled without confidence though the reply carried logprobs
 
     @property
-    def exit_code(self) -> int:
-        """0 when every result labeled its row (or was already in the sink); 1 when some were dead-lettered."""
-        return 1 if self.failed else 0
+    def exit_code(self) -> ExitCode:
+        """OK when every result labeled its row (or was already in the sink); DEAD_LETTERS when some were not."""
+        return ExitCode.DEAD_LETTERS if self.failed else ExitCode.OK
 
 
 async def ingest_results(opts: RunOptions, results: list[Path]) -> Ingested:
@@ -117,7 +116,7 @@ async def ingest_results(opts: RunOptions, results: list[Path]) -> Ingested:
     try:
         prompt = Prompt(opts.config)
         stats = RunStats(calls=CallStats(), model=opts.model)
-        merger = Merger(prepared.sink, prepared.done, stats, uuid.uuid4().hex[:12], opts.model, prompt=prompt)
+        merger = Merger(prepared.sink, prepared.done, stats, new_run_id(), opts.model, prompt=prompt)
         out = Ingested(dead_letters=str(prepared.sink.meta.dead_letters_path))
         lines = _lines(results)
         for n in itertools.count():

@@ -30,7 +30,7 @@ from pipeline.engines.batch.ledger import (
 )
 from pipeline.errors import BatchError
 from pipeline.input.ids import IdSet
-from pipeline.results import Failed, Row, now_iso
+from pipeline.results import Failed, Row, problem_failure
 from pipeline.run.prepare import RowGate, Verdict
 from pipeline.stats import RunStats
 
@@ -94,7 +94,7 @@ class Planner:
                 continue
             verdict = gate.sort(row)
             if verdict is Verdict.PROBLEM:
-                failure = Failed(row, row.problem or "bad_row", row.detail, 0, None, now_iso())
+                failure = problem_failure(row)
                 stats.record_failure(failure.kind, row.id, failure.message)
                 self.problems.append(failure)
             elif verdict is Verdict.SEND and (written := self.files.add(row)) is not None:

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any, Final
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.engines.ray.labeler import Labeler, new_run_id, rows_table
+from pipeline.engines.ray.labeler import Labeler, rows_table
 from pipeline.engines.ray.limit import SharedLimit
 from pipeline.engines.ray.output import done_ids, is_remote, local_path, write_args
 from pipeline.errors import UsageError
 from pipeline.ratelimit.limiter import AUTO_CEILING, LimitSettings, RetryPolicy
-from pipeline.results import now_iso
+from pipeline.results import new_run_id, now_iso
 from pipeline.sinks.meta import Identity, SinkMeta
 from pipeline.sinks.parquet import record_schema
 from pipeline.task.config import TaskConfig, load_config

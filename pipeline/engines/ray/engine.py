@@ -18,16 +18,16 @@ import sys
 from collections.abc import Iterator
 from typing import IO, Any, Final
 
-import orjson
 import pyarrow as pa
 
 from pipeline.errors import FatalApiError, Interrupted, LabelstreamError, UsageError
-from pipeline.results import Failed, Row, dead_letter, now_iso
+from pipeline.results import Failed, Row, new_run_id, problem_failure
 from pipeline.run.options import RunOptions, resume_after
 from pipeline.run.prepare import Prepared, RowGate, Verdict, prepare_run
 from pipeline.run.summary import Summary
 from pipeline.sinks.layout import is_jsonl
 from pipeline.sinks.parquet import ParquetSink
+from pipeline.sinks.progress_file import RunState, write_progress
 from pipeline.stats import CallStats, RunStats
 
 ROWS_PER_TABLE: Final = 500  # rows per block put into Ray's object store: small enough to spread over actors
@@ -39,9 +39,9 @@ def run_ray(opts: RunOptions, *, actors: int, notice: IO[str] | None = None) -> 
     _check(opts)
     prepared = prepare_run(opts)
     stats = RunStats(calls=CallStats(), model=opts.model, tier="flex" if opts.service_tier == "flex" else "standard")
-    run_id = os.urandom(6).hex()
+    run_id = new_run_id()
     error: LabelstreamError | None = None
-    state = "done"
+    state = RunState.DONE
     started_ray = False
     try:
         say = _sayer(opts, notice)
@@ -61,9 +61,9 @@ def run_ray(opts: RunOptions, *, actors: int, notice: IO[str] | None = None) -> 
             try:
                 _label(prepared, opts, refs, stats, actors=actors, run_id=run_id)
             except KeyboardInterrupt:
-                state = "interrupted"
+                state = RunState.INTERRUPTED
     except LabelstreamError as exc:
-        error, state = exc, "failed"
+        error, state = exc, RunState.FAILED
     finally:
         prepared.source.close()
         prepared.sink.meta.close()
@@ -81,16 +81,17 @@ def run_ray(opts: RunOptions, *, actors: int, notice: IO[str] | None = None) -> 
         resume=resume_after(opts.resume_command, error),
         engine="ray",
     )
-    with contextlib.suppress(LabelstreamError):
-        prepared.sink.meta.write_json_atomic(
-            prepared.sink.meta.progress_path,
-            stats.snapshot(state, input=str(opts.input), output=str(opts.output), run=run_id, engine="ray"),
-        )
-    if error is not None or state == "interrupted":
+    write_progress(
+        prepared.sink.meta,
+        stats.snapshot(
+            state, input=str(opts.input), output=str(opts.output), run=run_id, engine="ray", summary=summary.as_dict()
+        ),
+    )
+    if error is not None or state is RunState.INTERRUPTED:
         print(summary.render(with_error=error is None), file=notice)  # the raised error is printed once, after
     if error is not None:
         raise error
-    if state == "interrupted":
+    if state is RunState.INTERRUPTED:
         raise Interrupted(f"interrupted; resume with: {opts.resume_command}")
     return summary
 
@@ -123,14 +124,13 @@ def _put_rows(prepared: Prepared, opts: RunOptions, stats: RunStats, run_id: str
     carry = list(prepared.source.carry)
     refs: list[Any] = []
     chunk: list[Row] = []
-    problems: list[bytes] = []
+    problems: list[Failed] = []
     for row in _rows(prepared, gate):
         verdict = gate.sort(row)
         if verdict is Verdict.PROBLEM:
-            failed = Failed(row=row, kind=row.problem or "problem", message=row.detail, attempts=0, status=None,
-                            failed_at=now_iso())  # fmt: skip
+            failed = problem_failure(row)
             stats.record_failure(failed.kind, row.id, failed.message)
-            problems.append(orjson.dumps(dead_letter(failed, run_id)) + b"\n")
+            problems.append(failed)
         elif verdict is Verdict.SEND:
             chunk.append(row)
             if len(chunk) >= ROWS_PER_TABLE:
@@ -139,7 +139,7 @@ def _put_rows(prepared: Prepared, opts: RunOptions, stats: RunStats, run_id: str
     if chunk:
         refs.append(put(_table(chunk, carry)))
     if problems:
-        prepared.sink.meta.append_dead_letters(b"".join(problems))
+        prepared.sink.meta.append_dead_letters(problems, run_id)
     stats.expected, stats.expected_exact = gate.admitted, True
     return refs
 

@@ -11,19 +11,17 @@ run sends them again, exactly as with the CLI.
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.input.sources import content_id
 from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
-from pipeline.results import RECORD_FIELDS, Failed, Labeled, Row, dead_letter, now_iso
+from pipeline.results import RECORD_FIELDS, Failed, Labeled, Row, problem_failure
+from pipeline.sinks.meta import append_dead_letters
 from pipeline.task.config import TaskConfig
 
 # Columns of the rows a Labeler takes; every other column is carried into the records.
@@ -118,27 +116,15 @@ class Labeler:
         labeled = [r for r in results if isinstance(r, Labeled)]
         failed = [r for r in results if isinstance(r, Failed)]
         if failed and self.dead_letters is not None:
-            await asyncio.to_thread(self._write_dead_letters, failed)
+            await asyncio.to_thread(append_dead_letters, self.dead_letters, failed, self.run_id)
         self._report(client, labeled, failed)
         return labeled_table(labeled, self.schema, self.outputs)
 
     async def _one(self, client: Any, row: Row) -> Labeled | Failed:
         if row.problem:
-            return Failed(row=row, kind=row.problem, message=row.detail, attempts=0, status=None, failed_at=now_iso())
+            return problem_failure(row)
         result: Labeled | Failed = await client.label(row)
         return result
-
-    def _write_dead_letters(self, failed: list[Failed]) -> None:
-        # One write per batch, appended: lines of several actors never interleave (O_APPEND, one write call).
-        assert self.dead_letters is not None  # noqa: S101 - checked by the caller
-        data = b"".join(orjson.dumps(dead_letter(f, self.run_id)) + b"\n" for f in failed)
-        self.dead_letters.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dead_letters, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _report(self, client: Any, labeled: list[Labeled], failed: list[Failed]) -> None:
         calls = client.stats
@@ -172,8 +158,3 @@ def _rows(batch: pa.Table, carry: Sequence[str]) -> list[Row]:
 
 
 _PROBLEMS: Final = {"empty_text": "the text is empty or only whitespace", "missing_id": "the id column is empty"}
-
-
-def new_run_id() -> str:
-    """A short id that marks this job's dead letters."""
-    return uuid.uuid4().hex[:12]
