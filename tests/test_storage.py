@@ -405,3 +405,17 @@ def test_a_shard_on_s3_takes_the_share_of_siblings_whose_progress_says_done(buck
             patch.setenv(name, value)
         follower = ShareFollower(as_path(bucket.uri("share/out.parquet")), Shard(0, 4), 0.25, clock=lambda: next(clock))
         assert follower.refresh() == pytest.approx(0.5)
+
+
+def test_input_and_output_both_in_the_bucket(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """--input and --output both on s3:// in one run: every row labeled once; a resume sends nothing."""
+    rows = reviews(50)
+    bucket.client.upload_file(str(write_csv(tmp_path / "in.csv", rows)), bucket.name, "data/in.csv")
+    args = label_args(sim, tmp_path / "unused.csv", bucket.uri("data/out.parquet"))
+    args[args.index("--input") + 1] = bucket.uri("data/in.csv")
+    result = cli(*args, env=bucket.env)
+    assert result.returncode == 0, result.stderr
+    assert sorted(bucket.ids("data/out.parquet")) == sorted(r[0] for r in rows)
+    sim.reset()
+    assert cli(*args, env=bucket.env).returncode == 0
+    assert sim.stats()["requests"] == 0
