@@ -191,7 +191,6 @@ def run_pods(sim: Any, args: list[str], env: dict[str, str], completions: int) -
 
 
 K8S_S3 = ROOT / "deploy" / "k8s" / "indexed-job-s3.yaml"
-POD_SPEC_S3 = {*POD_SPEC, "initContainers"}
 CONTAINER_S3 = {*CONTAINER, "envFrom"}
 
 
@@ -202,30 +201,27 @@ def s3_job() -> dict[str, Any]:
 
 
 def test_the_s3_indexed_job_needs_no_shared_volume_and_keeps_credentials_in_secrets() -> None:
-    """The bucket variant: Indexed, retried per index, output in a bucket, only an emptyDir, keys from Secrets."""
+    """The bucket variant: Indexed, retried per index, input and output in a bucket, keys from Secrets only."""
     spec = s3_job()["spec"]
     assert set(spec) <= JOB_SPEC and spec["completionMode"] == "Indexed" and spec["backoffLimitPerIndex"] >= 1
     assert 1 <= spec["parallelism"] <= spec["completions"]
     pod = spec["template"]["spec"]
-    assert set(pod) <= POD_SPEC_S3 and pod["restartPolicy"] == "Never"
+    assert set(pod) <= POD_SPEC and pod["restartPolicy"] == "Never"
     (volume,) = pod["volumes"]
-    assert volume == {"name": "work", "emptyDir": {}}  # nothing shared between nodes
-    (fetch,) = pod["initContainers"]
+    assert set(volume) == {"name", "configMap"}  # the task file only: no data volume shared between nodes
     (container,) = pod["containers"]
     assert set(container) <= CONTAINER_S3
     env = {e["name"]: e for e in container["env"]}
     assert int(env["LABELSTREAM_SHARDS"]["value"]) == spec["completions"]
     assert "value" not in env["OPENAI_API_KEY"]
-    for box in (fetch, container):
-        assert [source["secretRef"]["name"] for source in box["envFrom"]] == ["labelstream-bucket"]
-        assert not [e for e in box.get("env", []) if e["name"].startswith("AWS_") and "KEY" in e["name"]]
+    assert [source["secretRef"]["name"] for source in container["envFrom"]] == ["labelstream-bucket"]
+    assert not [e for e in container["env"] if e["name"].startswith("AWS_") and "KEY" in e["name"]]
     args = s3_args()
+    assert args[args.index("--input") + 1].startswith("s3://")
     assert args[args.index("--output") + 1].startswith("s3://")
+    (mount,) = container["volumeMounts"]
+    assert mount["name"] == volume["name"] and args[args.index("--config") + 1].startswith(mount["mountPath"] + "/")
     assert args[args.index("--shard") + 1] == "auto"
-    assert {target for _, target in fetched(fetch)} == {
-        args[args.index("--input") + 1],
-        args[args.index("--config") + 1],
-    }
     assert pod["terminationGracePeriodSeconds"] > float(args[args.index("--grace") + 1])
     assert build_parser().parse_args(args).shard == "auto"
 
@@ -236,29 +232,20 @@ def s3_args() -> list[str]:
     return [*container["command"][1:], *container["args"]]
 
 
-def fetched(init: dict[str, Any]) -> list[tuple[str, str]]:
-    """(s3 source, local target) of each `aws s3 cp` the init container runs."""
-    script = " ".join(init["command"][2:]) if init["command"][:2] == ["sh", "-c"] else ""
-    return re.findall(r"aws s3 cp (s3://\S+) (\S+)", script)
-
-
 def test_the_s3_indexed_job_labels_every_row_once_into_the_bucket(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
-    """Run as Kubernetes would (init copy, then one pod per index) against a loopback S3: each row once, 8 shards."""
+    """Run as Kubernetes would (one pod per index, input and output in a loopback S3 bucket): each row once."""
     rows = reviews(160)
     job = s3_job()
-    pod = job["spec"]["template"]["spec"]
-    (fetch,) = pod["initContainers"]
-    (container,) = pod["containers"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    (mount,) = container["volumeMounts"]
     prefix = "s3://your-bucket/"
-    local = {"in.csv": write_csv(tmp_path / "in.csv", rows), "sentiment.toml": ROOT / "configs" / "sentiment.toml"}
-    for source, _ in fetched(fetch):  # what the user uploads before applying the Job
-        key = source.removeprefix(prefix)
-        bucket.client.upload_file(str(local[key.rsplit("/", 1)[1]]), bucket.name, key)
-    work = tmp_path / "work"
-    work.mkdir()
-    for source, target in fetched(fetch):  # the init container's copy into the emptyDir
-        bucket.client.download_file(bucket.name, source.removeprefix(prefix), target.replace("/work/", f"{work}/"))
-    args = [a.replace("/work/", f"{work}/").replace(prefix, f"s3://{bucket.name}/") for a in s3_args()]
+    args = s3_args()
+    source = args[args.index("--input") + 1].removeprefix(prefix)  # what the user uploads before applying the Job
+    bucket.client.upload_file(str(write_csv(tmp_path / "in.csv", rows)), bucket.name, source)
+    task = tmp_path / "task"  # the ConfigMap, as mounted
+    task.mkdir()
+    shutil.copy(ROOT / "configs" / "sentiment.toml", task / "sentiment.toml")
+    args = [a.replace(mount["mountPath"] + "/", f"{task}/").replace(prefix, f"s3://{bucket.name}/") for a in args]
     env = cli_env({**bucket.env, **{e["name"]: e["value"] for e in container["env"] if "value" in e}})
     run_pods(sim, args, env, job["spec"]["completions"])
     output = args[args.index("--output") + 1]
