@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import socket
@@ -419,3 +420,22 @@ def test_input_and_output_both_in_the_bucket(sim: Any, tmp_path: Path, bucket: B
     sim.reset()
     assert cli(*args, env=bucket.env).returncode == 0
     assert sim.stats()["requests"] == 0
+
+
+def test_storage_options_reach_the_input_reader_too(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """With no AWS_* in the environment, --storage-option's endpoint and keys open an s3:// input as well."""
+    rows = reviews(20)
+    bucket.client.upload_file(str(write_csv(tmp_path / "in.csv", rows)), bucket.name, "opt/in.csv")
+    env = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1"}
+    options = [
+        "--storage-option", f"endpoint_override={bucket.endpoint}", "--storage-option", f"access_key={ACCESS_KEY}",
+        "--storage-option", f"secret_key={SECRET_KEY}",
+    ]  # fmt: skip
+    args = label_args(sim, tmp_path / "unused.csv", bucket.uri("opt/out.parquet"), *options)
+    args[args.index("--input") + 1] = bucket.uri("opt/in.csv")
+    with pytest.MonkeyPatch.context() as patch:  # the CLI inherits this process's environment: no AWS_* in it
+        for name in [k for k in os.environ if k.startswith("AWS_")]:
+            patch.delenv(name)
+        result = cli(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    assert sorted(bucket.ids("opt/out.parquet")) == sorted(r[0] for r in rows)

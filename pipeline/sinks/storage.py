@@ -82,6 +82,27 @@ def as_path(location: str | PurePath) -> Path:
     return ObjectPath(uri) if uri is not None else Path(location)
 
 
+def object_filesystem(location: str | PurePath) -> Any:
+    """The pyarrow filesystem for an s3:// or gs:// location, built with `--storage-option` (None when local)."""
+    uri = object_uri(location)
+    return ObjectStore(uri).fs if uri is not None else None
+
+
+def uri_options(location: str | PurePath) -> dict[str, str]:
+    """The store's endpoint, scheme and region as pyarrow URI parameters (never a credential), so that a reader
+    that parses the URI itself looks nowhere else (without a region, pyarrow asks AWS where the bucket is)."""
+    uri = object_uri(location)
+    if uri is None or not uri.startswith("s3://"):
+        return {}
+    store = ObjectStore(uri)
+    found: dict[str, str] = {}
+    if store.endpoint:
+        scheme, sep, host = store.endpoint.partition("://")
+        found.update(endpoint_override=host if sep else store.endpoint, scheme=scheme if sep else "https")
+    region = store.region
+    return {**found, "region": region} if region else found
+
+
 def read_location(path: Path) -> bytes:
     """The bytes of a file or, for an s3:// or gs:// location, of an object (FileNotFoundError if there is none)."""
     uri = object_uri(path)
@@ -142,6 +163,11 @@ class ObjectStore:
         return f"{self.scheme}://{key}"
 
     @property
+    def region(self) -> str | None:
+        """The bucket's region, when given (`--storage-option region=`, AWS_REGION, AWS_DEFAULT_REGION)."""
+        return self._options.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+    @property
     def lease_seconds(self) -> float:
         """How long a writer's lease lasts unless renewed (`--storage-option lease_seconds=N`)."""
         raw = self._options.get("lease_seconds", "60")
@@ -180,9 +206,8 @@ class ObjectStore:
             scheme, sep, host = self.endpoint.partition("://")
             kwargs["endpoint_override"] = host if sep else self.endpoint
             kwargs["scheme"] = scheme if sep else "https"
-        region = opts.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            kwargs["region"] = region
+        if self.region:
+            kwargs["region"] = self.region
         if opts.get("access_key"):
             kwargs.update(access_key=opts["access_key"], secret_key=opts.get("secret_key", ""))
             if opts.get("session_token"):
