@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.dataset as ds
+import pytest
 import yaml
 
 from pipeline.analysis.status import sink_status
@@ -232,6 +233,7 @@ def s3_args() -> list[str]:
     return [*container["command"][1:], *container["args"]]
 
 
+@pytest.mark.slow
 def test_the_s3_indexed_job_labels_every_row_once_into_the_bucket(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """Run as Kubernetes would (one pod per index, input and output in a loopback S3 bucket): each row once."""
     rows = reviews(160)

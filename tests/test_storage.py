@@ -62,6 +62,7 @@ def put_lease(bucket: Bucket, key: str, *, host: str, pid: int, seconds: float) 
     bucket.client.put_object(Bucket=bucket.name, Key=key, Body=body)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_gives_each_id_once(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """SIGKILLs at random moments into s3://: readers never see an id twice; the last run completes the set."""
     rng = random.Random("crash-s3")
@@ -266,6 +267,7 @@ def test_no_permission_and_unknown_keys_are_clear_errors(
     assert reader["AWS_SECRET_ACCESS_KEY"] not in denied.stderr + unknown.stderr
 
 
+@pytest.mark.slow
 def test_four_shards_killed_and_restarted_fill_one_bucket_dataset_once(
     sim: Any, tmp_path: Path, bucket: Bucket
 ) -> None:
