@@ -441,3 +441,15 @@ def test_storage_options_reach_the_input_reader_too(sim: Any, tmp_path: Path, bu
         result = cli(*args, env=env)
     assert result.returncode == 0, result.stderr
     assert sorted(bucket.ids("opt/out.parquet")) == sorted(r[0] for r in rows)
+
+
+def test_starting_over_on_s3_is_refused_and_leaves_no_lease(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """--skip_labeled False on an s3:// output is refused (no rename to move it aside); the lease is given back."""
+    source = write_csv(tmp_path / "in.csv", reviews(10))
+    out = bucket.uri("again/out.parquet")
+    assert cli(*label_args(sim, source, out), env=bucket.env).returncode == 0
+    sim.reset()
+    result = cli(*label_args(sim, source, out, "--skip_labeled", "False"), env=bucket.env)
+    assert result.returncode == 2 and "no rename" in result.stderr
+    assert sim.stats()["requests"] == 0
+    assert "again/out.parquet.meta/lease.json" not in bucket.keys("again/")
