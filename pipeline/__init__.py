@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pipeline.engines import label_csv, run_label
     from pipeline.errors import (
         BatchError,
         ConfigError,
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     )
     from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
     from pipeline.results import Row
-    from pipeline.run.lifecycle import label_csv, run_label
     from pipeline.run.options import RunOptions
     from pipeline.run.summary import Summary
     from pipeline.sinks.progress_file import RunState
@@ -57,8 +57,8 @@ _WHERE = {
     "Summary": "pipeline.run.summary",
     "TaskConfig": "pipeline.task.config",
     "load_config": "pipeline.task.config",
-    "label_csv": "pipeline.run.lifecycle",
-    "run_label": "pipeline.run.lifecycle",
+    "label_csv": "pipeline.engines",
+    "run_label": "pipeline.engines",
 }
 __all__ = [
     "BatchError",

@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
+from pipeline.engines import run_label
 from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
-from pipeline.run.lifecycle import run_label
 from pipeline.run.options import RunOptions
 from pipeline.run.summary import Summary
 from pipeline.sinks import open_sink
@@ -80,8 +80,7 @@ def label_batch(
     **options: Any,
 ) -> Summary:
     """Run the batch (or auto) engine in this process against the simulator; BatchSettings fields go in `options`."""
-    from pipeline.engines.batch.auto import run_auto  # noqa: PLC0415 - only these tests need the engines
-    from pipeline.engines.batch.engine import run_batch  # noqa: PLC0415
+    from pipeline.engines import run_engine  # noqa: PLC0415 - only these tests need the engines
     from pipeline.engines.batch.settings import BatchSettings  # noqa: PLC0415
 
     names = set(BatchSettings.__dataclass_fields__)
@@ -98,8 +97,7 @@ def label_batch(
         progress="off" if notice is None else "log",
         **options,
     )
-    run = run_auto if engine == "auto" else run_batch
-    return asyncio.run(run(opts, settings, notice=notice or io.StringIO()))
+    return asyncio.run(run_engine(engine, opts, batch=settings, notice=notice or io.StringIO()))
 
 
 def ledger(output: Path) -> dict[str, Any]:

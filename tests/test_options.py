@@ -8,11 +8,10 @@ from typing import Any
 
 import pytest
 
-from pipeline import label_csv
+from pipeline import engines, label_csv
 from pipeline.errors import UsageError
 from pipeline.input.shards import Shard
 from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
-from pipeline.run import lifecycle
 from pipeline.run.options import RunOptions, resolve_credentials
 from pipeline.simulator.hosts import loopback_host
 from pipeline.sinks import SinkMeta
@@ -28,7 +27,7 @@ def options_of_label_csv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any
     async def keep(opts: RunOptions) -> RunOptions:
         return opts
 
-    monkeypatch.setattr(lifecycle, "run_label", keep)
+    monkeypatch.setattr(engines, "run_label", keep)
     source = write_csv(tmp_path / "in.csv", reviews(3))
     return lambda **kw: label_csv(source, tmp_path / "out.jsonl", SENTIMENT, **kw)
 

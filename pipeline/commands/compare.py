@@ -79,7 +79,9 @@ def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
         print(dry_run_compare(settings))
         return ExitCode.OK
     try:
-        comparison, errors = run_compare(settings, sys.stderr)
+        from pipeline.engines.online import OnlineEngine  # noqa: PLC0415 - commands load what they need
+
+        comparison, errors = run_compare(settings, sys.stderr, OnlineEngine)
     finally:
         interrupt_on_term()  # asyncio put SIGTERM back to its default (kill) when the runs ended
     footer = next_run(settings, comparison)

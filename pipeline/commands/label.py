@@ -130,13 +130,6 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
         print(dry_run(opts))
         return ExitCode.OK
-    if args.engine == "ray":
-        from pipeline.engines.ray.engine import run_ray  # noqa: PLC0415 - needs the ray extra
-
-        summary = run_ray(opts, actors=args.ray_actors)
-        if not args.quiet or summary.exit_code:
-            print(summary.render(), file=sys.stderr)
-        return int(summary.exit_code)
     try:
         summary = asyncio.run(_engine_run(args, opts))
     finally:
@@ -148,16 +141,16 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 async def _engine_run(args: argparse.Namespace, opts: Any) -> Any:
     """Run the engine --engine names; the SDK, aiohttp and the sink load here."""
-    if args.engine == "batch":
-        from pipeline.engines.batch.engine import run_batch  # noqa: PLC0415
+    from pipeline.engines import run_engine  # noqa: PLC0415
 
-        return await run_batch(opts, batch_settings(args))
-    if args.engine == "auto":
-        from pipeline.engines.batch.auto import run_auto  # noqa: PLC0415
+    if args.engine == "online":
+        _note_running_batches(opts)
+    return await run_engine(args.engine, opts, batch=batch_settings(args), actors=args.ray_actors)
 
-        return await run_auto(opts, batch_settings(args))
+
+def _note_running_batches(opts: Any) -> None:
+    """Labeling online rows that batches still hold pays twice: say so (a note; the run goes on)."""
     from pipeline.engines.batch.ledger import Ledger  # noqa: PLC0415 - light: no SDK
-    from pipeline.run.lifecycle import run_label  # noqa: PLC0415
     from pipeline.sinks import SinkMeta  # noqa: PLC0415
 
     live = 0
@@ -169,7 +162,6 @@ async def _engine_run(args: argparse.Namespace, opts: Any) -> Any:
             "too pays twice. `--engine batch` collects them.",
             file=sys.stderr,
         )
-    return await run_label(opts)
 
 
 def _run_procs(args: argparse.Namespace, opts: Any) -> int:

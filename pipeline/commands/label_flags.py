@@ -104,10 +104,12 @@ def _pace_flags(pace: Any) -> None:
 
 def _engine_flags(engine: Any) -> None:
     """The --engine flag and the flags of each engine."""
+    from pipeline.engines import ENGINES  # noqa: PLC0415 - the registry is light: names only
+
     engine.add_argument(
         "--engine",
-        choices=["online", "batch", "auto", "ray"],
-        default="online",
+        choices=list(ENGINES),
+        default=next(iter(ENGINES)),
         help="online (default): requests as you go. batch: the OpenAI Batch API, half price, results within "
         "24 h. auto: the first --online-rows online to check the prompt, the rest as batches. ray: a Ray "
         "Data job (labelstream[ray]) on the cluster in RAY_ADDRESS or a local Ray; Parquet output",

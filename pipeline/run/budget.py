@@ -84,7 +84,9 @@ class Budget:
     def error(self, resume: str) -> OverBudget:
         """The error a run stopped by the limit ends with."""
         return OverBudget(
-            f"stopped at --max-cost ${self.limit:g}: spent ${self.spent:.4f}, and the next request could pass it. "
+            # `held` stays with the requests a batch or a Ray job was given: their worst case, not yet settled.
+            f"stopped at --max-cost ${self.limit:g}: spent up to ${self.spent + self.held:.4f}, and the next request "
+            "could pass it. "
             "Every finished row is saved; the rest are left for the next run. To continue, raise --max-cost (it "
             f"counts each run's own spending) and re-run: {resume}"
         )
@@ -98,18 +100,20 @@ def refuse_over_estimate(estimate: float, limit: float, rows: int, how: str) -> 
     )
 
 
-def check_before_start(opts: RunOptions, prepared: Prepared, notice: IO[str]) -> Price | None:
-    """With --max-cost: the model's price, after refusing a run whose estimate is already over the limit."""
+def check_before_start(
+    opts: RunOptions, prepared: Prepared, notice: IO[str], *, tier: str = "standard"
+) -> Price | None:
+    """With --max-cost: the model's price, after refusing a run whose estimate (at `tier`) is already over it."""
     if opts.max_cost is None:
         return None
-    price = price_for_budget(opts.model)
+    price = price_for_budget(opts.model, tier)
     plan = estimate_run(opts, prepared, exact=opts.exact_tokens)
-    if plan.cost is not None and plan.cost > opts.max_cost:
-        raise refuse_over_estimate(plan.cost, opts.max_cost, plan.rows, plan.prompt_method)
+    cost = plan.costs.get(tier, plan.cost)
+    if cost is not None and cost > opts.max_cost:
+        raise refuse_over_estimate(cost, opts.max_cost, plan.rows, plan.prompt_method)
     if opts.progress != "off":
         print(
-            f"labelstream: estimated ${plan.cost or 0:.4f} for {plan.rows:,} rows: "
-            f"within --max-cost ${opts.max_cost:g}",
+            f"labelstream: estimated ${cost or 0:.4f} for {plan.rows:,} rows: within --max-cost ${opts.max_cost:g}",
             file=notice,
         )
     return price

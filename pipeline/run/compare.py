@@ -1,6 +1,7 @@
 """`labelstream compare`, the labeling half: every candidate labels the same gold sample into a sink of its own.
 
-Each candidate is an ordinary resumable run (`run_label`), so a re-run finishes what is missing and asks
+Each candidate is an ordinary resumable run (a `Run` of the engine the command hands over, the online one),
+so a re-run finishes what is missing and asks
 nothing for a finished sink. The runs go as concurrent tasks of one event loop. A rate limit belongs to a key
 and model at one endpoint, so candidates that share an endpoint and a model each take an equal share of
 `--rpm`/`--tpm` and of any limit learned from the provider's headers (the `share` a `--procs` child takes);
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -22,7 +23,7 @@ from pipeline.analysis.sample import Sample, draw_sample
 from pipeline.errors import ConfigError, Interrupted, LabelstreamError, UsageError
 from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
 from pipeline.run.estimate import estimate_run
-from pipeline.run.lifecycle import run_label
+from pipeline.run.lifecycle import Engine, Run
 from pipeline.run.options import RunOptions, resolve_endpoints
 from pipeline.run.prepare import prepare_run
 from pipeline.task.config import TaskConfig, load_config
@@ -108,14 +109,17 @@ def label_command(input: Path, output: Path, config: TaskConfig, base_url: str |
     return shlex.join(words)
 
 
-async def label_candidates(options: Sequence[RunOptions], notice: IO[str]) -> dict[str, str]:
-    """Label every candidate's sample concurrently; returns the error of each candidate that failed (by sink)."""
+async def label_candidates(
+    options: Sequence[RunOptions], notice: IO[str], engine: Callable[[], Engine]
+) -> dict[str, str]:
+    """Label every candidate's sample concurrently, each run with a new `engine()`; returns the error of each
+    candidate that failed (by sink)."""
     errors: dict[str, str] = {}
 
     async def one(opts: RunOptions) -> None:
         try:
             # Progress is off: a run speaks only when it fails or is stopped (Ctrl-C), and then to the user.
-            summary = await run_label(opts, notice=notice)
+            summary = await Run(opts, engine(), notice=notice).execute()
         except Interrupted:
             raise
         except LabelstreamError as exc:
@@ -138,8 +142,11 @@ async def label_candidates(options: Sequence[RunOptions], notice: IO[str]) -> di
     return errors
 
 
-def run_compare(settings: CompareSettings, notice: IO[str]) -> tuple[Comparison, dict[str, str]]:
-    """Label what is missing, then score every candidate that has labels; also returns failed candidates."""
+def run_compare(
+    settings: CompareSettings, notice: IO[str], engine: Callable[[], Engine]
+) -> tuple[Comparison, dict[str, str]]:
+    """Label what is missing (with `engine()`, pipeline.run importing no engine), then score every candidate
+    that has labels; also returns failed candidates."""
     resolve_endpoints(settings.api_key, (settings.base_url,) if settings.base_url else ())  # no key: one error, now
     sample, chosen = prepare_compare(settings)
     print(
@@ -147,7 +154,7 @@ def run_compare(settings: CompareSettings, notice: IO[str]) -> tuple[Comparison,
         f"{len(chosen)} candidates",
         file=notice,
     )
-    errors = asyncio.run(label_candidates(candidate_options(settings, sample, chosen), notice))
+    errors = asyncio.run(label_candidates(candidate_options(settings, sample, chosen), notice, engine))
     scored = [c for c in chosen if str(c.sink) not in errors or c.sink.exists()]
     if not scored:
         raise UsageError("no candidate labeled anything; see the errors above.")

@@ -9,16 +9,17 @@ run uses the same gate, it counts exactly what the run will send.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from pipeline.errors import SinkMismatchError, UsageError
+from pipeline.errors import LabelstreamError, SinkMismatchError, UsageError
 from pipeline.input.ids import IdSet
 from pipeline.input.location import ReadOptions
 from pipeline.input.shards import Shard
 from pipeline.input.sources import Source, input_source
-from pipeline.results import Row, now_iso, sha_tag
+from pipeline.results import Failed, Row, now_iso, problem_failure, sha_tag
 from pipeline.run.options import RunOptions
 from pipeline.sinks import Identity, Manifest, Sink, check_layout, open_sink
 from pipeline.sinks.layout import move_aside
@@ -61,9 +62,21 @@ class Prepared:
     redo: IdSet = field(default_factory=IdSet)  # done ids to label again (a dry run keeps them in `done`)
 
     def close(self) -> None:
-        """Close the input and release the lock (the run closes the sink's files itself)."""
+        """Close the input and release the lock (after a dry run, which opened none of the sink's files)."""
         self.source.close()
         self.sink.meta.unlock()
+
+    async def finish(self, then: Callable[[], None] | None = None) -> None:
+        """Close the input and the sink's files, run `then` (still holding the lock), release the lock: the one
+        teardown of everything that wrote to a sink, whatever ended it."""
+        self.source.close()
+        try:
+            with contextlib.suppress(LabelstreamError):  # a sink that cannot close has said so already
+                await self.sink.close()
+            if then is not None:
+                then()
+        finally:
+            self.sink.meta.unlock()
 
 
 def prepare_run(opts: RunOptions, *, dry_run: bool = False) -> Prepared:
@@ -224,11 +237,13 @@ class Verdict(Enum):
     CONFLICT = "conflict"  # the same id came earlier with different text: labeled once, by the first
     PROBLEM = "problem"  # unusable (empty text, bad bytes, ragged): dead-lettered without a request
     OTHER_SHARD = "other_shard"  # another shard labels it (--shard)
+    HELD = "held"  # --max-cost cannot cover it: left for the next run, and the gate is full from now on
     SEND = "send"
 
 
 class RowGate:
-    """Sorts input rows for a run; counts what it saw into `stats`. `full` once `max_rows` rows were let through.
+    """Sorts input rows for a run; counts what it saw into `stats`. `full` once `max_rows` rows were let through,
+    or once `admit` (the run's budget) refused a row.
 
     Problem rows do not count against `max_rows`: they cost no request, and a file whose first N rows are
     unusable must still move forward batch by batch.
@@ -242,8 +257,11 @@ class RowGate:
         *,
         redo: IdSet | None = None,
         shard: Shard | None = None,
+        admit: Callable[[Row], bool] | None = None,
     ) -> None:
         self.done = done
+        self.admit = admit
+        self.held = False  # `admit` refused a row: nothing more passes
         self.shard = shard if shard is not None and shard.count > 1 else None
         self.redo = redo if redo is not None and len(redo) else None
         self.seen = IdSet()
@@ -254,13 +272,19 @@ class RowGate:
 
     @property
     def full(self) -> bool:
-        """Whether --limit has been reached."""
-        return self.max_rows is not None and self.sent >= self.max_rows
+        """Whether --limit has been reached, or the budget refused a row."""
+        return self.held or (self.max_rows is not None and self.sent >= self.max_rows)
 
     @property
     def admitted(self) -> int:
         """Rows this run finishes (sent, or dead-lettered as problems)."""
         return self.sent + self.problems
+
+    def failure(self, row: Row) -> Failed:
+        """The dead letter of a row sorted as PROBLEM (it costs no request), counted in the stats."""
+        failure = problem_failure(row)
+        self.stats.record_failure(failure.kind, row.id, failure.message)
+        return failure
 
     def sort(self, row: Row) -> Verdict:
         """Decide what happens to `row` (call in input order, and not once `full`)."""
@@ -276,6 +300,10 @@ class RowGate:
             if held and tag and held != tag:
                 stats.changed += 1
             return Verdict.DONE
+        if self.admit is not None and not row.problem and row.id not in self.seen and not self.admit(row):
+            self.held = True  # not this run's: the next run sends it
+            stats.read -= 1
+            return Verdict.HELD
         if not self.seen.add(row.id, tag):
             first = self.seen.tag_of(row.id)
             if first and tag and first != tag:

@@ -4,20 +4,22 @@ The first `online_rows` rows go through the online engine, so a prompt or model 
 a minute rather than after a day, and their real token use prices the rest. Then the batch engine sends every
 row still to do, into the same sink. Once a sink has batches (a later run, after --no-wait), auto goes
 straight to the batch engine. The summary compares the cost with what an all-online run would have paid.
+The two parts are two runs (`pipeline.run.lifecycle.Run`) of one sink, one after the other.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import IO, Final
+from typing import IO, Any, Final
 
 from pipeline.api.pricing import cost_of
-from pipeline.engines.batch.engine import run_batch
+from pipeline.engines.batch.engine import BatchEngine
 from pipeline.engines.batch.ledger import Ledger
 from pipeline.engines.batch.settings import BatchSettings
+from pipeline.engines.online import OnlineEngine
 from pipeline.errors import BatchError
-from pipeline.run.lifecycle import run_label
+from pipeline.run.lifecycle import Run
 from pipeline.run.options import RunOptions
 from pipeline.run.summary import Summary
 from pipeline.sinks import SinkMeta
@@ -26,20 +28,25 @@ from pipeline.sinks import SinkMeta
 MAX_FAILED_SHARE: Final = 0.2
 
 
+async def run(opts: RunOptions, *, notice: IO[str] | None = None, **settings: Any) -> Summary:
+    """Label `batch.online_rows` rows online, then the rest through the Batch API; one combined summary."""
+    return await run_auto(opts, settings.get("batch") or BatchSettings(), notice=notice)
+
+
 async def run_auto(opts: RunOptions, settings: BatchSettings, *, notice: IO[str] | None = None) -> Summary:
     """Label `settings.online_rows` rows online, then the rest through the Batch API; one combined summary."""
     notice = notice or sys.stderr
     online: Summary | None = None
     if settings.online_rows and not Ledger(SinkMeta(opts.output)).submissions:
         first = settings.online_rows if opts.max_rows is None else min(settings.online_rows, opts.max_rows)
-        online = await run_label(dataclasses.replace(opts, max_rows=first), notice=notice)
+        online = await Run(dataclasses.replace(opts, max_rows=first), OnlineEngine(), notice=notice).execute()
         _check_online(online, opts)
         _say_estimate(online, opts, notice)
     left = None if opts.max_rows is None or online is None else opts.max_rows - online.labeled - online.failed
     if left is not None and left <= 0 and online is not None:
         return dataclasses.replace(online, engine="auto")
     batch_opts = dataclasses.replace(opts, max_rows=left if left is not None else opts.max_rows, service_tier=None)
-    batched = await run_batch(batch_opts, settings, notice=notice)
+    batched = await Run(batch_opts, BatchEngine(settings), notice=notice).execute()
     return batched if online is None else combine(online, batched)
 
 

@@ -1,19 +1,17 @@
 """`labelstream label --engine batch`: the rows a sink lacks, labeled through the OpenAI Batch API.
 
-    prepare_run ─▶ finish half-done submissions ─▶ collect ended batches ─▶ plan + submit the rest ─▶ wait, collect
+    finish half-done submissions ─▶ collect ended batches ─▶ plan + submit the rest ─▶ wait, collect
 
 Every run first brings the ledger up to date (submissions a crash left half-way are completed, batches that
 ended are collected), then sends the rows no one has done or holds, then (unless --no-wait) polls until its
-batches end. So re-running the same command after a crash, or after --no-wait, always carries on.
+batches end. So re-running the same command after a crash, or after --no-wait, always carries on. The run
+around it (the sink's preparation, signals, --max-cost, the summary) is `pipeline.run.lifecycle.Run`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import signal
-import sys
 import threading
 from pathlib import Path
 from typing import IO, Any
@@ -27,49 +25,94 @@ from pipeline.engines.batch.ledger import COLLECTED, PREPARED, SUBMITTED, Ledger
 from pipeline.engines.batch.poll import BatchProgress, refresh, wait_for_batches
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.batch.submit import SETTLE_SECONDS, Planner, counts_of, submit
-from pipeline.errors import BatchError, Interrupted, LabelstreamError, UsageError
-from pipeline.results import Failed, new_run_id
+from pipeline.errors import BatchError, LabelstreamError, UsageError
+from pipeline.results import Failed
+from pipeline.run.lifecycle import Run
 from pipeline.run.options import RunOptions, resolve_credentials
-from pipeline.run.prepare import Prepared, RowGate, prepare_run
 from pipeline.run.summary import Summary
-from pipeline.sinks.progress_file import RunState, end_state, write_progress
-from pipeline.stats import CallStats, RunStats
-from pipeline.task.prompt import Prompt
+from pipeline.sinks.progress_file import RunState
+from pipeline.stats import RunStats
 
 _ROWS_AT_ONCE = 5000  # rows of a batch read and settled at a time
 
 
-class _BatchRun:
-    """One batch-engine run: the prepared sink, its ledger, and the way to stop."""
+class BatchEngine:
+    """Requests as Batch API batches: plan request files, upload, create, poll, collect (module docstring)."""
 
-    def __init__(
-        self,
-        opts: RunOptions,
-        *,
-        settings: BatchSettings,
-        prepared: Prepared,
-        stats: RunStats,
-        api: BatchApi,
-        notice: IO[str],
-    ) -> None:
-        self.opts, self.settings, self.prepared, self.stats, self.api = opts, settings, prepared, stats, api
-        self.notice = notice
-        self.sink = prepared.sink
-        self.ledger = Ledger(self.sink.meta)
-        self.prompt = Prompt(opts.config)
-        self.run_id = new_run_id()
-        self.merger = Merger(self.sink, prepared.done, stats, self.run_id, opts.model, prompt=self.prompt)
-        self.stopping = asyncio.Event()
-        self.stop_planning = threading.Event()
-        self.signals = 0
-        self.hard_stop = False
+    name = "batch"
+    tier = "batch"
+    after_stop = "batches already sent keep running. "
+
+    def __init__(self, settings: BatchSettings) -> None:
+        self.settings = settings
         self.settle = SETTLE_SECONDS
-        self.progress = BatchProgress(mode=opts.progress, stream=notice)
+        self.stop_planning = threading.Event()
+        self.api_key = ""
+        self.base_url: str | None = None
+        self.ledger: Ledger | None = None
+        self.stats: RunStats | None = None
+        self.progress_bar: BatchProgress | None = None
+
+    def check(self, opts: RunOptions) -> None:
+        """One endpoint, and a key for it, before the sink is touched."""
+        if len(opts.base_urls) > 1:
+            raise UsageError("--engine batch sends to one endpoint; pass --base-url once.")
+        self.api_key, self.base_url = resolve_credentials(opts.api_key, opts.base_urls[0] if opts.base_urls else None)
+
+    async def execute(self, run: Run) -> None:
+        """Bring the ledger up to date, send what is left, and wait unless told not to."""
+        api = BatchApi(api_key=self.api_key, base_url=self.base_url)
+        self.ledger, self.stats = Ledger(run.sink.meta), run.stats
+        self.progress_bar = BatchProgress(mode=run.opts.progress, stream=run.notice)
+        try:
+            await _Batches(run, self, api, self.ledger, self.progress_bar).steps()
+        finally:
+            self.progress_bar.close()
+            await api.aclose()
+
+    def stop(self, run: Run, signals: int) -> bool:
+        """First Ctrl-C: finish the step under way (an upload, a create, a collection), then stop; batches keep
+        running at the provider. Second: stop at once (the ledger is consistent after any step)."""
+        if signals > 1:
+            return False
+        self.stop_planning.set()
+        print(
+            "\nlabelstream: stopping after the step under way; batches already sent keep running at the provider. "
+            "Press Ctrl-C again to stop at once.",
+            file=run.notice,
+            flush=True,
+        )
+        return True
+
+    def progress(self) -> dict[str, Any]:
+        """The batches' states (the rows in batches not yet collected go in the run's stats)."""
+        self._count_pending()
+        return {"batches": self.progress_bar.as_dict() if self.progress_bar else {}}
+
+    def summary(self) -> dict[str, Any]:
+        """Nothing of its own: the batch counts are in the run's stats."""
+        self._count_pending()
+        return {}
+
+    def _count_pending(self) -> None:
+        if self.ledger is not None and self.stats is not None:
+            self.stats.pending = sum(s.requests for s in self.ledger.held)
+
+
+class _Batches:
+    """One batch-engine run's steps: the run, its ledger, the Batch API."""
+
+    def __init__(self, run: Run, engine: BatchEngine, api: BatchApi, ledger: Ledger, progress: BatchProgress) -> None:
+        self.run, self.engine, self.api, self.ledger, self.progress = run, engine, api, ledger, progress
+        self.opts, self.settings, self.stats = run.opts, engine.settings, run.stats
+        self.sink = run.sink
+        self.prompt = run.prompt
+        self.stopping = run.stopping
+        self.merger = Merger(self.sink, run.prepared.done, self.stats, run.run_id, run.opts.model, prompt=self.prompt)
 
     def say(self, text: str) -> None:
         """A note on stderr (not with --quiet)."""
-        if self.opts.progress != "off":
-            print(f"labelstream: {text}", file=self.notice, flush=True)
+        self.run.say(text)
 
     async def steps(self) -> None:
         """Bring the ledger up to date, send what is left, and wait unless told not to."""
@@ -88,7 +131,7 @@ class _BatchRun:
             self.resend_early_failures()
             await self.send()
         if self.settings.wait and not self.stopping.is_set() and any(s.state == SUBMITTED for s in self.ledger.live):
-            self.write_progress(RunState.WAITING)
+            self.run.phase = RunState.WAITING
             await wait_for_batches(
                 self.api,
                 self.ledger,
@@ -96,7 +139,7 @@ class _BatchRun:
                 progress=self.progress,
                 settings=self.settings,
                 stopping=self.stopping,
-                report=lambda: self.write_progress(RunState.WAITING),
+                report=lambda: self.run.write_progress(RunState.WAITING),
             )
 
     def resend_early_failures(self) -> None:
@@ -116,7 +159,7 @@ class _BatchRun:
     async def resume_submission(self, sub: Submission) -> None:
         """Finish a submission an earlier run left uploaded or creating."""
         self.say(f"resuming {sub.id} ({sub.requests:,} rows), left {sub.state} by an earlier run")
-        batch = await submit(self.api, self.ledger, sub, settle=self.settle)
+        batch = await submit(self.api, self.ledger, sub, settle=self.engine.settle)
         self.say(f"batch {batch.id} holds {sub.id}")
 
     async def send(self) -> None:
@@ -136,13 +179,13 @@ class _BatchRun:
             max_requests=self.settings.max_requests,
             max_bytes=self.settings.max_bytes,
         )
-        gate = RowGate(self.prepared.done, self.stats, opts.max_rows, shard=opts.shard)
+        gate = self.run.gate(budget=True)  # the Batch API sends each request once: its worst case is its cost
         live = ledger.live_ids()
         refused = {} if self.settings.retry_refused else await asyncio.to_thread(refused_requests, self.sink.meta)
-        planner = Planner.over(self.prepared.source.batches(), gate, live, self.stats, files, refused=refused)
+        planner = Planner.over(self.run.prepared.source.batches(), gate, live, self.stats, files, refused=refused)
         try:
             while not self.stopping.is_set():
-                written = await asyncio.to_thread(planner.next_file, self.stop_planning)
+                written = await asyncio.to_thread(planner.next_file, self.engine.stop_planning)
                 await self.dead_letter(planner.problems)
                 if written is None:
                     break
@@ -155,7 +198,7 @@ class _BatchRun:
                     break
                 self.say(f"sending {sub.requests:,} rows ({written.bytes / 1e6:.1f} MB) as {sub.id}")
                 try:
-                    batch = await submit(self.api, ledger, sub, settle=self.settle)
+                    batch = await submit(self.api, ledger, sub, settle=self.engine.settle)
                 except LabelstreamError:
                     if sub.state == PREPARED:  # the upload failed, or the create was refused: none is at the provider
                         ledger.discard(sub)
@@ -170,7 +213,7 @@ class _BatchRun:
         """Dead-letter rows that cannot be sent (empty text, bad bytes) as the online run does."""
         if problems:
             batch, problems[:] = list(problems), []
-            await self.sink.append_dead_letters(batch, self.run_id)
+            await self.sink.append_dead_letters(batch, self.run.run_id)
 
     async def collect(self, sub: Submission, batch: Batch) -> None:
         """Bring an ended batch's results into the sink and its failures into the dead letters."""
@@ -213,100 +256,8 @@ class _BatchRun:
             f"{tally.unfinished:,} unprocessed, {tally.skipped:,} already in the sink"
         )
 
-    def write_progress(self, state: RunState, **extra: Any) -> None:
-        """Replace the progress file (never fatal)."""
-        self.stats.pending = sum(s.requests for s in self.ledger.held)
-        write_progress(
-            self.sink.meta,
-            self.stats.snapshot(
-                state, input=str(self.opts.input), output=str(self.opts.output), run=self.run_id,
-                engine="batch", batches=self.progress.as_dict(), **extra,
-            ),
-        )  # fmt: skip
 
-    def on_signal(self, main: asyncio.Task[Any]) -> None:
-        """First Ctrl-C: finish the step under way (an upload, a create, a collection), then stop; batches keep
-        running at the provider. Second: stop at once (the ledger is consistent after any step)."""
-        self.signals += 1
-        if self.signals == 1:
-            self.stopping.set()
-            self.stop_planning.set()
-            print(
-                "\nlabelstream: stopping after the step under way; batches already sent keep running at the provider. "
-                "Press Ctrl-C again to stop at once.",
-                file=self.notice,
-                flush=True,
-            )
-        else:
-            self.hard_stop = True
-            main.cancel()
-
-
-async def run_batch(
-    opts: RunOptions, settings: BatchSettings, *, notice: IO[str] | None = None, stats: RunStats | None = None
-) -> Summary:
-    """Run the batch engine to the end (or, without `settings.wait`, until its batches are sent)."""
-    notice = notice or sys.stderr
-    if len(opts.base_urls) > 1:
-        raise UsageError("--engine batch sends to one endpoint; pass --base-url once.")
-    api_key, base_url = resolve_credentials(opts.api_key, opts.base_urls[0] if opts.base_urls else None)
-    prepared = prepare_run(opts)
-    api = BatchApi(api_key=api_key, base_url=base_url)
-    try:
-        if opts.progress != "off":
-            for note in prepared.notes:
-                print(f"labelstream: {note}", file=notice)
-        stats = stats or RunStats(calls=CallStats(), model=opts.model)
-        run = _BatchRun(opts, settings=settings, prepared=prepared, stats=stats, api=api, notice=notice)
-        return await _execute(run)
-    finally:
-        await api.aclose()
-        prepared.source.close()
-        with contextlib.suppress(LabelstreamError):
-            await prepared.sink.close()
-        prepared.sink.meta.unlock()
-
-
-async def _execute(run: _BatchRun) -> Summary:
-    main = asyncio.current_task()
-    assert main is not None  # noqa: S101 - run_batch is always awaited inside a task
-    loop = asyncio.get_running_loop()
-    handled = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            loop.add_signal_handler(sig, run.on_signal, main)
-            handled.append(sig)
-    error: LabelstreamError | None = None
-    try:
-        try:
-            await run.steps()
-        except LabelstreamError as exc:
-            error = exc
-    except asyncio.CancelledError:
-        if not run.hard_stop:
-            raise
-        main.uncancel()
-    finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
-        run.progress.close()
-    interrupted = run.stopping.is_set() or run.hard_stop
-    state = end_state(failed=error is not None, interrupted=interrupted)
-    run.stats.pending = sum(s.requests for s in run.ledger.held)
-    summary = Summary.of(
-        run.stats,
-        opts=run.opts,
-        state=state,
-        error=error,
-        dead_letters=str(run.sink.meta.dead_letters_path),
-        resume=run.opts.resume_command,
-        engine="batch",
-    )
-    run.write_progress(state, summary=summary.as_dict())
-    if error is not None:
-        print(summary.render(with_error=False), file=run.notice)  # the error follows once, from whoever catches it
-        raise error
-    if interrupted:
-        print(summary.render(), file=run.notice)
-        raise Interrupted(f"interrupted; batches already sent keep running. Resume with: {run.opts.resume_command}")
-    return summary
+async def run(opts: RunOptions, *, notice: IO[str] | None = None, **settings: Any) -> Summary:
+    """Run the batch engine to the end (or, without `batch.wait`, until its batches are sent)."""
+    engine = BatchEngine(settings.get("batch") or BatchSettings())
+    return await Run(opts, engine, notice=notice).execute()

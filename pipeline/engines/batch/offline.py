@@ -11,7 +11,6 @@ changes nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import threading
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from pipeline.engines.batch.ingest import Merger, Outcome, read_result, refused_
 from pipeline.engines.batch.ledger import Ledger
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.batch.submit import Planner
-from pipeline.errors import ExitCode, LabelstreamError, UsageError
+from pipeline.errors import ExitCode, UsageError
 from pipeline.results import Row, new_run_id
 from pipeline.run.options import RunOptions
 from pipeline.run.prepare import RowGate, prepare_run
@@ -136,10 +135,7 @@ async def ingest_results(opts: RunOptions, results: list[Path]) -> Ingested:
         out.logprobs_unread = stats.calls.logprobs_unread
         return out
     finally:
-        prepared.source.close()
-        with contextlib.suppress(LabelstreamError):
-            await prepared.sink.close()
-        prepared.sink.meta.unlock()
+        await prepared.finish()
 
 
 def _lines(paths: list[Path]) -> Iterator[bytes]:

@@ -30,7 +30,7 @@ from pipeline.engines.batch.ledger import (
 )
 from pipeline.errors import BatchError
 from pipeline.input.ids import IdSet
-from pipeline.results import Failed, Row, problem_failure
+from pipeline.results import Failed, Row
 from pipeline.run.prepare import RowGate, Verdict
 from pipeline.stats import RunStats
 
@@ -94,9 +94,7 @@ class Planner:
                 continue
             verdict = gate.sort(row)
             if verdict is Verdict.PROBLEM:
-                failure = problem_failure(row)
-                stats.record_failure(failure.kind, row.id, failure.message)
-                self.problems.append(failure)
+                self.problems.append(gate.failure(row))
             elif verdict is Verdict.SEND and (written := self.files.add(row)) is not None:
                 return written
         if stop.is_set():

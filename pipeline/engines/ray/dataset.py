@@ -82,7 +82,8 @@ def label_dataset(
 
     `concurrency` is the job's requests in flight, split over `actors` (None: auto, each actor finds its own
     window under the shared limit). `rpm`/`tpm` are the key's limits, shared by all actors (also learned
-    from `x-ratelimit-*` headers). Rows whose id is in a complete part of `skip_done` are not sent. Failed
+    from `x-ratelimit-*` headers). Rows whose id is in a complete part of `skip_done` are not sent, and an id
+    repeated in `ds` is labeled once (its first row to reach an actor). Failed
     rows are left out of the result and, with `dead_letters` (a local or shared file path), appended there
     as labelstream dead letters; a later run sends them again.
     """

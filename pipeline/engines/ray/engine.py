@@ -1,153 +1,161 @@
 """`labelstream label --engine ray`: the CLI's run, with the labeling done by a Ray Data job.
 
-    prepare_run ─▶ read the CSV here (RowGate: done ids, repeats, bad rows, --limit) ─▶ row tables put in
-    Ray's object store ─▶ Labeler actors (+ SharedLimit) ─▶ Ray's Parquet writer into OUT.parquet
+    read the CSV here (the run's RowGate: done ids, repeats, bad rows, --limit, --max-cost) ─▶ row tables
+    put in Ray's object store ─▶ Labeler actors (+ SharedLimit) ─▶ Ray's Parquet writer into OUT.parquet
 
-The sink is prepared exactly as for the online engine (lock, resume guard, manifest, done ids), so the
-output is an ordinary labelstream Parquet sink: resume by re-running, read it with `status`/`export`.
+The run around the job is the one every engine has (`pipeline.run.lifecycle.Run`: lock, resume guard,
+manifest, done ids, --max-cost, signals, summary), so the output is an ordinary labelstream Parquet sink:
+resume by re-running, read it with `status`/`export`.
 Ray runs on the cluster in RAY_ADDRESS, or on a local instance with this machine's CPUs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any, Final
 
 import pyarrow as pa
 
-from pipeline.errors import FatalApiError, Interrupted, LabelstreamError, UsageError
-from pipeline.results import Failed, Row, new_run_id, problem_failure
-from pipeline.run.options import RunOptions, resume_after
-from pipeline.run.prepare import Prepared, RowGate, Verdict, prepare_run
+from pipeline.engines.ray.dataset import ROWS_PER_FILE
+from pipeline.engines.ray.output import write_args
+from pipeline.errors import LabelstreamError, UsageError
+from pipeline.results import Failed, Row
+from pipeline.run.lifecycle import Run
+from pipeline.run.options import RunOptions
+from pipeline.run.prepare import Prepared, RowGate, Verdict
 from pipeline.run.summary import Summary
 from pipeline.sinks.layout import is_jsonl
 from pipeline.sinks.parquet import ParquetSink
-from pipeline.sinks.progress_file import RunState, write_progress
-from pipeline.stats import CallStats, RunStats
+from pipeline.stats import RunStats
 
 ROWS_PER_TABLE: Final = 500  # rows per block put into Ray's object store: small enough to spread over actors
 
 
-def run_ray(opts: RunOptions, *, actors: int, notice: IO[str] | None = None) -> Summary:
-    """Label what the sink lacks with a Ray Data job; the summary of the run (raises on a fatal error)."""
-    notice = notice or sys.stderr
-    _check(opts)
-    prepared = prepare_run(opts)
-    stats = RunStats(calls=CallStats(), model=opts.model, tier="flex" if opts.service_tier == "flex" else "standard")
-    run_id = new_run_id()
-    error: LabelstreamError | None = None
-    state = RunState.DONE
-    started_ray = False
-    try:
-        say = _sayer(opts, notice)
-        for note in prepared.notes:
-            say(note)
+class RayEngine:
+    """Requests from Ray actors: the driver reads and gates the rows, a Ray Data job labels and writes them."""
 
-        def put(table: pa.Table) -> Any:
-            nonlocal started_ray
-            import ray  # noqa: PLC0415 - the ray extra loads only for --engine ray
+    name = "ray"
+    after_stop = ""
 
-            if not ray.is_initialized():
-                started_ray = _start_ray(opts, say)
-            return ray.put(table)
+    def __init__(self, actors: int = 2) -> None:
+        self.actors = actors
+        self.tier = "standard"
+        self.shared: Any = None  # the job's SharedLimit actor, once the job is built
+        self.started_ray = False
 
-        refs = _put_rows(prepared, opts, stats, run_id, put)
-        if refs:
-            try:
-                _label(prepared, opts, refs, stats, actors=actors, run_id=run_id)
-            except KeyboardInterrupt:
-                state = RunState.INTERRUPTED
-    except LabelstreamError as exc:
-        error, state = exc, RunState.FAILED
-    finally:
-        prepared.source.close()
-        prepared.sink.meta.close()
-        if started_ray:
-            import ray  # noqa: PLC0415
+    def check(self, opts: RunOptions) -> None:
+        """Ray installed, a Parquet output, one endpoint; Ray spreads the rows itself (no --shard)."""
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError("--engine ray needs Ray Data: pip install 'labelstream[ray]' (plain ray[data]).")
+        if is_jsonl(opts.output):
+            raise UsageError("--engine ray writes a Parquet dataset: pass --output OUT.parquet.")
+        if opts.shard is not None:
+            raise UsageError("--engine ray spreads the work over Ray's actors itself; drop --shard / --procs.")
+        if len(opts.base_urls) > 1:
+            raise UsageError("--engine ray sends to one endpoint; pass --base-url once.")
+        self.tier = "flex" if opts.service_tier == "flex" else "standard"
 
-            ray.shutdown()
-        prepared.sink.meta.unlock()
-    summary = Summary.of(
-        stats,
-        opts=opts,
-        state=state,
-        error=error,
-        dead_letters=str(prepared.sink.meta.dead_letters_path),
-        resume=resume_after(opts.resume_command, error),
-        engine="ray",
-    )
-    write_progress(
-        prepared.sink.meta,
-        stats.snapshot(
-            state, input=str(opts.input), output=str(opts.output), run=run_id, engine="ray", summary=summary.as_dict()
-        ),
-    )
-    if error is not None or state is RunState.INTERRUPTED:
-        print(summary.render(with_error=error is None), file=notice)  # the raised error is printed once, after
-    if error is not None:
-        raise error
-    if state is RunState.INTERRUPTED:
-        raise Interrupted(f"interrupted; resume with: {opts.resume_command}")
-    return summary
+    async def execute(self, run: Run) -> None:
+        """Read the rows here, then run the job in a thread (the event loop keeps serving signals and progress)."""
+        try:
+            refs = _put_rows(run, self._put)
+            if refs:
+                await asyncio.to_thread(self._label, run, refs)
+        finally:
+            if self.started_ray:
+                import ray  # noqa: PLC0415 - the ray extra loads only for --engine ray
+
+                ray.shutdown()  # also ends a job a second Ctrl-C abandoned
+
+    def _put(self, run: Run, table: pa.Table) -> Any:
+        import ray  # noqa: PLC0415 - the ray extra loads only for --engine ray
+
+        if not ray.is_initialized():
+            self.started_ray = _start_ray(run)
+        return ray.put(table)
+
+    def _label(self, run: Run, refs: list[Any]) -> None:
+        import ray  # noqa: PLC0415
+
+        labeled, self.shared = _job(run, refs, actors=self.actors)
+        if run.stopping.is_set():
+            self.shared.stop.remote()  # a Ctrl-C while the job was being built
+        where = str(run.opts.output)
+        rows_per_file = run.opts.checkpoint.rows or ROWS_PER_FILE
+        try:
+            labeled.write_parquet(where, **write_args(where, rows_per_file=rows_per_file, owner=os.getpid()))
+        except Exception as exc:
+            with contextlib.suppress(Exception):  # the job's own failure is the one to report
+                _fold(run.stats, ray.get(self.shared.totals.remote(), timeout=30))
+            found = _labelstream_error(exc)
+            if found is None:
+                raise  # a bug, or Ray itself failing: its traceback says which
+            raise found from None
+        # Not guarded: a run whose counts cannot be read must not report "0 labeled" and succeed.
+        _fold(run.stats, ray.get(self.shared.totals.remote(), timeout=30))
+
+    def stop(self, run: Run, signals: int) -> bool:
+        """First Ctrl-C: actors take no further batch, the rows they hold finish and are written. Second: stop
+        now (Ray is shut down; parts already written stay, the rest is left for the next run)."""
+        if signals > 1:
+            return False
+        if self.shared is not None:
+            self.shared.stop.remote()
+        print("\nlabelstream: stopping: the actors finish the rows they hold. Press Ctrl-C again to stop at once.",
+              file=run.notice, flush=True)  # fmt: skip
+        return True
+
+    def progress(self) -> dict[str, Any]:
+        """Nothing of its own: the counts come from the actors when the job ends."""
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        """Nothing of its own."""
+        return {}
 
 
-def _check(opts: RunOptions) -> None:
-    if importlib.util.find_spec("ray") is None:
-        raise UsageError("--engine ray needs Ray Data: pip install 'labelstream[ray]' (plain ray[data]).")
-    if is_jsonl(opts.output):
-        raise UsageError("--engine ray writes a Parquet dataset: pass --output OUT.parquet.")
-    if opts.shard is not None:
-        raise UsageError("--engine ray spreads the work over Ray's actors itself; drop --shard / --procs.")
-    if len(opts.base_urls) > 1:
-        raise UsageError("--engine ray sends to one endpoint; pass --base-url once.")
-    if opts.max_cost is not None:
-        raise UsageError("--max-cost is not enforced by --engine ray yet; estimate first with --dry-run.")
+async def run(opts: RunOptions, *, notice: IO[str] | None = None, **settings: Any) -> Summary:
+    """Label what the sink lacks with a Ray Data job; the summary of the run (raises what stopped it)."""
+    return await Run(opts, RayEngine(settings.get("actors") or 2), notice=notice).execute()
 
 
-def _sayer(opts: RunOptions, notice: IO[str]) -> Any:
-    def say(text: str) -> None:
-        if opts.progress != "off":
-            print(f"labelstream: {text}", file=notice, flush=True)
-
-    return say
-
-
-def _put_rows(prepared: Prepared, opts: RunOptions, stats: RunStats, run_id: str, put: Any) -> list[Any]:
-    """Read the input here, as the online engine does: the rows to send go to Ray's object store a table at
-    a time (`put`: the driver never holds them all); bad rows are dead-lettered. Returns the object refs."""
-    gate = RowGate(prepared.done, stats, opts.max_rows, redo=prepared.redo)
+def _put_rows(run: Run, put: Callable[[Run, pa.Table], Any]) -> list[Any]:
+    """Read the input here through the run's gate (with --max-cost, each row's worst case is held before it
+    goes): the rows to send go to Ray's object store a table at a time (`put`: the driver never holds them all);
+    bad rows are dead-lettered. Returns the object refs."""
+    prepared, stats = run.prepared, run.stats
+    gate = run.gate(budget=True)
     carry = list(prepared.source.carry)
     refs: list[Any] = []
     chunk: list[Row] = []
     problems: list[Failed] = []
-    for row in _rows(prepared, gate):
+    for row in _rows(prepared, gate, run.stopping):
         verdict = gate.sort(row)
         if verdict is Verdict.PROBLEM:
-            failed = problem_failure(row)
-            stats.record_failure(failed.kind, row.id, failed.message)
-            problems.append(failed)
+            problems.append(gate.failure(row))
         elif verdict is Verdict.SEND:
             chunk.append(row)
             if len(chunk) >= ROWS_PER_TABLE:
-                refs.append(put(_table(chunk, carry)))
+                refs.append(put(run, _table(chunk, carry)))
                 chunk = []
     if chunk:
-        refs.append(put(_table(chunk, carry)))
+        refs.append(put(run, _table(chunk, carry)))
     if problems:
-        prepared.sink.meta.append_dead_letters(problems, run_id)
+        prepared.sink.meta.append_dead_letters(problems, run.run_id)
     stats.expected, stats.expected_exact = gate.admitted, True
     return refs
 
 
-def _rows(prepared: Prepared, gate: RowGate) -> Iterator[Row]:
+def _rows(prepared: Prepared, gate: RowGate, stopping: asyncio.Event) -> Iterator[Row]:
     for batch in prepared.source.batches():
         for row in batch:
-            if gate.full:
+            if gate.full or stopping.is_set():
                 return
             yield row
 
@@ -165,14 +173,15 @@ def _table(rows: list[Row], carry: list[str]) -> pa.Table:
     return pa.table(columns)
 
 
-def _start_ray(opts: RunOptions, say: Any) -> bool:
+def _start_ray(run: Run) -> bool:
     """Connect to RAY_ADDRESS or start a local Ray; True when this run started (and must stop) it."""
     import ray  # noqa: PLC0415 - the ray extra loads only for --engine ray
 
     if ray.is_initialized():
         return False
+    opts = run.opts
     where = os.environ.get("RAY_ADDRESS")
-    say(f"starting Ray ({'cluster ' + where if where else f'local, {os.cpu_count()} CPUs'})")
+    run.say(f"starting Ray ({'cluster ' + where if where else f'local, {os.cpu_count()} CPUs'})")
     ray.init(address=where or None, include_dashboard=False, log_to_driver=opts.progress != "off",
              logging_level=logging.WARNING)  # fmt: skip
     context = ray.data.DataContext.get_current()
@@ -181,42 +190,31 @@ def _start_ray(opts: RunOptions, say: Any) -> bool:
     return True
 
 
-def _label(prepared: Prepared, opts: RunOptions, refs: list[Any], stats: RunStats, **how: Any) -> None:
+def _job(run: Run, refs: list[Any], *, actors: int) -> tuple[Any, Any]:
+    """The labeling stage over the rows in `refs`, and its SharedLimit actor."""
     import ray  # noqa: PLC0415
 
-    from pipeline.engines.ray.dataset import ROWS_PER_FILE, label_rows  # noqa: PLC0415
-    from pipeline.engines.ray.output import write_args  # noqa: PLC0415
+    from pipeline.engines.ray.dataset import label_rows  # noqa: PLC0415
 
-    sink = prepared.sink
-    assert isinstance(sink, ParquetSink) and sink.schema is not None  # noqa: S101 - _check, prepare_run
-    schema = sink.schema
-    rows = ray.data.from_arrow_refs(refs)
+    opts, sink = run.opts, run.sink
+    assert isinstance(sink, ParquetSink) and sink.schema is not None  # noqa: S101 - check, prepare_run
     limits = opts.limits
-    labeled, shared = label_rows(
-        rows,
+    return label_rows(
+        ray.data.from_arrow_refs(refs),
         opts.config,
-        schema=schema,
+        schema=sink.schema,
         model=opts.model,
         base_url=opts.base_urls[0] if opts.base_urls else None,
         concurrency=None if limits.auto else limits.concurrency,
         rpm=limits.rpm,
         tpm=limits.tpm,
-        actors=how["actors"],
+        actors=actors,
         batch_size=None,
         retry=opts.retry,
-        dead_letters=str(prepared.sink.meta.dead_letters_path),
+        dead_letters=str(sink.meta.dead_letters_path),
         service_tier=opts.service_tier,
-        run_id=how["run_id"],
+        run_id=run.run_id,
     )
-    where = str(opts.output)
-    try:
-        rows_per_file = opts.checkpoint.rows or ROWS_PER_FILE
-        labeled.write_parquet(where, **write_args(where, rows_per_file=rows_per_file, owner=os.getpid()))
-    except Exception as exc:  # noqa: BLE001 - a Ray job fails with many types; ours ride inside them
-        raise _labelstream_error(exc) from None
-    finally:
-        with contextlib.suppress(Exception):
-            _fold(stats, ray.get(shared.totals.remote(), timeout=30))
 
 
 def _fold(stats: RunStats, totals: dict[str, Any]) -> None:
@@ -236,12 +234,12 @@ def _fold(stats: RunStats, totals: dict[str, Any]) -> None:
             stats.failure_counts[kind] = stats.failure_counts.get(kind, 0) + value
 
 
-def _labelstream_error(exc: BaseException) -> LabelstreamError:
-    """The labelstream error a Ray failure carries (a bad key in an actor stops the job), else a plain one."""
+def _labelstream_error(exc: BaseException) -> LabelstreamError | None:
+    """The labelstream error a Ray failure carries (a bad key in an actor stops the job), if any."""
     seen: BaseException | None = exc
     while seen is not None:
         for candidate in (seen, getattr(seen, "cause", None)):
             if isinstance(candidate, LabelstreamError):
                 return candidate
         seen = seen.__cause__ or seen.__context__
-    return FatalApiError(f"the Ray job failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    return None

@@ -1,9 +1,10 @@
 """The Ray Data stage: rows in, sink records out, with labelstream's client and many requests per actor.
 
 A batch reaching `Labeler` has the row columns below (`rows_table` builds them from a user's dataset, the
-CLI engine from its own CSV reader). Every row of the batch is labeled concurrently on the actor's event
-loop, under the actor's window and the job's `SharedLimit`; Ray Data runs several batches of an actor at
-once, so an actor keeps up to its whole window in flight. Labeled rows come out as sink records (the
+CLI engine from its own CSV reader). Every row of the batch that the job's `SharedLimit` lets it claim (an
+id once per job; none once the run stops) is labeled concurrently on the actor's event loop, under the
+actor's window and the job's `SharedLimit`; Ray Data runs several batches of an actor at once, so an actor
+keeps up to its whole window in flight. Labeled rows come out as sink records (the
 schema of a labelstream Parquet sink); failed rows become dead letters and do not come out, so a later
 run sends them again, exactly as with the CLI.
 """
@@ -111,7 +112,9 @@ class Labeler:
         from pipeline.sinks.parquet import labeled_table  # noqa: PLC0415
 
         client = self._client or self._start()
-        rows = _rows(batch, self.carry)
+        # One remote call a batch: repeated ids (across actors too) and a stopping run are the job's to know.
+        claimed = await self.shared.claim.remote(batch.column("id").to_pylist())
+        rows = [row for row, mine in zip(_rows(batch, self.carry), claimed, strict=True) if mine]
         results = await asyncio.gather(*(self._one(client, row) for row in rows))
         labeled = [r for r in results if isinstance(r, Labeled)]
         failed = [r for r in results if isinstance(r, Failed)]

@@ -8,16 +8,18 @@ Each actor keeps labelstream's own `Limiter` for its in-flight window (and the p
 request leaves, it asks the `SharedLimit` for a send time. The shared limit schedules requests and tokens as
 two virtual clocks (GCRA: a bucket expressed as "when is it empty again"), so a reservation is one short
 call that never blocks the actor, whatever the other actors are waiting for. A 429 anywhere pauses every
-later reservation; a reply's real token count settles the estimate reserved for it.
+later reservation; a reply's real token count settles the estimate reserved for it. The same actor tells
+the Labelers which rows of a batch to label (`claim`): an id once per job, nothing once the run stops.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from pipeline.input.ids import IdSet
 from pipeline.ratelimit.buckets import Clock
 from pipeline.ratelimit.headers import number, provider_view
 from pipeline.ratelimit.limiter import DEFAULT_PAUSE, REQUEST_BURST, SAFETY, Limiter, LimitSettings, Permit, Sleep
@@ -45,6 +47,8 @@ class SharedLimit:
         self._tokens_at = 0.0
         self.pause_until = 0.0
         self.counters = dict.fromkeys(COUNTERS, 0)
+        self.stopping = False
+        self.seen = IdSet()  # every id an actor has claimed in this job
 
     def reserve(self, tokens: int) -> float:
         """Book one request of about `tokens` tokens; return the seconds the caller waits before sending it."""
@@ -75,6 +79,17 @@ class SharedLimit:
             self.rpm = min(self.rpm or math.inf, rpm)
         if tpm:
             self.tpm = min(self.tpm or math.inf, tpm)
+
+    def stop(self) -> None:
+        """The run is stopping (Ctrl-C): actors label no further batch; the rows already started finish."""
+        self.stopping = True
+
+    def claim(self, ids: Sequence[str]) -> list[bool]:
+        """Which of a batch's rows to label: each id only the first time any actor shows it (an id repeated in
+        the input is labeled once, as the run's RowGate does), and none once the run is stopping."""
+        if self.stopping:
+            return [False] * len(ids)
+        return [self.seen.add(row_id) for row_id in ids]
 
     def add(self, counts: Mapping[str, int]) -> None:
         """Fold in one batch's counters (the driver reads the job's totals with `totals`)."""
