@@ -125,6 +125,7 @@ def test_the_sbatch_script_is_valid_bash_with_an_array_of_all_shards() -> None:
     assert "OPENAI_API_KEY=" not in SLURM.read_text().replace("export OPENAI_API_KEY=...", "")
 
 
+@pytest.mark.slow
 def test_the_slurm_array_labels_every_row_once(sim: Any, tmp_path: Path) -> None:
     """Every task of the array, run as Slurm would (its task id in the environment), together label each row once."""
     rows = reviews(160)
@@ -157,6 +158,7 @@ def test_the_slurm_array_labels_every_row_once(sim: Any, tmp_path: Path) -> None
     assert report["shard_count"] == high - low + 1 and list(report["shards_by_state"]) == ["done"]
 
 
+@pytest.mark.slow
 def test_the_indexed_job_labels_every_row_once(sim: Any, tmp_path: Path) -> None:
     """The Job's container command, run once per completion index with the manifest's env, labels each row once."""
     rows = reviews(160)

@@ -62,7 +62,7 @@ def put_lease(bucket: Bucket, key: str, *, host: str, pid: int, seconds: float) 
     bucket.client.put_object(Bucket=bucket.name, Key=key, Body=body)
 
 
-@pytest.mark.slow
+@pytest.mark.crash
 def test_kill_9_mid_run_then_resume_gives_each_id_once(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """SIGKILLs at random moments into s3://: readers never see an id twice; the last run completes the set."""
     rng = random.Random("crash-s3")
@@ -91,6 +91,7 @@ def test_kill_9_mid_run_then_resume_gives_each_id_once(sim: Any, tmp_path: Path,
     assert not [k for k in bucket.keys("crash/") if "tmp" in k]
 
 
+@pytest.mark.crash
 def test_second_writer_is_refused_while_the_first_holds_the_lease(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """A second run on the same s3:// output stops at once, naming the holder's pid and host and the lease's end."""
     sim.configure(latency_ms=200)
@@ -157,6 +158,7 @@ def test_missing_bucket_is_a_clear_error(sim: Any, tmp_path: Path, bucket: Bucke
     assert sim.stats()["requests"] == 0
 
 
+@pytest.mark.wallclock
 def test_wrong_endpoint_fails_within_seconds_naming_it(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """An endpoint nothing listens on (connection refused) fails in seconds with a message that names it."""
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
@@ -227,6 +229,7 @@ def test_status_export_and_eval_read_an_s3_output(sim: Any, tmp_path: Path, buck
     assert "<td>last run</td><td>done: 39 rows" in html.read_text(encoding="utf-8")  # the progress file, read back
 
 
+@pytest.mark.crash
 def test_pandas_pyarrow_and_polars_read_the_bucket_mid_run(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """While a run writes s3://, pyarrow.dataset, pandas and polars read whole parts from the bucket, no id twice."""
     sim.configure(latency_ms=20)
@@ -267,6 +270,7 @@ def test_no_permission_and_unknown_keys_are_clear_errors(
     assert reader["AWS_SECRET_ACCESS_KEY"] not in denied.stderr + unknown.stderr
 
 
+@pytest.mark.crash
 @pytest.mark.slow
 def test_four_shards_killed_and_restarted_fill_one_bucket_dataset_once(
     sim: Any, tmp_path: Path, bucket: Bucket
@@ -381,6 +385,7 @@ def test_progress_puts_leave_the_caller_at_once_and_the_last_version_wins(bucket
     assert orjson.loads(body) == {"n": 49}
 
 
+@pytest.mark.wallclock
 def test_a_lease_shorter_than_the_run_is_renewed_while_it_runs(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """With lease_seconds=3 a run of several seconds keeps its lease by renewing it, and ends with every row."""
     sim.configure(latency_ms=100)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Sequence
 from typing import IO, Any
 
 from pipeline.api.client import LabelClient
@@ -72,6 +73,7 @@ class OnlineEngine:
         )
         if run.budget is not None:
             run.budget.prompt_tokens = client.tokens.prompt_tokens  # learns the provider's counts as replies come
+            client.hedger.budget = run.budget  # a hedge copy holds its worst case too, or is not sent
         reporter = Reporter(
             run.stats, mode=opts.progress, stream=run.notice, concurrency=lambda: (limiter.in_flight, limiter.limit)
         )
@@ -84,7 +86,7 @@ class OnlineEngine:
                 limiter.on_grow, lines.pool.on_close = lines.pool.grew, client.input_ended
                 group.create_task(staff(lines.pool, lambda: limiter.limit))
                 lines.reader_task = group.create_task(lines.read_rows())
-                group.create_task(lines.await_workers())
+                group.create_task(lines.await_workers(client))
                 group.create_task(lines.write_results())
                 group.create_task(lines.report_progress(reporter))
         except* LabelstreamError as group_error:
@@ -176,7 +178,7 @@ class _Pipeline:
             for row in batch:
                 verdict = gate.sort(row)
                 if verdict is Verdict.PROBLEM:
-                    await self.results.put(gate.failure(row))
+                    await self.pass_on([gate.failure(row)], counted=True)
                 elif verdict is Verdict.SEND:
                     await self.rows.put(row)
                     if self.stopping.is_set() or gate.full:
@@ -217,20 +219,24 @@ class _Pipeline:
                 return
             if budget is not None:
                 budget.settle(held)
-            if isinstance(result, Labeled):
-                self.stats.labeled += 1
-            else:
-                self.stats.record_failure(result.kind, row.id, result.message)
+            await self.pass_on(self.client.watch.sift(result))  # a row failed as all replies so far waits (failures.py)
+
+    async def pass_on(self, results: Sequence[Result], *, counted: bool = False) -> None:
+        """Count finished rows (unless `counted` already) and hand them to the writer."""
+        if not counted:
+            self.stats.count(*results)
+        for at, result in enumerate(results):
             try:
                 await self.results.put(result)
             except asyncio.CancelledError:
-                self.stranded.append(result)  # finished work is saved even when its worker is cancelled
+                self.stranded.extend(results[at:])  # finished work is saved even when its worker is cancelled
                 raise
 
-    async def await_workers(self) -> None:
+    async def await_workers(self, client: LabelClient) -> None:
         """Tell the writer when every worker has ended (normally or cancelled after the grace period)."""
         assert self.pool is not None  # noqa: S101 - started before this task
         await self.pool.wait()
+        await self.pass_on(client.watch.settle())  # rows held back: dead letters unless a streak stopped us
         await self.results.put(_DONE)
 
     async def write_results(self) -> None:
