@@ -386,6 +386,7 @@ def test_progress_puts_leave_the_caller_at_once_and_the_last_version_wins(bucket
 
 
 @pytest.mark.wallclock
+@pytest.mark.slow  # waits out real lease lifetimes
 def test_a_lease_shorter_than_the_run_is_renewed_while_it_runs(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """With lease_seconds=3 a run of several seconds keeps its lease by renewing it, and ends with every row."""
     sim.configure(latency_ms=100)
