@@ -198,6 +198,36 @@ def test_max_cost_stops_with_exit_4_and_the_spend_under_the_cap(engine: str, sim
     assert spent(out, TIER[engine]) <= cap
 
 
+def test_auto_keeps_one_max_cost_across_its_online_slice_and_its_batches(sim: Any, tmp_path: Path) -> None:
+    """--engine auto is two runs of one sink (a slice online, the rest as batches): the batches get what the
+    slice left of --max-cost, so the whole run, the slice at standard prices and the batches at batch prices,
+    stays under the cap."""
+    rows = reviews(120)
+    source = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "out.parquet"
+    config = reasoning_task(tmp_path)
+    sim.configure(reasoning_tokens=150, batch_seconds=0)
+    cap = round(estimated_cost(source, out, config) * 1.0, 6)
+    opts = RunOptions.build(
+        source, out, load_config(config), limits=LimitSettings(concurrency=8), retry=FAST_RETRY,
+        base_url=sim.base_url, api_key="sk-test-key", progress="off", max_cost=cap,
+    )  # fmt: skip
+    batch = BatchSettings(poll_seconds=0.02, online_rows=30)
+    with pytest.raises(OverBudget):
+        asyncio.run(run_engine("auto", opts, batch=batch, notice=io.StringIO()))
+    online = {r[0] for r in rows[:30]}
+    records = list(open_sink(out).iter_records())
+    assert online <= {r["id"] for r in records} and len(records) < len(rows), "the slice ran, the batches stopped"
+    total = sum(
+        cost_of(
+            r["model"], r["prompt_tokens"], r["completion_tokens"], tier="standard" if r["id"] in online else "batch"
+        )
+        or 0.0
+        for r in records
+    )
+    assert total <= cap, (len(records), total, cap)
+
+
 def spent(output: Path, tier: str) -> float:
     """What the rows in a sink cost by their own usage, at `tier`."""
     total = 0.0

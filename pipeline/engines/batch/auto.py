@@ -46,6 +46,9 @@ async def run_auto(opts: RunOptions, settings: BatchSettings, *, notice: IO[str]
     if left is not None and left <= 0 and online is not None:
         return dataclasses.replace(online, engine="auto")
     batch_opts = dataclasses.replace(opts, max_rows=left if left is not None else opts.max_rows, service_tier=None)
+    if opts.max_cost is not None and online is not None:
+        # One cap for the whole run: the batches get what the online slice left of it.
+        batch_opts = dataclasses.replace(batch_opts, max_cost=max(0.0, opts.max_cost - (online.cost_usd or 0.0)))
     batched = await Run(batch_opts, BatchEngine(settings), notice=notice).execute()
     return batched if online is None else combine(online, batched)
 
