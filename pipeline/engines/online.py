@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from pipeline.api.client import LabelClient
-from pipeline.engines.workers import WorkerPool, staff
+from pipeline.engines.workers import WorkerPool, keep_pool_sized
 from pipeline.errors import FatalApiError, LabelstreamError
 from pipeline.ratelimit.limiter import Limiter
 from pipeline.ratelimit.share import ShareFollower
@@ -84,7 +84,7 @@ class OnlineEngine:
                 group.create_task(lines.count_input())
                 lines.pool = WorkerPool(group, lines.label_rows, ceiling=limiter.ceiling)
                 limiter.on_grow, lines.pool.on_close = lines.pool.grew, client.input_ended
-                group.create_task(staff(lines.pool, lambda: limiter.limit))
+                group.create_task(keep_pool_sized(lines.pool, lambda: limiter.limit))
                 lines.reader_task = group.create_task(lines.read_rows())
                 group.create_task(lines.await_workers(client))
                 group.create_task(lines.write_results())
@@ -176,7 +176,7 @@ class _Pipeline:
             if not batch:
                 break
             for row in batch:
-                verdict = gate.sort(row)
+                verdict = gate.classify(row)
                 if verdict is Verdict.PROBLEM:
                     await self.pass_on([gate.failure(row)], counted=True)
                 elif verdict is Verdict.SEND:

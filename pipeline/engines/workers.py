@@ -61,7 +61,7 @@ class WorkerPool:
             task.cancel()
 
 
-async def staff(pool: WorkerPool, limit: Callable[[], int]) -> None:
+async def keep_pool_sized(pool: WorkerPool, limit: Callable[[], int]) -> None:
     """Keep the pool a little larger than the window (workers between rows hold no slot) until it closes."""
     while not pool.closed:
         pool.changed.clear()

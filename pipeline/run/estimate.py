@@ -136,7 +136,7 @@ def estimate_run(
     try:
         for batch in source.batches():
             for row in batch:
-                if gate.sort(row) is Verdict.SEND:
+                if gate.classify(row) is Verdict.SEND:
                     result.prompt_tokens += counter.prompt_tokens(row.text)
                     result.first = result.first or row
                     if gate.full:

@@ -286,7 +286,7 @@ class RowGate:
         self.stats.record_failure(failure.kind, row.id, failure.message)
         return failure
 
-    def sort(self, row: Row) -> Verdict:
+    def classify(self, row: Row) -> Verdict:
         """Decide what happens to `row` (call in input order, and not once `full`)."""
         stats = self.stats
         stats.read += 1

@@ -92,7 +92,7 @@ class Planner:
                 stats.read += 1
                 stats.refused_before += 1
                 continue
-            verdict = gate.sort(row)
+            verdict = gate.classify(row)
             if verdict is Verdict.PROBLEM:
                 self.problems.append(gate.failure(row))
             elif verdict is Verdict.SEND and (written := self.files.add(row)) is not None:

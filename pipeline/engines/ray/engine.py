@@ -145,7 +145,7 @@ def _put_rows(run: Run, put: Callable[[Run, pa.Table], Any]) -> list[Any]:
     chunk: list[Row] = []
     problems: list[Failed] = []
     for row in _rows(prepared, gate, run.stopping):
-        verdict = gate.sort(row)
+        verdict = gate.classify(row)
         if verdict is Verdict.PROBLEM:
             problems.append(gate.failure(row))
         elif verdict is Verdict.SEND:
