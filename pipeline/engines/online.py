@@ -143,7 +143,8 @@ class _Pipeline:
         opts = run.opts
         self.run, self.client, self.limiter = run, client, limiter
         self.source = run.prepared.source
-        self.gate: RowGate = run.gate()
+        self.gate: RowGate = run.gate(dedupe=True)
+        self.dedupe = self.gate.dedupe
         self.stats = run.stats
         self.stopping = run.stopping
         # Bounded, so a slow API slows the reader; a few hundred rows keep even thousands of workers fed (the
@@ -179,8 +180,14 @@ class _Pipeline:
                     await self.results.put(gate.failure(row))
                 elif verdict is Verdict.SEND:
                     await self.rows.put(row)
-                    if self.stopping.is_set() or gate.full:
-                        break
+                elif verdict is Verdict.COPY:
+                    assert self.dedupe is not None  # noqa: S101 - only a gate with dedupe sorts copies
+                    if (copy := self.dedupe.copy_now(row)) is not None:
+                        stats.labeled += 1
+                        stats.copies += 1
+                        await self.results.put(copy)  # its original was handed to the writer before
+                if verdict in (Verdict.SEND, Verdict.COPY) and (self.stopping.is_set() or gate.full):
+                    break
             if not self.stopping.is_set():
                 self._estimate_expected()
         self.counting.set()
@@ -221,10 +228,29 @@ class _Pipeline:
                 self.stats.labeled += 1
             else:
                 self.stats.record_failure(result.kind, row.id, result.message)
+            await self._hand_over([result])
+            if self.dedupe is not None:
+                # After the original: the writer saves a copy with or after it, never before.
+                await self._hand_over(self._copies_of(result))
+
+    def _copies_of(self, result: Result) -> list[Result]:
+        assert self.dedupe is not None  # noqa: S101 - called with dedupe only
+        followers = self.dedupe.settle(result)
+        for item in followers:
+            if isinstance(item, Failed):
+                self.stats.record_failure(item.kind, item.row.id, item.message)
+            else:
+                self.stats.labeled += 1
+                self.stats.copies += 1
+        return followers
+
+    async def _hand_over(self, items: list[Result]) -> None:
+        """Pass finished results to the writer; those a cancelled worker still holds are saved all the same."""
+        for index, item in enumerate(items):
             try:
-                await self.results.put(result)
+                await self.results.put(item)
             except asyncio.CancelledError:
-                self.stranded.append(result)  # finished work is saved even when its worker is cancelled
+                self.stranded.extend(items[index:])
                 raise
 
     async def await_workers(self) -> None:
