@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.analysis.overview import overview
@@ -144,3 +145,17 @@ def test_report_shows_copies_and_money_saved(sim: Any, tmp_path: Path) -> None:
     assert view.copies == 17 and view.copy_saving is not None and view.copy_saving > 0
     page = write_report(tmp_path / "report.html", out).read_text(encoding="utf-8")
     assert "17 rows without a request" in page
+
+
+def test_a_parquet_sink_without_copied_from_still_resumes(sim: Any, tmp_path: Path) -> None:
+    """A Parquet sink written before copies were marked keeps its columns on resume; repeats are still sent once."""
+    out = tmp_path / "out.parquet"
+    label(sim, write_csv(tmp_path / "a.csv", reviews(20, "a")), out)
+    for part in open_sink(out).parts():
+        pq.write_table(pq.read_table(part).drop_columns(["copied_from"]), part)
+    before = sim.stats()["requests"]
+    later = repeated_rows(60)
+    label(sim, write_csv(tmp_path / "b.csv", later), out)
+    new_texts = {r[2] for r in later} - {r[2] for r in reviews(20, "a")}  # the others are copied from the sink
+    assert sim.stats()["requests"] - before == len(new_texts) == 30
+    assert len(set(sink_ids(out))) == 80
