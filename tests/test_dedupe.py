@@ -13,7 +13,7 @@ from pipeline.analysis.overview import overview
 from pipeline.analysis.report import write_report
 from pipeline.sinks import open_sink
 
-from .helpers import cli, dead_letters, label, progress, reviews, sink_ids, start_cli, wait_for, write_csv
+from .helpers import cli, dead_letters, label, label_batch, progress, reviews, sink_ids, start_cli, wait_for, write_csv
 
 COMMON = ["좋아요", "Great!", "별로"]
 
@@ -159,3 +159,13 @@ def test_a_parquet_sink_without_copied_from_still_resumes(sim: Any, tmp_path: Pa
     new_texts = {r[2] for r in later} - {r[2] for r in reviews(20, "a")}  # the others are copied from the sink
     assert sim.stats()["requests"] - before == len(new_texts) == 30
     assert len(set(sink_ids(out))) == 80
+
+
+def test_the_batch_engine_sends_every_row_and_labels_every_id(sim: Any, tmp_path: Path) -> None:
+    """--engine batch makes no copies (dedupe is the online engine's): every id is labeled from its own request."""
+    rows = repeated_rows(60)
+    out = tmp_path / "out.jsonl"
+    label_batch(sim, write_csv(tmp_path / "in.csv", rows), out)
+    recs = records(out)
+    assert sorted(r["id"] for r in recs) == sorted(r[0] for r in rows)
+    assert all(r["copied_from"] is None and r["prompt_tokens"] > 0 for r in recs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
 from collections.abc import Callable
@@ -60,7 +61,8 @@ class Run:
     """The state of one run that every engine shares: options, sink, stats, budget, stop requests."""
 
     def __init__(self, opts: RunOptions, engine: Engine, *, notice: IO[str] | None = None) -> None:
-        self.opts = opts
+        # Only the online engine makes copies: the others send every row, and --max-cost must price them all.
+        self.opts = opts if engine.name == "online" or not opts.dedupe else dataclasses.replace(opts, dedupe=False)
         self.engine = engine
         self.notice = notice or sys.stderr
         self.stats = RunStats(
