@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.analysis.overview import overview
 from pipeline.analysis.report import write_report
-from pipeline.sinks import open_sink
+from pipeline.input.shards import Shard, shard_of
+from pipeline.sinks import open_shards, open_sink
 
 from .helpers import cli, dead_letters, label, label_batch, progress, reviews, sink_ids, start_cli, wait_for, write_csv
 
@@ -169,3 +170,17 @@ def test_the_batch_engine_sends_every_row_and_labels_every_id(sim: Any, tmp_path
     recs = records(out)
     assert sorted(r["id"] for r in recs) == sorted(r[0] for r in rows)
     assert all(r["copied_from"] is None and r["prompt_tokens"] > 0 for r in recs)
+
+
+def test_a_shard_copies_texts_its_siblings_saved_before_it_started(sim: Any, tmp_path: Path) -> None:
+    """Shard 1/2 sends only texts that neither it repeats nor shard 0/2 saved earlier; every id lands once."""
+    rows = [(f"p{i:03d}", "en", f"pair {i // 2}") for i in range(80)]  # each text twice, split by id over shards
+    source, out = write_csv(tmp_path / "in.csv", rows), tmp_path / "out.jsonl"
+    label(sim, source, out, shard=Shard(0, 2))
+    before = sim.stats()["requests"]
+    label(sim, source, out, shard=Shard(1, 2))
+    first = {r[2] for r in rows if shard_of(r[0], 2) == 0}
+    second = {r[2] for r in rows if shard_of(r[0], 2) == 1}
+    assert sim.stats()["requests"] - before == len(second - first) < len(second)
+    ids = [r["id"] for sink in open_shards(out) for r in sink.iter_records(columns=["id"])]
+    assert sorted(ids) == sorted(r[0] for r in rows)

@@ -9,6 +9,7 @@ run uses the same gate, it counts exactly what the run will send.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -69,7 +70,13 @@ class Prepared:
             return not (row.problem or done or (shard is not None and not shard.holds(row.id)))
 
         rows = (row for batch in self.source.batches() for row in batch if todo(row))
-        records = iter(()) if opts.restart else self.sink.iter_records(columns)
+        # Sibling shards' saved records too: what any shard labeled before this run starts is copied, not sent.
+        sinks = (
+            [self.sink]
+            if shard is None
+            else [open_sink(opts.output, Shard(i, shard.count)) for i in range(shard.count)]
+        )
+        records = iter(()) if opts.restart else itertools.chain.from_iterable(s.iter_records(columns) for s in sinks)
         dedupe = Dedupe.plan(rows, records, outputs=outputs)
         self.source.close()
         self.source.open()
