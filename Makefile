@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Two installs into one .venv: labeling needs only the core dependencies; tests, lint and benchmarks add the dev
+# tools and Ray. Each stamp is rebuilt when pyproject.toml changes.
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 
 INPUT       ?=
 OUTPUT      ?= $(if $(INPUT),$(basename $(INPUT)).labels.jsonl,)
@@ -13,25 +16,41 @@ CONCURRENCY ?= auto
 ARGS        ?=
 PORT        ?= 8787
 
-.PHONY: install demo compare-demo test test-compat chromium lint fmt bench bench-quick label simulate clean
+.PHONY: install demo compare-demo test test-fast test-compat chromium lint fmt bench bench-quick label simulate clean
 
-install: $(STAMP)
+# `make install` is the developer's install (everything); demo, label and simulate need only $(RUN_STAMP).
+install: $(DEV_STAMP)
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $(RUN_STAMP)
+
+# The dev install holds the core one too, so it marks both done.
+$(DEV_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,ray]'
-	@touch $(STAMP)
+	@touch $(RUN_STAMP) $(DEV_STAMP)
 
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(BIN)/python scripts/demo.py
 
 # labelstream compare on the bundled gold sample: three models of simulated quality, the table, the report (< 1 min).
-compare-demo: $(STAMP)
+compare-demo: $(RUN_STAMP)
 	$(BIN)/python scripts/compare_demo.py
 
+# make test (CI): lint, then every test (tests/compat skips itself; see test-compat), printing the 20 slowest.
 test: lint chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
+
+# make test-fast: every test without a tier marker (crash, ray, browser, wallclock, slow, compat), under 3 minutes.
+# The tiers and their markers: docs/testing.md.
+FAST_TIER := not crash and not ray and not browser and not wallclock and not slow and not compat
+
+test-fast: $(DEV_STAMP)
+	$(BIN)/python -m pytest -q -m '$(FAST_TIER)' --durations=10
 
 # The HTML report test renders in headless Chromium: install Debian's package if it is missing and this is root
 # with apt-get; elsewhere the test is skipped with a message saying so.
@@ -48,7 +67,7 @@ chromium:
 # .venv-compat (~4 GB, ~4 min on a warm pip cache) and runs tests/compat (~10 min on 2 cores). Not part of `make test`.
 COMPAT_VENV ?= .venv-compat
 
-test-compat: $(STAMP)
+test-compat: $(DEV_STAMP)
 	COMPAT_VENV=$(COMPAT_VENV) bash scripts/compat_setup.sh
 	@rm -f $(COMPAT_VENV)/compat-results.jsonl
 	COMPAT_VENV=$(COMPAT_VENV) LABELSTREAM_COMPAT=1 $(BIN)/python -m pytest -q -m compat -p no:cacheprovider \
@@ -57,21 +76,21 @@ test-compat: $(STAMP)
 
 # docs/cli.md is generated from the parser; tests/test_docs.py fails when it is stale.
 .PHONY: docs
-docs: $(STAMP)
+docs: $(RUN_STAMP)
 	$(BIN)/python scripts/cli_reference.py
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff format --check pipeline tests scripts
 	$(BIN)/ruff check pipeline tests scripts
 	$(BIN)/mypy
 
-fmt: $(STAMP)
+fmt: $(DEV_STAMP)
 	$(BIN)/ruff format pipeline tests scripts
 	$(BIN)/ruff check --fix pipeline tests scripts
 
 # Full benchmarks take about two hours (a million rows twice, every rate-limit scenario, a 50,000-row soak);
 # bench-quick is a quarter of an hour. Figures and the commands that made them: docs/benchmarks.md.
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	cd scripts && ../$(BIN)/python bench_throughput.py
 	cd scripts && ../$(BIN)/python bench_ratelimit.py
 	cd scripts && ../$(BIN)/python bench_soak.py
@@ -80,7 +99,7 @@ bench: $(STAMP)
 	cd scripts && ../$(BIN)/python bench_shared_limit.py
 	cd scripts && ../$(BIN)/python bench_ray.py
 
-bench-quick: $(STAMP)
+bench-quick: $(DEV_STAMP)
 	cd scripts && ../$(BIN)/python bench_throughput.py --quick
 	cd scripts && ../$(BIN)/python bench_ratelimit.py --quick
 	cd scripts && ../$(BIN)/python bench_soak.py --quick
@@ -89,12 +108,12 @@ bench-quick: $(STAMP)
 	cd scripts && ../$(BIN)/python bench_shared_limit.py --quick
 	cd scripts && ../$(BIN)/python bench_ray.py --quick
 
-label: $(STAMP)
+label: $(RUN_STAMP)
 	@test -n "$(INPUT)" || { echo "usage: make label INPUT=file.csv [OUTPUT=out.jsonl|out.parquet] [CONFIG=configs/x.toml] [MODEL=...] [CONCURRENCY=...] [ARGS='...']"; exit 2; }
 	$(BIN)/labelstream label --input "$(INPUT)" --output "$(OUTPUT)" --config "$(CONFIG)" \
 		$(if $(MODEL),--model "$(MODEL)") --concurrency "$(CONCURRENCY)" $(ARGS)
 
-simulate: $(STAMP)
+simulate: $(RUN_STAMP)
 	$(BIN)/labelstream simulate --port $(PORT) $(ARGS)
 
 clean:

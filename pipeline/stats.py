@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.api.pricing import Tier, cost_of
-from pipeline.results import now_iso
+from pipeline.results import Labeled, Result, now_iso
 
 
 @dataclass(slots=True)
@@ -78,6 +78,14 @@ class RunStats:
     def count_saved(self, rows: int) -> None:
         """Count rows the sink now holds."""
         self.saved += rows
+
+    def count(self, *results: Result) -> None:
+        """Count finished rows: labeled, or dead letters."""
+        for result in results:
+            if isinstance(result, Labeled):
+                self.labeled += 1
+            else:
+                self.record_failure(result.kind, result.row.id, result.message)
 
     def record_failure(self, kind: str, row_id: str, message: str) -> None:
         """Count a dead letter and keep a few samples of each kind."""

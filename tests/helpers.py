@@ -6,9 +6,12 @@ import asyncio
 import csv
 import io
 import os
+import random
+import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -111,6 +114,14 @@ def sink_ids(output: Path) -> list[str]:
     return [r["id"] for r in open_sink(output).iter_records(columns=["id"])]
 
 
+def ids_once(output: Path) -> set[str]:
+    """The ids in a sink, failing if any is there twice (counting `set(sink_ids(...))` would hide the repeat)."""
+    ids = sink_ids(output)
+    repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+    assert not repeated, f"{len(repeated)} ids written more than once, e.g. {repeated[:3]}"
+    return set(ids)
+
+
 def dead_letters(output: Path) -> list[dict[str, Any]]:
     """Every dead letter written beside a sink."""
     path = output.with_name(output.name + ".meta") / "dead_letters.jsonl"
@@ -120,6 +131,13 @@ def dead_letters(output: Path) -> list[dict[str, Any]]:
 
 
 TEST_KEY = "sk-test-LABELSTREAM-SECRET-0123456789abcdef"
+
+
+def label_args(sim: Any, source: Path, output: Path, *extra: str) -> list[str]:
+    """The CLI's `label` arguments for `source` into `output` against the simulator, progress as plain log lines."""
+    return [
+        "label", "--input", str(source), "--output", str(output), "--base-url", sim.base_url, "--no-progress", *extra,
+    ]  # fmt: skip
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -153,6 +171,31 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["OPENAI_API_KEY"] = TEST_KEY
     env.update(extra or {})
     return env
+
+
+def kill_at_random_moments(
+    start: Callable[[], subprocess.Popen[str]],
+    rng: random.Random,
+    *,
+    between: tuple[float, float],
+    check: Callable[[], None],
+    most: int = 8,
+) -> int:
+    """Start a CLI run and SIGKILL it after a random `between` seconds, again and again (`most` times, or until a run
+    finishes before its kill), calling `check` on what each kill left; returns how many kills landed mid-run."""
+    kills = 0
+    while kills < most:
+        proc = start()
+        # The moment of the kill is random (this is not synchronisation: any moment must be safe).
+        time.sleep(rng.uniform(*between))
+        proc.kill()
+        proc.communicate(timeout=30)
+        if proc.returncode == 0:
+            break  # the run finished before the kill came: nothing left to interrupt
+        assert proc.returncode == -signal.SIGKILL
+        kills += 1
+        check()
+    return kills
 
 
 def wait_for(condition: Callable[[], bool], *, timeout: float = 30.0, what: str = "condition") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -133,9 +134,20 @@ def test_importing_the_cli_loads_no_sdk_http_or_arrow() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def typed_exports() -> dict[str, str]:
+    """What type checkers see of `pipeline`: each name its TYPE_CHECKING block imports, with the module it is from."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text(encoding="utf-8"))
+    [block] = [node for node in tree.body if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)]
+    return {
+        alias.name: node.module or "" for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names
+    }
+
+
 def test_the_public_names_resolve() -> None:
-    """Every name in pipeline.__all__ loads from its module on first use."""
+    """Every name in pipeline.__all__ loads on first use as the very object type checkers are told it is."""
     import pipeline  # noqa: PLC0415 - the lazy loading is what is tested
 
+    typed = typed_exports()
+    assert sorted(pipeline.__all__) == sorted(typed), "__all__ and the TYPE_CHECKING imports disagree"
     for name in pipeline.__all__:
-        assert getattr(pipeline, name) is not None
+        assert getattr(pipeline, name) is getattr(importlib.import_module(typed[name]), name), name

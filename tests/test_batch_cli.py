@@ -11,11 +11,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from .helpers import cli, dead_letters, ledger, reviews, sink_ids, write_csv
-
-
-def label_args(sim: Any, source: Path, output: Path, *extra: str) -> list[str]:
-    return ["label", "--input", str(source), "--output", str(output), "--base-url", sim.base_url, *extra]
+from .helpers import cli, dead_letters, ids_once, label_args, ledger, reviews, sink_ids, write_csv
 
 
 def run_like_vllm(sim: Any, requests: Path, results: Path, *, fail: str, spoil: str) -> None:
@@ -46,6 +42,7 @@ def run_like_vllm(sim: Any, requests: Path, results: Path, *, fail: str, spoil: 
     results.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+@pytest.mark.slow
 def test_prepare_run_elsewhere_ingest_round_trip_exactly_once(sim: Any, tmp_path: Path) -> None:
     """prepare writes request files; results in vLLM's format merge in once; a second ingest adds nothing."""
     rows = reviews(45)
@@ -81,17 +78,17 @@ def test_prepare_run_elsewhere_ingest_round_trip_exactly_once(sim: Any, tmp_path
     assert refused.returncode == 2 and "already holds request files" in refused.stderr
 
 
+@pytest.mark.slow
 def test_label_engine_batch_logs_progress_and_status_shows_the_batches(sim: Any, tmp_path: Path) -> None:
     """`label --engine batch` logs batch states and request counts; `status` and `batch status` show the batches."""
     sim.configure(batch_seconds=0.5)
     source = write_csv(tmp_path / "in.csv", reviews(120))
     out = tmp_path / "out.jsonl"
-    result = cli(*label_args(sim, source, out, "--engine", "batch", "--batch-size", "50", "--poll-interval", "0.05",
-                             "--no-progress"))  # fmt: skip
+    result = cli(*label_args(sim, source, out, "--engine", "batch", "--batch-size", "50", "--poll-interval", "0.05"))
     assert result.returncode == 0, result.stderr
     assert "labelstream: batches:" in result.stderr and "requests " in result.stderr and "ETA" in result.stderr
     assert "labelstream done: 120 labeled" in result.stderr and "at batch prices" in result.stderr
-    assert len(set(sink_ids(out))) == 120
+    assert len(ids_once(out)) == 120
     status = cli("batch", "status", str(out), "--base-url", sim.base_url)
     assert status.returncode == 0 and "3 batches, 0 not yet collected" in status.stdout
     assert status.stdout.count("collected, completed") == 3
@@ -99,12 +96,13 @@ def test_label_engine_batch_logs_progress_and_status_shows_the_batches(sim: Any,
     assert "batches: 3" in overall.stdout
 
 
+@pytest.mark.slow
 def test_status_and_cancel_while_batches_run(sim: Any, tmp_path: Path) -> None:
     """After --no-wait, batch status shows them running; batch cancel cancels them; a re-run finishes the job."""
     sim.configure(batch_seconds=3600)
     source = write_csv(tmp_path / "in.csv", reviews(30))
     out = tmp_path / "out.jsonl"
-    sent = cli(*label_args(sim, source, out, "--engine", "batch", "--no-wait", "--no-progress"))
+    sent = cli(*label_args(sim, source, out, "--engine", "batch", "--no-wait"))
     assert sent.returncode == 0, sent.stderr
     assert "labelstream submitted" in sent.stderr and "batch status" in sent.stderr
     status = cli("batch", "status", str(out), "--base-url", sim.base_url, "--json")
@@ -115,9 +113,9 @@ def test_status_and_cancel_while_batches_run(sim: Any, tmp_path: Path) -> None:
     cancelled = cli("batch", "cancel", str(out), "--base-url", sim.base_url)
     assert cancelled.returncode == 0 and ": cancelled" in cancelled.stdout
     sim.configure(batch_seconds=0)
-    done = cli(*label_args(sim, source, out, "--engine", "batch", "--poll-interval", "0.05", "--no-progress"))
+    done = cli(*label_args(sim, source, out, "--engine", "batch", "--poll-interval", "0.05"))
     assert done.returncode == 0, done.stderr
-    assert len(set(sink_ids(out))) == 30 and [s["state"] for s in ledger(out)["submissions"]] == ["collected"] * 2
+    assert len(ids_once(out)) == 30 and [s["state"] for s in ledger(out)["submissions"]] == ["collected"] * 2
 
 
 @pytest.mark.parametrize(

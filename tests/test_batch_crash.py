@@ -9,21 +9,30 @@ from __future__ import annotations
 
 import random
 import signal
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .helpers import cli, ledger, reviews, sink_ids, start_cli, wait_for, write_csv
+from .helpers import (
+    cli,
+    ids_once,
+    kill_at_random_moments,
+    label_args,
+    ledger,
+    reviews,
+    sink_ids,
+    start_cli,
+    wait_for,
+    write_csv,
+)
+
+pytestmark = pytest.mark.crash  # every test here kills or signals the real CLI
 
 
 def batch_args(sim: Any, source: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "label", "--input", str(source), "--output", str(output), "--base-url", sim.base_url, "--engine", "batch",
-        "--no-progress", "--poll-interval", "0.05", *extra,
-    ]  # fmt: skip
+    return label_args(sim, source, output, "--engine", "batch", "--poll-interval", "0.05", *extra)
 
 
 def submissions(sim: Any) -> Counter[str]:
@@ -46,18 +55,15 @@ def test_kill_9_at_random_moments_never_submits_a_row_twice(sim: Any, tmp_path: 
     wanted = sorted(r[0] for r in rows)
     source = write_csv(tmp_path / "in.csv", rows)
     out = tmp_path / name
-    kills = 0
-    while kills < 8:
-        proc = start_cli(*batch_args(sim, source, out, "--batch-size", "100"))
-        time.sleep(rng.uniform(0.5, 3.0))  # the moment of the kill is random: any moment must be safe
-        kill(proc)
-        if proc.returncode == 0:
-            break
-        assert proc.returncode == -signal.SIGKILL
-        kills += 1
+
+    def check() -> None:
         seen = sink_ids(out) if out.exists() else []
         assert len(seen) == len(set(seen)), "an id was written twice"
         assert max(submissions(sim).values(), default=0) <= 1, "a row was submitted twice"
+
+    kills = kill_at_random_moments(
+        lambda: start_cli(*batch_args(sim, source, out, "--batch-size", "100")), rng, between=(0.5, 3.0), check=check
+    )
     assert kills >= 4, "too few kills landed mid-run to test anything"
     final = cli(*batch_args(sim, source, out))
     assert final.returncode == 0, final.stderr
@@ -82,7 +88,7 @@ def test_kill_after_the_provider_made_the_batch_but_before_the_reply(sim: Any, t
     assert result.returncode == 0, result.stderr
     assert len(sim.batch_summary()["batches"]) == 1, "a second batch was created"
     assert submissions(sim) == Counter(r[0] for r in reviews(50))
-    assert len(set(sink_ids(out))) == len(sink_ids(out)) == 50
+    assert len(ids_once(out)) == 50
 
 
 def test_kill_after_the_upload_but_before_the_reply(sim: Any, tmp_path: Path) -> None:

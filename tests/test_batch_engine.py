@@ -93,6 +93,25 @@ def test_batch_replies_are_validated_like_online_replies(sim: Any, tmp_path: Pat
     assert summary.failed == 2 and summary.labeled == 8
 
 
+def test_the_tokens_of_unusable_batch_replies_are_counted_and_priced(sim: Any, tmp_path: Path) -> None:
+    """Batch replies that gave no label were billed: the summary's tokens and cost equal the batch's own usage."""
+    import openai  # noqa: PLC0415 - the batch's usage, as the provider reports it
+
+    sim.configure(batch_seconds=0)
+    sim.script(
+        [{"kind": "label_outside", "match": "review 4: fine"}, {"kind": "bad_json_content", "match": "review 6: fine"}]
+    )
+    summary = label_batch(sim, write_csv(tmp_path / "in.csv", reviews(10)), tmp_path / "out.jsonl")
+    assert (summary.labeled, summary.failed, summary.unusable_replies) == (8, 2, 2)
+    [made] = sim.batch_summary()["batches"]
+    usage = openai.OpenAI(api_key="sk-test-key", base_url=sim.base_url).batches.retrieve(made["id"]).usage
+    assert usage is not None
+    assert (summary.prompt_tokens, summary.completion_tokens) == (usage.input_tokens, usage.output_tokens)
+    assert summary.cost_usd == pytest.approx(
+        cost_of("gpt-4o-mini", usage.input_tokens, usage.output_tokens, tier="batch")
+    )
+
+
 def test_rows_of_an_expired_batch_are_sent_again_by_the_next_run(sim: Any, tmp_path: Path) -> None:
     """An expired batch keeps what finished; its unfinished rows are not failures and go out again next run."""
     sim.configure(batch_seconds=0.6, batch_window_seconds=0.3)

@@ -104,6 +104,7 @@ def test_a_budget_stop_mid_run_is_flushed_and_a_resume_finishes_exactly_once(
     assert len(final) == len(set(final))
 
 
+@pytest.mark.slow
 def test_procs_share_one_budget(sim: Any, tmp_path: Path) -> None:
     """--procs 2 --max-cost X: the two shards together spend at most X (each stops at its half), exit 4 once."""
     source = write_csv(tmp_path / "in.csv", reviews(300))
@@ -133,6 +134,7 @@ def test_procs_refuse_a_run_over_the_cap_once(sim: Any, tmp_path: Path) -> None:
     assert sim.stats()["requests"] == 0
 
 
+@pytest.mark.slow
 def test_procs_split_the_cap_by_each_shards_work(sim: Any, tmp_path: Path) -> None:
     """All rows in one shard: it gets the cap (not half of it), so a run within --max-cost is labeled whole."""
     rows = [r for r in reviews(400) if shard_of(r[0], 2) == 0][:60]

@@ -206,6 +206,7 @@ def test_candidates_of_one_model_share_its_limits(tmp_path: Path) -> None:
     assert [o.limits.share for o in candidate_options(mixed, sample, chosen)] == [1.0, 1.0]
 
 
+@pytest.mark.crash
 def test_ctrl_c_saves_every_candidate_and_the_rerun_finishes(sim: Any, tmp_path: Path) -> None:
     """Ctrl-C during a compare exits 130 with one resume line and no traceback, leaves every sink readable without
     repeated ids, and the same command then finishes the comparison."""

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +12,26 @@ import polars as pl
 import pyarrow.dataset as ds
 import pytest
 
-from .helpers import cli, progress, reviews, sink_ids, start_cli, wait_for, write_csv
+from .helpers import (
+    cli,
+    kill_at_random_moments,
+    label_args,
+    progress,
+    reviews,
+    sink_ids,
+    start_cli,
+    wait_for,
+    write_csv,
+)
 
 SINKS = ["out.jsonl", "out.parquet"]
 
 
-def label_args(sim: Any, source: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "label", "--input", str(source), "--output", str(output), "--base-url", sim.base_url, "--no-progress",
-        "--concurrency", "16", "--checkpoint-every", "25", "--checkpoint-seconds", "0.2", *extra,
-    ]  # fmt: skip
+def crash_args(sim: Any, source: Path, output: Path, *extra: str) -> list[str]:
+    """`label` with checkpoints every 25 rows or 0.2 s, so a kill finds much saved and much still to do."""
+    return label_args(
+        sim, source, output, "--concurrency", "16", "--checkpoint-every", "25", "--checkpoint-seconds", "0.2", *extra
+    )
 
 
 def readable(output: Path) -> list[str]:
@@ -35,6 +43,7 @@ def readable(output: Path) -> list[str]:
     return sink_ids(output)
 
 
+@pytest.mark.crash
 @pytest.mark.parametrize("name", SINKS)
 def test_kill_9_at_random_moments_then_resume_gives_each_id_once(sim: Any, tmp_path: Path, name: str) -> None:
     """SIGKILLs at random moments: the sink stays readable and never repeats an id; the last run completes it."""
@@ -44,23 +53,18 @@ def test_kill_9_at_random_moments_then_resume_gives_each_id_once(sim: Any, tmp_p
     wanted = sorted(r[0] for r in rows)
     source = write_csv(tmp_path / "in.csv", rows)
     out = tmp_path / name
-    kills = 0
-    while kills < 8:
-        # 8 in flight at 20 ms: at most ~400 rows/s, so the file takes several runs on any machine.
-        proc = start_cli(*label_args(sim, source, out, "--concurrency", "8"))
-        # The moment of the kill is random (this is not synchronisation: any moment must be safe).
-        time.sleep(rng.uniform(0.3, 2.0))
-        proc.kill()
-        proc.communicate(timeout=30)
-        if proc.returncode == 0:
-            break  # the run finished before the kill came: nothing left to interrupt
-        assert proc.returncode == -signal.SIGKILL
-        kills += 1
+
+    def check() -> None:
         seen = readable(out)
         assert len(seen) == len(set(seen)), "an id was written twice"
         assert set(seen) <= set(wanted), "an id that is not in the input"
+
+    # 8 in flight at 20 ms: at most ~400 rows/s, so the file takes several runs on any machine.
+    kills = kill_at_random_moments(
+        lambda: start_cli(*crash_args(sim, source, out, "--concurrency", "8")), rng, between=(0.3, 2.0), check=check
+    )
     assert kills >= 4, "too few kills landed mid-run to test anything"
-    result = cli(*label_args(sim, source, out))
+    result = cli(*crash_args(sim, source, out))
     assert result.returncode == 0, result.stderr
     assert sorted(readable(out)) == wanted
     if out.suffix == ".parquet":
@@ -69,7 +73,7 @@ def test_kill_9_at_random_moments_then_resume_gives_each_id_once(sim: Any, tmp_p
     else:
         assert out.read_bytes().endswith(b"\n")
     sim.reset()
-    again = cli(*label_args(sim, source, out))
+    again = cli(*crash_args(sim, source, out))
     assert again.returncode == 0
     assert sim.stats()["requests"] == 0
 
@@ -78,22 +82,23 @@ def test_torn_tail_from_a_kill_is_repaired_and_reported(sim: Any, tmp_path: Path
     """A half-written last line (what kill -9 during a write leaves) is cut on the next run, which says so."""
     source = write_csv(tmp_path / "in.csv", reviews(30))
     out = tmp_path / "out.jsonl"
-    assert cli(*label_args(sim, source, out, "--limit", "10")).returncode == 0
+    assert cli(*crash_args(sim, source, out, "--limit", "10")).returncode == 0
     with out.open("ab") as handle:
         handle.write(b'{"id":"r00010","label":"posi')
-    result = cli(*label_args(sim, source, out))
+    result = cli(*crash_args(sim, source, out))
     assert result.returncode == 0
     assert "cut a torn last line" in result.stderr
     assert sorted(sink_ids(out)) == sorted(r[0] for r in reviews(30))
 
 
+@pytest.mark.crash
 @pytest.mark.parametrize("name", SINKS)
 def test_kill_during_a_slow_run_loses_at_most_one_checkpoint(sim: Any, tmp_path: Path, name: str) -> None:
     """What the progress file reports as saved is in the sink after a kill -9: a crash costs at most a checkpoint."""
     sim.configure(latency_ms=20)
     source = write_csv(tmp_path / "in.csv", reviews(3000))
     out = tmp_path / name
-    proc = start_cli(*label_args(sim, source, out))
+    proc = start_cli(*crash_args(sim, source, out))
     wait_for(lambda: progress(out).get("saved", 0) >= 200, what="200 rows saved")
     saved = progress(out)["saved"]
     proc.kill()
@@ -101,12 +106,13 @@ def test_kill_during_a_slow_run_loses_at_most_one_checkpoint(sim: Any, tmp_path:
     assert len(set(readable(out))) >= saved
 
 
+@pytest.mark.crash
 def test_parquet_sink_is_readable_by_every_reader_mid_run_and_after_kill(sim: Any, tmp_path: Path) -> None:
     """pandas, pyarrow.dataset, polars.scan_parquet(dir) and duckdb's glob read the dataset mid-run and after -9."""
     sim.configure(latency_ms=20)
     source = write_csv(tmp_path / "in.csv", reviews(3000))
     out = tmp_path / "out.parquet"
-    proc = start_cli(*label_args(sim, source, out, "--concurrency", "8"))
+    proc = start_cli(*crash_args(sim, source, out, "--concurrency", "8"))
     try:
         wait_for(lambda: progress(out).get("saved", 0) >= 100, what="parts published")
         during = read_with_every_reader(out)  # the run is still writing parts and temp files

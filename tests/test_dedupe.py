@@ -101,6 +101,7 @@ def test_copies_of_a_failed_original_are_dead_lettered_then_labeled_next_run(sim
     check_copies(records(out))
 
 
+@pytest.mark.crash
 def test_kill_9_mid_run_then_resume_gives_each_id_once_and_no_copy_without_original(sim: Any, tmp_path: Path) -> None:
     """SIGKILL after the first checkpoints: the sink never holds a copy before its original; the resume finishes
     with every id exactly once."""

@@ -3,6 +3,7 @@ name flags labelstream has, and, run as the scheduler would run them, label ever
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -11,12 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.dataset as ds
+import pytest
 import yaml
 
 from pipeline.analysis.status import sink_status
 from pipeline.cli import build_parser
 
-from .helpers import ROOT, cli_env, reviews, write_csv
+from .helpers import ROOT, cli, cli_env, reviews, write_csv
+from .s3 import Bucket
+from .s3 import bucket as bucket  # noqa: PLC0414 - the fixtures, re-exported by the names tests ask for
+from .s3 import s3_server as s3_server  # noqa: PLC0414
 
 K8S = ROOT / "deploy" / "k8s" / "indexed-job.yaml"
 SLURM = ROOT / "deploy" / "slurm" / "label.sbatch"
@@ -120,6 +125,7 @@ def test_the_sbatch_script_is_valid_bash_with_an_array_of_all_shards() -> None:
     assert "OPENAI_API_KEY=" not in SLURM.read_text().replace("export OPENAI_API_KEY=...", "")
 
 
+@pytest.mark.slow
 def test_the_slurm_array_labels_every_row_once(sim: Any, tmp_path: Path) -> None:
     """Every task of the array, run as Slurm would (its task id in the environment), together label each row once."""
     rows = reviews(160)
@@ -152,6 +158,7 @@ def test_the_slurm_array_labels_every_row_once(sim: Any, tmp_path: Path) -> None
     assert report["shard_count"] == high - low + 1 and list(report["shards_by_state"]) == ["done"]
 
 
+@pytest.mark.slow
 def test_the_indexed_job_labels_every_row_once(sim: Any, tmp_path: Path) -> None:
     """The Job's container command, run once per completion index with the manifest's env, labels each row once."""
     rows = reviews(160)
@@ -163,6 +170,14 @@ def test_the_indexed_job_labels_every_row_once(sim: Any, tmp_path: Path) -> None
     (container,) = job["spec"]["template"]["spec"]["containers"]
     args = [a.replace("/data/", f"{data}/") for a in container_args()]
     env = cli_env({e["name"]: e["value"] for e in container["env"] if "value" in e})
+    run_pods(sim, args, env, job["spec"]["completions"])
+    out = data / "labels.parquet"
+    assert sorted(ds.dataset(out).to_table(columns=["id"]).column("id").to_pylist()) == sorted(r[0] for r in rows)
+    assert sink_status(out)["shard_count"] == job["spec"]["completions"]
+
+
+def run_pods(sim: Any, args: list[str], env: dict[str, str], completions: int) -> None:
+    """Run the Job's container command once per completion index, all at once, as Kubernetes would; all exit 0."""
     pods = [
         subprocess.Popen(
             [str(LABELSTREAM), *args, "--base-url", sim.base_url, "--concurrency", "4"],
@@ -171,11 +186,75 @@ def test_the_indexed_job_labels_every_row_once(sim: Any, tmp_path: Path) -> None
             stderr=subprocess.PIPE,
             text=True,
         )
-        for index in range(job["spec"]["completions"])
+        for index in range(completions)
     ]
     for pod in pods:
         _, stderr = pod.communicate(timeout=120)
         assert pod.returncode == 0, stderr
-    out = data / "labels.parquet"
-    assert sorted(ds.dataset(out).to_table(columns=["id"]).column("id").to_pylist()) == sorted(r[0] for r in rows)
-    assert sink_status(out)["shard_count"] == job["spec"]["completions"]
+
+
+K8S_S3 = ROOT / "deploy" / "k8s" / "indexed-job-s3.yaml"
+CONTAINER_S3 = {*CONTAINER, "envFrom"}
+
+
+def s3_job() -> dict[str, Any]:
+    (job,) = [doc for doc in yaml.safe_load_all(K8S_S3.read_text()) if doc]
+    assert job["kind"] == "Job" and job["apiVersion"] == "batch/v1"
+    return dict(job)
+
+
+def test_the_s3_indexed_job_needs_no_shared_volume_and_keeps_credentials_in_secrets() -> None:
+    """The bucket variant: Indexed, retried per index, input and output in a bucket, keys from Secrets only."""
+    spec = s3_job()["spec"]
+    assert set(spec) <= JOB_SPEC and spec["completionMode"] == "Indexed" and spec["backoffLimitPerIndex"] >= 1
+    assert 1 <= spec["parallelism"] <= spec["completions"]
+    pod = spec["template"]["spec"]
+    assert set(pod) <= POD_SPEC and pod["restartPolicy"] == "Never"
+    (volume,) = pod["volumes"]
+    assert set(volume) == {"name", "configMap"}  # the task file only: no data volume shared between nodes
+    (container,) = pod["containers"]
+    assert set(container) <= CONTAINER_S3
+    env = {e["name"]: e for e in container["env"]}
+    assert int(env["LABELSTREAM_SHARDS"]["value"]) == spec["completions"]
+    assert "value" not in env["OPENAI_API_KEY"]
+    assert [source["secretRef"]["name"] for source in container["envFrom"]] == ["labelstream-bucket"]
+    assert not [e for e in container["env"] if e["name"].startswith("AWS_") and "KEY" in e["name"]]
+    args = s3_args()
+    assert args[args.index("--input") + 1].startswith("s3://")
+    assert args[args.index("--output") + 1].startswith("s3://")
+    (mount,) = container["volumeMounts"]
+    assert mount["name"] == volume["name"] and args[args.index("--config") + 1].startswith(mount["mountPath"] + "/")
+    assert args[args.index("--shard") + 1] == "auto"
+    assert pod["terminationGracePeriodSeconds"] > float(args[args.index("--grace") + 1])
+    assert build_parser().parse_args(args).shard == "auto"
+
+
+def s3_args() -> list[str]:
+    (container,) = s3_job()["spec"]["template"]["spec"]["containers"]
+    assert container["command"][0] == "labelstream"
+    return [*container["command"][1:], *container["args"]]
+
+
+@pytest.mark.slow
+def test_the_s3_indexed_job_labels_every_row_once_into_the_bucket(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """Run as Kubernetes would (one pod per index, input and output in a loopback S3 bucket): each row once."""
+    rows = reviews(160)
+    job = s3_job()
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    (mount,) = container["volumeMounts"]
+    prefix = "s3://your-bucket/"
+    args = s3_args()
+    source = args[args.index("--input") + 1].removeprefix(prefix)  # what the user uploads before applying the Job
+    bucket.client.upload_file(str(write_csv(tmp_path / "in.csv", rows)), bucket.name, source)
+    task = tmp_path / "task"  # the ConfigMap, as mounted
+    task.mkdir()
+    shutil.copy(ROOT / "configs" / "sentiment.toml", task / "sentiment.toml")
+    args = [a.replace(mount["mountPath"] + "/", f"{task}/").replace(prefix, f"s3://{bucket.name}/") for a in args]
+    env = cli_env({**bucket.env, **{e["name"]: e["value"] for e in container["env"] if "value" in e}})
+    run_pods(sim, args, env, job["spec"]["completions"])
+    output = args[args.index("--output") + 1]
+    key = output.removeprefix(f"s3://{bucket.name}/")
+    assert sorted(bucket.ids(key)) == sorted(r[0] for r in rows)
+    status = cli("status", output, "--json", env=bucket.env)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["shard_count"] == job["spec"]["completions"]

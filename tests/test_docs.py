@@ -17,8 +17,8 @@ PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 README_LIMIT = 12 * 1024
 # Pages that quote other programs' flags at length: the benchmark scripts' and the real servers'.
 OTHER_TOOLS_PAGES = {"benchmarks.md", "compat.md"}
-# Flags of other tools that README and the other pages quote: mypy's, and vLLM run_batch's.
-OTHER_TOOLS_FLAGS = {"--strict", "--max-model-len", "--served-model-name"}
+# Flags of other tools that README and the other pages quote: mypy's, vLLM run_batch's, and pytest's (testing.md).
+OTHER_TOOLS_FLAGS = {"--strict", "--max-model-len", "--served-model-name", "--durations", "--strict-markers"}
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 _CODE_SPAN = re.compile(r"`[^`\n]*`")

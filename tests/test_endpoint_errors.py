@@ -20,7 +20,7 @@ from pipeline.ratelimit.limiter import Limiter, LimitSettings, RetryPolicy
 from pipeline.results import Failed, Row
 from pipeline.task.prompt import Prompt
 
-from .helpers import SENTIMENT, cli, dead_letters, label, progress, reviews, sink_ids, write_csv
+from .helpers import SENTIMENT, cli, dead_letters, ids_once, label, progress, reviews, write_csv
 
 QUICK = RetryPolicy(max_attempts=4, base_wait=0.001, max_wait=0.01, timeout=30.0)
 HTML = b"<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>"
@@ -124,7 +124,7 @@ def test_a_dead_endpoint_in_a_fleet_is_left_alone_while_the_others_label(sim: An
     out = tmp_path / "out.jsonl"
     summary = label(sim, write_csv(tmp_path / "in.csv", reviews(30)), out, base_url=(dead, sim.base_url), retry=QUICK)
     assert summary.exit_code == 0, summary.render()
-    assert len(set(sink_ids(out))) == 30
+    assert len(ids_once(out)) == 30
 
 
 def test_a_server_that_goes_away_after_answering_is_retried_as_before(tmp_path: Path) -> None:

@@ -107,6 +107,7 @@ def second() -> Iterator[SimulatorThread]:
         yield running
 
 
+@pytest.mark.wallclock
 def test_a_fleet_shares_the_rows_and_the_summary_counts_them(sim: Any, second: SimulatorThread, tmp_path: Path) -> None:
     """Two equal servers each get a fair part of the rows; the summary shows rows per server."""
     sim.configure(latency_ms=20)
@@ -135,6 +136,7 @@ def test_a_failing_server_is_avoided_and_no_row_is_lost(sim: Any, second: Simula
     assert "errors, backed off" in summary.render()
 
 
+@pytest.mark.wallclock
 def test_a_slow_server_gets_fewer_rows(sim: Any, second: SimulatorThread, tmp_path: Path) -> None:
     """A server ten times slower than the other gets a small part of the rows."""
     sim.configure(latency_ms=10)

@@ -38,7 +38,7 @@ from .test_budget import estimated_cost, reasoning_task
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 NEEDS_RAY = pytest.mark.skipif(not HAS_RAY, reason="no ray extra")
-ENGINES = ["online", "batch", pytest.param("ray", marks=NEEDS_RAY)]
+ENGINES = ["online", "batch", pytest.param("ray", marks=[NEEDS_RAY, pytest.mark.ray])]
 FLAGS = {"online": [], "batch": ["--poll-interval", "0.05"], "ray": ["--ray-actors", "1"]}
 TIER = {"online": "standard", "batch": "batch", "ray": "standard"}
 
@@ -91,7 +91,10 @@ def run(engine: str, sim: Any, source: Path, out: Path, *, config: TaskConfig = 
 
 
 # Not indirect: the processes start their own Ray (two Ray starts make the ray case slow).
-@pytest.mark.parametrize("engine", ["online", "batch", pytest.param("ray", marks=[NEEDS_RAY, pytest.mark.slow])])
+@pytest.mark.crash
+@pytest.mark.parametrize(
+    "engine", ["online", "batch", pytest.param("ray", marks=[NEEDS_RAY, pytest.mark.ray, pytest.mark.slow])]
+)
 def test_kill_9_then_the_same_command_labels_each_id_exactly_once(
     engine: str, sim: Any, tmp_path: Path, short_tmp: Path
 ) -> None:
@@ -205,6 +208,7 @@ def spent(output: Path, tier: str) -> float:
 
 
 @NEEDS_RAY
+@pytest.mark.ray
 def test_label_dataset_labels_an_id_repeated_in_the_dataset_once(sim: Any, ray_here: None, tmp_path: Path) -> None:
     """The Ray library path goes through the run's RowGate too: a repeated id in a dataset is labeled once."""
     import ray  # noqa: PLC0415 - the ray extra is optional

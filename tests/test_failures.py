@@ -9,14 +9,16 @@ from typing import Any
 
 import pytest
 
-from pipeline.api.failures import STREAK_BREAKER, roomier
+from pipeline.api.failures import STREAK_BREAKER, FailureWatch, roomier
 from pipeline.api.pricing import load_prices
 from pipeline.errors import FatalApiError, clip
 from pipeline.ratelimit.limiter import RetryPolicy
+from pipeline.results import Failed, Labeled, Row
 from pipeline.run.budget import Budget
 from pipeline.run.progress import Reporter
 from pipeline.sinks import open_sink
 from pipeline.stats import CallStats, RunStats
+from pipeline.task.prompt import ReplyError
 
 from .helpers import SENTIMENT, cli, dead_letters, label, progress, reviews, write_csv
 
@@ -43,7 +45,8 @@ def test_a_reply_cut_off_at_max_tokens_is_retried_once_with_twice_the_room(sim: 
 
 def test_every_reply_padded_stops_the_run_with_one_message(sim: Any, tmp_path: Path) -> None:
     """A model that pads every reply (vLLM's default structured output): the run stops after 20 cut-off replies in a
-    row with no success, exit 2, saying what to change; not 6 identical requests for every row of the input."""
+    row with no success, exit 2, saying what to change; not 6 identical requests for every row of the input. The rows
+    cut off twice before the stop are no dead letters nor failed rows: the stop names the one cause."""
     sim.configure(length_rate=1.0)
     source = write_csv(tmp_path / "in.csv", reviews(300))
     out = tmp_path / "out.jsonl"
@@ -56,13 +59,35 @@ def test_every_reply_padded_stops_the_run_with_one_message(sim: Any, tmp_path: P
     assert "stopped because" not in result.stderr
     served = sim.stats()
     assert served["requests"] <= STREAK_BREAKER + 8
-    assert len(dead_letters(out)) <= STREAK_BREAKER // 2
+    assert dead_letters(out) == [], "no row is blamed for an endpoint-wide problem"
     summary = progress(out)["summary"]
+    assert (summary["failed"], summary["failures"]) == (0, {})
     assert summary["unusable_replies"] >= STREAK_BREAKER and summary["completion_tokens"] >= STREAK_BREAKER * MAX_TOKENS
     price = load_prices().price_of("gpt-4o-mini")
     assert price is not None
     billed = price.cost(served["prompt_tokens"], served["completion_tokens"])
     assert summary["cost_usd"] >= round(billed, 6), "requests cut off by the stop are in the cost as an upper bound"
+
+
+def test_rows_held_back_during_a_streak_are_dead_letters_when_the_run_goes_on() -> None:
+    """A row that failed like every reply before it is held back; a later success or the end of a run that no streak
+    stopped makes it a dead letter after all; a streak stop drops only the rows of the stopping kind."""
+    stats = CallStats()
+    watch = FailureWatch(stats, endpoints=1)
+    row = Row("r1", "text", 2)
+    cut = Failed(row, "length", "cut off", 2, None, "t")
+    odd = Failed(row, "invalid_label", "no such label", 6, None, "t")
+    timeout = Failed(row, "timeout", "no reply", 6, None, "t")
+    assert watch.sift(cut) == [] and watch.sift(timeout) == [timeout], "only deterministic kinds wait"
+    stats.successes = 1
+    done = Labeled(row, "positive", "m", 1, 1, 1.0, 1, "t")
+    assert watch.sift(done) == [cut, done] and watch.settle() == []
+    stats.successes = 0
+    assert watch.sift(cut) == [] and watch.sift(odd) == []
+    with pytest.raises(FatalApiError):
+        for _ in range(STREAK_BREAKER):
+            watch.unusable(ReplyError("length", "cut off"), b"{}", "application/json", "http://x/v1")
+    assert watch.settle() == [odd]
 
 
 @pytest.mark.parametrize(("kind", "advice"), [("label_outside", "labels outside"), ("bad_json_content", "JSON")])

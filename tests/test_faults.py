@@ -109,6 +109,7 @@ def run_with_file_limit(args: list[str], limit_bytes: int) -> subprocess.Complet
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["out.jsonl", "out.parquet"])
 def test_full_disk_stops_clearly_keeps_the_sink_and_resumes(sim: Any, tmp_path: Path, name: str) -> None:
     """When writes fail midway: exit 3 with a clear message, a readable sink, and a full resume once space is back."""

@@ -13,13 +13,9 @@ from pipeline.ratelimit.limiter import Limiter, LimitSettings
 from pipeline.results import Labeled, Row
 from pipeline.task.prompt import Prompt
 
-from .helpers import FAST_RETRY, SENTIMENT, cli, reviews, sink_ids, write_csv
+from .helpers import FAST_RETRY, SENTIMENT, cli, ids_once, label_args, reviews, write_csv
 
 BUSY = {"kind": "status", "status": 429, "code": "resource_unavailable", "message": "flex is busy"}
-
-
-def label_args(sim: Any, source: Path, output: Path, *extra: str) -> list[str]:
-    return ["label", "--input", str(source), "--output", str(output), "--base-url", sim.base_url, *extra]
 
 
 def test_a_busy_flex_429_uses_no_retries_and_does_not_slow_the_run(sim: Any) -> None:
@@ -51,9 +47,9 @@ def test_flex_requests_ride_out_resource_unavailable_at_half_price(sim: Any, tmp
     source = write_csv(tmp_path / "in.csv", reviews(40))
     out = tmp_path / "out.jsonl"
     flex = ("--service-tier", "flex", "--model", "o4-mini")  # gpt-4o-mini has no flex tier in the price table
-    result = cli(*label_args(sim, source, out, *flex, "--concurrency", "4", "--no-progress"))
+    result = cli(*label_args(sim, source, out, *flex, "--concurrency", "4"))
     assert result.returncode == 0, result.stderr
-    assert len(set(sink_ids(out))) == 40
+    assert len(ids_once(out)) == 40
     stats = sim.stats()
     busy = stats["by_status"].get("429", 0)
     assert busy > 0 and stats["rate_limited"] == {"requests": 0, "tokens": 0}

@@ -16,11 +16,12 @@ from pipeline.errors import FatalApiError
 from pipeline.ratelimit.headers import retry_after_seconds
 from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
 
-from .helpers import ROOT, cli, dead_letters, label, reviews, sink_ids, write_csv
+from .helpers import ROOT, cli, dead_letters, ids_once, label, reviews, sink_ids, write_csv
 
 QUICK = RetryPolicy(max_attempts=3, base_wait=0.001, max_wait=0.01, timeout=60.0)
 
 
+@pytest.mark.wallclock
 def test_a_hung_request_costs_a_few_latencies_not_the_full_timeout(sim: Any, tmp_path: Path) -> None:
     """With --timeout 60, a request that hangs late in a run is abandoned after the adaptive timeout (seconds)."""
     sim.configure(latency_ms=50)
@@ -29,7 +30,7 @@ def test_a_hung_request_costs_a_few_latencies_not_the_full_timeout(sim: Any, tmp
     started = time.monotonic()
     summary = label(sim, write_csv(tmp_path / "in.csv", reviews(300)), out, concurrency=8, retry=QUICK)
     elapsed = time.monotonic() - started
-    assert summary.exit_code == 0 and len(set(sink_ids(out))) == 300
+    assert summary.exit_code == 0 and len(ids_once(out)) == 300
     assert summary.retries + summary.hedged == 1  # cut by the adaptive timeout, or hedged near the end of the input
     assert elapsed < 20, f"the hung request held the run for {elapsed:.0f} s"
 
@@ -102,6 +103,7 @@ def test_error_replies_are_read_by_their_meaning(status: int, body: Any, meaning
     assert f"{status} {status}" not in error.describe()
 
 
+@pytest.mark.wallclock
 def test_litellm_renamed_retry_after_is_honoured(sim: Any, tmp_path: Path) -> None:
     """Behind the gateway a 429's only wait is llm_provider-retry-after (2.5 s): the next request waits for it."""
     sim.configure(gateway="litellm")
@@ -177,6 +179,7 @@ def test_a_mistyped_model_neither_fixes_the_sink_nor_returns_in_the_resume_comma
     assert sorted(sink_ids(out)) == sorted(r[0] for r in reviews(20))
 
 
+@pytest.mark.wallclock
 def test_requests_held_by_a_gateway_past_the_timeout_count_as_rate_limiting(sim: Any, tmp_path: Path) -> None:
     """A gateway that holds over-limit requests past --timeout: the timeouts slow the run like 429s instead of
     using up rows' retries, and every row ends labeled; the summary calls them timeouts (no 429 came), counts the
@@ -188,7 +191,7 @@ def test_requests_held_by_a_gateway_past_the_timeout_count_as_rate_limiting(sim:
         sim, write_csv(tmp_path / "in.csv", reviews(150)), out, limits=LimitSettings(concurrency=40), retry=retry
     )
     assert dead_letters(out) == []
-    assert summary.exit_code == 0 and len(set(sink_ids(out))) == 150
+    assert summary.exit_code == 0 and len(ids_once(out)) == 150
     assert summary.rate_limited == 0 and summary.held > 0 and summary.timeouts >= summary.held
     text = summary.render()
     assert f"(0 after 429, {summary.timeouts} after timeouts)" in text
@@ -198,6 +201,7 @@ def test_requests_held_by_a_gateway_past_the_timeout_count_as_rate_limiting(sim:
     assert summary.abandoned_cost_usd and summary.cost_usd and summary.cost_usd > summary.abandoned_cost_usd > 0
 
 
+@pytest.mark.wallclock
 def test_a_server_slower_than_the_timeout_stops_the_run_with_what_to_do(sim: Any, tmp_path: Path) -> None:
     """Replies that always take longer than --timeout are not an overload to wait out: with nothing ever back,
     the run stops after 20 timed-out attempts and says to raise --timeout (it used to retry forever)."""

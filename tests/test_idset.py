@@ -58,6 +58,7 @@ def test_many_ids_cost_about_eight_bytes_each() -> None:
     assert len(ids) == 200_000
     stored = sum(len(run) for run in ids._runs) + len(ids._recent)
     assert stored == 200_000
+    assert len(ids._recent) < 200_000 // 10, "the table of recent ids stays small: the rest is sealed into runs"
     assert sum(run.keys.itemsize * len(run) + run.tags.itemsize * len(run) for run in ids._runs) <= 10 * 200_000
     assert all(list(run.keys) == sorted(run.keys) for run in ids._runs)
     assert "row-199999" in ids and "row-200000" not in ids

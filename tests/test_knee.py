@@ -87,6 +87,7 @@ def serve(
     )
 
 
+@pytest.mark.slow
 # cost 2.0: a request is 3× slower in a full batch (vLLM on CPU), so near the knee a larger window pays little.
 @pytest.mark.parametrize(("slots", "cost"), [(64, 0.0), (64, 0.5), (128, 0.5), (32, 2.0), (64, 2.0)])
 def test_auto_reaches_the_best_fixed_concurrency_without_its_queue(slots: int, cost: float) -> None:
@@ -100,6 +101,7 @@ def test_auto_reaches_the_best_fixed_concurrency_without_its_queue(slots: int, c
     assert auto.max_in_flight <= 2 * slots
 
 
+@pytest.mark.slow
 def test_the_window_does_not_creep_up_over_minutes_at_the_knee() -> None:
     """Ten minutes against 64 slots: the window stays near the slots (a baseline that drifted up with every reply
     let the queue grow without end)."""
@@ -108,6 +110,7 @@ def test_the_window_does_not_creep_up_over_minutes_at_the_knee() -> None:
     assert run.rate >= 0.95 * 64 / 0.2
 
 
+@pytest.mark.slow
 def test_a_server_whose_latency_does_not_depend_on_load_gets_the_whole_ceiling() -> None:
     """Auto keeps growing against a provider that serves everything at once (OpenAI-like): no knee, no stop short
     of the safety cap."""

@@ -73,6 +73,7 @@ def test_a_shard_takes_the_part_of_siblings_that_ended_stopped_or_went_silent(tm
     assert follower.refresh() == pytest.approx(1 / 3), "interrupted is as gone as done"
 
 
+@pytest.mark.slow
 def test_two_hundred_live_siblings_read_in_turn_are_never_taken_for_gone(tmp_path: Path) -> None:
     """200 shards, all alive and writing progress: each sibling is read only every 13 looks (40 s), yet none is
     taken for silent, so the share stays at 1/200 and the key is not overrun."""
@@ -127,6 +128,7 @@ def test_the_share_scales_the_known_limits_and_what_429s_taught_both_ways() -> N
     assert limiter._rpm.per_minute == pytest.approx(4 * cut)
 
 
+@pytest.mark.wallclock
 def test_the_last_shard_running_paces_at_the_whole_limit(sim: Any, tmp_path: Path) -> None:
     """2 shards on a 1,200 RPM key: shard 1 has finished, so shard 0 (at 1/2 while it cannot yet be sure) takes
     the whole limit after its first seconds: the simulator sees it send about twice as fast, with no 429s."""

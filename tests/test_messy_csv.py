@@ -11,7 +11,7 @@ from pipeline.analysis.export import export_labels
 from pipeline.errors import InputError
 from pipeline.sinks import open_sink
 
-from .helpers import cli, dead_letters, label, sink_ids
+from .helpers import cli, dead_letters, ids_once, label, sink_ids
 
 WIDE_HEADER = ",".join(["id", "text", *(f"c{i}" for i in range(3000))])
 WIDE_ROW = ",".join(["w1", "wide row text", *("x" for _ in range(3000))])
@@ -55,7 +55,7 @@ def test_messy_input(sim: Any, tmp_path: Path, case: str) -> None:
     source.write_bytes(data)
     out = tmp_path / "out.jsonl"
     summary = label(sim, source, out)
-    labeled = set(sink_ids(out))
+    labeled = ids_once(out)
     failed = {d["id"]: d["kind"] for d in dead_letters(out)}
     assert labeled == {i for i, kind in expected.items() if kind == "ok"}
     assert failed == {i: kind for i, kind in expected.items() if kind != "ok"}

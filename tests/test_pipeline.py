@@ -16,7 +16,7 @@ from pipeline.sinks import open_sink
 from pipeline.sinks.parquet import record_schema
 from pipeline.task.config import RESERVED_FIELDS, load_config, parse_config
 
-from .helpers import ROOT, SENTIMENT, dead_letters, label, progress, reviews, sink_ids, write_csv
+from .helpers import ROOT, SENTIMENT, dead_letters, ids_once, label, progress, reviews, sink_ids, write_csv
 
 SINKS = ["out.jsonl", "out.parquet"]
 
@@ -83,7 +83,7 @@ def test_retries_server_errors_rate_limits_and_malformed_replies(sim: Any, tmp_p
     out = tmp_path / "out.jsonl"
     summary = label(sim, write_csv(tmp_path / "in.csv", reviews(30)), out, concurrency=2, retry=patient)
     assert summary.exit_code == 0 and summary.failed == 0
-    assert len(set(sink_ids(tmp_path / "out.jsonl"))) == 30
+    assert len(ids_once(tmp_path / "out.jsonl")) == 30
     assert summary.retries == 9
     assert summary.rate_limited >= 1
     assert sim.stats()["requests"] == 39
@@ -104,7 +104,7 @@ def test_a_row_that_always_fails_is_dead_lettered_with_the_reason(sim: Any, tmp_
     sim.reset()
     again = label(sim, tmp_path / "in.csv", tmp_path / "out.jsonl")
     assert sim.stats()["requests"] == 1 and again.exit_code == 0
-    assert len(set(sink_ids(tmp_path / "out.jsonl"))) == 10
+    assert len(ids_once(tmp_path / "out.jsonl")) == 10
 
 
 def test_bad_rows_are_dead_lettered_without_a_request(sim: Any, tmp_path: Path) -> None:
@@ -175,6 +175,7 @@ def test_multi_label_end_to_end(sim: Any, tmp_path: Path) -> None:
     assert all(isinstance(r["label"], list) and set(r["label"]) <= set(config.labels) for r in records)
 
 
+@pytest.mark.slow
 def test_ten_thousand_rows(sim: Any, tmp_path: Path) -> None:
     """A 10,000-row file is labeled completely, each id once (its speed is measured by scripts/bench_throughput.py)."""
     rows = reviews(10_000)

@@ -15,14 +15,11 @@ from pipeline.input.shards import Shard
 from pipeline.run.procs import split_limit, worst_exit
 from pipeline.sinks import SinkMeta, open_shards
 
-from .helpers import ROOT, cli, reviews, start_cli, wait_for, write_csv
+from .helpers import ROOT, cli, label_args, reviews, start_cli, wait_for, write_csv
 
 
 def procs_args(sim: Any, source: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "label", "--input", str(source), "--output", str(output), "--base-url", sim.base_url, "--no-progress",
-        "--procs", "2", *extra,
-    ]  # fmt: skip
+    return label_args(sim, source, output, "--procs", "2", *extra)
 
 
 def all_ids(output: Path) -> list[str]:
@@ -71,6 +68,7 @@ def test_every_exit_code_is_ranked(code: ExitCode) -> None:
     assert worst_exit([code, 99]) == 99 and worst_exit([code, ExitCode.OK]) == code
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["out.jsonl", "out.parquet"])
 def test_procs_2_labels_every_id_once_with_one_summary(sim: Any, tmp_path: Path, name: str) -> None:
     """--procs 2: two shard children label every row once; the parent prints one summary and each child took 1/2."""
@@ -92,6 +90,7 @@ def test_procs_2_labels_every_id_once_with_one_summary(sim: Any, tmp_path: Path,
     assert rerun.returncode == 0 and "0 labeled" in rerun.stderr and sim.stats()["requests"] == 400
 
 
+@pytest.mark.slow
 def test_procs_splits_limit_and_dry_run_plans_the_whole_run(sim: Any, tmp_path: Path) -> None:
     """--limit is for the whole run (split over the shards); --dry-run prints one plan for the run, sends nothing."""
     source = write_csv(tmp_path / "in.csv", reviews(200))
@@ -110,6 +109,7 @@ def test_procs_splits_limit_and_dry_run_plans_the_whole_run(sim: Any, tmp_path: 
     assert len(all_ids(out)) == 31 == sim.stats()["requests"]
 
 
+@pytest.mark.crash
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_reaches_every_shard_once_and_the_rerun_completes(sim: Any, tmp_path: Path, sig: int) -> None:
     """Ctrl-C/SIGTERM on the parent: both children stop gracefully (one signal each), one summary, exit 130."""
@@ -158,6 +158,7 @@ def test_the_parent_exits_with_the_worst_childs_code(sim: Any, tmp_path: Path) -
     assert shard_progress(out, 0)["state"] == "done"
 
 
+@pytest.mark.slow
 def test_procs_refuses_an_output_of_another_layout(sim: Any, tmp_path: Path) -> None:
     """--procs 2 on an output of 3 shards is refused once, before any child starts; --skip_labeled False moves it."""
     source = write_csv(tmp_path / "in.csv", reviews(30))
@@ -174,6 +175,7 @@ def test_procs_refuses_an_output_of_another_layout(sim: Any, tmp_path: Path) -> 
     assert list(tmp_path.glob("out.shard-0-of-3.jsonl.bak-*"))
 
 
+@pytest.mark.crash
 def test_the_shards_stop_gracefully_when_the_parent_is_killed(sim: Any, tmp_path: Path) -> None:
     """kill -9 of the parent: the kernel sends each child SIGTERM, so none runs on unsupervised; each one saves."""
     sim.configure(latency_ms=100)

@@ -4,6 +4,7 @@ kill, one rate limit for all actors, and an output the other commands read."""
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,9 @@ import pyarrow.dataset as pads
 import pytest
 
 from pipeline.engines.ray.limit import SharedLimit
-from pipeline.ratelimit.limiter import SAFETY
+from pipeline.ratelimit.limiter import REQUEST_BURST, SAFETY
 from pipeline.sinks import SinkMeta
+from pipeline.sinks.limit_memory import LimitMemory, endpoint_name
 from pipeline.sinks.progress_file import SCHEMA, read_progress
 
 from .helpers import ROOT, SENTIMENT, TEST_KEY, cli, cli_env, dead_letters, reviews, wait_for, write_csv
@@ -72,6 +75,25 @@ def test_the_shared_schedule_spaces_requests_and_tokens_for_every_caller() -> No
     assert tokens.reserve(10) == pytest.approx((2000 + 200) * 60 / (60_000 * SAFETY) - 1.0)
 
 
+def test_the_shared_schedule_starts_at_remembered_limits_and_headers_override_them() -> None:
+    """Limits an earlier run learned pace the job from its first reservation (an RPM, or a rate its 429s taught);
+    limits given or announced win over them; what the job learns (announced, the actors' rates summed) is kept."""
+    now = [100.0]
+    remembered = SharedLimit(rpm=None, tpm=None, remembered={"rpm": 600, "rate": 4.0}, clock=lambda: now[0])
+    assert (remembered.rpm, remembered.learned()) == (600, None), "nothing learned: nothing to keep"
+    remembered.learn(1200, None)  # the provider now says 1,200 (a new tier)
+    assert remembered.rpm == 1200
+    remembered.learned_rate("actor-1", 3.0)
+    remembered.learned_rate("actor-2", 4.0)
+    assert remembered.learned() == {"rpm": 1200, "tpm": None, "rate": 7.0, "window": None}
+    silent = SharedLimit(rpm=None, tpm=None, remembered={"rate": 10.0}, clock=lambda: now[0])
+    waits = [silent.reserve(10) for _ in range(11)]
+    assert waits[-1] == pytest.approx(1.0 - REQUEST_BURST), "paced at the remembered 10 requests/s"
+    given = SharedLimit(rpm=300, tpm=None, remembered={"rpm": 600, "tpm": 90_000}, clock=lambda: now[0])
+    assert (given.rpm, given.tpm) == (300, 90_000)
+
+
+@pytest.mark.ray
 def test_label_dataset_labels_each_row_once_and_the_output_reads_as_a_sink(
     sim: Any, local_ray: Any, tmp_path: Path
 ) -> None:
@@ -114,6 +136,8 @@ def test_label_dataset_labels_each_row_once_and_the_output_reads_as_a_sink(
     assert sim.stats(events=False)["requests"] == 1, "only the row that failed at the API is sent again"
 
 
+@pytest.mark.ray
+@pytest.mark.wallclock
 def test_two_actors_share_one_600_rpm_limit(sim: Any, local_ray: Any, tmp_path: Path) -> None:
     """Two actors, each able to send far more, stay under the key's 600 RPM together (the simulator enforces it
     per second, as OpenAI does, and says nothing in headers): almost no 429s, at close to the limit."""
@@ -138,6 +162,31 @@ def test_two_actors_share_one_600_rpm_limit(sim: Any, local_ray: Any, tmp_path: 
     assert per_second >= 0.8 * 10 * SAFETY, f"only {per_second:.1f} requests/s"
 
 
+@pytest.mark.ray
+def test_engine_ray_starts_at_the_limits_a_run_remembered_and_keeps_what_it_learns(
+    sim: Any, tmp_path: Path, short_tmp: Path
+) -> None:
+    """`label --engine ray` reads and keeps the sink's remembered limits as the online run does: the remembered RPM
+    reaches the shared schedule and stays in the record, beside the rate the actors' 429s teach them against a
+    silent provider (the schedule's pacing from recalled figures: test_the_shared_schedule_starts_at_remembered...)."""
+    sim.configure(latency_ms=20, rpm=600, rate_headers="none")
+    source = write_csv(tmp_path / "in.csv", reviews(150))
+    out = tmp_path / "out.parquet"
+    meta = SinkMeta(out)
+    meta.ensure()
+    hour_ago = time.time() - 3600
+    LimitMemory(meta.limits_path, meta.write_json_atomic, endpoint=endpoint_name(sim.base_url), model="gpt-4o-mini",
+                clock=lambda: hour_ago).keep({"rpm": 1200})  # fmt: skip
+    result = cli("label", "--input", str(source), "--output", str(out), "--base-url", sim.base_url, "--engine", "ray",
+                 "--concurrency", "40", "--ray-actors", "2", "--quiet", env={"RAY_TMPDIR": str(short_tmp)},
+                 timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    kept = json.loads(meta.limits_path.read_text())
+    assert kept["rpm"] == 1200 and kept.get("rate", 0) > 0 and kept["saved_at"] > hour_ago + 60, kept
+
+
+@pytest.mark.ray
+@pytest.mark.crash
 def test_engine_ray_resumes_after_kill_9_with_each_row_once(sim: Any, tmp_path: Path, short_tmp: Path) -> None:
     """`label --engine ray` killed (the whole process group, Ray with it) once a part is written; the same
     command finishes the job: every id once, and only rows of unwritten parts are paid for again."""
@@ -176,6 +225,7 @@ def test_engine_ray_resumes_after_kill_9_with_each_row_once(sim: Any, tmp_path: 
     assert not [p for p in logs if TEST_KEY.encode() in p.read_bytes()], "the API key leaked into Ray's files"
 
 
+@pytest.mark.ray
 def test_engine_ray_writes_the_same_progress_file_as_the_other_engines(
     sim: Any, tmp_path: Path, short_tmp: Path
 ) -> None:

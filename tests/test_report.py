@@ -102,6 +102,7 @@ def test_the_report_loads_nothing_from_anywhere(evaluated: tuple[Path, Path, dic
     assert not re.search(r"<script|<link|<img|<iframe|\bsrc=|\bhref=|url\(|@import", page)
 
 
+@pytest.mark.browser
 def test_chromium_renders_heatmap_charts_and_figures(
     evaluated: tuple[Path, Path, dict[str, Any]], tmp_path: Path
 ) -> None:

@@ -25,7 +25,7 @@ from pipeline.sinks import open_shards, open_sink
 from pipeline.sinks.layout import MERGING, part_shard
 from pipeline.sinks.parquet import ParquetSink
 
-from .helpers import SENTIMENT, cli, label, reviews, start_cli, wait_for, write_csv
+from .helpers import SENTIMENT, cli, label, label_args, reviews, start_cli, wait_for, write_csv
 
 SINKS = ["out.jsonl", "out.parquet"]
 
@@ -36,10 +36,7 @@ def all_ids(output: Path) -> list[str]:
 
 
 def shard_args(sim: Any, source: Path, output: Path, shard: str, *extra: str) -> list[str]:
-    return [
-        "label", "--input", str(source), "--output", str(output), "--base-url", sim.base_url, "--no-progress",
-        "--shard", shard, *extra,
-    ]  # fmt: skip
+    return label_args(sim, source, output, "--shard", shard, *extra)
 
 
 def test_the_shard_of_an_id_is_fixed_and_the_shards_are_even() -> None:
@@ -235,6 +232,7 @@ def test_export_reads_every_shard_as_one(sim: Any, tmp_path: Path, name: str) ->
     assert "50 rows, 50 labeled" in result.stdout
 
 
+@pytest.mark.slow
 def test_status_tells_done_running_stale_and_not_started_shards(sim: Any, tmp_path: Path) -> None:
     """`status` of 4 shards: totals, and each shard done, running (with ETA), stale after kill -9, or not started."""
     rows = reviews(3000)
@@ -275,6 +273,7 @@ def progress_of(meta: Path, k: int) -> dict[str, Any]:
         return {}
 
 
+@pytest.mark.slow
 def test_compact_merges_a_finished_sharded_dataset_into_one_sink(sim: Any, tmp_path: Path) -> None:
     """`compact` refuses unfinished shards; once all are done it makes one ordinary sink that resumes as one."""
     rows = reviews(90)
@@ -312,6 +311,7 @@ def test_an_interrupted_merge_is_refused_by_runs_and_finished_by_compact(sim: An
     assert sorted(pq.read_table(out).column("id").to_pylist()) == sorted(r[0] for r in reviews(30))
 
 
+@pytest.mark.crash
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_four_shards_killed_at_random_moments_end_with_every_id_once(sim: Any, tmp_path: Path) -> None:

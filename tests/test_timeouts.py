@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 
 from pipeline.api.hedging import Attempt, Hedger
+from pipeline.api.pricing import load_prices
 from pipeline.api.timeouts import FLOOR, SAMPLES, AdaptiveTimeout, Deadline
 from pipeline.ratelimit.limiter import Limiter, LimitSettings, RetryPolicy
 from pipeline.results import Labeled, Row, now_iso
+from pipeline.run.budget import Budget
 from pipeline.sinks import open_sink
 from pipeline.stats import CallStats
 
@@ -86,25 +88,32 @@ def test_small_moves_of_the_p99_leave_the_deadlines_in_flight_alone() -> None:
     run(scenario())
 
 
+class Rig:
+    """A hedger over one row's attempts, with a window of 8; every copy it sends replies once `reply` is set."""
+
+    def __init__(self) -> None:
+        self.timeouts = AdaptiveTimeout(60.0)
+        self.limiter = Limiter(LimitSettings(concurrency=8))
+        self.stats = CallStats()
+        self.row = Row("r1", "review 1: fine", 1)
+        self.reply = asyncio.Event()
+        self.copies: list[Attempt] = []
+        self.hedger = Hedger(self.timeouts, self.limiter, self.stats, self.send)
+        learn(self.timeouts, 0.01)  # p99 10 ms: a copy after the 0.5 s floor
+
+    async def send(self, copy: Attempt) -> Labeled:
+        self.copies.append(copy)
+        await self.reply.wait()
+        return Labeled(self.row, "positive", "m", 1, 1, 1.0, copy.number, now_iso())
+
+
 def test_a_straggler_is_copied_only_at_the_end_when_old_and_few_remain() -> None:
     """No copy before the input ends, while many are in flight or before 3 × p99; then one, and its reply wins."""
 
     async def scenario() -> None:
-        timeouts = AdaptiveTimeout(60.0)
-        limiter = Limiter(LimitSettings(concurrency=8))
-        stats = CallStats()
-        row = Row("r1", "review 1: fine", 1)
-        reply = asyncio.Event()
-        copies: list[Attempt] = []
-
-        async def send(copy: Attempt) -> Labeled:
-            copies.append(copy)
-            await reply.wait()
-            return Labeled(row, "positive", "m", 1, 1, 1.0, copy.number, now_iso())
-
-        hedger = Hedger(timeouts, limiter, stats, send)
-        learn(timeouts, 0.01)  # p99 10 ms: a copy after the 0.5 s floor
-        original = Attempt(timeouts, row, 10, 1)
+        rig = Rig()
+        limiter, stats, hedger = rig.limiter, rig.stats, rig.hedger
+        original = Attempt(rig.timeouts, rig.row, 10, 1)
         never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             with pytest.raises(TimeoutError):
@@ -125,16 +134,51 @@ def test_a_straggler_is_copied_only_at_the_end_when_old_and_few_remain() -> None
                     hedger.check()
                     hedger.check()
                     assert stats.hedged == 1, "one copy, once"
-                    reply.set()  # the copy replies: the original is cut
+                    rig.reply.set()  # the copy replies: the original is cut
                     await never
             assert original.won is not None and original.won.attempts == 1
-            assert [c.original for c in copies] == [original]
+            assert [c.original for c in rig.copies] == [original]
         finally:
             hedger.close()
 
     run(scenario())
 
 
+def test_a_hedge_copy_holds_its_worst_case_in_the_budget_or_is_not_sent() -> None:
+    """Under --max-cost a copy reserves its worst case like any request and releases it when it is over; when the
+    budget cannot cover it, no copy is sent and the run is not stopped for it."""
+
+    async def scenario() -> None:
+        rig = Rig()
+        timeouts, limiter, stats, row, hedger = rig.timeouts, rig.limiter, rig.stats, rig.row, rig.hedger
+        price = load_prices().price_of("gpt-4o-mini")
+        assert price is not None
+        worst = price.cost(len(row.text), 100) or 0.0
+        hedger.budget = budget = Budget(1.5 * worst, price, len, 100, stats)
+        budget.held = worst  # the original's own reservation: room for half a copy only
+        original = Attempt(timeouts, row, 10, 1)
+        try:
+            with pytest.raises(TimeoutError):
+                async with original:
+                    original.started -= 1.0
+                    limiter.in_flight = 1
+                    hedger.input_ended()
+                    assert (stats.hedged, budget.stopped, budget.held) == (0, False, worst), "no room: no copy"
+                    budget.limit = 2.5 * worst
+                    hedger.check()
+                    assert stats.hedged == 1, "room for a copy now"
+                    assert budget.held == pytest.approx(2 * worst), "the copy holds its worst case"
+                    rig.reply.set()
+                    await asyncio.Event().wait()  # cut by the copy's reply
+        finally:
+            hedger.close()
+        assert original.won is not None
+        assert budget.held == pytest.approx(worst), "released once the copy was over"
+
+    run(scenario())
+
+
+@pytest.mark.wallclock
 def test_an_early_hung_request_ends_at_the_learned_timeout(sim: Any, tmp_path: Path) -> None:
     """The run's first request hangs: it is abandoned ~2 s after it was sent (not after --timeout) and retried."""
     sim.configure(latency_ms=25)  # 400 rows through 3 free slots: the input lasts past the learned timeout

@@ -47,6 +47,26 @@ def test_a_lockout_backs_off_and_ends_at_the_rate_of_the_whole_cycle() -> None:
     assert limiter._rpm is not None and limiter._rpm.per_minute == pytest.approx(rate * 60)
 
 
+def test_a_lockout_is_read_as_ending_halfway_through_its_last_pause() -> None:
+    """A 10 s window: 200 admitted in the first 2 s, then refusals 1 s and 2 s apart. The window let requests in again
+    somewhere in the last pause, so the cycle's rate is counted to its middle (200 over ~10.2 s), not to the first
+    request admitted up to a pause later (200 over ~11.2 s: 9% under, held for the whole next window)."""
+    clock = VirtualClock()
+    limiter = Limiter(LimitSettings.automatic(), clock=clock, sleep=clock.sleep)
+    for i in range(200):
+        clock.now = 0.2 + i / 100
+        limiter.on_success(Permit(estimated_tokens=1, started=clock.now - 0.2, window_limited=True))
+    last_refusal = clock.now
+    while clock.now < 10.0:
+        last_refusal = clock.now
+        limiter.on_rate_limited(None)
+        clock.now = limiter.pause_until + 0.001
+    sent = clock.now
+    clock.now += 0.2
+    limiter.on_success(Permit(estimated_tokens=1, started=sent, window_limited=False))
+    assert limiter.pacer.rate() == pytest.approx(200 / ((last_refusal + sent) / 2) * CUT, rel=0.02)
+
+
 def test_a_429_right_after_the_pause_is_no_lockout_under_a_one_second_window() -> None:
     """A 1 s window still holding the refusals that opened an overload refuses the first request after the pause
     too: two overloads a second apart are no lockout, so the pace still comes from the busiest second (20/s), not

@@ -21,7 +21,7 @@ from pipeline.api.endpoints import Endpoint, EndpointPool, Outcome
 from pipeline.api.errors import Meaning, classify, refusal_kind
 from pipeline.api.failures import FailureWatch, advice, connection_problem, gateway_of, roomier
 from pipeline.api.hedging import Attempt, Hedger
-from pipeline.api.request import read_reply, rejects_logprobs, request_body
+from pipeline.api.request import Reply, read_reply, rejects_logprobs, request_body
 from pipeline.api.timeouts import AdaptiveTimeout
 from pipeline.api.tokens import TokenEstimator
 from pipeline.errors import FatalApiError, redact
@@ -193,25 +193,7 @@ class LabelClient:
             started = time.perf_counter()
             try:
                 async with live:  # ends at its start + the timeout, even when the timeout is learned later
-                    # The SDK's documented low-level post: same auth, errors and transport as
-                    # chat.completions.create, minus its per-request walk of the params against
-                    # their TypedDicts, which cost more CPU than everything else a row needs.
-                    response = await self._sdk.post(
-                        "/chat/completions",
-                        cast_to=httpx2.Response,
-                        content=orjson.dumps(
-                            request_body(
-                                self.prompt,
-                                row.text,
-                                self.model,
-                                logprobs=self.logprobs,
-                                service_tier=self.service_tier,
-                                max_tokens=max_tokens,
-                            )
-                        ),
-                        options={"headers": _JSON_HEADERS},
-                    )
-                    body = await response.aread()
+                    response, body = await self._post(row.text, max_tokens)
             except TimeoutError:
                 self._abandoned(live.estimate - max_tokens, max_tokens, timed_out=live.won is None)
                 if live.won is not None:
@@ -234,24 +216,51 @@ class LabelClient:
             except ReplyError as exc:
                 self.watch.unusable(exc, body, response.headers.get("content-type"), self._where)
                 raise _Attempt(exc.kind, exc.message) from None
-            prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
+            prompt_tokens = reply.prompt_tokens
             if prompt_tokens:
                 # Providers reserve max_tokens for the reply; only the prompt part of our estimate can be off.
                 permit.used_tokens = prompt_tokens + max_tokens
                 self.tokens.observe(row.text, prompt_tokens)
             self.limiter.on_success(permit)
+        return self._labeled(live, reply, latency_ms)
+
+    async def _post(self, text: str, max_tokens: int) -> tuple[httpx2.Response, bytes]:
+        """Send one chat-completion request; its response and body.
+
+        The SDK's documented low-level post: same auth, errors and transport as chat.completions.create, minus
+        its per-request walk of the params against their TypedDicts, which cost more CPU than everything else a
+        row needs.
+        """
+        body = request_body(
+            self.prompt,
+            text,
+            self.model,
+            logprobs=self.logprobs,
+            service_tier=self.service_tier,
+            max_tokens=max_tokens,
+        )
+        response = await self._sdk.post(
+            "/chat/completions",
+            cast_to=httpx2.Response,
+            content=orjson.dumps(body),
+            options={"headers": _JSON_HEADERS},
+        )
+        return response, await response.aread()
+
+    def _labeled(self, live: Attempt, reply: Reply, latency_ms: float) -> Labeled:
+        """Count a usable reply and make its row's record."""
         self.stats.successes += 1
         self.stats.bad_requests_in_a_row = 0
-        self.stats.prompt_tokens += prompt_tokens
-        self.stats.completion_tokens += completion_tokens
+        self.stats.prompt_tokens += reply.prompt_tokens
+        self.stats.completion_tokens += reply.completion_tokens
         self.stats.cached_tokens += reply.cached_tokens
         self.stats.logprobs_unread += reply.logprobs_unread
         return Labeled(
-            row=row,
+            row=live.row,
             label=reply.label,
             model=reply.model or self.model,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
             latency_ms=round(latency_ms, 1),
             attempts=live.number,
             labeled_at=now_iso(),

@@ -7,6 +7,9 @@
   no JSON) is no bad luck: `Streak` notices the same one again and again before anything has succeeded, and
   `advice` says what to change.
 - A reply cut off at max_tokens gets one more try with room to finish (`roomier`), not the row's every retry.
+- Rows that fail that way before anything has succeeded are held back (`FailureWatch.sift`): if the streak then
+  stops the run, the trouble is the endpoint's or the task's, not theirs, so they are no dead letters (they stay
+  unlabeled, and the next run sends them like any other); if the run goes on, they are dead letters as usual.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from pipeline.errors import FatalApiError, clip
+from pipeline.results import Failed, Result
 from pipeline.stats import CallStats
 from pipeline.task.prompt import ReplyError
 
@@ -28,6 +32,9 @@ STREAK_BREAKER: Final = 20
 NOT_API_BREAKER: Final = 3
 # Attempts that could not connect, with no success at all, that stop the run (a few: one blip is retried).
 UNREACHABLE_BREAKER: Final = 3
+# Rows held back while every reply fails alike (see `FailureWatch.sift`): a bound on memory, far above what a streak
+# of STREAK_BREAKER replies can fail.
+MOST_HELD: Final = 1000
 # A retry of a reply cut off at max_tokens asks for twice as many, up to this (or the task's, if larger).
 ROOMIER_CAP: Final = 8192
 # Gateways that name themselves in reply headers (LiteLLM 1.108.7: x-litellm-version on replies, x-litellm-call-id
@@ -98,6 +105,31 @@ class FailureWatch:
         self.endpoints = endpoints
         self.streak = Streak()
         self.unreachable: set[str] = set()  # endpoints no connection could be made to, before any success
+        self.held: list[Failed] = []  # rows failed as every reply so far did: dead letters only if the run goes on
+        self.stopped_by: str | None = None  # the failure kind whose streak stopped the run
+
+    def sift(self, result: Result) -> list[Result]:
+        """The results that are final now: `result` and rows held before it, or none while `result` is a row
+        that failed in a deterministic way before anything succeeded (held until a success or `settle`)."""
+        if isinstance(result, Failed) and self._holds(result):
+            return []
+        if not self.held or self.stats.successes == 0:
+            return [result]
+        held, self.held = self.held, []
+        return [*held, result]
+
+    def _holds(self, failed: Failed) -> bool:
+        """Hold `failed` back if it failed in a deterministic way while nothing has succeeded (up to MOST_HELD)."""
+        if self.stats.successes or failed.kind not in DETERMINISTIC or len(self.held) >= MOST_HELD:
+            return False
+        self.held.append(failed)
+        return True
+
+    def settle(self) -> list[Failed]:
+        """At the end of the run: the held rows that are dead letters after all; not those of the kind whose streak
+        stopped the run (one cause, the endpoint's or the task's, which its stop message names)."""
+        held, self.held = self.held, []
+        return [failed for failed in held if failed.kind != self.stopped_by]
 
     def unusable(self, error: ReplyError, body: bytes, content_type: str | None, where: str) -> None:
         """An unusable reply: its tokens are billed like a good one's; a streak of its kind may end the run."""
@@ -112,8 +144,10 @@ class FailureWatch:
         shown = not_an_api(200, content_type, body) if error.kind == "malformed" else None
         streak = self.streak.note("not_api" if shown else error.kind)
         if shown and streak >= NOT_API_BREAKER:
+            self.stopped_by = error.kind
             raise no_api(where, shown, 200)
         if error.kind in DETERMINISTIC and streak >= STREAK_BREAKER:
+            self.stopped_by = error.kind
             raise FatalApiError(
                 f"the first {streak} replies were all unusable the same way ({error.kind}: "
                 f"{clip(error.message, 120)}); retrying will not help: {advice(error.kind)}. Then re-run the same "

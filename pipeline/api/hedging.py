@@ -6,7 +6,8 @@ input has ended (the reader is done, the queue drains) and few requests remain i
 run for `MULTIPLE` × the recent p99 (and at least `FLOOR` seconds) gets a copy, sent while the run has room for
 it (the window is not full and the rate limits allow a request now). Whichever replies first is the row's
 result; the other is cancelled. A row is still written once: the copy is part of the same attempt, which
-returns one result. The copy is a request like any other: its tokens count, and `CallStats.hedged` counts it.
+returns one result. The copy is a request like any other: its tokens count, and `CallStats.hedged` counts it;
+under `--max-cost` it holds its worst case like any request, and is not sent when the budget cannot cover it.
 
 Why these numbers: 3 × p99 is past all but a few of the replies in a thousand, so a copy is sent for a
 request that is almost surely stuck, not slow; the half-second floor keeps fast servers (a p99 of 20 ms) from
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from pipeline.api.timeouts import AdaptiveTimeout, Deadline
 from pipeline.ratelimit.limiter import Limiter
@@ -57,6 +58,14 @@ class Attempt(Deadline):
 Send = Callable[[Attempt], Coroutine[Any, Any, Labeled]]
 
 
+class Purse(Protocol):
+    """What a copy may spend (`run.budget.Budget` under --max-cost)."""
+
+    def reserve(self, text: str, *, max_tokens: int | None = None, stop: bool = True) -> float | None: ...
+
+    def settle(self, held: float) -> None: ...
+
+
 class Hedger:
     """Sends copies of a run's last stragglers (see the module docstring); idle until `input_ended`."""
 
@@ -68,6 +77,7 @@ class Hedger:
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._ended = False  # the input has ended: only then are late attempts stragglers
+        self.budget: Purse | None = None  # --max-cost: a copy holds its worst case too, or is not sent
 
     def input_ended(self) -> None:
         """No more rows will come: from now on, look for stragglers."""
@@ -102,14 +112,20 @@ class Hedger:
                 break  # the oldest come first: the rest are younger still
             if limiter.in_flight + sent >= limiter.limit or not limiter.has_room(attempt.estimate):
                 break
-            self._launch(attempt)
+            held = 0.0
+            if self.budget is not None:
+                reserved = self.budget.reserve(attempt.row.text, max_tokens=attempt.max_tokens, stop=False)
+                if reserved is None:
+                    break  # the budget cannot cover a copy; the original runs on, and the run goes on
+                held = reserved
+            self._launch(attempt, held)
             sent += 1
 
     def _tick(self) -> None:
         self.check()
         self._timer = asyncio.get_running_loop().call_later((self.delay() or FLOOR) / CHECKS, self._tick)
 
-    def _launch(self, attempt: Attempt) -> None:
+    def _launch(self, attempt: Attempt, held: float) -> None:
         copy = Attempt(
             self.timeouts,
             attempt.row,
@@ -120,6 +136,9 @@ class Hedger:
         )
         attempt.copy = asyncio.get_running_loop().create_task(self._send(copy))
         attempt.copy.add_done_callback(lambda task: _replied(attempt, task))
+        if self.budget is not None:
+            settle = self.budget.settle  # once the copy is over, its tokens (or its worst case) are in the spent
+            attempt.copy.add_done_callback(lambda _task: settle(held))
         self.stats.hedged += 1
 
     async def outcome(self, attempt: Attempt) -> Labeled | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -69,3 +70,10 @@ def fraction(text: str) -> float:
     if not (math.isfinite(value) and 0 < value <= 1):
         raise argparse.ArgumentTypeError(f"expected a share above 0 and at most 1, got {text}")
     return value
+
+
+def location(text: str) -> Path:
+    """An output given on the command line: a local path, or an s3:// or gs:// URI kept as written."""
+    from pipeline.sinks.storage import as_path  # noqa: PLC0415 - only when a command is parsed
+
+    return as_path(text)

@@ -8,13 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.commands.args import location
 from pipeline.errors import ExitCode
 
 
 def register(sub: Any) -> None:
     """Add the `eval` subcommand."""
     ev = sub.add_parser("eval", help="accuracy, per-label F1, kappa and confusion of a sink against gold labels")
-    ev.add_argument("output", type=Path, help="the sink (OUT.jsonl or OUT.parquet)")
+    ev.add_argument("output", type=location, help="the sink (OUT.jsonl or OUT.parquet)")
     ev.add_argument(
         "--gold", required=True, help="CSV, JSONL or Parquet with the sink's id column and a gold label column"
     )

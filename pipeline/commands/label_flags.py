@@ -54,6 +54,13 @@ def _input_flags(io: Any) -> None:
     io.add_argument("--id-column", help="override the config's id column ('' = content hashes)")
     io.add_argument("--encoding", default="utf-8", help="input encoding (default: utf-8, BOM or not)")
     io.add_argument("--delimiter", help="field delimiter (default: guessed from the header)")
+    io.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="for an s3:// --output: endpoint_override, region, profile, lease_seconds, access_key, secret_key, "
+        "session_token (repeatable; credentials are safer in AWS_* or a profile, never written anywhere)",
+    )
 
 
 def _model_flags(model: Any) -> None:

@@ -8,20 +8,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.commands.args import positive_int, share
+from pipeline.commands.args import location, positive_int, share
 from pipeline.errors import ExitCode, UsageError
 
 
 def register(sub: Any) -> None:
     """Add the `status`, `export` and `compact` subcommands."""
     status = sub.add_parser("status", help="counts, failure rate and recent errors of a sink (all its shards)")
-    status.add_argument("output", type=Path)
+    status.add_argument("output", type=location)
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--report", type=Path, help="write a self-contained HTML report of a finished run here")
     status.set_defaults(handler=run_status)
 
     export = sub.add_parser("export", help="join labels back onto the input rows (CSV, JSONL or Parquet)")
-    export.add_argument("output", type=Path, help="the sink (OUT.jsonl or OUT.parquet)")
+    export.add_argument("output", type=location, help="the sink (OUT.jsonl or OUT.parquet)")
     export.add_argument("--input", "--input_csv", dest="input", required=True, help="the labeled input (any format)")
     export.add_argument(
         "--input-format", choices=("csv", "tsv", "jsonl", "parquet"), help="input format (default: by extension)"
@@ -41,7 +41,7 @@ def register(sub: Any) -> None:
     compact = sub.add_parser(
         "compact", help="merge the part files of a Parquet sink (a finished sharded one: into one)"
     )
-    compact.add_argument("output", type=Path, help="OUT.parquet")
+    compact.add_argument("output", type=location, help="OUT.parquet")
     compact.add_argument("--rows-per-part", type=positive_int, default=1_000_000)
     compact.set_defaults(handler=run_compact)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Sequence
 from typing import IO, Any
 
 from pipeline.api.client import LabelClient
@@ -72,6 +73,7 @@ class OnlineEngine:
         )
         if run.budget is not None:
             run.budget.prompt_tokens = client.tokens.prompt_tokens  # learns the provider's counts as replies come
+            client.hedger.budget = run.budget  # a hedge copy holds its worst case too, or is not sent
         reporter = Reporter(
             run.stats, mode=opts.progress, stream=run.notice, concurrency=lambda: (limiter.in_flight, limiter.limit)
         )
@@ -84,7 +86,7 @@ class OnlineEngine:
                 limiter.on_grow, lines.pool.on_close = lines.pool.grew, client.input_ended
                 group.create_task(staff(lines.pool, lambda: limiter.limit))
                 lines.reader_task = group.create_task(lines.read_rows())
-                group.create_task(lines.await_workers())
+                group.create_task(lines.await_workers(client))
                 group.create_task(lines.write_results())
                 group.create_task(lines.report_progress(reporter))
         except* LabelstreamError as group_error:
@@ -177,15 +179,14 @@ class _Pipeline:
             for row in batch:
                 verdict = gate.sort(row)
                 if verdict is Verdict.PROBLEM:
-                    await self.results.put(gate.failure(row))
+                    await self.pass_on([gate.failure(row)], counted=True)
                 elif verdict is Verdict.SEND:
                     await self.rows.put(row)
                 elif verdict is Verdict.COPY:
                     assert self.dedupe is not None  # noqa: S101 - only a gate with dedupe sorts copies
                     if (copy := self.dedupe.copy_now(row)) is not None:
-                        stats.labeled += 1
                         stats.copies += 1
-                        await self.results.put(copy)  # its original was handed to the writer before
+                        await self.pass_on([copy], copies=True)  # its original was handed to the writer before
                 if verdict in (Verdict.SEND, Verdict.COPY) and (self.stopping.is_set() or gate.full):
                     break
             if not self.stopping.is_set():
@@ -224,39 +225,34 @@ class _Pipeline:
                 return
             if budget is not None:
                 budget.settle(held)
-            if isinstance(result, Labeled):
-                self.stats.labeled += 1
-            else:
-                self.stats.record_failure(result.kind, row.id, result.message)
-            await self._hand_over([result])
-            if self.dedupe is not None:
-                # After the original: the writer saves a copy with or after it, never before.
-                await self._hand_over(self._copies_of(result))
+            await self.pass_on(self.client.watch.sift(result))  # a row failed as all replies so far waits (failures.py)
 
-    def _copies_of(self, result: Result) -> list[Result]:
+    async def pass_on(self, results: Sequence[Result], *, counted: bool = False, copies: bool = False) -> None:
+        """Count finished rows (unless `counted` already) and hand them to the writer; then the `copies` that
+        waited for them (run/dedupe.py), after them, so the sink never holds a copy without its original."""
+        if not counted:
+            self.stats.count(*results)
+        for at, result in enumerate(results):
+            try:
+                await self.results.put(result)
+            except asyncio.CancelledError:
+                self.stranded.extend(results[at:])  # finished work is saved even when its worker is cancelled
+                raise
+        if self.dedupe is not None and not copies and (followers := self._copies_of(results)):
+            await self.pass_on(followers, copies=True)
+
+    def _copies_of(self, results: Sequence[Result]) -> list[Result]:
+        """The records of the rows that waited for these originals: copies, or dead letters if they failed."""
         assert self.dedupe is not None  # noqa: S101 - called with dedupe only
-        followers = self.dedupe.settle(result)
-        for item in followers:
-            if isinstance(item, Failed):
-                self.stats.record_failure(item.kind, item.row.id, item.message)
-            else:
-                self.stats.labeled += 1
-                self.stats.copies += 1
+        followers = [item for result in results for item in self.dedupe.settle(result)]
+        self.stats.copies += sum(isinstance(item, Labeled) for item in followers)
         return followers
 
-    async def _hand_over(self, items: list[Result]) -> None:
-        """Pass finished results to the writer; those a cancelled worker still holds are saved all the same."""
-        for index, item in enumerate(items):
-            try:
-                await self.results.put(item)
-            except asyncio.CancelledError:
-                self.stranded.extend(items[index:])
-                raise
-
-    async def await_workers(self) -> None:
+    async def await_workers(self, client: LabelClient) -> None:
         """Tell the writer when every worker has ended (normally or cancelled after the grace period)."""
         assert self.pool is not None  # noqa: S101 - started before this task
         await self.pool.wait()
+        await self.pass_on(client.watch.settle())  # rows held back: dead letters unless a streak stopped us
         await self.results.put(_DONE)
 
     async def write_results(self) -> None:

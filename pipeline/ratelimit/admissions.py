@@ -32,7 +32,16 @@ LONG_LOCKOUT: Final = 5.0
 class Admissions:
     """Successful requests counted per second of their send time, and the overloads that came in a row."""
 
-    __slots__ = ("_counts", "_cycle_start", "_last_sent", "_overload_at", "_streak_start", "streak", "window")
+    __slots__ = (
+        "_counts",
+        "_cycle_start",
+        "_last_sent",
+        "_overload_at",
+        "_streak_start",
+        "ended_at",
+        "streak",
+        "window",
+    )
 
     def __init__(self, start: float) -> None:
         self._cycle_start = start  # since the run began, or the last lockout ended: one burst and its lockout
@@ -42,6 +51,7 @@ class Admissions:
         self._streak_start = start
         self.streak = 0  # overloads in a row with nothing admitted between them (0: none under way)
         self.window = 0.0  # the longest lockout seen (s): the provider's window is at least this long
+        self.ended_at = start  # when the last lockout ended, as far as its probes show (see `note`)
 
     def note(self, sent: float) -> bool:
         """Count a request sent at `sent` that succeeded; True if it ends a lockout (its pace must be measured)."""
@@ -55,9 +65,13 @@ class Admissions:
         ended = False
         if self._overload_at is not None and sent >= self._overload_at:
             ended = self.locked_out(sent)
-            self.streak, self._overload_at = 0, None
             if ended:
                 self.window = max(self.window, sent - self._streak_start)
+                # Its end lies between the last refused probe and this request, a pause apart (up to 2 s): halfway
+                # is the best guess. The first admitted request itself would make the cycle look up to a pause
+                # longer than it was, and its rate that much lower.
+                self.ended_at = (self._overload_at + sent) / 2
+            self.streak, self._overload_at = 0, None
         return ended
 
     def locked_out(self, now: float) -> bool:

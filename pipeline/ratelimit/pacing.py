@@ -244,7 +244,7 @@ class Pacer:
         (up to that moment: the lockout ended then), and hold it."""
         if self.known_rate is not None:
             return
-        rate = self.admissions.rate(sent, shortest=self._span)
+        rate = self.admissions.rate(self.admissions.ended_at, shortest=self._span)
         self.admissions.new_cycle(now)
         if rate is None:
             return

@@ -2,9 +2,9 @@
 
 Spend is what every reply cost by its `usage` (cached prompt tokens at the cached price), unusable replies
 included since they are billed too, plus the worst case of every abandoned attempt (it may still run upstream),
-plus, for every request in flight, the most it may cost: its prompt estimate and a full `max_tokens` reply. A
-row whose worst case would take the total past the limit is not sent; the run then stops the way Ctrl-C stops
-it (in-flight requests finish, the sink is flushed), and the next run resumes where it stopped.
+plus, for every request in flight (hedge copies too), the most it may cost: its prompt estimate and a full
+`max_tokens` reply. A row whose worst case would take the total past the limit is not sent; the run then stops the
+way Ctrl-C stops it (in-flight requests finish, the sink is flushed), and the next run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -56,11 +56,12 @@ class Budget:
         self.held = 0.0  # the worst case of the requests in flight
         self.stopped = False  # a row was held back: the run is stopping at the limit
 
-    def reserve(self, text: str) -> float | None:
-        """Hold the most a request for `text` may cost, or return None (and stop) when that would pass the limit."""
-        worst = self.price.cost(self.prompt_tokens(text), self.max_tokens, tier=self.tier) or 0.0
+    def reserve(self, text: str, *, max_tokens: int | None = None, stop: bool = True) -> float | None:
+        """Hold the most a request for `text` may cost, or return None (and stop, unless `stop` is False: a hedge
+        copy the run can do without) when that would pass the limit."""
+        worst = self.price.cost(self.prompt_tokens(text), max_tokens or self.max_tokens, tier=self.tier) or 0.0
         if self.spent + self.held + worst > self.limit:
-            self.stopped = True
+            self.stopped = self.stopped or stop
             return None
         self.held += worst
         return worst

@@ -19,6 +19,7 @@ from pipeline.errors import UsageError
 from pipeline.input.location import is_uri
 from pipeline.input.shards import Shard
 from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
+from pipeline.sinks.storage import as_path
 from pipeline.task.config import TaskConfig
 
 ProgressMode = Literal["auto", "log", "off"]
@@ -79,7 +80,7 @@ class RunOptions:
         to `limits`; the rest are RunOptions fields."""
         io_names = {f.name for f in fields(IoOptions)} - {"input", "output"}
         where = input if is_uri(input) else Path(input)
-        io = IoOptions(where, Path(output), **{k: settings.pop(k) for k in list(settings) if k in io_names})
+        io = IoOptions(where, as_path(output), **{k: settings.pop(k) for k in list(settings) if k in io_names})
         checkpoint = settings.pop("checkpoint", None) or CheckpointOptions(
             rows=settings.pop("checkpoint_rows", None), seconds=settings.pop("checkpoint_seconds", None)
         )

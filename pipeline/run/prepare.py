@@ -25,13 +25,18 @@ from pipeline.run.dedupe import Dedupe
 from pipeline.run.options import RunOptions
 from pipeline.sinks import Identity, Manifest, Sink, check_layout, open_sink
 from pipeline.sinks.layout import move_aside
+from pipeline.sinks.storage import object_filesystem, uri_options
 from pipeline.stats import RunStats
 
 
 def open_source(opts: RunOptions) -> Source:
     """The run's input reader, CSV, JSONL or Parquet (not yet opened)."""
     io = opts.io
-    read = ReadOptions(io.input_format, io.encoding, io.delimiter, io.require_id_column)
+    # An input in a bucket is read with the same endpoint and credentials (--storage-option) as an output there.
+    where = opts.input
+    read = ReadOptions(
+        io.input_format, io.encoding, io.delimiter, io.require_id_column, uri_options(where), object_filesystem(where)
+    )
     return input_source(opts.input, opts.config, read)
 
 

@@ -1,7 +1,8 @@
 """Sinks: where labels go, and the checkpoint of every run (the ids a sink holds are done).
 
 `open_sink(path)` picks the format from the suffix: `.jsonl` (one JSON object a line, `jsonl.py`) or
-`.parquet` (a dataset directory of part files, `parquet.py`, which loads pyarrow). Side files live in
+`.parquet` (a dataset directory of part files, `parquet.py`, which loads pyarrow); an `s3://` output is a
+Parquet dataset on object storage (`objects.py`, `storage.py`, `lease.py`). Side files live in
 `OUT.meta/` (`meta.py`). `open_sink(path, shard=...)` is one shard of a sharded output, and `open_shards`
 every sink an output is made of (`layout.py` names them). A new sink format subclasses `Sink` (`base.py`)
 and gets a suffix here.
@@ -17,6 +18,7 @@ from pipeline.sinks.base import Sink
 from pipeline.sinks.jsonl import JsonlSink
 from pipeline.sinks.layout import Layout, check_layout, discover, is_jsonl
 from pipeline.sinks.meta import Identity, Manifest, SinkMeta, meta_dir_for
+from pipeline.sinks.storage import as_path, object_uri
 
 __all__ = [
     "Identity",
@@ -35,7 +37,10 @@ __all__ = [
 
 def open_sink(path: str | Path, shard: Shard | None = None) -> Sink:
     """The sink for an output path, chosen by suffix (.jsonl or .parquet); with `shard`, that shard of it."""
-    path = Path(path)
+    uri = object_uri(path)
+    path = as_path(path)
+    if uri is not None:
+        return _open_object_sink(uri, path, shard)
     if is_jsonl(path):
         return JsonlSink(path, shard)
     if path.suffix.lower() == ".parquet":
@@ -43,6 +48,19 @@ def open_sink(path: str | Path, shard: Shard | None = None) -> Sink:
 
         return ParquetSink(path, shard)
     raise UsageError(f"--output {path}: use a name ending in .jsonl or .parquet to choose the sink format.")
+
+
+def _open_object_sink(uri: str, path: Path, shard: Shard | None) -> Sink:
+    if path.suffix.lower() != ".parquet":
+        # JSONL cannot be appended to on an object store; one object per checkpoint would be a dataset of
+        # JSONL parts that no reader expects, so the Parquet dataset is the one format there.
+        raise UsageError(
+            f"--output {uri}: on object storage labelstream writes a Parquet dataset only. Name it with .parquet "
+            "(pandas, duckdb and polars read it from the bucket), or write JSONL to a local path."
+        )
+    from pipeline.sinks.objects import ObjectParquetSink  # noqa: PLC0415 - pyarrow and the store's client are slow to import
+
+    return ObjectParquetSink(path, shard)
 
 
 def open_shards(path: str | Path, layout: Layout | None = None) -> list[Sink]:

@@ -14,6 +14,7 @@ from pipeline.errors import SinkError, StorageError
 from pipeline.sinks.layout import discover
 from pipeline.sinks.merge import merge_shards
 from pipeline.sinks.parquet import ParquetSink, rewrite_parts, target_schema
+from pipeline.sinks.storage import as_path, object_uri
 from pipeline.sinks.swap import fresh_rewrite_dir, recover_swap, swap_in
 
 
@@ -23,6 +24,10 @@ def compact(path: str | Path, *, rows_per_part: int = 1_000_000) -> tuple[int, i
     The new set is written beside the dataset and swapped in by one atomic directory exchange, so a
     reader, or a crash, sees either the old set or the new one: never both, never neither.
     """
+    if object_uri(path) is not None:
+        from pipeline.sinks.objects import compact_objects  # noqa: PLC0415 - the store's clients load only for it
+
+        return compact_objects(as_path(path), rows_per_part=rows_per_part)
     layout = discover(Path(path))
     if layout.sharded or layout.merging:
         return merge_shards(Path(path), layout, rows_per_part=rows_per_part)
@@ -37,7 +42,7 @@ def compact(path: str | Path, *, rows_per_part: int = 1_000_000) -> tuple[int, i
         current = all(pq.read_schema(p).equals(schema, check_metadata=False) for p in parts)
         if len(parts) <= 1 and current:
             return len(parts), len(parts)
-        written = rewrite_parts(parts, schema, fresh_rewrite_dir(sink.meta.dir), rows_per_part=rows_per_part)
+        written = len(rewrite_parts(parts, schema, fresh_rewrite_dir(sink.meta.dir), rows_per_part=rows_per_part))
         swap_in(sink.path, sink.meta.dir)
         return len(parts), written
     except OSError as exc:

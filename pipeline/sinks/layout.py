@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from pipeline.errors import SinkMismatchError
+from pipeline.errors import SinkMismatchError, UsageError
 from pipeline.input.shards import Shard
 from pipeline.sinks.meta import meta_dir_for
+from pipeline.sinks.storage import ObjectStore, object_uri
 
 PART: Final = re.compile(r"^part-(?:s(\d+)of(\d+)-)?(\d{6})-[0-9a-f]+\.parquet$")
 _SHARD_NAME: Final = re.compile(r"^shard-(\d+)-of-(\d+)$")
@@ -78,6 +79,8 @@ class Layout:
 
 def discover(path: Path) -> Layout:
     """Look at what an output consists of, without changing anything."""
+    if object_uri(path) is not None:
+        return _discover_objects(path)
     layout = Layout()
     meta = meta_dir_for(path)
     if meta.is_dir():
@@ -102,6 +105,26 @@ def discover(path: Path) -> Layout:
                 layout.shards.add(carried)
             elif carried is None:
                 layout.unsharded.append(str(entry))
+    return layout
+
+
+def _discover_objects(path: Path) -> Layout:
+    """`discover` for a Parquet dataset on object storage: shard folders under `.meta/`, shard tags of parts."""
+    store = ObjectStore(str(object_uri(path)))
+    layout = Layout()
+    meta = meta_dir_for(path)
+    for name, _, is_dir in store.entries(store.key(meta)):
+        if is_dir and (match := _SHARD_NAME.match(name)) and (found := _shard(*map(int, match.groups()))):
+            layout.shards.add(found)
+        elif name in {"lease.json", "manifest.json"}:
+            layout.unsharded.append(str(meta / name))
+        layout.merging = layout.merging or name == MERGING
+    for name, _, _ in store.entries(store.key(path)):
+        carried = part_shard(name)
+        if isinstance(carried, Shard):
+            layout.shards.add(carried)
+        elif carried is None:
+            layout.unsharded.append(str(path / name))
     return layout
 
 
@@ -146,6 +169,11 @@ def check_layout(path: Path, shard: Shard | None, layout: Layout | None = None) 
 
 def move_aside(path: Path) -> Path | None:
     """Rename an output, sharded or not (with its side files and shard files), to `NAME.bak-<time>`."""
+    if object_uri(path) is not None:
+        raise UsageError(
+            f"--skip_labeled False would move {path} aside, and object storage has no rename. Label into a new "
+            "--output prefix (or delete the old one yourself)."
+        )
     meta = meta_dir_for(path)
     shard_files = [shard_file(path, s) for s in discover(path).shards] if is_jsonl(path) else []
     moving = [p for p in (path, meta, *shard_files) if p.exists()]

@@ -137,7 +137,7 @@ def _merge_parts(path: Path, top: SinkMeta, sinks: list[ParquetSink], rows_per_p
         return len(done), len(done)
     new = fresh_rewrite_dir(top.dir)
     try:
-        written = rewrite_parts(parts, target_schema(parts), new, rows_per_part=rows_per_part)
+        written = len(rewrite_parts(parts, target_schema(parts), new, rows_per_part=rows_per_part))
         swap_in(path, top.dir)
     except OSError:
         recover_swap(path, top.dir)

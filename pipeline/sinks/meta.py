@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -122,6 +122,17 @@ class Manifest:
         )
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process a side file names (lock, progress file, lease) still runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
 def meta_dir_for(sink_path: Path) -> Path:
     """`OUT.jsonl` → `OUT.jsonl.meta`, `OUT.parquet/` → `OUT.parquet.meta`."""
     return sink_path.with_name(sink_path.name + ".meta")
@@ -185,10 +196,14 @@ class SinkMeta:
             self._lock.close()
             self._lock = None
 
+    def read_bytes(self, path: Path) -> bytes:
+        """The whole of one side file (FileNotFoundError when there is none)."""
+        return path.read_bytes()
+
     def read_manifest(self) -> Manifest | None:
         """The manifest, or None when there is none yet."""
         try:
-            data = orjson.loads(self.manifest_path.read_bytes())
+            data = orjson.loads(self.read_bytes(self.manifest_path))
         except FileNotFoundError:
             return None
         except orjson.JSONDecodeError:
@@ -256,13 +271,18 @@ class SinkMeta:
         except FileNotFoundError:
             return
         with handle:
-            for line in handle:
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    item = orjson.loads(line)
-                    if isinstance(item, dict):
-                        if item.get("kind") in OLD_KINDS:
-                            item["kind"] = OLD_KINDS[item["kind"]]
-                        yield item
+            yield from parse_dead_letters(handle)
+
+
+def parse_dead_letters(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The records of dead-letter lines (a torn or foreign line is skipped; old kinds get their new names)."""
+    for line in lines:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            item = orjson.loads(line)
+            if isinstance(item, dict):
+                if item.get("kind") in OLD_KINDS:
+                    item["kind"] = OLD_KINDS[item["kind"]]
+                yield item
 
 
 def write_dead_letters(appender: Appender, items: Sequence[Failed], run_id: str) -> None:

@@ -32,7 +32,7 @@ from pipeline.sinks.files import fsync_dir
 from pipeline.sinks.layout import PART, part_number, part_shard
 from pipeline.sinks.swap import fresh_rewrite_dir, recover_swap, swap_in
 
-_DROP_JOURNAL: Final = "drop.json"
+DROP_JOURNAL: Final = "drop.json"
 _TYPES: Final = {
     "string": pa.string(),
     "int64": pa.int64(),
@@ -95,6 +95,11 @@ class ParquetSink(Sink):
         self._outputs: frozenset[str] = frozenset()
         self._next_part = 1
         self._run_tag = os.urandom(4).hex()
+        self.filesystem: Any = None  # the pyarrow filesystem parts are read from (None: the local one)
+
+    def locate(self, part: Path) -> str | Path:
+        """Where pyarrow finds a part on `filesystem` (here the path itself; an object sink gives its key)."""
+        return part
 
     def parts(self) -> list[Path]:
         """This sink's complete part files in write order (a shard's own parts only)."""
@@ -119,7 +124,7 @@ class ParquetSink(Sink):
         # A shard that has written nothing yet must still match its siblings: one directory, one schema.
         parts = self.parts() or self.all_parts()
         if parts:
-            have = pq.read_schema(parts[-1])
+            have = pq.read_schema(self.locate(parts[-1]), filesystem=self.filesystem)
             if have.names == [n for n in wanted.names if n != "copied_from"]:
                 # Written before copies were marked: keep its columns (copies there carry no copied_from).
                 wanted = pa.schema([wanted.field(n) for n in have.names], metadata=wanted.metadata)
@@ -155,8 +160,10 @@ class ParquetSink(Sink):
     def _entries(self) -> Iterator[tuple[str, int]]:
         for part in self.parts():
             try:
-                names = pq.read_schema(part).names
-                table = pq.read_table(part, columns=[c for c in ("id", "text_sha") if c in names])
+                names = pq.read_schema(self.locate(part), filesystem=self.filesystem).names
+                table = pq.read_table(
+                    self.locate(part), filesystem=self.filesystem, columns=[c for c in ("id", "text_sha") if c in names]
+                )
             except (OSError, pa.ArrowException) as exc:
                 raise SinkError(
                     f"{part} is not a readable Parquet part ({exc}). Move it out of {self.path} and re-run; "
@@ -182,7 +189,7 @@ class ParquetSink(Sink):
 
     def iter_records(self, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
         for part in self.parts():
-            handle = pq.ParquetFile(part)
+            handle = pq.ParquetFile(self.locate(part), filesystem=self.filesystem)
             present = set(handle.schema_arrow.names)
             wanted = [c for c in columns if c in present] if columns else None
             for batch in handle.iter_batches(columns=wanted, batch_size=8192):
@@ -242,7 +249,7 @@ class ParquetSink(Sink):
         try:
             self.meta.ensure()
             for part in self.parts():
-                table = pq.read_table(part)
+                table = pq.read_table(self.locate(part), filesystem=self.filesystem)
                 keep = pa.array([row_id not in ids for row_id in table.column("id").to_pylist()], pa.bool_())
                 removed = len(table) - pc.sum(keep).as_py() if len(table) else 0
                 if not removed:
@@ -251,21 +258,25 @@ class ParquetSink(Sink):
                 remove.append(part.name)
                 if removed < len(table):
                     name = self._new_part_name()
-                    tmp = self.meta.tmp_dir / f"{name}.tmp"
-                    pq.write_table(table.filter(keep), tmp, compression="zstd")
-                    with tmp.open("rb") as handle:
-                        os.fsync(handle.fileno())
+                    self.stage(table.filter(keep), name)
                     publish.append(name)
             if remove:
-                self.meta.write_json_atomic(self.meta.dir / _DROP_JOURNAL, {"remove": remove, "publish": publish})
+                self.meta.write_json_atomic(self.meta.dir / DROP_JOURNAL, {"remove": remove, "publish": publish})
                 self._finish_drop()
         except OSError as exc:
             raise StorageError(f"cannot rewrite {self.path}: {exc.strerror or exc}. Re-run to finish.") from None
         return dropped
 
+    def stage(self, table: pa.Table, name: str) -> None:
+        """Write `table` where a journal publishes it as part `name` from (a synced temporary file here)."""
+        tmp = self.meta.tmp_dir / f"{name}.tmp"
+        pq.write_table(table, tmp, compression="zstd")
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+
     def _finish_drop(self) -> bool:
         """Carry out a drop journal, if there is one (idempotent); True if there was."""
-        journal = self.meta.dir / _DROP_JOURNAL
+        journal = self.meta.dir / DROP_JOURNAL
         try:
             plan = orjson.loads(journal.read_bytes())
         except FileNotFoundError:
@@ -321,33 +332,44 @@ def labeled_table(items: Sequence[Labeled], schema: pa.Schema, outputs: Collecti
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def rewrite_parts(parts: list[Path], schema: pa.Schema, new: Path, *, rows_per_part: int) -> int:
-    """Write the rows of `parts` into `new` as few large unsharded parts in `schema`; return how many."""
-    written, writer, rows_in_part = 0, None, 0
+def rewrite_parts(
+    parts: Sequence[str | Path],
+    schema: pa.Schema,
+    new: str | Path,
+    *,
+    rows_per_part: int,
+    filesystem: Any = None,
+    suffix: str = "",
+) -> list[str]:
+    """Write the rows of `parts` into the folder (or key prefix of `filesystem`) `new` as few large unsharded parts
+    in `schema`; return their names (each written as its name plus `suffix`)."""
+    names: list[str] = []
+    writer, rows_in_part = None, 0
     tag = os.urandom(4).hex()
     try:
         for part in parts:
-            for batch in pq.ParquetFile(part).iter_batches(batch_size=65_536):
+            for batch in pq.ParquetFile(part, filesystem=filesystem).iter_batches(batch_size=65_536):
                 if writer is None or rows_in_part >= rows_per_part:
                     if writer is not None:
                         writer.close()
-                    written += 1
-                    writer = pq.ParquetWriter(new / f"part-{written:06d}-{tag}.parquet", schema, compression="zstd")
+                    names.append(f"part-{len(names) + 1:06d}-{tag}.parquet")
+                    where = f"{new}/{names[-1]}{suffix}"
+                    writer = pq.ParquetWriter(where, schema, compression="zstd", filesystem=filesystem)
                     rows_in_part = 0
                 writer.write_table(conform(pa.Table.from_batches([batch]), schema))
                 rows_in_part += batch.num_rows
     finally:
         if writer is not None:
             writer.close()
-    return written
+    return names
 
 
-def target_schema(parts: list[Path]) -> pa.Schema:
+def target_schema(parts: Sequence[str | Path], filesystem: Any = None) -> pa.Schema:
     """The current record schema for the columns the sink holds (the task's own columns, with their types, and the
     label type from its parts)."""
     if not parts:
         return record_schema((), multi_label=False)
-    have = pq.read_schema(parts[-1])
+    have = pq.read_schema(parts[-1], filesystem=filesystem)
     fixed = set(record_schema((), multi_label=False).names)
     middle = [(f.name, f.type) for f in have if f.name not in fixed]
     return schema_of(middle, multi_label=pa.types.is_list(have.field("label").type))

@@ -13,7 +13,6 @@ The state strings are the ones written since the first version, so old files kee
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 from collections.abc import Mapping
 from datetime import datetime
@@ -23,8 +22,9 @@ from typing import Any, Final
 
 import orjson
 
-from pipeline.errors import LabelstreamError
-from pipeline.sinks.meta import SinkMeta
+from pipeline.errors import LabelstreamError, StorageError
+from pipeline.sinks.meta import SinkMeta, pid_alive
+from pipeline.sinks.storage import read_location
 
 SCHEMA: Final = 1
 STALE_AFTER: Final = 60.0  # seconds without a progress update (written about once a second) before "stale"
@@ -76,10 +76,14 @@ def write_progress(meta: SinkMeta, document: Mapping[str, Any]) -> None:
 
 
 def read_progress(path: Path) -> dict[str, Any] | None:
-    """A progress file's document, or None when it is missing, unreadable, torn or not a JSON object."""
+    """A progress file's document, or None when it is missing, unreadable, torn or not a JSON object.
+
+    `path` may name an object (an output on s3://): then it is read from the store, and a store that does not
+    answer for a moment counts as unreadable.
+    """
     try:
-        doc = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
+        doc = orjson.loads(read_location(path))
+    except (OSError, StorageError, orjson.JSONDecodeError):
         return None
     return doc if isinstance(doc, dict) else None
 
@@ -103,20 +107,10 @@ def run_state(progress: Mapping[str, Any] | None, now: datetime) -> str:
     if state not in LIVE:
         return state
     pid, host = progress.get("pid"), progress.get("host")
-    if isinstance(pid, int) and host == socket.gethostname() and not _alive(pid):
+    if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
         return _STALE
     try:
         updated = datetime.fromisoformat(str(progress.get("updated_at")).replace("Z", "+00:00"))
     except ValueError:
         return _STALE
     return _STALE if (now - updated).total_seconds() > STALE_AFTER else RunState.RUNNING.value
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -49,6 +49,9 @@ class Outcome:
     status: int | None = None
     unfinished: bool = False  # the request never ran (its batch expired or was cancelled)
     refused: bool = False  # refused as sent: the same request fails the same way
+    # An unusable reply's usage: the provider billed it like a good one.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 def read_result(prompt: Prompt, line: bytes) -> tuple[str, Outcome] | None:
@@ -80,7 +83,8 @@ def read_result(prompt: Prompt, line: bytes) -> tuple[str, Outcome] | None:
     try:
         return custom_id, Outcome(read_reply(prompt, body if isinstance(body, dict) else {}), status=200)
     except ReplyError as exc:
-        return custom_id, Outcome(None, exc.kind, exc.message, status=200)
+        read, made = exc.prompt_tokens, exc.completion_tokens  # billed like a usable reply
+        return custom_id, Outcome(None, exc.kind, exc.message, 200, prompt_tokens=read, completion_tokens=made)
 
 
 def read_results(prompt: Prompt, paths: Iterable[Path], into: dict[str, Outcome]) -> tuple[int, int]:
@@ -177,6 +181,7 @@ class Merger:
                 sha = request_sha(self.prompt, row, self.model) if outcome.refused else None
                 failed.append(Failed(row, outcome.kind, outcome.message, 1, outcome.status, now_iso(), sha))
                 self.stats.refused += outcome.refused
+                self._billed(outcome)
         await self._append(labeled, tally)
         if failed:
             await self.sink.append_dead_letters(failed, self.run_id)
@@ -201,6 +206,15 @@ class Merger:
             confidence=reply.confidence,
             extras=reply.extras,
         )
+
+    def _billed(self, outcome: Outcome) -> None:
+        """Count (and so price, at batch prices) the usage of a reply that gave no label."""
+        if outcome.prompt_tokens or outcome.completion_tokens:
+            stats = self.stats
+            stats.calls.unusable_replies += 1
+            stats.calls.unusable_tokens += outcome.prompt_tokens + outcome.completion_tokens
+            stats.batch_prompt_tokens += outcome.prompt_tokens
+            stats.batch_completion_tokens += outcome.completion_tokens
 
     async def _append(self, labeled: list[Labeled], tally: Tally) -> None:
         if not labeled:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -198,6 +199,7 @@ def label_rows(
     dead_letters: str | None,
     service_tier: str | None,
     run_id: str | None = None,
+    remembered: Mapping[str, float] | None = None,
 ) -> tuple[ray.data.Dataset, Any]:
     """The labeling stage over rows already in the Labeler's columns; returns it and the `SharedLimit` actor."""
     import ray  # noqa: PLC0415
@@ -212,7 +214,7 @@ def label_rows(
         limits = LimitSettings(concurrency=max(1, math.ceil(concurrency / actors)))
     # Ray Data runs a few batches of an async actor at once: batches of half the window keep it full.
     size = batch_size or (AUTO_BATCH if concurrency is None else max(16, math.ceil(limits.concurrency / 2)))
-    shared = ray.remote(num_cpus=0)(SharedLimit).remote(rpm, tpm)
+    shared = ray.remote(num_cpus=0)(SharedLimit).remote(rpm, tpm, remembered=remembered)
     labeled = rows.map_batches(
         Labeler,
         fn_constructor_kwargs={

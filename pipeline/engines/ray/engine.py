@@ -17,7 +17,7 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, Final
 
 import pyarrow as pa
@@ -83,7 +83,10 @@ class RayEngine:
     def _label(self, run: Run, refs: list[Any]) -> None:
         import ray  # noqa: PLC0415
 
-        labeled, self.shared = _job(run, refs, actors=self.actors)
+        # Limits learned by earlier runs, named as the online run names them (limit_memory.py), recalled and kept.
+        url = run.opts.base_urls[0] if run.opts.base_urls else os.environ.get("OPENAI_BASE_URL")
+        memory = run.sink.meta.limit_memory([url], run.opts.model)
+        labeled, self.shared = _job(run, refs, actors=self.actors, remembered=memory.recall())
         if run.stopping.is_set():
             self.shared.stop.remote()  # a Ctrl-C while the job was being built
         where = str(run.opts.output)
@@ -92,13 +95,19 @@ class RayEngine:
             labeled.write_parquet(where, **write_args(where, rows_per_file=rows_per_file, owner=os.getpid()))
         except Exception as exc:
             with contextlib.suppress(Exception):  # the job's own failure is the one to report
-                _fold(run.stats, ray.get(self.shared.totals.remote(), timeout=30))
+                totals = ray.get(self.shared.totals.remote(), timeout=30)
+                _fold(run.stats, totals)
+                if totals.get("learned"):
+                    memory.keep(totals["learned"])
             found = _labelstream_error(exc)
             if found is None:
                 raise  # a bug, or Ray itself failing: its traceback says which
             raise found from None
         # Not guarded: a run whose counts cannot be read must not report "0 labeled" and succeed.
-        _fold(run.stats, ray.get(self.shared.totals.remote(), timeout=30))
+        totals = ray.get(self.shared.totals.remote(), timeout=30)
+        _fold(run.stats, totals)
+        if totals.get("learned"):
+            memory.keep(totals["learned"])
 
     def stop(self, run: Run, signals: int) -> bool:
         """First Ctrl-C: actors take no further batch, the rows they hold finish and are written. Second: stop
@@ -190,7 +199,7 @@ def _start_ray(run: Run) -> bool:
     return True
 
 
-def _job(run: Run, refs: list[Any], *, actors: int) -> tuple[Any, Any]:
+def _job(run: Run, refs: list[Any], *, actors: int, remembered: Mapping[str, float]) -> tuple[Any, Any]:
     """The labeling stage over the rows in `refs`, and its SharedLimit actor."""
     import ray  # noqa: PLC0415
 
@@ -214,6 +223,7 @@ def _job(run: Run, refs: list[Any], *, actors: int) -> tuple[Any, Any]:
         dead_letters=str(sink.meta.dead_letters_path),
         service_tier=opts.service_tier,
         run_id=run.run_id,
+        remembered=remembered,
     )
 
 

@@ -10,12 +10,18 @@ two virtual clocks (GCRA: a bucket expressed as "when is it empty again"), so a 
 call that never blocks the actor, whatever the other actors are waiting for. A 429 anywhere pauses every
 later reservation; a reply's real token count settles the estimate reserved for it. The same actor tells
 the Labelers which rows of a batch to label (`claim`): an id once per job, nothing once the run stops.
+
+Limits an earlier run learned (`sinks/limit_memory.py`, read and written by the driver) start the schedule, as
+they start the online limiter: limits given or announced by headers win over them. What this job learns (the
+announced limits, and the rates the actors' own 429s taught them, summed) comes back in `totals()["learned"]`
+for the driver to keep.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -39,10 +45,20 @@ COUNTERS: Final = (
 class SharedLimit:
     """The schedule every actor reserves from (run as a Ray actor; plain Python so it can be tested alone)."""
 
-    def __init__(self, rpm: float | None, tpm: float | None, *, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        rpm: float | None,
+        tpm: float | None,
+        *,
+        remembered: Mapping[str, float] | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.clock = clock
-        self.rpm = rpm
-        self.tpm = tpm
+        self.remembered = dict(remembered or {})  # the key's figures an earlier run learned (limit_memory.py)
+        self.given: tuple[float | None, float | None] = (rpm, tpm)
+        self.announced: tuple[float | None, float | None] = (None, None)  # by the provider's headers
+        self.rates: dict[str, float] = {}  # actor → the request rate its 429s taught it (requests/s)
+        self.rpm, self.tpm = self._limits()
         self._requests_at = 0.0  # when the request schedule is empty again (its "theoretical arrival time")
         self._tokens_at = 0.0
         self.pause_until = 0.0
@@ -75,10 +91,32 @@ class SharedLimit:
 
     def learn(self, rpm: float | None, tpm: float | None) -> None:
         """Limits read from a reply's headers: keep the lower of what is given and what the provider says."""
-        if rpm:
-            self.rpm = min(self.rpm or math.inf, rpm)
-        if tpm:
-            self.tpm = min(self.tpm or math.inf, tpm)
+        self.announced = (rpm or self.announced[0], tpm or self.announced[1])
+        self.rpm, self.tpm = self._limits()
+
+    def learned_rate(self, actor: str, rate: float) -> None:
+        """An actor's 429s taught it a request rate (its part of the key's, which is the sum over actors)."""
+        self.rates[actor] = rate
+
+    def _limits(self) -> tuple[float | None, float | None]:
+        """RPM and TPM in force: the lower of given and announced; else what an earlier run learned (an RPM, or a
+        rate its 429s taught, paced at exactly that rate)."""
+        remembered = self.remembered
+        rate = remembered.get("rate")
+        rpm = _lower(self.given[0], self.announced[0]) or remembered.get("rpm") or (rate and rate * 60 / SAFETY)
+        return rpm or None, _lower(self.given[1], self.announced[1]) or remembered.get("tpm")
+
+    def learned(self) -> dict[str, float | None] | None:
+        """The key's figures to remember for the next run, or None when this job learned nothing."""
+        if not any(self.announced) and not self.rates:
+            return None
+        remembered = self.remembered
+        return {
+            "rpm": self.announced[0] or remembered.get("rpm"),
+            "tpm": self.announced[1] or remembered.get("tpm"),
+            "rate": sum(self.rates.values()) or remembered.get("rate"),
+            "window": remembered.get("window"),
+        }
 
     def stop(self) -> None:
         """The run is stopping (Ctrl-C): actors label no further batch; the rows already started finish."""
@@ -98,7 +136,7 @@ class SharedLimit:
 
     def totals(self) -> dict[str, Any]:
         """The job's counters so far, and the limits in force."""
-        return {**self.counters, "rpm": self.rpm, "tpm": self.tpm}
+        return {**self.counters, "rpm": self.rpm, "tpm": self.tpm, "learned": self.learned()}
 
 
 class SharedLimiter(Limiter):
@@ -115,6 +153,7 @@ class SharedLimiter(Limiter):
         super().__init__(settings, clock=clock, **({"sleep": sleep} if sleep else {}))
         self.remote = remote
         self._told: tuple[float | None, float | None] = (None, None)
+        self._name = uuid.uuid4().hex  # this actor, to the shared actor that sums what the actors learned
 
     async def _take(self, estimated_tokens: int) -> Permit:
         permit = await super()._take(estimated_tokens)
@@ -145,3 +184,13 @@ class SharedLimiter(Limiter):
         if any(limits) and limits != self._told:
             self._told = limits
             self.remote.learn.remote(*limits)
+
+    def _keep(self) -> None:
+        # What this actor's 429s taught it goes to the shared actor; the driver keeps the job's sum for the next run.
+        if self.pacer.learned_rate:
+            self.remote.learned_rate.remote(self._name, self.pacer.learned_rate)
+
+
+def _lower(a: float | None, b: float | None) -> float | None:
+    """The lower of two limits, either of which may be unknown."""
+    return min(a or math.inf, b or math.inf) if a or b else None

@@ -1,0 +1,373 @@
+"""Where an output lives when it is not on a local disk: a prefix in an object store (s3://, gs://).
+
+Data goes through `pyarrow.fs`, which pandas, duckdb and polars users already have; the lease's conditional
+writes (`If-None-Match: *`, `If-Match: <etag>`) go through boto3, because pyarrow.fs cannot send them.
+
+Credentials come from where the provider's own tools look (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, instance
+roles, ...) or from `--storage-option key=value`; they are handed to the clients and never kept anywhere
+else, printed or written. `endpoint_override` (or `AWS_ENDPOINT_URL`) points at an S3-compatible store.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path, PosixPath, PurePath
+from typing import TYPE_CHECKING, Any, Final
+
+from pipeline.errors import StorageError, UsageError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+SCHEMES: Final = ("s3", "gs")
+# Storage options a user may pass; anything else is a typo that would otherwise be ignored silently.
+OPTION_NAMES: Final = frozenset(
+    {"endpoint_override", "region", "access_key", "secret_key", "session_token", "profile", "lease_seconds"}
+)
+_SECRET_OPTIONS: Final = frozenset({"access_key", "secret_key", "session_token"})
+CONNECT_TIMEOUT: Final = 5.0  # seconds: a wrong endpoint fails within seconds, not after minutes of retries
+REQUEST_TIMEOUT: Final = 60.0
+
+# Set once per process by the CLI (`--storage-option`), like the AWS_* environment it complements.
+_configured: dict[str, str] = {}
+_filesystems: dict[tuple[str, tuple[tuple[str, str], ...]], pafs.FileSystem] = {}
+
+
+def configure(options: Mapping[str, str]) -> None:
+    """Use these storage options for every object store this process opens (from `--storage-option`)."""
+    unknown = sorted(set(options) - OPTION_NAMES)
+    if unknown:
+        raise UsageError(f"--storage-option {unknown[0]}: unknown; use one of {', '.join(sorted(OPTION_NAMES))}.")
+    _configured.clear()
+    _configured.update(options)
+
+
+def parse_option(text: str) -> tuple[str, str]:
+    """`key=value` from the command line (the value is never echoed: it may be a secret)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--storage-option {key.strip() or text[:20]!r}: write it as key=value.")
+    return key.strip(), value
+
+
+def object_uri(path: str | PurePath) -> str | None:
+    """`s3://bucket/key` when `path` names an object, else None.
+
+    A `Path` folds `s3://b/k` to `s3:/b/k`, and outputs travel through the run as Paths, so both spellings
+    are recognised here, in one place.
+    """
+    text = str(path)
+    for scheme in SCHEMES:
+        for head in (f"{scheme}://", f"{scheme}:/"):
+            if text.startswith(head):
+                return f"{scheme}://{text[len(head) :]}"
+    return None
+
+
+class ObjectPath(PosixPath):
+    """An object location carried where the run carries Paths (`/`, `.name`, `.with_name` keep working); its
+    str() is the URI again, so messages, the manifest and the progress file name it as the user wrote it."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return object_uri(text) or text
+
+
+def as_path(location: str | PurePath) -> Path:
+    """A local Path, or an ObjectPath for an s3:// or gs:// location (also one a Path has folded)."""
+    uri = object_uri(location)
+    return ObjectPath(uri) if uri is not None else Path(location)
+
+
+def object_filesystem(location: str | PurePath) -> Any:
+    """The pyarrow filesystem for an s3:// or gs:// location, built with `--storage-option` (None when local)."""
+    uri = object_uri(location)
+    return ObjectStore(uri).fs if uri is not None else None
+
+
+def uri_options(location: str | PurePath) -> dict[str, str]:
+    """The store's endpoint, scheme and region as pyarrow URI parameters (never a credential), so that a reader
+    that parses the URI itself looks nowhere else (without a region, pyarrow asks AWS where the bucket is)."""
+    uri = object_uri(location)
+    if uri is None or not uri.startswith("s3://"):
+        return {}
+    store = ObjectStore(uri)
+    found: dict[str, str] = {}
+    if store.endpoint:
+        scheme, sep, host = store.endpoint.partition("://")
+        found.update(endpoint_override=host if sep else store.endpoint, scheme=scheme if sep else "https")
+    region = store.region
+    return {**found, "region": region} if region else found
+
+
+def read_location(path: Path) -> bytes:
+    """The bytes of a file or, for an s3:// or gs:// location, of an object (FileNotFoundError if there is none)."""
+    uri = object_uri(path)
+    if uri is None:
+        return path.read_bytes()
+    store = ObjectStore(uri)
+    return store.get(store.key(uri))
+
+
+def _endpoint(options: Mapping[str, str]) -> str | None:
+    return (
+        options.get("endpoint_override") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One object as a listing or a read shows it; `now` is the store's clock when it answered."""
+
+    data: bytes
+    etag: str
+    modified: datetime
+    now: datetime
+
+
+class ObjectStore:
+    """One bucket of an object store: whole-object puts, reads, listings and deletes, with clear errors.
+
+    Keys are `bucket/path/inside` (pyarrow's spelling). A put is atomic: readers see the old object or the new
+    one, never part of it; that is what replaces write-then-rename here.
+    """
+
+    def __init__(self, uri: str, options: Mapping[str, str] | None = None) -> None:
+        self.uri = uri
+        self.scheme, _, rest = uri.partition("://")
+        self.bucket = rest.split("/", 1)[0]
+        if not self.bucket:
+            raise UsageError(f"{uri}: name a bucket, as in {self.scheme}://BUCKET/prefix/labels.parquet.")
+        self._options = dict(_configured if options is None else options)
+        self.endpoint = _endpoint(self._options) if self.scheme == "s3" else self._options.get("endpoint_override")
+        self._fs: pafs.FileSystem | None = None
+        self._s3: Any = None
+
+    @property
+    def where(self) -> str:
+        """The store as messages name it: the bucket and the endpoint (never a credential)."""
+        return f"bucket {self.bucket!r} at {self.endpoint or 'the default ' + self.scheme + ' endpoint'}"
+
+    def key(self, path: str | PurePath) -> str:
+        """The pyarrow key of a location given as a URI or a Path (`s3:/b/k` → `b/k`)."""
+        uri = object_uri(path)
+        if uri is None:
+            raise ValueError(f"not an object location: {path}")
+        return uri.partition("://")[2]
+
+    def uri_of(self, key: str) -> str:
+        """The URI of a key, for messages."""
+        return f"{self.scheme}://{key}"
+
+    @property
+    def region(self) -> str | None:
+        """The bucket's region, when given (`--storage-option region=`, AWS_REGION, AWS_DEFAULT_REGION)."""
+        return self._options.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long a writer's lease lasts unless renewed (`--storage-option lease_seconds=N`)."""
+        raw = self._options.get("lease_seconds", "60")
+        try:
+            seconds = float(raw)
+        except ValueError:
+            raise UsageError(f"--storage-option lease_seconds={raw}: give a number of seconds.") from None
+        return max(seconds, 1.0)  # renewed every third of it: below a second that is a busy loop
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        """The pyarrow filesystem of this store (made on first use)."""
+        if self._fs is None:
+            # One filesystem per scheme and options in a process: each costs a client and its connections.
+            key = (f"{self.scheme} {self.endpoint}", tuple(sorted(self._options.items())))
+            self._fs = _filesystems.get(key) or _filesystems.setdefault(key, self._make_fs())
+        return self._fs
+
+    def _make_fs(self) -> pafs.FileSystem:
+        import pyarrow.fs as pafs  # noqa: PLC0415 - pyarrow is slow to import; JSONL runs never need it
+
+        opts = self._options
+        if self.scheme == "gs":
+            return pafs.GcsFileSystem(endpoint_override=opts.get("endpoint_override"))
+        kwargs: dict[str, Any] = {
+            "connect_timeout": CONNECT_TIMEOUT,
+            "request_timeout": REQUEST_TIMEOUT,
+            "allow_bucket_creation": False,
+            "allow_bucket_deletion": False,
+            # A small object is then sent as one PutObject at close, not a 3-request multipart upload (whose
+            # abandoned halves a kill -9 would leave behind); errors still surface, at close, inside put().
+            "allow_delayed_open": True,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        }
+        if self.endpoint:
+            scheme, sep, host = self.endpoint.partition("://")
+            kwargs["endpoint_override"] = host if sep else self.endpoint
+            kwargs["scheme"] = scheme if sep else "https"
+        if self.region:
+            kwargs["region"] = self.region
+        if opts.get("access_key"):
+            kwargs.update(access_key=opts["access_key"], secret_key=opts.get("secret_key", ""))
+            if opts.get("session_token"):
+                kwargs["session_token"] = opts["session_token"]
+        return pafs.S3FileSystem(**kwargs)
+
+    def s3(self) -> Any:
+        """A boto3 S3 client for the conditional writes of the lease (boto3 is the optional extra `s3`)."""
+        if self.scheme != "s3":
+            raise UsageError(
+                f"{self.uri}: writing to {self.scheme}:// needs a lease object written conditionally, which "
+                "labelstream can do only on S3-compatible stores. Use s3:// (for Google Cloud Storage: its "
+                "S3-compatible endpoint, --storage-option endpoint_override=https://storage.googleapis.com "
+                "with HMAC keys), or write to a local --output."
+            )
+        if self._s3 is None:
+            try:
+                import boto3  # noqa: PLC0415 - optional: only writers on s3:// need it
+                from botocore.config import Config  # noqa: PLC0415
+            except ImportError:
+                raise UsageError(
+                    f"writing {self.uri} needs boto3 for its lease: pip install 'labelstream[s3]' (or pip install "
+                    "boto3), then re-run."
+                ) from None
+            opts = self._options
+            session = boto3.session.Session(profile_name=opts.get("profile") or None)
+            self._s3 = session.client(
+                "s3",
+                endpoint_url=self.endpoint or None,
+                region_name=opts.get("region") or None,
+                aws_access_key_id=opts.get("access_key") or None,
+                aws_secret_access_key=opts.get("secret_key") or None,
+                aws_session_token=opts.get("session_token") or None,
+                config=Config(
+                    connect_timeout=CONNECT_TIMEOUT,
+                    read_timeout=REQUEST_TIMEOUT,
+                    retries={"max_attempts": 3, "mode": "standard"},
+                ),
+            )
+        return self._s3
+
+    def s3_errors(self) -> tuple[type[Exception], ...]:
+        """What the boto3 client raises when the store refuses or cannot be reached."""
+        from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415 - after s3() checked boto3
+
+        return (BotoCoreError, ClientError)
+
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        """Write one whole object (atomic: it appears complete or not at all)."""
+        try:
+            with self.fs.open_output_stream(key, metadata={}) as handle:
+                handle.write(data)
+        except OSError as exc:
+            raise self.error(f"cannot write {self.uri_of(key)}", exc) from None
+
+    def get(self, key: str) -> bytes:
+        """The whole object; FileNotFoundError when there is none."""
+        try:
+            with self.fs.open_input_stream(key) as handle:
+                return bytes(handle.read())
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if "NO_SUCH_KEY" in str(exc) or "Path does not exist" in str(exc):
+                raise FileNotFoundError(key) from None
+            raise self.error(f"cannot read {self.uri_of(key)}", exc) from None
+
+    def objects(self, prefix: str) -> list[tuple[str, int]]:
+        """(name, size) of the objects directly under `prefix/` (nothing when there are none)."""
+        return [(name, size) for name, size, is_dir in self.entries(prefix) if not is_dir]
+
+    def entries(self, prefix: str) -> list[tuple[str, int, bool]]:
+        """(name, size, is a "folder") of what is directly under `prefix/`: objects and common prefixes."""
+        import pyarrow.fs as pafs  # noqa: PLC0415
+
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(prefix, allow_not_found=True))
+        except OSError as exc:
+            raise self.error(f"cannot list {self.uri_of(prefix)}", exc) from None
+        return [(i.base_name, i.size or 0, i.type == pafs.FileType.Directory) for i in infos]
+
+    def delete(self, key: str) -> None:
+        """Delete an object (no error when it is gone already).
+
+        Through boto3, a writer's client: pyarrow's delete leaves an empty "folder" marker object behind.
+        """
+        bucket, _, name = key.partition("/")
+        try:
+            self.s3().delete_object(Bucket=bucket, Key=name)
+        except self.s3_errors() as exc:
+            raise self.error(f"cannot delete {self.uri_of(key)}", exc) from None
+
+    def copy(self, source: str, target: str) -> bool:
+        """Copy an object inside the store (server-side: the copy appears whole); False when `source` is gone."""
+        bucket, _, name = target.partition("/")
+        try:
+            self.s3().copy_object(Bucket=bucket, Key=name, CopySource=source)
+        except self.s3_errors() as exc:
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                return False
+            raise self.error(f"cannot copy {self.uri_of(source)}", exc) from None
+        return True
+
+    def error(self, what: str, exc: BaseException) -> StorageError:
+        """A StorageError that says what failed on this store and what to do (never a credential)."""
+        text = str(exc)
+        response = getattr(exc, "response", None)  # a boto3 ClientError: the store's own code and status
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            text = f"{text} {response.get('Error', {}).get('Code', '')} {status}"
+        endpoint = self.endpoint or f"the default {self.scheme} endpoint"
+        if _mentions(text, "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            hint = (
+                f"{self.where} does not accept these credentials. Check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE, --storage-option access_key/secret_key)."
+            )
+        elif _mentions(text, "NO_SUCH_BUCKET", "NoSuchBucket"):
+            hint = f"the bucket {self.bucket!r} does not exist at {endpoint}. Create it, or fix --output."
+        elif _mentions(text, "ACCESS_DENIED", "AccessDenied", " 403"):
+            hint = (
+                f"no permission on {self.where}. Check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / "
+                "--storage-option) and the bucket policy: a writer needs to list, get, put and delete objects."
+            )
+        elif _mentions(text, "NETWORK_CONNECTION", "Could not connect", "connect timeout", "Connect timeout"):
+            hint = (
+                f"cannot reach {endpoint}. Check AWS_ENDPOINT_URL or --storage-option endpoint_override, and the "
+                "network."
+            )
+        else:
+            hint = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''} ({self.where})."
+        return StorageError(f"{what}: {hint} Parts written before are complete; re-run to resume.")
+
+
+def _mentions(text: str, *markers: str) -> bool:
+    return any(marker in text for marker in markers)
+
+
+def is_precondition_failure(exc: BaseException) -> bool:
+    """Whether a boto3 error is the store refusing a conditional write (412, or 409 on a concurrent one)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return False
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = response.get("Error", {}).get("Code")
+    return status in {409, 412} or code in {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+def redact_argv(words: Sequence[str]) -> list[str]:
+    """A command line fit to show or write: the values of secret `--storage-option`s replaced by `***`."""
+    out: list[str] = []
+    follows = False
+    for word in words:
+        if word.startswith("--storage-option="):
+            out.append(f"--storage-option={_redact_option(word.partition('=')[2])}")
+        else:
+            out.append(_redact_option(word) if follows else word)
+        follows = word == "--storage-option"
+    return out
+
+
+def _redact_option(text: str) -> str:
+    key, eq, _ = text.partition("=")
+    return f"{key}=***" if eq and key.strip() in _SECRET_OPTIONS else text
