@@ -73,6 +73,7 @@ class Labeled:
     cached_tokens: int = 0  # the part of prompt_tokens served from the provider's prompt cache
     confidence: float | None = None  # probability of the label from the reply's logprobs (None: none sent)
     extras: Mapping[str, Any] = field(default_factory=dict)  # the task's extra output fields, validated
+    copied_from: str | None = None  # a copy: the id whose record (same text) it repeats, without a request
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,7 @@ TRAILING: Final[tuple[tuple[str, str], ...]] = (
     ("truncated", "bool"),
     ("text_sha", "string"),
     ("labeled_at", "timestamp"),
+    ("copied_from", "string"),  # last: sinks written before it lack only this column
 )
 RECORD_FIELDS: Final = tuple(name for name, _ in (*LEADING, *TRAILING))
 OUTPUT_KINDS: Final = ("string", "int64", "float64", "bool")
@@ -125,6 +127,7 @@ GETTERS: Final[dict[str, Callable[[Labeled], Any]]] = {
     "truncated": lambda item: item.row.truncated,
     "text_sha": lambda item: item.row.sha,
     "labeled_at": lambda item: item.labeled_at,
+    "copied_from": lambda item: item.copied_from,
 }
 
 

@@ -55,6 +55,7 @@ class RunStats:
     conflicts: int = 0  # an id seen again with different text
     changed: int = 0  # done ids whose text is now different
     other_shards: int = 0  # input rows another shard labels (--shard)
+    copies: int = 0  # rows given the record of an identical text instead of a request (run/dedupe.py)
     labeled: int = 0
     failed: int = 0
     saved: int = 0

@@ -131,7 +131,7 @@ def test_parquet_schema_is_typed_and_stable(tmp_path: Path) -> None:
     schema = ds.dataset(tmp_path / "out.parquet").schema
     assert schema.names == [
         "id", "label", "confidence", "lang", "model", "prompt_tokens", "completion_tokens", "cached_tokens",
-        "latency_ms", "attempts", "truncated", "text_sha", "labeled_at",
+        "latency_ms", "attempts", "truncated", "text_sha", "labeled_at", "copied_from",
     ]  # fmt: skip
     assert str(schema.field("confidence").type) == "float"
     assert str(schema.field("labeled_at").type) == "timestamp[ms, tz=UTC]"

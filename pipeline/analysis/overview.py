@@ -13,7 +13,9 @@ from pipeline.sinks import open_sink
 from pipeline.sinks.progress_file import read_progress
 
 BINS: Final = 20  # confidence histogram: 0.00-0.05, ..., 0.95-1.00
-_COLUMNS: Final = ("label", "confidence", "prompt_tokens", "completion_tokens", "cached_tokens", "latency_ms", "model")
+_COLUMNS: Final = (
+    "label", "confidence", "prompt_tokens", "completion_tokens", "cached_tokens", "latency_ms", "model", "copied_from"
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -36,6 +38,13 @@ class Overview:
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p90, p95, p99, max, mean
     latency_bins: list[tuple[float, int]] = field(default_factory=list)  # (upper edge in ms, rows)
     last_run: dict[str, Any] | None = None
+    copies: int = 0  # rows that copied the record of an identical text (dedupe): no request, no cost
+
+    @property
+    def copy_saving(self) -> float | None:
+        """USD the copies saved: the sink's mean standard cost per request, times the copies."""
+        cost, sent = self.costs.get("standard"), self.rows - self.copies
+        return None if cost is None or not sent else cost * self.copies / sent
 
     @property
     def cache_hit_share(self) -> float:
@@ -68,7 +77,9 @@ def overview(sink_path: str | Path) -> Overview:
         result.prompt_tokens += item.get("prompt_tokens") or 0
         result.completion_tokens += item.get("completion_tokens") or 0
         result.cached_tokens += item.get("cached_tokens") or 0
-        if isinstance(item.get("latency_ms"), int | float):
+        if item.get("copied_from") is not None:
+            result.copies += 1  # made without a request: no latency of its own
+        elif isinstance(item.get("latency_ms"), int | float):
             latencies.append(item["latency_ms"])
         model = str(item.get("model") or identity.model)
         models[model] = models.get(model, 0) + 1

@@ -259,6 +259,9 @@ def _cost_latency(view: Overview) -> str:
     if view.rows:
         per = view.costs.get("standard")
         rows.append(("cost per 1,000 rows", usd(None if per is None else per * 1000 / view.rows)))
+    if view.copies:
+        saved = f", {usd(view.copy_saving)} saved" if view.copy_saving is not None else ""
+        rows.append(("copies of an identical text", f"{view.copies:,} rows without a request{saved}"))
     for key in ("p50", "p90", "p99", "max"):
         if key in view.latency_ms:
             rows.append((f"latency {key}", f"{view.latency_ms[key]:,.0f} ms"))

@@ -164,6 +164,13 @@ def _scope_flags(scope: Any) -> None:
     )
     scope.add_argument("--relabel-changed", action="store_true", help="relabel done rows whose text has changed")
     scope.add_argument("--force", action="store_true", help="resume a sink made with another model/prompt/labels")
+    scope.add_argument(
+        "--no-dedupe",
+        dest="dedupe",
+        action="store_false",
+        help="send every row, even rows whose text was sent before (default: one request per distinct text; "
+        "the other rows get a copy marked copied_from, see docs/dedupe.md)",
+    )
     scope.add_argument("--dry-run", action="store_true", help="check input, config and sink; make no API call")
 
 

@@ -145,7 +145,8 @@ class _Pipeline:
         opts = run.opts
         self.run, self.client, self.limiter = run, client, limiter
         self.source = run.prepared.source
-        self.gate: RowGate = run.gate()
+        self.gate: RowGate = run.gate(dedupe=True)
+        self.dedupe = self.gate.dedupe
         self.stats = run.stats
         self.stopping = run.stopping
         # Bounded, so a slow API slows the reader; a few hundred rows keep even thousands of workers fed (the
@@ -181,8 +182,13 @@ class _Pipeline:
                     await self.pass_on([gate.failure(row)], counted=True)
                 elif verdict is Verdict.SEND:
                     await self.rows.put(row)
-                    if self.stopping.is_set() or gate.full:
-                        break
+                elif verdict is Verdict.COPY:
+                    assert self.dedupe is not None  # noqa: S101 - only a gate with dedupe sorts copies
+                    if (copy := self.dedupe.copy_now(row)) is not None:
+                        stats.copies += 1
+                        await self.pass_on([copy], copies=True)  # its original was handed to the writer before
+                if verdict in (Verdict.SEND, Verdict.COPY) and (self.stopping.is_set() or gate.full):
+                    break
             if not self.stopping.is_set():
                 self._estimate_expected()
         self.counting.set()
@@ -221,8 +227,9 @@ class _Pipeline:
                 budget.settle(held)
             await self.pass_on(self.client.watch.sift(result))  # a row failed as all replies so far waits (failures.py)
 
-    async def pass_on(self, results: Sequence[Result], *, counted: bool = False) -> None:
-        """Count finished rows (unless `counted` already) and hand them to the writer."""
+    async def pass_on(self, results: Sequence[Result], *, counted: bool = False, copies: bool = False) -> None:
+        """Count finished rows (unless `counted` already) and hand them to the writer; then the `copies` that
+        waited for them (run/dedupe.py), after them, so the sink never holds a copy without its original."""
         if not counted:
             self.stats.count(*results)
         for at, result in enumerate(results):
@@ -231,6 +238,15 @@ class _Pipeline:
             except asyncio.CancelledError:
                 self.stranded.extend(results[at:])  # finished work is saved even when its worker is cancelled
                 raise
+        if self.dedupe is not None and not copies and (followers := self._copies_of(results)):
+            await self.pass_on(followers, copies=True)
+
+    def _copies_of(self, results: Sequence[Result]) -> list[Result]:
+        """The records of the rows that waited for these originals: copies, or dead letters if they failed."""
+        assert self.dedupe is not None  # noqa: S101 - called with dedupe only
+        followers = [item for result in results for item in self.dedupe.settle(result)]
+        self.stats.copies += sum(isinstance(item, Labeled) for item in followers)
+        return followers
 
     async def await_workers(self, client: LabelClient) -> None:
         """Tell the writer when every worker has ended (normally or cancelled after the grace period)."""

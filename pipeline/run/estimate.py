@@ -85,6 +85,12 @@ class Estimate:
     time_bound: str = ""
     prices: PriceTable | None = None
     first: Row | None = None  # the first row the run would send
+    copies: int = 0  # rows that copy the record of an identical text instead of a request (run/dedupe.py)
+
+    @property
+    def copy_saving(self) -> float | None:
+        """USD the copies save: as much per copy as a sent row costs on average (standard tier)."""
+        return None if self.cost is None else self.cost * self.copies / max(1, self.rows)
 
     @property
     def cost(self) -> float | None:
@@ -128,7 +134,8 @@ def estimate_run(
     if not counter.exact and history.token_scale:
         counter.scale = history.token_scale
     stats = stats if stats is not None else RunStats(calls=CallStats(), model=opts.model)
-    gate = RowGate(prepared.done, stats, opts.max_rows, redo=prepared.redo, shard=opts.shard)
+    copies = prepared.plan_dedupe(opts) if opts.dedupe else None
+    gate = RowGate(prepared.done, stats, opts.max_rows, redo=prepared.redo, shard=opts.shard, dedupe=copies)
     result = Estimate(model=opts.model)
     source = prepared.source if reuse_source else open_source(opts)
     if not reuse_source:
@@ -146,7 +153,7 @@ def estimate_run(
     finally:
         if not reuse_source:
             source.close()
-    result.rows, result.problems = gate.sent, gate.problems
+    result.rows, result.problems, result.copies = gate.sent, gate.problems, gate.copies
     result.prefix_tokens = counter.prompt_tokens("")
     result.prompt_method = _prompt_method(counter, opts.model, exact, history)
     per_row, result.completion_method = _completion(prompt, history)
@@ -174,6 +181,7 @@ def combine_estimates(parts: Sequence[Estimate]) -> Estimate:
         cached_cost=_sum([p.cached_cost for p in parts]),
         prices=first.prices,
         first=next((p.first for p in parts if p.first is not None), None),
+        copies=sum(p.copies for p in parts),
     )
     slowest = max(parts, key=lambda p: p.seconds or 0.0)
     total.seconds = slowest.seconds

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
 from collections.abc import Callable
@@ -60,7 +61,8 @@ class Run:
     """The state of one run that every engine shares: options, sink, stats, budget, stop requests."""
 
     def __init__(self, opts: RunOptions, engine: Engine, *, notice: IO[str] | None = None) -> None:
-        self.opts = opts
+        # Only the online engine makes copies: the others send every row, and --max-cost must price them all.
+        self.opts = opts if engine.name == "online" or not opts.dedupe else dataclasses.replace(opts, dedupe=False)
         self.engine = engine
         self.notice = notice or sys.stderr
         self.stats = RunStats(
@@ -91,14 +93,16 @@ class Run:
         if self.opts.progress != "off":
             print(f"labelstream: {text}", file=self.notice, flush=True)
 
-    def gate(self, *, budget: bool = False) -> RowGate:
+    def gate(self, *, budget: bool = False, dedupe: bool = False) -> RowGate:
         """The row gate over this run's input: done ids, repeats, problems, shards, --limit. With `budget`, a row
         passes only if --max-cost holds its worst case (engines that cannot settle a request before the next one
-        leaves, like batch and Ray, pay at most that for every row they send)."""
+        leaves, like batch and Ray, pay at most that for every row they send). With `dedupe` (an engine that
+        makes copies: Verdict.COPY) and --no-dedupe not given, repeated texts are sent once (run/dedupe.py)."""
         admit = self._admit if budget and self.budget is not None else None
         prepared = self.prepared
+        copies = prepared.plan_dedupe(self.opts) if dedupe and self.opts.dedupe else None
         return RowGate(prepared.done, self.stats, self.opts.max_rows, redo=prepared.redo, shard=self.opts.shard,
-                       admit=admit)  # fmt: skip
+                       admit=admit, dedupe=copies)  # fmt: skip
 
     def _admit(self, row: Row) -> bool:
         assert self.budget is not None  # noqa: S101 - only given with a budget

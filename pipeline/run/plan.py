@@ -54,6 +54,12 @@ def dry_run(opts: RunOptions, *, procs: int | None = None) -> str:
         ),
         *plan.render(),
     ]
+    if plan.copies:
+        saving = f", ≈ ${plan.copy_saving:.4f}" if plan.copy_saving is not None else ""
+        lines.append(
+            f"  dedupe: {plan.copies:,} more rows repeat a text sent once (copied, no request): "
+            f"{plan.copies:,} requests saved{saving} (--no-dedupe sends them)"
+        )
     if opts.max_cost is not None and plan.cost is not None:
         verdict = "over it: the run would refuse to start" if plan.cost > opts.max_cost else "within it"
         split = f" (split over the {procs} shards by their estimates: each stops at its part)" if procs else ""

@@ -9,6 +9,7 @@ run uses the same gate, it counts exactly what the run will send.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -20,6 +21,7 @@ from pipeline.input.location import ReadOptions
 from pipeline.input.shards import Shard
 from pipeline.input.sources import Source, input_source
 from pipeline.results import Failed, Row, now_iso, problem_failure, sha_tag
+from pipeline.run.dedupe import Dedupe
 from pipeline.run.options import RunOptions
 from pipeline.sinks import Identity, Manifest, Sink, check_layout, open_sink
 from pipeline.sinks.layout import move_aside
@@ -60,6 +62,30 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
     relabeled: int = 0  # rows whose text changed, labeled again for --relabel-changed
     redo: IdSet = field(default_factory=IdSet)  # done ids to label again (a dry run keeps them in `done`)
+
+    def plan_dedupe(self, opts: RunOptions) -> Dedupe:
+        """Read the input and the sink once for the texts that repeat (run/dedupe.py); the input starts over."""
+        shard = opts.shard if opts.shard is not None and opts.shard.count > 1 else None
+        outputs = [f.name for f in opts.config.outputs]
+        columns = ["id", "label", "confidence", "model", "text_sha", *outputs]
+        redo = self.redo if len(self.redo) else None
+
+        def todo(row: Row) -> bool:
+            done = row.id in self.done and not (redo is not None and row.id in redo)
+            return not (row.problem or done or (shard is not None and not shard.holds(row.id)))
+
+        rows = (row for batch in self.source.batches() for row in batch if todo(row))
+        # Sibling shards' saved records too: what any shard labeled before this run starts is copied, not sent.
+        sinks = (
+            [self.sink]
+            if shard is None
+            else [open_sink(opts.output, Shard(i, shard.count)) for i in range(shard.count)]
+        )
+        records = iter(()) if opts.restart else itertools.chain.from_iterable(s.iter_records(columns) for s in sinks)
+        dedupe = Dedupe.plan(rows, records, outputs=outputs)
+        self.source.close()
+        self.source.open()
+        return dedupe
 
     def close(self) -> None:
         """Close the input and release the lock (after a dry run, which opened none of the sink's files)."""
@@ -238,6 +264,7 @@ class Verdict(Enum):
     PROBLEM = "problem"  # unusable (empty text, bad bytes, ragged): dead-lettered without a request
     OTHER_SHARD = "other_shard"  # another shard labels it (--shard)
     HELD = "held"  # --max-cost cannot cover it: left for the next run, and the gate is full from now on
+    COPY = "copy"  # its text was sent before (or is in the sink): it gets a copy of that record (run/dedupe.py)
     SEND = "send"
 
 
@@ -258,8 +285,11 @@ class RowGate:
         redo: IdSet | None = None,
         shard: Shard | None = None,
         admit: Callable[[Row], bool] | None = None,
+        dedupe: Dedupe | None = None,
     ) -> None:
         self.done = done
+        self.dedupe = dedupe
+        self.copies = 0
         self.admit = admit
         self.held = False  # `admit` refused a row: nothing more passes
         self.shard = shard if shard is not None and shard.count > 1 else None
@@ -273,12 +303,12 @@ class RowGate:
     @property
     def full(self) -> bool:
         """Whether --limit has been reached, or the budget refused a row."""
-        return self.held or (self.max_rows is not None and self.sent >= self.max_rows)
+        return self.held or (self.max_rows is not None and self.sent + self.copies >= self.max_rows)
 
     @property
     def admitted(self) -> int:
         """Rows this run finishes (sent, or dead-lettered as problems)."""
-        return self.sent + self.problems
+        return self.sent + self.problems + self.copies
 
     def failure(self, row: Row) -> Failed:
         """The dead letter of a row sorted as PROBLEM (it costs no request), counted in the stats."""
@@ -300,7 +330,8 @@ class RowGate:
             if held and tag and held != tag:
                 stats.changed += 1
             return Verdict.DONE
-        if self.admit is not None and not row.problem and row.id not in self.seen and not self.admit(row):
+        copy = self.dedupe is not None and not row.problem and self.dedupe.is_copy(row)
+        if self.admit is not None and not copy and not row.problem and row.id not in self.seen and not self.admit(row):
             self.held = True  # not this run's: the next run sends it
             stats.read -= 1
             return Verdict.HELD
@@ -318,6 +349,11 @@ class RowGate:
         if row.problem:
             self.problems += 1
             return Verdict.PROBLEM
-        self.sent += 1
         stats.truncated += row.truncated
+        if copy:
+            self.copies += 1
+            return Verdict.COPY
+        if self.dedupe is not None:
+            self.dedupe.first(row)
+        self.sent += 1
         return Verdict.SEND

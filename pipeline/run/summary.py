@@ -68,6 +68,8 @@ class Summary:
     abandoned: int = 0  # attempts left without a reply: timed out, or cut off by a stop (may still be billed)
     abandoned_cost_usd: float | None = None  # the most they may cost (part of cost_usd)
     gateway: str | None = None  # a gateway that named itself in its replies ("litellm")
+    copies: int = 0  # of `labeled`: rows given the record of an identical text, without a request (dedupe)
+    copy_saving_usd: float | None = None  # what their requests would have cost, at this run's mean per request
 
     @classmethod
     def of(
@@ -135,6 +137,8 @@ class Summary:
             abandoned=s.calls.abandoned,
             abandoned_cost_usd=s.abandoned_cost,
             gateway=s.calls.gateway,
+            copies=s.copies,
+            copy_saving_usd=s.cost * s.copies / (s.labeled - s.copies) if s.cost and s.labeled > s.copies else None,
         )
 
     @classmethod
@@ -235,6 +239,9 @@ class Summary:
         if self.changed:
             hint = " Re-run with --relabel-changed to label them again." if self.relabel_hint else ""
             lines.append(f"  {self.changed:,} rows already in the sink now have different text.{hint}")
+        if self.copies:
+            saving = f", ≈ ${self.copy_saving_usd:.4f} saved" if self.copy_saving_usd is not None else ""
+            lines.append(f"  {self.copies:,} rows repeated a text sent once: copied (copied_from), no request{saving}")
         if self.truncated:
             lines.append(f"  {self.truncated:,} texts were longer than max_chars and were cut (see 'truncated')")
         return lines
@@ -333,7 +340,7 @@ class Summary:
 _SUMMED = (
     "labeled", "failed", "saved", "skipped_done", "duplicates", "conflicts", "changed", "truncated", "retries",
     "rate_limited", "prompt_tokens", "completion_tokens", "hedged", "timeouts", "held", "unusable_replies",
-    "unusable_tokens", "abandoned",
+    "unusable_tokens", "abandoned", "copies",
 )  # fmt: skip
 
 
@@ -371,6 +378,7 @@ def combine(
         dead_letters=dead_letters,
         elapsed_s=round(elapsed_s, 2),
         cost_usd=sum(costs) if costs else None,
+        copy_saving_usd=sum(p.copy_saving_usd or 0.0 for p in parts) if any(p.copy_saving_usd for p in parts) else None,
         model=parts[0].model,
         resume_command=resume,
         failures=failures,

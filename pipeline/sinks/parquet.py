@@ -44,7 +44,7 @@ _TYPES: Final = {
     "timestamp": pa.timestamp("ms", tz="UTC"),
 }
 # Columns a later version added: a sink written before them is upgraded by `labelstream compact`.
-_ADDED_LATER: Final = frozenset({"text_sha", "confidence", "cached_tokens"})
+_ADDED_LATER: Final = frozenset({"text_sha", "confidence", "cached_tokens", "copied_from"})
 
 
 def arrow_type(kind: str) -> pa.DataType:
@@ -125,6 +125,9 @@ class ParquetSink(Sink):
         parts = self.parts() or self.all_parts()
         if parts:
             have = pq.read_schema(self.locate(parts[-1]), filesystem=self.filesystem)
+            if have.names == [n for n in wanted.names if n != "copied_from"]:
+                # Written before copies were marked: keep its columns (copies there carry no copied_from).
+                wanted = pa.schema([wanted.field(n) for n in have.names], metadata=wanted.metadata)
             if not have.equals(wanted, check_metadata=False):
                 missing = [n for n in wanted.names if n not in have.names]
                 if (
