@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -93,3 +97,17 @@ def test_the_combined_state_is_the_worst_shards(states: list[str], worst: str) -
     """--procs: a shard stopped at --max-cost outranks an interrupted one, and an error outranks both."""
     summary = combine([part(s) for s in states], output="o", dead_letters="d", resume="r", elapsed_s=1.0)
     assert summary.state == worst
+
+
+def test_a_waiting_batch_run_that_died_reads_as_stale() -> None:
+    """A batch run waiting on its batches is alive while it refreshes its file; killed (its pid gone on this host,
+    or its file not refreshed for minutes) it reads as stale, not "waiting" forever."""
+    now = datetime.now(UTC)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
+    )
+    fresh = {"state": "waiting", "pid": os.getpid(), "host": socket.gethostname(), "updated_at": now.isoformat()}
+    assert run_state(fresh, now) == RunState.WAITING
+    assert run_state({**fresh, "pid": int(gone.stdout)}, now) == RunState.STALE
+    old = datetime(2020, 1, 1, tzinfo=UTC).isoformat()
+    assert run_state({**fresh, "host": "elsewhere", "updated_at": old}, now) == RunState.STALE

@@ -223,8 +223,11 @@ class _Pipeline:
                 self.fatal = self.fatal or exc
                 self.stop_now()
                 return
-            if budget is not None:
-                budget.settle(held)
+            finally:
+                # Released however the request ended: an abandoned attempt's worst case is already in the
+                # spend (the client counts it), so holding it too would count it twice.
+                if budget is not None:
+                    budget.settle(held)
             await self.pass_on(self.client.watch.sift(result))  # a row failed as all replies so far waits (failures.py)
 
     async def pass_on(self, results: Sequence[Result], *, counted: bool = False, copies: bool = False) -> None:

@@ -136,8 +136,3 @@ class Dedupe:
             Failed(row=row, kind=COPY_OF_FAILED, message=message, attempts=0, status=None, failed_at=now_iso())
             for row in rows
         ]
-
-    @property
-    def unsettled(self) -> int:
-        """Copies still waiting for an original (left for the next run when the run stops)."""
-        return sum(len(rows) for rows in self.waiting.values())

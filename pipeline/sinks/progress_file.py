@@ -104,7 +104,7 @@ def run_state(progress: Mapping[str, Any] | None, now: datetime) -> str:
     if progress is None:
         return _STALE  # side files but no progress yet: started, then stopped before its first update
     state = str(progress.get("state"))
-    if state not in LIVE:
+    if state not in LIVE and state != RunState.WAITING:  # a waiting batch run sends nothing, but is alive too
         return state
     pid, host = progress.get("pid"), progress.get("host")
     if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
@@ -113,4 +113,6 @@ def run_state(progress: Mapping[str, Any] | None, now: datetime) -> str:
         updated = datetime.fromisoformat(str(progress.get("updated_at")).replace("Z", "+00:00"))
     except ValueError:
         return _STALE
-    return _STALE if (now - updated).total_seconds() > STALE_AFTER else RunState.RUNNING.value
+    if (now - updated).total_seconds() > STALE_AFTER:
+        return _STALE
+    return state if state == RunState.WAITING else RunState.RUNNING.value

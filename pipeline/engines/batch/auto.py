@@ -98,6 +98,14 @@ def combine(online: Summary, batched: Summary) -> Summary:
         # The batch run found the online slice in the sink; it was this run's work, not an earlier one's.
         skipped_done=max(0, batched.skipped_done - online.saved),
         truncated=online.truncated + batched.truncated,
+        copies=online.copies + batched.copies,  # only the online slice dedupes (docs/dedupe.md)
+        copy_saving_usd=total(online.copy_saving_usd, batched.copy_saving_usd),
+        hedged=online.hedged + batched.hedged,
+        timeouts=online.timeouts + batched.timeouts,
+        abandoned=online.abandoned + batched.abandoned,
+        abandoned_cost_usd=total(online.abandoned_cost_usd, batched.abandoned_cost_usd),
+        unusable_replies=online.unusable_replies + batched.unusable_replies,
+        unusable_tokens=online.unusable_tokens + batched.unusable_tokens,
         retries=online.retries + batched.retries,
         rate_limited=online.rate_limited + batched.rate_limited,
         unavailable=online.unavailable + batched.unavailable,
