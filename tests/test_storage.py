@@ -459,3 +459,31 @@ def test_starting_over_on_s3_is_refused_and_leaves_no_lease(sim: Any, tmp_path: 
     assert result.returncode == 2 and "no rename" in result.stderr
     assert sim.stats()["requests"] == 0
     assert "again/out.parquet.meta/lease.json" not in bucket.keys("again/")
+
+
+@pytest.mark.wallclock
+def test_a_resumed_run_into_s3_starts_at_the_rate_the_last_one_learned(
+    sim: Any, tmp_path: Path, bucket: Bucket
+) -> None:
+    """limits.json on the bucket is read back: a resumed run into s3:// paces at the remembered rate from its first
+    request (a quarter of what the server allows, so a run that ignored it would send four times as many)."""
+    sim.configure(rpm=1200, latency_ms=50, rate_headers="none")
+    rows = reviews(130)
+    out = bucket.uri("learn/out.parquet")
+    first = cli(*label_args(sim, write_csv(tmp_path / "first.csv", rows[:100]), out), env=bucket.env)
+    assert first.returncode == 0, first.stderr
+    key = "learn/out.parquet.meta/limits.json"
+    remembered = orjson.loads(bucket.client.get_object(Bucket=bucket.name, Key=key)["Body"].read())
+    assert remembered["rate"] > 0 and SECRET_KEY not in str(remembered), remembered
+    # A slower rate than the server's, so that what the resume does can come only from the record, not from 429s.
+    rate = 5.0
+    slower = {**remembered, "rate": rate, "saved_at": time.time()}
+    bucket.client.put_object(Bucket=bucket.name, Key=key, Body=orjson.dumps(slower))
+    sim.reset()
+    resumed = cli(*label_args(sim, write_csv(tmp_path / "all.csv", rows), out), env=bucket.env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(bucket.ids("learn/out.parquet")) == sorted(r[0] for r in rows)
+    events = sim.stats()["events"]
+    start = min(t for t, _, _ in events)
+    first_second = sum(1 for t, _, _ in events if t < start + 1.0)
+    assert 0.8 * rate <= first_second <= rate + 2, (first_second, rate)

@@ -25,6 +25,7 @@ FRESH_SECONDS: Final = 86_400.0  # limits change (a new tier, another key): a da
 _FIGURES: Final = ("rpm", "tpm", "rate", "window")
 
 Write = Callable[[Path, Mapping[str, Any]], None]
+Read = Callable[[Path], bytes]
 WallClock = Callable[[], float]
 
 
@@ -40,9 +41,19 @@ def endpoint_name(url: str) -> str:
 class LimitMemory:
     """Reads and writes one sink's learned limits for one endpoint and model (see the module docstring)."""
 
-    def __init__(self, path: Path, write: Write, *, endpoint: str, model: str, clock: WallClock = time.time) -> None:
+    def __init__(
+        self,
+        path: Path,
+        write: Write,
+        *,
+        endpoint: str,
+        model: str,
+        read: Read = Path.read_bytes,
+        clock: WallClock = time.time,
+    ) -> None:
         self.path = path
         self._write = write
+        self._read = read  # the sink's own reader: a file on disk, an object on a bucket
         self.endpoint = endpoint
         self.model = model
         self._clock = clock
@@ -50,8 +61,8 @@ class LimitMemory:
     def recall(self) -> dict[str, float]:
         """The figures remembered for this endpoint and model, if fresh; empty otherwise (or when unreadable)."""
         try:
-            raw = orjson.loads(self.path.read_bytes())
-        except (OSError, orjson.JSONDecodeError):
+            raw = orjson.loads(self._read(self.path))
+        except (LabelstreamError, OSError, orjson.JSONDecodeError):
             return {}
         if not isinstance(raw, dict) or raw.get("endpoint") != self.endpoint or raw.get("model") != self.model:
             return {}

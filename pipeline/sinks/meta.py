@@ -252,7 +252,9 @@ class SinkMeta:
     def limit_memory(self, endpoints: Sequence[str | None], model: str) -> LimitMemory:
         """The rate limits learned against these endpoints (None: the SDK's default) and this model."""
         endpoint = ",".join(endpoint_name(url) if url else "default" for url in endpoints)
-        return LimitMemory(self.limits_path, self.write_json_atomic, endpoint=endpoint, model=model)
+        return LimitMemory(
+            self.limits_path, self.write_json_atomic, read=self.read_bytes, endpoint=endpoint, model=model
+        )
 
     def append_dead_letters(self, items: Sequence[Failed], run_id: str) -> None:
         """Append the dead letters of failed rows durably (blocking: call it on the sink's I/O thread)."""
