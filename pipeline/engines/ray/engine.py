@@ -32,6 +32,7 @@ from pipeline.run.prepare import Prepared, RowGate, Verdict
 from pipeline.run.summary import Summary
 from pipeline.sinks.layout import is_jsonl
 from pipeline.sinks.parquet import ParquetSink
+from pipeline.sinks.storage import object_uri
 from pipeline.stats import RunStats
 
 ROWS_PER_TABLE: Final = 500  # rows per block put into Ray's object store: small enough to spread over actors
@@ -50,7 +51,16 @@ class RayEngine:
         self.started_ray = False
 
     def check(self, opts: RunOptions) -> None:
-        """Ray installed, a Parquet output, one endpoint; Ray spreads the rows itself (no --shard)."""
+        """A local Parquet output, Ray installed, one endpoint; Ray spreads the rows itself (no --shard)."""
+        if (uri := object_uri(opts.output)) is not None:
+            # Ray's write tasks outlive a killed driver and send their part with no lease check before the PUT: a
+            # part could land after the next run read the done ids and took the lease, and its rows be there twice.
+            raise UsageError(
+                f"--engine ray cannot write to object storage ({uri}) with labelstream's guarantees yet: a Ray write "
+                "task can outlive a killed run and add a part after the next run started, so a row could be saved "
+                "twice. Label online (the default engine; --procs N or --shard i/N to spread it), or give --engine "
+                "ray a local or mounted --output."
+            )
         if importlib.util.find_spec("ray") is None:
             raise UsageError("--engine ray needs Ray Data: pip install 'labelstream[ray]' (plain ray[data]).")
         if is_jsonl(opts.output):
