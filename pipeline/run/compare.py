@@ -203,7 +203,9 @@ def dry_run_compare(settings: CompareSettings) -> str:
             total[tier] = None if cost is None or sum_so_far is None else sum_so_far + cost
             shown.append(f"{tier} " + ("no price" if cost is None else f"${cost:.4f}"))
         lines.append(
-            f"  {candidate.name}: {plan.rows:,} rows to label, {len(prepared.done):,} already in {candidate.sink}; "
+            f"  {candidate.name}: {plan.rows + plan.copies:,} rows to label"
+            + (f" ({plan.copies:,} copies of a repeated text, no request)" if plan.copies else "")
+            + f", {len(prepared.done):,} already in {candidate.sink}; "
             + ", ".join(shown)
         )
     costs = ", ".join(f"{tier} " + ("–" if v is None else f"${v:.4f}") for tier, v in total.items())
