@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -165,14 +166,46 @@ def test_a_parquet_sink_without_copied_from_still_resumes(sim: Any, tmp_path: Pa
     assert len(set(sink_ids(out))) == 80
 
 
-def test_the_batch_engine_sends_every_row_and_labels_every_id(sim: Any, tmp_path: Path) -> None:
-    """--engine batch makes no copies (dedupe is the online engine's): every id is labeled from its own request."""
+def test_the_batch_engine_submits_each_distinct_text_once_and_copies_the_rest(sim: Any, tmp_path: Path) -> None:
+    """--engine batch: one request per distinct text; once collected, the repeats copy it; every id once; with
+    --no-dedupe every row is submitted."""
     rows = repeated_rows(60)
     out = tmp_path / "out.jsonl"
-    label_batch(sim, write_csv(tmp_path / "in.csv", rows), out)
+    summary = label_batch(sim, write_csv(tmp_path / "in.csv", rows), out)
+    distinct = len({text for _, _, text in rows})
+    assert sum(Counter(sim.batch_summary()["submissions"]).values()) == distinct == 43
     recs = records(out)
     assert sorted(r["id"] for r in recs) == sorted(r[0] for r in rows)
-    assert all(r["copied_from"] is None and r["prompt_tokens"] > 0 for r in recs)
+    assert check_copies(recs) == 17 == summary.copies
+    assert summary.labeled == 60
+    label_batch(sim, write_csv(tmp_path / "in.csv", rows), tmp_path / "plain.jsonl", dedupe=False)
+    assert sum(Counter(sim.batch_summary()["submissions"]).values()) == 43 + 60
+    assert check_copies(records(tmp_path / "plain.jsonl")) == 0
+
+
+def test_a_batch_run_that_does_not_wait_leaves_the_repeats_to_the_next_run(sim: Any, tmp_path: Path) -> None:
+    """--no-wait submits the distinct texts only; the next run collects them, then copies the repeats: each id once."""
+    rows = repeated_rows(60)
+    source, out = write_csv(tmp_path / "in.csv", rows), tmp_path / "out.jsonl"
+    first = label_batch(sim, source, out, wait=False)
+    assert (first.copies == 0 and not out.exists()) or not records(out)
+    label_batch(sim, source, out)
+    assert sum(Counter(sim.batch_summary()["submissions"]).values()) == 43
+    recs = records(out)
+    assert sorted(r["id"] for r in recs) == sorted(r[0] for r in rows)
+    assert check_copies(recs) == 17
+
+
+def test_a_batch_run_copies_texts_the_sink_holds_without_submitting_them(sim: Any, tmp_path: Path) -> None:
+    """--engine batch on an input whose texts an earlier run labeled (other ids): no request, a copy each."""
+    out = tmp_path / "out.jsonl"
+    label_batch(sim, write_csv(tmp_path / "a.csv", repeated_rows(30, "a")), out)
+    before = sum(Counter(sim.batch_summary()["submissions"]).values())
+    later = [(f"b{rid[1:]}", lang, text) for rid, lang, text in repeated_rows(30, "a")]
+    summary = label_batch(sim, write_csv(tmp_path / "b.csv", later), out)
+    assert sum(Counter(sim.batch_summary()["submissions"]).values()) == before
+    assert summary.copies == 30 and len(set(sink_ids(out))) == 60
+    assert check_copies(records(out)) == 30 + 30 - before
 
 
 def test_a_shard_copies_texts_its_siblings_saved_before_it_started(sim: Any, tmp_path: Path) -> None:
