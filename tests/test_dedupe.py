@@ -129,7 +129,7 @@ def test_kill_9_mid_run_then_resume_gives_each_id_once_and_no_copy_without_origi
 
 
 def test_dry_run_shows_the_requests_and_money_dedupe_saves(sim: Any, tmp_path: Path) -> None:
-    """--dry-run counts the copies and prices them; with --no-dedupe it has no such line."""
+    """--dry-run counts the copies and prices them (standard and batch); with --no-dedupe it has no such line."""
     source = write_csv(tmp_path / "in.csv", repeated_rows(300))
     out = tmp_path / "out.jsonl"
     base = ["label", "--input", str(source), "--output", str(out), "--base-url", sim.base_url, "--dry-run"]
@@ -137,6 +137,7 @@ def test_dry_run_shows_the_requests_and_money_dedupe_saves(sim: Any, tmp_path: P
     assert shown.returncode == 0, shown.stderr
     assert "dedupe: 97 more rows repeat a text sent once" in shown.stdout
     assert "97 requests saved, ≈ $" in shown.stdout
+    assert "(batch ≈ $" in shown.stdout  # what --engine batch saves, at its prices
     assert "203 rows to label" in shown.stdout
     plain = cli(*base, "--no-dedupe")
     assert "dedupe:" not in plain.stdout and "300 rows to label" in plain.stdout
