@@ -1,11 +1,14 @@
 """Dedupe benchmark: short reviews where a share of the rows repeat a few common texts, with and without dedupe.
 
     python scripts/bench_dedupe.py [--rows 20000] [--repeat-share 0.3] [--latency-ms 50] [--plan-rows 200000]
+                                   [--variants]
 
 Each run labels the same input against a simulator in its own process; the table gives requests (counted at the
 simulator), rows/s, requests/s and their ratio to the ideal (concurrency ÷ latency), the
 cost the summary prints, and peak RSS. `--plan-rows` also measures what the dedupe plan itself holds (the pass
 that finds repeated texts; the only part that grows with the input) on a larger input, in this process.
+`--variants` spells each repeat at random with other case or spacing ("great!", " GREAT! ") and adds a run with
+`--dedupe normalized`.
 """
 
 from __future__ import annotations
@@ -25,21 +28,28 @@ from benchlib import labelstream_cmd, make_csv, run_child, sim_reset, sim_stats,
 COMMON = ["좋아요", "Great!", "별로", "최고예요", "Good", "괜찮아요", "배송 빨라요", "Bad", "만족합니다", "OK"]
 
 
-def with_repeats(source: Path, target: Path, share: float, seed: int = 7) -> Path:
-    """Copy a sample CSV, replacing the text of `share` of its rows by one of the common short reviews; the other
-    rows get their id appended (the sample draws from few phrases, real reviews rarely repeat a long text)."""
+def spelled(text: str, rng: random.Random) -> str:
+    """`text` as people also type it: other case, or stray spaces."""
+    return rng.choice([text, text.lower(), text.upper(), f" {text}", f"{text}  ", text.replace(" ", "  ")])
+
+
+def with_repeats(source: Path, target: Path, share: float, seed: int = 7, *, variants: bool = False) -> Path:
+    """Copy a sample CSV, replacing the text of `share` of its rows by one of the common short reviews (in other
+    spellings too, with `variants`); the other rows get their id appended (the sample draws from few phrases, real
+    reviews rarely repeat a long text)."""
     rng = random.Random(seed)
     with source.open(newline="", encoding="utf-8") as inp, target.open("w", newline="", encoding="utf-8") as out:
         reader = csv.DictReader(inp)
         writer = csv.DictWriter(out, fieldnames=list(reader.fieldnames or []))
         writer.writeheader()
         for row in reader:
-            row["text"] = rng.choice(COMMON) if rng.random() < share else f"{row['text']} ({row['id']})"
+            common = spelled(rng.choice(COMMON), rng) if variants else rng.choice(COMMON)
+            row["text"] = common if rng.random() < share else f"{row['text']} ({row['id']})"
             writer.writerow(row)
     return target
 
 
-def plan_rss(path: Path) -> tuple[float, float, int]:
+def plan_rss(path: Path, matching: str = "exact") -> tuple[float, float, int]:
     """Seconds, RSS growth (MB) and repeated texts of the dedupe plan over `path` (in this process)."""
     from pipeline.input.ids import IdSet  # noqa: PLC0415 - only this measurement loads the package
     from pipeline.run.options import RunOptions  # noqa: PLC0415
@@ -47,7 +57,9 @@ def plan_rss(path: Path) -> tuple[float, float, int]:
     from pipeline.sinks import Manifest, open_sink  # noqa: PLC0415
     from pipeline.task.config import load_config  # noqa: PLC0415
 
-    opts = RunOptions.build(path, path.with_suffix(".jsonl"), load_config("configs/sentiment.toml"))
+    opts = RunOptions.build(
+        path, path.with_suffix(".jsonl"), load_config("configs/sentiment.toml"), dedupe_match=matching
+    )
     source = open_source(opts)
     source.open()
     prepared = Prepared(source, open_sink(opts.output), IdSet(), Manifest())
@@ -67,6 +79,7 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--plan-rows", type=int, default=0, help="also measure the dedupe plan on this many rows")
+    parser.add_argument("--variants", action="store_true", help="repeats in other case/spacing; a normalized run")
     args = parser.parse_args()
     ideal = args.concurrency / (args.latency_ms / 1000)
     print(f"# {args.rows:,} rows, {args.repeat_share:.0%} repeat {len(COMMON)} short texts; "
@@ -75,8 +88,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp, simulator("--latency-ms", str(args.latency_ms)) as base_url:
         work = Path(tmp)
-        source = with_repeats(make_csv(work / "sample.csv", args.rows), work / "in.csv", args.repeat_share)
-        for name, extra in (("--no-dedupe", ["--no-dedupe"]), ("dedupe (default)", [])):
+        sample = make_csv(work / "sample.csv", args.rows)
+        source = with_repeats(sample, work / "in.csv", args.repeat_share, variants=args.variants)
+        runs = [("--no-dedupe", ["--no-dedupe"]), ("dedupe (default)", [])]
+        runs += [("--dedupe normalized", ["--dedupe", "normalized"])] if args.variants else []
+        for name, extra in runs:
             sim_reset(base_url)
             out = work / f"out{len(extra)}.jsonl"
             cmd = labelstream_cmd(source, out, base_url, "--concurrency", str(args.concurrency), *extra)
@@ -87,10 +103,14 @@ def main() -> None:
             print(f"| {name} | {requests:,} | {rate:.0f} | {sent:.0f} | {sent / ideal:.2f} | "
                   f"${cost.group(1) if cost else '?'} | {measured.peak_rss_mb:.0f} |", flush=True)  # fmt: skip
         if args.plan_rows:
-            big = with_repeats(make_csv(work / "big.csv", args.plan_rows), work / "big-in.csv", args.repeat_share)
-            seconds, grown, repeated = plan_rss(big)
-            print(f"\ndedupe plan over {args.plan_rows:,} rows: {seconds:.1f} s, RSS +{grown:.1f} MB, "
-                  f"{repeated:,} repeated texts remembered")  # fmt: skip
+            big = with_repeats(
+                make_csv(work / "big.csv", args.plan_rows), work / "big-in.csv", args.repeat_share,
+                variants=args.variants,
+            )  # fmt: skip
+            for matching in ("exact", "normalized") if args.variants else ("exact",):
+                seconds, grown, repeated = plan_rss(big, matching)
+                print(f"\n{matching} dedupe plan over {args.plan_rows:,} rows: {seconds:.1f} s, "
+                      f"RSS +{grown:.1f} MB, {repeated:,} repeated texts remembered")  # fmt: skip
 
 
 if __name__ == "__main__":

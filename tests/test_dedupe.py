@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,17 @@ def records(output: Path) -> list[dict[str, Any]]:
     return list(open_sink(output).iter_records())
 
 
-def check_copies(recs: list[dict[str, Any]]) -> int:
-    """Each copy follows a record of its own text that is not a copy; returns how many copies there are."""
+def check_copies(recs: list[dict[str, Any]], *, exact: bool = True) -> int:
+    """Each copy follows a record of its own text (exact: the same text_sha) that is not a copy; returns how many
+    copies there are."""
     seen: dict[str, dict[str, Any]] = {}
     copies = 0
     for rec in recs:
         if rec["copied_from"] is not None:
             original = seen[rec["copied_from"]]  # written before the copy
             assert original["copied_from"] is None
-            assert (original["text_sha"], original["label"]) == (rec["text_sha"], rec["label"])
+            assert original["label"] == rec["label"]
+            assert original["text_sha"] == rec["text_sha"] or not exact
             assert rec["prompt_tokens"] == rec["completion_tokens"] == 0
             copies += 1
         seen[rec["id"]] = rec
@@ -126,7 +129,7 @@ def test_kill_9_mid_run_then_resume_gives_each_id_once_and_no_copy_without_origi
 
 
 def test_dry_run_shows_the_requests_and_money_dedupe_saves(sim: Any, tmp_path: Path) -> None:
-    """--dry-run counts the copies and prices them; with --no-dedupe it has no such line."""
+    """--dry-run counts the copies and prices them (standard and batch); with --no-dedupe it has no such line."""
     source = write_csv(tmp_path / "in.csv", repeated_rows(300))
     out = tmp_path / "out.jsonl"
     base = ["label", "--input", str(source), "--output", str(out), "--base-url", sim.base_url, "--dry-run"]
@@ -134,6 +137,7 @@ def test_dry_run_shows_the_requests_and_money_dedupe_saves(sim: Any, tmp_path: P
     assert shown.returncode == 0, shown.stderr
     assert "dedupe: 97 more rows repeat a text sent once" in shown.stdout
     assert "97 requests saved, ≈ $" in shown.stdout
+    assert "(batch ≈ $" in shown.stdout  # what --engine batch saves, at its prices
     assert "203 rows to label" in shown.stdout
     plain = cli(*base, "--no-dedupe")
     assert "dedupe:" not in plain.stdout and "300 rows to label" in plain.stdout
@@ -163,14 +167,46 @@ def test_a_parquet_sink_without_copied_from_still_resumes(sim: Any, tmp_path: Pa
     assert len(set(sink_ids(out))) == 80
 
 
-def test_the_batch_engine_sends_every_row_and_labels_every_id(sim: Any, tmp_path: Path) -> None:
-    """--engine batch makes no copies (dedupe is the online engine's): every id is labeled from its own request."""
+def test_the_batch_engine_submits_each_distinct_text_once_and_copies_the_rest(sim: Any, tmp_path: Path) -> None:
+    """--engine batch: one request per distinct text; once collected, the repeats copy it; every id once; with
+    --no-dedupe every row is submitted."""
     rows = repeated_rows(60)
     out = tmp_path / "out.jsonl"
-    label_batch(sim, write_csv(tmp_path / "in.csv", rows), out)
+    summary = label_batch(sim, write_csv(tmp_path / "in.csv", rows), out)
+    distinct = len({text for _, _, text in rows})
+    assert sum(Counter(sim.batch_summary()["submissions"]).values()) == distinct == 43
     recs = records(out)
     assert sorted(r["id"] for r in recs) == sorted(r[0] for r in rows)
-    assert all(r["copied_from"] is None and r["prompt_tokens"] > 0 for r in recs)
+    assert check_copies(recs) == 17 == summary.copies
+    assert summary.labeled == 60
+    label_batch(sim, write_csv(tmp_path / "in.csv", rows), tmp_path / "plain.jsonl", dedupe=False)
+    assert sum(Counter(sim.batch_summary()["submissions"]).values()) == 43 + 60
+    assert check_copies(records(tmp_path / "plain.jsonl")) == 0
+
+
+def test_a_batch_run_that_does_not_wait_leaves_the_repeats_to_the_next_run(sim: Any, tmp_path: Path) -> None:
+    """--no-wait submits the distinct texts only; the next run collects them, then copies the repeats: each id once."""
+    rows = repeated_rows(60)
+    source, out = write_csv(tmp_path / "in.csv", rows), tmp_path / "out.jsonl"
+    first = label_batch(sim, source, out, wait=False)
+    assert (first.copies == 0 and not out.exists()) or not records(out)
+    label_batch(sim, source, out)
+    assert sum(Counter(sim.batch_summary()["submissions"]).values()) == 43
+    recs = records(out)
+    assert sorted(r["id"] for r in recs) == sorted(r[0] for r in rows)
+    assert check_copies(recs) == 17
+
+
+def test_a_batch_run_copies_texts_the_sink_holds_without_submitting_them(sim: Any, tmp_path: Path) -> None:
+    """--engine batch on an input whose texts an earlier run labeled (other ids): no request, a copy each."""
+    out = tmp_path / "out.jsonl"
+    label_batch(sim, write_csv(tmp_path / "a.csv", repeated_rows(30, "a")), out)
+    before = sum(Counter(sim.batch_summary()["submissions"]).values())
+    later = [(f"b{rid[1:]}", lang, text) for rid, lang, text in repeated_rows(30, "a")]
+    summary = label_batch(sim, write_csv(tmp_path / "b.csv", later), out)
+    assert sum(Counter(sim.batch_summary()["submissions"]).values()) == before
+    assert summary.copies == 30 and len(set(sink_ids(out))) == 60
+    assert check_copies(records(out)) == 30 + 30 - before
 
 
 def test_a_shard_copies_texts_its_siblings_saved_before_it_started(sim: Any, tmp_path: Path) -> None:
@@ -185,3 +221,60 @@ def test_a_shard_copies_texts_its_siblings_saved_before_it_started(sim: Any, tmp
     assert sim.stats()["requests"] - before == len(second - first) < len(second)
     ids = [r["id"] for sink in open_shards(out) for r in sink.iter_records(columns=["id"])]
     assert sorted(ids) == sorted(r[0] for r in rows)
+
+
+VARIANTS = ["Great!", "  great!", "GREAT!  ", "좋아요  정말", "좋아요 정말"]
+
+
+def variant_rows(n: int, prefix: str = "v") -> list[tuple[str, str, str]]:
+    """n rows; every other row is one of five spellings of two texts (whitespace and case differ), the rest distinct."""
+    unique = reviews(n, prefix)
+    return [(rid, lang, VARIANTS[i // 2 % 5] if i % 2 == 0 else text) for i, (rid, lang, text) in enumerate(unique)]
+
+
+def test_normalized_matching_sends_texts_equal_up_to_space_and_case_once(sim: Any, tmp_path: Path) -> None:
+    """dedupe_match="normalized": 5 spellings of 2 texts in 50 of 100 rows cost 2 requests; exact would send 5."""
+    rows = variant_rows(100)
+    out = tmp_path / "out.jsonl"
+    summary = label(sim, write_csv(tmp_path / "in.csv", rows), out, dedupe_match="normalized")
+    assert sim.stats()["requests"] == 52
+    recs = records(out)
+    assert sorted(r["id"] for r in recs) == sorted(r[0] for r in rows)
+    assert check_copies(recs, exact=False) == 48 == summary.copies
+    exact_out = tmp_path / "exact.jsonl"
+    label(sim, write_csv(tmp_path / "in.csv", rows), exact_out)
+    assert sim.stats()["requests"] == 52 + 55
+
+
+def test_normalized_resume_finds_the_sink_record_through_an_exact_input_row(sim: Any, tmp_path: Path) -> None:
+    """The sink keeps exact fingerprints: a later input with "Great!" once and other spellings of it sends none."""
+    out = tmp_path / "out.jsonl"
+    label(sim, write_csv(tmp_path / "a.csv", [("a1", "en", "Great!")]), out, dedupe_match="normalized")
+    later = [("b1", "en", "great!"), ("b2", "en", "Great!"), ("b3", "en", " GREAT! ")]
+    label(sim, write_csv(tmp_path / "b.csv", later), out, dedupe_match="normalized")
+    assert sim.stats()["requests"] == 1
+    recs = records(out)
+    assert sorted(r["id"] for r in recs) == ["a1", "b1", "b2", "b3"]
+    assert {r["id"]: r["copied_from"] for r in recs if r["id"] != "a1"} == {"b1": "a1", "b2": "a1", "b3": "a1"}
+
+
+def test_normalized_resume_without_an_exact_row_sends_the_text_once(sim: Any, tmp_path: Path) -> None:
+    """Only other spellings of a sink's text (none exact) are not matched to the sink: one request, then copies."""
+    out = tmp_path / "out.jsonl"
+    label(sim, write_csv(tmp_path / "a.csv", [("a1", "en", "Great!")]), out, dedupe_match="normalized")
+    later = [("b1", "en", "great!"), ("b2", "en", " GREAT! ")]
+    label(sim, write_csv(tmp_path / "b.csv", later), out, dedupe_match="normalized")
+    assert sim.stats()["requests"] == 2
+    assert check_copies(records(out), exact=False) == 1
+
+
+def test_dedupe_normalized_flag_counts_the_copies_in_a_dry_run(sim: Any, tmp_path: Path) -> None:
+    """--dedupe normalized on the command line: the dry run counts spellings of one text as copies."""
+    source = write_csv(tmp_path / "in.csv", variant_rows(100))
+    out = tmp_path / "out.jsonl"
+    base = ["label", "--input", str(source), "--output", str(out), "--base-url", sim.base_url, "--dry-run"]
+    shown = cli(*base, "--dedupe", "normalized")
+    assert shown.returncode == 0, shown.stderr
+    assert "dedupe: 48 more rows repeat a text sent once" in shown.stdout and "52 rows to label" in shown.stdout
+    exact = cli(*base)
+    assert "dedupe: 45 more rows" in exact.stdout and "55 rows to label" in exact.stdout

@@ -171,6 +171,14 @@ def _scope_flags(scope: Any) -> None:
         help="send every row, even rows whose text was sent before (default: one request per distinct text; "
         "the other rows get a copy marked copied_from, see docs/dedupe.md)",
     )
+    scope.add_argument(
+        "--dedupe",
+        dest="dedupe_match",
+        choices=("exact", "normalized"),
+        default="exact",
+        help="which texts count as the same: exact (default, byte for byte as sent) or normalized (also equal "
+        "after collapsing whitespace and ignoring case)",
+    )
     scope.add_argument("--dry-run", action="store_true", help="check input, config and sink; make no API call")
 
 

@@ -61,8 +61,9 @@ class Run:
     """The state of one run that every engine shares: options, sink, stats, budget, stop requests."""
 
     def __init__(self, opts: RunOptions, engine: Engine, *, notice: IO[str] | None = None) -> None:
-        # Only the online engine makes copies: the others send every row, and --max-cost must price them all.
-        self.opts = opts if engine.name == "online" or not opts.dedupe else dataclasses.replace(opts, dedupe=False)
+        # Only the online and batch engines make copies: the others send every row, and --max-cost prices them all.
+        copies = engine.name in ("online", "batch")
+        self.opts = opts if copies or not opts.dedupe else dataclasses.replace(opts, dedupe=False)
         self.engine = engine
         self.notice = notice or sys.stderr
         self.stats = RunStats(

@@ -62,6 +62,7 @@ class RunOptions:
     restart: bool = False  # --skip_labeled False: move the old sink aside and start over
     relabel_changed: bool = False  # relabel done rows whose text changed since they were labeled
     dedupe: bool = True  # the online engine sends each distinct text once; other rows copy it (run/dedupe.py)
+    dedupe_match: Literal["exact", "normalized"] = "exact"  # normalized: texts equal up to whitespace and case
     progress: ProgressMode = "auto"  # auto: a bar on a terminal, log lines otherwise; off: --quiet
     grace_seconds: float = 10.0
     exact_tokens: bool = False  # count prompt tokens with bpe-openai under a TPM limit (extra: labelstream[tokens])

@@ -56,6 +56,8 @@ def dry_run(opts: RunOptions, *, procs: int | None = None) -> str:
     ]
     if plan.copies:
         saving = f", ≈ ${plan.copy_saving:.4f}" if plan.copy_saving is not None else ""
+        batch = plan.costs.get("batch")  # --engine batch dedupes too, at batch prices
+        saving += f" (batch ≈ ${batch * plan.copies / max(1, plan.rows):.4f})" if saving and batch is not None else ""
         lines.append(
             f"  dedupe: {plan.copies:,} more rows repeat a text sent once (copied, no request): "
             f"{plan.copies:,} requests saved{saving} (--no-dedupe sends them)"

@@ -82,7 +82,7 @@ class Prepared:
             else [open_sink(opts.output, Shard(i, shard.count)) for i in range(shard.count)]
         )
         records = iter(()) if opts.restart else itertools.chain.from_iterable(s.iter_records(columns) for s in sinks)
-        dedupe = Dedupe.plan(rows, records, outputs=outputs)
+        dedupe = Dedupe.plan(rows, records, outputs=outputs, matching=opts.dedupe_match)
         self.source.close()
         self.source.open()
         return dedupe

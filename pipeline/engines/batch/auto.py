@@ -98,7 +98,7 @@ def combine(online: Summary, batched: Summary) -> Summary:
         # The batch run found the online slice in the sink; it was this run's work, not an earlier one's.
         skipped_done=max(0, batched.skipped_done - online.saved),
         truncated=online.truncated + batched.truncated,
-        copies=online.copies + batched.copies,  # only the online slice dedupes (docs/dedupe.md)
+        copies=online.copies + batched.copies,  # the CLI turns dedupe off for auto (docs/dedupe.md)
         copy_saving_usd=total(online.copy_saving_usd, batched.copy_saving_usd),
         hedged=online.hedged + batched.hedged,
         timeouts=online.timeouts + batched.timeouts,

@@ -26,12 +26,15 @@ from pipeline.engines.batch.poll import BatchProgress, refresh, wait_for_batches
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.batch.submit import SETTLE_SECONDS, Planner, counts_of, submit
 from pipeline.errors import BatchError, LabelstreamError, UsageError
-from pipeline.results import Failed
+from pipeline.input.ids import IdSet
+from pipeline.results import Failed, Labeled, sha_tag
+from pipeline.run.dedupe import Dedupe
 from pipeline.run.lifecycle import Run
 from pipeline.run.options import RunOptions, resolve_credentials
+from pipeline.run.prepare import RowGate
 from pipeline.run.summary import Summary
 from pipeline.sinks.progress_file import RunState
-from pipeline.stats import RunStats
+from pipeline.stats import CallStats, RunStats
 
 _ROWS_AT_ONCE = 5000  # rows of a batch read and settled at a time
 
@@ -129,7 +132,9 @@ class _Batches:
         await refresh(self.api, self.ledger, self.collect)
         if not self.stopping.is_set():
             self.resend_early_failures()
-            await self.send()
+            deferred = await self.send()
+        else:
+            deferred = 0
         if self.settings.wait and not self.stopping.is_set() and any(s.state == SUBMITTED for s in self.ledger.live):
             self.run.phase = RunState.WAITING
             await wait_for_batches(
@@ -141,6 +146,8 @@ class _Batches:
                 stopping=self.stopping,
                 report=lambda: self.run.write_progress(RunState.WAITING),
             )
+        if deferred and not self.stopping.is_set() and not self.ledger.held and self.opts.max_rows is None:
+            await self.copy_pass()
 
     def resend_early_failures(self) -> None:
         """Rows that batches ended before this run's sending came back failed or unprocessed go out again now,
@@ -162,8 +169,9 @@ class _Batches:
         batch = await submit(self.api, self.ledger, sub, settle=self.engine.settle)
         self.say(f"batch {batch.id} holds {sub.id}")
 
-    async def send(self) -> None:
-        """Write request files for the rows still to do, and submit each as soon as it is complete."""
+    async def send(self) -> int:
+        """Write request files for the rows still to do, and submit each as soon as it is complete; write the
+        copies of texts the sink holds (dedupe). Returns how many rows wait for an original this run sent."""
         opts, ledger = self.opts, self.ledger
         ids: dict[int, str] = {}  # the n-th request file → its submission
 
@@ -179,14 +187,20 @@ class _Batches:
             max_requests=self.settings.max_requests,
             max_bytes=self.settings.max_bytes,
         )
-        gate = self.run.gate(budget=True)  # the Batch API sends each request once: its worst case is its cost
+        # The Batch API sends each request once: its worst case is its cost. One request per distinct text.
+        gate = self.run.gate(budget=True, dedupe=True)
         live = ledger.live_ids()
+        if gate.dedupe is not None:
+            await asyncio.to_thread(self.mark_sent, gate.dedupe)
         refused = {} if self.settings.retry_refused else await asyncio.to_thread(refused_requests, self.sink.meta)
         planner = Planner.over(self.run.prepared.source.batches(), gate, live, self.stats, files, refused=refused)
         try:
             while not self.stopping.is_set():
                 written = await asyncio.to_thread(planner.next_file, self.engine.stop_planning)
                 await self.dead_letter(planner.problems)
+                await self.write_copies(planner.copies)
+                if written is None and planner.paused:
+                    continue
                 if written is None:
                     break
                 sub = Submission(
@@ -208,6 +222,42 @@ class _Batches:
                 self.say(f"batch {batch.id} created for {sub.id}: {batch.status}")
         finally:
             await asyncio.to_thread(files.discard)
+        return planner.deferred
+
+    def mark_sent(self, dedupe: Dedupe) -> None:
+        """The texts of batches still at the provider count as sent: rows repeating them wait for their records."""
+        for sub in self.ledger.held:
+            for row in read_rows(self.ledger.rows_path(sub.id)):
+                dedupe.first(row)
+
+    async def copy_pass(self) -> None:
+        """Once this run's batches are collected, the rows that repeat a text they sent copy its record. A scratch
+        gate and stats: the rows were counted when first read. Rows whose original failed wait for the next run."""
+        prepared = self.run.prepared
+        prepared.source.close()  # the first pass read it to the end
+        prepared.source.open()
+        dedupe = await asyncio.to_thread(prepared.plan_dedupe, self.opts)
+        scratch = RunStats(calls=CallStats(), model=self.opts.model)
+        gate = RowGate(prepared.done, scratch, None, shard=self.opts.shard, dedupe=dedupe)
+        planner = Planner.over(prepared.source.batches(), gate, IdSet(), scratch, None)  # no files: copies only
+        while not self.stopping.is_set():
+            await asyncio.to_thread(planner.next_file, self.engine.stop_planning)
+            await self.write_copies(planner.copies)
+            if not planner.paused:
+                break
+        if planner.deferred:
+            self.say(f"{planner.deferred:,} rows repeat a text whose request failed: the next run labels them")
+
+    async def write_copies(self, copies: list[Labeled]) -> None:
+        """Save the copies the planner made (their originals are in the sink) and count them as labeled."""
+        if copies:
+            batch, copies[:] = list(copies), []
+            await self.sink.append(batch)
+            for item in batch:
+                self.run.prepared.done.add(item.row.id, sha_tag(item.row.sha))
+            self.stats.copies += len(batch)
+            self.stats.labeled += len(batch)
+            self.stats.saved += len(batch)
 
     async def dead_letter(self, problems: list[Failed]) -> None:
         """Dead-letter rows that cannot be sent (empty text, bad bytes) as the online run does."""

@@ -30,7 +30,7 @@ from pipeline.engines.batch.ledger import (
 )
 from pipeline.errors import BatchError
 from pipeline.input.ids import IdSet
-from pipeline.results import Failed, Row
+from pipeline.results import Failed, Labeled, Row
 from pipeline.run.prepare import RowGate, Verdict
 from pipeline.stats import RunStats
 
@@ -39,6 +39,8 @@ _CLOCK_SLACK: Final = 3600
 # A create sent this recently may not be listed yet: wait until it is this old before concluding it never landed.
 SETTLE_SECONDS: Final = 5.0
 _CREATE_ATTEMPTS: Final = 6
+# Copies (dedupe) the planner holds before it hands them over, so an input of repeats never sits in memory.
+_COPIES_AT_ONCE: Final = 5000
 
 
 class Planner:
@@ -46,6 +48,9 @@ class Planner:
 
     Rows already in the sink or in a live batch are skipped, and so are rows whose very request a server refused
     as sent before (`refused`: id → request fingerprint); problem rows become dead letters without a request.
+    With dedupe, a row whose text the sink holds becomes a copy of that record (`copies`, for the caller to write);
+    one whose text this run already put in a request is `deferred`: it copies the original once its batch is
+    collected (`copy_pass` in engine.py, or the next run).
     Blocking (CSV and file I/O): call it from a thread.
     """
 
@@ -55,13 +60,16 @@ class Planner:
         gate: RowGate,
         live: IdSet,
         stats: RunStats,
-        files: RequestFiles,
+        files: RequestFiles | None,
         *,
         refused: dict[str, str] | None = None,
     ) -> None:
         self.rows, self.gate, self.live, self.stats, self.files = rows, gate, live, stats, files
         self.refused = refused or {}
         self.problems: list[Failed] = []  # handed to the dead letters by the caller
+        self.copies: list[Labeled] = []  # handed to the sink by the caller (their originals are in it)
+        self.deferred = 0  # rows whose original is in a request of this run: copied once it is collected
+        self.paused = False  # next_file returned None to hand over `copies`, not because planning ended
 
     @classmethod
     def over(
@@ -70,17 +78,22 @@ class Planner:
         gate: RowGate,
         live: IdSet,
         stats: RunStats,
-        files: RequestFiles,
+        files: RequestFiles | None,
         *,
         refused: dict[str, str] | None = None,
     ) -> Planner:
-        """A planner over a source's row batches."""
+        """A planner over a source's row batches (without `files`, it only makes copies: rows to send are left)."""
         return cls(itertools.chain.from_iterable(batches), gate, live, stats, files, refused=refused)
 
     def next_file(self, stop: threading.Event) -> Written | None:
-        """The next complete request file; the last, partial one once the input or --limit ends; None after."""
+        """The next complete request file; the last, partial one once the input or --limit ends; None after (or,
+        with `paused` set, when `copies` are due to be written: call again after)."""
         gate, stats = self.gate, self.stats
+        self.paused = False
         while not stop.is_set() and not gate.full:
+            if len(self.copies) >= _COPIES_AT_ONCE:
+                self.paused = True
+                return None
             row = next(self.rows, None)
             if row is None:
                 break
@@ -95,15 +108,29 @@ class Planner:
             verdict = gate.classify(row)
             if verdict is Verdict.PROBLEM:
                 self.problems.append(gate.failure(row))
-            elif verdict is Verdict.SEND and (written := self.files.add(row)) is not None:
+            elif verdict is Verdict.SEND and self.files is not None and (written := self.files.add(row)) is not None:
                 return written
+            elif verdict is Verdict.COPY:
+                self._copy(row)
+        if self.files is None:
+            return None
         if stop.is_set():
             self.files.discard()  # a stop leaves no half-planned file: its rows go in the next run
             return None
         return self.files.finish()
 
+    def _copy(self, row: Row) -> None:
+        dedupe = self.gate.dedupe
+        assert dedupe is not None  # noqa: S101 - only a gate with dedupe sorts copies
+        original = dedupe.known.get(dedupe.key(row))  # the sink's: this engine learns no original while planning
+        if original is None:
+            self.deferred += 1
+        else:
+            self.copies.append(original.copy_for(row))
+
     def _refused_before(self, row: Row) -> bool:
         """Whether this row would send the very request a server refused (its text, model and task unchanged)."""
+        assert self.files is not None  # noqa: S101 - a copy-only planner is given no refused requests
         return request_sha(self.files.prompt, row, self.files.model) == self.refused[row.id]
 
 
