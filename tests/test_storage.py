@@ -113,7 +113,9 @@ def test_second_writer_is_refused_while_the_first_holds_the_lease(sim: Any, tmp_
 def test_expired_lease_of_a_crashed_writer_elsewhere_is_taken_over(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """A lease another host stopped renewing (expired by the store's clock) is taken over, and the run says so."""
     source = write_csv(tmp_path / "in.csv", reviews(30))
-    put_lease(bucket, "exp/out.parquet.meta/lease.json", host="node-that-died", pid=4242, seconds=0)
+    # Ended a minute before it was last written: expired by the store's clock however soon the run reads it (a
+    # lifetime of 0 s raced the stores' one-second Last-Modified/Date stamps: read within the same second, it held).
+    put_lease(bucket, "exp/out.parquet.meta/lease.json", host="node-that-died", pid=4242, seconds=-60)
     result = cli(*label_args(sim, source, bucket.uri("exp/out.parquet")), env=bucket.env)
     assert result.returncode == 0, result.stderr
     assert "took over the lease" in result.stderr and "pid 4242 on node-that-died" in result.stderr
