@@ -63,15 +63,16 @@ chromium:
 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
 	echo "make: chromium is not installed and cannot be installed here; the report rendering test will be skipped"
 
-# Real servers on loopback (vLLM's CPU build with a tiny model it builds, a LiteLLM proxy): installs them into
-# .venv-compat (~4 GB, ~4 min on a warm pip cache) and runs tests/compat (~10 min on 2 cores). Not part of `make test`.
+# Real servers on loopback (vLLM's CPU build with a tiny model it builds, a LiteLLM proxy, Label Studio): installs
+# them into .venv-compat (~5 GB, ~6 min on a warm pip cache) and runs tests/compat (~10 min on 2 cores). Not part of `make test`.
 COMPAT_VENV ?= .venv-compat
 
 test-compat: $(DEV_STAMP)
 	COMPAT_VENV=$(COMPAT_VENV) bash scripts/compat_setup.sh
 	@rm -f $(COMPAT_VENV)/compat-results.jsonl
-	COMPAT_VENV=$(COMPAT_VENV) LABELSTREAM_COMPAT=1 $(BIN)/python -m pytest -q -m compat -p no:cacheprovider \
-		--timeout 1800 --durations 10 --basetemp $(COMPAT_VENV)/tmp tests/compat
+	COMPAT_VENV=$(COMPAT_VENV) LABELSTREAM_COMPAT=1 LABEL_STUDIO_BIN=$(abspath $(COMPAT_VENV))/labelstudio/bin/label-studio \
+		$(BIN)/python -m pytest -q -m compat -p no:cacheprovider \
+		--timeout 1800 --durations 10 --basetemp $(COMPAT_VENV)/tmp tests/compat tests/test_labelstudio.py
 	@test ! -f $(COMPAT_VENV)/compat-results.jsonl || cat $(COMPAT_VENV)/compat-results.jsonl
 
 # docs/cli.md is generated from the parser; tests/test_docs.py fails when it is stale.

@@ -16,8 +16,24 @@ STAMP="$VENV/.compat-vllm-$VLLM_VERSION-litellm-$LITELLM_VERSION"
 MODEL="$VENV/tiny-model"
 PIP="$VENV/bin/python -m pip"
 
+LS_VERSION=1.23.2
+LS_VENV="$VENV/labelstudio"
+LS_STAMP="$LS_VENV/.compat-label-studio-$LS_VERSION"
+
+# 7 (run first, as it is independent). Label Studio, for the round trip of `export --format label-studio` and
+#    `eval --gold` against a real one (tests/test_labelstudio.py). A virtualenv of its own inside $VENV: it pins
+#    Django and its own pydantic, which vLLM and LiteLLM must not see.
+if [ ! -f "$LS_STAMP" ]; then
+    echo "compat: installing Label Studio $LS_VERSION into $LS_VENV (~1 GB, ~2 min on a warm pip cache)"
+    mkdir -p "$VENV"
+    [ -x "$LS_VENV/bin/python" ] || "$PYTHON" -m venv "$LS_VENV"
+    "$LS_VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$LS_VENV/bin/python" -m pip install --quiet "label-studio==$LS_VERSION"
+    touch "$LS_STAMP"
+fi
+
 if [ -f "$STAMP" ] && [ -f "$MODEL/model.safetensors" ]; then
-    echo "compat: $VENV is ready (vLLM $VLLM_VERSION CPU, LiteLLM $LITELLM_VERSION, $MODEL)"
+    echo "compat: $VENV is ready (vLLM $VLLM_VERSION CPU, LiteLLM $LITELLM_VERSION, $MODEL, Label Studio $LS_VERSION)"
     exit 0
 fi
 

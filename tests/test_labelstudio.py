@@ -194,8 +194,8 @@ def call(base: str, method: str, path: str, body: Any = None) -> Any:
 @pytest.mark.timeout(1200)
 @pytest.mark.skipif(
     os.environ.get("LABELSTREAM_COMPAT") != "1" or not Path(LIVE_BIN).is_file(),
-    reason="a real Label Studio: set LABELSTREAM_COMPAT=1 and LABEL_STUDIO_BIN to its label-studio executable "
-    "(pip install label-studio into a venv of its own)",
+    reason="a real Label Studio: `make test-compat` installs one and runs this (or set LABELSTREAM_COMPAT=1 and "
+    "LABEL_STUDIO_BIN to a label-studio executable in a venv of its own)",
 )
 def test_a_real_label_studio_imports_the_tasks_and_its_export_is_gold(sim: Any, tmp_path: Path, capsys: Any) -> None:
     """Label Studio on loopback accepts the labeling config and the tasks, keeps every prediction's label and score,

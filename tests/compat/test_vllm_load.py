@@ -23,6 +23,7 @@ def measured_run(vllm: VLLM, folder: Path, concurrency: str) -> dict[str, Any]:
     out = folder / "out.jsonl"
     args = ["--input", str(inp), "--output", str(out), "--config", str(CONFIG), "--model", "tiny"]
     args += ["--base-url", vllm.base_url, "--concurrency", concurrency, "--no-progress"]
+    args += ["--no-dedupe"]  # every row is a request: the sample repeats texts, and the load is what is measured
     before = vllm.chat_requests()
     started = time.monotonic()
     proc = start_cli("label", *args, env={"OPENAI_API_KEY": TEST_KEY})
