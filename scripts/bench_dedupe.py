@@ -95,7 +95,7 @@ def main() -> None:
         for name, extra in runs:
             sim_reset(base_url)
             out = work / f"out{len(extra)}.jsonl"
-            cmd = labelstream_cmd(source, out, base_url, "--concurrency", str(args.concurrency), *extra)
+            cmd = labelstream_cmd(source, out, base_url, "--concurrency", str(args.concurrency), *extra, dedupe=True)
             measured = run_child(cmd, timeout=args.rows * 0.05 + 120)
             requests = int(str(sim_stats(base_url)["requests"]))
             cost = re.search(r"≈ \$([0-9.]+)", measured.stderr + measured.stdout)

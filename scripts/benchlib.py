@@ -119,9 +119,11 @@ def make_csv(path: Path, rows: int) -> Path:
     return path
 
 
-def labelstream_cmd(input_csv: Path, output: Path, base_url: str, *extra: str) -> list[str]:
-    """The CLI command for a benchmark run."""
+def labelstream_cmd(input_csv: Path, output: Path, base_url: str, *extra: str, dedupe: bool = False) -> list[str]:
+    """The CLI command for a benchmark run: one request per row unless `dedupe` (the sample repeats texts, and
+    with dedupe on, the default, a transport benchmark would measure fewer requests than the old design sends)."""
+    flags = [*extra] if dedupe or "--no-dedupe" in extra else [*extra, "--no-dedupe"]
     return [
         PY, "-m", "pipeline", "label", "--input", str(input_csv), "--output", str(output),
-        "--config", "configs/sentiment.toml", "--base-url", base_url, "--no-progress", *extra,
+        "--config", "configs/sentiment.toml", "--base-url", base_url, "--no-progress", *flags,
     ]  # fmt: skip
