@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,6 +29,7 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import SinkError, StorageError, UsageError
@@ -54,18 +57,56 @@ class ObjectMeta(SinkMeta):
         self._tag = os.urandom(4).hex()
         self._dead_batches = 0
         self._progress = LatestWins(store)
+        self._work: Path | None = None
 
     @property
     def batches_dir(self) -> Path:
-        """Refused: the batch engine keeps request files in a local folder beside the sink."""
-        raise UsageError(
-            f"--engine batch keeps its request files beside the sink, which is not possible on object storage "
-            f"({self.what}) yet. Label online (the default engine), or into a local --output."
-        )
+        """A local work folder for the batch engine's request, rows and result files (made on first use, removed at
+        unlock). The rows files, which resume depends on, are kept on the bucket as well (`keep_batch_file`)."""
+        if self._work is None:
+            self._work = Path(tempfile.mkdtemp(prefix="labelstream-batches-"))
+        return self._work
 
     @batches_dir.setter
     def batches_dir(self, _: Path) -> None:
-        pass  # SinkMeta.__init__ sets it; the getter refuses
+        pass  # SinkMeta.__init__ sets it; the folder is made on first use
+
+    def keep_batch_file(self, path: Path) -> None:
+        """Send a finished file to `.meta/batches/` (one upload: it appears whole), where any later run finds it."""
+        self.lease.check()
+        try:
+            pafs.copy_files(str(path), self._kept(path), destination_filesystem=self.store.fs)
+        except OSError as exc:
+            raise self.store.error(f"cannot write {self.store.uri_of(self._kept(path))}", exc) from None
+
+    def fetch_batch_file(self, path: Path) -> bool:
+        """Download a kept file into the work folder unless it is there; False when it is on neither."""
+        if path.exists():
+            return True
+        key = self._kept(path)
+        try:
+            if self.store.fs.get_file_info(key).type != pafs.FileType.File:
+                return False
+            tmp = path.with_name(f".{path.name}.tmp")
+            pafs.copy_files(key, str(tmp), source_filesystem=self.store.fs)
+        except OSError as exc:
+            raise self.store.error(f"cannot read {self.store.uri_of(key)}", exc) from None
+        tmp.replace(path)
+        return True
+
+    def drop_batch_file(self, path: Path) -> None:
+        """Delete a file of the work folder and its kept copy on the bucket."""
+        path.unlink(missing_ok=True)
+        self.lease.check()
+        self.store.delete(self._kept(path))
+
+    def batch_file_names(self) -> set[str]:
+        """The names in the work folder and under `.meta/batches/`."""
+        kept = {name for name, _ in self.store.objects(self.store.key(self.dir / "batches"))}
+        return kept | super().batch_file_names()
+
+    def _kept(self, path: Path) -> str:
+        return self.store.key(self.dir / "batches" / path.name)
 
     def ensure(self) -> None:
         """Nothing to create: an object store has no folders."""
@@ -82,6 +123,9 @@ class ObjectMeta(SinkMeta):
         """Send the last progress file, then give the lease up."""
         self._progress.flush()
         self.lease.release()
+        if self._work is not None:
+            shutil.rmtree(self._work, ignore_errors=True)
+            self._work = None
 
     def read_bytes(self, path: Path) -> bytes:
         return self.store.get(self.store.key(path))
@@ -96,6 +140,7 @@ class ObjectMeta(SinkMeta):
         if path == self.progress_path and not durable:
             self._progress.send(self.store.key(path), body)
         else:
+            self.lease.check()  # the manifest and the batch record: never written once another run may hold it
             self.store.put(self.store.key(path), body)
 
     def append_dead_letters(self, items: Sequence[Failed], run_id: str) -> None:
