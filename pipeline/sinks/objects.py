@@ -39,7 +39,8 @@ from pipeline.results import Failed, encode_dead_letters
 from pipeline.sinks.layout import PART, discover
 from pipeline.sinks.lease import LEASE_NAME, Lease
 from pipeline.sinks.meta import SinkMeta, parse_dead_letters
-from pipeline.sinks.parquet import DROP_JOURNAL, ParquetSink, rewrite_parts, target_schema
+from pipeline.sinks.parquet import DROP_JOURNAL, ParquetSink, conform, rewrite_parts, target_schema
+from pipeline.sinks.staging import STAGING, commit_staged
 from pipeline.sinks.storage import ObjectStore, object_uri
 
 
@@ -52,6 +53,7 @@ class ObjectMeta(SinkMeta):
         uri = object_uri(sink_path) or str(sink_path)
         self.what = f"{uri} (shard {shard.label})" if shard else uri
         self.dead_letters_path = self.dir / "dead"
+        self.staging_dir = self.dir / STAGING  # parts of writers without the lease, for the holder to commit
         self.lease = Lease(store, store.key(self.dir / LEASE_NAME), self.what)
         self.notes: list[str] = []
         self._tag = os.urandom(4).hex()
@@ -148,16 +150,23 @@ class ObjectMeta(SinkMeta):
         if not items:
             return
         self.lease.check()
-        data = b"".join(encode_dead_letters(items, run_id))
         self._dead_batches += 1
-        name = f"{int(time.time() * 1000):013d}-{self._tag}-{self._dead_batches:06d}.jsonl"
-        self.store.put(self.store.key(self.dead_letters_path / name), data)
+        put_dead_letters(self.store, self.dead_letters_path, items, run_id, tag=self._tag, number=self._dead_batches)
 
     def read_dead_letters(self) -> Iterator[dict[str, Any]]:
         prefix = self.store.key(self.dead_letters_path)
         for name, _ in sorted(self.store.objects(prefix)):
             if name.endswith(".jsonl"):
                 yield from parse_dead_letters(self.store.get(f"{prefix}/{name}").splitlines())
+
+
+def put_dead_letters(
+    store: ObjectStore, where: Path, items: Sequence[Failed], run_id: str, *, tag: str, number: int
+) -> None:
+    """One object of dead letters under `where` (`dead/`), named by time, then writer and count, so none collide;
+    also for writers without the lease (Ray actors): a dead letter is a record of a failure, never a row."""
+    name = f"{int(time.time() * 1000):013d}-{tag}-{number:06d}.jsonl"
+    store.put(store.key(where / name), b"".join(encode_dead_letters(items, run_id)))
 
 
 class LatestWins:
@@ -223,9 +232,32 @@ class ObjectParquetSink(ParquetSink):
         return held or bool(self.store.objects(self.store.key(self.meta.dir)))
 
     def load_done(self, *, repair: bool = True) -> IdSet:
+        """The ids of complete parts; a run (`repair`) first commits what dead --engine ray runs left staged."""
         self.notes.extend(self.meta.notes)
         self.meta.notes.clear()
-        return super().load_done(repair=repair)
+        done = super().load_done(repair=repair)
+        if repair and self.shard is None:  # a Ray run is never sharded
+            committed, dropped = self.commit_staged(done)
+            if committed or dropped:
+                self.notes.append(
+                    f"committed {committed:,} rows an earlier --engine ray run had staged ({dropped:,} rows already in "
+                    "the output were dropped)"
+                )
+        return done
+
+    def commit_staged(self, done: IdSet, run_id: str | None = None) -> tuple[int, int]:
+        """Move the rows of parts staged by `run_id` (default: by any run) into the dataset unless `done` holds their
+        ids (see staging.py); returns (rows committed, rows dropped). Only the lease holder may call it."""
+        self.meta.lease.check()
+        return commit_staged(self.store, self.meta.staging_dir, done, self._publish_new, run_id)
+
+    def _publish_new(self, table: pa.Table) -> None:
+        # In the sink's layout (a writer of another make may differ in nullability or column order); before the
+        # run binds its schema, in the layout of the dataset's newest part.
+        schema = self.schema
+        if schema is None and (parts := self.all_parts()):
+            schema = pq.read_schema(self.locate(parts[-1]), filesystem=self.filesystem)
+        self._publish(table if schema is None else conform(table, schema), self._new_part_name())
 
     def recover(self) -> None:
         """Finish a rewrite a crash interrupted (its journal says what), and delete parts staged for none.
