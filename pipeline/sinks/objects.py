@@ -5,6 +5,8 @@
     s3://b/p/labels.parquet.meta/progress.json
     s3://b/p/labels.parquet.meta/lease.json                  the writer's lease (lease.py), instead of flock
     s3://b/p/labels.parquet.meta/dead/<ms>-<tag>-<n>.jsonl   one object per batch of dead letters
+    s3://b/p/labels.parquet.meta/batches.json                --engine batch: its record (batches/: rows files)
+    s3://b/p/labels.parquet.meta/staging/<run id>/           --engine ray: parts to commit (staging.py)
 
 An object store has no rename and no append, but a PUT is atomic: a part is encoded in memory and sent in one
 request under a name no other run uses, so a reader (or a resume after `kill -9`) sees complete parts only and
