@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import SinkError
 from pipeline.input.ids import IdSet
-from pipeline.results import sha_tag
 from pipeline.sinks.layout import PART
+from pipeline.sinks.parquet import id_entries
 from pipeline.sinks.storage import ObjectStore
 
 STAGING: Final = "staging"  # under the sink's `.meta/` prefix
@@ -60,13 +60,11 @@ def commit_staged(
                 f"{store.uri_of(key)} is not a readable Parquet part ({exc}). Delete it and re-run; its rows are "
                 "labeled again."
             ) from None
-        ids = table.column("id").to_pylist()
-        shas = table.column("text_sha").to_pylist() if "text_sha" in table.column_names else [None] * len(ids)
-        keep = [done.add(row_id, sha_tag(sha)) for row_id, sha in zip(ids, shas, strict=True)]
+        keep = [done.add(row_id, tag) for row_id, tag in id_entries(table)]
         kept = sum(keep)
         if kept:
             publish(table.filter(pa.array(keep, pa.bool_())))
         store.delete(key)
         committed += kept
-        dropped += len(ids) - kept
+        dropped += len(keep) - kept
     return committed, dropped
