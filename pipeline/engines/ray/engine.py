@@ -2,6 +2,7 @@
 
     read the CSV here (the run's RowGate: done ids, repeats, bad rows, --limit, --max-cost) ─▶ row tables
     put in Ray's object store ─▶ Labeler actors (+ SharedLimit) ─▶ Ray's Parquet writer into OUT.parquet
+    (on object storage: into OUT.parquet.meta/staging/<run id>/, committed into the dataset by this driver)
 
 The run around the job is the one every engine has (`pipeline.run.lifecycle.Run`: lock, resume guard,
 manifest, done ids, --max-cost, signals, summary), so the output is an ordinary labelstream Parquet sink:
@@ -53,7 +54,8 @@ class RayEngine:
         self.started_ray = False
 
     def check(self, opts: RunOptions) -> None:
-        """A local Parquet output, Ray installed, one endpoint; Ray spreads the rows itself (no --shard)."""
+        """A Parquet output (credentials for one on object storage not as task arguments), Ray installed, one
+        endpoint; Ray spreads the rows itself (no --shard)."""
         if object_uri(opts.output) is not None and (secrets := secret_options()):
             # Ray keeps task arguments in its object store and logs: the workers must find credentials themselves.
             raise UsageError(
