@@ -489,13 +489,3 @@ def test_a_resumed_run_into_s3_starts_at_the_rate_the_last_one_learned(
     start = min(t for t, _, _ in events)
     first_second = sum(1 for t, _, _ in events if t < start + 1.0)
     assert 0.8 * rate <= first_second <= rate + 2, (first_second, rate)
-
-
-def test_ray_engine_into_s3_is_refused_before_any_request(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
-    """--engine ray into s3:// is refused (exit 2) naming the online engine, before a request, a lease or a part."""
-    source = write_csv(tmp_path / "in.csv", reviews(10))
-    result = cli(*label_args(sim, source, bucket.uri("ray/out.parquet"), "--engine", "ray"), env=bucket.env)
-    assert result.returncode == 2, result.stderr
-    assert "--engine ray cannot write to object storage" in result.stderr and "online" in result.stderr
-    assert sim.stats()["requests"] == 0
-    assert bucket.keys("ray/") == []

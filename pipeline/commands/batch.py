@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.commands.args import positive_int
+from pipeline.commands.args import location, positive_int
 from pipeline.engines.batch.settings import MAX_REQUESTS
 from pipeline.errors import ExitCode, UsageError
 
@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
     prepare = actions.add_parser("prepare", help="write batch request files for the rows still to label")
     _task_arguments(prepare, required=True)
     prepare.add_argument("--to", type=Path, required=True, help="folder for requests-0001.jsonl, ...")
-    prepare.add_argument("--output", type=Path, help="sink whose rows (and running batches) to leave out")
+    prepare.add_argument("--output", type=location, help="sink whose rows (and running batches) to leave out")
     prepare.add_argument(
         "--batch-size", type=positive_int, help=f"requests per file (at most and default {MAX_REQUESTS:,})"
     )
@@ -38,21 +38,21 @@ def register(sub: Any) -> None:
     prepare.set_defaults(handler=run_prepare)
 
     ingest = actions.add_parser("ingest", help="merge result files from a batch runner into a sink, once per row")
-    ingest.add_argument("output", type=Path, help="the sink (OUT.jsonl or OUT.parquet)")
+    ingest.add_argument("output", type=location, help="the sink (OUT.jsonl or OUT.parquet)")
     ingest.add_argument("results", type=Path, nargs="+", help="result files (OpenAI batch output or vLLM run_batch)")
     _task_arguments(ingest, required=False)
     ingest.add_argument("--force", action="store_true", help="merge into a sink made with another model/prompt")
     ingest.set_defaults(handler=run_ingest)
 
     status = actions.add_parser("status", help="a sink's batches, as recorded and as the provider sees them")
-    status.add_argument("output", type=Path)
+    status.add_argument("output", type=location)
     status.add_argument("--base-url", help="endpoint (default: $OPENAI_BASE_URL or OpenAI)")
     status.add_argument("--offline", action="store_true", help="show the record only; ask the provider nothing")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=run_status)
 
     cancel = actions.add_parser("cancel", help="cancel a sink's running batches (finished results are kept)")
-    cancel.add_argument("output", type=Path)
+    cancel.add_argument("output", type=location)
     cancel.add_argument("--base-url", help="endpoint (default: $OPENAI_BASE_URL or OpenAI)")
     cancel.set_defaults(handler=run_cancel)
 
@@ -185,9 +185,9 @@ def run_ingest(args: argparse.Namespace, _argv: Sequence[str]) -> int:
 
 def _defaults_from_sink(args: argparse.Namespace) -> None:
     """Fill --input, --config and --model from the sink's manifest when they were not given."""
-    from pipeline.sinks import SinkMeta  # noqa: PLC0415
+    from pipeline.sinks import open_meta  # noqa: PLC0415
 
-    manifest = SinkMeta(args.output).read_manifest() if args.input is None or args.config is None else None
+    manifest = open_meta(args.output).read_manifest() if args.input is None or args.config is None else None
     recorded = manifest.input if manifest is not None else {}
     if args.input is None:
         where = recorded.get("file", {}).get("path") if isinstance(recorded.get("file"), dict) else None

@@ -153,11 +153,11 @@ async def _engine_run(args: argparse.Namespace, opts: Any) -> Any:
 def _note_running_batches(opts: Any) -> None:
     """Labeling online rows that batches still hold pays twice: say so (a note; the run goes on)."""
     from pipeline.engines.batch.ledger import Ledger  # noqa: PLC0415 - light: no SDK
-    from pipeline.sinks import SinkMeta  # noqa: PLC0415
+    from pipeline.sinks import open_meta  # noqa: PLC0415
 
     live = 0
     with contextlib.suppress(LabelstreamError):  # a note only: a damaged ledger is the batch engine's to report
-        live = sum(sub.requests for sub in Ledger(SinkMeta(opts.output)).held)
+        live = sum(sub.requests for sub in Ledger(open_meta(opts.output)).held)
     if live and opts.progress != "off":
         print(
             f"labelstream: note: {live:,} rows of {opts.output} are in batches still running; labeling them online "

@@ -30,6 +30,7 @@ __all__ = [
     "check_layout",
     "discover",
     "meta_dir_for",
+    "open_meta",
     "open_shards",
     "open_sink",
 ]
@@ -61,6 +62,17 @@ def _open_object_sink(uri: str, path: Path, shard: Shard | None) -> Sink:
     from pipeline.sinks.objects import ObjectParquetSink  # noqa: PLC0415 - pyarrow and the store's client are slow to import
 
     return ObjectParquetSink(path, shard)
+
+
+def open_meta(path: str | Path, shard: Shard | None = None) -> SinkMeta:
+    """The side files of an output (or of one shard of it), wherever it lives, without opening the sink."""
+    uri = object_uri(path)
+    if uri is None:
+        return SinkMeta(Path(path), shard)
+    from pipeline.sinks.objects import ObjectMeta  # noqa: PLC0415 - the store's client is slow to import
+    from pipeline.sinks.storage import ObjectStore  # noqa: PLC0415
+
+    return ObjectMeta(ObjectStore(uri), as_path(path), shard)
 
 
 def open_shards(path: str | Path, layout: Layout | None = None) -> list[Sink]:

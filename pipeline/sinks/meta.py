@@ -249,6 +249,21 @@ class SinkMeta:
         before this returns, for records a later step depends on)."""
         replace_atomically(path, orjson.dumps(data, option=orjson.OPT_INDENT_2), self.tmp_dir, durable=durable)
 
+    def keep_batch_file(self, path: Path) -> None:
+        """Make a finished file of `batches_dir` last as long as the sink does (on disk it is there already)."""
+
+    def fetch_batch_file(self, path: Path) -> bool:
+        """Whether a kept file of `batches_dir` is at `path` to read (fetched from where the sink lives if need be)."""
+        return path.exists()
+
+    def drop_batch_file(self, path: Path) -> None:
+        """Delete a file of `batches_dir`, and its kept copy."""
+        path.unlink(missing_ok=True)
+
+    def batch_file_names(self) -> set[str]:
+        """The names of the files in `batches_dir` and of the kept ones."""
+        return {p.name for p in self.batches_dir.iterdir()} if self.batches_dir.is_dir() else set()
+
     def limit_memory(self, endpoints: Sequence[str | None], model: str) -> LimitMemory:
         """The rate limits learned against these endpoints (None: the SDK's default) and this model."""
         endpoint = ",".join(endpoint_name(url) if url else "default" for url in endpoints)

@@ -5,6 +5,8 @@
     s3://b/p/labels.parquet.meta/progress.json
     s3://b/p/labels.parquet.meta/lease.json                  the writer's lease (lease.py), instead of flock
     s3://b/p/labels.parquet.meta/dead/<ms>-<tag>-<n>.jsonl   one object per batch of dead letters
+    s3://b/p/labels.parquet.meta/batches.json                --engine batch: its record (batches/: rows files)
+    s3://b/p/labels.parquet.meta/staging/<run id>/           --engine ray: parts to commit (staging.py)
 
 An object store has no rename and no append, but a PUT is atomic: a part is encoded in memory and sent in one
 request under a name no other run uses, so a reader (or a resume after `kill -9`) sees complete parts only and
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,6 +31,7 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import SinkError, StorageError, UsageError
@@ -36,7 +41,8 @@ from pipeline.results import Failed, encode_dead_letters
 from pipeline.sinks.layout import PART, discover
 from pipeline.sinks.lease import LEASE_NAME, Lease
 from pipeline.sinks.meta import SinkMeta, parse_dead_letters
-from pipeline.sinks.parquet import DROP_JOURNAL, ParquetSink, rewrite_parts, target_schema
+from pipeline.sinks.parquet import DROP_JOURNAL, ParquetSink, conform, rewrite_parts, target_schema
+from pipeline.sinks.staging import STAGING, commit_staged
 from pipeline.sinks.storage import ObjectStore, object_uri
 
 
@@ -49,23 +55,62 @@ class ObjectMeta(SinkMeta):
         uri = object_uri(sink_path) or str(sink_path)
         self.what = f"{uri} (shard {shard.label})" if shard else uri
         self.dead_letters_path = self.dir / "dead"
+        self.staging_dir = self.dir / STAGING  # parts of writers without the lease, for the holder to commit
         self.lease = Lease(store, store.key(self.dir / LEASE_NAME), self.what)
         self.notes: list[str] = []
         self._tag = os.urandom(4).hex()
         self._dead_batches = 0
         self._progress = LatestWins(store)
+        self._work: Path | None = None
 
     @property
     def batches_dir(self) -> Path:
-        """Refused: the batch engine keeps request files in a local folder beside the sink."""
-        raise UsageError(
-            f"--engine batch keeps its request files beside the sink, which is not possible on object storage "
-            f"({self.what}) yet. Label online (the default engine), or into a local --output."
-        )
+        """A local work folder for the batch engine's request, rows and result files (made on first use, removed at
+        unlock). The rows files, which resume depends on, are kept on the bucket as well (`keep_batch_file`)."""
+        if self._work is None:
+            self._work = Path(tempfile.mkdtemp(prefix="labelstream-batches-"))
+        return self._work
 
     @batches_dir.setter
     def batches_dir(self, _: Path) -> None:
-        pass  # SinkMeta.__init__ sets it; the getter refuses
+        pass  # SinkMeta.__init__ sets it; the folder is made on first use
+
+    def keep_batch_file(self, path: Path) -> None:
+        """Send a finished file to `.meta/batches/` (one upload: it appears whole), where any later run finds it."""
+        self.lease.check()
+        try:
+            pafs.copy_files(str(path), self._kept(path), destination_filesystem=self.store.fs)
+        except OSError as exc:
+            raise self.store.error(f"cannot write {self.store.uri_of(self._kept(path))}", exc) from None
+
+    def fetch_batch_file(self, path: Path) -> bool:
+        """Download a kept file into the work folder unless it is there; False when it is on neither."""
+        if path.exists():
+            return True
+        key = self._kept(path)
+        try:
+            if self.store.fs.get_file_info(key).type != pafs.FileType.File:
+                return False
+            tmp = path.with_name(f".{path.name}.tmp")
+            pafs.copy_files(key, str(tmp), source_filesystem=self.store.fs)
+        except OSError as exc:
+            raise self.store.error(f"cannot read {self.store.uri_of(key)}", exc) from None
+        tmp.replace(path)
+        return True
+
+    def drop_batch_file(self, path: Path) -> None:
+        """Delete a file of the work folder and its kept copy on the bucket."""
+        path.unlink(missing_ok=True)
+        self.lease.check()
+        self.store.delete(self._kept(path))
+
+    def batch_file_names(self) -> set[str]:
+        """The names in the work folder and under `.meta/batches/`."""
+        kept = {name for name, _ in self.store.objects(self.store.key(self.dir / "batches"))}
+        return kept | super().batch_file_names()
+
+    def _kept(self, path: Path) -> str:
+        return self.store.key(self.dir / "batches" / path.name)
 
     def ensure(self) -> None:
         """Nothing to create: an object store has no folders."""
@@ -82,6 +127,9 @@ class ObjectMeta(SinkMeta):
         """Send the last progress file, then give the lease up."""
         self._progress.flush()
         self.lease.release()
+        if self._work is not None:
+            shutil.rmtree(self._work, ignore_errors=True)
+            self._work = None
 
     def read_bytes(self, path: Path) -> bytes:
         return self.store.get(self.store.key(path))
@@ -96,6 +144,7 @@ class ObjectMeta(SinkMeta):
         if path == self.progress_path and not durable:
             self._progress.send(self.store.key(path), body)
         else:
+            self.lease.check()  # the manifest and the batch record: never written once another run may hold it
             self.store.put(self.store.key(path), body)
 
     def append_dead_letters(self, items: Sequence[Failed], run_id: str) -> None:
@@ -103,16 +152,23 @@ class ObjectMeta(SinkMeta):
         if not items:
             return
         self.lease.check()
-        data = b"".join(encode_dead_letters(items, run_id))
         self._dead_batches += 1
-        name = f"{int(time.time() * 1000):013d}-{self._tag}-{self._dead_batches:06d}.jsonl"
-        self.store.put(self.store.key(self.dead_letters_path / name), data)
+        put_dead_letters(self.store, self.dead_letters_path, items, run_id, tag=self._tag, number=self._dead_batches)
 
     def read_dead_letters(self) -> Iterator[dict[str, Any]]:
         prefix = self.store.key(self.dead_letters_path)
         for name, _ in sorted(self.store.objects(prefix)):
             if name.endswith(".jsonl"):
                 yield from parse_dead_letters(self.store.get(f"{prefix}/{name}").splitlines())
+
+
+def put_dead_letters(
+    store: ObjectStore, where: Path, items: Sequence[Failed], run_id: str, *, tag: str, number: int
+) -> None:
+    """One object of dead letters under `where` (`dead/`), named by time, then writer and count, so none collide;
+    also for writers without the lease (Ray actors): a dead letter is a record of a failure, never a row."""
+    name = f"{int(time.time() * 1000):013d}-{tag}-{number:06d}.jsonl"
+    store.put(store.key(where / name), b"".join(encode_dead_letters(items, run_id)))
 
 
 class LatestWins:
@@ -178,9 +234,32 @@ class ObjectParquetSink(ParquetSink):
         return held or bool(self.store.objects(self.store.key(self.meta.dir)))
 
     def load_done(self, *, repair: bool = True) -> IdSet:
+        """The ids of complete parts; a run (`repair`) first commits what dead --engine ray runs left staged."""
         self.notes.extend(self.meta.notes)
         self.meta.notes.clear()
-        return super().load_done(repair=repair)
+        done = super().load_done(repair=repair)
+        if repair and self.shard is None:  # a Ray run is never sharded
+            committed, dropped = self.commit_staged(done)
+            if committed or dropped:
+                self.notes.append(
+                    f"committed {committed:,} rows an earlier --engine ray run had staged ({dropped:,} rows already in "
+                    "the output were dropped)"
+                )
+        return done
+
+    def commit_staged(self, done: IdSet, run_id: str | None = None) -> tuple[int, int]:
+        """Move the rows of parts staged by `run_id` (default: by any run) into the dataset unless `done` holds their
+        ids (see staging.py); returns (rows committed, rows dropped). Only the lease holder may call it."""
+        self.meta.lease.check()
+        return commit_staged(self.store, self.meta.staging_dir, done, self._publish_new, run_id)
+
+    def _publish_new(self, table: pa.Table) -> None:
+        # In the sink's layout (a writer of another make may differ in nullability or column order); before the
+        # run binds its schema, in the layout of the dataset's newest part.
+        schema = self.schema
+        if schema is None and (parts := self.all_parts()):
+            schema = pq.read_schema(self.locate(parts[-1]), filesystem=self.filesystem)
+        self._publish(table if schema is None else conform(table, schema), self._new_part_name())
 
     def recover(self) -> None:
         """Finish a rewrite a crash interrupted (its journal says what), and delete parts staged for none.

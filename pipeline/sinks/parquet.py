@@ -83,6 +83,14 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def id_entries(table: pa.Table) -> Iterator[tuple[str, int]]:
+    """(id, text fingerprint tag) of each record of a part, as id sets keep them (tag 0: no text_sha column)."""
+    ids = table.column("id").to_pylist()
+    shas = table.column("text_sha").to_pylist() if "text_sha" in table.column_names else [None] * len(ids)
+    for row_id, sha in zip(ids, shas, strict=True):
+        yield row_id, sha_tag(sha)
+
+
 class ParquetSink(Sink):
     """Dataset directory of part files; see the module docstring for the crash-safety argument."""
 
@@ -169,10 +177,7 @@ class ParquetSink(Sink):
                     f"{part} is not a readable Parquet part ({exc}). Move it out of {self.path} and re-run; "
                     "its rows will be labeled again."
                 ) from None
-            ids = table.column("id").to_pylist()
-            shas = table.column("text_sha").to_pylist() if "text_sha" in names else [None] * len(ids)
-            for row_id, sha in zip(ids, shas, strict=True):
-                yield row_id, sha_tag(sha)
+            yield from id_entries(table)
 
     def recover(self) -> None:
         """Finish or undo an interrupted rewrite (compaction) and delete temporary parts a crash left behind."""

@@ -45,6 +45,16 @@ def configure(options: Mapping[str, str]) -> None:
     _configured.update(options)
 
 
+def shareable_options() -> dict[str, str]:
+    """The `--storage-option`s that are not credentials: what may be handed to other processes (Ray's workers)."""
+    return {key: value for key, value in _configured.items() if key not in _SECRET_OPTIONS}
+
+
+def secret_options() -> list[str]:
+    """The names of the credentials given as `--storage-option` (never their values)."""
+    return sorted(set(_configured) & _SECRET_OPTIONS)
+
+
 def parse_option(text: str) -> tuple[str, str]:
     """`key=value` from the command line (the value is never echoed: it may be a secret)."""
     key, sep, value = text.partition("=")

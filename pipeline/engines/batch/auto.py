@@ -22,7 +22,7 @@ from pipeline.errors import BatchError
 from pipeline.run.lifecycle import Run
 from pipeline.run.options import RunOptions
 from pipeline.run.summary import Summary
-from pipeline.sinks import SinkMeta
+from pipeline.sinks import open_meta
 
 # More of the online slice failing than this stops the run before any batch is sent.
 MAX_FAILED_SHARE: Final = 0.2
@@ -37,7 +37,7 @@ async def run_auto(opts: RunOptions, settings: BatchSettings, *, notice: IO[str]
     """Label `settings.online_rows` rows online, then the rest through the Batch API; one combined summary."""
     notice = notice or sys.stderr
     online: Summary | None = None
-    if settings.online_rows and not Ledger(SinkMeta(opts.output)).submissions:
+    if settings.online_rows and not Ledger(open_meta(opts.output)).submissions:
         first = settings.online_rows if opts.max_rows is None else min(settings.online_rows, opts.max_rows)
         online = await Run(dataclasses.replace(opts, max_rows=first), OnlineEngine(), notice=notice).execute()
         _check_online(online, opts)

@@ -227,7 +227,7 @@ class _Batches:
     def mark_sent(self, dedupe: Dedupe) -> None:
         """The texts of batches still at the provider count as sent: rows repeating them wait for their records."""
         for sub in self.ledger.held:
-            for row in read_rows(self.ledger.rows_path(sub.id)):
+            for row in read_rows(self.ledger.rows_of(sub)):
                 dedupe.first(row)
 
     async def copy_pass(self) -> None:
@@ -282,7 +282,7 @@ class _Batches:
             default = Outcome(None, "batch_failed", f"batch {batch.id} failed: {reason}")
         ended = batch.completed_at or batch.expired_at or batch.cancelled_at or batch.failed_at
         latency = max(0, ended - batch.created_at) * 1000.0 if ended else 0.0
-        rows_path = self.ledger.rows_path(sub.id)
+        rows_path = self.ledger.rows_of(sub)
         if not rows_path.exists():
             raise BatchError(
                 f"{rows_path} is missing, so the results of batch {batch.id} cannot be joined to their rows. Restore "

@@ -99,7 +99,7 @@ class Ledger:
         self.meta = meta
         self.submissions: list[Submission] = []
         try:
-            raw = orjson.loads(meta.batches_path.read_bytes())
+            raw = orjson.loads(meta.read_bytes(meta.batches_path))
         except FileNotFoundError:
             return
         except orjson.JSONDecodeError:
@@ -144,7 +144,9 @@ class Ledger:
         self.save()
 
     def add(self, sub: Submission) -> None:
-        """Register a prepared submission (its files must be on disk already)."""
+        """Register a prepared submission (its files must be written already): its rows file is kept where the sink
+        lives first, so the record never names rows a later run (on any machine) cannot read."""
+        self.meta.keep_batch_file(self.rows_path(sub.id))
         self.submissions.append(sub)
         self.save()
 
@@ -182,32 +184,35 @@ class Ledger:
         """Ids of the rows that submissions hold (see `held`): no one sends them again."""
         ids = IdSet()
         for sub in self.held:
-            for row_id in read_row_ids(self.rows_path(sub.id)):
+            for row_id in read_row_ids(self.rows_of(sub)):
                 ids.add(row_id)
         return ids
+
+    def rows_of(self, sub: Submission) -> Path:
+        """A submission's rows file, ready to read (fetched from where the sink lives, if need be)."""
+        path = self.rows_path(sub.id)
+        self.meta.fetch_batch_file(path)
+        return path
 
     def tidy(self) -> int:
         """Delete files no live submission owns (what a crash before registering, or after collecting, left)."""
         keep = {sub.id for sub in self.live}
         removed = 0
-        if not self.meta.batches_dir.exists():
-            return 0
-        for path in self.meta.batches_dir.iterdir():
-            owner = path.name.lstrip(".").split(".", 1)[0]
-            if owner not in keep:
+        for name in self.meta.batch_file_names():
+            if name.lstrip(".").split(".", 1)[0] not in keep:
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    self.meta.drop_batch_file(self.meta.batches_dir / name)
                     removed += 1
         return removed
 
     def drop_files(self, sub: Submission, *, keep_rows: bool = False) -> None:
-        """Delete a submission's local files (the request file once it is uploaded; all once collected)."""
+        """Delete a submission's files (the request file once it is uploaded; all once collected)."""
         paths = [self.requests_path(sub.id), self.download_path(sub.id, "output"), self.download_path(sub.id, "errors")]
-        if not keep_rows:
-            paths.append(self.rows_path(sub.id))
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        if not keep_rows:
+            self.meta.drop_batch_file(self.rows_path(sub.id))
 
 
 def describe(sub: Submission) -> str:

@@ -13,13 +13,14 @@ from pipeline.engines.batch.api import BatchApi
 from pipeline.engines.batch.ledger import CREATING, ENDED, SUBMITTED, Ledger, Submission
 from pipeline.engines.batch.submit import counts_of, find_batch
 from pipeline.errors import SinkError
-from pipeline.sinks import SinkMeta, meta_dir_for
+from pipeline.sinks import meta_dir_for, open_meta
+from pipeline.sinks.storage import object_uri
 
 
 def _ledger(output: Path) -> Ledger:
-    if not meta_dir_for(output).exists():
+    if object_uri(output) is None and not meta_dir_for(output).exists():
         raise SinkError(f"{output} has no side files yet; run `labelstream label --output {output}` first.")
-    return Ledger(SinkMeta(output))
+    return Ledger(open_meta(output))
 
 
 async def batch_status(output: Path, api: BatchApi | None) -> dict[str, Any]:

@@ -200,8 +200,10 @@ def label_rows(
     service_tier: str | None,
     run_id: str | None = None,
     remembered: Mapping[str, float] | None = None,
+    storage: dict[str, str] | None = None,
 ) -> tuple[ray.data.Dataset, Any]:
-    """The labeling stage over rows already in the Labeler's columns; returns it and the `SharedLimit` actor."""
+    """The labeling stage over rows already in the Labeler's columns; returns it and the `SharedLimit` actor.
+    `storage`: the non-secret options of the object store `dead_letters` is on."""
     import ray  # noqa: PLC0415
 
     if actors < 1:
@@ -228,6 +230,7 @@ def label_rows(
             "dead_letters": dead_letters,
             "run_id": run_id or new_run_id(),
             "service_tier": service_tier,
+            "storage": storage,
         },
         batch_size=size,
         batch_format="pyarrow",

@@ -2,6 +2,7 @@
 
     read the CSV here (the run's RowGate: done ids, repeats, bad rows, --limit, --max-cost) ─▶ row tables
     put in Ray's object store ─▶ Labeler actors (+ SharedLimit) ─▶ Ray's Parquet writer into OUT.parquet
+    (on object storage: into OUT.parquet.meta/staging/<run id>/, committed into the dataset by this driver)
 
 The run around the job is the one every engine has (`pipeline.run.lifecycle.Run`: lock, resume guard,
 manifest, done ids, --max-cost, signals, summary), so the output is an ordinary labelstream Parquet sink:
@@ -31,10 +32,12 @@ from pipeline.run.options import RunOptions
 from pipeline.run.prepare import Prepared, RowGate, Verdict
 from pipeline.run.summary import Summary
 from pipeline.sinks.layout import is_jsonl
+from pipeline.sinks.objects import ObjectParquetSink
 from pipeline.sinks.parquet import ParquetSink
-from pipeline.sinks.storage import object_uri
+from pipeline.sinks.storage import object_uri, secret_options, shareable_options
 from pipeline.stats import RunStats
 
+COMMIT_SECONDS: Final = 5.0  # how often staged parts are committed into an object-store dataset by default
 ROWS_PER_TABLE: Final = 500  # rows per block put into Ray's object store: small enough to spread over actors
 
 
@@ -51,15 +54,14 @@ class RayEngine:
         self.started_ray = False
 
     def check(self, opts: RunOptions) -> None:
-        """A local Parquet output, Ray installed, one endpoint; Ray spreads the rows itself (no --shard)."""
-        if (uri := object_uri(opts.output)) is not None:
-            # Ray's write tasks outlive a killed driver and send their part with no lease check before the PUT: a
-            # part could land after the next run read the done ids and took the lease, and its rows be there twice.
+        """A Parquet output (credentials for one on object storage not as task arguments), Ray installed, one
+        endpoint; Ray spreads the rows itself (no --shard)."""
+        if object_uri(opts.output) is not None and (secrets := secret_options()):
+            # Ray keeps task arguments in its object store and logs: the workers must find credentials themselves.
             raise UsageError(
-                f"--engine ray cannot write to object storage ({uri}) with labelstream's guarantees yet: a Ray write "
-                "task can outlive a killed run and add a part after the next run started, so a row could be saved "
-                "twice. Label online (the default engine; --procs N or --shard i/N to spread it), or give --engine "
-                "ray a local or mounted --output."
+                f"--engine ray into {opts.output} cannot hand --storage-option {', '.join(secrets)} to Ray's workers "
+                "(Ray stores task arguments). Give the credentials through the environment (AWS_ACCESS_KEY_ID, ...) "
+                "or a profile, set on every Ray node."
             )
         if importlib.util.find_spec("ray") is None:
             raise UsageError("--engine ray needs Ray Data: pip install 'labelstream[ray]' (plain ray[data]).")
@@ -75,13 +77,30 @@ class RayEngine:
         """Read the rows here, then run the job in a thread (the event loop keeps serving signals and progress)."""
         try:
             refs = _put_rows(run, self._put)
-            if refs:
+            if refs and isinstance(run.sink, ObjectParquetSink):
+                await self._label_and_commit(run, refs, run.sink)
+            elif refs:
                 await asyncio.to_thread(self._label, run, refs)
         finally:
             if self.started_ray:
                 import ray  # noqa: PLC0415 - the ray extra loads only for --engine ray
 
                 ray.shutdown()  # also ends a job a second Ctrl-C abandoned
+
+    async def _label_and_commit(self, run: Run, refs: list[Any], sink: ObjectParquetSink) -> None:
+        """Run the job, which writes its parts into this run's staging prefix, and commit them into the dataset
+        every checkpoint interval and once it ends (under the lease; see sinks/staging.py)."""
+        job = asyncio.ensure_future(asyncio.to_thread(self._label, run, refs))
+        every = run.opts.checkpoint.seconds or COMMIT_SECONDS
+        try:
+            while not job.done():
+                await asyncio.wait({job}, timeout=every)
+                await asyncio.to_thread(sink.commit_staged, run.prepared.done, run.run_id)
+        except BaseException:
+            if not job.done() and self.shared is not None:
+                self.shared.stop.remote()  # the job stops taking batches; its staged parts wait for the next run
+            raise
+        await job
 
     def _put(self, run: Run, table: pa.Table) -> Any:
         import ray  # noqa: PLC0415 - the ray extra loads only for --engine ray
@@ -99,10 +118,16 @@ class RayEngine:
         labeled, self.shared = _job(run, refs, actors=self.actors, remembered=memory.recall())
         if run.stopping.is_set():
             self.shared.stop.remote()  # a Ctrl-C while the job was being built
-        where = str(run.opts.output)
         rows_per_file = run.opts.checkpoint.rows or ROWS_PER_FILE
+        if isinstance(run.sink, ObjectParquetSink):
+            # Never into the dataset: a write task may outlive this driver (staging.py).
+            where = str(run.sink.meta.staging_dir / run.run_id)
+            args = write_args(where, rows_per_file=rows_per_file, storage=shareable_options())
+        else:
+            where = str(run.opts.output)
+            args = write_args(where, rows_per_file=rows_per_file, owner=os.getpid())
         try:
-            labeled.write_parquet(where, **write_args(where, rows_per_file=rows_per_file, owner=os.getpid()))
+            labeled.write_parquet(where, **args)
         except Exception as exc:
             with contextlib.suppress(Exception):  # the job's own failure is the one to report
                 totals = ray.get(self.shared.totals.remote(), timeout=30)
@@ -231,6 +256,7 @@ def _job(run: Run, refs: list[Any], *, actors: int, remembered: Mapping[str, flo
         batch_size=None,
         retry=opts.retry,
         dead_letters=str(sink.meta.dead_letters_path),
+        storage=shareable_options() if isinstance(sink, ObjectParquetSink) else None,
         service_tier=opts.service_tier,
         run_id=run.run_id,
         remembered=remembered,

@@ -12,6 +12,7 @@ run sends them again, exactly as with the CLI.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -23,6 +24,7 @@ from pipeline.input.sources import content_id
 from pipeline.ratelimit.limiter import LimitSettings, RetryPolicy
 from pipeline.results import RECORD_FIELDS, Failed, Labeled, Row, problem_failure
 from pipeline.sinks.meta import append_dead_letters
+from pipeline.sinks.storage import ObjectStore, as_path, object_uri
 from pipeline.task.config import TaskConfig
 
 # Columns of the rows a Labeler takes; every other column is carried into the records.
@@ -78,10 +80,14 @@ class Labeler:
         dead_letters: str | None,
         run_id: str,
         service_tier: str | None = None,
+        storage: dict[str, str] | None = None,
     ) -> None:
         self.config, self.model, self.base_url = config, model, base_url
         self.limits, self.retry, self.shared, self.schema = limits, retry, shared, schema
-        self.dead_letters = Path(dead_letters) if dead_letters else None
+        self.dead_letters = as_path(dead_letters) if dead_letters else None
+        self.storage = storage  # the object store's non-secret options, when the dead letters go there
+        self._dead_batches = 0
+        self._tag = os.urandom(4).hex()  # names this actor's dead-letter objects apart from its siblings'
         self.run_id, self.service_tier = run_id, service_tier
         self.outputs = frozenset(f.name for f in config.outputs)
         self.carry = [f.name for f in schema if f.name in set(schema.names) - set(RECORD_FIELDS) - self.outputs]
@@ -119,9 +125,20 @@ class Labeler:
         labeled = [r for r in results if isinstance(r, Labeled)]
         failed = [r for r in results if isinstance(r, Failed)]
         if failed and self.dead_letters is not None:
-            await asyncio.to_thread(append_dead_letters, self.dead_letters, failed, self.run_id)
+            await asyncio.to_thread(self._dead_letter, self.dead_letters, failed)
         self._report(client, labeled, failed)
         return labeled_table(labeled, self.schema, self.outputs)
+
+    def _dead_letter(self, where: Path, failed: list[Failed]) -> None:
+        uri = object_uri(where)
+        if uri is None:
+            append_dead_letters(where, failed, self.run_id)
+            return
+        from pipeline.sinks.objects import put_dead_letters  # noqa: PLC0415 - only for outputs on object storage
+
+        self._dead_batches += 1
+        store = ObjectStore(uri, self.storage or {})
+        put_dead_letters(store, where, failed, self.run_id, tag=self._tag, number=self._dead_batches)
 
     async def _one(self, client: Any, row: Row) -> Labeled | Failed:
         if row.problem:

@@ -31,6 +31,7 @@ from pipeline.errors import SinkError
 from pipeline.sinks.files import fsync_dir
 from pipeline.sinks.layout import PART
 from pipeline.sinks.meta import meta_dir_for
+from pipeline.sinks.storage import ObjectStore, object_uri
 
 WRITER_CPUS: Final = 0.25  # a write task mostly waits on the disk
 
@@ -119,7 +120,57 @@ def still_running(lock: Path, owner: int) -> bool:
         return False  # nobody holds it: our driver is gone
 
 
-class AtomicLocalFiles(pafs.FileSystemHandler):  # type: ignore[misc]  # pyarrow is untyped here
+class _Delegating(pafs.FileSystemHandler):  # type: ignore[misc]  # pyarrow is untyped here
+    """A pyarrow filesystem handler that hands every call to `inner` (subclasses change what they must)."""
+
+    @property
+    def inner(self) -> pafs.FileSystem:
+        raise NotImplementedError
+
+    def normalize_path(self, path: str) -> str:
+        return str(self.inner.normalize_path(path))
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return list(self.inner.get_file_info(paths))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return list(self.inner.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.inner.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self.inner.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("labelstream never empties a filesystem root")
+
+    def delete_file(self, path: str) -> None:
+        self.inner.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self.inner.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self.inner.copy_file(src, dest)
+
+    def open_input_stream(self, path: str) -> Any:
+        return self.inner.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> Any:
+        return self.inner.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Any = None) -> Any:
+        return self.inner.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path: str, metadata: Any = None) -> Any:
+        raise OSError("labelstream writes whole part files; appending to one is not supported")
+
+
+class AtomicLocalFiles(_Delegating):
     """A local filesystem whose new files appear complete or not at all (temporary files under `tmp_dir`)."""
 
     def __init__(self, tmp_dir: str, lock: str | None = None, owner: int | None = None) -> None:
@@ -130,6 +181,10 @@ class AtomicLocalFiles(pafs.FileSystemHandler):  # type: ignore[misc]  # pyarrow
     def __reduce__(self) -> tuple[Any, ...]:  # sent to Ray's write tasks
         return (AtomicLocalFiles, (self.tmp_dir, self.lock, self.owner))
 
+    @property
+    def inner(self) -> pafs.FileSystem:
+        return self.local
+
     def _publish(self) -> bool:
         return self.lock is None or self.owner is None or still_running(Path(self.lock), self.owner)
 
@@ -139,55 +194,46 @@ class AtomicLocalFiles(pafs.FileSystemHandler):  # type: ignore[misc]  # pyarrow
     def get_type_name(self) -> str:
         return "labelstream-atomic-local"
 
-    def normalize_path(self, path: str) -> str:
-        return str(self.local.normalize_path(path))
-
-    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
-        return list(self.local.get_file_info(paths))
-
-    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
-        return list(self.local.get_file_info(selector))
-
-    def create_dir(self, path: str, recursive: bool) -> None:
-        self.local.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path: str) -> None:
-        self.local.delete_dir(path)
-
-    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        self.local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self) -> None:
-        raise OSError("labelstream never empties a filesystem root")
-
-    def delete_file(self, path: str) -> None:
-        self.local.delete_file(path)
-
-    def move(self, src: str, dest: str) -> None:
-        self.local.move(src, dest)
-
-    def copy_file(self, src: str, dest: str) -> None:
-        self.local.copy_file(src, dest)
-
-    def open_input_stream(self, path: str) -> Any:
-        return self.local.open_input_stream(path)
-
-    def open_input_file(self, path: str) -> Any:
-        return self.local.open_input_file(path)
-
     def open_output_stream(self, path: str, metadata: Any = None) -> Any:
         return pa.PythonFile(_Publishing(path, Path(self.tmp_dir), self._publish), mode="w")
 
-    def open_append_stream(self, path: str, metadata: Any = None) -> Any:
-        raise OSError("labelstream writes whole part files; appending to one is not supported")
+
+class StoreFiles(_Delegating):
+    """The object store of `uri`, rebuilt in each Ray worker from the `--storage-option`s that are not credentials:
+    the workers take credentials from their own environment, never from a task argument (Ray keeps those)."""
+
+    def __init__(self, uri: str, options: dict[str, str]) -> None:
+        self.uri, self.options = uri, options
+        self._fs: pafs.FileSystem | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:  # sent to Ray's write tasks
+        return (StoreFiles, (self.uri, self.options))
+
+    @property
+    def inner(self) -> pafs.FileSystem:
+        if self._fs is None:
+            self._fs = ObjectStore(self.uri, self.options).fs
+        return self._fs
+
+    def equals(self, other: Any) -> bool:
+        return isinstance(other, StoreFiles) and (other.uri, other.options) == (self.uri, self.options)
+
+    def get_type_name(self) -> str:
+        return "labelstream-object-store"
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        """Nothing: an object store has no folders, and pyarrow's would be empty marker objects left behind."""
 
 
-def write_args(path: str, *, rows_per_file: int, owner: int | None = None) -> dict[str, Any]:
+def write_args(
+    path: str, *, rows_per_file: int, owner: int | None = None, storage: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Keyword arguments for `Dataset.write_parquet(path, ...)` that make it write a labelstream sink.
 
     `rows_per_file` is what a crash may re-pay at most per writer: labeled rows wait for that many before
     their part is written (the CLI's own sink writes every 5,000 rows or 30 s). `owner`: the pid of the CLI
-    run holding the sink's lock, whose parts are published only while it does (`still_running`).
+    run holding the sink's lock, whose parts are published only while it does (`still_running`). `storage`: the
+    non-secret options of an object store `path` is on (the CLI's staging prefix; see sinks/staging.py).
     """
     args: dict[str, Any] = {
         "filename_provider": part_names(),
@@ -195,7 +241,9 @@ def write_args(path: str, *, rows_per_file: int, owner: int | None = None) -> di
         "min_rows_per_file": rows_per_file,
         "ray_remote_args": {"num_cpus": WRITER_CPUS},
     }
-    if not is_remote(path):
+    if storage is not None and (uri := object_uri(path)) is not None:
+        args["filesystem"] = pafs.PyFileSystem(StoreFiles(uri, storage))
+    elif not is_remote(path):
         meta = meta_dir_for(local_path(path))
         files = AtomicLocalFiles(str(meta / "tmp"), str(meta / "lock") if owner else None, owner)
         args["filesystem"] = pafs.PyFileSystem(files)
