@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
@@ -67,10 +68,15 @@ class Bucket:
 
     def ids(self, key: str) -> list[str]:
         """The ids a reader sees in the dataset right now (through pyarrow.dataset on the bucket)."""
-        if not any(k.endswith(".parquet") for k in self.keys(key + "/")):
-            return []
-        data = ds.dataset(f"{self.name}/{key}", format="parquet", filesystem=self.fs)
-        return list(data.to_table(columns=["id"]).column("id").to_pylist())
+        return dataset_ids(self, key)
+
+
+def dataset_ids(bucket: Any, key: str) -> list[str]:
+    """The ids a reader sees right now in the dataset `key` of a test bucket (of either store) via pyarrow.dataset."""
+    if not any(k.endswith(".parquet") for k in bucket.keys(key + "/")):
+        return []
+    data = ds.dataset(f"{bucket.name}/{key}", format="parquet", filesystem=bucket.fs)
+    return list(data.to_table(columns=["id"]).column("id").to_pylist())
 
 
 @pytest.fixture(scope="session")
