@@ -54,6 +54,9 @@ class Bucket:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
+    def put(self, key: str, body: bytes) -> None:
+        self.client.put_object(Bucket=self.name, Key=key, Body=body)
+
     def keys(self, prefix: str) -> list[str]:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
         return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
@@ -90,9 +93,16 @@ def s3_server() -> Iterator[str]:
 
 
 @pytest.fixture
-def bucket(s3_server: str) -> Bucket:
-    """A new, empty bucket for one test."""
+def bucket(request: pytest.FixtureRequest, s3_server: str) -> Any:
+    """A new, empty bucket for one test: on moto's S3 server, or on the GCS emulator for a test that `both_stores`
+    runs with "gs" (then the test module imports the gcs fixtures too)."""
+    if getattr(request, "param", "s3") == "gs":
+        return request.getfixturevalue("gcs_bucket")
     return Bucket(s3_server, f"test-{uuid.uuid4().hex[:12]}")
+
+
+# A test that holds for both stores: `bucket` is then an S3 bucket or a GCS one (same methods).
+both_stores = pytest.mark.parametrize("bucket", ["s3", "gs"], indirect=True)
 
 
 READ_ONLY = {

@@ -1,4 +1,5 @@
-"""Outputs on object storage (s3://) against moto's S3 server on loopback: resume, kill -9, leases, clear errors."""
+"""Outputs on object storage against moto's S3 server on loopback (and, for the tests marked `both_stores`, the GCS
+emulator too): resume, kill -9, leases, clear errors."""
 
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from pipeline.sinks.lease import Lease
 from pipeline.sinks.objects import LatestWins
 from pipeline.sinks.storage import ObjectStore, as_path
 
+from .gcs import gcs_bucket as gcs_bucket  # noqa: PLC0414 - the fixtures, re-exported by the names tests ask for
+from .gcs import gcs_server as gcs_server  # noqa: PLC0414
 from .helpers import cli, reviews, start_cli, wait_for, write_csv
-from .s3 import ACCESS_KEY, SECRET_KEY, Bucket
-from .s3 import bucket as bucket  # noqa: PLC0414 - the fixtures, re-exported by the names tests ask for
+from .s3 import ACCESS_KEY, SECRET_KEY, Bucket, both_stores
+from .s3 import bucket as bucket  # noqa: PLC0414
 from .s3 import s3_server as s3_server  # noqa: PLC0414
 from .s3 import strict_s3 as strict_s3  # noqa: PLC0414
 
@@ -37,8 +40,9 @@ def label_args(sim: Any, source: Path, output: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@both_stores
 def test_label_into_s3_then_resume_sends_nothing(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
-    """A run into s3:// writes whole parts and side objects under .meta/; a second run sends zero requests."""
+    """A run into s3:// or gs:// writes whole parts and side objects under .meta/; a second run sends zero requests."""
     rows = reviews(120)
     source = write_csv(tmp_path / "in.csv", rows)
     out = bucket.uri("runs/labels.parquet")
@@ -58,10 +62,10 @@ def test_label_into_s3_then_resume_sends_nothing(sim: Any, tmp_path: Path, bucke
 
 def put_lease(bucket: Bucket, key: str, *, host: str, pid: int, seconds: float) -> None:
     """Leave a lease object as another writer would have written it."""
-    body = orjson.dumps({"host": host, "pid": pid, "token": "feedbeef", "seconds": seconds})
-    bucket.client.put_object(Bucket=bucket.name, Key=key, Body=body)
+    bucket.put(key, orjson.dumps({"host": host, "pid": pid, "token": "feedbeef", "seconds": seconds}))
 
 
+@both_stores
 @pytest.mark.crash
 def test_kill_9_mid_run_then_resume_gives_each_id_once(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """SIGKILLs at random moments into s3://: readers never see an id twice; the last run completes the set."""
@@ -91,6 +95,7 @@ def test_kill_9_mid_run_then_resume_gives_each_id_once(sim: Any, tmp_path: Path,
     assert not [k for k in bucket.keys("crash/") if "tmp" in k]
 
 
+@both_stores
 @pytest.mark.crash
 def test_second_writer_is_refused_while_the_first_holds_the_lease(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """A second run on the same s3:// output stops at once, naming the holder's pid and host and the lease's end."""
@@ -110,6 +115,7 @@ def test_second_writer_is_refused_while_the_first_holds_the_lease(sim: Any, tmp_
     assert "holds the lease until" in second.stderr
 
 
+@both_stores
 def test_expired_lease_of_a_crashed_writer_elsewhere_is_taken_over(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """A lease another host stopped renewing (expired by the store's clock) is taken over, and the run says so."""
     source = write_csv(tmp_path / "in.csv", reviews(30))
@@ -122,6 +128,7 @@ def test_expired_lease_of_a_crashed_writer_elsewhere_is_taken_over(sim: Any, tmp
     assert len(bucket.ids("exp/out.parquet")) == 30
 
 
+@both_stores
 def test_live_lease_of_a_writer_elsewhere_is_not_taken_over(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """A lease held by a run on another host, still within its lifetime, refuses this run and labels nothing."""
     source = write_csv(tmp_path / "in.csv", reviews(30))

@@ -14,19 +14,18 @@ import pytest
 from .gcs import gcs_bucket as gcs_bucket  # noqa: PLC0414 - the fixtures, re-exported by the names tests ask for
 from .gcs import gcs_server as gcs_server  # noqa: PLC0414
 from .helpers import reviews, start_cli, wait_for, write_csv
+from .s3 import both_stores
 from .s3 import bucket as bucket  # noqa: PLC0414
 from .s3 import s3_server as s3_server  # noqa: PLC0414
 from .test_storage import label_args
 
 
 @pytest.mark.crash
-@pytest.mark.parametrize("store", ["bucket", "gcs_bucket"])
-def test_duckdb_pandas_and_polars_read_the_bucket_mid_run(
-    sim: Any, tmp_path: Path, store: str, request: pytest.FixtureRequest
-) -> None:
+@both_stores
+def test_duckdb_pandas_and_polars_read_the_bucket_mid_run(sim: Any, tmp_path: Path, bucket: Any) -> None:
     """While a run writes the dataset into a bucket, duckdb (over a pyarrow dataset on the bucket's filesystem, since
     its httpfs extension cannot be downloaded offline), pandas and polars read whole parts: no id twice."""
-    target = request.getfixturevalue(store)
+    target = bucket
     sim.configure(latency_ms=20)
     source = write_csv(tmp_path / "in.csv", reviews(1500))
     proc = start_cli(*label_args(sim, source, target.uri("mid/out.parquet"), "--concurrency", "8"), env=target.env)
