@@ -157,10 +157,12 @@ def test_a_holder_whose_lease_was_taken_stops_writing(bucket: Bucket) -> None:
     assert bucket.keys("lost/") == ["lost/lease.json"], "released the other writer's lease"
 
 
+@both_stores
 def test_missing_bucket_is_a_clear_error(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """An output in a bucket that does not exist fails before any request, naming the bucket and the endpoint."""
     source = write_csv(tmp_path / "in.csv", reviews(5))
-    result = cli(*label_args(sim, source, "s3://no-such-bucket-here/out.parquet"), env=bucket.env)
+    missing = bucket.uri("out.parquet").replace(bucket.name, "no-such-bucket-here")
+    result = cli(*label_args(sim, source, missing), env=bucket.env)
     assert result.returncode == 3, result.stderr
     assert "'no-such-bucket-here' does not exist" in result.stderr and bucket.endpoint in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,4 +1,4 @@
-"""`labelstream compact` of a sharded dataset on s3:// (moto on loopback): one sink, each id once, crash-safe."""
+"""`labelstream compact` of a sharded dataset in a bucket (moto; the GCS emulator too): one sink, each id once."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from typing import Any
 import orjson
 import pytest
 
+from .gcs import gcs_bucket as gcs_bucket  # noqa: PLC0414 - the fixtures, re-exported by the names tests ask for
+from .gcs import gcs_server as gcs_server  # noqa: PLC0414
 from .helpers import cli, kill_at_random_moments, reviews, start_cli, wait_for, write_csv
-from .s3 import Bucket
-from .s3 import bucket as bucket  # noqa: PLC0414 - the fixtures, re-exported by the names tests ask for
+from .s3 import Bucket, both_stores
+from .s3 import bucket as bucket  # noqa: PLC0414
 from .s3 import s3_server as s3_server  # noqa: PLC0414
 from .test_storage import label_args
 
@@ -27,9 +29,10 @@ def sharded_output(sim: Any, tmp_path: Path, bucket: Bucket, key: str, rows: int
     return source, bucket.uri(key)
 
 
-def test_compact_merges_a_sharded_s3_dataset_into_one_sink(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
-    """compact turns an s3:// dataset of 2 shards into one unsharded sink: ids once, dead letters kept, a resume
-    without --shard sends nothing, and no shard side object is left."""
+@both_stores
+def test_compact_merges_a_sharded_dataset_in_a_bucket_into_one_sink(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """compact turns a bucket dataset (s3://, gs://) of 2 shards into one unsharded sink: ids once, dead letters
+    kept, a resume without --shard sends nothing, and no shard side object is left."""
     source, out = sharded_output(sim, tmp_path, bucket, "m/out.parquet", 200)
     result = cli("compact", out, env=bucket.env)
     assert result.returncode == 0, result.stderr

@@ -1,5 +1,5 @@
 """Outputs on gs:// against fake-gcs-server on loopback: what differs from s3:// (the guarantees both stores share,
-resume, kill -9, two writers, expired and live leases, run on both from test_storage.py)."""
+resume, kill -9, two writers, expired and live leases, a missing bucket, run on both from test_storage.py)."""
 
 from __future__ import annotations
 
@@ -45,13 +45,3 @@ def test_gs_credentials_are_never_written_or_printed(sim: Any, tmp_path: Path, g
     assert "access_token=***" in result.stderr  # the resume hint still names the option
     assert token not in result.stdout + result.stderr
     assert not [blob for blob in written if token.encode() in blob]
-
-
-def test_missing_gs_bucket_is_a_clear_error(sim: Any, tmp_path: Path, gcs_bucket: GcsBucket) -> None:
-    """An output in a gs:// bucket that does not exist fails before any request, naming the bucket and endpoint."""
-    source = write_csv(tmp_path / "in.csv", reviews(5))
-    result = cli(*label_args(sim, source, "gs://no-such-bucket-here/out.parquet"), env=gcs_bucket.env)
-    assert result.returncode == 3, result.stderr
-    assert "'no-such-bucket-here' does not exist" in result.stderr and gcs_bucket.endpoint in result.stderr
-    assert "Traceback" not in result.stderr
-    assert sim.stats()["requests"] == 0
