@@ -214,6 +214,7 @@ def test_storage_credentials_are_never_written_or_printed(sim: Any, tmp_path: Pa
         assert not [blob for blob in written if secret.encode() in blob]
 
 
+@both_stores
 def test_status_export_and_eval_read_an_s3_output(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """status, export and eval read a sink on s3:// through the same storage layer as the run (dead letters too)."""
     rows = reviews(40)
@@ -372,6 +373,7 @@ def test_relabel_changed_on_s3_relabels_only_the_changed_rows_once(sim: Any, tmp
     assert sorted(seen) == sorted(r[0] for r in rows)
 
 
+@both_stores
 def test_procs_into_s3_fill_one_dataset_and_status_names_the_uri(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """--procs 2 into s3:// labels each row once across two shards; status reports them under the URI as written."""
     rows = reviews(200)
@@ -427,10 +429,12 @@ def test_a_shard_on_s3_takes_the_share_of_siblings_whose_progress_says_done(buck
         assert follower.refresh() == pytest.approx(0.5)
 
 
+@both_stores
 def test_input_and_output_both_in_the_bucket(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
-    """--input and --output both on s3:// in one run: every row labeled once; a resume sends nothing."""
+    """--input and --output both in the bucket (s3:// or gs://) in one run: every row labeled once; a resume sends
+    nothing."""
     rows = reviews(50)
-    bucket.client.upload_file(str(write_csv(tmp_path / "in.csv", rows)), bucket.name, "data/in.csv")
+    bucket.put("data/in.csv", write_csv(tmp_path / "in.csv", rows).read_bytes())
     args = label_args(sim, tmp_path / "unused.csv", bucket.uri("data/out.parquet"))
     args[args.index("--input") + 1] = bucket.uri("data/in.csv")
     result = cli(*args, env=bucket.env)
