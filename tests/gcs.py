@@ -45,6 +45,15 @@ class GcsBucket:
         """What a CLI run needs: the emulator's address (google's clients then send no credentials)."""
         return {"STORAGE_EMULATOR_HOST": self.endpoint}
 
+    @property
+    def options(self) -> dict[str, str]:
+        """Storage options that reach this bucket from this process (for an ObjectStore in a test)."""
+        return {"endpoint_override": self.endpoint}
+
+    def env_at(self, endpoint: str) -> dict[str, str]:
+        """The run's environment with the store's endpoint moved to `endpoint`."""
+        return {"STORAGE_EMULATOR_HOST": endpoint}
+
     def keys(self, prefix: str) -> list[str]:
         return sorted(blob.name for blob in self.client.list_blobs(self.name, prefix=prefix))
 

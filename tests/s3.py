@@ -54,6 +54,16 @@ class Bucket:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
+    @property
+    def options(self) -> dict[str, str]:
+        """Storage options that reach this bucket from this process (for an ObjectStore in a test)."""
+        return {"endpoint_override": self.endpoint, "region": "us-east-1", "access_key": ACCESS_KEY,
+                "secret_key": SECRET_KEY}  # fmt: skip
+
+    def env_at(self, endpoint: str) -> dict[str, str]:
+        """The run's environment with the store's endpoint moved to `endpoint`."""
+        return {**self.env, "AWS_ENDPOINT_URL": endpoint}
+
     def put(self, key: str, body: bytes) -> None:
         self.client.put_object(Bucket=self.name, Key=key, Body=body)
 

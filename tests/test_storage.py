@@ -140,11 +140,11 @@ def test_live_lease_of_a_writer_elsewhere_is_not_taken_over(sim: Any, tmp_path: 
     assert bucket.keys("live/out.parquet/") == []
 
 
+@both_stores
 def test_a_holder_whose_lease_was_taken_stops_writing(bucket: Bucket) -> None:
     """When another writer took the lease over, the next renewal notices and every later write is refused."""
-    store = ObjectStore(bucket.uri("x"), {"endpoint_override": bucket.endpoint, "region": "us-east-1",
-                                          "access_key": ACCESS_KEY, "secret_key": SECRET_KEY})  # fmt: skip
-    lease = Lease(store, f"{bucket.name}/lost/lease.json", "s3://lost")
+    store = ObjectStore(bucket.uri("x"), bucket.options)
+    lease = Lease(store, f"{bucket.name}/lost/lease.json", bucket.uri("lost"))
     lease.acquire()
     try:
         lease.check()  # held: writing is allowed
@@ -169,6 +169,7 @@ def test_missing_bucket_is_a_clear_error(sim: Any, tmp_path: Path, bucket: Bucke
     assert sim.stats()["requests"] == 0
 
 
+@both_stores
 @pytest.mark.wallclock
 def test_wrong_endpoint_fails_within_seconds_naming_it(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """An endpoint nothing listens on (connection refused) fails in seconds with a message that names it."""
@@ -177,7 +178,7 @@ def test_wrong_endpoint_fails_within_seconds_naming_it(sim: Any, tmp_path: Path,
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
     source = write_csv(tmp_path / "in.csv", reviews(5))
     started = time.monotonic()
-    result = cli(*label_args(sim, source, bucket.uri("out.parquet")), env={**bucket.env, "AWS_ENDPOINT_URL": dead})
+    result = cli(*label_args(sim, source, bucket.uri("out.parquet")), env=bucket.env_at(dead))
     assert time.monotonic() - started < 30
     assert result.returncode == 3, result.stderr
     assert f"cannot reach {dead}" in result.stderr and "Traceback" not in result.stderr
@@ -388,8 +389,7 @@ def test_procs_into_s3_fill_one_dataset_and_status_names_the_uri(sim: Any, tmp_p
 
 def test_progress_puts_leave_the_caller_at_once_and_the_last_version_wins(bucket: Bucket) -> None:
     """Progress objects go out on their own thread; after flush the store holds the last version sent."""
-    store = ObjectStore(bucket.uri("x"), {"endpoint_override": bucket.endpoint, "region": "us-east-1",
-                                          "access_key": ACCESS_KEY, "secret_key": SECRET_KEY})  # fmt: skip
+    store = ObjectStore(bucket.uri("x"), bucket.options)
     later = LatestWins(store)
     for n in range(50):
         later.send(f"{bucket.name}/p/progress.json", orjson.dumps({"n": n}))
