@@ -262,10 +262,13 @@ def compact_objects(path: Path, *, rows_per_part: int) -> tuple[int, int]:
     """`labelstream compact` for an unsharded Parquet dataset on object storage, under the writer's lease (a
     sharded one is merged into one sink by `merge_objects.py`)."""
     sink = ObjectParquetSink(path)
-    if not sink.all_parts():
+    if not sink.exists():
         raise SinkError(f"{sink.meta.what} holds no parts to compact.")
     sink.meta.lock()
     try:
+        sink.recover()  # first: a compaction killed between its deletes and its copies left the parts in its journal
+        if not sink.all_parts():
+            raise SinkError(f"{sink.meta.what} holds no parts to compact.")
         return sink.compact(rows_per_part=rows_per_part)
     finally:
         sink.meta.unlock()
