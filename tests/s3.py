@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
@@ -53,6 +54,19 @@ class Bucket:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
+    @property
+    def options(self) -> dict[str, str]:
+        """Storage options that reach this bucket from this process (for an ObjectStore in a test)."""
+        return {"endpoint_override": self.endpoint, "region": "us-east-1", "access_key": ACCESS_KEY,
+                "secret_key": SECRET_KEY}  # fmt: skip
+
+    def env_at(self, endpoint: str) -> dict[str, str]:
+        """The run's environment with the store's endpoint moved to `endpoint`."""
+        return {**self.env, "AWS_ENDPOINT_URL": endpoint}
+
+    def put(self, key: str, body: bytes) -> None:
+        self.client.put_object(Bucket=self.name, Key=key, Body=body)
+
     def keys(self, prefix: str) -> list[str]:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
         return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
@@ -67,10 +81,15 @@ class Bucket:
 
     def ids(self, key: str) -> list[str]:
         """The ids a reader sees in the dataset right now (through pyarrow.dataset on the bucket)."""
-        if not any(k.endswith(".parquet") for k in self.keys(key + "/")):
-            return []
-        data = ds.dataset(f"{self.name}/{key}", format="parquet", filesystem=self.fs)
-        return list(data.to_table(columns=["id"]).column("id").to_pylist())
+        return dataset_ids(self, key)
+
+
+def dataset_ids(bucket: Any, key: str) -> list[str]:
+    """The ids a reader sees right now in the dataset `key` of a test bucket (of either store) via pyarrow.dataset."""
+    if not any(k.endswith(".parquet") for k in bucket.keys(key + "/")):
+        return []
+    data = ds.dataset(f"{bucket.name}/{key}", format="parquet", filesystem=bucket.fs)
+    return list(data.to_table(columns=["id"]).column("id").to_pylist())
 
 
 @pytest.fixture(scope="session")
@@ -84,9 +103,16 @@ def s3_server() -> Iterator[str]:
 
 
 @pytest.fixture
-def bucket(s3_server: str) -> Bucket:
-    """A new, empty bucket for one test."""
+def bucket(request: pytest.FixtureRequest, s3_server: str) -> Any:
+    """A new, empty bucket for one test: on moto's S3 server, or on the GCS emulator for a test that `both_stores`
+    runs with "gs" (then the test module imports the gcs fixtures too)."""
+    if getattr(request, "param", "s3") == "gs":
+        return request.getfixturevalue("gcs_bucket")
     return Bucket(s3_server, f"test-{uuid.uuid4().hex[:12]}")
+
+
+# A test that holds for both stores: `bucket` is then an S3 bucket or a GCS one (same methods).
+both_stores = pytest.mark.parametrize("bucket", ["s3", "gs"], indirect=True)
 
 
 READ_ONLY = {

@@ -1,4 +1,5 @@
-"""Outputs on object storage (s3://) against moto's S3 server on loopback: resume, kill -9, leases, clear errors."""
+"""Outputs on object storage against moto's S3 server on loopback (and, for the tests marked `both_stores`, the GCS
+emulator too): resume, kill -9, leases, clear errors."""
 
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from pipeline.sinks.lease import Lease
 from pipeline.sinks.objects import LatestWins
 from pipeline.sinks.storage import ObjectStore, as_path
 
+from .gcs import gcs_bucket as gcs_bucket  # noqa: PLC0414 - the fixtures, re-exported by the names tests ask for
+from .gcs import gcs_server as gcs_server  # noqa: PLC0414
 from .helpers import cli, reviews, start_cli, wait_for, write_csv
-from .s3 import ACCESS_KEY, SECRET_KEY, Bucket
-from .s3 import bucket as bucket  # noqa: PLC0414 - the fixtures, re-exported by the names tests ask for
+from .s3 import ACCESS_KEY, SECRET_KEY, Bucket, both_stores
+from .s3 import bucket as bucket  # noqa: PLC0414
 from .s3 import s3_server as s3_server  # noqa: PLC0414
 from .s3 import strict_s3 as strict_s3  # noqa: PLC0414
 
@@ -37,8 +40,9 @@ def label_args(sim: Any, source: Path, output: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@both_stores
 def test_label_into_s3_then_resume_sends_nothing(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
-    """A run into s3:// writes whole parts and side objects under .meta/; a second run sends zero requests."""
+    """A run into s3:// or gs:// writes whole parts and side objects under .meta/; a second run sends zero requests."""
     rows = reviews(120)
     source = write_csv(tmp_path / "in.csv", rows)
     out = bucket.uri("runs/labels.parquet")
@@ -58,10 +62,10 @@ def test_label_into_s3_then_resume_sends_nothing(sim: Any, tmp_path: Path, bucke
 
 def put_lease(bucket: Bucket, key: str, *, host: str, pid: int, seconds: float) -> None:
     """Leave a lease object as another writer would have written it."""
-    body = orjson.dumps({"host": host, "pid": pid, "token": "feedbeef", "seconds": seconds})
-    bucket.client.put_object(Bucket=bucket.name, Key=key, Body=body)
+    bucket.put(key, orjson.dumps({"host": host, "pid": pid, "token": "feedbeef", "seconds": seconds}))
 
 
+@both_stores
 @pytest.mark.crash
 def test_kill_9_mid_run_then_resume_gives_each_id_once(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """SIGKILLs at random moments into s3://: readers never see an id twice; the last run completes the set."""
@@ -91,6 +95,7 @@ def test_kill_9_mid_run_then_resume_gives_each_id_once(sim: Any, tmp_path: Path,
     assert not [k for k in bucket.keys("crash/") if "tmp" in k]
 
 
+@both_stores
 @pytest.mark.crash
 def test_second_writer_is_refused_while_the_first_holds_the_lease(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """A second run on the same s3:// output stops at once, naming the holder's pid and host and the lease's end."""
@@ -110,6 +115,7 @@ def test_second_writer_is_refused_while_the_first_holds_the_lease(sim: Any, tmp_
     assert "holds the lease until" in second.stderr
 
 
+@both_stores
 def test_expired_lease_of_a_crashed_writer_elsewhere_is_taken_over(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """A lease another host stopped renewing (expired by the store's clock) is taken over, and the run says so."""
     source = write_csv(tmp_path / "in.csv", reviews(30))
@@ -122,6 +128,7 @@ def test_expired_lease_of_a_crashed_writer_elsewhere_is_taken_over(sim: Any, tmp
     assert len(bucket.ids("exp/out.parquet")) == 30
 
 
+@both_stores
 def test_live_lease_of_a_writer_elsewhere_is_not_taken_over(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """A lease held by a run on another host, still within its lifetime, refuses this run and labels nothing."""
     source = write_csv(tmp_path / "in.csv", reviews(30))
@@ -133,11 +140,11 @@ def test_live_lease_of_a_writer_elsewhere_is_not_taken_over(sim: Any, tmp_path: 
     assert bucket.keys("live/out.parquet/") == []
 
 
+@both_stores
 def test_a_holder_whose_lease_was_taken_stops_writing(bucket: Bucket) -> None:
     """When another writer took the lease over, the next renewal notices and every later write is refused."""
-    store = ObjectStore(bucket.uri("x"), {"endpoint_override": bucket.endpoint, "region": "us-east-1",
-                                          "access_key": ACCESS_KEY, "secret_key": SECRET_KEY})  # fmt: skip
-    lease = Lease(store, f"{bucket.name}/lost/lease.json", "s3://lost")
+    store = ObjectStore(bucket.uri("x"), bucket.options)
+    lease = Lease(store, f"{bucket.name}/lost/lease.json", bucket.uri("lost"))
     lease.acquire()
     try:
         lease.check()  # held: writing is allowed
@@ -150,16 +157,19 @@ def test_a_holder_whose_lease_was_taken_stops_writing(bucket: Bucket) -> None:
     assert bucket.keys("lost/") == ["lost/lease.json"], "released the other writer's lease"
 
 
+@both_stores
 def test_missing_bucket_is_a_clear_error(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """An output in a bucket that does not exist fails before any request, naming the bucket and the endpoint."""
     source = write_csv(tmp_path / "in.csv", reviews(5))
-    result = cli(*label_args(sim, source, "s3://no-such-bucket-here/out.parquet"), env=bucket.env)
+    missing = bucket.uri("out.parquet").replace(bucket.name, "no-such-bucket-here")
+    result = cli(*label_args(sim, source, missing), env=bucket.env)
     assert result.returncode == 3, result.stderr
     assert "'no-such-bucket-here' does not exist" in result.stderr and bucket.endpoint in result.stderr
     assert "Traceback" not in result.stderr
     assert sim.stats()["requests"] == 0
 
 
+@both_stores
 @pytest.mark.wallclock
 def test_wrong_endpoint_fails_within_seconds_naming_it(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """An endpoint nothing listens on (connection refused) fails in seconds with a message that names it."""
@@ -168,7 +178,7 @@ def test_wrong_endpoint_fails_within_seconds_naming_it(sim: Any, tmp_path: Path,
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
     source = write_csv(tmp_path / "in.csv", reviews(5))
     started = time.monotonic()
-    result = cli(*label_args(sim, source, bucket.uri("out.parquet")), env={**bucket.env, "AWS_ENDPOINT_URL": dead})
+    result = cli(*label_args(sim, source, bucket.uri("out.parquet")), env=bucket.env_at(dead))
     assert time.monotonic() - started < 30
     assert result.returncode == 3, result.stderr
     assert f"cannot reach {dead}" in result.stderr and "Traceback" not in result.stderr
@@ -205,6 +215,7 @@ def test_storage_credentials_are_never_written_or_printed(sim: Any, tmp_path: Pa
         assert not [blob for blob in written if secret.encode() in blob]
 
 
+@both_stores
 def test_status_export_and_eval_read_an_s3_output(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """status, export and eval read a sink on s3:// through the same storage layer as the run (dead letters too)."""
     rows = reviews(40)
@@ -363,6 +374,7 @@ def test_relabel_changed_on_s3_relabels_only_the_changed_rows_once(sim: Any, tmp
     assert sorted(seen) == sorted(r[0] for r in rows)
 
 
+@both_stores
 def test_procs_into_s3_fill_one_dataset_and_status_names_the_uri(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
     """--procs 2 into s3:// labels each row once across two shards; status reports them under the URI as written."""
     rows = reviews(200)
@@ -377,8 +389,7 @@ def test_procs_into_s3_fill_one_dataset_and_status_names_the_uri(sim: Any, tmp_p
 
 def test_progress_puts_leave_the_caller_at_once_and_the_last_version_wins(bucket: Bucket) -> None:
     """Progress objects go out on their own thread; after flush the store holds the last version sent."""
-    store = ObjectStore(bucket.uri("x"), {"endpoint_override": bucket.endpoint, "region": "us-east-1",
-                                          "access_key": ACCESS_KEY, "secret_key": SECRET_KEY})  # fmt: skip
+    store = ObjectStore(bucket.uri("x"), bucket.options)
     later = LatestWins(store)
     for n in range(50):
         later.send(f"{bucket.name}/p/progress.json", orjson.dumps({"n": n}))
@@ -418,10 +429,12 @@ def test_a_shard_on_s3_takes_the_share_of_siblings_whose_progress_says_done(buck
         assert follower.refresh() == pytest.approx(0.5)
 
 
+@both_stores
 def test_input_and_output_both_in_the_bucket(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
-    """--input and --output both on s3:// in one run: every row labeled once; a resume sends nothing."""
+    """--input and --output both in the bucket (s3:// or gs://) in one run: every row labeled once; a resume sends
+    nothing."""
     rows = reviews(50)
-    bucket.client.upload_file(str(write_csv(tmp_path / "in.csv", rows)), bucket.name, "data/in.csv")
+    bucket.put("data/in.csv", write_csv(tmp_path / "in.csv", rows).read_bytes())
     args = label_args(sim, tmp_path / "unused.csv", bucket.uri("data/out.parquet"))
     args[args.index("--input") + 1] = bucket.uri("data/in.csv")
     result = cli(*args, env=bucket.env)

@@ -25,8 +25,13 @@ def compact(path: str | Path, *, rows_per_part: int = 1_000_000) -> tuple[int, i
     reader, or a crash, sees either the old set or the new one: never both, never neither.
     """
     if object_uri(path) is not None:
-        from pipeline.sinks.objects import compact_objects  # noqa: PLC0415 - the store's clients load only for it
+        # The store's clients load only for these.
+        from pipeline.sinks.merge_objects import merge_object_shards  # noqa: PLC0415
+        from pipeline.sinks.objects import compact_objects  # noqa: PLC0415
 
+        layout = discover(as_path(path))
+        if layout.sharded or layout.merging:
+            return merge_object_shards(as_path(path), layout, rows_per_part=rows_per_part)
         return compact_objects(as_path(path), rows_per_part=rows_per_part)
     layout = discover(Path(path))
     if layout.sharded or layout.merging:

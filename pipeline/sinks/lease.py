@@ -1,9 +1,11 @@
 """The lease that keeps two writers off one output on object storage, where `flock` does not exist.
 
-A writer creates `.meta/lease.json` with `If-None-Match: *`, so of two that start at once exactly one
-succeeds. The holder renews it (a rewrite with `If-Match: <etag>`) every third of its lifetime on a thread
-of its own; a writer that finds a lease refuses to start, naming the holder and when the lease ends. A lease
-whose holder crashed is taken over with `If-Match` on the stale etag, so of two takers one wins, when
+A writer creates `.meta/lease.json` only if it is absent (S3 `If-None-Match: *`, GCS `ifGenerationMatch=0`),
+so of two that start at once exactly one succeeds. The holder renews it (a rewrite only if it is still the
+version it wrote: `If-Match: <etag>`, `ifGenerationMatch=<generation>`) every third of its lifetime on a
+thread of its own; a writer that finds a lease refuses to start, naming the holder and when the lease ends. A
+lease whose holder crashed is taken over on the same condition (the stale version), so of two takers one wins,
+when
 
 - the store's own clock (the `Date` of its reply) is past the object's `Last-Modified` plus its lifetime:
   local clocks never enter the decision, so skew between machines cannot shorten a lease; or
@@ -19,14 +21,14 @@ import socket
 import threading
 import time
 from datetime import datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Any, Final
 
 import orjson
 
 from pipeline.errors import SinkError, StorageError
+from pipeline.sinks.conditional import ObjectInfo
 from pipeline.sinks.meta import pid_alive
-from pipeline.sinks.storage import ObjectInfo, ObjectStore, is_precondition_failure
+from pipeline.sinks.storage import ObjectStore
 
 LEASE_NAME: Final = "lease.json"
 RELEASE_WAIT: Final = 30.0  # seconds release() waits for a renewal in flight (the store's own timeouts bound it)
@@ -56,11 +58,13 @@ class Lease:
     def acquire(self) -> list[str]:
         """Take the lease (or take over a dead holder's) and start renewing it; return notes for the user."""
         notes: list[str] = []
-        etag = self._put(if_none_match=True)
+        etag = self._put()
         if etag is None:
             stale = self._read()
             if stale is None:  # released between our write and our read: try once more
-                etag = self._put(if_none_match=True)
+                etag = self._put()
+            elif _holder(stale).get("token") == self.owner["token"]:
+                etag = stale.etag  # our own create, retried by the client after its reply was lost
             else:
                 reason = self._why_dead(stale)
                 if reason is None:
@@ -101,12 +105,7 @@ class Lease:
             etag, self._etag = self._etag, None
         if etag is None or self._lost is not None:
             return
-        bucket, _, key = self.key.partition("/")
-        try:  # boto3, not pyarrow.fs: pyarrow leaves an empty `.meta/` marker object behind a delete
-            self.store.s3().delete_object(Bucket=bucket, Key=key, IfMatch=etag)
-        except self.store.s3_errors() as exc:
-            if not is_precondition_failure(exc):
-                raise self.store.error(f"cannot delete the lease {self.store.uri_of(self.key)}", exc) from None
+        self.store.writes().delete(self.key, etag)
 
     def renew(self) -> None:
         """Rewrite the lease if it is still ours; note it as lost when the store says another holds it."""
@@ -129,33 +128,15 @@ class Lease:
     def _body(self) -> bytes:
         return orjson.dumps({**self.owner, "seconds": self.seconds})
 
-    def _put(self, *, if_none_match: bool = False, if_match: str | None = None) -> str | None:
-        """Write the lease conditionally; its new etag, or None when the condition failed."""
-        s3 = self.store.s3()
-        kwargs: dict[str, Any] = {"IfNoneMatch": "*"} if if_none_match else {"IfMatch": if_match}
-        bucket, _, key = self.key.partition("/")
-        try:
-            reply = s3.put_object(Bucket=bucket, Key=key, Body=self._body(), ContentType="application/json", **kwargs)
-        except self.store.s3_errors() as exc:
-            if is_precondition_failure(exc):
-                return None
-            raise self.store.error(f"cannot write the lease {self.store.uri_of(self.key)}", exc) from None
-        return str(reply["ETag"])
+    def _put(self, if_match: str | None = None) -> str | None:
+        """Write the lease (only if absent, or only if still version `if_match`); its new version, or None when
+        the condition failed."""
+        writes, body = self.store.writes(), self._body()
+        return writes.create(self.key, body) if if_match is None else writes.replace(self.key, body, if_match)
 
     def _read(self) -> ObjectInfo | None:
         """The lease object with the store's clock, or None when there is none."""
-        bucket, _, key = self.key.partition("/")
-        try:
-            reply = self.store.s3().get_object(Bucket=bucket, Key=key)
-        except self.store.s3_errors() as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-            if code in {"NoSuchKey", "404"}:
-                return None
-            raise self.store.error(f"cannot read the lease {self.store.uri_of(self.key)}", exc) from None
-        headers = reply["ResponseMetadata"]["HTTPHeaders"]
-        modified = reply["LastModified"]
-        now = parsedate_to_datetime(headers["date"]) if "date" in headers else modified
-        return ObjectInfo(reply["Body"].read(), str(reply["ETag"]), modified, now)
+        return self.store.writes().read(self.key)
 
     def _why_dead(self, stale: ObjectInfo) -> str | None:
         """Why a lease found in the store no longer counts (None: its holder may be alive)."""

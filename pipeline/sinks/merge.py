@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -45,8 +46,8 @@ def merge_shards(path: Path, layout: Layout, *, rows_per_part: int = 1_000_000) 
                 sink.meta.lock()  # refuses while a shard is still running
                 held.append(sink.meta)
         if not marker.exists():
-            _check_finished(path, sinks)
-            manifest = _merged_manifest(path, sinks)
+            check_finished(path, sinks)
+            manifest = merged_manifest(path, sinks)
             top.ensure()
             top.write_json_atomic(marker, {"shards": count, "started_at": now_iso()})
         else:
@@ -54,7 +55,7 @@ def merge_shards(path: Path, layout: Layout, *, rows_per_part: int = 1_000_000) 
         top.lock()
         held.append(top)
         if manifest is not None or not top.manifest_path.exists():
-            _merge_side_files(top, sinks, manifest or _merged_manifest(path, sinks))
+            _merge_side_files(top, sinks, manifest or merged_manifest(path, sinks))
         before, after = _merge_parts(path, top, sinks, rows_per_part)
         for meta in held[:-1]:
             meta.unlock()
@@ -69,7 +70,8 @@ def merge_shards(path: Path, layout: Layout, *, rows_per_part: int = 1_000_000) 
             meta.unlock()
 
 
-def _check_finished(path: Path, sinks: list[ParquetSink]) -> None:
+def check_finished(path: Path, sinks: Sequence[ParquetSink]) -> None:
+    """Refuse to merge while any shard has not finished (naming each with its state)."""
     unfinished = []
     for sink in sinks:
         state = last_state(sink.meta)
@@ -82,7 +84,7 @@ def _check_finished(path: Path, sinks: list[ParquetSink]) -> None:
         )
 
 
-def _merged_manifest(path: Path, sinks: list[ParquetSink]) -> Manifest:
+def merged_manifest(path: Path, sinks: Sequence[ParquetSink]) -> Manifest:
     """One manifest for the merged sink; refuses shards whose labels came from different setups."""
     merged: Manifest | None = None
     first_label = ""

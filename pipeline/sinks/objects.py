@@ -34,11 +34,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.errors import SinkError, StorageError, UsageError
+from pipeline.errors import SinkError, StorageError
 from pipeline.input.ids import IdSet
 from pipeline.input.shards import Shard
 from pipeline.results import Failed, encode_dead_letters
-from pipeline.sinks.layout import PART, discover
+from pipeline.sinks.layout import PART
 from pipeline.sinks.lease import LEASE_NAME, Lease
 from pipeline.sinks.meta import SinkMeta, parse_dead_letters
 from pipeline.sinks.parquet import DROP_JOURNAL, ParquetSink, conform, rewrite_parts, target_schema
@@ -279,27 +279,32 @@ class ObjectParquetSink(ParquetSink):
         return self._drop_in_own_parts(ids)
 
     def compact(self, *, rows_per_part: int) -> tuple[int, int]:
-        """Rewrite the parts as few large ones through the same journal; return (parts before, parts after).
-
-        The new parts are staged under `.meta/tmp/`; then the journal is written, the old parts deleted and the
-        new ones copied in (a server-side copy: whole or absent). A reader may miss rows for the moments between,
-        never see one twice; a crash leaves the journal, which the next run or compaction finishes.
-        """
+        """Rewrite the parts as few large ones (`rewrite`); return (parts before, parts after)."""
         self.recover()
         parts = [self.locate(p) for p in self.parts()]
         schema = target_schema(parts, self.filesystem)
         current = all(pq.read_schema(p, filesystem=self.filesystem).equals(schema, check_metadata=False) for p in parts)
         if len(parts) <= 1 and current:
             return len(parts), len(parts)
+        return len(parts), self.rewrite(parts, rows_per_part=rows_per_part)
+
+    def rewrite(self, parts: list[str], *, rows_per_part: int) -> int:
+        """Replace `parts` (keys, of any shard) by few large unsharded ones through the journal; return how many.
+
+        The new parts are staged under `.meta/tmp/`; then the journal is written, the old parts deleted and the
+        new ones copied in (a server-side copy: whole or absent). A reader may miss rows for the moments between,
+        never see one twice; a crash leaves the journal, which the next run or compaction finishes.
+        """
         self.meta.lease.check()
         staged_in = self.store.key(self.meta.tmp_dir)
+        schema = target_schema(parts, self.filesystem)
         names = rewrite_parts(
             parts, schema, staged_in, rows_per_part=rows_per_part, filesystem=self.filesystem, suffix=".tmp"
         )
         plan = {"remove": [p.rsplit("/", 1)[1] for p in parts], "publish": names}
         self.meta.write_json_atomic(self.meta.dir / DROP_JOURNAL, plan)
         self._finish_drop()
-        return len(parts), len(names)
+        return len(names)
 
     def stage(self, table: pa.Table, name: str) -> None:
         self.meta.lease.check()
@@ -333,17 +338,16 @@ def _encoded(table: pa.Table) -> memoryview:
 
 
 def compact_objects(path: Path, *, rows_per_part: int) -> tuple[int, int]:
-    """`labelstream compact` for a Parquet dataset on object storage (unsharded), under the writer's lease."""
+    """`labelstream compact` for an unsharded Parquet dataset on object storage, under the writer's lease (a
+    sharded one is merged into one sink by `merge_objects.py`)."""
     sink = ObjectParquetSink(path)
-    if discover(path).sharded:
-        raise UsageError(
-            f"{sink.meta.what} is split into shards; merging shards on object storage is not supported yet. "
-            "Readers take the dataset as it is (one prefix, all shards' parts)."
-        )
-    if not sink.all_parts():
+    if not sink.exists():
         raise SinkError(f"{sink.meta.what} holds no parts to compact.")
     sink.meta.lock()
     try:
+        sink.recover()  # first: a compaction killed between its deletes and its copies left the parts in its journal
+        if not sink.all_parts():
+            raise SinkError(f"{sink.meta.what} holds no parts to compact.")
         return sink.compact(rows_per_part=rows_per_part)
     finally:
         sink.meta.unlock()

@@ -24,7 +24,7 @@ import orjson
 
 from pipeline.errors import LabelstreamError, StorageError
 from pipeline.sinks.meta import SinkMeta, pid_alive
-from pipeline.sinks.storage import read_location
+from pipeline.sinks.storage import object_uri, read_location
 
 SCHEMA: Final = 1
 STALE_AFTER: Final = 60.0  # seconds without a progress update (written about once a second) before "stale"
@@ -90,7 +90,7 @@ def read_progress(path: Path) -> dict[str, Any] | None:
 
 def last_state(meta: SinkMeta) -> str:
     """What the last run of this sink (or shard) wrote as its state, or why there is none."""
-    if not meta.dir.is_dir():
+    if object_uri(meta.dir) is None and not meta.dir.is_dir():  # a bucket has no folders: its progress object says
         return RunState.NOT_STARTED.value
     doc = read_progress(meta.progress_path)
     return "no progress file" if doc is None else str(doc.get("state"))

@@ -1,23 +1,24 @@
 """Where an output lives when it is not on a local disk: a prefix in an object store (s3://, gs://).
 
 Data goes through `pyarrow.fs`, which pandas, duckdb and polars users already have; the lease's conditional
-writes (`If-None-Match: *`, `If-Match: <etag>`) go through boto3, because pyarrow.fs cannot send them.
+writes go through the provider's own client (`conditional.py`), because pyarrow.fs cannot send them.
 
 Credentials come from where the provider's own tools look (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, instance
-roles, ...) or from `--storage-option key=value`; they are handed to the clients and never kept anywhere
-else, printed or written. `endpoint_override` (or `AWS_ENDPOINT_URL`) points at an S3-compatible store.
+roles, `GOOGLE_APPLICATION_CREDENTIALS`, ...) or from `--storage-option key=value`; they are handed to the
+clients and never kept anywhere else, printed or written. `endpoint_override` (or `AWS_ENDPOINT_URL`, or
+`STORAGE_EMULATOR_HOST` for gs://) points at an S3-compatible store or a GCS emulator.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PosixPath, PurePath
 from typing import TYPE_CHECKING, Any, Final
 
 from pipeline.errors import StorageError, UsageError
+from pipeline.sinks.conditional import CONNECT_TIMEOUT, REQUEST_TIMEOUT, ConditionalWrites, conditional_writes
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -26,10 +27,9 @@ SCHEMES: Final = ("s3", "gs")
 # Storage options a user may pass; anything else is a typo that would otherwise be ignored silently.
 OPTION_NAMES: Final = frozenset(
     {"endpoint_override", "region", "access_key", "secret_key", "session_token", "profile", "lease_seconds"}
+    | {"access_token"}  # gs:// only: an OAuth token (e.g. `gcloud auth print-access-token`)
 )
-_SECRET_OPTIONS: Final = frozenset({"access_key", "secret_key", "session_token"})
-CONNECT_TIMEOUT: Final = 5.0  # seconds: a wrong endpoint fails within seconds, not after minutes of retries
-REQUEST_TIMEOUT: Final = 60.0
+_SECRET_OPTIONS: Final = frozenset({"access_key", "secret_key", "session_token", "access_token"})
 
 # Set once per process by the CLI (`--storage-option`), like the AWS_* environment it complements.
 _configured: dict[str, str] = {}
@@ -128,16 +128,6 @@ def _endpoint(options: Mapping[str, str]) -> str | None:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectInfo:
-    """One object as a listing or a read shows it; `now` is the store's clock when it answered."""
-
-    data: bytes
-    etag: str
-    modified: datetime
-    now: datetime
-
-
 class ObjectStore:
     """One bucket of an object store: whole-object puts, reads, listings and deletes, with clear errors.
 
@@ -151,10 +141,12 @@ class ObjectStore:
         self.bucket = rest.split("/", 1)[0]
         if not self.bucket:
             raise UsageError(f"{uri}: name a bucket, as in {self.scheme}://BUCKET/prefix/labels.parquet.")
-        self._options = dict(_configured if options is None else options)
-        self.endpoint = _endpoint(self._options) if self.scheme == "s3" else self._options.get("endpoint_override")
+        self.options: Mapping[str, str] = dict(_configured if options is None else options)
+        self._options = self.options
+        self.endpoint = _endpoint(self._options) if self.scheme == "s3" else _gcs_endpoint(self._options)
         self._fs: pafs.FileSystem | None = None
         self._s3: Any = None
+        self._writes: ConditionalWrites | None = None
 
     @property
     def where(self) -> str:
@@ -188,6 +180,12 @@ class ObjectStore:
         return max(seconds, 1.0)  # renewed every third of it: below a second that is a busy loop
 
     @property
+    def anonymous(self) -> bool:
+        """gs:// with no credentials: a local emulator (plain http, or STORAGE_EMULATOR_HOST) never asks for any."""
+        local = bool(os.environ.get("STORAGE_EMULATOR_HOST")) or (self.endpoint or "").startswith("http://")
+        return self.scheme == "gs" and local and not self._options.get("access_token")
+
+    @property
     def fs(self) -> pafs.FileSystem:
         """The pyarrow filesystem of this store (made on first use)."""
         if self._fs is None:
@@ -201,7 +199,7 @@ class ObjectStore:
 
         opts = self._options
         if self.scheme == "gs":
-            return pafs.GcsFileSystem(endpoint_override=opts.get("endpoint_override"))
+            return pafs.GcsFileSystem(**self._gcs_fs_options())
         kwargs: dict[str, Any] = {
             "connect_timeout": CONNECT_TIMEOUT,
             "request_timeout": REQUEST_TIMEOUT,
@@ -224,15 +222,27 @@ class ObjectStore:
                 kwargs["session_token"] = opts["session_token"]
         return pafs.S3FileSystem(**kwargs)
 
+    def _gcs_fs_options(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"retry_time_limit": timedelta(seconds=CONNECT_TIMEOUT * 3)}
+        if self.endpoint:
+            scheme, sep, host = self.endpoint.partition("://")
+            kwargs.update(endpoint_override=host if sep else self.endpoint, scheme=scheme if sep else "https")
+        if token := self._options.get("access_token"):
+            # pyarrow wants an expiry with a token; a token outlives no hour, and a run that needs longer
+            # should use GOOGLE_APPLICATION_CREDENTIALS, which refresh themselves.
+            kwargs.update(access_token=token, credential_token_expiration=datetime.now(UTC) + timedelta(hours=1))
+        elif self.anonymous:
+            kwargs["anonymous"] = True
+        return kwargs
+
+    def writes(self) -> ConditionalWrites:
+        """The client of conditional writes (the lease) and deletes for this store (made on first use)."""
+        if self._writes is None:
+            self._writes = conditional_writes(self)
+        return self._writes
+
     def s3(self) -> Any:
         """A boto3 S3 client for the conditional writes of the lease (boto3 is the optional extra `s3`)."""
-        if self.scheme != "s3":
-            raise UsageError(
-                f"{self.uri}: writing to {self.scheme}:// needs a lease object written conditionally, which "
-                "labelstream can do only on S3-compatible stores. Use s3:// (for Google Cloud Storage: its "
-                "S3-compatible endpoint, --storage-option endpoint_override=https://storage.googleapis.com "
-                "with HMAC keys), or write to a local --output."
-            )
         if self._s3 is None:
             try:
                 import boto3  # noqa: PLC0415 - optional: only writers on s3:// need it
@@ -300,26 +310,12 @@ class ObjectStore:
         return [(i.base_name, i.size or 0, i.type == pafs.FileType.Directory) for i in infos]
 
     def delete(self, key: str) -> None:
-        """Delete an object (no error when it is gone already).
-
-        Through boto3, a writer's client: pyarrow's delete leaves an empty "folder" marker object behind.
-        """
-        bucket, _, name = key.partition("/")
-        try:
-            self.s3().delete_object(Bucket=bucket, Key=name)
-        except self.s3_errors() as exc:
-            raise self.error(f"cannot delete {self.uri_of(key)}", exc) from None
+        """Delete an object (no error when it is gone already), through a writer's client (`writes`)."""
+        self.writes().delete(key)
 
     def copy(self, source: str, target: str) -> bool:
         """Copy an object inside the store (server-side: the copy appears whole); False when `source` is gone."""
-        bucket, _, name = target.partition("/")
-        try:
-            self.s3().copy_object(Bucket=bucket, Key=name, CopySource=source)
-        except self.s3_errors() as exc:
-            if getattr(exc, "response", {}).get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
-                return False
-            raise self.error(f"cannot copy {self.uri_of(source)}", exc) from None
-        return True
+        return self.writes().copy(source, target)
 
     def error(self, what: str, exc: BaseException) -> StorageError:
         """A StorageError that says what failed on this store and what to do (never a credential)."""
@@ -328,41 +324,54 @@ class ObjectStore:
         if isinstance(response, dict):
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             text = f"{text} {response.get('Error', {}).get('Code', '')} {status}"
-        endpoint = self.endpoint or f"the default {self.scheme} endpoint"
-        if _mentions(text, "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            hint = (
-                f"{self.where} does not accept these credentials. Check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "(or AWS_PROFILE, --storage-option access_key/secret_key)."
-            )
-        elif _mentions(text, "NO_SUCH_BUCKET", "NoSuchBucket"):
-            hint = f"the bucket {self.bucket!r} does not exist at {endpoint}. Create it, or fix --output."
-        elif _mentions(text, "ACCESS_DENIED", "AccessDenied", " 403"):
-            hint = (
-                f"no permission on {self.where}. Check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / "
-                "--storage-option) and the bucket policy: a writer needs to list, get, put and delete objects."
-            )
-        elif _mentions(text, "NETWORK_CONNECTION", "Could not connect", "connect timeout", "Connect timeout"):
-            hint = (
-                f"cannot reach {endpoint}. Check AWS_ENDPOINT_URL or --storage-option endpoint_override, and the "
-                "network."
-            )
-        else:
-            hint = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''} ({self.where})."
+        for kind, markers in _MARKERS.items():
+            if _mentions(text, *markers):
+                return self.failure(what, kind)
+        hint = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''} ({self.where})."
         return StorageError(f"{what}: {hint} Parts written before are complete; re-run to resume.")
+
+    def failure(self, what: str, kind: str) -> StorageError:
+        """The StorageError for a failure of a known `kind` (a key of `_MARKERS`), with what to check."""
+        endpoint = self.endpoint or f"the default {self.scheme} endpoint"
+        gs = self.scheme == "gs"
+        keys = (
+            "GOOGLE_APPLICATION_CREDENTIALS (or --storage-option access_token)"
+            if gs
+            else "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, --storage-option access_key/secret_key)"
+        )
+        hints = {
+            "credentials": f"{self.where} does not accept these credentials. Check {keys}.",
+            "no_bucket": f"the bucket {self.bucket!r} does not exist at {endpoint}. Create it, or fix --output.",
+            "permission": (
+                f"no permission on {self.where}. Check the credentials ({keys}) and the bucket policy: a writer "
+                "needs to list, get, put and delete objects."
+            ),
+            "unreachable": (
+                f"cannot reach {endpoint}. Check {'STORAGE_EMULATOR_HOST' if gs else 'AWS_ENDPOINT_URL'} or "
+                "--storage-option endpoint_override, and the network."
+            ),
+        }
+        return StorageError(f"{what}: {hints[kind]} Parts written before are complete; re-run to resume.")
+
+
+# What the stores' messages (boto3's codes, pyarrow's statuses) say for each kind of failure `failure` explains.
+_MARKERS: Final = {
+    "credentials": ("INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "SignatureDoesNotMatch"),
+    "no_bucket": ("NO_SUCH_BUCKET", "NoSuchBucket"),
+    "permission": ("ACCESS_DENIED", "AccessDenied", " 403", "PERMISSION_DENIED"),
+    "unreachable": ("NETWORK_CONNECTION", "Could not connect", "connect timeout", "Connect timeout"),
+}
 
 
 def _mentions(text: str, *markers: str) -> bool:
     return any(marker in text for marker in markers)
 
 
-def is_precondition_failure(exc: BaseException) -> bool:
-    """Whether a boto3 error is the store refusing a conditional write (412, or 409 on a concurrent one)."""
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return False
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    code = response.get("Error", {}).get("Code")
-    return status in {409, 412} or code in {"PreconditionFailed", "ConditionalRequestConflict"}
+def _gcs_endpoint(options: Mapping[str, str]) -> str | None:
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator and "://" not in emulator:
+        emulator = f"http://{emulator}"
+    return options.get("endpoint_override") or emulator
 
 
 def redact_argv(words: Sequence[str]) -> list[str]:
