@@ -17,7 +17,7 @@ from pipeline.errors import BatchError
 from pipeline.ratelimit.limiter import RetryPolicy
 from pipeline.simulator import SimulatorConfig, SimulatorThread
 
-from .helpers import cli, dead_letters, label_batch, ledger, reviews, sink_ids, write_csv
+from .helpers import cli, dead_letters, label_args, label_batch, ledger, reviews, sink_ids, write_csv
 from .test_simulator import FakeClock
 
 
@@ -144,6 +144,17 @@ def test_no_wait_returns_after_submitting_and_the_same_command_collects(sim: Any
     collected = label_batch(sim, source, out, wait=False)
     assert (collected.labeled, collected.batches, collected.pending) == (80, 0, 0)
     assert max(submissions(sim).values()) == 1 and len(sink_ids(out)) == 80
+
+
+def test_an_online_run_says_when_batches_still_hold_its_rows(sim: Any, tmp_path: Path) -> None:
+    """Labeling online the rows a running batch holds pays twice: the online run says so, once it holds the sink."""
+    sim.configure(batch_seconds=3600)
+    source = write_csv(tmp_path / "in.csv", reviews(30))
+    out = tmp_path / "out.jsonl"
+    assert label_batch(sim, source, out, wait=False).batches == 1
+    online = cli(*label_args(sim, source, out, "--limit", "1", "--no-dedupe"))
+    assert online.returncode == 0, online.stderr
+    assert "note: 30 rows of" in online.stderr and "in batches still running" in online.stderr
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shlex
 import sys
@@ -14,7 +13,7 @@ from typing import Any
 from pipeline.commands.label_flags import add_label_flags
 from pipeline.commands.signals import interrupt_on_term
 from pipeline.engines.batch.settings import MAX_REQUESTS
-from pipeline.errors import ExitCode, LabelstreamError, UsageError
+from pipeline.errors import ExitCode, UsageError
 
 
 def register(sub: Any) -> None:
@@ -145,25 +144,7 @@ async def _engine_run(args: argparse.Namespace, opts: Any) -> Any:
     """Run the engine --engine names; the SDK, aiohttp and the sink load here."""
     from pipeline.engines import run_engine  # noqa: PLC0415
 
-    if args.engine == "online":
-        _note_running_batches(opts)
     return await run_engine(args.engine, opts, batch=batch_settings(args), actors=args.ray_actors)
-
-
-def _note_running_batches(opts: Any) -> None:
-    """Labeling online rows that batches still hold pays twice: say so (a note; the run goes on)."""
-    from pipeline.engines.batch.ledger import Ledger  # noqa: PLC0415 - light: no SDK
-    from pipeline.sinks import open_meta  # noqa: PLC0415
-
-    live = 0
-    with contextlib.suppress(LabelstreamError):  # a note only: a damaged ledger is the batch engine's to report
-        live = sum(sub.requests for sub in Ledger(open_meta(opts.output)).held)
-    if live and opts.progress != "off":
-        print(
-            f"labelstream: note: {live:,} rows of {opts.output} are in batches still running; labeling them online "
-            "too pays twice. `--engine batch` collects them.",
-            file=sys.stderr,
-        )
 
 
 def _run_procs(args: argparse.Namespace, opts: Any) -> int:

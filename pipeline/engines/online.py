@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from pipeline.api.client import LabelClient
 from pipeline.engines.workers import WorkerPool, keep_pool_sized
-from pipeline.errors import FatalApiError, LabelstreamError
+from pipeline.errors import BatchError, FatalApiError, LabelstreamError, SinkError
 from pipeline.ratelimit.limiter import Limiter
 from pipeline.ratelimit.share import ShareFollower
 from pipeline.results import Failed, Labeled, Result, Row
@@ -57,6 +57,7 @@ class OnlineEngine:
     async def execute(self, run: Run) -> None:
         """Label every row the gate lets through, until the input, --limit or a stop ends it."""
         opts = run.opts
+        _note_running_batches(run)
         limiter = self.limiter = Limiter(opts.limits).remembering(
             run.sink.meta.limit_memory(self.base_urls, opts.model)
         )
@@ -345,3 +346,18 @@ class _Pipeline:
 async def run(opts: RunOptions, *, notice: IO[str] | None = None, **_settings: Any) -> Summary:
     """Run the online engine to the end (or to a signal) and return its summary."""
     return await Run(opts, OnlineEngine(), notice=notice).execute()
+
+
+def _note_running_batches(run: Run) -> None:
+    """Labeling online rows that batches still hold pays twice: say so (a note; the run goes on). Read once the
+    run holds the sink, so that a store that cannot be reached is reported by the lease, with its one retry."""
+    from pipeline.engines.batch.ledger import Ledger  # noqa: PLC0415 - only a sink that has batches needs it
+
+    live = 0
+    with contextlib.suppress(SinkError, BatchError):  # a note only: a damaged ledger is the batch engine's to report
+        live = sum(sub.requests for sub in Ledger(run.sink.meta).held)
+    if live:
+        run.say(
+            f"note: {live:,} rows of {run.opts.output} are in batches still running; labeling them online too pays "
+            "twice. `--engine batch` collects them."
+        )

@@ -176,7 +176,7 @@ class GcsWrites:
         from google.cloud.storage.retry import DEFAULT_RETRY  # noqa: PLC0415
 
         # Bounded, so a wrong endpoint fails within seconds; a conditional write is safe to repeat (412 at worst).
-        self._retry = DEFAULT_RETRY.with_timeout(CONNECT_TIMEOUT * 3)
+        self._retry = DEFAULT_RETRY.with_timeout(CONNECT_TIMEOUT * 2)
 
     def _note_date(self, response: Any, *_: Any, **__: Any) -> Any:
         self._date = response.headers.get("Date") or self._date
