@@ -340,8 +340,15 @@ class Summary:
 _SUMMED = (
     "labeled", "failed", "saved", "skipped_done", "duplicates", "conflicts", "changed", "truncated", "retries",
     "rate_limited", "prompt_tokens", "completion_tokens", "hedged", "timeouts", "held", "unusable_replies",
-    "unusable_tokens", "abandoned", "copies",
+    "unusable_tokens", "abandoned", "copies", "cached_tokens", "unavailable", "logprobs_unread", "batches",
+    "submitted", "in_batches", "pending", "unfinished", "refused", "refused_before",
 )  # fmt: skip
+
+
+def _total(parts: Sequence[Summary], name: str) -> float | None:
+    """Money: what the parts that know it add up to; None when none does (a model missing from the price table)."""
+    known = [v for v in (getattr(p, name) for p in parts) if v is not None]
+    return sum(known) if known else None
 
 
 def combine(
@@ -369,7 +376,6 @@ def combine(
             into = servers.setdefault(url, {})
             for key, n in counts.items():
                 into[key] = into.get(key, 0) + n
-    costs = [p.cost_usd for p in parts if p.cost_usd is not None]
     return Summary(
         state=worst_state([p.state for p in parts]),
         max_cost=max_cost,
@@ -377,8 +383,6 @@ def combine(
         output=output,
         dead_letters=dead_letters,
         elapsed_s=round(elapsed_s, 2),
-        cost_usd=sum(costs) if costs else None,
-        copy_saving_usd=sum(p.copy_saving_usd or 0.0 for p in parts) if any(p.copy_saving_usd for p in parts) else None,
         model=parts[0].model,
         resume_command=resume,
         failures=failures,
@@ -389,5 +393,9 @@ def combine(
         error=next((p.error for p in parts if p.error), None),
         gateway=next((p.gateway for p in parts if p.gateway), None),
         servers=servers,
+        cost_usd=_total(parts, "cost_usd"),
+        standard_cost_usd=_total(parts, "standard_cost_usd"),
+        abandoned_cost_usd=_total(parts, "abandoned_cost_usd"),
+        copy_saving_usd=_total(parts, "copy_saving_usd"),
         **totals,
     )
