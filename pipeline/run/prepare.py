@@ -63,8 +63,10 @@ class Prepared:
     relabeled: int = 0  # rows whose text changed, labeled again for --relabel-changed
     redo: IdSet = field(default_factory=IdSet)  # done ids to label again (a dry run keeps them in `done`)
 
-    def plan_dedupe(self, opts: RunOptions) -> Dedupe:
-        """Read the input and the sink once for the texts that repeat (run/dedupe.py); the input starts over."""
+    def plan_dedupe(self, opts: RunOptions, stop: Callable[[], bool] | None = None) -> Dedupe:
+        """Read the input and the sink once for the texts that repeat (run/dedupe.py); the input starts over.
+        Blocking (a second or so per 200k rows): call it from a thread. Once `stop()` is true it reads no more and
+        plans only what it read, which is enough for a run that is stopping (it sends nothing new)."""
         shard = opts.shard if opts.shard is not None and opts.shard.count > 1 else None
         outputs = [f.name for f in opts.config.outputs]
         columns = ["id", "label", "confidence", "model", "text_sha", *outputs]
@@ -74,7 +76,8 @@ class Prepared:
             done = row.id in self.done and not (redo is not None and row.id in redo)
             return not (row.problem or done or (shard is not None and not shard.holds(row.id)))
 
-        rows = (row for batch in self.source.batches() for row in batch if todo(row))
+        batches = itertools.takewhile(lambda _: stop is None or not stop(), self.source.batches())
+        rows = (row for batch in batches for row in batch if todo(row))
         # Sibling shards' saved records too: what any shard labeled before this run starts is copied, not sent.
         sinks = (
             [self.sink]
@@ -82,6 +85,8 @@ class Prepared:
             else [open_sink(opts.output, Shard(i, shard.count)) for i in range(shard.count)]
         )
         records = iter(()) if opts.restart else itertools.chain.from_iterable(s.iter_records(columns) for s in sinks)
+        if stop is not None:
+            records = itertools.takewhile(lambda _: not stop(), records)
         dedupe = Dedupe.plan(rows, records, outputs=outputs, matching=opts.dedupe_match)
         self.source.close()
         self.source.open()

@@ -188,7 +188,7 @@ class _Batches:
             max_bytes=self.settings.max_bytes,
         )
         # The Batch API sends each request once: its worst case is its cost. One request per distinct text.
-        gate = self.run.gate(budget=True, dedupe=True)
+        gate = await self.run.gate(budget=True, dedupe=True)
         live = ledger.live_ids()
         if gate.dedupe is not None:
             await asyncio.to_thread(self.mark_sent, gate.dedupe)
@@ -236,7 +236,7 @@ class _Batches:
         prepared = self.run.prepared
         prepared.source.close()  # the first pass read it to the end
         prepared.source.open()
-        dedupe = await asyncio.to_thread(prepared.plan_dedupe, self.opts)
+        dedupe = await self.run.plan_dedupe()
         scratch = RunStats(calls=CallStats(), model=self.opts.model)
         gate = RowGate(prepared.done, scratch, None, shard=self.opts.shard, dedupe=dedupe)
         planner = Planner.over(prepared.source.batches(), gate, IdSet(), scratch, None)  # no files: copies only

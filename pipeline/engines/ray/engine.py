@@ -74,7 +74,7 @@ class RayEngine:
     async def execute(self, run: Run) -> None:
         """Read the rows here, then run the job in a thread (the event loop keeps serving signals and progress)."""
         try:
-            refs = _put_rows(run, self._put)
+            refs = _put_rows(run, await run.gate(budget=True), self._put)
             if refs:
                 await asyncio.to_thread(self._label, run, refs)
         finally:
@@ -144,12 +144,11 @@ async def run(opts: RunOptions, *, notice: IO[str] | None = None, **settings: An
     return await Run(opts, RayEngine(settings.get("actors") or 2), notice=notice).execute()
 
 
-def _put_rows(run: Run, put: Callable[[Run, pa.Table], Any]) -> list[Any]:
+def _put_rows(run: Run, gate: RowGate, put: Callable[[Run, pa.Table], Any]) -> list[Any]:
     """Read the input here through the run's gate (with --max-cost, each row's worst case is held before it
     goes): the rows to send go to Ray's object store a table at a time (`put`: the driver never holds them all);
     bad rows are dead-lettered. Returns the object refs."""
     prepared, stats = run.prepared, run.stats
-    gate = run.gate(budget=True)
     carry = list(prepared.source.carry)
     refs: list[Any] = []
     chunk: list[Row] = []
