@@ -62,8 +62,8 @@ class Run:
     """The state of one run that every engine shares: options, sink, stats, budget, stop requests."""
 
     def __init__(self, opts: RunOptions, engine: Engine, *, notice: IO[str] | None = None) -> None:
-        # Only the online and batch engines make copies: the others send every row, and --max-cost prices them all.
-        copies = engine.name in ("online", "batch")
+        # Only these engines make copies: any other sends every row, and --max-cost prices them all.
+        copies = engine.name in ("online", "batch", "ray")
         self.opts = opts if copies or not opts.dedupe else dataclasses.replace(opts, dedupe=False)
         self.engine = engine
         self.notice = notice or sys.stderr
