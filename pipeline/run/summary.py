@@ -345,12 +345,6 @@ _SUMMED = (
 )  # fmt: skip
 
 
-def _total(parts: Sequence[Summary], name: str) -> float | None:
-    """Money: what the parts that know it add up to; None when none does (a model missing from the price table)."""
-    known = [v for v in (getattr(p, name) for p in parts) if v is not None]
-    return sum(known) if known else None
-
-
 def combine(
     parts: Sequence[Summary],
     *,
@@ -364,6 +358,11 @@ def combine(
     `max_cost` is the whole run's cap (each shard had its part of it)."""
     if not parts:
         raise ValueError("nothing to combine")
+
+    def money(name: str) -> float | None:  # what the parts that know it add up to (None: no part has a price)
+        known = [v for v in (getattr(p, name) for p in parts) if v is not None]
+        return sum(known) if known else None
+
     totals = {name: sum(getattr(p, name) for p in parts) for name in _SUMMED}
     failures: dict[str, int] = {}
     samples: dict[str, list[str]] = {}
@@ -393,9 +392,9 @@ def combine(
         error=next((p.error for p in parts if p.error), None),
         gateway=next((p.gateway for p in parts if p.gateway), None),
         servers=servers,
-        cost_usd=_total(parts, "cost_usd"),
-        standard_cost_usd=_total(parts, "standard_cost_usd"),
-        abandoned_cost_usd=_total(parts, "abandoned_cost_usd"),
-        copy_saving_usd=_total(parts, "copy_saving_usd"),
+        cost_usd=money("cost_usd"),
+        standard_cost_usd=money("standard_cost_usd"),
+        abandoned_cost_usd=money("abandoned_cost_usd"),
+        copy_saving_usd=money("copy_saving_usd"),
         **totals,
     )
