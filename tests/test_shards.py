@@ -87,7 +87,7 @@ def test_shards_label_disjoint_parts_into_one_output(sim: Any, tmp_path: Path, n
     out = tmp_path / name
     sent = 0
     for k in range(3):
-        summary = label(sim, source, out, shard=Shard(k, 3))
+        summary = label(sim, source, out, shard=Shard(k, 3), dedupe=False)  # by id (with dedupe: by text)
         assert summary.exit_code == 0 and summary.other_shards == 300 - summary.labeled
         sent += summary.labeled
     assert sim.stats()["requests"] == sent == 300
@@ -118,7 +118,7 @@ def test_sharding_is_stable_when_rows_are_appended_and_reordered(sim: Any, tmp_p
     """After rows are appended and the file is shuffled, a shard resumes and labels only its new rows."""
     first = reviews(200)
     out = tmp_path / name
-    label(sim, write_csv(tmp_path / "a.csv", first), out, shard=Shard(1, 2))
+    label(sim, write_csv(tmp_path / "a.csv", first), out, shard=Shard(1, 2), dedupe=False)  # by id
     before = set(all_ids(out))
     assert before == {r[0] for r in first if shard_of(r[0], 2) == 1}
     grown = first + reviews(100, prefix="new")
@@ -169,12 +169,12 @@ def test_dry_run_of_a_shard_counts_exactly_what_it_sends(sim: Any, tmp_path: Pat
     source = write_csv(tmp_path / "in.csv", reviews(120))
     out = tmp_path / "out.jsonl"
     mine = sum(shard_of(r[0], 4) == 2 for r in reviews(120))
-    planned = cli(*shard_args(sim, source, out, "2/4", "--dry-run"))
+    planned = cli(*shard_args(sim, source, out, "2/4", "--dry-run", "--no-dedupe"))  # by id
     assert planned.returncode == 0, planned.stderr
     assert f"{mine} rows to label" in planned.stdout
     assert f"shard 2/4: {120 - mine} rows of the input belong to other shards" in planned.stdout
     assert not list(tmp_path.glob("out*"))
-    assert cli(*shard_args(sim, source, out, "2/4")).returncode == 0
+    assert cli(*shard_args(sim, source, out, "2/4", "--no-dedupe")).returncode == 0
     assert sim.stats()["requests"] == mine
 
 
@@ -183,7 +183,7 @@ def test_relabel_changed_in_a_parquet_shard_rewrites_only_its_own_parts(sim: Any
     rows = reviews(100)
     out = tmp_path / "out.parquet"
     for k in range(2):
-        label(sim, write_csv(tmp_path / "in.csv", rows), out, shard=Shard(k, 2), checkpoint_rows=10)
+        label(sim, write_csv(tmp_path / "in.csv", rows), out, shard=Shard(k, 2), checkpoint_rows=10, dedupe=False)
     sibling_parts = sorted(p.name for p in out.iterdir() if part_shard(p.name) == Shard(1, 2))
     edited = [
         (i, lang, f"{text} (edited)" if shard_of(i, 2) == 0 and n % 5 == 0 else text)
@@ -191,7 +191,8 @@ def test_relabel_changed_in_a_parquet_shard_rewrites_only_its_own_parts(sim: Any
     ]
     changed = sum(a[2] != b[2] for a, b in zip(rows, edited, strict=True))
     sim.reset()
-    summary = label(sim, write_csv(tmp_path / "in.csv", edited), out, shard=Shard(0, 2), relabel_changed=True)
+    summary = label(sim, write_csv(tmp_path / "in.csv", edited), out, shard=Shard(0, 2), relabel_changed=True,
+                    dedupe=False)  # fmt: skip
     assert summary.labeled == changed == sim.stats()["requests"] > 0
     assert sorted(p.name for p in out.iterdir() if part_shard(p.name) == Shard(1, 2)) == sibling_parts
     assert sorted(all_ids(out)) == sorted(r[0] for r in rows)

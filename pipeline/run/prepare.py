@@ -21,8 +21,9 @@ from pipeline.input.location import ReadOptions
 from pipeline.input.shards import Shard
 from pipeline.input.sources import Source, input_source
 from pipeline.results import Failed, Row, now_iso, problem_failure, sha_tag
-from pipeline.run.dedupe import Dedupe
+from pipeline.run.dedupe import Dedupe, key_of
 from pipeline.run.options import RunOptions
+from pipeline.run.sharding import all_done, check_shard_key, shard_key
 from pipeline.sinks import Identity, Manifest, Sink, check_layout, open_sink
 from pipeline.sinks.layout import move_aside
 from pipeline.sinks.storage import object_filesystem, uri_options
@@ -71,10 +72,11 @@ class Prepared:
         outputs = [f.name for f in opts.config.outputs]
         columns = ["id", "label", "confidence", "model", "text_sha", *outputs]
         redo = self.redo if len(self.redo) else None
+        key = key_of(opts.dedupe_match)
 
         def todo(row: Row) -> bool:
             done = row.id in self.done and not (redo is not None and row.id in redo)
-            return not (row.problem or done or (shard is not None and not shard.holds(row.id)))
+            return not (row.problem or done or (shard is not None and not shard.holds_key(key(row))))
 
         batches = itertools.takewhile(lambda _: stop is None or not stop(), self.source.batches())
         rows = (row for batch in batches for row in batch if todo(row))
@@ -183,9 +185,14 @@ def _prepare(opts: RunOptions, source: Source, sink: Sink, *, dry_run: bool) -> 
         # The task file, so that `batch ingest` can validate results without being told again.
         "config": str(Path(opts.config.source).resolve()) if Path(opts.config.source).is_file() else None,
     }
+    if opts.shard is not None and opts.shard.count > 1:
+        # Rows may have moved between shards since they were labeled (sharding.py): skip ids done in any.
+        prepared.done = all_done(opts, opts.shard)
     if not dry_run:
-        manifest.runs.append({"started_at": now_iso(), "model": opts.model})
+        manifest.runs.append({"started_at": now_iso(), "model": opts.model, "shard_key": shard_key(opts)})
         sink.meta.write_manifest(manifest)
+        if opts.shard is not None:
+            check_shard_key(opts, opts.shard)
     return prepared
 
 
@@ -300,6 +307,7 @@ class RowGate:
         self.shard = shard if shard is not None and shard.count > 1 else None
         self.redo = redo if redo is not None and len(redo) else None
         self.seen = IdSet()
+        self.elsewhere = IdSet()  # sharded by text: ids whose first row went to another shard
         self.stats = stats
         self.max_rows = max_rows
         self.sent = 0
@@ -321,11 +329,22 @@ class RowGate:
         self.stats.record_failure(failure.kind, row.id, failure.message)
         return failure
 
+    def _holds(self, row: Row) -> bool:
+        """Whether this shard labels `row`: by its text's dedupe key when deduping (sharding.py), else by id. The
+        first row of an id decides: a later row with that id and another text goes where the first went."""
+        assert self.shard is not None  # noqa: S101 - only asked of a shard
+        if self.dedupe is None or row.problem:
+            return self.shard.holds(row.id)
+        if not self.shard.holds_key(self.dedupe.key(row)):
+            self.elsewhere.add(row.id)
+            return False
+        return row.id in self.seen or row.id not in self.elsewhere
+
     def classify(self, row: Row) -> Verdict:
         """Decide what happens to `row` (call in input order, and not once `full`)."""
         stats = self.stats
         stats.read += 1
-        if self.shard is not None and not self.shard.holds(row.id):
+        if self.shard is not None and not self._holds(row):
             stats.other_shards += 1
             return Verdict.OTHER_SHARD
         tag = 0 if row.problem else sha_tag(row.sha)
