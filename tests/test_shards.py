@@ -20,7 +20,8 @@ import pytest
 from pipeline.analysis.status import sink_status
 from pipeline.errors import SinkError, SinkMismatchError, UsageError
 from pipeline.input.ids import IdSet
-from pipeline.input.shards import Shard, parse_shard, shard_of
+from pipeline.input.shards import Shard, key_shard, parse_shard, shard_of
+from pipeline.results import text_sha
 from pipeline.sinks import open_shards, open_sink
 from pipeline.sinks.layout import MERGING, part_shard
 from pipeline.sinks.parquet import ParquetSink
@@ -258,7 +259,7 @@ def test_status_tells_done_running_stale_and_not_started_shards(sim: Any, tmp_pa
         running.communicate(timeout=30)
     assert report["shards_by_state"] == {"done": ["0/4"], "stale": ["1/4"], "running": ["2/4"], "not started": ["3/4"]}
     per_shard = {s["shard"]: s for s in report["shards"]}
-    assert per_shard["0/4"]["labeled"] == sum(shard_of(r[0], 4) == 0 for r in rows)
+    assert per_shard["0/4"]["labeled"] == sum(text_shard(r[2], 4) == 0 for r in rows)
     assert report["labeled"] == sum(s["labeled"] for s in report["shards"])
     assert per_shard["2/4"]["eta_s"] is not None and report["eta_s"] is not None
     assert per_shard["3/4"]["labeled"] == 0
@@ -321,7 +322,7 @@ def test_four_shards_killed_at_random_moments_end_with_every_id_once(sim: Any, t
     rng = random.Random("four-shards")
     sim.configure(latency_ms=50)
     rows = reviews(4000)
-    wanted = {r[0] for r in rows}
+    wanted = {r[0]: text_shard(r[2], 4) for r in rows}  # dedupe on: rows go to the shard of their text
     source = write_csv(tmp_path / "in.csv", rows)
     out = tmp_path / "out.parquet"
     # 4 in flight at 50 ms: at most ~80 rows/s a shard, so each shard's 1,000 rows take several runs.
@@ -358,8 +359,14 @@ def test_four_shards_killed_at_random_moments_end_with_every_id_once(sim: Any, t
         assert not list((meta / f"shard-{k}-of-4" / "tmp").glob("*.tmp"))
 
 
-def check_parts(out: Path, wanted: set[str]) -> None:
-    """No id twice in the directory, no id outside the input, and every part holds only its own shard's ids."""
+def text_shard(text: str, count: int) -> int:
+    """The shard of a row with this text when dedupe is on (the default): SENTIMENT sends the text as it is."""
+    return key_shard(int(text_sha(text), 16), count)
+
+
+def check_parts(out: Path, wanted: dict[str, int]) -> None:
+    """No id twice in the directory, no id outside the input, and every part holds only its own shard's ids
+    (`wanted`: id → its shard)."""
     seen: list[str] = []
     if not out.exists():
         return
@@ -367,7 +374,7 @@ def check_parts(out: Path, wanted: set[str]) -> None:
         shard = part_shard(part.name)
         assert isinstance(shard, Shard), part.name
         ids = pq.read_table(part, columns=["id"]).column("id").to_pylist()
-        assert all(shard_of(i, 4) == shard.index for i in ids), f"a foreign id in {part.name}"
+        assert all(wanted.get(i) == shard.index for i in ids), f"a foreign id in {part.name}"
         seen += ids
     assert len(seen) == len(set(seen)), "an id was written twice"
-    assert set(seen) <= wanted
+    assert set(seen) <= set(wanted)
