@@ -112,6 +112,7 @@ def test_an_edited_row_whose_text_moves_shard_is_labeled_once(sim: Any, tmp_path
     assert first.labeled == 0 and first.changed == 1, "held by the old shard: skipped"
     dropped = label(sim, edited, out, shard=Shard(old, 2), relabel_changed=True)
     assert dropped.labeled == 0 and rid not in shard_ids(out)
+    assert dropped.unfinished == 1 and dropped.exit_code == 1, "not all labeled until the new shard runs"
     again = label(sim, edited, out, shard=Shard(1 - old, 2), relabel_changed=True)
     assert again.labeled == 1
     assert sorted(shard_ids(out)) == sorted(r[0] for r in rows)

@@ -103,8 +103,8 @@ class Run:
         admit = self._admit if budget and self.budget is not None else None
         prepared = self.prepared
         copies = await self.plan_dedupe() if dedupe and self.opts.dedupe else None
-        return RowGate(prepared.done, self.stats, self.opts.max_rows, redo=prepared.redo, shard=self.opts.shard,
-                       admit=admit, dedupe=copies)  # fmt: skip
+        return RowGate(prepared.done, self.stats, self.opts.max_rows, redo=prepared.redo, dropped=prepared.dropped,
+                       shard=self.opts.shard, admit=admit, dedupe=copies)  # fmt: skip
 
     async def plan_dedupe(self) -> Dedupe:
         """The dedupe pass over the input and the sink, in a thread: the loop keeps serving signals and the
