@@ -1,14 +1,15 @@
 """Dedupe benchmark: short reviews where a share of the rows repeat a few common texts, with and without dedupe.
 
     python scripts/bench_dedupe.py [--rows 20000] [--repeat-share 0.3] [--latency-ms 50] [--plan-rows 200000]
-                                   [--variants]
+                                   [--variants] [--procs 3]
 
 Each run labels the same input against a simulator in its own process; the table gives requests (counted at the
 simulator), rows/s, requests/s and their ratio to the ideal (concurrency ÷ latency), the
 cost the summary prints, and peak RSS. `--plan-rows` also measures what the dedupe plan itself holds (the pass
 that finds repeated texts; the only part that grows with the input) on a larger input, in this process.
 `--variants` spells each repeat at random with other case or spacing ("great!", " GREAT! ") and adds a run with
-`--dedupe normalized`.
+`--dedupe normalized`. `--procs N` adds a dedupe run split into N shards side by side (shards by text: each
+distinct text is still sent once in total).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--plan-rows", type=int, default=0, help="also measure the dedupe plan on this many rows")
     parser.add_argument("--variants", action="store_true", help="repeats in other case/spacing; a normalized run")
+    parser.add_argument("--procs", type=int, default=0, help="also a dedupe run in this many shards side by side")
     args = parser.parse_args()
     ideal = args.concurrency / (args.latency_ms / 1000)
     print(f"# {args.rows:,} rows, {args.repeat_share:.0%} repeat {len(COMMON)} short texts; "
@@ -92,6 +94,7 @@ def main() -> None:
         source = with_repeats(sample, work / "in.csv", args.repeat_share, variants=args.variants)
         runs = [("--no-dedupe", ["--no-dedupe"]), ("dedupe (default)", [])]
         runs += [("--dedupe normalized", ["--dedupe", "normalized"])] if args.variants else []
+        runs += [(f"dedupe, --procs {args.procs}", ["--procs", str(args.procs)])] if args.procs > 1 else []
         for name, extra in runs:
             sim_reset(base_url)
             out = work / f"out{len(extra)}.jsonl"

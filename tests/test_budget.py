@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from pipeline.api.pricing import cost_of
-from pipeline.input.shards import Shard, shard_of
+from pipeline.input.shards import Shard, key_shard
+from pipeline.results import text_sha
 from pipeline.run.estimate import estimate_run
 from pipeline.run.options import RunOptions
 from pipeline.run.prepare import prepare_run
@@ -137,7 +138,7 @@ def test_procs_refuse_a_run_over_the_cap_once(sim: Any, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_procs_split_the_cap_by_each_shards_work(sim: Any, tmp_path: Path) -> None:
     """All rows in one shard: it gets the cap (not half of it), so a run within --max-cost is labeled whole."""
-    rows = [r for r in reviews(400) if shard_of(r[0], 2) == 0][:60]
+    rows = [r for r in reviews(400) if key_shard(int(text_sha(r[2]), 16), 2) == 0][:60]  # by text: dedupe is on
     source = write_csv(tmp_path / "in.csv", rows)
     out = tmp_path / "out.jsonl"
     limit = round(estimated_cost(source, out, ROOT / "configs" / "sentiment.toml") * 1.5, 6)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import os
 import signal
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,9 @@ import pytest
 
 from pipeline.analysis.overview import overview
 from pipeline.analysis.report import write_report
+from pipeline.errors import Interrupted
 from pipeline.input.shards import Shard, shard_of
+from pipeline.run.dedupe import Dedupe
 from pipeline.sinks import open_shards, open_sink
 
 from .helpers import cli, dead_letters, label, label_batch, progress, reviews, sink_ids, start_cli, wait_for, write_csv
@@ -210,15 +215,16 @@ def test_a_batch_run_copies_texts_the_sink_holds_without_submitting_them(sim: An
 
 
 def test_a_shard_copies_texts_its_siblings_saved_before_it_started(sim: Any, tmp_path: Path) -> None:
-    """Shard 1/2 sends only texts that neither it repeats nor shard 0/2 saved earlier; every id lands once."""
-    rows = [(f"p{i:03d}", "en", f"pair {i // 2}") for i in range(80)]  # each text twice, split by id over shards
+    """A text an earlier run saved in one shard is copied, not sent, by the shard its rows now belong to (here:
+    saved by id with --no-dedupe, resumed by text); every id lands once."""
+    rows = [(f"p{i:03d}", "en", f"pair {i // 2}") for i in range(80)]  # each text twice
     source, out = write_csv(tmp_path / "in.csv", rows), tmp_path / "out.jsonl"
-    label(sim, source, out, shard=Shard(0, 2))
+    label(sim, source, out, shard=Shard(0, 2), dedupe=False)  # by id: half of the ids, most texts
+    saved = {r[2] for r in rows if shard_of(r[0], 2) == 0}
     before = sim.stats()["requests"]
-    label(sim, source, out, shard=Shard(1, 2))
-    first = {r[2] for r in rows if shard_of(r[0], 2) == 0}
-    second = {r[2] for r in rows if shard_of(r[0], 2) == 1}
-    assert sim.stats()["requests"] - before == len(second - first) < len(second)
+    for k in range(2):
+        label(sim, source, out, shard=Shard(k, 2))
+    assert sim.stats()["requests"] - before == len({r[2] for r in rows} - saved)
     ids = [r["id"] for sink in open_shards(out) for r in sink.iter_records(columns=["id"])]
     assert sorted(ids) == sorted(r[0] for r in rows)
 
@@ -278,3 +284,45 @@ def test_dedupe_normalized_flag_counts_the_copies_in_a_dry_run(sim: Any, tmp_pat
     assert "dedupe: 48 more rows repeat a text sent once" in shown.stdout and "52 rows to label" in shown.stdout
     exact = cli(*base)
     assert "dedupe: 45 more rows" in exact.stdout and "55 rows to label" in exact.stdout
+
+
+class Heard(io.StringIO):
+    """A notice stream that tells when the run announced it is stopping (its Ctrl-C handler ran)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopping = threading.Event()
+
+    def write(self, text: str) -> int:
+        if "stopping" in text:
+            self.stopping.set()
+        return super().write(text)
+
+
+def test_ctrl_c_during_the_dedupe_pass_is_handled_at_once_and_loses_nothing(
+    sim: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dedupe pass runs off the event loop: a SIGINT that arrives during it is handled while it runs, the
+    pass stops reading, the run ends interrupted without a request, and the next run finishes every id once."""
+    rows = repeated_rows(600)
+    source, out = write_csv(tmp_path / "in.csv", rows), tmp_path / "out.jsonl"
+    label(sim, source, out, max_rows=100)
+    before = sim.stats()["requests"]
+    notice = Heard()
+    handled: list[bool] = []
+    plan = Dedupe.plan
+
+    def plan_under_ctrl_c(cls: type[Dedupe], *args: Any, **kwargs: Any) -> Dedupe:
+        os.kill(os.getpid(), signal.SIGINT)
+        handled.append(notice.stopping.wait(timeout=10))  # never, if the pass held the event loop
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(Dedupe, "plan", classmethod(plan_under_ctrl_c))
+    with pytest.raises(Interrupted):
+        label(sim, source, out, notice=notice)
+    assert handled == [True]
+    assert sim.stats()["requests"] == before and len(sink_ids(out)) == 100
+    monkeypatch.undo()
+    label(sim, source, out)
+    assert sorted(sink_ids(out)) == sorted(r[0] for r in rows)
+    check_copies(records(out))

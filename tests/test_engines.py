@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,18 @@ from pipeline.task.config import TaskConfig, load_config
 
 from .helpers import FAST_RETRY, ROOT, SENTIMENT, cli_env, dead_letters, reviews, sink_ids, wait_for, write_csv
 from .test_budget import estimated_cost, reasoning_task
+from .test_dedupe import repeated_rows
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 NEEDS_RAY = pytest.mark.skipif(not HAS_RAY, reason="no ray extra")
 ENGINES = ["online", "batch", pytest.param("ray", marks=[NEEDS_RAY, pytest.mark.ray])]
-FLAGS = {"online": [], "batch": ["--poll-interval", "0.05"], "ray": ["--ray-actors", "1"]}
+WITH_AUTO = [*ENGINES, "auto"]
+FLAGS = {
+    "online": [],
+    "batch": ["--poll-interval", "0.05", "--batch-size", "50"],
+    "auto": ["--poll-interval", "0.05", "--online-rows", "40", "--batch-size", "50"],
+    "ray": ["--ray-actors", "1"],
+}
 TIER = {"online": "standard", "batch": "batch", "ray": "standard"}
 
 
@@ -73,8 +81,17 @@ def engine(request: pytest.FixtureRequest) -> str:
     return name
 
 
-def run(engine: str, sim: Any, source: Path, out: Path, *, config: TaskConfig = SENTIMENT, **options: Any) -> Summary:
-    """One run of `engine` in this process against the simulator."""
+def run(
+    engine: str,
+    sim: Any,
+    source: Path,
+    out: Path,
+    *,
+    config: TaskConfig = SENTIMENT,
+    online_rows: int = 100,
+    **options: Any,
+) -> Summary:
+    """One run of `engine` in this process against the simulator (`online_rows`: auto's online slice)."""
     opts = RunOptions.build(
         source,
         out,
@@ -86,31 +103,31 @@ def run(engine: str, sim: Any, source: Path, out: Path, *, config: TaskConfig = 
         progress="off",
         **options,
     )
-    batch = BatchSettings(poll_seconds=0.02)
+    batch = BatchSettings(poll_seconds=0.02, online_rows=online_rows)
     return asyncio.run(run_engine(engine, opts, batch=batch, actors=1, notice=io.StringIO()))
 
 
 # Not indirect: the processes start their own Ray (two Ray starts make the ray case slow).
 @pytest.mark.crash
 @pytest.mark.parametrize(
-    "engine", ["online", "batch", pytest.param("ray", marks=[NEEDS_RAY, pytest.mark.ray, pytest.mark.slow])]
+    "engine", ["online", "batch", "auto", pytest.param("ray", marks=[NEEDS_RAY, pytest.mark.ray, pytest.mark.slow])]
 )
 def test_kill_9_then_the_same_command_labels_each_id_exactly_once(
     engine: str, sim: Any, tmp_path: Path, short_tmp: Path
 ) -> None:
-    """kill -9 (the process group: Ray with it) once part of the work is saved; the same command then
-    completes the sink with every id exactly once."""
+    """kill -9 (the process group: Ray with it) once part of the work is saved, when originals may be saved and
+    their copies not yet; the same command then completes the sink with every id exactly once, the rows that
+    repeat a text as copies (every engine dedupes)."""
     # Ray starts its actors, then labels 4 rows at a time: 50 ms replies (80 rows/s) let a kill land mid-job.
     sim.configure(latency_ms=50 if engine == "ray" else 20)
-    rows = reviews(800 if engine == "ray" else 400)
+    rows = repeated_rows(800 if engine == "ray" else 400)
     source = write_csv(tmp_path / "in.csv", rows)
     out = tmp_path / "out.parquet"
     args = ["label", "--input", str(source), "--output", str(out), "--base-url", sim.base_url, "--engine", engine,
             "--concurrency", "4", "--checkpoint-every", "50", "--checkpoint-seconds", "0.2", "--quiet",
             *FLAGS[engine]]  # fmt: skip
-    if engine == "batch":
-        sim.configure(batch_seconds=0.5)  # eight batches of 50 rows end one after another
-        args += ["--batch-size", "50"]
+    if engine in ("batch", "auto"):
+        sim.configure(batch_seconds=0.5)  # batches of 50 rows end one after another
     env = cli_env({"RAY_TMPDIR": str(short_tmp)})
     command = [sys.executable, "-m", "pipeline", *args]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
@@ -124,8 +141,7 @@ def test_kill_9_then_the_same_command_labels_each_id_exactly_once(
     assert first and len(first) == len(set(first)) and len(first) < len(rows)
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert again.returncode == 0, again.stderr
-    final = sink_ids(out)
-    assert sorted(final) == sorted(r[0] for r in rows)
+    assert check_copies(out, rows) > 0  # also: every id exactly once
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)
@@ -226,6 +242,39 @@ def test_auto_keeps_one_max_cost_across_its_online_slice_and_its_batches(sim: An
         for r in records
     )
     assert total <= cap, (len(records), total, cap)
+
+
+def requests_sent(sim: Any) -> int:
+    """Requests the simulator took, online and in batches."""
+    return int(sim.stats(events=False)["requests"]) + sum(Counter(sim.batch_summary()["submissions"]).values())
+
+
+def check_copies(output: Path, rows: list[tuple[str, str, str]]) -> int:
+    """Every id has one record; each copy names a record of its own text that was sent (not a copy) and has its
+    label; returns how many copies there are."""
+    records = {r["id"]: r for r in open_sink(output).iter_records()}
+    assert sorted(sink_ids(output)) == sorted(r[0] for r in rows)
+    texts = {rid: text for rid, _, text in rows}
+    copies = [r for r in records.values() if r["copied_from"] is not None]
+    for copy in copies:
+        original = records[copy["copied_from"]]
+        assert original["copied_from"] is None and original["label"] == copy["label"]
+        assert texts[original["id"]] == texts[copy["id"]] and copy["prompt_tokens"] == 0
+    return len(copies)
+
+
+@pytest.mark.parametrize("engine", WITH_AUTO, indirect=True)
+def test_repeated_texts_are_sent_once_and_every_id_gets_its_record(engine: str, sim: Any, tmp_path: Path) -> None:
+    """Dedupe in every engine: each distinct text costs one request (online or in a batch), every id gets one
+    record, and the rows repeating a text name the record they copy in copied_from."""
+    sim.configure(batch_seconds=0)
+    rows = repeated_rows(90)
+    out = tmp_path / "out.parquet"
+    summary = run(engine, sim, write_csv(tmp_path / "in.csv", rows), out, online_rows=20)
+    distinct = len({text for _, _, text in rows})
+    assert requests_sent(sim) == distinct
+    assert check_copies(out, rows) == len(rows) - distinct == summary.copies
+    assert summary.labeled == len(rows)
 
 
 def spent(output: Path, tier: str) -> float:

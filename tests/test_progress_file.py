@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -97,6 +98,18 @@ def test_the_combined_state_is_the_worst_shards(states: list[str], worst: str) -
     """--procs: a shard stopped at --max-cost outranks an interrupted one, and an error outranks both."""
     summary = combine([part(s) for s in states], output="o", dead_letters="d", resume="r", elapsed_s=1.0)
     assert summary.state == worst
+
+
+def test_combined_parts_add_up_batch_counts_cached_tokens_and_every_cost() -> None:
+    """Shards (--procs) and auto's two runs are added up by one function: batch counts, cached tokens and the
+    standard-price cost add up too, and a part without a price leaves the total to the others."""
+    one = dataclasses.replace(part("done"), batches=2, submitted=40, cached_tokens=7, cost_usd=0.5,
+                              standard_cost_usd=1.0, copies=3, copy_saving_usd=0.25)  # fmt: skip
+    two = dataclasses.replace(part("done"), batches=1, submitted=10, cached_tokens=5, cost_usd=0.25,
+                              standard_cost_usd=None, copies=1)  # fmt: skip
+    summary = combine([one, two], output="o", dead_letters="d", resume="r", elapsed_s=1.0)
+    assert (summary.batches, summary.submitted, summary.cached_tokens, summary.copies) == (3, 50, 12, 4)
+    assert (summary.cost_usd, summary.standard_cost_usd, summary.copy_saving_usd) == (0.75, 1.0, 0.25)
 
 
 def test_a_waiting_batch_run_that_died_reads_as_stale() -> None:

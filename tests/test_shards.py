@@ -20,7 +20,8 @@ import pytest
 from pipeline.analysis.status import sink_status
 from pipeline.errors import SinkError, SinkMismatchError, UsageError
 from pipeline.input.ids import IdSet
-from pipeline.input.shards import Shard, parse_shard, shard_of
+from pipeline.input.shards import Shard, key_shard, parse_shard, shard_of
+from pipeline.results import text_sha
 from pipeline.sinks import open_shards, open_sink
 from pipeline.sinks.layout import MERGING, part_shard
 from pipeline.sinks.parquet import ParquetSink
@@ -87,7 +88,7 @@ def test_shards_label_disjoint_parts_into_one_output(sim: Any, tmp_path: Path, n
     out = tmp_path / name
     sent = 0
     for k in range(3):
-        summary = label(sim, source, out, shard=Shard(k, 3))
+        summary = label(sim, source, out, shard=Shard(k, 3), dedupe=False)  # by id (with dedupe: by text)
         assert summary.exit_code == 0 and summary.other_shards == 300 - summary.labeled
         sent += summary.labeled
     assert sim.stats()["requests"] == sent == 300
@@ -118,7 +119,7 @@ def test_sharding_is_stable_when_rows_are_appended_and_reordered(sim: Any, tmp_p
     """After rows are appended and the file is shuffled, a shard resumes and labels only its new rows."""
     first = reviews(200)
     out = tmp_path / name
-    label(sim, write_csv(tmp_path / "a.csv", first), out, shard=Shard(1, 2))
+    label(sim, write_csv(tmp_path / "a.csv", first), out, shard=Shard(1, 2), dedupe=False)  # by id
     before = set(all_ids(out))
     assert before == {r[0] for r in first if shard_of(r[0], 2) == 1}
     grown = first + reviews(100, prefix="new")
@@ -169,12 +170,12 @@ def test_dry_run_of_a_shard_counts_exactly_what_it_sends(sim: Any, tmp_path: Pat
     source = write_csv(tmp_path / "in.csv", reviews(120))
     out = tmp_path / "out.jsonl"
     mine = sum(shard_of(r[0], 4) == 2 for r in reviews(120))
-    planned = cli(*shard_args(sim, source, out, "2/4", "--dry-run"))
+    planned = cli(*shard_args(sim, source, out, "2/4", "--dry-run", "--no-dedupe"))  # by id
     assert planned.returncode == 0, planned.stderr
     assert f"{mine} rows to label" in planned.stdout
     assert f"shard 2/4: {120 - mine} rows of the input belong to other shards" in planned.stdout
     assert not list(tmp_path.glob("out*"))
-    assert cli(*shard_args(sim, source, out, "2/4")).returncode == 0
+    assert cli(*shard_args(sim, source, out, "2/4", "--no-dedupe")).returncode == 0
     assert sim.stats()["requests"] == mine
 
 
@@ -183,7 +184,7 @@ def test_relabel_changed_in_a_parquet_shard_rewrites_only_its_own_parts(sim: Any
     rows = reviews(100)
     out = tmp_path / "out.parquet"
     for k in range(2):
-        label(sim, write_csv(tmp_path / "in.csv", rows), out, shard=Shard(k, 2), checkpoint_rows=10)
+        label(sim, write_csv(tmp_path / "in.csv", rows), out, shard=Shard(k, 2), checkpoint_rows=10, dedupe=False)
     sibling_parts = sorted(p.name for p in out.iterdir() if part_shard(p.name) == Shard(1, 2))
     edited = [
         (i, lang, f"{text} (edited)" if shard_of(i, 2) == 0 and n % 5 == 0 else text)
@@ -191,7 +192,8 @@ def test_relabel_changed_in_a_parquet_shard_rewrites_only_its_own_parts(sim: Any
     ]
     changed = sum(a[2] != b[2] for a, b in zip(rows, edited, strict=True))
     sim.reset()
-    summary = label(sim, write_csv(tmp_path / "in.csv", edited), out, shard=Shard(0, 2), relabel_changed=True)
+    summary = label(sim, write_csv(tmp_path / "in.csv", edited), out, shard=Shard(0, 2), relabel_changed=True,
+                    dedupe=False)  # fmt: skip
     assert summary.labeled == changed == sim.stats()["requests"] > 0
     assert sorted(p.name for p in out.iterdir() if part_shard(p.name) == Shard(1, 2)) == sibling_parts
     assert sorted(all_ids(out)) == sorted(r[0] for r in rows)
@@ -257,7 +259,7 @@ def test_status_tells_done_running_stale_and_not_started_shards(sim: Any, tmp_pa
         running.communicate(timeout=30)
     assert report["shards_by_state"] == {"done": ["0/4"], "stale": ["1/4"], "running": ["2/4"], "not started": ["3/4"]}
     per_shard = {s["shard"]: s for s in report["shards"]}
-    assert per_shard["0/4"]["labeled"] == sum(shard_of(r[0], 4) == 0 for r in rows)
+    assert per_shard["0/4"]["labeled"] == sum(text_shard(r[2], 4) == 0 for r in rows)
     assert report["labeled"] == sum(s["labeled"] for s in report["shards"])
     assert per_shard["2/4"]["eta_s"] is not None and report["eta_s"] is not None
     assert per_shard["3/4"]["labeled"] == 0
@@ -320,7 +322,7 @@ def test_four_shards_killed_at_random_moments_end_with_every_id_once(sim: Any, t
     rng = random.Random("four-shards")
     sim.configure(latency_ms=50)
     rows = reviews(4000)
-    wanted = {r[0] for r in rows}
+    wanted = {r[0]: text_shard(r[2], 4) for r in rows}  # dedupe on: rows go to the shard of their text
     source = write_csv(tmp_path / "in.csv", rows)
     out = tmp_path / "out.parquet"
     # 4 in flight at 50 ms: at most ~80 rows/s a shard, so each shard's 1,000 rows take several runs.
@@ -357,8 +359,14 @@ def test_four_shards_killed_at_random_moments_end_with_every_id_once(sim: Any, t
         assert not list((meta / f"shard-{k}-of-4" / "tmp").glob("*.tmp"))
 
 
-def check_parts(out: Path, wanted: set[str]) -> None:
-    """No id twice in the directory, no id outside the input, and every part holds only its own shard's ids."""
+def text_shard(text: str, count: int) -> int:
+    """The shard of a row with this text when dedupe is on (the default): SENTIMENT sends the text as it is."""
+    return key_shard(int(text_sha(text), 16), count)
+
+
+def check_parts(out: Path, wanted: dict[str, int]) -> None:
+    """No id twice in the directory, no id outside the input, and every part holds only its own shard's ids
+    (`wanted`: id → its shard)."""
     seen: list[str] = []
     if not out.exists():
         return
@@ -366,7 +374,7 @@ def check_parts(out: Path, wanted: set[str]) -> None:
         shard = part_shard(part.name)
         assert isinstance(shard, Shard), part.name
         ids = pq.read_table(part, columns=["id"]).column("id").to_pylist()
-        assert all(shard_of(i, 4) == shard.index for i in ids), f"a foreign id in {part.name}"
+        assert all(wanted.get(i) == shard.index for i in ids), f"a foreign id in {part.name}"
         seen += ids
     assert len(seen) == len(set(seen)), "an id was written twice"
-    assert set(seen) <= wanted
+    assert set(seen) <= set(wanted)

@@ -79,7 +79,7 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
         force=args.force,
         restart=not args.skip_labeled,
         relabel_changed=args.relabel_changed,
-        dedupe=args.dedupe and args.engine in ("online", "batch"),  # auto and Ray send every row (docs/dedupe.md)
+        dedupe=args.dedupe,
         dedupe_match=args.dedupe_match,
         progress="off" if args.quiet else "log" if args.no_progress else "auto",
         grace_seconds=args.grace,

@@ -58,6 +58,7 @@ class OnlineEngine:
         """Label every row the gate lets through, until the input, --limit or a stop ends it."""
         opts = run.opts
         _note_running_batches(run)
+        gate = await run.gate(dedupe=True)  # the dedupe pass, before any worker starts
         limiter = self.limiter = Limiter(opts.limits).remembering(
             run.sink.meta.limit_memory(self.base_urls, opts.model)
         )
@@ -78,7 +79,7 @@ class OnlineEngine:
         reporter = Reporter(
             run.stats, mode=opts.progress, stream=run.notice, concurrency=lambda: (limiter.in_flight, limiter.limit)
         )
-        lines = self.lines = _Pipeline(run, client, limiter)
+        lines = self.lines = _Pipeline(run, client, limiter, gate)
         error: LabelstreamError | None = None
         try:
             async with asyncio.TaskGroup() as group:
@@ -142,12 +143,12 @@ _DONE = object()  # the writer's sentinel: every worker has finished
 class _Pipeline:
     """The queues and coroutines of one online run."""
 
-    def __init__(self, run: Run, client: LabelClient, limiter: Limiter) -> None:
+    def __init__(self, run: Run, client: LabelClient, limiter: Limiter, gate: RowGate) -> None:
         opts = run.opts
         self.run, self.client, self.limiter = run, client, limiter
         self.source = run.prepared.source
-        self.gate: RowGate = run.gate(dedupe=True)
-        self.dedupe = self.gate.dedupe
+        self.gate = gate
+        self.dedupe = gate.dedupe
         self.stats = run.stats
         self.stopping = run.stopping
         # Bounded, so a slow API slows the reader; a few hundred rows keep even thousands of workers fed (the

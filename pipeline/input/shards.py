@@ -31,6 +31,13 @@ def shard_of(row_id: str, count: int) -> int:
     return int.from_bytes(digest, "little") % count
 
 
+def key_shard(key: int, count: int) -> int:
+    """The shard of a 64-bit text key. Hashed again (not `key % count`): the dedupe sets hold these keys as
+    Python ints, whose hash slots are their low bits, and a shard's keys all alike there would crowd them."""
+    digest = blake2b(key.to_bytes(8, "little"), digest_size=8, key=_KEY).digest()
+    return int.from_bytes(digest, "little") % count
+
+
 @dataclass(frozen=True, slots=True)
 class Shard:
     """Shard `index` of `count` (0-based: `--shard 0/4` … `--shard 3/4`)."""
@@ -48,6 +55,10 @@ class Shard:
     def holds(self, row_id: str) -> bool:
         """Whether this shard labels `row_id`."""
         return self.count == 1 or shard_of(row_id, self.count) == self.index
+
+    def holds_key(self, key: int) -> bool:
+        """Whether this shard labels the rows of a 64-bit text key (sharding by text, run/sharding.py)."""
+        return self.count == 1 or key_shard(key, self.count) == self.index
 
     @property
     def label(self) -> str:

@@ -24,6 +24,7 @@ from pipeline.api.tokens import TokenEstimator
 from pipeline.errors import Interrupted, LabelstreamError
 from pipeline.results import Row, new_run_id
 from pipeline.run.budget import Budget, check_before_start
+from pipeline.run.dedupe import Dedupe
 from pipeline.run.options import RunOptions, resume_after
 from pipeline.run.prepare import Prepared, RowGate, prepare_run
 from pipeline.run.summary import Summary
@@ -61,8 +62,8 @@ class Run:
     """The state of one run that every engine shares: options, sink, stats, budget, stop requests."""
 
     def __init__(self, opts: RunOptions, engine: Engine, *, notice: IO[str] | None = None) -> None:
-        # Only the online and batch engines make copies: the others send every row, and --max-cost prices them all.
-        copies = engine.name in ("online", "batch")
+        # Only these engines make copies: any other sends every row, and --max-cost prices them all.
+        copies = engine.name in ("online", "batch", "ray")
         self.opts = opts if copies or not opts.dedupe else dataclasses.replace(opts, dedupe=False)
         self.engine = engine
         self.notice = notice or sys.stderr
@@ -94,16 +95,21 @@ class Run:
         if self.opts.progress != "off":
             print(f"labelstream: {text}", file=self.notice, flush=True)
 
-    def gate(self, *, budget: bool = False, dedupe: bool = False) -> RowGate:
+    async def gate(self, *, budget: bool = False, dedupe: bool = False) -> RowGate:
         """The row gate over this run's input: done ids, repeats, problems, shards, --limit. With `budget`, a row
         passes only if --max-cost holds its worst case (engines that cannot settle a request before the next one
         leaves, like batch and Ray, pay at most that for every row they send). With `dedupe` (an engine that
         makes copies: Verdict.COPY) and --no-dedupe not given, repeated texts are sent once (run/dedupe.py)."""
         admit = self._admit if budget and self.budget is not None else None
         prepared = self.prepared
-        copies = prepared.plan_dedupe(self.opts) if dedupe and self.opts.dedupe else None
-        return RowGate(prepared.done, self.stats, self.opts.max_rows, redo=prepared.redo, shard=self.opts.shard,
-                       admit=admit, dedupe=copies)  # fmt: skip
+        copies = await self.plan_dedupe() if dedupe and self.opts.dedupe else None
+        return RowGate(prepared.done, self.stats, self.opts.max_rows, redo=prepared.redo, dropped=prepared.dropped,
+                       shard=self.opts.shard, admit=admit, dedupe=copies)  # fmt: skip
+
+    async def plan_dedupe(self) -> Dedupe:
+        """The dedupe pass over the input and the sink, in a thread: the loop keeps serving signals and the
+        progress file meanwhile, and a Ctrl-C ends the pass at once (the run then sends nothing)."""
+        return await asyncio.to_thread(self.prepared.plan_dedupe, self.opts, self.stopping.is_set)
 
     def _admit(self, row: Row) -> bool:
         assert self.budget is not None  # noqa: S101 - only given with a budget

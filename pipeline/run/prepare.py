@@ -21,8 +21,9 @@ from pipeline.input.location import ReadOptions
 from pipeline.input.shards import Shard
 from pipeline.input.sources import Source, input_source
 from pipeline.results import Failed, Row, now_iso, problem_failure, sha_tag
-from pipeline.run.dedupe import Dedupe
+from pipeline.run.dedupe import Dedupe, key_of
 from pipeline.run.options import RunOptions
+from pipeline.run.sharding import all_done, check_shard_key, shard_key
 from pipeline.sinks import Identity, Manifest, Sink, check_layout, open_sink
 from pipeline.sinks.layout import move_aside
 from pipeline.sinks.storage import object_filesystem, uri_options
@@ -62,19 +63,24 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
     relabeled: int = 0  # rows whose text changed, labeled again for --relabel-changed
     redo: IdSet = field(default_factory=IdSet)  # done ids to label again (a dry run keeps them in `done`)
+    dropped: IdSet = field(default_factory=IdSet)  # ids whose labels this run dropped (--relabel-changed)
 
-    def plan_dedupe(self, opts: RunOptions) -> Dedupe:
-        """Read the input and the sink once for the texts that repeat (run/dedupe.py); the input starts over."""
+    def plan_dedupe(self, opts: RunOptions, stop: Callable[[], bool] | None = None) -> Dedupe:
+        """Read the input and the sink once for the texts that repeat (run/dedupe.py); the input starts over.
+        Blocking (a second or so per 200k rows): call it from a thread. Once `stop()` is true it reads no more and
+        plans only what it read, which is enough for a run that is stopping (it sends nothing new)."""
         shard = opts.shard if opts.shard is not None and opts.shard.count > 1 else None
         outputs = [f.name for f in opts.config.outputs]
         columns = ["id", "label", "confidence", "model", "text_sha", *outputs]
         redo = self.redo if len(self.redo) else None
+        key = key_of(opts.dedupe_match)
 
         def todo(row: Row) -> bool:
             done = row.id in self.done and not (redo is not None and row.id in redo)
-            return not (row.problem or done or (shard is not None and not shard.holds(row.id)))
+            return not (row.problem or done or (shard is not None and not shard.holds_key(key(row))))
 
-        rows = (row for batch in self.source.batches() for row in batch if todo(row))
+        batches = itertools.takewhile(lambda _: stop is None or not stop(), self.source.batches())
+        rows = (row for batch in batches for row in batch if todo(row))
         # Sibling shards' saved records too: what any shard labeled before this run starts is copied, not sent.
         sinks = (
             [self.sink]
@@ -82,6 +88,8 @@ class Prepared:
             else [open_sink(opts.output, Shard(i, shard.count)) for i in range(shard.count)]
         )
         records = iter(()) if opts.restart else itertools.chain.from_iterable(s.iter_records(columns) for s in sinks)
+        if stop is not None:
+            records = itertools.takewhile(lambda _: not stop(), records)
         dedupe = Dedupe.plan(rows, records, outputs=outputs, matching=opts.dedupe_match)
         self.source.close()
         self.source.open()
@@ -178,9 +186,14 @@ def _prepare(opts: RunOptions, source: Source, sink: Sink, *, dry_run: bool) -> 
         # The task file, so that `batch ingest` can validate results without being told again.
         "config": str(Path(opts.config.source).resolve()) if Path(opts.config.source).is_file() else None,
     }
+    if opts.shard is not None and opts.shard.count > 1:
+        # Rows may have moved between shards since they were labeled (sharding.py): skip ids done in any.
+        prepared.done = all_done(opts, opts.shard)
     if not dry_run:
-        manifest.runs.append({"started_at": now_iso(), "model": opts.model})
+        manifest.runs.append({"started_at": now_iso(), "model": opts.model, "shard_key": shard_key(opts)})
         sink.meta.write_manifest(manifest)
+        if opts.shard is not None:
+            check_shard_key(opts, opts.shard)
     return prepared
 
 
@@ -192,7 +205,7 @@ def _relabel_changed(prepared: Prepared, *, dry_run: bool) -> None:
     if len(changed) and not dry_run:
         # Drop first, then label: a crash in between leaves those rows unlabeled, never twice in the sink.
         sink.drop_ids(changed)
-        prepared.done = sink.load_done()
+        prepared.done, prepared.dropped = sink.load_done(), changed
         prepared.notes.append(f"--relabel-changed: dropped the labels of {len(changed):,} rows whose text changed")
     else:
         prepared.redo = changed
@@ -283,6 +296,7 @@ class RowGate:
         max_rows: int | None,
         *,
         redo: IdSet | None = None,
+        dropped: IdSet | None = None,
         shard: Shard | None = None,
         admit: Callable[[Row], bool] | None = None,
         dedupe: Dedupe | None = None,
@@ -294,7 +308,9 @@ class RowGate:
         self.held = False  # `admit` refused a row: nothing more passes
         self.shard = shard if shard is not None and shard.count > 1 else None
         self.redo = redo if redo is not None and len(redo) else None
+        self.dropped = dropped if dropped is not None and len(dropped) else None
         self.seen = IdSet()
+        self.elsewhere = IdSet()  # sharded by text: ids whose first row went to another shard
         self.stats = stats
         self.max_rows = max_rows
         self.sent = 0
@@ -316,12 +332,27 @@ class RowGate:
         self.stats.record_failure(failure.kind, row.id, failure.message)
         return failure
 
+    def _holds(self, row: Row) -> bool:
+        """Whether this shard labels `row`: by its text's dedupe key when deduping (sharding.py), else by id. The
+        first row of an id decides: a later row with that id and another text goes where the first went."""
+        assert self.shard is not None  # noqa: S101 - only asked of a shard
+        if self.dedupe is None or row.problem:
+            return self.shard.holds(row.id)
+        if not self.shard.holds_key(self.dedupe.key(row)):
+            self.elsewhere.add(row.id)
+            return False
+        return row.id in self.seen or row.id not in self.elsewhere
+
     def classify(self, row: Row) -> Verdict:
         """Decide what happens to `row` (call in input order, and not once `full`)."""
         stats = self.stats
         stats.read += 1
-        if self.shard is not None and not self.shard.holds(row.id):
+        if self.shard is not None and not self._holds(row):
             stats.other_shards += 1
+            if self.dropped is not None and row.id in self.dropped:
+                # Edited into another shard's text: that shard labels it, but may have read the done ids before
+                # this run dropped it. Not "all labeled" until a run of it has (run/sharding.py).
+                stats.unfinished += 1
             return Verdict.OTHER_SHARD
         tag = 0 if row.problem else sha_tag(row.sha)
         held = self.done.tag_of(row.id)

@@ -340,7 +340,8 @@ class Summary:
 _SUMMED = (
     "labeled", "failed", "saved", "skipped_done", "duplicates", "conflicts", "changed", "truncated", "retries",
     "rate_limited", "prompt_tokens", "completion_tokens", "hedged", "timeouts", "held", "unusable_replies",
-    "unusable_tokens", "abandoned", "copies",
+    "unusable_tokens", "abandoned", "copies", "cached_tokens", "unavailable", "logprobs_unread", "batches",
+    "submitted", "in_batches", "pending", "unfinished", "refused", "refused_before",
 )  # fmt: skip
 
 
@@ -357,6 +358,11 @@ def combine(
     `max_cost` is the whole run's cap (each shard had its part of it)."""
     if not parts:
         raise ValueError("nothing to combine")
+
+    def money(name: str) -> float | None:  # what the parts that know it add up to (None: no part has a price)
+        known = [v for v in (getattr(p, name) for p in parts) if v is not None]
+        return sum(known) if known else None
+
     totals = {name: sum(getattr(p, name) for p in parts) for name in _SUMMED}
     failures: dict[str, int] = {}
     samples: dict[str, list[str]] = {}
@@ -369,7 +375,6 @@ def combine(
             into = servers.setdefault(url, {})
             for key, n in counts.items():
                 into[key] = into.get(key, 0) + n
-    costs = [p.cost_usd for p in parts if p.cost_usd is not None]
     return Summary(
         state=worst_state([p.state for p in parts]),
         max_cost=max_cost,
@@ -377,8 +382,6 @@ def combine(
         output=output,
         dead_letters=dead_letters,
         elapsed_s=round(elapsed_s, 2),
-        cost_usd=sum(costs) if costs else None,
-        copy_saving_usd=sum(p.copy_saving_usd or 0.0 for p in parts) if any(p.copy_saving_usd for p in parts) else None,
         model=parts[0].model,
         resume_command=resume,
         failures=failures,
@@ -389,5 +392,9 @@ def combine(
         error=next((p.error for p in parts if p.error), None),
         gateway=next((p.gateway for p in parts if p.gateway), None),
         servers=servers,
+        cost_usd=money("cost_usd"),
+        standard_cost_usd=money("standard_cost_usd"),
+        abandoned_cost_usd=money("abandoned_cost_usd"),
+        copy_saving_usd=money("copy_saving_usd"),
         **totals,
     )

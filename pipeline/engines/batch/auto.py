@@ -19,6 +19,7 @@ from pipeline.engines.batch.ledger import Ledger
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.online import OnlineEngine
 from pipeline.errors import BatchError
+from pipeline.run import summary
 from pipeline.run.lifecycle import Run
 from pipeline.run.options import RunOptions
 from pipeline.run.summary import Summary
@@ -79,43 +80,24 @@ def _say_estimate(online: Summary, opts: RunOptions, notice: IO[str]) -> None:
 
 
 def combine(online: Summary, batched: Summary) -> Summary:
-    """One summary for the online slice and the batch run that followed it."""
-
-    def total(a: float | None, b: float | None) -> float | None:
-        return None if a is None or b is None else a + b
-
-    failures = dict(online.failures)
-    for kind, n in batched.failures.items():
-        failures[kind] = failures.get(kind, 0) + n
-    samples = {k: list(v) for k, v in online.samples.items()}
-    for kind, found in batched.samples.items():
-        samples[kind] = (samples.get(kind, []) + found)[:3]
+    """One summary for the online slice and the batch run that followed it: the two parts added up as for shards
+    (`pipeline.run.summary.combine`), then what is auto's own."""
+    both = summary.combine(
+        [online, batched],
+        output=batched.output,
+        dead_letters=batched.dead_letters,
+        resume=batched.resume_command,
+        elapsed_s=online.elapsed_s + batched.elapsed_s,  # one after the other
+        max_cost=online.max_cost,  # the whole run's cap (the batches had what the slice left of it)
+    )
     return dataclasses.replace(
-        batched,
-        labeled=online.labeled + batched.labeled,
-        failed=online.failed + batched.failed,
-        saved=online.saved + batched.saved,
-        # The batch run found the online slice in the sink; it was this run's work, not an earlier one's.
+        both,
+        # The batch run read the whole input again: the online slice's rows were this run's work, not an earlier
+        # run's, and rows edited since their label are counted by it alone.
         skipped_done=max(0, batched.skipped_done - online.saved),
-        truncated=online.truncated + batched.truncated,
-        copies=online.copies + batched.copies,  # the CLI turns dedupe off for auto (docs/dedupe.md)
-        copy_saving_usd=total(online.copy_saving_usd, batched.copy_saving_usd),
-        hedged=online.hedged + batched.hedged,
-        timeouts=online.timeouts + batched.timeouts,
-        abandoned=online.abandoned + batched.abandoned,
-        abandoned_cost_usd=total(online.abandoned_cost_usd, batched.abandoned_cost_usd),
-        unusable_replies=online.unusable_replies + batched.unusable_replies,
-        unusable_tokens=online.unusable_tokens + batched.unusable_tokens,
-        retries=online.retries + batched.retries,
-        rate_limited=online.rate_limited + batched.rate_limited,
-        unavailable=online.unavailable + batched.unavailable,
-        elapsed_s=round(online.elapsed_s + batched.elapsed_s, 2),
-        prompt_tokens=online.prompt_tokens + batched.prompt_tokens,
-        completion_tokens=online.completion_tokens + batched.completion_tokens,
-        cost_usd=total(online.cost_usd, batched.cost_usd),
-        standard_cost_usd=total(online.standard_cost_usd, batched.standard_cost_usd),
-        failures=failures,
-        samples=samples,
+        changed=batched.changed,
         engine="auto",
         tier=online.tier,
+        shard=batched.shard,
+        other_shards=batched.other_shards,
     )

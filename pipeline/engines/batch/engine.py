@@ -26,15 +26,14 @@ from pipeline.engines.batch.poll import BatchProgress, refresh, wait_for_batches
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.batch.submit import SETTLE_SECONDS, Planner, counts_of, submit
 from pipeline.errors import BatchError, LabelstreamError, UsageError
-from pipeline.input.ids import IdSet
 from pipeline.results import Failed, Labeled, sha_tag
+from pipeline.run.copies import copy_from_sink
 from pipeline.run.dedupe import Dedupe
 from pipeline.run.lifecycle import Run
 from pipeline.run.options import RunOptions, resolve_credentials
-from pipeline.run.prepare import RowGate
 from pipeline.run.summary import Summary
 from pipeline.sinks.progress_file import RunState
-from pipeline.stats import CallStats, RunStats
+from pipeline.stats import RunStats
 
 _ROWS_AT_ONCE = 5000  # rows of a batch read and settled at a time
 
@@ -188,7 +187,7 @@ class _Batches:
             max_bytes=self.settings.max_bytes,
         )
         # The Batch API sends each request once: its worst case is its cost. One request per distinct text.
-        gate = self.run.gate(budget=True, dedupe=True)
+        gate = await self.run.gate(budget=True, dedupe=True)
         live = ledger.live_ids()
         if gate.dedupe is not None:
             await asyncio.to_thread(self.mark_sent, gate.dedupe)
@@ -231,22 +230,10 @@ class _Batches:
                 dedupe.first(row)
 
     async def copy_pass(self) -> None:
-        """Once this run's batches are collected, the rows that repeat a text they sent copy its record. A scratch
-        gate and stats: the rows were counted when first read. Rows whose original failed wait for the next run."""
-        prepared = self.run.prepared
-        prepared.source.close()  # the first pass read it to the end
-        prepared.source.open()
-        dedupe = await asyncio.to_thread(prepared.plan_dedupe, self.opts)
-        scratch = RunStats(calls=CallStats(), model=self.opts.model)
-        gate = RowGate(prepared.done, scratch, None, shard=self.opts.shard, dedupe=dedupe)
-        planner = Planner.over(prepared.source.batches(), gate, IdSet(), scratch, None)  # no files: copies only
-        while not self.stopping.is_set():
-            await asyncio.to_thread(planner.next_file, self.engine.stop_planning)
-            await self.write_copies(planner.copies)
-            if not planner.paused:
-                break
-        if planner.deferred:
-            self.say(f"{planner.deferred:,} rows repeat a text whose request failed: the next run labels them")
+        """Once this run's batches are collected, the rows that repeat a text they sent copy its record (the
+        run's copy pass, run/copies.py). Rows whose original failed wait for the next run."""
+        if left := await copy_from_sink(self.run):
+            self.say(f"{left:,} rows repeat a text whose request failed: the next run labels them")
 
     async def write_copies(self, copies: list[Labeled]) -> None:
         """Save the copies the planner made (their originals are in the sink) and count them as labeled."""

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
 import pyarrow as pa
@@ -26,7 +27,8 @@ import pyarrow as pa
 from pipeline.engines.ray.dataset import ROWS_PER_FILE
 from pipeline.engines.ray.output import write_args
 from pipeline.errors import LabelstreamError, UsageError
-from pipeline.results import Failed, Row
+from pipeline.results import Failed, Labeled, Row
+from pipeline.run.copies import copy_from_sink, copy_of_known, save_copies
 from pipeline.run.lifecycle import Run
 from pipeline.run.options import RunOptions
 from pipeline.run.prepare import Prepared, RowGate, Verdict
@@ -74,13 +76,21 @@ class RayEngine:
         self.tier = "flex" if opts.service_tier == "flex" else "standard"
 
     async def execute(self, run: Run) -> None:
-        """Read the rows here, then run the job in a thread (the event loop keeps serving signals and progress)."""
+        """Read the rows here, then run the job in a thread (the event loop keeps serving signals and progress);
+        then the rows that repeat a text the job sent copy its record from the sink (run/copies.py)."""
         try:
-            refs = _put_rows(run, self._put)
-            if refs and isinstance(run.sink, ObjectParquetSink):
-                await self._label_and_commit(run, refs, run.sink)
-            elif refs:
-                await asyncio.to_thread(self._label, run, refs)
+            rows = _put_rows(run, await run.gate(budget=True, dedupe=True), self._put)
+            await save_copies(run, rows.copies)  # of texts the sink held before: their originals are in it
+            if rows.refs and isinstance(run.sink, ObjectParquetSink):
+                await self._label_and_commit(run, rows.refs, run.sink)  # originals are in the dataset once it returns
+            elif rows.refs:
+                await asyncio.to_thread(self._label, run, rows.refs)
+            # With --limit the waiting rows are left: the next run copies them while it reads the input.
+            if rows.waiting and not run.stopping.is_set() and run.opts.max_rows is None:
+                # Ray's writer saved the originals itself: the run learns their ids from the sink.
+                run.prepared.done = await asyncio.to_thread(run.sink.load_done, repair=False)
+                if left := await copy_from_sink(run):
+                    run.say(f"{left:,} rows repeat a text whose request failed: the next run labels them")
         finally:
             if self.started_ray:
                 import ray  # noqa: PLC0415 - the ray extra loads only for --engine ray
@@ -169,20 +179,35 @@ async def run(opts: RunOptions, *, notice: IO[str] | None = None, **settings: An
     return await Run(opts, RayEngine(settings.get("actors") or 2), notice=notice).execute()
 
 
-def _put_rows(run: Run, put: Callable[[Run, pa.Table], Any]) -> list[Any]:
+@dataclass(slots=True)
+class _Put:
+    """What the driver's read left: the object refs of the rows to send, copies of texts the sink holds, and how
+    many rows wait for an original this job sends (copied from the sink after it)."""
+
+    refs: list[Any] = field(default_factory=list)
+    copies: list[Labeled] = field(default_factory=list)
+    waiting: int = 0
+
+
+def _put_rows(run: Run, gate: RowGate, put: Callable[[Run, pa.Table], Any]) -> _Put:
     """Read the input here through the run's gate (with --max-cost, each row's worst case is held before it
     goes): the rows to send go to Ray's object store a table at a time (`put`: the driver never holds them all);
-    bad rows are dead-lettered. Returns the object refs."""
+    bad rows are dead-lettered; a row repeating a text (dedupe) is not sent."""
     prepared, stats = run.prepared, run.stats
-    gate = run.gate(budget=True)
     carry = list(prepared.source.carry)
-    refs: list[Any] = []
+    out = _Put()
+    refs = out.refs
     chunk: list[Row] = []
     problems: list[Failed] = []
     for row in _rows(prepared, gate, run.stopping):
         verdict = gate.classify(row)
         if verdict is Verdict.PROBLEM:
             problems.append(gate.failure(row))
+        elif verdict is Verdict.COPY:
+            assert gate.dedupe is not None  # noqa: S101 - only a gate with dedupe sorts copies
+            copy = copy_of_known(gate.dedupe, row)
+            out.waiting += copy is None
+            out.copies += [copy] if copy is not None else []
         elif verdict is Verdict.SEND:
             chunk.append(row)
             if len(chunk) >= ROWS_PER_TABLE:
@@ -193,7 +218,7 @@ def _put_rows(run: Run, put: Callable[[Run, pa.Table], Any]) -> list[Any]:
     if problems:
         prepared.sink.meta.append_dead_letters(problems, run.run_id)
     stats.expected, stats.expected_exact = gate.admitted, True
-    return refs
+    return out
 
 
 def _rows(prepared: Prepared, gate: RowGate, stopping: asyncio.Event) -> Iterator[Row]:
