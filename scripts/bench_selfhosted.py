@@ -46,7 +46,8 @@ def main() -> None:
         for concurrency in [str(n) for n in (slots // 2, slots, 2 * slots, 4 * slots)] + ["auto"]:
             sim_reset(base_url)
             sink = work / f"out-{concurrency}.jsonl"
-            cmd = labelstream_cmd(source, sink, base_url, "--concurrency", concurrency)
+            # Every row a request: the sample repeats texts, and dedupe (on by default) would label copies for free.
+            cmd = labelstream_cmd(source, sink, base_url, "--concurrency", concurrency, "--no-dedupe")
             measured = run_child(cmd, timeout=300)
             if measured.returncode not in (0, 1):
                 print(f"<!-- {concurrency} failed: {measured.stderr[-500:]} -->")
