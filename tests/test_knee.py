@@ -152,3 +152,22 @@ def test_auto_holds_no_queue_on_a_server_in_lock_step(slots: int, cost: float) -
     auto = serve(slots=slots, cost=cost, jitter=0.0)
     assert auto.rate >= 0.95 * best.rate
     assert auto.p99 <= 1.5 * best.p99
+
+
+def test_slow_replies_that_are_not_a_queue_are_trimmed_once_at_most() -> None:
+    """A server under its knee whose replies are sometimes slow anyway (one in 33 at 2.5×, whatever the window):
+    the trim they suggest loses throughput, so it is undone, and not tried again at that window."""
+    knee = Knee(10.0, floor=1.0, ceiling=50.0)
+    now, replies, trims, phase, held = 0.0, 0, 0, knee.phase, knee.window
+    for _ in range(400):  # rounds of one round trip: the whole window comes back in 0.2 s
+        window = int(knee.window)
+        for _ in range(window):
+            replies += 1
+            now += 0.2 / window
+            knee.on_reply(0.5 if replies % 33 == 0 else 0.2, window_limited=True, now=now)
+            if knee.phase == "trim" and phase != "trim":
+                trims += 1
+                held = knee._before
+            phase = knee.phase
+    assert trims == 1
+    assert knee.window == held, "the window the trim started from is back"
