@@ -81,8 +81,7 @@ def compare(store: Store, rows: int, repeats: int, latency_ms: int, concurrency:
                 name = f"out-{uuid.uuid4().hex[:8]}.parquet"
                 out = str(work / name) if kind == "local" else f"{store.scheme}://bench/{name}"
                 sim_reset(base_url)
-                # --no-dedupe: the sample repeats texts, and every row should be a request and a record here.
-                extra = ("--concurrency", str(concurrency), "--no-dedupe", *ENGINE_ARGS[engine])
+                extra = ("--concurrency", str(concurrency), *ENGINE_ARGS[engine])  # labelstream_cmd adds --no-dedupe
                 cmd = labelstream_cmd(source, Path(out), base_url, *extra)
                 cmd[cmd.index("--output") + 1] = out  # a Path would fold s3:// to s3:/
                 server_cpu = store.server_cpu()

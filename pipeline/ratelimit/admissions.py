@@ -9,9 +9,12 @@ keeps the window full, and the busiest second shows the burst, many times the ra
 So the `Pacer` keeps this log beside it:
 
 - **A lockout** is a run of overloads with nothing admitted in between, lasting 5 s or more. The pause doubles
-  (`LOCKOUT_PAUSE`: 1 s, then 2 s at most), and the bucket paces at the rate below, so a minute of refusals costs
-  about thirty 429s, not a round of them every second. (Longer pauses would cost fewer, but the lockout's end
-  would show later, and a pace measured over a cycle that looks longer than it was is too slow.)
+  (`LOCKOUT_PAUSE`: 1 s, then 2 s), and the bucket paces at the rate below, so refusals do not come in a round
+  every second. A lockout that has lasted a while shows a window at least that long, and the probes thin out
+  with it: a pause is at least `LOCKOUT_SHARE` of the lockout so far, up to `LOCKOUT_LONGEST` (a minute's
+  window costs about twenty 429s instead of thirty, each of which also stays in the window; a 10 s window's
+  pauses are as before). Longer pauses would cost fewer still, but the lockout's end would show later, and
+  every second it shows late is a second of the limit unused.
 - **The sustained rate** is what was admitted, by send time, over the last `HORIZON` seconds (or since the run
   began), the lockout included. Over a window's whole cycle (its burst and its lockout) that is the window's limit
   over its length, whatever the length; when the lockout ends, the pace starts there.
@@ -24,6 +27,8 @@ from typing import Final
 
 HORIZON: Final = 120.0  # seconds of admissions kept: a 60 s window's burst and lockout both fit
 LOCKOUT_PAUSE: Final = (1.0, 2.0)  # the pause after a silent 429: the first, and the most it doubles to
+LOCKOUT_SHARE: Final = 0.1  # ...and at least this share of the lockout so far (its window is at least that long)
+LOCKOUT_LONGEST: Final = 4.0  # ...up to this many seconds (its end shows late by half a pause, on average)
 # A refusal right after a pause can come from a 1 s window still holding the refusals that opened it (a slow
 # 429 lets more requests out first): only a lockout this long shows a window longer than a second.
 LONG_LOCKOUT: Final = 5.0
@@ -95,10 +100,13 @@ class Admissions:
         self._overload_at = now
         return self.streak
 
-    def pause(self, streak: int) -> float:
-        """Seconds to pause after a silent 429 of an overload with this streak."""
+    def pause(self, streak: int, now: float) -> float:
+        """Seconds to pause after a silent 429 at `now` of an overload with this streak."""
         first, most = LOCKOUT_PAUSE
-        return float(min(most, first * 2.0 ** max(0, streak - 1)))
+        pause = min(most, first * 2.0 ** max(0, streak - 1))
+        if streak >= 2:  # the streak under way, which began at _streak_start
+            pause = max(pause, min(LOCKOUT_LONGEST, LOCKOUT_SHARE * (now - self._streak_start)))
+        return float(pause)
 
     def busiest(self, until: float, span: float) -> float | None:
         """Admitted requests per second in the busiest `span` (whole seconds) of the three spans before `until`."""

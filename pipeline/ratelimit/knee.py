@@ -22,6 +22,17 @@ one round trip (the replies that come back within one recent latency):
   throughput raises the window, so it cannot creep up however the latency drifts; probes that do not pay come
   rarer (every `MIN_HOLD_ROUNDS`, doubling up to every `MAX_HOLD_ROUNDS`), so a probe every so often finds a
   server that got faster.
+- **Queued replies: the exact correction.** A server that runs its slots in lock step (every request of a full
+  batch takes as long) makes a request that finds no slot wait a whole batch, so its latency has a second mode:
+  `QUEUED_RATIO` × the round's median or more. Their share of a round's replies × the window is how many
+  requests queue (in the spirit of TCP Vegas, which reads the queue from latency: here only the second mode
+  counts, since batching slows every reply without any queue). At a held window that queue is taken out at once
+  (a trim, kept if the throughput holds: 66 in flight for 64 slots become 64, where a 15% down probe lost
+  throughput and was undone), and an up probe whose extra requests queue ends as soon as they come back, at
+  the window less that queue. Once the knee was seen that way, up probes start at `FINE_STEP` and come at
+  most every `KNEE_HOLD_ROUNDS`: a full step past a knee seen exactly would only queue. A server that admits
+  a queued request the moment any sequence ends (vLLM, with latencies that vary) shows little second mode;
+  the probes and the baseline handle it as before.
 - **Baseline**: the lowest round latency within `BASE_SECONDS` (by time, not per reply, so a queue that lasts
   does not become the new normal in a few hundred replies). When two rounds in a row at a held window are
   `QUEUE_RATIO` times slower (against the baseline) than that window was, something queues (another client on
@@ -54,12 +65,15 @@ MAX_HOLD_ROUNDS: Final = 32  # ...up to this many
 FAST_WEIGHT: Final = 0.25  # startup watches the average of about the last four replies
 SETTLE_ROUNDS: Final = 2  # rounds after a change still show the old window, then the burst it sent
 MEASURE_ROUNDS: Final = 2  # a window's throughput is the mean of this many rounds (one round's count is noisy)
+QUEUED_RATIO: Final = 1.5  # a reply this × slower than its round's median waited for a slot (a second mode)
+FINE_STEP: Final = 0.04  # up probes past a knee seen in queued replies start this small...
+KNEE_HOLD_ROUNDS: Final = 16  # ...and come at most this often
 
 
 class _Round:
     """The replies of one round trip."""
 
-    __slots__ = ("fastest", "latency", "limited", "replies", "start")
+    __slots__ = ("fastest", "latencies", "latency", "limited", "replies", "start")
 
     def __init__(self, start: float) -> None:
         self.start = start
@@ -67,6 +81,13 @@ class _Round:
         self.limited = 0
         self.latency = 0.0  # sum
         self.fastest = math.inf
+        self.latencies: list[float] = []
+
+    def queued(self) -> int:
+        """Replies that waited for a slot: those a good deal slower than the round's median (a second mode)."""
+        ordered = sorted(self.latencies)
+        typical = ordered[len(ordered) // 2]
+        return sum(1 for latency in ordered if latency > QUEUED_RATIO * typical)
 
 
 class Knee:
@@ -80,7 +101,7 @@ class Knee:
         self._start = window
         self.floor = floor
         self.ceiling = ceiling
-        self.phase = "startup"  # startup, hold, up (probing a larger window) or down (a smaller one)
+        self.phase = "startup"  # startup, hold, up (probing a larger window), down (a smaller one), trim (by the queue)
         self._round = _Round(now)
         self._rtt: float | None = None  # the last round's mean latency
         self._round_window = window  # the window when this round began
@@ -93,6 +114,10 @@ class Knee:
         self._before = window  # the window a probe started from
         self._settle = 0
         self._samples: list[float] = []
+        self._queued = 0  # replies that waited a batch for a slot, in the rounds measured so far...
+        self._counted = 0  # ...of this many
+        self._fine = False  # the knee was seen in queued replies: up probes start at FINE_STEP
+        self._untrimmed = 0.0  # a window a trim was tried at and lost throughput
         self._held_rate: float | None = None  # throughput at the held window
         self._held_ratio = 1.0  # its latency ÷ the baseline
         self._paid = 0  # probes in a row that paid
@@ -112,6 +137,7 @@ class Knee:
         current.latency += latency
         current.limited += window_limited
         current.fastest = min(current.fastest, latency)
+        current.latencies.append(latency)
         if self.phase == "startup":
             self._startup_reply(latency, window_limited)
         # A round lasts one round trip; the fastest reply of this one bounds it, so a slow first reply (connections
@@ -136,6 +162,10 @@ class Knee:
             self._probe("down")
         elif self.phase == "startup":
             self._startup_round(rate, mean, ratio)
+        elif self.phase == "up" and (queued := current.queued()) >= 2:
+            # The probe's extra requests came back a whole batch late: they queued, so the server was already full.
+            # What queued says where the knee is, sooner and more exactly than a throughput that did not rise.
+            self._knee_seen(self.window - self.window * queued / current.replies)
         elif self._settle > 0:
             self._settle -= 1
         else:
@@ -143,6 +173,8 @@ class Knee:
             # every reply; counting replies per round adds the noise of where the round's edges fall, which hides
             # the small gains a probe makes on a server whose batches get much slower as they fill.
             self._samples.append(self.window / mean)
+            self._queued += current.queued()
+            self._counted += current.replies
             self._held_ratio = ratio if self.phase == "hold" else self._held_ratio
             self._steady_round()
 
@@ -197,7 +229,17 @@ class Knee:
             return
         rate = sum(self._samples) / len(self._samples)
         self._samples = []
+        queue = self.window * self._queued / self._counted
+        self._queued = self._counted = 0
         held = self._held_rate
+        if self.phase == "hold" and queue >= 1 and self.window != self._untrimmed:
+            # A second latency mode at a held window: requests that waited a whole batch for a slot. Take exactly
+            # that many out (a step by the queue, not a blind STEP), and keep it if the throughput holds.
+            self._held_rate = rate if held is None else held
+            before = self.window
+            self._move(self.window - queue, "trim")
+            self._before = before
+            return
         if self.phase == "hold" or held is None:
             self._held_rate = rate if held is None else (held + rate) / 2
             self._held += 1
@@ -208,8 +250,11 @@ class Knee:
         if self.phase == "up" and rate >= held * (1 + ELASTIC * share):
             self._held_rate = rate
             self._hold_rounds = MIN_HOLD_ROUNDS
+            self._fine = False  # the knee moved up: probe in full strides again
             self._paid += 1
             self._probe("up")  # it paid: climb on at once, in longer strides
+        elif self.phase == "trim" and rate >= held * (1 - ELASTIC * share):
+            self._knee_seen(self.window)  # the queue is gone and nothing was lost: this is the knee
         elif self.phase == "down" and rate >= held * (1 - ELASTIC * share):
             self._held_rate = rate
             self._paid += 1
@@ -218,14 +263,24 @@ class Knee:
             self._paid = 0
             went = self.phase
             self._move(self._before, "hold")
+            if went == "trim":  # the slow replies were not a queue (it cost throughput): not again at this window
+                self._untrimmed = self.window
             self._held_rate = held
             if went == "up" and (self._held_ratio > DOWN_RATIO or self._hold_rounds >= DOWN_HOLD_ROUNDS):
                 self._probe("down")
             else:
                 self._hold_rounds = min(MAX_HOLD_ROUNDS, 2 * self._hold_rounds)
 
+    def _knee_seen(self, window: float) -> None:
+        """Queued replies showed the knee: hold there; later up probes are small and rare, since a full step past
+        a knee seen exactly only queues (a server that got faster still shows in them)."""
+        self._move(window, "hold")
+        self._fine = True
+        self._hold_rounds = max(self._hold_rounds, KNEE_HOLD_ROUNDS)
+
     def _probe(self, direction: str) -> None:
-        step = max(1.0, self.window * min(MAX_STEP, STEP * 2**self._paid))
+        first = FINE_STEP if self._fine and direction == "up" else STEP
+        step = max(1.0, self.window * min(MAX_STEP, first * 2**self._paid))
         target = self.window + step if direction == "up" else self.window - step
         if not self.floor <= target <= self.ceiling:
             self._move(self.window, "hold")
@@ -240,6 +295,7 @@ class Knee:
         self.phase = phase
         self._settle = SETTLE_ROUNDS
         self._samples = []
+        self._queued = self._counted = 0
         self._held = 0
         if phase == "hold":
             self._held_rate = None

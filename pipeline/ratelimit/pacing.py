@@ -226,7 +226,7 @@ class Pacer:
     def quiet_pause(self, now: float) -> float:
         """Seconds to pause after a 429 that does not say: longer for each overload in a row that nothing got past."""
         streak = self.admissions.streak if now < self.last_cut else self.admissions.next_streak()
-        return self.admissions.pause(streak)
+        return self.admissions.pause(streak, now)
 
     # --- inside -----------------------------------------------------------------------------------
 
