@@ -140,6 +140,24 @@ def test_live_lease_of_a_writer_elsewhere_is_not_taken_over(sim: Any, tmp_path: 
     assert bucket.keys("live/out.parquet/") == []
 
 
+def test_a_shard_is_refused_beside_a_sibling_holding_its_lease_with_another_rule(
+    sim: Any, tmp_path: Path, bucket: Bucket
+) -> None:
+    """On a bucket a sibling counts as running from the moment it holds its lease (before its progress object says
+    so): shard 1/2 sharding by text is refused beside shard 0/2 that shards by id, then runs once that lease ends."""
+    source = write_csv(tmp_path / "in.csv", reviews(40))
+    out = bucket.uri("rules/out.parquet")
+    first = cli(*label_args(sim, source, out, "--shard", "0/2", "--no-dedupe", "--limit", "5"), env=bucket.env)
+    assert first.returncode == 0, first.stderr
+    lease = f"rules/out.parquet.meta/{Shard(0, 2).name}/lease.json"
+    put_lease(bucket, lease, host="busy-node", pid=7, seconds=3600)  # shard 0 started again, by id, elsewhere
+    refused = cli(*label_args(sim, source, out, "--shard", "1/2"), env=bucket.env)
+    assert refused.returncode == 2, refused.stderr
+    assert "shard 0/2" in refused.stderr and "sharded by id (--no-dedupe)" in refused.stderr
+    bucket.client.delete_object(Bucket=bucket.name, Key=lease)
+    assert cli(*label_args(sim, source, out, "--shard", "1/2"), env=bucket.env).returncode == 0
+
+
 @both_stores
 def test_a_holder_whose_lease_was_taken_stops_writing(bucket: Bucket) -> None:
     """When another writer took the lease over, the next renewal notices and every later write is refused."""

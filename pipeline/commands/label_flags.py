@@ -58,8 +58,9 @@ def _input_flags(io: Any) -> None:
         "--storage-option",
         action="append",
         metavar="KEY=VALUE",
-        help="for an s3:// --output: endpoint_override, region, profile, lease_seconds, access_key, secret_key, "
-        "session_token (repeatable; credentials are safer in AWS_* or a profile, never written anywhere)",
+        help="for an s3:// or gs:// --output: endpoint_override, region, profile, lease_seconds, "
+        "access_key, secret_key, session_token (s3), access_token (gs) (repeatable; credentials are safer in AWS_*, a "
+        "profile or GOOGLE_APPLICATION_CREDENTIALS, and are never written anywhere)",
     )
 
 

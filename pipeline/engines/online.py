@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from pipeline.api.client import LabelClient
 from pipeline.engines.workers import WorkerPool, keep_pool_sized
-from pipeline.errors import BatchError, FatalApiError, LabelstreamError, SinkError
+from pipeline.errors import FatalApiError, LabelstreamError
 from pipeline.ratelimit.limiter import Limiter
 from pipeline.ratelimit.share import ShareFollower
 from pipeline.results import Failed, Labeled, Result, Row
@@ -355,7 +355,7 @@ def _note_running_batches(run: Run) -> None:
     from pipeline.engines.batch.ledger import Ledger  # noqa: PLC0415 - only a sink that has batches needs it
 
     live = 0
-    with contextlib.suppress(SinkError, BatchError):  # a note only: a damaged ledger is the batch engine's to report
+    with contextlib.suppress(LabelstreamError):  # a note only: a damaged or unreadable ledger is not this run's stop
         live = sum(sub.requests for sub in Ledger(run.sink.meta).held)
     if live:
         run.say(

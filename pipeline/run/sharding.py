@@ -58,7 +58,10 @@ def all_done(opts: RunOptions, shard: Shard) -> IdSet:
 
 
 def _running(meta: SinkMeta) -> bool:
-    """Whether a run holds this shard now: its lock is taken (local), or its progress file says it is live."""
+    """Whether a run holds this shard now: its lock is taken (local) or its lease is live (object storage; both are
+    taken before the shard's manifest is written), else what its progress file says."""
+    if (lease := getattr(meta, "lease", None)) is not None:
+        return bool(lease.alive_elsewhere())
     with contextlib.suppress(OSError), Path(meta.dir / "lock").open("rb") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)

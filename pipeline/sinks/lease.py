@@ -83,6 +83,13 @@ class Lease:
         self._thread.start()
         return notes
 
+    def alive_elsewhere(self) -> bool:
+        """Whether another run holds this lease now (its object is there, and its holder may be alive)."""
+        stale = self._read()
+        return (
+            stale is not None and _holder(stale).get("token") != self.owner["token"] and self._why_dead(stale) is None
+        )
+
     def check(self) -> None:
         """Raise StorageError when the lease may be another's now (call before each write)."""
         if self._etag is None:

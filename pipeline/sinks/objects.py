@@ -249,7 +249,10 @@ class ObjectParquetSink(ParquetSink):
 
     def commit_staged(self, done: IdSet, run_id: str | None = None) -> tuple[int, int]:
         """Move the rows of parts staged by `run_id` (default: by any run) into the dataset unless `done` holds their
-        ids (see staging.py); returns (rows committed, rows dropped). Only the lease holder may call it."""
+        ids (see staging.py); returns (rows committed, rows dropped). Only the lease holder may call it: a reader
+        that committed beside a live Ray run could save its rows twice."""
+        if not self.meta.lease.held:
+            raise SinkError(f"{self.meta.what}: staged parts are committed only by the run that holds the lease.")
         self.meta.lease.check()
         return commit_staged(self.store, self.meta.staging_dir, done, self._publish_new, run_id)
 

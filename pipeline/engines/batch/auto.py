@@ -38,7 +38,7 @@ async def run_auto(opts: RunOptions, settings: BatchSettings, *, notice: IO[str]
     """Label `settings.online_rows` rows online, then the rest through the Batch API; one combined summary."""
     notice = notice or sys.stderr
     online: Summary | None = None
-    if settings.online_rows and not Ledger(open_meta(opts.output)).submissions:
+    if settings.online_rows and not Ledger(open_meta(opts.output, opts.shard)).submissions:
         first = settings.online_rows if opts.max_rows is None else min(settings.online_rows, opts.max_rows)
         online = await Run(dataclasses.replace(opts, max_rows=first), OnlineEngine(), notice=notice).execute()
         _check_online(online, opts)

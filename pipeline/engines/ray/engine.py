@@ -62,8 +62,12 @@ class RayEngine:
             # Ray keeps task arguments in its object store and logs: the workers must find credentials themselves.
             raise UsageError(
                 f"--engine ray into {opts.output} cannot hand --storage-option {', '.join(secrets)} to Ray's workers "
-                "(Ray stores task arguments). Give the credentials through the environment (AWS_ACCESS_KEY_ID, ...) "
-                "or a profile, set on every Ray node."
+                "(Ray stores task arguments). Give the credentials through the environment, set on every Ray node: "
+                + (
+                    "GOOGLE_APPLICATION_CREDENTIALS for gs://."
+                    if str(object_uri(opts.output)).startswith("gs://")
+                    else "AWS_ACCESS_KEY_ID, ... or a profile for s3://."
+                )
             )
         if importlib.util.find_spec("ray") is None:
             raise UsageError("--engine ray needs Ray Data: pip install 'labelstream[ray]' (plain ray[data]).")
@@ -103,9 +107,14 @@ class RayEngine:
         job = asyncio.ensure_future(asyncio.to_thread(self._label, run, refs))
         every = run.opts.checkpoint.seconds or COMMIT_SECONDS
         try:
-            while not job.done():
+            while True:
                 await asyncio.wait({job}, timeout=every)
+                # Seen before the commit starts: a part the job writes while a commit runs is caught by the next one,
+                # and the last commit begins only once the job has written everything.
+                finished = job.done()
                 await asyncio.to_thread(sink.commit_staged, run.prepared.done, run.run_id)
+                if finished:
+                    break
         except BaseException:
             if not job.done() and self.shared is not None:
                 self.shared.stop.remote()  # the job stops taking batches; its staged parts wait for the next run
