@@ -26,8 +26,8 @@ from pipeline.engines.batch.poll import BatchProgress, refresh, wait_for_batches
 from pipeline.engines.batch.settings import BatchSettings
 from pipeline.engines.batch.submit import SETTLE_SECONDS, Planner, counts_of, submit
 from pipeline.errors import BatchError, LabelstreamError, UsageError
-from pipeline.results import Failed, Labeled, sha_tag
-from pipeline.run.copies import copy_from_sink
+from pipeline.results import Failed, Labeled
+from pipeline.run.copies import copy_from_sink, save_copies
 from pipeline.run.dedupe import Dedupe
 from pipeline.run.lifecycle import Run
 from pipeline.run.options import RunOptions, resolve_credentials
@@ -237,14 +237,8 @@ class _Batches:
 
     async def write_copies(self, copies: list[Labeled]) -> None:
         """Save the copies the planner made (their originals are in the sink) and count them as labeled."""
-        if copies:
-            batch, copies[:] = list(copies), []
-            await self.sink.append(batch)
-            for item in batch:
-                self.run.prepared.done.add(item.row.id, sha_tag(item.row.sha))
-            self.stats.copies += len(batch)
-            self.stats.labeled += len(batch)
-            self.stats.saved += len(batch)
+        batch, copies[:] = list(copies), []
+        await save_copies(self.run, batch)
 
     async def dead_letter(self, problems: list[Failed]) -> None:
         """Dead-letter rows that cannot be sent (empty text, bad bytes) as the online run does."""
