@@ -31,6 +31,7 @@ from pipeline.engines.batch.ledger import (
 from pipeline.errors import BatchError
 from pipeline.input.ids import IdSet
 from pipeline.results import Failed, Labeled, Row
+from pipeline.run.copies import copy_of_known
 from pipeline.run.prepare import RowGate, Verdict
 from pipeline.stats import RunStats
 
@@ -60,7 +61,7 @@ class Planner:
         gate: RowGate,
         live: IdSet,
         stats: RunStats,
-        files: RequestFiles | None,
+        files: RequestFiles,
         *,
         refused: dict[str, str] | None = None,
     ) -> None:
@@ -78,11 +79,11 @@ class Planner:
         gate: RowGate,
         live: IdSet,
         stats: RunStats,
-        files: RequestFiles | None,
+        files: RequestFiles,
         *,
         refused: dict[str, str] | None = None,
     ) -> Planner:
-        """A planner over a source's row batches (without `files`, it only makes copies: rows to send are left)."""
+        """A planner over a source's row batches."""
         return cls(itertools.chain.from_iterable(batches), gate, live, stats, files, refused=refused)
 
     def next_file(self, stop: threading.Event) -> Written | None:
@@ -108,29 +109,25 @@ class Planner:
             verdict = gate.classify(row)
             if verdict is Verdict.PROBLEM:
                 self.problems.append(gate.failure(row))
-            elif verdict is Verdict.SEND and self.files is not None and (written := self.files.add(row)) is not None:
+            elif verdict is Verdict.SEND and (written := self.files.add(row)) is not None:
                 return written
             elif verdict is Verdict.COPY:
                 self._copy(row)
-        if self.files is None:
-            return None
         if stop.is_set():
             self.files.discard()  # a stop leaves no half-planned file: its rows go in the next run
             return None
         return self.files.finish()
 
     def _copy(self, row: Row) -> None:
-        dedupe = self.gate.dedupe
-        assert dedupe is not None  # noqa: S101 - only a gate with dedupe sorts copies
-        original = dedupe.known.get(dedupe.key(row))  # the sink's: this engine learns no original while planning
-        if original is None:
+        assert self.gate.dedupe is not None  # noqa: S101 - only a gate with dedupe sorts copies
+        # Known originals are the sink's: this engine learns none while planning, so the rest wait for the batches.
+        if (copy := copy_of_known(self.gate.dedupe, row)) is None:
             self.deferred += 1
         else:
-            self.copies.append(original.copy_for(row))
+            self.copies.append(copy)
 
     def _refused_before(self, row: Row) -> bool:
         """Whether this row would send the very request a server refused (its text, model and task unchanged)."""
-        assert self.files is not None  # noqa: S101 - a copy-only planner is given no refused requests
         return request_sha(self.files.prompt, row, self.files.model) == self.refused[row.id]
 
 
