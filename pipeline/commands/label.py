@@ -38,7 +38,7 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
         os.environ[PRICES_ENV] = str(args.prices.resolve())
         load_prices()  # a missing or broken file is a usage error now, not at the first cost shown
     if args.storage_option:
-        from pipeline.sinks.storage import configure, parse_option  # noqa: PLC0415
+        from pipeline.sinks.storage_options import configure, parse_option  # noqa: PLC0415
 
         configure(dict(parse_option(option) for option in args.storage_option))
     config = load_config(args.config)
@@ -222,6 +222,6 @@ def _resume_command(argv: Sequence[str], output: Path) -> str:
         kept.append(word)
     if "--output" not in kept and not any(w.startswith("--output=") for w in kept):
         kept += ["--output", str(output)]
-    from pipeline.sinks.storage import redact_argv  # noqa: PLC0415 - the hint is written to the progress file
+    from pipeline.sinks.storage_options import redact_argv  # noqa: PLC0415 - the hint is written to the progress file
 
     return shlex.join(redact_argv(kept))

@@ -11,56 +11,23 @@ clients and never kept anywhere else, printed or written. `endpoint_override` (o
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PosixPath, PurePath
 from typing import TYPE_CHECKING, Any, Final
 
 from pipeline.errors import StorageError, UsageError
 from pipeline.sinks.conditional import CONNECT_TIMEOUT, REQUEST_TIMEOUT, ConditionalWrites, conditional_writes
+from pipeline.sinks.storage_options import configured
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
 SCHEMES: Final = ("s3", "gs")
-# Storage options a user may pass; anything else is a typo that would otherwise be ignored silently.
-OPTION_NAMES: Final = frozenset(
-    {"endpoint_override", "region", "access_key", "secret_key", "session_token", "profile", "lease_seconds"}
-    | {"access_token"}  # gs:// only: an OAuth token (e.g. `gcloud auth print-access-token`)
-)
-_SECRET_OPTIONS: Final = frozenset({"access_key", "secret_key", "session_token", "access_token"})
-
-# Set once per process by the CLI (`--storage-option`), like the AWS_* environment it complements.
-_configured: dict[str, str] = {}
 _filesystems: dict[tuple[str, tuple[tuple[str, str], ...]], pafs.FileSystem] = {}
-
-
-def configure(options: Mapping[str, str]) -> None:
-    """Use these storage options for every object store this process opens (from `--storage-option`)."""
-    unknown = sorted(set(options) - OPTION_NAMES)
-    if unknown:
-        raise UsageError(f"--storage-option {unknown[0]}: unknown; use one of {', '.join(sorted(OPTION_NAMES))}.")
-    _configured.clear()
-    _configured.update(options)
-
-
-def shareable_options() -> dict[str, str]:
-    """The `--storage-option`s that are not credentials: what may be handed to other processes (Ray's workers)."""
-    return {key: value for key, value in _configured.items() if key not in _SECRET_OPTIONS}
-
-
-def secret_options() -> list[str]:
-    """The names of the credentials given as `--storage-option` (never their values)."""
-    return sorted(set(_configured) & _SECRET_OPTIONS)
-
-
-def parse_option(text: str) -> tuple[str, str]:
-    """`key=value` from the command line (the value is never echoed: it may be a secret)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise UsageError(f"--storage-option {key.strip() or text[:20]!r}: write it as key=value.")
-    return key.strip(), value
 
 
 def object_uri(path: str | PurePath) -> str | None:
@@ -122,6 +89,11 @@ def read_location(path: Path) -> bytes:
     return store.get(store.key(uri))
 
 
+@functools.cache
+def _boto3_installed() -> bool:
+    return importlib.util.find_spec("boto3") is not None
+
+
 def _endpoint(options: Mapping[str, str]) -> str | None:
     return (
         options.get("endpoint_override") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -141,7 +113,7 @@ class ObjectStore:
         self.bucket = rest.split("/", 1)[0]
         if not self.bucket:
             raise UsageError(f"{uri}: name a bucket, as in {self.scheme}://BUCKET/prefix/labels.parquet.")
-        self.options: Mapping[str, str] = dict(_configured if options is None else options)
+        self.options: Mapping[str, str] = dict(configured() if options is None else options)
         self._options = self.options
         self.endpoint = _endpoint(self._options) if self.scheme == "s3" else _gcs_endpoint(self._options)
         self._fs: pafs.FileSystem | None = None
@@ -286,7 +258,17 @@ class ObjectStore:
             raise self.error(f"cannot write {self.uri_of(key)}", exc) from None
 
     def get(self, key: str) -> bytes:
-        """The whole object; FileNotFoundError when there is none."""
+        """The whole object, all of one version of it; FileNotFoundError when there is none.
+
+        pyarrow reads an S3 object as a HEAD and then a GET of the size the HEAD gave, so a longer version put in
+        between comes back cut short (a sibling shard's manifest read while it was rewritten "was damaged"). boto3,
+        which every writer has for its lease, reads it in one GET; readers without it keep pyarrow's way.
+        """
+        if self.scheme == "s3" and _boto3_installed():
+            whole = self.writes().read(key)
+            if whole is None:
+                raise FileNotFoundError(key)
+            return whole.data
         try:
             with self.fs.open_input_stream(key) as handle:
                 return bytes(handle.read())
@@ -374,21 +356,3 @@ def _gcs_endpoint(options: Mapping[str, str]) -> str | None:
     if emulator and "://" not in emulator:
         emulator = f"http://{emulator}"
     return options.get("endpoint_override") or emulator
-
-
-def redact_argv(words: Sequence[str]) -> list[str]:
-    """A command line fit to show or write: the values of secret `--storage-option`s replaced by `***`."""
-    out: list[str] = []
-    follows = False
-    for word in words:
-        if word.startswith("--storage-option="):
-            out.append(f"--storage-option={_redact_option(word.partition('=')[2])}")
-        else:
-            out.append(_redact_option(word) if follows else word)
-        follows = word == "--storage-option"
-    return out
-
-
-def _redact_option(text: str) -> str:
-    key, eq, _ = text.partition("=")
-    return f"{key}=***" if eq and key.strip() in _SECRET_OPTIONS else text

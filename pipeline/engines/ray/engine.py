@@ -36,7 +36,8 @@ from pipeline.run.summary import Summary
 from pipeline.sinks.layout import is_jsonl
 from pipeline.sinks.objects import ObjectParquetSink
 from pipeline.sinks.parquet import ParquetSink
-from pipeline.sinks.storage import object_uri, secret_options, shareable_options
+from pipeline.sinks.storage import object_uri
+from pipeline.sinks.storage_options import secret_options, shareable_options
 from pipeline.stats import RunStats
 
 COMMIT_SECONDS: Final = 5.0  # how often staged parts are committed into an object-store dataset by default
