@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import io
 import os
 import socket
 import subprocess
@@ -16,11 +18,13 @@ import pytest
 
 from pipeline.analysis.status import sink_status
 from pipeline.input.shards import Shard
+from pipeline.run.lifecycle import Run
+from pipeline.run.options import RunOptions
 from pipeline.run.summary import Summary, combine
 from pipeline.sinks.meta import SinkMeta
 from pipeline.sinks.progress_file import SCHEMA, RunState, last_state, read_progress, run_state, write_progress
 
-from .helpers import label, reviews, write_csv
+from .helpers import SENTIMENT, label, reviews, write_csv
 
 GARBLED = [b"", b'{"state": "do', b"\xff\xfe not json", b"[1, 2]", b'"done"']
 
@@ -124,3 +128,33 @@ def test_a_waiting_batch_run_that_died_reads_as_stale() -> None:
     assert run_state({**fresh, "pid": int(gone.stdout)}, now) == RunState.STALE
     old = datetime(2020, 1, 1, tzinfo=UTC).isoformat()
     assert run_state({**fresh, "host": "elsewhere", "updated_at": old}, now) == RunState.STALE
+
+
+class _IdleEngine:
+    """An engine that sends nothing: enough to drive `Run` through its start and its end."""
+
+    name, tier, after_stop = "idle", "standard", ""
+
+    def check(self, opts: RunOptions) -> None: ...
+    async def execute(self, run: Run) -> None: ...
+    def stop(self, run: Run, signals: int) -> bool:
+        return True
+
+    def progress(self) -> dict[str, Any]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+def test_a_progress_write_that_outlives_the_run_never_replaces_its_end(tmp_path: Path) -> None:
+    """The ticker's thread may still be writing "running" when the run writes how it ended (cancelling the ticker
+    does not stop the thread): that late write must not land, or a finished shard reads "running" (CI, stop 24)."""
+    out = tmp_path / "out.jsonl"
+    opts = RunOptions.build(write_csv(tmp_path / "in.csv", reviews(3)), out, SENTIMENT, progress="off")
+    run = Run(opts, _IdleEngine(), notice=io.StringIO())
+    asyncio.run(run.execute())
+    state = lambda: (read_progress(SinkMeta(out).progress_path) or {}).get("state")  # noqa: E731
+    assert state() == RunState.DONE
+    run.write_progress(RunState.RUNNING)  # what the ticker's thread does if it began just before the end
+    assert state() == RunState.DONE

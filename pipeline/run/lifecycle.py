@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
@@ -78,6 +79,9 @@ class Run:
         self.hard_stop = False
         self.budget: Budget | None = None  # --max-cost
         self._prepared: Prepared | None = None
+        # Progress is written from threads (the ticker's, the batch engine's); the run's last word must stay last.
+        self._progress_lock = threading.Lock()
+        self._progress_ended = False
 
     @property
     def prepared(self) -> Prepared:
@@ -176,7 +180,7 @@ class Run:
             resume=resume,
             **{"engine": self.engine.name, **self.engine.summary()},
         )
-        self.write_progress(state, summary=summary.as_dict())
+        self.write_progress(state, summary=summary.as_dict(), last=True)
         if error is not None:
             print(summary.render(with_error=False), file=self.notice)
             raise error
@@ -194,17 +198,25 @@ class Run:
             await asyncio.sleep(self.opts.progress_every)
             await asyncio.to_thread(self.write_progress, RunState.STOPPING if self.stopping.is_set() else self.phase)
 
-    def write_progress(self, state: RunState, **extra: Any) -> None:
-        """Replace the progress file (never fatal: progress is a convenience, the sink is the record)."""
+    def write_progress(self, state: RunState, *, last: bool = False, **extra: Any) -> None:
+        """Replace the progress file (never fatal: progress is a convenience, the sink is the record).
+
+        After the `last` write (how the run ended) nothing replaces it: cancelling the ticker does not stop a
+        write its thread had begun, and that one, landing after "done", left a finished shard saying "running".
+        """
         if self.opts.shard is not None:
             extra.setdefault("shard", self.opts.shard.label)
-        fields = {"engine": self.engine.name, **self.engine.progress(), **extra}
-        write_progress(
-            self.sink.meta,
-            self.stats.snapshot(
-                state, input=str(self.opts.input), output=str(self.opts.output), run=self.run_id, **fields
-            ),
-        )
+        with self._progress_lock:
+            if self._progress_ended:
+                return
+            self._progress_ended = last
+            fields = {"engine": self.engine.name, **self.engine.progress(), **extra}
+            write_progress(
+                self.sink.meta,
+                self.stats.snapshot(
+                    state, input=str(self.opts.input), output=str(self.opts.output), run=self.run_id, **fields
+                ),
+            )
 
     def on_signal(self, main: asyncio.Task[Any]) -> None:
         """Ctrl-C/SIGTERM: the first stops sending (the engine says how in-flight work ends), later ones go as
