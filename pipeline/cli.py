@@ -59,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args_list and args_list[0].startswith("-") and args_list[0] not in {"-h", "--help"}:
             args_list.insert(0, "label")
         args = build_parser().parse_args(args_list)
+        if getattr(args, "storage_option", None):
+            from pipeline.sinks.storage_options import configure, parse_option  # noqa: PLC0415
+
+            configure(dict(parse_option(option) for option in args.storage_option))
         return int(args.handler(args, args_list))
     except LabelstreamError as exc:
         print(f"labelstream: error: {redact(exc.message, secret)}", file=sys.stderr)

@@ -464,8 +464,9 @@ def test_input_and_output_both_in_the_bucket(sim: Any, tmp_path: Path, bucket: B
     assert sim.stats()["requests"] == 0
 
 
-def test_storage_options_reach_the_input_reader_too(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
-    """With no AWS_* in the environment, --storage-option's endpoint and keys open an s3:// input as well."""
+def test_storage_options_reach_the_input_reader_and_every_command(sim: Any, tmp_path: Path, bucket: Bucket) -> None:
+    """With no AWS_* in the environment, --storage-option's endpoint and keys open an s3:// input as well, and
+    status, export, eval, compact and the batch commands reach the output with them too."""
     rows = reviews(20)
     bucket.client.upload_file(str(write_csv(tmp_path / "in.csv", rows)), bucket.name, "opt/in.csv")
     env = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -479,8 +480,23 @@ def test_storage_options_reach_the_input_reader_too(sim: Any, tmp_path: Path, bu
         for name in [k for k in os.environ if k.startswith("AWS_")]:
             patch.delenv(name)
         result = cli(*args, env=env)
+        out = bucket.uri("opt/out.parquet")
+        gold = write_csv(tmp_path / "gold.csv", [(r[0], "positive") for r in rows], header=("id", "label"))
+        readers = {
+            "status": ["status", out, "--json"],
+            "export": ["export", out, "--input", str(tmp_path / "unused.csv"), "--to", str(tmp_path / "x.csv")],
+            "eval": ["eval", out, "--gold", str(gold)],
+            "batch status": ["batch", "status", out, "--offline"],
+            "compact": ["compact", out],
+        }
+        write_csv(tmp_path / "unused.csv", rows)
+        read = {name: cli(*words, *options, env=env) for name, words in readers.items()}
     assert result.returncode == 0, result.stderr
     assert sorted(bucket.ids("opt/out.parquet")) == sorted(r[0] for r in rows)
+    for name, done in read.items():
+        assert done.returncode == 0, (name, done.stderr)
+    assert orjson.loads(read["status"].stdout)["labeled"] == len(rows)
+    assert sorted(bucket.ids("opt/out.parquet")) == sorted(r[0] for r in rows)  # compact kept every id
 
 
 def test_starting_over_on_s3_is_refused_and_leaves_no_lease(sim: Any, tmp_path: Path, bucket: Bucket) -> None:

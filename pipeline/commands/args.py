@@ -1,4 +1,4 @@
-"""Argument types shared by the commands: finite, bounded numbers and the seed flags' booleans."""
+"""Argument types shared by the commands: finite, bounded numbers, the seed flags' booleans, locations."""
 
 from __future__ import annotations
 
@@ -77,3 +77,16 @@ def location(text: str) -> Path:
     from pipeline.sinks.storage import as_path  # noqa: PLC0415 - only when a command is parsed
 
     return as_path(text)
+
+
+def add_storage_option(parser: Any) -> None:
+    """`--storage-option KEY=VALUE` for a command that reads or writes an s3:// or gs:// location (applied for the
+    whole process by `cli.main`, before the command runs)."""
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="for an s3:// or gs:// input or output: endpoint_override, region, profile, lease_seconds, "
+        "access_key, secret_key, session_token (s3), access_token (gs) (repeatable; credentials are safer in AWS_*, a "
+        "profile or GOOGLE_APPLICATION_CREDENTIALS, and are never written anywhere)",
+    )

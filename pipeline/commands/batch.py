@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.commands.args import location, positive_int
+from pipeline.commands.args import add_storage_option, location, positive_int
 from pipeline.engines.batch.settings import MAX_REQUESTS
 from pipeline.errors import ExitCode, UsageError
 
@@ -35,6 +35,7 @@ def register(sub: Any) -> None:
         "--model-path",
         help="the weights vLLM's run_batch should load (a folder or hub name), for the command printed at the end",
     )
+    add_storage_option(prepare)
     prepare.set_defaults(handler=run_prepare)
 
     ingest = actions.add_parser("ingest", help="merge result files from a batch runner into a sink, once per row")
@@ -42,6 +43,7 @@ def register(sub: Any) -> None:
     ingest.add_argument("results", type=Path, nargs="+", help="result files (OpenAI batch output or vLLM run_batch)")
     _task_arguments(ingest, required=False)
     ingest.add_argument("--force", action="store_true", help="merge into a sink made with another model/prompt")
+    add_storage_option(ingest)
     ingest.set_defaults(handler=run_ingest)
 
     status = actions.add_parser("status", help="a sink's batches, as recorded and as the provider sees them")
@@ -49,11 +51,13 @@ def register(sub: Any) -> None:
     status.add_argument("--base-url", help="endpoint (default: $OPENAI_BASE_URL or OpenAI)")
     status.add_argument("--offline", action="store_true", help="show the record only; ask the provider nothing")
     status.add_argument("--json", action="store_true", help="print JSON")
+    add_storage_option(status)
     status.set_defaults(handler=run_status)
 
     cancel = actions.add_parser("cancel", help="cancel a sink's running batches (finished results are kept)")
     cancel.add_argument("output", type=location)
     cancel.add_argument("--base-url", help="endpoint (default: $OPENAI_BASE_URL or OpenAI)")
+    add_storage_option(cancel)
     cancel.set_defaults(handler=run_cancel)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.commands.args import location
+from pipeline.commands.args import add_storage_option, location
 from pipeline.errors import ExitCode
 
 
@@ -22,6 +22,7 @@ def register(sub: Any) -> None:
     ev.add_argument("--gold-column", default="label", help="the column of gold labels (default: %(default)s)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of tables")
     ev.add_argument("--report", type=Path, help="also write a self-contained HTML report here")
+    add_storage_option(ev)
     ev.set_defaults(handler=run)
 
 

@@ -37,10 +37,6 @@ def _run_options(args: argparse.Namespace, argv: Sequence[str]) -> Any:
         # Through the environment, so that every process of the run (and a resume hint's) reads the same table.
         os.environ[PRICES_ENV] = str(args.prices.resolve())
         load_prices()  # a missing or broken file is a usage error now, not at the first cost shown
-    if args.storage_option:
-        from pipeline.sinks.storage_options import configure, parse_option  # noqa: PLC0415
-
-        configure(dict(parse_option(option) for option in args.storage_option))
     config = load_config(args.config)
     # with_overrides skips None; --id-column '' switches to content-hash ids.
     config = config.with_overrides(model=args.model, text_column=args.text_column, id_column=args.id_column)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commands.args import (
+    add_storage_option,
     concurrency,
     count,
     fraction,
@@ -54,14 +55,7 @@ def _input_flags(io: Any) -> None:
     io.add_argument("--id-column", help="override the config's id column ('' = content hashes)")
     io.add_argument("--encoding", default="utf-8", help="input encoding (default: utf-8, BOM or not)")
     io.add_argument("--delimiter", help="field delimiter (default: guessed from the header)")
-    io.add_argument(
-        "--storage-option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="for an s3:// or gs:// --output: endpoint_override, region, profile, lease_seconds, "
-        "access_key, secret_key, session_token (s3), access_token (gs) (repeatable; credentials are safer in AWS_*, a "
-        "profile or GOOGLE_APPLICATION_CREDENTIALS, and are never written anywhere)",
-    )
+    add_storage_option(io)
 
 
 def _model_flags(model: Any) -> None:

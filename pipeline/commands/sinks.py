@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.commands.args import location, positive_int, share
+from pipeline.commands.args import add_storage_option, location, positive_int, share
 from pipeline.errors import ExitCode, UsageError
 
 
@@ -18,6 +18,7 @@ def register(sub: Any) -> None:
     status.add_argument("output", type=location)
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--report", type=Path, help="write a self-contained HTML report of a finished run here")
+    add_storage_option(status)
     status.set_defaults(handler=run_status)
 
     export = sub.add_parser("export", help="join labels back onto the input rows (CSV, JSONL or Parquet)")
@@ -36,6 +37,7 @@ def register(sub: Any) -> None:
     export.add_argument(
         "--below", type=share, metavar="P", help="label-studio: only rows whose confidence is under P (to review)"
     )
+    add_storage_option(export)
     export.set_defaults(handler=run_export)
 
     compact = sub.add_parser(
@@ -43,6 +45,7 @@ def register(sub: Any) -> None:
     )
     compact.add_argument("output", type=location, help="OUT.parquet")
     compact.add_argument("--rows-per-part", type=positive_int, default=1_000_000)
+    add_storage_option(compact)
     compact.set_defaults(handler=run_compact)
 
 
