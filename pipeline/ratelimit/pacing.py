@@ -29,7 +29,8 @@ The limiter (`ratelimit/limiter.py`) enforces what the `Pacer` decides:
 - **A window longer than a second** (10 s, a minute) admits a burst whole and then refuses everything, refused
   requests included, until the burst has left it: a lockout (`admissions.py`). Its pauses grow, its end sets the
   pace to what the whole cycle admitted, the hold lasts at least as long as the lockout did, and later overloads
-  count over that length instead of the busiest second.
+  count over that length instead of the busiest second (and, within that length of the lockout's end, as no less
+  than the cycle's rate: the window is still letting the old burst out).
 """
 
 from __future__ import annotations
