@@ -194,7 +194,8 @@ class Pacer:
 
     @property
     def _span(self) -> float:
-        """The span the admitted rate is counted over: a round trip, 1–10 s."""
+        """The shortest span a cycle's rate is counted over, and the window length past which an overload counts
+        over the window (see _grow_probe): a round trip, 1–10 s."""
         return max(1.0, min(self.round_trip, 10.0))
 
     def set_known_rate(self, rate: float | None) -> None:
