@@ -171,3 +171,17 @@ def test_slow_replies_that_are_not_a_queue_are_trimmed_once_at_most() -> None:
             phase = knee.phase
     assert trims == 1
     assert knee.window == held, "the window the trim started from is back"
+
+
+def test_the_first_reply_alone_sets_no_baseline_at_round_trips_of_seconds() -> None:
+    """The start window leaves at once, so the first round ends at its fastest reply: at 1.2-1.9 s that reply alone
+    is no baseline (it made every later reply look slower and startup crawl); the next round's mean is. Under half a
+    second the first reply still sets it."""
+    for scale, expected in ((1.0, None), (0.1, 1.2)):
+        knee = Knee(10.0, floor=1.0, ceiling=100.0)
+        first = [1.2, 1.4, 1.5, 1.5, 1.6, 1.6, 1.7, 1.8, 1.8, 1.9]
+        replies = sorted([(latency, latency) for latency in first] + [(sent + 1.5, 1.5) for sent in first])
+        for at, latency in replies[:11]:  # the start window, and the first reply of what it sent on
+            knee.on_reply(latency * scale, window_limited=True, now=at * scale)
+        second = (sum(first[1:]) + 1.5) / 10
+        assert knee.base == pytest.approx((expected or second) * scale)

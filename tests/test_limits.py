@@ -493,3 +493,33 @@ def test_the_first_requests_slow_connections_do_not_halve_the_rate_a_429_teaches
         clock.now += 0.01
         successes(limiter, clock, 1, latency=0.05)
     assert limiter.pacer.peak is not None and limiter.pacer.peak >= 18
+
+
+def test_the_admitted_rate_is_the_busiest_second_even_at_round_trips_of_seconds() -> None:
+    """At 3 s replies, a 429 at the end of a ramp (10, 10, then 20 admitted a second) teaches the busiest second's
+    20/s, not the 13/s a round trip's average shows, which the pace held for minutes under a 1 s window's 20/s."""
+    pacer = Pacer(ceiling=1000, auto=False)
+    for second, count in ((0, 10), (1, 10), (2, 20)):
+        for i in range(count):
+            sent = 10.0 + second + i / count
+            pacer.on_success(3.0, window_limited=False, now=sent + 3.0)
+    assert pacer.admitted_rate(13.0) == pytest.approx(20)
+
+
+def test_a_429_soon_after_a_long_lockout_keeps_the_rate_of_the_lockouts_cycle() -> None:
+    """200 admitted in 2 s, a 10 s lockout, then a 429 a second after it ended while only 3 a second get in (the
+    window lets requests in as fast as the burst leaves it): the pace stays at the cycle's rate (200 over ~12 s), not
+    the 3/s of that second, which it held for minutes."""
+    pacer = Pacer(ceiling=1000, auto=False)
+    for i in range(200):
+        pacer.on_success(0.2, window_limited=True, now=0.4 + i / 100)
+    for at in (3.0, 5.0, 7.0, 9.0, 11.0):
+        pacer.on_overload(at, until=at + 1.0)
+    pacer.on_success(0.2, window_limited=False, now=13.0)
+    cycle = pacer.peak
+    assert cycle is not None and cycle == pytest.approx(200 / 11.9, rel=0.05)
+    for i in range(3):
+        pacer.on_success(0.2, window_limited=False, now=13.2 + i / 3)
+    pacer.on_overload(14.0, until=15.0)
+    pacer.on_success(0.2, window_limited=False, now=14.3)  # a round trip on: the overload is measured
+    assert pacer.peak == pytest.approx(cycle)

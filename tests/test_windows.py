@@ -24,12 +24,24 @@ def test_silent_windows_longer_than_a_second_keep_429s_rare_and_goodput_high(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open: the knee's startup, the pacer's span (benchmarks.md)")
-@pytest.mark.parametrize(("rpm", "latency"), [(3000, 1.5), (12000, 3.0)], ids=["3000rpm-1.5s", "12000rpm-3s"])
+@pytest.mark.parametrize(
+    ("rpm", "latency"),
+    [
+        (3000, 1.5),
+        pytest.param(
+            12000,
+            3.0,
+            marks=pytest.mark.xfail(
+                strict=True, reason="open: 0.825 of the limit in five minutes (0.525 before); the ramp (benchmarks.md)"
+            ),
+        ),
+    ],
+    ids=["3000rpm-1.5s", "12000rpm-3s"],
+)
 def test_a_silent_provider_at_high_rates_and_long_latencies_gets_its_limit(rpm: int, latency: float) -> None:
-    """The design's target, not met yet: no headers, a 1 s window, replies taking seconds (±20%), five minutes of
-    rows: auto should reach ≥ 0.9 of the limit with ≤ 5% refused (now 0.83 and 0.53: startup takes the first reply
-    as the baseline and crawls; see docs/benchmarks.md, "A silent provider at high rates")."""
+    """The design's target: no headers, a 1 s window, replies taking seconds (±20%), five minutes of rows: auto
+    reaches ≥ 0.9 of the limit with ≤ 5% refused (before: 0.83 at 3,000 RPM, 1.5 s: startup took the first reply as
+    the baseline and crawled; see docs/benchmarks.md, "A silent provider at high rates")."""
     outcome = run_against(rpm, window_seconds=1, quantum=0, rows=rpm * 5, latency=latency)
     assert outcome.refused_share <= 0.05
     assert outcome.goodput >= 0.9

@@ -68,6 +68,8 @@ MEASURE_ROUNDS: Final = 2  # a window's throughput is the mean of this many roun
 QUEUED_RATIO: Final = 1.5  # a reply this × slower than its round's median waited for a slot (a second mode)
 FINE_STEP: Final = 0.04  # up probes past a knee seen in queued replies start this small...
 KNEE_HOLD_ROUNDS: Final = 16  # ...and come at most this often
+BASE_REPLIES: Final = 3  # the first round sets the baseline only with this many replies...
+SHORT_TRIP: Final = 0.5  # ...or at round trips shorter than this (s), where the ramp takes seconds anyway
 
 
 class _Round:
@@ -142,6 +144,7 @@ class Knee:
             self._startup_reply(latency, window_limited)
         # A round lasts one round trip; the fastest reply of this one bounds it, so a slow first reply (connections
         # being opened) does not make the first round last long enough for startup to overshoot.
+        first = self._rtt is None
         rtt = current.fastest if self._rtt is None else min(self._rtt, current.fastest)
         if now - current.start < rtt:
             return
@@ -150,7 +153,13 @@ class Knee:
         self._round_window = self.window
         mean = current.latency / current.replies
         self._rtt = mean
-        self._note_base(mean, now)
+        # The start window leaves at once, so the first round (it ends at its fastest reply) may hold just that
+        # reply, the low end of the jitter: as the baseline it makes every later reply look ~1.2× slower, and
+        # startup grows at half speed and stops early (3,000 RPM at 1.5 s: 0.83 of the limit, benchmarks.md).
+        # Under half a second the ramp is done in seconds either way, and a faster one only brings a long
+        # window's first burst (and its lockout) sooner.
+        if not first or current.replies >= BASE_REPLIES or mean < SHORT_TRIP:
+            self._note_base(mean, now)
         # A round the window did not hold back (the input ran dry, a bucket paced it) says nothing about the knee.
         if 2 * current.limited < current.replies:
             return

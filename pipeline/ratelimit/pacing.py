@@ -18,8 +18,8 @@ The limiter (`ratelimit/limiter.py`) enforces what the `Pacer` decides:
   client on the key): then the pace is handled as below, from the rate it was at.
 - **A 429 teaches a rate.** The pace drops to 95% of what it was. With no known limit, a round trip
   later, when the replies of the requests sent just before the 429 are back, the rate the provider really
-  admitted (by arrival: send time, or reply less the usual latency for a slow one; in the busiest second, or
-  round trip if longer) sets the pace, again at 95%. The pace returns to 97% of that point within a round trip,
+  admitted (by arrival: send time, or reply less the usual latency for a slow one; in the busiest second)
+  sets the pace, again at 95%. The pace returns to 97% of that point within a round trip,
   holds there for a while (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not
   held back for half an hour; twice as long each time an overload shows the same rate again, so a limit
   confirmed is probed rarely instead of sawed at), and only then probes upward, slowly at first and faster the
@@ -29,7 +29,8 @@ The limiter (`ratelimit/limiter.py`) enforces what the `Pacer` decides:
 - **A window longer than a second** (10 s, a minute) admits a burst whole and then refuses everything, refused
   requests included, until the burst has left it: a lockout (`admissions.py`). Its pauses grow, its end sets the
   pace to what the whole cycle admitted, the hold lasts at least as long as the lockout did, and later overloads
-  count over that length instead of the busiest second.
+  count over that length instead of the busiest second (and, within that length of the lockout's end, as no less
+  than the cycle's rate: the window is still letting the old burst out).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ PLATEAU_SECONDS: Final = (10.0, 120.0)
 PROBE_GAIN: Final = 0.1  # then grow by 10% × ((time past the plateau) / plateau)²
 CONFIRM: Final = 0.05  # an overload whose admitted rate is within 5% of the last one's confirms the limit
 MAX_CONFIRMED: Final = 3  # each confirmation doubles the plateau, up to 8× (still at most 2 minutes)
+ADMITTED_SPAN: Final = 1.0  # the admitted rate is the busiest second's (see admitted_rate)
 STRAY_SECONDS: Final = 60.0  # a 429 under a known limit with none this long before it (or 2 round trips) is stray
 
 
@@ -91,6 +93,7 @@ class Pacer:
         self.admissions = Admissions(clock_start)  # the last minutes' admissions, for windows longer than a second
         self._lockout_rate = False  # the pace was measured at the end of a lockout
         self._recalled = False  # the pace came from a rate an earlier run learned (see recall)
+        self._cycle: tuple[float, float] | None = None  # when the last lockout ended, and its cycle's rate
         self.knee = Knee(self.window, floor=1.0, ceiling=float(self.ceiling), now=clock_start)
 
     # --- what the limiter asks ---------------------------------------------------------------------
@@ -167,13 +170,15 @@ class Pacer:
 
     def admitted_rate(self, until: float) -> float | None:
         """The most requests per second the provider accepted lately: successful requests counted by arrival in
-        the busiest span (a round trip, 1–10 s) of the three spans before `until`.
+        the busiest second of the three before `until`.
 
-        Providers hold their limits per second as well as per minute; the busiest span is when we pushed against
+        Providers hold their limits per second as well as per minute; the busiest second is when we pushed against
         the limit, which is what it admits. (Averaging over quieter spans, a ramp or a pause, would underestimate
-        it, and an underestimate takes a long probe to outgrow.)
+        it, and an underestimate takes a long probe to outgrow: a round trip of 1.5-3 s still on the ramp counted
+        0.73-0.88 of what a 1 s window admits, held for up to two minutes. A longer window shows in a lockout, and
+        is then counted over its length: see _grow_probe.)
         """
-        span, usual = self._span, self.round_trip
+        span, usual = ADMITTED_SPAN, self.round_trip
         # When each reached the provider: when it left, unless it took far longer than usual: then its reply less
         # the usual latency (a run's first requests wait for their connections, and would look a second early).
         arrived = (sent if reply - sent <= 2 * usual else reply - usual for sent, reply in self._replies)
@@ -189,7 +194,8 @@ class Pacer:
 
     @property
     def _span(self) -> float:
-        """The span the admitted rate is counted over: a round trip, 1–10 s."""
+        """The shortest span a cycle's rate is counted over, and the window length past which an overload counts
+        over the window (see _grow_probe): a round trip, 1–10 s."""
         return max(1.0, min(self.round_trip, 10.0))
 
     def set_known_rate(self, rate: float | None) -> None:
@@ -250,10 +256,23 @@ class Pacer:
             return
         self.peak = self._measured = rate
         self.probe_rate = rate * CUT
+        self._cycle = (now, rate)
         self._lockout_rate = True  # a lower bound (the lockout's end shows late): probe after one window
         self._confirmed = 0
         self._overload_at = now
         self._remeasure_at = None
+
+    def _not_under_cycle(self, admitted: float | None) -> float | None:
+        """An overload within a long window's length of a lockout's end: no less than that cycle's rate.
+
+        The window still holds the burst that caused the lockout, and lets requests in only as fast as that burst
+        leaves it: its first seconds admit what the ramp sent a window ago (43/s of a 200/s limit after a 60 s
+        window's lockout, held for two minutes), not what the window allows. The cycle's rate measured that.
+        """
+        cycle = self._cycle
+        if admitted is None or cycle is None or self._overload_at - cycle[0] >= self.admissions.window:
+            return admitted
+        return max(admitted, cycle[1])
 
     def _fit_window(self) -> None:
         """Little's law: enough in flight to send at the paced rate for one round trip, with a margin."""
@@ -273,10 +292,11 @@ class Pacer:
                 # The provider's window is longer than the span (a lockout showed it): it admits bursts that its
                 # whole window does not sustain, so count over the window.
                 admitted = min(admitted, self.admissions.busiest(self._overload_at, window) or admitted)
+            admitted = self._not_under_cycle(admitted)
             if admitted is not None:
                 # An overload at the rate the last one showed confirms the limit: probe half as often.
                 # (Give or take one request per span: the count of a short span is a small integer.)
-                tolerance = CONFIRM * admitted + 1 / self._span
+                tolerance = CONFIRM * admitted + 1 / ADMITTED_SPAN
                 same = self._measured is not None and abs(admitted - self._measured) <= tolerance
                 self._confirmed = min(self._confirmed + 1, MAX_CONFIRMED) if same else 0
                 self._measured = self.peak = admitted
