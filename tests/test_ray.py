@@ -170,7 +170,9 @@ def test_engine_ray_starts_at_the_limits_a_run_remembered_and_keeps_what_it_lear
     reaches the shared schedule and stays in the record, beside the rate the actors' 429s teach them against a
     silent provider (the schedule's pacing from recalled figures: test_the_shared_schedule_starts_at_remembered...)."""
     sim.configure(latency_ms=20, rpm=600, rate_headers="none")
-    source = write_csv(tmp_path / "in.csv", reviews(150))
+    # 60 rows: the remembered 1200 RPM meets the 600 the simulator allows within the first second, where the 429s
+    # that teach the rate come; more rows only add seconds paced at 10/s.
+    source = write_csv(tmp_path / "in.csv", reviews(60))
     out = tmp_path / "out.parquet"
     meta = SinkMeta(out)
     meta.ensure()

@@ -566,3 +566,16 @@ def test_a_read_sees_one_whole_version_of_an_object_being_replaced(bucket: Bucke
         stop.set()
         writer.join()
     assert all(body in versions for body in seen), "a read mixed two versions of the object"
+
+
+def test_the_stores_a_run_opens_on_one_endpoint_share_one_boto3_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores on one endpoint with the same options and AWS_* environment reuse one boto3 client (each new client
+    reloads botocore's service model: seconds when shards start together); any other of them gets its own."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    options = {"endpoint_override": "http://127.0.0.1:9", "access_key": ACCESS_KEY, "secret_key": SECRET_KEY}
+    first = ObjectStore("s3://one/labels.parquet", options).s3()
+    assert ObjectStore("s3://two/other.parquet", dict(options)).s3() is first
+    assert ObjectStore("s3://one/labels.parquet", {**options, "region": "eu-west-1"}).s3() is not first
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert ObjectStore("s3://one/labels.parquet", options).s3() is not first

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 SCHEMES: Final = ("s3", "gs")
 _filesystems: dict[tuple[str, tuple[tuple[str, str], ...]], pafs.FileSystem] = {}
+_s3_clients: dict[tuple[object, ...], Any] = {}
 
 
 def object_uri(path: str | PurePath) -> str | None:
@@ -218,30 +219,38 @@ class ObjectStore:
     def s3(self) -> Any:
         """A boto3 S3 client for the conditional writes of the lease (boto3 is the optional extra `s3`)."""
         if self._s3 is None:
-            try:
-                import boto3  # noqa: PLC0415 - optional: only writers on s3:// need it
-                from botocore.config import Config  # noqa: PLC0415
-            except ImportError:
-                raise UsageError(
-                    f"writing {self.uri} needs boto3 for its lease: pip install 'labelstream[s3]' (or pip install "
-                    "boto3), then re-run."
-                ) from None
-            opts = self._options
-            session = boto3.session.Session(profile_name=opts.get("profile") or None)
-            self._s3 = session.client(
-                "s3",
-                endpoint_url=self.endpoint or None,
-                region_name=opts.get("region") or None,
-                aws_access_key_id=opts.get("access_key") or None,
-                aws_secret_access_key=opts.get("secret_key") or None,
-                aws_session_token=opts.get("session_token") or None,
-                config=Config(
-                    connect_timeout=CONNECT_TIMEOUT,
-                    read_timeout=REQUEST_TIMEOUT,
-                    retries={"max_attempts": 3, "mode": "standard"},
-                ),
-            )
+            # One client per endpoint, options and AWS_* environment in a process, as for `fs`: making one loads
+            # botocore's service model (0.1 s of JSON alone, seconds when several shards start at once), and a
+            # run opens a store for every manifest it reads. boto3's clients are safe to share between threads.
+            aws_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+            key = (self.endpoint, tuple(sorted(self._options.items())), aws_env)
+            self._s3 = _s3_clients.get(key) or _s3_clients.setdefault(key, self._make_s3())
         return self._s3
+
+    def _make_s3(self) -> Any:
+        try:
+            import boto3  # noqa: PLC0415 - optional: only writers on s3:// need it
+            from botocore.config import Config  # noqa: PLC0415
+        except ImportError:
+            raise UsageError(
+                f"writing {self.uri} needs boto3 for its lease: pip install 'labelstream[s3]' (or pip install "
+                "boto3), then re-run."
+            ) from None
+        opts = self._options
+        session = boto3.session.Session(profile_name=opts.get("profile") or None)
+        return session.client(
+            "s3",
+            endpoint_url=self.endpoint or None,
+            region_name=opts.get("region") or None,
+            aws_access_key_id=opts.get("access_key") or None,
+            aws_secret_access_key=opts.get("secret_key") or None,
+            aws_session_token=opts.get("session_token") or None,
+            config=Config(
+                connect_timeout=CONNECT_TIMEOUT,
+                read_timeout=REQUEST_TIMEOUT,
+                retries={"max_attempts": 3, "mode": "standard"},
+            ),
+        )
 
     def s3_errors(self) -> tuple[type[Exception], ...]:
         """What the boto3 client raises when the store refuses or cannot be reached."""
