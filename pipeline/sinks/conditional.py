@@ -106,6 +106,7 @@ class S3Writes:
         bucket, _, name = key.partition("/")
         try:
             reply = self._s3.get_object(Bucket=bucket, Key=name)
+            data = reply["Body"].read()  # a connection lost mid-body raises here (botocore's streaming errors)
         except self._errors as exc:
             if _code(exc) in _MISSING:
                 return None
@@ -113,7 +114,7 @@ class S3Writes:
         headers = reply["ResponseMetadata"]["HTTPHeaders"]
         modified = reply["LastModified"]
         now = parsedate_to_datetime(headers["date"]) if "date" in headers else modified
-        return ObjectInfo(reply["Body"].read(), str(reply["ETag"]), modified, now)
+        return ObjectInfo(data, str(reply["ETag"]), modified, now)
 
     def delete(self, key: str, token: str | None = None) -> None:
         # boto3, not pyarrow.fs: pyarrow's delete leaves an empty "folder" marker object behind.

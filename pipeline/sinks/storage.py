@@ -1,7 +1,8 @@
 """Where an output lives when it is not on a local disk: a prefix in an object store (s3://, gs://).
 
 Data goes through `pyarrow.fs`, which pandas, duckdb and polars users already have; the lease's conditional
-writes go through the provider's own client (`conditional.py`), because pyarrow.fs cannot send them.
+writes go through the provider's own client (`conditional.py`), because pyarrow.fs cannot send them, and so do
+reads of small side objects on s3:// when boto3 is installed (one GET: see `ObjectStore.get`).
 
 Credentials come from where the provider's own tools look (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, instance
 roles, `GOOGLE_APPLICATION_CREDENTIALS`, ...) or from `--storage-option key=value`; they are handed to the
@@ -217,9 +218,9 @@ class ObjectStore:
         return self._writes
 
     def s3(self) -> Any:
-        """A boto3 S3 client for the conditional writes of the lease (boto3 is the optional extra `s3`)."""
+        """A boto3 S3 client, for the lease's conditional writes and whole-object reads (the optional extra `s3`)."""
         if self._s3 is None:
-            # One client per endpoint, options and AWS_* environment in a process, as for `fs`: making one loads
+            # One client per endpoint, options and AWS_* environment in a process (like `fs`): making one loads
             # botocore's service model (0.1 s of JSON alone, seconds when several shards start at once), and a
             # run opens a store for every manifest it reads. boto3's clients are safe to share between threads.
             aws_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
@@ -241,7 +242,7 @@ class ObjectStore:
         return session.client(
             "s3",
             endpoint_url=self.endpoint or None,
-            region_name=opts.get("region") or None,
+            region_name=self.region or None,  # also AWS_REGION, which botocore itself does not read
             aws_access_key_id=opts.get("access_key") or None,
             aws_secret_access_key=opts.get("secret_key") or None,
             aws_session_token=opts.get("session_token") or None,
@@ -271,7 +272,8 @@ class ObjectStore:
 
         pyarrow reads an S3 object as a HEAD and then a GET of the size the HEAD gave, so a longer version put in
         between comes back cut short (a sibling shard's manifest read while it was rewritten "was damaged"). boto3,
-        which every writer has for its lease, reads it in one GET; readers without it keep pyarrow's way.
+        which every writer has for its lease, reads it in one GET. A reader without boto3 keeps pyarrow's way (and
+        that rare race: docs/object-storage.md says to install the s3 extra to read a live run too).
         """
         if self.scheme == "s3" and _boto3_installed():
             whole = self.writes().read(key)
