@@ -18,8 +18,8 @@ The limiter (`ratelimit/limiter.py`) enforces what the `Pacer` decides:
   client on the key): then the pace is handled as below, from the rate it was at.
 - **A 429 teaches a rate.** The pace drops to 95% of what it was. With no known limit, a round trip
   later, when the replies of the requests sent just before the 429 are back, the rate the provider really
-  admitted (by arrival: send time, or reply less the usual latency for a slow one; in the busiest second)
-  sets the pace, again at 95%. The pace returns to 97% of that point within a round trip,
+  admitted (by arrival: send time, or reply less the usual latency for a slow one; in the busiest second, or
+  round trip once a window longer than a second has shown) sets the pace, again at 95%. The pace returns to 97% of that point within a round trip,
   holds there for a while (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not
   held back for half an hour; twice as long each time an overload shows the same rate again, so a limit
   confirmed is probed rarely instead of sawed at), and only then probes upward, slowly at first and faster the
@@ -51,7 +51,7 @@ PLATEAU_SECONDS: Final = (10.0, 120.0)
 PROBE_GAIN: Final = 0.1  # then grow by 10% × ((time past the plateau) / plateau)²
 CONFIRM: Final = 0.05  # an overload whose admitted rate is within 5% of the last one's confirms the limit
 MAX_CONFIRMED: Final = 3  # each confirmation doubles the plateau, up to 8× (still at most 2 minutes)
-ADMITTED_SPAN: Final = 1.0  # the admitted rate is the busiest second's (see admitted_rate)
+ADMITTED_SPAN: Final = 1.0  # the admitted rate is the busiest second's until a longer window shows (_counting_span)
 STRAY_SECONDS: Final = 60.0  # a 429 under a known limit with none this long before it (or 2 round trips) is stray
 
 
@@ -94,6 +94,7 @@ class Pacer:
         self._lockout_rate = False  # the pace was measured at the end of a lockout
         self._recalled = False  # the pace came from a rate an earlier run learned (see recall)
         self._cycle: tuple[float, float] | None = None  # when the last lockout ended, and its cycle's rate
+        self._held_overload = False  # an overload came while the pace held under the last one's (see on_overload)
         self.knee = Knee(self.window, floor=1.0, ceiling=float(self.ceiling), now=clock_start)
 
     # --- what the limiter asks ---------------------------------------------------------------------
@@ -150,8 +151,12 @@ class Pacer:
         quiet = now - self._last_overload > max(STRAY_SECONDS, 2 * self.round_trip)
         self._last_overload = now
         self._stray = self.known_rate is not None and current == self.known_rate and quiet
-        if current is None:
-            current = self.admitted_rate(now)
+        if self.known_rate is None and self._measured is not None and current is not None:
+            # Held under what the last overload's busiest second showed and overloaded all the same: the window is
+            # longer than a second and admitted that second as part of a burst. Count over a round trip from now on.
+            self._held_overload |= current < self._measured
+        if current is None:  # the seconds whose replies are back: those of the last round trip are not, yet
+            current = self.admitted_rate(now - self.round_trip if self.round_trip > ADMITTED_SPAN else now)
         current = self._sustained(now, current)
         if current is None:  # nothing admitted yet to learn from: halve the window, like TCP
             self.window = max(1.0, self.window / 2)
@@ -178,7 +183,7 @@ class Pacer:
         0.73-0.88 of what a 1 s window admits, held for up to two minutes. A longer window shows in a lockout, and
         is then counted over its length: see _grow_probe.)
         """
-        span, usual = ADMITTED_SPAN, self.round_trip
+        span, usual = self._counting_span, self.round_trip
         # When each reached the provider: when it left, unless it took far longer than usual: then its reply less
         # the usual latency (a run's first requests wait for their connections, and would look a second early).
         arrived = (sent if reply - sent <= 2 * usual else reply - usual for sent, reply in self._replies)
@@ -191,6 +196,17 @@ class Pacer:
                 first += 1
             busiest = max(busiest, last - first + 1)
         return busiest / span
+
+    @property
+    def _counting_span(self) -> float:
+        """The span the admitted rate is counted over: a second until a window longer than that has shown (a 1 s
+        window's limit shows in its busiest second), then a round trip within that window (1–10 s): a long window
+        admits a round trip's burst whole, and its busiest second overstates what it sustains. A lockout shows
+        such a window, and so does an overload while the pace held under the last one's busiest second."""
+        window = self.admissions.window or (math.inf if self._held_overload else 0.0)
+        if window == 0:
+            return ADMITTED_SPAN
+        return max(ADMITTED_SPAN, min(self.round_trip, window, 10.0))
 
     @property
     def _span(self) -> float:
@@ -287,18 +303,22 @@ class Pacer:
         if self._remeasure_at is not None and now >= self._remeasure_at:
             self._remeasure_at = None
             admitted = self.admitted_rate(self._overload_at)
-            window = self.admissions.window
+            span, window = self._counting_span, self.admissions.window
             if admitted is not None and window > self._span:
                 # The provider's window is longer than the span (a lockout showed it): it admits bursts that its
                 # whole window does not sustain, so count over the window.
-                admitted = min(admitted, self.admissions.busiest(self._overload_at, window) or admitted)
-            admitted = self._not_under_cycle(admitted)
+                over_window = self.admissions.busiest(self._overload_at, window)
+                if over_window is not None and over_window < admitted:
+                    admitted, span = over_window, max(1.0, math.ceil(window))
             if admitted is not None:
-                # An overload at the rate the last one showed confirms the limit: probe half as often.
-                # (Give or take one request per span: the count of a short span is a small integer.)
-                tolerance = CONFIRM * admitted + 1 / ADMITTED_SPAN
+                # An overload at the rate the last one showed confirms the limit: probe half as often. (Give or take
+                # one request per span counted over: a short span's count is a small integer. Judged on what this
+                # overload counted, before the cycle floor: the floor is the last rate itself, and would confirm it.)
+                tolerance = CONFIRM * admitted + 1 / span
                 same = self._measured is not None and abs(admitted - self._measured) <= tolerance
                 self._confirmed = min(self._confirmed + 1, MAX_CONFIRMED) if same else 0
+            admitted = self._not_under_cycle(admitted)
+            if admitted is not None:
                 self._measured = self.peak = admitted
                 self.probe_rate = admitted * CUT
         peak = self.peak
