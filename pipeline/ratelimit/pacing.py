@@ -19,8 +19,8 @@ The limiter (`ratelimit/limiter.py`) enforces what the `Pacer` decides:
 - **A 429 teaches a rate.** The pace drops to 95% of what it was. With no known limit, a round trip
   later, when the replies of the requests sent just before the 429 are back, the rate the provider really
   admitted (by arrival: send time, or reply less the usual latency for a slow one; in the busiest second, or
-  round trip once a window longer than a second has shown) sets the pace, again at 95%. The pace returns to 97% of that point within a round trip,
-  holds there for a while (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not
+  round trip once a window longer than a second has shown) sets the pace, again at 95%. The pace returns to
+  97% of that point within a round trip, holds there for a while (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not
   held back for half an hour; twice as long each time an overload shows the same rate again, so a limit
   confirmed is probed rarely instead of sawed at), and only then probes upward, slowly at first and faster the
   longer no 429 comes (a cubic, like TCP CUBIC): an underestimate is outgrown in a minute, and overloads
