@@ -16,16 +16,15 @@ The limiter (`ratelimit/limiter.py`) enforces what the `Pacer` decides:
   evenly. The pace dips to 95% and is back at the known rate a round trip later (a long hold there would
   cost more than the rare 429 it avoids). A second 429 soon after means the limit is not all ours (another
   client on the key): then the pace is handled as below, from the rate it was at.
-- **A 429 teaches a rate.** The pace drops to 95% of what it was. With no known limit, a round trip
-  later, when the replies of the requests sent just before the 429 are back, the rate the provider really
-  admitted (by arrival: send time, or reply less the usual latency for a slow one; in the busiest second, or
-  round trip once a window longer than a second has shown) sets the pace, again at 95%. The pace returns to
-  97% of that point within a round trip, holds there for a while (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not
-  held back for half an hour; twice as long each time an overload shows the same rate again, so a limit
-  confirmed is probed rarely instead of sawed at), and only then probes upward, slowly at first and faster the
-  longer no 429 comes (a cubic, like TCP CUBIC): an underestimate is outgrown in a minute, and overloads
-  stay rare. Each costs about one round trip of refused requests, so at ordinary latencies the share of
-  429s stays around 1-3%.
+- **A 429 teaches a rate.** The pace drops to 95% of what it was. With no known limit, a round trip later, when the
+  replies of the requests sent just before the 429 are back, the rate the provider really admitted (by arrival: send
+  time, or reply less the usual latency for a slow one; in the busiest second, or round trip once a window longer
+  than a second has shown) sets the pace, again at 95%. The pace returns to 97% of that point within a round trip,
+  holds there for a while (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not held
+  back for half an hour; twice as long each time an overload shows the same rate again, so a limit confirmed is
+  probed rarely instead of sawed at), and only then probes upward, slowly at first and faster the longer no 429
+  comes (a cubic, like TCP CUBIC): an underestimate is outgrown in a minute, and overloads stay rare. Each costs
+  about one round trip of refused requests, so at ordinary latencies the share of 429s stays around 1-3%.
 - **A window longer than a second** (10 s, a minute) admits a burst whole and then refuses everything, refused
   requests included, until the burst has left it: a lockout (`admissions.py`). Its pauses grow, its end sets the
   pace to what the whole cycle admitted, the hold lasts at least as long as the lockout did, and later overloads
