@@ -16,15 +16,15 @@ The limiter (`ratelimit/limiter.py`) enforces what the `Pacer` decides:
   evenly. The pace dips to 95% and is back at the known rate a round trip later (a long hold there would
   cost more than the rare 429 it avoids). A second 429 soon after means the limit is not all ours (another
   client on the key): then the pace is handled as below, from the rate it was at.
-- **A 429 teaches a rate.** The pace drops to 95% of what it was. With no known limit, a round trip later, when the
-  replies of the requests sent just before the 429 are back, the rate the provider really admitted (by arrival: send
-  time, or reply less the usual latency for a slow one; in the busiest second, or round trip once a window longer
-  than a second has shown) sets the pace, again at 95%. The pace returns to 97% of that point within a round trip,
-  holds there for a while (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not held
-  back for half an hour; twice as long each time an overload shows the same rate again, so a limit confirmed is
-  probed rarely instead of sawed at), and only then probes upward, slowly at first and faster the longer no 429
-  comes (a cubic, like TCP CUBIC): an underestimate is outgrown in a minute, and overloads stay rare. Each costs
-  about one round trip of refused requests, so at ordinary latencies the share of 429s stays around 1-3%.
+- **A 429 teaches a rate.** The pace drops to 95% of what it was (or of the busiest second whose replies are back).
+  With no known limit, a round trip later, when the replies of the requests sent just before the 429 are back, the
+  rate the provider really admitted (by arrival: send time, or reply less the usual latency for a slow one; in the
+  busiest second) sets the pace, again at 95%. The pace returns to 97% of that point within a round trip, holds
+  there for a while (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not held back
+  for half an hour; twice as long each time an overload shows the same rate again, so a limit confirmed is probed
+  rarely instead of sawed at), and only then probes upward, slowly at first and faster the longer no 429 comes (a
+  cubic, like TCP CUBIC): an underestimate is outgrown in a minute, and overloads stay rare. Each costs about one
+  round trip of refused requests, so at ordinary latencies the share of 429s stays around 1-3%.
 - **A window longer than a second** (10 s, a minute) admits a burst whole and then refuses everything, refused
   requests included, until the burst has left it: a lockout (`admissions.py`). Its pauses grow, its end sets the
   pace to what the whole cycle admitted, the hold lasts at least as long as the lockout did, and later overloads
@@ -50,7 +50,7 @@ PLATEAU_SECONDS: Final = (10.0, 120.0)
 PROBE_GAIN: Final = 0.1  # then grow by 10% × ((time past the plateau) / plateau)²
 CONFIRM: Final = 0.05  # an overload whose admitted rate is within 5% of the last one's confirms the limit
 MAX_CONFIRMED: Final = 3  # each confirmation doubles the plateau, up to 8× (still at most 2 minutes)
-ADMITTED_SPAN: Final = 1.0  # the admitted rate is the busiest second's until a longer window shows (_counting_span)
+ADMITTED_SPAN: Final = 1.0  # the admitted rate is the busiest second's (see admitted_rate)
 STRAY_SECONDS: Final = 60.0  # a 429 under a known limit with none this long before it (or 2 round trips) is stray
 
 
@@ -93,7 +93,6 @@ class Pacer:
         self._lockout_rate = False  # the pace was measured at the end of a lockout
         self._recalled = False  # the pace came from a rate an earlier run learned (see recall)
         self._cycle: tuple[float, float] | None = None  # when the last lockout ended, and its cycle's rate
-        self._held_overload = False  # an overload came while the pace held under the last one's (see on_overload)
         self.knee = Knee(self.window, floor=1.0, ceiling=float(self.ceiling), now=clock_start)
 
     # --- what the limiter asks ---------------------------------------------------------------------
@@ -150,10 +149,6 @@ class Pacer:
         quiet = now - self._last_overload > max(STRAY_SECONDS, 2 * self.round_trip)
         self._last_overload = now
         self._stray = self.known_rate is not None and current == self.known_rate and quiet
-        if self.known_rate is None and self._measured is not None and current is not None:
-            # Held under what the last overload's busiest second showed and overloaded all the same: the window is
-            # longer than a second and admitted that second as part of a burst. Count over a round trip from now on.
-            self._held_overload |= current < self._measured
         if current is None:  # the seconds whose replies are back: those of the last round trip are not, yet
             current = self.admitted_rate(now - self.round_trip if self.round_trip > ADMITTED_SPAN else now)
         current = self._sustained(now, current)
@@ -182,7 +177,7 @@ class Pacer:
         0.73-0.88 of what a 1 s window admits, held for up to two minutes. A longer window shows in a lockout, and
         is then counted over its length: see _grow_probe.)
         """
-        span, usual = self._counting_span, self.round_trip
+        span, usual = ADMITTED_SPAN, self.round_trip
         # When each reached the provider: when it left, unless it took far longer than usual: then its reply less
         # the usual latency (a run's first requests wait for their connections, and would look a second early).
         arrived = (sent if reply - sent <= 2 * usual else reply - usual for sent, reply in self._replies)
@@ -195,17 +190,6 @@ class Pacer:
                 first += 1
             busiest = max(busiest, last - first + 1)
         return busiest / span
-
-    @property
-    def _counting_span(self) -> float:
-        """The span the admitted rate is counted over: a second until a window longer than that has shown (a 1 s
-        window's limit shows in its busiest second), then a round trip within that window (1–10 s): a long window
-        admits a round trip's burst whole, and its busiest second overstates what it sustains. A lockout shows
-        such a window, and so does an overload while the pace held under the last one's busiest second."""
-        window = self.admissions.window or (math.inf if self._held_overload else 0.0)
-        if window == 0:
-            return ADMITTED_SPAN
-        return max(ADMITTED_SPAN, min(self.round_trip, window, 10.0))
 
     @property
     def _span(self) -> float:
@@ -302,7 +286,7 @@ class Pacer:
         if self._remeasure_at is not None and now >= self._remeasure_at:
             self._remeasure_at = None
             admitted = self.admitted_rate(self._overload_at)
-            span, window = self._counting_span, self.admissions.window
+            span, window = ADMITTED_SPAN, self.admissions.window
             if admitted is not None and window > self._span:
                 # The provider's window is longer than the span (a lockout showed it): it admits bursts that its
                 # whole window does not sustain, so count over the window.
