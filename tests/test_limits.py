@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.ratelimit.headers import parse_duration, retry_after_seconds
 from pipeline.ratelimit.limiter import SAFETY, Limiter, LimitSettings, Permit, TokenBucket
-from pipeline.ratelimit.pacing import Pacer
+from pipeline.ratelimit.pacing import CUT, Pacer
 from pipeline.sinks.limit_memory import LimitMemory
 from pipeline.sinks.meta import SinkMeta
 
@@ -523,3 +523,35 @@ def test_a_429_soon_after_a_long_lockout_keeps_the_rate_of_the_lockouts_cycle() 
     pacer.on_overload(14.0, until=15.0)
     pacer.on_success(0.2, window_limited=False, now=14.3)  # a round trip on: the overload is measured
     assert pacer.peak == pytest.approx(cycle)
+
+
+def test_a_first_429_at_round_trips_of_seconds_paces_at_the_busiest_second_whose_replies_are_back() -> None:
+    """At 7 s replies, 10 admitted a second for 10 s, then a 429: the pace drops to 95% of those 10/s at once (before:
+    the last three seconds' replies were not back, so it counted nothing, halved the window and sent unpaced bursts
+    into a full 60 s window until the round trip had passed: 4.8% refused)."""
+    pacer = Pacer(ceiling=1000, auto=False)
+    for i in range(100):
+        sent = i / 10
+        if sent + 7.0 <= 10.0:
+            pacer.on_success(7.0, window_limited=False, now=sent + 7.0)
+    window = pacer.window
+    pacer.on_overload(10.0, until=11.0)
+    assert pacer.rate() == pytest.approx(10 * CUT, rel=0.1)
+    assert pacer.window == window
+
+
+def test_a_429_held_up_to_a_lockouts_cycle_rate_does_not_confirm_it() -> None:
+    """A 429 right after a long lockout that admitted only 3 a second is raised to the cycle's rate (the window is
+    letting the old burst out), but that is the last rate itself, not a second overload showing it: the hold is not
+    doubled (before: it counted as a confirmation)."""
+    pacer = Pacer(ceiling=1000, auto=False)
+    for i in range(200):
+        pacer.on_success(0.2, window_limited=True, now=0.4 + i / 100)
+    for at in (3.0, 5.0, 7.0, 9.0, 11.0):
+        pacer.on_overload(at, until=at + 1.0)
+    pacer.on_success(0.2, window_limited=False, now=13.0)
+    for i in range(3):
+        pacer.on_success(0.2, window_limited=False, now=13.2 + i / 3)
+    pacer.on_overload(14.0, until=15.0)
+    pacer.on_success(0.2, window_limited=False, now=14.3)
+    assert pacer._confirmed == 0
