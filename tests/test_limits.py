@@ -555,3 +555,16 @@ def test_a_429_held_up_to_a_lockouts_cycle_rate_does_not_confirm_it() -> None:
     pacer.on_overload(14.0, until=15.0)
     pacer.on_success(0.2, window_limited=False, now=14.3)
     assert pacer._confirmed == 0
+
+
+def test_a_rate_counted_over_a_minute_window_confirms_only_within_five_percent() -> None:
+    """Against a 60 s window an overload counted 10.8/s over the minute after one at 10/s: 8% apart is a different
+    rate, not a confirmation (before: the tolerance was 5% + 1/s, a second's rounding, so it doubled the hold)."""
+    pacer = Pacer(ceiling=1000, auto=False)
+    pacer.recall(10.0, window=60.0)
+    for i in range(round(70 * 10.8)):
+        pacer.on_success(0.2, window_limited=False, now=0.2 + i / 10.8)
+    pacer.on_overload(70.0, until=71.0)
+    pacer.on_success(0.2, window_limited=False, now=70.3)
+    assert pacer.peak == pytest.approx(10.8, rel=0.02)
+    assert pacer._confirmed == 0
