@@ -510,6 +510,14 @@ def test_a_429_soon_after_a_long_lockout_keeps_the_rate_of_the_lockouts_cycle() 
     """200 admitted in 2 s, a 10 s lockout, then a 429 a second after it ended while only 3 a second get in (the
     window lets requests in as fast as the burst leaves it): the pace stays at the cycle's rate (200 over ~12 s), not
     the 3/s of that second, which it held for minutes."""
+    pacer, cycle = _a_429_a_second_after_a_long_lockout()
+    assert cycle is not None and cycle == pytest.approx(200 / 11.9, rel=0.05)
+    assert pacer.peak == pytest.approx(cycle)
+
+
+def _a_429_a_second_after_a_long_lockout() -> tuple[Pacer, float | None]:
+    """200 admitted in 2 s, a 10 s lockout, then a 429 a second after it ended, 3 a second admitted, measured a
+    round trip later; the pacer, and the rate the lockout's cycle showed."""
     pacer = Pacer(ceiling=1000, auto=False)
     for i in range(200):
         pacer.on_success(0.2, window_limited=True, now=0.4 + i / 100)
@@ -517,12 +525,11 @@ def test_a_429_soon_after_a_long_lockout_keeps_the_rate_of_the_lockouts_cycle() 
         pacer.on_overload(at, until=at + 1.0)
     pacer.on_success(0.2, window_limited=False, now=13.0)
     cycle = pacer.peak
-    assert cycle is not None and cycle == pytest.approx(200 / 11.9, rel=0.05)
     for i in range(3):
         pacer.on_success(0.2, window_limited=False, now=13.2 + i / 3)
     pacer.on_overload(14.0, until=15.0)
     pacer.on_success(0.2, window_limited=False, now=14.3)  # a round trip on: the overload is measured
-    assert pacer.peak == pytest.approx(cycle)
+    return pacer, cycle
 
 
 def test_a_first_429_at_round_trips_of_seconds_paces_at_the_busiest_second_whose_replies_are_back() -> None:
@@ -544,16 +551,8 @@ def test_a_429_held_up_to_a_lockouts_cycle_rate_does_not_confirm_it() -> None:
     """A 429 right after a long lockout that admitted only 3 a second is raised to the cycle's rate (the window is
     letting the old burst out), but that is the last rate itself, not a second overload showing it: the hold is not
     doubled (before: it counted as a confirmation)."""
-    pacer = Pacer(ceiling=1000, auto=False)
-    for i in range(200):
-        pacer.on_success(0.2, window_limited=True, now=0.4 + i / 100)
-    for at in (3.0, 5.0, 7.0, 9.0, 11.0):
-        pacer.on_overload(at, until=at + 1.0)
-    pacer.on_success(0.2, window_limited=False, now=13.0)
-    for i in range(3):
-        pacer.on_success(0.2, window_limited=False, now=13.2 + i / 3)
-    pacer.on_overload(14.0, until=15.0)
-    pacer.on_success(0.2, window_limited=False, now=14.3)
+    pacer, cycle = _a_429_a_second_after_a_long_lockout()
+    assert pacer.peak == pytest.approx(cycle)
     assert pacer._confirmed == 0
 
 
