@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.ratelimit.headers import parse_duration, retry_after_seconds
 from pipeline.ratelimit.limiter import SAFETY, Limiter, LimitSettings, Permit, TokenBucket
-from pipeline.ratelimit.pacing import Pacer
+from pipeline.ratelimit.pacing import CUT, Pacer
 from pipeline.sinks.limit_memory import LimitMemory
 from pipeline.sinks.meta import SinkMeta
 
@@ -510,6 +510,14 @@ def test_a_429_soon_after_a_long_lockout_keeps_the_rate_of_the_lockouts_cycle() 
     """200 admitted in 2 s, a 10 s lockout, then a 429 a second after it ended while only 3 a second get in (the
     window lets requests in as fast as the burst leaves it): the pace stays at the cycle's rate (200 over ~12 s), not
     the 3/s of that second, which it held for minutes."""
+    pacer, cycle = _a_429_a_second_after_a_long_lockout()
+    assert cycle is not None and cycle == pytest.approx(200 / 11.9, rel=0.05)
+    assert pacer.peak == pytest.approx(cycle)
+
+
+def _a_429_a_second_after_a_long_lockout() -> tuple[Pacer, float | None]:
+    """200 admitted in 2 s, a 10 s lockout, then a 429 a second after it ended, 3 a second admitted, measured a
+    round trip later; the pacer, and the rate the lockout's cycle showed."""
     pacer = Pacer(ceiling=1000, auto=False)
     for i in range(200):
         pacer.on_success(0.2, window_limited=True, now=0.4 + i / 100)
@@ -517,9 +525,45 @@ def test_a_429_soon_after_a_long_lockout_keeps_the_rate_of_the_lockouts_cycle() 
         pacer.on_overload(at, until=at + 1.0)
     pacer.on_success(0.2, window_limited=False, now=13.0)
     cycle = pacer.peak
-    assert cycle is not None and cycle == pytest.approx(200 / 11.9, rel=0.05)
     for i in range(3):
         pacer.on_success(0.2, window_limited=False, now=13.2 + i / 3)
     pacer.on_overload(14.0, until=15.0)
     pacer.on_success(0.2, window_limited=False, now=14.3)  # a round trip on: the overload is measured
+    return pacer, cycle
+
+
+def test_a_first_429_at_round_trips_of_seconds_paces_at_the_busiest_second_whose_replies_are_back() -> None:
+    """At 7 s replies, 10 admitted a second for 10 s, then a 429: the pace drops to 95% of those 10/s at once (before:
+    the last three seconds' replies were not back, so it counted nothing, halved the window and sent unpaced bursts
+    into a full 60 s window until the round trip had passed: 4.8% refused)."""
+    pacer = Pacer(ceiling=1000, auto=False)
+    for i in range(100):
+        sent = i / 10
+        if sent + 7.0 <= 10.0:
+            pacer.on_success(7.0, window_limited=False, now=sent + 7.0)
+    window = pacer.window
+    pacer.on_overload(10.0, until=11.0)
+    assert pacer.rate() == pytest.approx(10 * CUT, rel=0.1)
+    assert pacer.window == window
+
+
+def test_a_429_held_up_to_a_lockouts_cycle_rate_does_not_confirm_it() -> None:
+    """A 429 right after a long lockout that admitted only 3 a second is raised to the cycle's rate (the window is
+    letting the old burst out), but that is the last rate itself, not a second overload showing it: the hold is not
+    doubled (before: it counted as a confirmation)."""
+    pacer, cycle = _a_429_a_second_after_a_long_lockout()
     assert pacer.peak == pytest.approx(cycle)
+    assert pacer._confirmed == 0
+
+
+def test_a_rate_counted_over_a_minute_window_confirms_only_within_five_percent() -> None:
+    """Against a 60 s window an overload counted 10.8/s over the minute after one at 10/s: 8% apart is a different
+    rate, not a confirmation (before: the tolerance was 5% + 1/s, a second's rounding, so it doubled the hold)."""
+    pacer = Pacer(ceiling=1000, auto=False)
+    pacer.recall(10.0, window=60.0)
+    for i in range(round(70 * 10.8)):
+        pacer.on_success(0.2, window_limited=False, now=0.2 + i / 10.8)
+    pacer.on_overload(70.0, until=71.0)
+    pacer.on_success(0.2, window_limited=False, now=70.3)
+    assert pacer.peak == pytest.approx(10.8, rel=0.02)
+    assert pacer._confirmed == 0

@@ -16,16 +16,15 @@ The limiter (`ratelimit/limiter.py`) enforces what the `Pacer` decides:
   evenly. The pace dips to 95% and is back at the known rate a round trip later (a long hold there would
   cost more than the rare 429 it avoids). A second 429 soon after means the limit is not all ours (another
   client on the key): then the pace is handled as below, from the rate it was at.
-- **A 429 teaches a rate.** The pace drops to 95% of what it was. With no known limit, a round trip
-  later, when the replies of the requests sent just before the 429 are back, the rate the provider really
-  admitted (by arrival: send time, or reply less the usual latency for a slow one; in the busiest second)
-  sets the pace, again at 95%. The pace returns to 97% of that point within a round trip,
-  holds there for a while (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not
-  held back for half an hour; twice as long each time an overload shows the same rate again, so a limit
-  confirmed is probed rarely instead of sawed at), and only then probes upward, slowly at first and faster the
-  longer no 429 comes (a cubic, like TCP CUBIC): an underestimate is outgrown in a minute, and overloads
-  stay rare. Each costs about one round trip of refused requests, so at ordinary latencies the share of
-  429s stays around 1-3%.
+- **A 429 teaches a rate.** The pace drops to 95% of what it was (or of the busiest second whose replies are back).
+  With no known limit, a round trip later, when the replies of the requests sent just before the 429 are back, the
+  rate the provider really admitted (by arrival: send time, or reply less the usual latency for a slow one; in the
+  busiest second) sets the pace, again at 95%. The pace returns to 97% of that point within a round trip, holds
+  there for a while (`PLATEAU_ROUND_TRIPS`, at least 10 s and at most two minutes, so a 30 s model is not held back
+  for half an hour; twice as long each time an overload shows the same rate again, so a limit confirmed is probed
+  rarely instead of sawed at), and only then probes upward, slowly at first and faster the longer no 429 comes (a
+  cubic, like TCP CUBIC): an underestimate is outgrown in a minute, and overloads stay rare. Each costs about one
+  round trip of refused requests, so at ordinary latencies the share of 429s stays around 1-3%.
 - **A window longer than a second** (10 s, a minute) admits a burst whole and then refuses everything, refused
   requests included, until the burst has left it: a lockout (`admissions.py`). Its pauses grow, its end sets the
   pace to what the whole cycle admitted, the hold lasts at least as long as the lockout did, and later overloads
@@ -150,8 +149,8 @@ class Pacer:
         quiet = now - self._last_overload > max(STRAY_SECONDS, 2 * self.round_trip)
         self._last_overload = now
         self._stray = self.known_rate is not None and current == self.known_rate and quiet
-        if current is None:
-            current = self.admitted_rate(now)
+        if current is None:  # the seconds whose replies are back: those of the last round trip are not, yet
+            current = self.admitted_rate(now - self.round_trip if self.round_trip > ADMITTED_SPAN else now)
         current = self._sustained(now, current)
         if current is None:  # nothing admitted yet to learn from: halve the window, like TCP
             self.window = max(1.0, self.window / 2)
@@ -287,18 +286,22 @@ class Pacer:
         if self._remeasure_at is not None and now >= self._remeasure_at:
             self._remeasure_at = None
             admitted = self.admitted_rate(self._overload_at)
-            window = self.admissions.window
+            span, window = ADMITTED_SPAN, self.admissions.window
             if admitted is not None and window > self._span:
                 # The provider's window is longer than the span (a lockout showed it): it admits bursts that its
                 # whole window does not sustain, so count over the window.
-                admitted = min(admitted, self.admissions.busiest(self._overload_at, window) or admitted)
-            admitted = self._not_under_cycle(admitted)
+                over_window = self.admissions.busiest(self._overload_at, window)
+                if over_window is not None and over_window < admitted:
+                    admitted, span = over_window, max(1.0, math.ceil(window))
             if admitted is not None:
-                # An overload at the rate the last one showed confirms the limit: probe half as often.
-                # (Give or take one request per span: the count of a short span is a small integer.)
-                tolerance = CONFIRM * admitted + 1 / ADMITTED_SPAN
+                # An overload at the rate the last one showed confirms the limit: probe half as often. (Give or take
+                # one request per span counted over: a short span's count is a small integer. Judged on what this
+                # overload counted, before the cycle floor: the floor is the last rate itself, and would confirm it.)
+                tolerance = CONFIRM * admitted + 1 / span
                 same = self._measured is not None and abs(admitted - self._measured) <= tolerance
                 self._confirmed = min(self._confirmed + 1, MAX_CONFIRMED) if same else 0
+            admitted = self._not_under_cycle(admitted)
+            if admitted is not None:
                 self._measured = self.peak = admitted
                 self.probe_rate = admitted * CUT
         peak = self.peak
