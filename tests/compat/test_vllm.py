@@ -97,11 +97,15 @@ def test_context_length_advice_does_not_say_rerun(vllm: VLLM, tmp_path: Path) ->
 
 def test_hung_server_sigstop_then_sigcont_run_completes(vllm: VLLM, tmp_path: Path) -> None:
     """vLLM frozen mid-run (SIGSTOP) and thawed (SIGCONT): labelstream times out, retries, and labels every row once."""
-    rows = 60
+    rows = 200  # ~10 s of requests at 4 in flight on a warm server: the freeze lands mid-run
     inp = sample_csv(tmp_path / "in.csv", rows)
     out = tmp_path / "out.jsonl"
     args = ["--input", str(inp), "--output", str(out), "--config", str(CONFIG), "--model", "tiny"]
     args += ["--base-url", vllm.base_url, "--concurrency", "4", "--timeout", "15", "--no-progress"]
+    # Every row a request: the sample repeats its texts, and with dedupe a warm server can answer every request of
+    # 60 rows before the freeze, leaving none to time out (the likely cause of two failures of make test-compat:
+    # frozen 2 s in, then no retry in 120 s).
+    args += ["--no-dedupe"]
     proc = start_cli("label", *args, env={"OPENAI_API_KEY": TEST_KEY})
     stopped = False
     try:
