@@ -158,6 +158,19 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Pids of this user's processes whose environment has `name=value` (Linux /proc)."""
+    wanted, found = f"{name}={value}".encode(), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:  # gone, or another user's
+                continue
+    return found
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_engine_ray_into_s3_writes_through_staging_each_row_once(
@@ -207,6 +220,10 @@ def test_engine_ray_into_s3_resumes_after_kill_9_with_each_row_once(
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, as when a machine dies
             proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()
+    # Ray's workers are not in the driver's process group: one that was writing may PUT its part after the kill.
+    # Wait for them to end, so that no part lands after the second run's last commit (one that lands during the
+    # run is committed by it: test_a_ray_job_that_ends_during_a_commit_gets_one_more_commit).
+    wait_for(lambda: not processes_with_env("RAY_TMPDIR", str(short_tmp)), timeout=60, what="the killed run's Ray")
     first = bucket.ids(key)
     assert len(first) == len(set(first)) < len(rows)
     result = cli(*ray_args(sim, source, bucket.uri(key), "--concurrency", "32"), env=env, timeout=240)
@@ -241,10 +258,12 @@ def test_a_ray_job_that_ends_during_a_commit_gets_one_more_commit() -> None:
 
     commit_started, job_ended = threading.Event(), threading.Event()
     commits: list[bool] = []  # for each commit: whether the job had ended when it began
+    runs: list[str | None] = []  # for each commit: the run whose staging it took (None: every run's)
 
     class Sink:
         def commit_staged(self, done: Any, run_id: str | None = None) -> tuple[int, int]:
             commits.append(job_ended.is_set())
+            runs.append(run_id)
             commit_started.set()
             if len(commits) == 1:
                 assert job_ended.wait(30), "the job did not end"  # the job writes its last part during this commit
@@ -259,3 +278,6 @@ def test_a_ray_job_that_ends_during_a_commit_gets_one_more_commit() -> None:
         done=None), run_id="r1")  # fmt: skip
     asyncio.run(Engine()._label_and_commit(run, [], Sink()))  # type: ignore[arg-type]
     assert commits[0] is False and commits[-1] is True, commits
+    # Periodic commits take this run's parts; the last takes every run's, so a part a dead run's write task PUT
+    # after this run started (its Ray outlives a kill -9 of the driver) is not left in staging.
+    assert runs[0] == "r1" and runs[-1] is None, runs

@@ -113,7 +113,9 @@ class RayEngine:
                 # Seen before the commit starts: a part the job writes while a commit runs is caught by the next one,
                 # and the last commit begins only once the job has written everything.
                 finished = job.done()
-                await asyncio.to_thread(sink.commit_staged, run.prepared.done, run.run_id)
+                # The last commit takes every run's staging: a write task of a dead run may have PUT its part
+                # after this run's start committed the rest (staging.py); its repeated ids are dropped.
+                await asyncio.to_thread(sink.commit_staged, run.prepared.done, None if finished else run.run_id)
                 if finished:
                     break
         except BaseException:
