@@ -285,7 +285,7 @@ class LabelClient:
             # Many at once: a gateway holding requests over its limit, or a drowning provider. Slow the run down
             # like a 429, and do not count it against the rows (nor call it a 429: none came).
             self.stats.held += 1
-            self.limiter.on_rate_limited(None)
+            self.limiter.on_rate_limited(None, refused=False)
             return _Attempt("held", f"no reply within {limit:.3g} s while many others timed out too (overload)")
         p99 = self.timeouts.p99
         recent = f" (recent replies: p99 {p99:.3g} s)" if p99 is not None and limit < self.retry.timeout else ""

@@ -199,12 +199,13 @@ class Limiter:
             self.on_grow()
         self._freed.set()
 
-    def on_rate_limited(self, retry_after: float | None) -> None:
-        """A 429 arrived: pause every worker for `retry_after`, and (once per overload) slow the pace."""
+    def on_rate_limited(self, retry_after: float | None, *, refused: bool = True) -> None:
+        """A 429 arrived (or, not `refused`, timeouts clustered): pause every worker for `retry_after`, and (once
+        per overload) slow the pace."""
         now = self.clock()
         wait = retry_after if retry_after is not None and retry_after > 0 else self.pacer.quiet_pause(now)
         self.pause_until = max(self.pause_until, now + wait)
-        if self.pacer.on_overload(now, until=self.pause_until):
+        if self.pacer.on_overload(now, until=self.pause_until, refused=refused):
             self._pace()
             if self._rpm is not None:
                 self._rpm.drain(self.pause_until)

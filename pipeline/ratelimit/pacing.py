@@ -133,8 +133,9 @@ class Pacer:
             step = 1.0 if self.window < self.threshold else 1.0 / self.window
             self.window = min(float(self.ceiling), self.window + step)
 
-    def on_overload(self, now: float, *, until: float) -> bool:
-        """A 429 arrived; return True if it opened a new overload (several 429s from one are cut once).
+    def on_overload(self, now: float, *, until: float, refused: bool = True) -> bool:
+        """A 429 arrived (`refused`), or timeouts clustered; return True if it opened a new overload (several
+        429s from one are cut once).
 
         `until` is when the pause it caused ends; 429s before then, or within a round trip (requests already
         in flight when the first came back), belong to the same overload.
@@ -142,6 +143,14 @@ class Pacer:
         if now < self.last_cut:
             return False
         self.last_cut = max(until, now + self.round_trip)
+        if not refused and self.auto and self.rate() is None:
+            # Timeouts with no limit known and the knee in charge: the server stalled or queued past the timeout
+            # (vLLM on busy cores stalls for seconds; a gateway holds requests). Nothing was refused, so there is
+            # no admitted rate to learn (one measured in a stall paced a 70 rows/s server at 51 and was
+            # remembered for the next run): halve the window and let the knee probe up from there.
+            self.window = max(1.0, self.window / 2)
+            self.knee.restart(self.window)
+            return True
         self.admissions.on_overload(now)
         locked_out = self.admissions.locked_out(now)
         self._lockout_rate = self._recalled = False

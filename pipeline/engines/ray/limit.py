@@ -173,8 +173,8 @@ class SharedLimiter(Limiter):
             self.remote.settle.remote(permit.estimated_tokens, permit.used_tokens)
         super().on_success(permit)
 
-    def on_rate_limited(self, retry_after: float | None) -> None:
-        super().on_rate_limited(retry_after)
+    def on_rate_limited(self, retry_after: float | None, *, refused: bool = True) -> None:
+        super().on_rate_limited(retry_after, refused=refused)
         self.remote.pause.remote(retry_after if retry_after is not None and retry_after > 0 else DEFAULT_PAUSE)
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
