@@ -31,8 +31,10 @@ one round trip (the replies that come back within one recent latency):
   throughput and was undone), and an up probe whose extra requests queue ends as soon as they come back, at
   the window less that queue. Once the knee was seen that way, up probes start at `FINE_STEP` and come at
   most every `KNEE_HOLD_ROUNDS`: a full step past a knee seen exactly would only queue. A server that admits
-  a queued request the moment any sequence ends (vLLM, with latencies that vary) shows little second mode;
-  the probes and the baseline handle it as before.
+  a queued request the moment any sequence ends (vLLM, with latencies that vary) shows no second mode, only a
+  spread (a tenth of its replies are under half the median, its p99 is 3-4× it, at any load): where the fastest
+  tenth of recent replies are more than `MODE_SPREAD` under their round's median, no reply counts as queued,
+  and the probes and the baseline find the knee alone. Startup's stop allows for the same spread.
 - **Baseline**: the lowest round latency within `BASE_SECONDS` (by time, not per reply, so a queue that lasts
   does not become the new normal in a few hundred replies). When two rounds in a row at a held window are
   `QUEUE_RATIO` times slower (against the baseline) than that window was, something queues (another client on
@@ -65,7 +67,10 @@ MAX_HOLD_ROUNDS: Final = 32  # ...up to this many
 FAST_WEIGHT: Final = 0.25  # startup watches the average of about the last four replies
 SETTLE_ROUNDS: Final = 2  # rounds after a change still show the old window, then the burst it sent
 MEASURE_ROUNDS: Final = 2  # a window's throughput is the mean of this many rounds (one round's count is noisy)
-QUEUED_RATIO: Final = 1.5  # a reply this × slower than its round's median waited for a slot (a second mode)
+QUEUED_RATIO: Final = 1.5  # a reply this × slower than its round's median waited for a slot (a second mode)...
+MODE_SPREAD: Final = 0.25  # ...if the fastest tenth of replies are within this share of their round's median...
+SHAPE_REPLIES: Final = 256  # ...over this many recent replies (at least a quarter of them): a server in lock step
+SPREAD_EARLY: Final = 8  # startup's stop allows for the spread of as few replies as this
 FINE_STEP: Final = 0.04  # up probes past a knee seen in queued replies start this small...
 KNEE_HOLD_ROUNDS: Final = 16  # ...and come at most this often
 BASE_REPLIES: Final = 3  # the first round sets the baseline only with this many replies...
@@ -86,10 +91,17 @@ class _Round:
         self.latencies: list[float] = []
 
     def queued(self) -> int:
-        """Replies that waited for a slot: those a good deal slower than the round's median (a second mode)."""
+        """Replies that waited for a slot: those a good deal slower than the round's median (a second mode; the
+        knee counts them only on a server in lock step, see `Knee._queued_in`)."""
         ordered = sorted(self.latencies)
         typical = ordered[len(ordered) // 2]
         return sum(1 for latency in ordered if latency > QUEUED_RATIO * typical)
+
+    def shape(self) -> list[float]:
+        """Each reply's latency ÷ the round's median."""
+        ordered = sorted(self.latencies)
+        typical = ordered[len(ordered) // 2]
+        return [latency / typical for latency in ordered]
 
 
 class Knee:
@@ -108,7 +120,7 @@ class Knee:
         self._rtt: float | None = None  # the last round's mean latency
         self._round_window = window  # the window when this round began
         self._grown = 1.0  # how much the window grew in the last round
-        self._lows: deque[tuple[float, float]] = deque()  # (time, round latency), increasing latencies
+        self._lows: deque[tuple[float, float, int]] = deque()  # (time, round latency, replies), increasing latencies
         self._best: tuple[float, float] | None = None  # startup: (throughput, latency) of the best round
         self._flat = 0  # startup rounds in a row that did not raise the throughput
         self._last_rate = 0.0  # startup: the previous round's throughput
@@ -126,6 +138,8 @@ class Knee:
         self._slow = 0  # held rounds in a row slower than QUEUE_RATIO × what the window had
         self._hold_rounds = 1  # the first probe comes soon after startup, which may stop short of the knee
         self._held = 0
+        self._shape: deque[float] = deque(maxlen=SHAPE_REPLIES)  # recent replies' latency ÷ their round's median
+        self._spread: float | None = None  # how far the fastest tenth of them are below 1 (None: too few yet)
 
     @property
     def base(self) -> float | None:
@@ -153,13 +167,15 @@ class Knee:
         self._round_window = self.window
         mean = current.latency / current.replies
         self._rtt = mean
+        self._shape.extend(current.shape())
+        self._spread = self._spread_of(self._shape)
         # The start window leaves at once, so the first round (it ends at its fastest reply) may hold just that
         # reply, the low end of the jitter: as the baseline it makes every later reply look ~1.2× slower, and
         # startup grows at half speed and stops early (3,000 RPM at 1.5 s: 0.83 of the limit, benchmarks.md).
         # Under half a second the ramp is done in seconds either way, and a faster one only brings a long
         # window's first burst (and its lockout) sooner.
         if not first or current.replies >= BASE_REPLIES or mean < SHORT_TRIP:
-            self._note_base(mean, now)
+            self._note_base(mean, now, current.replies)
         # A round the window did not hold back (the input ran dry, a bucket paced it) says nothing about the knee.
         if 2 * current.limited < current.replies:
             return
@@ -171,7 +187,7 @@ class Knee:
             self._probe("down")
         elif self.phase == "startup":
             self._startup_round(rate, mean, ratio)
-        elif self.phase == "up" and (queued := current.queued()) >= 2:
+        elif self.phase == "up" and (queued := self._queued_in(current)) >= 2:
             # The probe's extra requests came back a whole batch late: they queued, so the server was already full.
             # What queued says where the knee is, sooner and more exactly than a throughput that did not rise.
             self._knee_seen(self.window - self.window * queued / current.replies)
@@ -182,7 +198,7 @@ class Knee:
             # every reply; counting replies per round adds the noise of where the round's edges fall, which hides
             # the small gains a probe makes on a server whose batches get much slower as they fill.
             self._samples.append(self.window / mean)
-            self._queued += current.queued()
+            self._queued += self._queued_in(current)
             self._counted += current.replies
             self._held_ratio = ratio if self.phase == "hold" else self._held_ratio
             self._steady_round()
@@ -194,13 +210,44 @@ class Knee:
 
     # --- inside -----------------------------------------------------------------------------------
 
-    def _note_base(self, latency: float, now: float) -> None:
+    @staticmethod
+    def _spread_of(shape: deque[float]) -> float | None:
+        """How far the fastest tenth of recent replies are below their round's median, as a share of it: ~0.1 in
+        lock step, ~0.5 on vLLM (None before SPREAD_EARLY replies)."""
+        if len(shape) < SPREAD_EARLY:
+            return None
+        return 1 - sorted(shape)[len(shape) // 10]
+
+    def _queued_in(self, current: _Round) -> int:
+        """The round's queued replies where a queue can be told from the spread: on a server whose replies are
+        close together at any load (in lock step); elsewhere 0. vLLM's p99 is 3-4× its median at any window, so
+        "1.5× the median" is a tenth of its replies, queue or not: read as one, it cut every up probe short and
+        trimmed the window to half the slots (0.27 of the best fixed concurrency in tests/test_knee.py)."""
+        return current.queued() if self._spread_known() and not self._widely_spread() else 0
+
+    def _note_base(self, latency: float, now: float, replies: int) -> None:
         lows = self._lows
+        if self._widely_spread():
+            # The mean of a few replies of a widely spread server is mostly chance, and the lowest of many such
+            # means is its fast tail (half the typical latency on vLLM): every round then looked twice as slow as
+            # the baseline, and the knee kept trying smaller windows. Only rounds of SPREAD_EARLY replies count.
+            if replies < SPREAD_EARLY:
+                return
+            if any(n < SPREAD_EARLY for _, _, n in lows):
+                lows = self._lows = deque(low for low in lows if low[2] >= SPREAD_EARLY)
         while lows and lows[-1][1] >= latency:
             lows.pop()  # a lower, newer round makes older, higher ones irrelevant to the minimum
-        lows.append((now, latency))
+        lows.append((now, latency, replies))
         while lows[0][0] < now - BASE_SECONDS:
             lows.popleft()
+
+    def _spread_known(self) -> bool:
+        """Whether enough replies are back to judge the spread of the server's latencies."""
+        return self._spread is not None and len(self._shape) >= SHAPE_REPLIES // 4
+
+    def _widely_spread(self) -> bool:
+        """Whether the server's latencies spread more than in lock step (as far as is known)."""
+        return self._spread_known() and (self._spread or 0.0) > MODE_SPREAD
 
     def _startup_reply(self, latency: float, window_limited: bool) -> None:
         """Grow; stop as soon as the last few replies are much slower than the last round (queued ones are back)."""
@@ -208,9 +255,11 @@ class Knee:
         # Against the last round, not the baseline: batching makes replies slower as the window grows (but by less
         # than the window grew, so throughput still rises); a queue makes them slower as fast as the window grows,
         # so a rise within the window's last growth is not yet a queue.
+        # Where replies spread widely, the last few are often that much slower by chance: allow for the spread.
+        noise = self._spread or 0.0
         if (
             self._rtt is not None
-            and fast > max(STARTUP_RATIO, 1 + STARTUP_SHARE * (self._grown - 1)) * self._rtt
+            and fast > max(STARTUP_RATIO + noise, 1 + STARTUP_SHARE * (self._grown - 1)) * self._rtt
             and self._best is not None
         ):
             self._found()
