@@ -12,7 +12,6 @@ the most requests auto held in flight. Prints one markdown table of the minimum 
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 from pathlib import Path
@@ -38,7 +37,6 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=30.0)
     args = parser.parse_args()
-    seeded = random.Random
     print(f"# {args.seeds} seeds, {args.seconds:g} s of virtual time each, after a 5 s warm-up")
     print("| slots | cost | jitter | auto ÷ best fixed: min | mean | p99 ÷ best's: max | most in flight |")
     print("|---|---|---|---|---|---|---|")
@@ -46,17 +44,12 @@ def main() -> None:
     for slots, cost, jitter in SERVERS:
         rates, p99s, peaks = [], [], []
         for seed in range(args.seeds):
-            model.random.Random = lambda _seed, seed=seed: seeded(seed * 1000 + 7)  # type: ignore[assignment,misc]
-            fixed = [
-                model.serve(slots=slots, cost=cost, fixed=n, jitter=jitter, seconds=args.seconds)
-                for n in (slots // 2, slots, 2 * slots)
-            ]
-            best = max(fixed, key=lambda run: run.rate)
-            auto = model.serve(slots=slots, cost=cost, jitter=jitter, seconds=args.seconds)
+            server = {"slots": slots, "cost": cost, "jitter": jitter, "seconds": args.seconds, "seed": seed * 1000 + 7}
+            best = max((model.serve(**server, fixed=n) for n in (slots // 2, slots, 2 * slots)), key=lambda r: r.rate)
+            auto = model.serve(**server)
             rates.append(auto.rate / best.rate)
             p99s.append(auto.p99 / best.p99)
             peaks.append(auto.max_in_flight)
-        model.random.Random = seeded  # type: ignore[misc]
         ratios += rates
         print(f"| {slots} | {cost:g} | ±{jitter:.0%} | {min(rates):.3f} | {statistics.mean(rates):.3f} | "
               f"{max(p99s):.2f} | {max(peaks)} |")  # fmt: skip

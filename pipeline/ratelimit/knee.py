@@ -98,10 +98,10 @@ class _Round:
         return sum(1 for latency in ordered if latency > QUEUED_RATIO * typical)
 
     def shape(self) -> list[float]:
-        """Each reply's latency ÷ the round's median."""
+        """Each reply's latency ÷ the round's median (all 1 if that is 0: a coarse clock)."""
         ordered = sorted(self.latencies)
         typical = ordered[len(ordered) // 2]
-        return [latency / typical for latency in ordered]
+        return [latency / typical for latency in ordered] if typical > 0 else [1.0] * len(ordered)
 
 
 class Knee:
@@ -143,7 +143,8 @@ class Knee:
 
     @property
     def base(self) -> float | None:
-        """The baseline latency: the lowest round latency of the last `BASE_SECONDS` (None before any round)."""
+        """The baseline latency: the lowest round latency of the last `BASE_SECONDS` (None before any round, or
+        while no recent round holds enough replies to count: see `_note_base`)."""
         return self._lows[0][1] if self._lows else None
 
     def on_reply(self, latency: float, *, window_limited: bool, now: float) -> None:
@@ -230,15 +231,18 @@ class Knee:
         if self._widely_spread():
             # The mean of a few replies of a widely spread server is mostly chance, and the lowest of many such
             # means is its fast tail (half the typical latency on vLLM): every round then looked twice as slow as
-            # the baseline, and the knee kept trying smaller windows. Only rounds of SPREAD_EARLY replies count.
-            if replies < SPREAD_EARLY:
-                return
-            if any(n < SPREAD_EARLY for _, _, n in lows):
-                lows = self._lows = deque(low for low in lows if low[2] >= SPREAD_EARLY)
+            # the baseline, and the knee kept trying smaller windows. Only rounds of SPREAD_EARLY replies count
+            # (half the window, if that is less: a small window's rounds are all small).
+            needed = min(SPREAD_EARLY, max(BASE_REPLIES, math.ceil(self.window / 2)))
+            if any(n < needed for _, _, n in lows):
+                lows = self._lows = deque(low for low in lows if low[2] >= needed)
+            if replies < needed:
+                latency = math.inf  # expire the old, add nothing
         while lows and lows[-1][1] >= latency:
             lows.pop()  # a lower, newer round makes older, higher ones irrelevant to the minimum
-        lows.append((now, latency, replies))
-        while lows[0][0] < now - BASE_SECONDS:
+        if latency < math.inf:
+            lows.append((now, latency, replies))
+        while lows and lows[0][0] < now - BASE_SECONDS:
             lows.popleft()
 
     def _spread_known(self) -> bool:

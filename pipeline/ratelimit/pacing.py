@@ -30,6 +30,9 @@ The limiter (`ratelimit/limiter.py`) enforces what the `Pacer` decides:
   pace to what the whole cycle admitted, the hold lasts at least as long as the lockout did, and later overloads
   count over that length instead of the busiest second (and, within that length of the lockout's end, as no less
   than the cycle's rate: the window is still letting the old burst out).
+- **Timeouts in a cluster** (`api/timeouts.py`: a gateway holding requests, a server stalled past the timeout)
+  slow the pace like a 429, but no rate measured then is kept (remembered for the next run); with the knee in
+  charge they only halve the window, once per stall.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class Pacer:
         self._lockout_rate = False  # the pace was measured at the end of a lockout
         self._recalled = False  # the pace came from a rate an earlier run learned (see recall)
         self._cycle: tuple[float, float] | None = None  # when the last lockout ended, and its cycle's rate
+        self._stalled = False  # timeouts cut the window and no reply has come back since
         self.knee = Knee(self.window, floor=1.0, ceiling=float(self.ceiling), now=clock_start)
 
     # --- what the limiter asks ---------------------------------------------------------------------
@@ -117,6 +121,7 @@ class Pacer:
     def on_success(self, latency: float, *, window_limited: bool, now: float) -> None:
         """A request succeeded after `latency` seconds; `window_limited`: it had filled the window."""
         self.latency.note(latency)
+        self._stalled = False
         self._replies.append((now - latency, now))
         if self.admissions.note(now - latency):
             self._after_lockout(now, sent=now - latency)
@@ -142,15 +147,20 @@ class Pacer:
         """
         if now < self.last_cut:
             return False
-        self.last_cut = max(until, now + self.round_trip)
         if not refused and self.auto and self.rate() is None:
             # Timeouts with no limit known and the knee in charge: the server stalled or queued past the timeout
-            # (vLLM on busy cores stalls for seconds; a gateway holds requests). Nothing was refused, so there is
-            # no admitted rate to learn (one measured in a stall paced a 70 rows/s server at 51 and was
-            # remembered for the next run): halve the window and let the knee probe up from there.
+            # (vLLM on busy cores stalls for seconds). No 429 says what it admits, and a rate measured in a stall
+            # (51/s for a 70 rows/s server) paced the rest of the run: halve the window once per stall (nothing
+            # has come back since the last cut: the same stall; halving on, the window fell to 1, where timeouts
+            # no longer cluster and used up the rows' retries), and let the knee probe up from there.
+            if self._stalled:
+                return False
+            self.last_cut = max(until, now + self.round_trip)
+            self._stalled = True
             self.window = max(1.0, self.window / 2)
             self.knee.restart(self.window)
             return True
+        self.last_cut = max(until, now + self.round_trip)
         self.admissions.on_overload(now)
         locked_out = self.admissions.locked_out(now)
         self._lockout_rate = self._recalled = False
@@ -173,7 +183,9 @@ class Pacer:
         # does the admitted rate show. (With a known limit, a 429 is a stray burst or another client on the key: the
         # known rate is the measure, and the cut from it stands. In a lockout the busiest second is the burst that
         # filled the window: the end of the lockout measures instead.)
-        self._remeasure_at = now + self.round_trip + 0.05 if self.known_rate is None and not locked_out else None
+        # Held timeouts slow the pace but are not measured: a rate remembered from them would pace the next run too.
+        remeasure = refused and self.known_rate is None and not locked_out
+        self._remeasure_at = now + self.round_trip + 0.05 if remeasure else None
         return True
 
     def admitted_rate(self, until: float) -> float | None:
