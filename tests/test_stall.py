@@ -81,12 +81,20 @@ def test_a_long_stall_halves_the_window_once_not_down_to_one() -> None:
     now += 5.0
     pacer.on_overload(now, until=now + 1.0, refused=False)
     assert pacer.limit < halved
+    for _ in range(20):  # a server that keeps stalling with a reply now and then: no cut goes under the floor
+        now += 3.0
+        limit = pacer.limit
+        pacer.on_overload(now, until=now + 1.0, refused=False)
+        assert pacer.limit >= min(limit, 4), "three timeouts must still be able to cluster"
+        now += 1.5
+        pacer.on_success(1.5, window_limited=True, now=now)
 
 
 @pytest.mark.parametrize("auto", [True, False])
 def test_held_timeouts_teach_no_rate_to_remember_429s_do(auto: bool) -> None:
     """With a fixed concurrency, or once a rate is known, clustered timeouts still slow the pace (a gateway holding
-    requests over its limit), but the rate measured then is not kept for the next run; a 429 teaches one."""
+    requests over its limit), but neither the rate measured then nor a stall's length (as a lockout's) is kept
+    for the next run; 429s teach a rate."""
     learned = {}
     for refused in (False, True):
         pacer = Pacer(ceiling=64, auto=auto)
@@ -100,12 +108,15 @@ def test_held_timeouts_teach_no_rate_to_remember_429s_do(auto: bool) -> None:
             for _ in range(300):  # then the server slows to 50 replies a second
                 now += 0.02
                 pacer.on_success(0.2, window_limited=True, now=now)
-        before = pacer.learned_rate
-        now += 0.01
-        pacer.on_overload(now, until=now + 0.5, refused=refused)
+        before, window = pacer.learned_rate, pacer.admissions.window
+        for _ in range(4):  # a stall: overloads 2.5 s apart with nothing back in between (for 429s: a lockout)
+            now += 2.5
+            pacer.on_overload(now, until=now + 0.5, refused=refused)
         for _ in range(300):
             now += 0.02
             pacer.on_success(0.2, window_limited=True, now=now)
         learned[refused] = (before, pacer.learned_rate)
+        if not refused:
+            assert pacer.admissions.window == window, "a stall is no lockout: its length is not the provider's window"
     assert learned[False][1] == learned[False][0], learned
     assert learned[True][1] is not None and learned[True][1] != learned[True][0], learned

@@ -45,6 +45,7 @@ from pipeline.ratelimit.admissions import Admissions
 from pipeline.ratelimit.knee import Knee
 
 START_WINDOW: Final = 10
+HELD_FLOOR: Final = 4.0  # clustered timeouts halve the knee's window down to this (3 must still be able to cluster)
 LITTLE_MARGIN: Final = 1.5  # in flight = rate × latency × margin: replies vary, the bucket does the spacing
 CUT: Final = 0.95  # after an overload, pace at this share of what the provider admitted
 NEAR_PEAK: Final = 0.97  # grow quickly up to this share of the last overload point, slowly beyond
@@ -140,7 +141,7 @@ class Pacer:
 
     def on_overload(self, now: float, *, until: float, refused: bool = True) -> bool:
         """A 429 arrived (`refused`), or timeouts clustered; return True if it opened a new overload (several
-        429s from one are cut once).
+        429s from one are cut once; clusters of timeouts within a stall the knee already cut, too).
 
         `until` is when the pause it caused ends; 429s before then, or within a round trip (requests already
         in flight when the first came back), belong to the same overload.
@@ -151,17 +152,18 @@ class Pacer:
             # Timeouts with no limit known and the knee in charge: the server stalled or queued past the timeout
             # (vLLM on busy cores stalls for seconds). No 429 says what it admits, and a rate measured in a stall
             # (51/s for a 70 rows/s server) paced the rest of the run: halve the window once per stall (nothing
-            # has come back since the last cut: the same stall; halving on, the window fell to 1, where timeouts
-            # no longer cluster and used up the rows' retries), and let the knee probe up from there.
+            # has come back since the last cut: the same stall), never under HELD_FLOOR (halving on, the window
+            # fell to 1, where timeouts no longer cluster and use up the rows' retries), and let the knee probe up.
             if self._stalled:
                 return False
             self.last_cut = max(until, now + self.round_trip)
             self._stalled = True
-            self.window = max(1.0, self.window / 2)
+            self.window = max(min(self.window, HELD_FLOOR), self.window / 2)
             self.knee.restart(self.window)
             return True
         self.last_cut = max(until, now + self.round_trip)
-        self.admissions.on_overload(now)
+        if refused:  # a stall of held timeouts is no lockout: its length would be kept as the provider's window
+            self.admissions.on_overload(now)
         locked_out = self.admissions.locked_out(now)
         self._lockout_rate = self._recalled = False
         current = self.rate()
@@ -183,9 +185,11 @@ class Pacer:
         # does the admitted rate show. (With a known limit, a 429 is a stray burst or another client on the key: the
         # known rate is the measure, and the cut from it stands. In a lockout the busiest second is the burst that
         # filled the window: the end of the lockout measures instead.)
-        # Held timeouts slow the pace but are not measured: a rate remembered from them would pace the next run too.
-        remeasure = refused and self.known_rate is None and not locked_out
-        self._remeasure_at = now + self.round_trip + 0.05 if remeasure else None
+        # Held timeouts slow the pace but are not measured (nor cancel a measure a 429 is waiting for): a rate
+        # remembered from them would pace the next run too.
+        if refused:
+            remeasure = self.known_rate is None and not locked_out
+            self._remeasure_at = now + self.round_trip + 0.05 if remeasure else None
         return True
 
     def admitted_rate(self, until: float) -> float | None:
