@@ -120,3 +120,35 @@ def test_held_timeouts_teach_no_rate_to_remember_429s_do(auto: bool) -> None:
             assert pacer.admissions.window == window, "a stall is no lockout: its length is not the provider's window"
     assert learned[False][1] == learned[False][0], learned
     assert learned[True][1] is not None and learned[True][1] != learned[True][0], learned
+
+
+def test_a_long_stall_at_a_fixed_concurrency_keeps_a_window_that_can_still_time_out_in_clusters() -> None:
+    """--concurrency 64, replies of 1 s, a 45 s freeze with a cluster of timeouts every 7 s (the timeout is 4 × the
+    p99): nothing admitted is left to measure, so each cluster halves the window, but not under 4 (it fell to 1,
+    where three timeouts cannot cluster and the rest use up the rows' retries)."""
+    pacer = Pacer(ceiling=64, auto=False)
+    now = 0.0
+    for _ in range(600):
+        now += 0.02
+        pacer.on_success(1.0, window_limited=True, now=now)
+    for _ in range(6):
+        now += 7.0
+        pacer.on_overload(now, until=now + 1.0, refused=False)
+    assert pacer.limit >= 4
+
+
+def test_held_timeouts_cancel_the_measure_a_429_left_waiting() -> None:
+    """A 429, then a stall before its replies are back: the measure it waited for would count the seconds before the
+    stall (16/s for a 50/s server, remembered for the next run); it is not taken."""
+    pacer = Pacer(ceiling=64, auto=True)
+    now = 0.0
+    for _ in range(500):  # 50 replies a second at 0.2 s
+        now += 0.02
+        pacer.on_success(0.2, window_limited=True, now=now)
+    pacer.on_overload(now, until=now + 0.1)
+    now += 2.5
+    pacer.on_overload(now, until=now + 1.0, refused=False)
+    for _ in range(500):
+        now += 0.02
+        pacer.on_success(0.2, window_limited=True, now=now)
+    assert pacer.learned_rate is None or pacer.learned_rate >= 40, pacer.learned_rate

@@ -31,8 +31,10 @@ The limiter (`ratelimit/limiter.py`) enforces what the `Pacer` decides:
   count over that length instead of the busiest second (and, within that length of the lockout's end, as no less
   than the cycle's rate: the window is still letting the old burst out).
 - **Timeouts in a cluster** (`api/timeouts.py`: a gateway holding requests, a server stalled past the timeout)
-  slow the pace like a 429, but no rate measured then is kept (remembered for the next run); with the knee in
-  charge they only halve the window, once per stall.
+  slow the pace like a 429, but no rate is measured from them (none is remembered for the next run), they are
+  no lockout (their pauses stay short; a stall's length is not the provider's window), and a window they halve
+  stays at least `HELD_FLOOR`, so that a stall's timeouts can still cluster. With the knee in charge they only
+  halve the window, once per stall.
 """
 
 from __future__ import annotations
@@ -174,7 +176,8 @@ class Pacer:
             current = self.admitted_rate(now - self.round_trip if self.round_trip > ADMITTED_SPAN else now)
         current = self._sustained(now, current)
         if current is None:  # nothing admitted yet to learn from: halve the window, like TCP
-            self.window = max(1.0, self.window / 2)
+            # (held timeouts not under HELD_FLOOR: a stall sends clusters on until nothing is in flight to time out)
+            self.window = max(1.0 if refused else min(self.window, HELD_FLOOR), self.window / 2)
             self.threshold = self.window
             self.knee.restart(self.window)
         else:
@@ -185,11 +188,10 @@ class Pacer:
         # does the admitted rate show. (With a known limit, a 429 is a stray burst or another client on the key: the
         # known rate is the measure, and the cut from it stands. In a lockout the busiest second is the burst that
         # filled the window: the end of the lockout measures instead.)
-        # Held timeouts slow the pace but are not measured (nor cancel a measure a 429 is waiting for): a rate
-        # remembered from them would pace the next run too.
-        if refused:
-            remeasure = self.known_rate is None and not locked_out
-            self._remeasure_at = now + self.round_trip + 0.05 if remeasure else None
+        # Held timeouts slow the pace but are not measured: a rate remembered from them would pace the next run too.
+        # (They also cancel a measure a 429 left waiting: it would count the seconds before the stall.)
+        remeasure = refused and self.known_rate is None and not locked_out
+        self._remeasure_at = now + self.round_trip + 0.05 if remeasure else None
         return True
 
     def admitted_rate(self, until: float) -> float | None:
@@ -254,7 +256,8 @@ class Pacer:
         self._recalled = True
 
     def quiet_pause(self, now: float) -> float:
-        """Seconds to pause after a 429 that does not say: longer for each overload in a row that nothing got past."""
+        """Seconds to pause after a 429 that does not say: longer for each overload in a row that nothing got past
+        (429s only: clustered timeouts are no lockout, and pause a second unless a 429 streak is under way)."""
         streak = self.admissions.streak if now < self.last_cut else self.admissions.next_streak()
         return self.admissions.pause(streak, now)
 

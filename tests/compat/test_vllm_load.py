@@ -50,12 +50,29 @@ def measured_run(vllm: VLLM, folder: Path, concurrency: str) -> dict[str, Any]:
     }
 
 
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs of one concurrency as one: rows/s over their summed time, the worst peak, p99 and request count."""
+    return {
+        "concurrency": runs[0]["concurrency"],
+        "rows_per_s": round(len(runs) * ROWS / sum(ROWS / run["rows_per_s"] for run in runs), 2),
+        "peak_in_flight": max(run["peak_in_flight"] for run in runs),
+        "peak_window": max(run["peak_window"] for run in runs),
+        "requests": max(run["requests"] for run in runs),
+        "p99_s": max(run["p99_s"] for run in runs),
+        "runs": [run["rows_per_s"] for run in runs],
+    }
+
+
 @pytest.fixture(scope="module")
 def fixed_and_auto(vllm: VLLM, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The same rows at --concurrency = the server's slots, then at auto; figures go to the results file."""
+    """The same rows at --concurrency = the server's slots and at auto, alternating, twice each (on 2 shared cores
+    one fixed run alone moved from 46 to 87 rows/s between runs); figures go to the results file."""
     folder = tmp_path_factory.mktemp("vllm-load")
-    fixed = measured_run(vllm, folder / "fixed", str(MAX_NUM_SEQS))
-    auto = measured_run(vllm, folder / "auto", "auto")
+    runs: dict[str, list[dict[str, Any]]] = {"fixed": [], "auto": []}
+    for turn in range(2):
+        runs["fixed"].append(measured_run(vllm, folder / f"fixed{turn}", str(MAX_NUM_SEQS)))
+        runs["auto"].append(measured_run(vllm, folder / f"auto{turn}", "auto"))
+    fixed, auto = pooled(runs["fixed"]), pooled(runs["auto"])
     record_result("vllm_auto_vs_fixed", slots=MAX_NUM_SEQS, rows=ROWS, fixed=fixed, auto=auto)
     return fixed, auto
 
@@ -72,7 +89,8 @@ def test_fixed_concurrency_at_the_slots_stays_within_them(fixed_and_auto: tuple[
 
 def test_auto_stays_near_the_knee_of_the_servers_slots(fixed_and_auto: tuple[dict[str, Any], ...]) -> None:
     """Auto keeps in flight near vLLM's slots (the old rule queued ~950 against 128), with no re-sends, at ≥ 0.85 of
-    the slots' throughput. The DESIGN target (≥ 0.95 at p99 ≤ 1.5×) is recorded, not asserted: docs/compat.md."""
+    the slots' throughput (two runs of each, pooled). The DESIGN target (≥ 0.95 at p99 ≤ 1.5×) is recorded, not
+    asserted here (docs/compat.md); tests/test_knee.py asserts it in virtual time."""
     fixed, auto = fixed_and_auto
     assert auto["peak_in_flight"] <= 2 * MAX_NUM_SEQS, (fixed, auto)
     assert auto["requests"] == ROWS, (fixed, auto)
