@@ -47,7 +47,7 @@ from pipeline.ratelimit.admissions import Admissions
 from pipeline.ratelimit.knee import Knee
 
 START_WINDOW: Final = 10
-HELD_FLOOR: Final = 4.0  # clustered timeouts halve the knee's window down to this (3 must still be able to cluster)
+HELD_FLOOR: Final = 4.0  # a window clustered timeouts halve stays at least this (3 must still be able to cluster)
 LITTLE_MARGIN: Final = 1.5  # in flight = rate × latency × margin: replies vary, the bucket does the spacing
 CUT: Final = 0.95  # after an overload, pace at this share of what the provider admitted
 NEAR_PEAK: Final = 0.97  # grow quickly up to this share of the last overload point, slowly beyond
