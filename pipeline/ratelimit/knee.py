@@ -36,7 +36,9 @@ one round trip (the replies that come back within one recent latency):
   tenth of recent replies are more than `MODE_SPREAD` under their round's median, no reply counts as queued,
   and the probes and the baseline find the knee alone. Startup's stop allows for the same spread.
 - **Baseline**: the lowest round latency within `BASE_SECONDS` (by time, not per reply, so a queue that lasts
-  does not become the new normal in a few hundred replies). When two rounds in a row at a held window are
+  does not become the new normal in a few hundred replies); where replies spread widely, only rounds of
+  `SPREAD_EARLY` replies count (half the window, at least `BASE_REPLIES`, for small windows), since the lowest
+  mean of a few spread replies is the fast tail, not the typical latency. When two rounds in a row at a held window are
   `QUEUE_RATIO` times slower (against the baseline) than that window was, something queues (another client on
   the server, a server that slowed down): a smaller window is tried at once, and kept if it loses no throughput.
 
