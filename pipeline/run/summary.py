@@ -288,10 +288,7 @@ class Summary:
     def _attempt_lines(self) -> list[str]:
         """What attempts that gave no label cost, and what clustered timeouts mean."""
         bound = f"; up to ${self.abandoned_cost_usd:.4f} of the cost" if self.abandoned_cost_usd else ""
-        holding = (
-            "the server (or a gateway in front of it) stalled, is overloaded or is holding requests: the run "
-            "paused and slowed down (no retries used up)"
-        )
+        holding = "the server (or a gateway in front of it) stalled or held requests: paused, slowed, no retry used"
         if self.gateway == "litellm":
             holding = "the gateway is holding requests: set `num_retries: 0` in its router settings (429 at once)"
         return [line for show, line in (
