@@ -44,9 +44,9 @@ def main() -> None:
     for slots, cost, jitter in SERVERS:
         rates, p99s, peaks = [], [], []
         for seed in range(args.seeds):
-            server = {"slots": slots, "cost": cost, "jitter": jitter, "seconds": args.seconds, "seed": seed * 1000 + 7}
-            best = max((model.serve(**server, fixed=n) for n in (slots // 2, slots, 2 * slots)), key=lambda r: r.rate)
-            auto = model.serve(**server)
+            server = {"cost": cost, "jitter": jitter, "seconds": args.seconds, "seed": seed * 1000 + 7}
+            best = model.best_fixed(slots=slots, **server)
+            auto = model.serve(slots=slots, **server)
             rates.append(auto.rate / best.rate)
             p99s.append(auto.p99 / best.p99)
             peaks.append(auto.max_in_flight)

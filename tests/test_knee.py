@@ -14,6 +14,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -90,14 +91,19 @@ def serve(
     )
 
 
+def best_fixed(*, slots: int, **server: Any) -> Served:
+    """The best of the fixed concurrencies ½×, 1× and 2× the slots on the same modelled server (auto's yardstick)."""
+    runs = [serve(slots=slots, fixed=n, **server) for n in (slots // 2, slots, 2 * slots)]
+    return max(runs, key=lambda run: run.rate)
+
+
 @pytest.mark.slow
 # cost 2.0: a request is 3× slower in a full batch (vLLM on CPU), so near the knee a larger window pays little.
 @pytest.mark.parametrize(("slots", "cost"), [(64, 0.0), (64, 0.5), (128, 0.5), (32, 2.0), (64, 2.0)])
 def test_auto_reaches_the_best_fixed_concurrency_without_its_queue(slots: int, cost: float) -> None:
     """On a slot server (no rate headers, no 429s) auto serves ≥ 0.95 of the best fixed concurrency's throughput
     with p99 latency ≤ 1.5× that concurrency's, and never holds more than twice the slots in flight."""
-    fixed = {n: serve(slots=slots, cost=cost, fixed=n) for n in (slots // 2, slots, 2 * slots)}
-    best = max(fixed.values(), key=lambda run: run.rate)
+    best = best_fixed(slots=slots, cost=cost)
     auto = serve(slots=slots, cost=cost)
     assert auto.rate >= 0.95 * best.rate
     assert auto.p99 <= 1.5 * best.p99
@@ -112,8 +118,7 @@ def test_auto_finds_the_knee_of_a_server_whose_latencies_spread(slots: int, cost
     the best fixed concurrency's throughput at p99 ≤ 1.5× its, never over twice the slots in flight (other seeds:
     `python scripts/bench_knee.py`; before: 0.11-0.68 of it,
     the window trimmed and probed down to under the slots by replies that were only the spread)."""
-    fixed = {n: serve(slots=slots, cost=cost, fixed=n, jitter=0.6) for n in (slots // 2, slots, 2 * slots)}
-    best = max(fixed.values(), key=lambda run: run.rate)
+    best = best_fixed(slots=slots, cost=cost, jitter=0.6)
     auto = serve(slots=slots, cost=cost, jitter=0.6)
     assert auto.rate >= 0.95 * best.rate
     assert auto.p99 <= 1.5 * best.p99
@@ -164,8 +169,7 @@ def test_auto_holds_no_queue_on_a_server_in_lock_step(slots: int, cost: float) -
     """With no jitter (the simulator's slots), a window two over the slots makes two requests of every batch wait a
     whole batch: auto must take out exactly the queue its replies show, for p99 ≤ 1.5× the best fixed concurrency's
     at ≥ 0.95 of its throughput (before: p99 1.7–2.0×, the window held at 66 for 64 slots)."""
-    fixed = {n: serve(slots=slots, cost=cost, fixed=n, jitter=0.0) for n in (slots // 2, slots, 2 * slots)}
-    best = max(fixed.values(), key=lambda run: run.rate)
+    best = best_fixed(slots=slots, cost=cost, jitter=0.0)
     auto = serve(slots=slots, cost=cost, jitter=0.0)
     assert auto.rate >= 0.95 * best.rate
     assert auto.p99 <= 1.5 * best.p99

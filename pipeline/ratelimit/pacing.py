@@ -160,8 +160,7 @@ class Pacer:
                 return False
             self.last_cut = max(until, now + self.round_trip)
             self._stalled = True
-            self.window = max(min(self.window, HELD_FLOOR), self.window / 2)
-            self.knee.restart(self.window)
+            self._halve(HELD_FLOOR)
             return True
         self.last_cut = max(until, now + self.round_trip)
         if refused:  # a stall of held timeouts is no lockout: its length would be kept as the provider's window
@@ -177,9 +176,8 @@ class Pacer:
         current = self._sustained(now, current)
         if current is None:  # nothing admitted yet to learn from: halve the window, like TCP
             # (held timeouts not under HELD_FLOOR: a stall sends clusters on until nothing is in flight to time out)
-            self.window = max(1.0 if refused else min(self.window, HELD_FLOOR), self.window / 2)
+            self._halve(1.0 if refused else HELD_FLOOR)
             self.threshold = self.window
-            self.knee.restart(self.window)
         else:
             self.peak = current
             self.probe_rate = current * CUT
@@ -300,6 +298,11 @@ class Pacer:
         if admitted is None or cycle is None or self._overload_at - cycle[0] >= self.admissions.window:
             return admitted
         return max(admitted, cycle[1])
+
+    def _halve(self, floor: float) -> None:
+        """Halve the window, not under `floor` (nor up to it from below), and let the knee probe from there."""
+        self.window = max(min(self.window, floor), self.window / 2)
+        self.knee.restart(self.window)
 
     def _fit_window(self) -> None:
         """Little's law: enough in flight to send at the paced rate for one round trip, with a margin."""
